@@ -1,0 +1,110 @@
+"""Errors that reach the user as one line and a documented exit code.
+
+Every failure the tool anticipates is a :class:`ConvertError` subclass. The CLI
+prints ``error: <path>: <message> (fix: <hint>)`` and exits with the class's
+``exit_code``; anything else is a bug and exits 1 with a traceback hint. Exit
+codes are part of the public contract (README, "Exit codes"), so CI scripts can
+branch on them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ConvertError(Exception):
+    """Base of all anticipated failures; carries the file at fault and the fix."""
+
+    exit_code = 1
+    kind = "error"
+
+    def __init__(self, message: str, *, path: str | Path | None = None, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.path = str(path) if path is not None else None
+        self.hint = hint
+
+    def one_line(self) -> str:
+        parts = []
+        if self.path:
+            parts.append(f"{self.path}: ")
+        parts.append(self.message.replace("\n", " "))
+        if self.hint:
+            parts.append(f" (fix: {self.hint})")
+        return "".join(parts)
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "exit_code": self.exit_code,
+            "path": self.path,
+            "message": self.message,
+            "hint": self.hint,
+        }
+
+    def __str__(self) -> str:  # so pytest and logs show the whole line
+        return self.one_line()
+
+
+class InputError(ConvertError):
+    """An input file or folder is missing, unreadable, truncated or of the wrong kind."""
+
+    exit_code = 3
+    kind = "input"
+
+
+class UnsafeInputError(ConvertError):
+    """A pickle asked for something we will not import or call (possible code execution)."""
+
+    exit_code = 4
+    kind = "unsafe"
+
+
+class PlanError(ConvertError):
+    """The inputs are readable but do not add up: family, keys, shapes, vocab, LoRA settings."""
+
+    exit_code = 5
+    kind = "plan"
+
+
+class KeymapError(PlanError):
+    """A keymap YAML file is invalid; ``path`` carries ``file:line``."""
+
+    kind = "keymap"
+
+
+class OutputError(ConvertError):
+    """The output cannot be written: exists without --force, disk full, permissions, a lock."""
+
+    exit_code = 6
+    kind = "output"
+
+
+class VerifyError(ConvertError):
+    """A written folder failed verification (structure, loading, or predict_forward)."""
+
+    exit_code = 7
+    kind = "verify"
+
+
+class BatchError(ConvertError):
+    """At least one checkpoint of a batch failed; the others were converted."""
+
+    exit_code = 8
+    kind = "batch"
+
+
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES: dict[int, str] = {
+    0: "success",
+    1: "internal error (a bug: please report it with the traceback from --debug)",
+    2: "command-line usage error",
+    InputError.exit_code: "input missing, unreadable, truncated or of the wrong kind",
+    UnsafeInputError.exit_code: "input refused as unsafe (a pickle asked to import or call something not allowed)",
+    PlanError.exit_code: "inputs do not add up (family, keymap, keys, shapes, vocab, LoRA settings, numerics)",
+    OutputError.exit_code: "output cannot be written (exists without --force, disk full, permissions, busy)",
+    VerifyError.exit_code: "verification of the written folder failed",
+    BatchError.exit_code: "batch: at least one checkpoint failed (the others were converted)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C / SIGTERM); no partial output left behind",
+}
