@@ -1,0 +1,200 @@
+"""The Python API: everything the CLI does, callable from code and CI scripts.
+
+    from sa2va_convert.api import convert, ConvertOptions
+    result = convert("work_dirs/exp/iter_12192.pth", "out/", ConvertOptions(base="Sa2VA-4B"))
+
+Each function runs the pipeline stages in order (read -> plan -> transform ->
+write -> verify) and returns plain dataclasses with ``to_dict()`` for JSON.
+Failures raise ``sa2va_convert.errors.ConvertError`` subclasses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+
+from .plan.base_discovery import discover_base
+from .plan.family import Detection, detect_family, require_family
+from .plan.keymap import Keymap, load_all_builtin, resolve_keymap
+from .plan.planner import ConversionPlan, PlanOptions, build_plan
+from .plan.vocab import read_tokenizer_state
+from .progress import Progress, Silent
+from .read.checkpoint import TrainingCheckpoint, open_checkpoint
+from .read.hf_folder import HFFolder, open_hf_folder
+from .transform.produce import TensorProducer, TransformReport
+from .verify.structural import StructuralReport, check_against_plan
+from .write.folder import WriteResult, write_folder
+from .write.model_card import conversion_report, model_card
+
+
+@dataclass
+class ConvertOptions:
+    base: str | Path | None = None
+    pretrained: str | Path | None = None
+    keymap: str | None = None  # built-in name or YAML path; None = detect
+    dtype: str = "bf16"
+    max_shard_bytes: int = 5 * 10**9
+    lora_alpha: float | None = None
+    rslora: bool | None = None
+    allow_unused: Sequence[str] = ()
+    template: str | None = None
+    force: bool = False
+    merge_device: str = "cpu"
+    allow_globals: Sequence[str] = ()
+    read_back: bool = True  # read every written tensor back before publishing
+
+    def plan_options(self) -> PlanOptions:
+        return PlanOptions(dtype=self.dtype, max_shard_bytes=self.max_shard_bytes, lora_alpha=self.lora_alpha,
+                           rslora=self.rslora, allow_unused=tuple(self.allow_unused), template=self.template)
+
+
+@dataclass
+class Inputs:
+    checkpoint: TrainingCheckpoint
+    keymap: Keymap
+    detection: Detection | None
+    base: HFFolder
+    pretrained: TrainingCheckpoint | None
+
+
+@dataclass
+class ConversionResult:
+    plan: ConversionPlan
+    write: WriteResult | None = None
+    transform: TransformReport | None = None
+    structural: StructuralReport | None = None
+    seconds: float = 0.0
+    roundtrip: dict[str, Any] | None = None
+    checkpoint_sha256: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": True,
+            "dry_run": self.write is None,
+            "out": self.plan.out,
+            "plan": self.plan.to_dict(tensors=False),
+            "lora_deltas": self.transform.to_dict() if self.transform else None,
+            "structural": self.structural.to_dict() if self.structural else None,
+            "roundtrip": self.roundtrip,
+            "bytes_written": self.write.bytes_written if self.write else 0,
+            "seconds": round(self.seconds, 3),
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "tool_version": __version__,
+        }
+
+
+def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_path(path: Path) -> str:
+    """A file's sha256, or for a checkpoint directory the hash of its files' names and hashes."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(path)).encode() + b"\0" + sha256_file(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+def choose_keymap(ckpt: TrainingCheckpoint, spec: str | None) -> tuple[Keymap, Detection | None]:
+    if spec:
+        return resolve_keymap(spec), None
+    text = ckpt.config.text if ckpt.config is not None else None
+    detection = detect_family(ckpt.weights.keys(), load_all_builtin(), text)
+    return require_family(detection, path=str(ckpt.path)), detection
+
+
+def open_inputs(checkpoint: str | Path, options: ConvertOptions, *, base_folder: HFFolder | None = None) -> Inputs:
+    ckpt = open_checkpoint(checkpoint, allow_globals=tuple(options.allow_globals))
+    keymap, detection = choose_keymap(ckpt, options.keymap)
+    if base_folder is None:
+        base_path = Path(options.base) if options.base else discover_base(keymap, ckpt.config, str(ckpt.path))
+        base_folder = open_hf_folder(base_path)
+    pretrained = None
+    if options.pretrained:
+        pretrained = open_checkpoint(options.pretrained, allow_globals=tuple(options.allow_globals))
+        pretrained.weights.label = "pretrained"
+    return Inputs(ckpt, keymap, detection, base_folder, pretrained)
+
+
+def plan_from_inputs(inputs: Inputs, out: str | Path, options: ConvertOptions) -> ConversionPlan:
+    ckpt = inputs.checkpoint
+    return build_plan(
+        checkpoint=ckpt.weights, base=inputs.base.weights, base_config=inputs.base.config,
+        base_files=inputs.base.other_files, tokenizer=read_tokenizer_state(inputs.base.path),
+        keymap=inputs.keymap, out=Path(out).absolute(), options=options.plan_options(),
+        pretrained=inputs.pretrained.weights if inputs.pretrained else None, embedded=ckpt.config,
+        checkpoint_meta=dict(ckpt.meta),
+    )
+
+
+def plan_conversion(checkpoint: str | Path, out: str | Path, options: ConvertOptions | None = None) -> ConversionPlan:
+    """The plan only (what --dry-run prints); reads headers, not tensor bytes."""
+    options = options or ConvertOptions()
+    return plan_from_inputs(open_inputs(checkpoint, options), out, options)
+
+
+def convert(
+    checkpoint: str | Path,
+    out: str | Path,
+    options: ConvertOptions | None = None,
+    *,
+    progress: Progress | None = None,
+    base_folder: HFFolder | None = None,
+) -> ConversionResult:
+    """Convert one checkpoint into a HF folder at ``out``; returns what was done and measured."""
+    options = options or ConvertOptions()
+    progress = progress or Silent()
+    started = time.perf_counter()
+    progress.stage(f"reading {checkpoint}")
+    inputs = open_inputs(checkpoint, options, base_folder=base_folder)
+    progress.stage(f"planning ({inputs.keymap.name}, base {inputs.base.path})")
+    plan = plan_from_inputs(inputs, out, options)
+    sources = {"base": inputs.base.weights, "checkpoint": inputs.checkpoint.weights}
+    if inputs.pretrained is not None:
+        sources["pretrained"] = inputs.pretrained.weights
+    producer = TensorProducer(sources, merge_device=options.merge_device)
+    result = ConversionResult(plan=plan, transform=producer.report)
+    result.checkpoint_sha256 = sha256_path(Path(checkpoint))
+
+    def check(tmp: Path) -> None:
+        result.structural = check_against_plan(tmp, plan, read_values=options.read_back)
+
+    def extras(tmp: Path) -> dict[str, str]:
+        result.seconds = time.perf_counter() - started
+        return {"README.md": model_card(plan, result), "conversion_report.json": conversion_report(plan, result)}
+
+    result.write = write_folder(plan, producer, base_dir=inputs.base.path, force=options.force,
+                                progress=progress, extra_files=extras, check=check)
+    result.seconds = time.perf_counter() - started
+    if producer.report.zero_b:
+        progress.stage(f"warning: {len(producer.report.zero_b)} LoRA adapter(s) have an all-zero B "
+                       "(never trained): those layers equal the base")
+    return result
+
+
+def dry_run(checkpoint: str | Path, out: str | Path, options: ConvertOptions | None = None) -> ConversionResult:
+    options = options or ConvertOptions()
+    plan = plan_conversion(checkpoint, out, options)
+    return ConversionResult(plan=plan)
+
+
+
+__all__ = [
+    "ConvertOptions", "ConversionResult", "Inputs", "convert", "dry_run", "plan_conversion", "open_inputs",
+    "sha256_path",
+]

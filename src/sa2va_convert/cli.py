@@ -1,0 +1,234 @@
+"""The ``sa2va-convert`` command: argument parsing over ``sa2va_convert.api``.
+
+``sa2va-convert CKPT OUT`` is shorthand for ``sa2va-convert convert CKPT OUT``.
+Errors print one line (``error: FILE: what (fix: how)``) and exit with the
+documented code; ``--json`` puts a machine-readable report on stdout while
+progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from . import __version__
+from .errors import EXIT_CODES, EXIT_INTERRUPTED, ConvertError
+
+EXAMPLES = """
+\b
+Examples:
+  sa2va-convert work_dirs/exp/iter_12192.pth out/ --base Sa2VA-4B/
+  sa2va-convert inspect work_dirs/exp/iter_12192.pth
+  sa2va-convert iter_12192.pth out/ --base Sa2VA-4B/ --dry-run
+  sa2va-convert iter_12192.pth out/ --base Sa2VA-4B/ --json > report.json
+  sa2va-convert keymaps list
+"""
+
+EXIT_HELP = "\n\b\nExit codes:\n" + "\n".join(f"  {k:<4} {v}" for k, v in sorted(EXIT_CODES.items()))
+
+
+class DefaultToConvert(click.Group):
+    """Treat ``sa2va-convert CKPT OUT`` as ``sa2va-convert convert CKPT OUT``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["convert", *args]
+        return super().parse_args(ctx, args)
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn anticipated failures into one line + exit code; Ctrl-C into 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        json_mode = kwargs.get("json_out", False)
+        debug = kwargs.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except ConvertError as e:
+            if json_mode:
+                _emit_json({"ok": False, "error": e.to_dict()})
+            click.echo(f"error: {e.one_line()}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; no partial output was left behind", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except Exception as e:  # a bug: say so, keep it one line unless --debug
+            if debug:
+                traceback.print_exc()
+            click.echo(f"error: internal error: {type(e).__name__}: {e} (run with --debug for the traceback "
+                       "and please report it)", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise KeyboardInterrupt
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    m = _SIZE.match(text)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
+    num, unit = float(m.group(1)), (m.group(2) or "").upper()
+    powers = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+              "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    if unit not in powers:
+        raise click.BadParameter(f"unknown size unit in {text!r}")
+    return int(num * powers[unit])
+
+
+@click.group(cls=DefaultToConvert, epilog=EXAMPLES + EXIT_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sa2va-convert")
+def main() -> None:
+    """Convert Sa2VA training checkpoints (iter_N.pth) into HuggingFace folders.
+
+    Reads the checkpoint without executing anything from it, merges LoRA onto the
+    base Sa2VA weights tensor by tensor, writes sharded safetensors atomically, and
+    checks the result.
+    """
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def common_options(fn: Callable) -> Callable:
+    fn = click.option("--json", "json_out", is_flag=True, help="Print a JSON report on stdout (progress stays on stderr).")(fn)
+    fn = click.option("--debug", is_flag=True, help="Show tracebacks for internal errors.")(fn)
+    fn = click.option("--allow-global", "allow_globals", multiple=True, metavar="MODULE.NAME",
+                      help="Admit this pickled global as an inert placeholder (never imported or called).")(fn)
+    return fn
+
+
+@main.command(epilog=EXAMPLES + EXIT_HELP)
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--base", type=click.Path(path_type=Path), help="Base Sa2VA HF folder the fine-tune started from (default: found from the training config).")
+@click.option("--pretrained", type=click.Path(path_type=Path), help="Full-weights training .pth laid over the base (v2 pretrained_pth).")
+@click.option("--keymap", help="Built-in keymap name or YAML file (default: detected from the keys).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32", "auto"]), default="bf16", show_default=True,
+              help="Output dtype for floating tensors; auto keeps the base's dtype.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard file (e.g. 5GB, 500MB, 2GiB).")
+@click.option("--lora-alpha", type=float, help="LoRA alpha, when the checkpoint's config lacks it (upstream: 2*r).")
+@click.option("--rslora/--no-rslora", default=None, help="Scale LoRA by alpha/sqrt(r) (default: from the config).")
+@click.option("--allow-unused", multiple=True, metavar="REGEX", help="Checkpoint keys matching REGEX may be left out of the output.")
+@click.option("--template", help="Override the chat template name written to config.json.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT (only after the new one is complete).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (tensors, bytes, peak RAM, disk) and write nothing.")
+@click.option("--show-tensors", is_flag=True, help="With --dry-run: list every planned tensor.")
+@click.option("--merge-device", default="cpu", show_default=True, help="Device for LoRA merges (cpu, cuda, cuda:1).")
+@click.option("--no-read-back", is_flag=True, help="Skip reading every written tensor back before publishing.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@common_options
+@handle_errors
+def convert(checkpoint: Path, out: Path, base, pretrained, keymap, dtype, max_shard_size, lora_alpha, rslora,
+            allow_unused, template, force, dry_run, show_tensors, merge_device, no_read_back, quiet, json_out, debug,
+            allow_globals) -> None:
+    """Convert CHECKPOINT (iter_N.pth) into a HuggingFace folder OUT."""
+    from . import api
+    from .cli_render import make_progress, render_plan, render_result
+
+    options = api.ConvertOptions(
+        base=base, pretrained=pretrained, keymap=keymap, dtype=dtype, max_shard_bytes=parse_size(max_shard_size),
+        lora_alpha=lora_alpha, rslora=rslora, allow_unused=allow_unused, template=template, force=force,
+        merge_device=merge_device, allow_globals=allow_globals, read_back=not no_read_back,
+    )
+    if dry_run:
+        plan = api.plan_conversion(checkpoint, out, options)
+        if json_out:
+            _emit_json({"ok": True, "dry_run": True, "plan": plan.to_dict(tensors=show_tensors)})
+        else:
+            render_plan(plan.to_dict(tensors=False), tensors=plan.to_dict()["tensors"] if show_tensors else None)
+        return
+    result = api.convert(checkpoint, out, options, progress=make_progress(json_out, quiet or json_out))
+    if json_out:
+        _emit_json(result.to_dict())
+    else:
+        render_result(result.to_dict())
+
+
+@main.command(epilog=EXIT_HELP)
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--keymap", help="Use this keymap instead of detecting the family.")
+@common_options
+@handle_errors
+def inspect(checkpoint: Path, keymap, json_out, debug, allow_globals) -> None:
+    """Show what is inside a training checkpoint, without executing anything from it."""
+    from .cli_render import render_inspect
+    from .inspection import inspect_checkpoint
+
+    report = inspect_checkpoint(checkpoint, keymap=keymap, allow_globals=allow_globals).to_dict()
+    if json_out:
+        _emit_json(report)
+    else:
+        render_inspect(report)
+
+
+@main.group()
+def keymaps() -> None:
+    """List, show and lint keymaps (the YAML rules that rename training keys)."""
+
+
+@keymaps.command("list")
+@click.option("--json", "json_out", is_flag=True)
+@click.option("--debug", is_flag=True)
+@handle_errors
+def keymaps_list(json_out, debug) -> None:
+    """The built-in keymaps, the families they cover and the evidence each needs."""
+    from .cli_render import out_console, table
+    from .plan.keymap import load_all_builtin
+
+    kms = load_all_builtin()
+    if json_out:
+        _emit_json([km.summary() for km in kms])
+        return
+    out_console.print(table("Built-in keymaps", ["name", "family", "models", "detected by"], [
+        [km.name, km.family_label, ", ".join(km.models),
+         "; ".join([f"has {p.pattern}" for p in km.detect_all] + [f"lacks {p.pattern}" for p in km.detect_none])]
+        for km in kms]))
+
+
+@keymaps.command("show")
+@click.argument("name")
+@handle_errors
+def keymaps_show(name, json_out=False, debug=False) -> None:
+    """Print a keymap's YAML (a built-in name or a file)."""
+    from .plan.keymap import resolve_keymap
+
+    km = resolve_keymap(name)
+    click.echo(Path(km.source).read_text(encoding="utf-8"), nl=False)
+
+
+@keymaps.command("lint")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--json", "json_out", is_flag=True)
+@click.option("--debug", is_flag=True)
+@handle_errors
+def keymaps_lint(file, json_out, debug) -> None:
+    """Validate a keymap file: fields, regexes, examples, collisions."""
+    from .plan.keymap import load_keymap
+
+    km = load_keymap(file)
+    if json_out:
+        _emit_json({"ok": True, "keymap": km.summary()})
+    else:
+        click.echo(f"ok: {file}: keymap {km.name} ({len(km.roles)} role rules, {len(km.rename)} rename rules, "
+                   f"{len(km.examples)} examples)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

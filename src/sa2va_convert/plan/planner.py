@@ -1,0 +1,472 @@
+"""Build the conversion plan: every output tensor's name, shape, dtype and sources.
+
+The plan is plain data decided before a single tensor byte is read, so that
+``--dry-run`` can print it, tests can check it without tensors, and the writer
+can execute it knowing every shard's header in advance. All the strictness
+lives here: a plan that would produce a wrong folder is refused with the
+reason, never written with a warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .. import __version__, dtypes
+from ..errors import PlanError
+from ..read.tensor_source import TensorInfo, TensorSource
+from .keymap import Keymap, assign, lookup
+from .vocab import EDITED_TOKENIZER_FILES, TokenAddition, TokenizerState, plan_additions
+
+INDEX_NAME = "model.safetensors.index.json"
+# Bytes an interpreter with torch imported holds before any tensor is touched.
+INTERPRETER_BASELINE_BYTES = 450 * 1024 * 1024
+NOT_COPIED = {"config.json", "README.md", "conversion_report.json", INDEX_NAME}
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    layer: str  # "base" | "pretrained" | "checkpoint"
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    a: SourceRef
+    b: SourceRef
+    rank: int
+    scale: float
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    value: SourceRef
+    lora: LoraRef | None = None
+
+    @property
+    def info(self) -> TensorInfo:
+        return TensorInfo(self.shape, self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.info.nbytes
+
+    @property
+    def origin(self) -> str:
+        return self.value.layer + ("+lora" if self.lora else "")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    filename: str
+    tensors: tuple[str, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class LoraSettingsUsed:
+    alpha: float
+    alpha_source: str
+    rslora: bool
+    rslora_source: str
+    ranks: tuple[int, ...]
+    pairs: int
+
+    def scale_for(self, rank: int) -> float:
+        return self.alpha / (math.sqrt(rank) if self.rslora else rank)
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    dtype: str = "bf16"  # bf16 | fp16 | fp32 | auto
+    max_shard_bytes: int = 5 * 10**9
+    lora_alpha: float | None = None
+    rslora: bool | None = None
+    allow_unused: tuple[str, ...] = ()
+    template: str | None = None
+
+
+@dataclass
+class ConversionPlan:
+    checkpoint: str
+    base: str
+    pretrained: str | None
+    out: str
+    keymap: str
+    keymap_source: str
+    family: str
+    codebase: str
+    dtype_policy: str
+    template: str
+    tensors: tuple[PlannedTensor, ...]
+    shards: tuple[ShardPlan, ...]
+    config: dict[str, Any]
+    vocab_rows: int
+    tokenizer_additions: TokenAddition
+    copy_files: tuple[str, ...]
+    lora: LoraSettingsUsed | None
+    dropped: tuple[str, ...]
+    allowed_unused: tuple[str, ...]
+    warnings: tuple[str, ...]
+    peak_ram_bytes: int
+    disk_bytes: int
+    tool_version: str = __version__
+    checkpoint_meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def by_name(self) -> dict[str, PlannedTensor]:
+        return {t.name: t for t in self.tensors}
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.tensors:
+            out[t.origin] = out.get(t.origin, 0) + 1
+        return out
+
+    def to_dict(self, *, tensors: bool = True) -> dict[str, Any]:
+        d = {
+            "checkpoint": self.checkpoint, "base": self.base, "pretrained": self.pretrained, "out": self.out,
+            "keymap": self.keymap, "keymap_source": self.keymap_source, "family": self.family,
+            "codebase": self.codebase, "dtype": self.dtype_policy, "template": self.template,
+            "vocab_rows": self.vocab_rows, "tokenizer_additions": self.tokenizer_additions.to_dict(),
+            "lora": asdict(self.lora) if self.lora else None,
+            "counts": self.counts(), "tensor_count": len(self.tensors), "tensor_bytes": self.tensor_bytes,
+            "shards": [{"file": s.filename, "tensors": len(s.tensors), "bytes": s.nbytes} for s in self.shards],
+            "copy_files": list(self.copy_files), "dropped": list(self.dropped),
+            "allowed_unused": list(self.allowed_unused), "warnings": list(self.warnings),
+            "estimates": {"peak_ram_bytes": self.peak_ram_bytes, "disk_bytes": self.disk_bytes},
+            "tool_version": self.tool_version,
+        }
+        if tensors:
+            d["tensors"] = [
+                {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "origin": t.origin,
+                 "source": f"{t.value.layer}:{t.value.key}",
+                 **({"lora": {"a": t.lora.a.key, "b": t.lora.b.key, "rank": t.lora.rank, "scale": t.lora.scale}}
+                    if t.lora else {})}
+                for t in self.tensors
+            ]
+        return d
+
+
+# ------------------------------------------------------------------ helpers
+
+def natural_key(name: str) -> list:
+    """Sort layers.2 before layers.10, so shards and listings read in model order."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _ref(source: TensorSource, key: str) -> SourceRef:
+    info = source.info(key)
+    return SourceRef(source.label, key, info.shape, info.dtype)
+
+
+@dataclass
+class _Mapped:
+    full: dict[str, SourceRef] = field(default_factory=dict)
+    lora: dict[str, dict[str, SourceRef]] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+
+
+def map_source(source: TensorSource, keymap: Keymap) -> _Mapped:
+    """Classify and rename every key of a training-name source, refusing collisions."""
+    out = _Mapped()
+    for key in sorted(source.keys(), key=natural_key):
+        role, hf = keymap.map_key(key)
+        if role == "drop":
+            out.dropped.append(key)
+            continue
+        ref = _ref(source, key)
+        if role == "full":
+            prev = out.full.get(hf)
+            if prev is not None:
+                raise PlanError(f"two checkpoint keys map to one target {hf!r}: {prev.key!r} and {key!r}",
+                                path=str(source.path), hint=f"fix the keymap {keymap.source} so each target has one source")
+            out.full[hf] = ref
+        else:
+            slot = out.lora.setdefault(hf, {})
+            part = "a" if role == "lora_a" else "b"
+            if part in slot:
+                raise PlanError(f"two LoRA {part.upper()} tensors target {hf!r}: {slot[part].key!r} and {key!r}",
+                                path=str(source.path), hint=f"fix the keymap {keymap.source}")
+            slot[part] = ref
+    for hf, slot in out.lora.items():
+        if set(slot) != {"a", "b"}:
+            have = next(iter(slot.values())).key
+            raise PlanError(f"LoRA pair for {hf!r} is incomplete: only {have!r}", path=str(source.path),
+                            hint="the checkpoint is damaged or was written by a different PEFT layout")
+    return out
+
+
+def _lora_settings(mapped: _Mapped, options: PlanOptions, cfg_lora: Any, ckpt_path: str,
+                   warnings: list[str]) -> LoraSettingsUsed | None:
+    if not mapped.lora:
+        return None
+    ranks = sorted({slot["a"].shape[0] for slot in mapped.lora.values()})
+    if options.lora_alpha is not None:
+        alpha, alpha_src = float(options.lora_alpha), "--lora-alpha"
+    elif cfg_lora is not None and getattr(cfg_lora, "lora_alpha", None) is not None:
+        alpha, alpha_src = float(cfg_lora.lora_alpha), "embedded config (llm_lora.lora_alpha)"
+    else:
+        raise PlanError(
+            f"LoRA alpha is unknown: the checkpoint has {len(mapped.lora)} LoRA pairs (rank {', '.join(map(str, ranks))}) "
+            "but no readable training config with lora_alpha",
+            path=ckpt_path,
+            hint=f"pass --lora-alpha (upstream Sa2VA configs use alpha = 2*r, i.e. --lora-alpha {2 * ranks[0]})",
+        )
+    if options.rslora is not None:
+        rslora, rs_src = bool(options.rslora), "--rslora/--no-rslora"
+    elif cfg_lora is not None and getattr(cfg_lora, "use_rslora", None) is not None:
+        rslora, rs_src = bool(cfg_lora.use_rslora), "embedded config (llm_lora.use_rslora)"
+    else:
+        rslora, rs_src = False, "PEFT default (use_rslora=False)"
+    cfg_r = getattr(cfg_lora, "r", None) if cfg_lora is not None else None
+    if cfg_r is not None and ranks != [int(cfg_r)]:
+        warnings.append(f"config says LoRA r={cfg_r} but the tensors have rank {', '.join(map(str, ranks))}; "
+                        "the tensors' rank is used")
+    return LoraSettingsUsed(alpha, alpha_src, rslora, rs_src, tuple(ranks), len(mapped.lora))
+
+
+def _out_dtype(policy: str, value: SourceRef, base_ref: SourceRef | None) -> str:
+    if not dtypes.is_float(value.dtype):
+        return value.dtype
+    if policy == "auto":
+        return base_ref.dtype if base_ref is not None else value.dtype
+    return policy
+
+
+def _shape_problems(name: str, value: SourceRef, base_ref: SourceRef | None, vocab_names: set[str]) -> str | None:
+    if base_ref is None or value.shape == base_ref.shape:
+        return None
+    if name in vocab_names and len(value.shape) == 2 and value.shape[1:] == base_ref.shape[1:]:
+        return None  # resized vocabulary: rows may differ, checked against the tokenizer
+    return f"{name}: {value.layer} {list(value.shape)} vs base {list(base_ref.shape)}"
+
+
+def _check_lora_shapes(name: str, target: tuple[int, ...], slot: dict[str, SourceRef]) -> str | None:
+    a, b = slot["a"].shape, slot["b"].shape
+    if len(a) != 2 or len(b) != 2 or len(target) != 2:
+        return f"{name}: LoRA A {list(a)} / B {list(b)} cannot merge into {list(target)}"
+    if a[0] != b[1] or b[0] != target[0] or a[1] != target[1]:
+        return f"{name}: LoRA A {list(a)} / B {list(b)} do not fit weight {list(target)}"
+    return None
+
+
+def _raise_list(problems: list[str], what: str, path: str, hint: str) -> None:
+    if problems:
+        shown = "; ".join(problems[:10])
+        more = f" (+{len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise PlanError(f"{len(problems)} {what}: {shown}{more}", path=path, hint=hint)
+
+
+# ------------------------------------------------------------------ the planner
+
+def check_base(base_keys: Sequence[str], base_config: dict, keymap: Keymap, base_path: str) -> None:
+    """Refuse a base that cannot be what the fine-tune was trained on (the v2 raw-model trap)."""
+    missing = [p.pattern for p in keymap.require if not any(p.search(k) for k in base_keys)]
+    archs = base_config.get("architectures") or []
+    if missing:
+        sam_or_fcs = any("grounding_encoder" in m or "text_hidden_fcs" in m for m in missing)
+        why = ("it has no SAM2 / text_hidden_fcs weights, so it is a raw InternVL/Qwen-VL model, not a Sa2VA model. "
+               "The LoRA of a Sa2VA fine-tune was trained on top of the full Sa2VA weights; merging it onto the raw "
+               "model gives a folder that loads and is wrong") if sam_or_fcs else "it is a different model family"
+        raise PlanError(
+            f"base folder does not fit {keymap.name}: no tensors match {', '.join(missing[:4])}; {why}",
+            path=base_path,
+            hint="pass --base with the Sa2VA HF folder the fine-tune started from (e.g. the released Sa2VA model of this family)",
+        )
+    if archs and not set(archs) & set(keymap.architectures):
+        raise PlanError(
+            f"base folder is a {', '.join(archs)} model but the checkpoint is {keymap.family_label} "
+            f"({', '.join(keymap.architectures)})",
+            path=base_path, hint="pass --base with a Sa2VA folder of the same family as the fine-tune",
+        )
+
+
+def build_plan(
+    *,
+    checkpoint: TensorSource,
+    base: TensorSource,
+    base_config: dict,
+    base_files: Sequence[str],
+    tokenizer: TokenizerState,
+    keymap: Keymap,
+    out: Path,
+    options: PlanOptions = PlanOptions(),
+    pretrained: TensorSource | None = None,
+    embedded: Any = None,
+    checkpoint_meta: dict | None = None,
+) -> ConversionPlan:
+    """Decide the whole output; raises PlanError with the reason when it would be wrong."""
+    warnings: list[str] = []
+    ckpt_path, base_path = str(checkpoint.path), str(base.path)
+    base_keys = list(base.keys())
+    check_base(base_keys, base_config, keymap, base_path)
+    missing_code = [f for f in keymap.remote_code if f not in base_files]
+    if missing_code:
+        raise PlanError(f"base folder lacks the remote-code file(s) {', '.join(missing_code)}", path=base_path,
+                        hint="copy them from the original Sa2VA model folder (the converter copies, never writes, model code)")
+
+    mapped = map_source(checkpoint, keymap)
+    pre = map_source(pretrained, keymap) if pretrained is not None else None
+    if pre is not None and pre.lora:
+        raise PlanError("the --pretrained file holds LoRA tensors; it must hold full weights", path=str(pretrained.path),
+                        hint="pass the full-weights .pth (the config's pretrained_pth) or leave --pretrained out")
+
+    base_refs = {k: _ref(base, k) for k in base_keys}
+    names = set(base_keys)
+    vocab_names = {keymap.vocab_embedding, keymap.vocab_head}
+    # A tied base may store no head; the fine-tune's (or the embedding's) rows become an explicit head.
+    untied_head = keymap.vocab_head not in names
+    if untied_head:
+        names.add(keymap.vocab_head)
+        warnings.append(f"base stores no {keymap.vocab_head} (tied embeddings); writing it explicitly")
+
+    allow = [re.compile(p) for p in options.allow_unused]
+    unused, allowed = [], []
+    for layer_map, src in ((mapped, checkpoint), (pre, pretrained)):
+        if layer_map is None:
+            continue
+        for hf, ref in layer_map.full.items():
+            if hf not in names:
+                (allowed if any(p.search(ref.key) for p in allow) else unused).append((ref.key, hf))
+        for hf, slot in layer_map.lora.items():
+            if hf not in names:
+                for ref in slot.values():
+                    (allowed if any(p.search(ref.key) for p in allow) else unused).append((ref.key, hf))
+    if unused:
+        shown = ", ".join(f"{k} -> {h}" for k, h in unused[:5])
+        more = f" (+{len(unused) - 5} more)" if len(unused) > 5 else ""
+        raise PlanError(
+            f"{len(unused)} checkpoint tensor(s) have no place in the base model: {shown}{more}",
+            path=ckpt_path,
+            hint="use the base the fine-tune started from, fix the keymap, or pass --allow-unused REGEX to drop them knowingly",
+        )
+
+    lora = _lora_settings(mapped, options, getattr(embedded, "lora", None), ckpt_path, warnings)
+
+    planned: list[PlannedTensor] = []
+    shape_problems: list[str] = []
+    for name in sorted(names, key=natural_key):
+        base_ref = base_refs.get(name)
+        value = mapped.full.get(name) or (pre.full.get(name) if pre else None) or base_ref
+        if value is None:  # untied head with nothing to fill it: copy the embedding
+            value = mapped.full.get(keymap.vocab_embedding) or (pre.full.get(keymap.vocab_embedding) if pre else None) \
+                or base_refs.get(keymap.vocab_embedding)
+            if value is None:
+                raise PlanError(f"nothing provides {name}", path=base_path, hint="pass a complete base folder")
+        problem = _shape_problems(name, value, base_ref, vocab_names)
+        if problem:
+            shape_problems.append(problem)
+        lref = None
+        slot = mapped.lora.get(name)
+        if slot is not None:
+            problem = _check_lora_shapes(name, value.shape, slot)
+            if problem:
+                shape_problems.append(problem)
+                continue
+            assert lora is not None
+            rank = slot["a"].shape[0]
+            lref = LoraRef(slot["a"], slot["b"], rank, lora.scale_for(rank))
+        planned.append(PlannedTensor(name, value.shape, _out_dtype(options.dtype, value, base_ref), value, lref))
+    _raise_list(shape_problems, "shape mismatch(es) between the checkpoint and the base", ckpt_path,
+                "pass --base with the Sa2VA folder of the same size the fine-tune started from")
+
+    by_name = {t.name: t for t in planned}
+    rows = by_name[keymap.vocab_embedding].shape[0]
+    head_rows = by_name[keymap.vocab_head].shape[0]
+    if rows != head_rows:
+        raise PlanError(f"embedding has {rows} rows but the head has {head_rows}", path=ckpt_path,
+                        hint="the checkpoint's vocabulary tensors disagree; it cannot be converted as is")
+    special = getattr(embedded, "special_tokens", None)
+    additions = plan_additions(tokenizer, rows, special, where=ckpt_path)
+    if additions.tokens:
+        warnings.append("tokenizer grows by " + ", ".join(f"{t}={i}" for t, i in additions.tokens))
+
+    template = options.template or getattr(embedded, "template", None) or base_config.get("template") \
+        or keymap.template_default
+    if getattr(embedded, "template", None) and base_config.get("template") and \
+            embedded.template != base_config.get("template") and not options.template:
+        warnings.append(f"training used template {embedded.template!r}, the base config says "
+                        f"{base_config.get('template')!r}; writing the training one")
+
+    config = _output_config(base_config, keymap, rows, template, options.dtype)
+    shards = _split_shards(planned, options.max_shard_bytes)
+    rewritten = set(EDITED_TOKENIZER_FILES) if additions.tokens else set()
+    copy_files = tuple(f for f in base_files if f not in NOT_COPIED and f not in rewritten)
+    disk = sum(s.nbytes for s in shards) + 64 * 1024 * len(shards)
+    return ConversionPlan(
+        checkpoint=ckpt_path, base=base_path, pretrained=str(pretrained.path) if pretrained else None, out=str(out),
+        keymap=keymap.name, keymap_source=keymap.source, family=keymap.family_label, codebase=keymap.codebase,
+        dtype_policy=options.dtype, template=template, tensors=tuple(planned), shards=shards, config=config,
+        vocab_rows=rows, tokenizer_additions=additions, copy_files=copy_files, lora=lora,
+        dropped=tuple(mapped.dropped + (pre.dropped if pre else [])),
+        allowed_unused=tuple(k for k, _ in allowed), warnings=tuple(warnings),
+        peak_ram_bytes=estimate_peak_ram(planned), disk_bytes=disk,
+        checkpoint_meta=dict(checkpoint_meta or {}),
+    )
+
+
+def _output_config(base_config: dict, keymap: Keymap, rows: int, template: str, dtype: str) -> dict:
+    cfg = copy.deepcopy(base_config)
+    cfg["architectures"] = list(keymap.architectures)
+    cfg["auto_map"] = dict(keymap.auto_map)
+    cfg["template"] = template
+    assign(cfg, keymap.vocab_config_field, rows)
+    for f in keymap.untie_fields:
+        parent = f.rsplit(".", 1)[0] if "." in f else None
+        if parent is None:
+            cfg[f] = False
+        else:
+            try:
+                container = lookup(cfg, parent)
+            except KeyError:
+                continue
+            if isinstance(container, dict):
+                container[f.rsplit(".", 1)[1]] = False
+    if dtype != "auto":
+        cfg["torch_dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    return cfg
+
+
+def _split_shards(tensors: Sequence[PlannedTensor], max_bytes: int) -> tuple[ShardPlan, ...]:
+    groups: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if groups[-1] and size + t.nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    n = len(groups)
+    return tuple(
+        ShardPlan(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(t.name for t in g), sum(t.nbytes for t in g))
+        for i, g in enumerate(groups)
+    )
+
+
+def estimate_peak_ram(tensors: Sequence[PlannedTensor]) -> int:
+    """Interpreter + the worst single tensor in flight (fp32 working copy, delta, output cast, LoRA factors)."""
+    worst = 0
+    for t in tensors:
+        numel = t.info.numel
+        cost = t.nbytes  # output bytes handed to the writer
+        if t.lora is not None:
+            a = TensorInfo(t.lora.a.shape, "fp32").nbytes
+            b = TensorInfo(t.lora.b.shape, "fp32").nbytes
+            cost += 2 * numel * 4 + a + b  # fp32 weight + fp32 delta
+        elif t.value.dtype != t.dtype:
+            cost += numel * 4
+        worst = max(worst, cost)
+    return INTERPRETER_BASELINE_BYTES + worst

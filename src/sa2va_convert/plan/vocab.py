@@ -1,0 +1,212 @@
+"""Tokenizer length and special-token growth, decided from the tokenizer FILES.
+
+The converter must know ``len(tokenizer)`` to check it against the embedding
+rows, but loading the tokenizer through transformers would run the base's
+remote code (InternLM2 ships its tokenizer as Python). So the length is read
+from the files themselves: ``tokenizer.json`` through the ``tokenizers``
+library (pure data), or a SentencePiece ``tokenizer.model`` by counting its
+pieces, plus the added tokens listed in ``tokenizer_config.json`` /
+``added_tokens.json``. Adding tokens is a deterministic edit of those files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InputError
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "vocab.json", "merges.txt",
+)
+# The files apply_additions() rewrites when tokens are added (the rest are copied as they are).
+EDITED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+@dataclass(frozen=True)
+class TokenizerState:
+    length: int  # len(tokenizer) as transformers would report it
+    tokens: dict[str, int]  # added/special tokens we can see, content -> id
+    files: tuple[str, ...]
+    source: str  # what the length was computed from
+
+    def has(self, token: str) -> bool:
+        return token in self.tokens
+
+
+@dataclass(frozen=True)
+class TokenAddition:
+    """Tokens appended to the vocabulary, with the ids training gave them."""
+
+    tokens: tuple[tuple[str, int], ...] = field(default=())
+
+    def to_dict(self) -> list[dict]:
+        return [{"token": t, "id": i} for t, i in self.tokens]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read tokenizer file ({e})", path=path,
+                         hint="restore the tokenizer files from the original model") from None
+    if not isinstance(data, dict):
+        raise InputError("tokenizer file is not a JSON object", path=path,
+                         hint="restore the tokenizer files from the original model")
+    return data
+
+
+def _sentencepiece_piece_count(path: Path) -> int:
+    """Count ``pieces`` (field 1) of a SentencePiece ModelProto without the sentencepiece package."""
+    data = path.read_bytes()
+    pos, count = 0, 0
+
+    def varint() -> int:
+        nonlocal pos
+        shift = result = 0
+        while True:
+            if pos >= len(data):
+                raise InputError("tokenizer.model is truncated", path=path,
+                                 hint="restore the tokenizer files from the original model")
+            b = data[pos]
+            pos += 1
+            result |= (b & 0x7F) << shift
+            if not b & 0x80:
+                return result
+            shift += 7
+
+    while pos < len(data):
+        tag = varint()
+        fieldno, wire = tag >> 3, tag & 7
+        if wire == 0:
+            varint()
+        elif wire == 1:
+            pos += 8
+        elif wire == 2:
+            pos += varint()
+        elif wire == 5:
+            pos += 4
+        else:
+            raise InputError("tokenizer.model is not a SentencePiece model", path=path,
+                             hint="restore the tokenizer files from the original model")
+        if fieldno == 1 and wire == 2:
+            count += 1
+    return count
+
+
+def read_tokenizer_state(folder: Path) -> TokenizerState:
+    folder = Path(folder)
+    files = tuple(f for f in TOKENIZER_FILES if (folder / f).is_file())
+    tokens: dict[str, int] = {}
+    cfg_path = folder / "tokenizer_config.json"
+    if cfg_path.is_file():
+        decoder = _read_json(cfg_path).get("added_tokens_decoder") or {}
+        for tid, entry in decoder.items():
+            if isinstance(entry, dict) and "content" in entry:
+                tokens[entry["content"]] = int(tid)
+    added_path = folder / "added_tokens.json"
+    if added_path.is_file():
+        tokens.update({k: int(v) for k, v in _read_json(added_path).items()})
+
+    tj = folder / "tokenizer.json"
+    if tj.is_file():
+        from tokenizers import Tokenizer  # pure data, no code from the folder
+
+        try:
+            tok = Tokenizer.from_file(str(tj))
+        except Exception as e:  # tokenizers raises its own exception type
+            raise InputError(f"cannot parse tokenizer.json ({e})", path=tj,
+                             hint="restore the tokenizer files from the original model") from None
+        vocab = tok.get_vocab(with_added_tokens=True)
+        for content in list(tokens):
+            if content not in vocab:
+                tokens.pop(content)
+        for entry in json.loads(tj.read_text(encoding="utf-8")).get("added_tokens", []):
+            tokens[entry["content"]] = int(entry["id"])
+        length = max(len(vocab), max(vocab.values(), default=-1) + 1)
+        return TokenizerState(length, tokens, files, "tokenizer.json")
+    sp = folder / "tokenizer.model"
+    if sp.is_file():
+        base = _sentencepiece_piece_count(sp)
+        extra = sum(1 for tid in tokens.values() if tid >= base)
+        length = max(base + extra, max(tokens.values(), default=-1) + 1)
+        return TokenizerState(length, tokens, files, "tokenizer.model + added tokens")
+    vj = folder / "vocab.json"
+    if vj.is_file():
+        vocab = _read_json(vj)
+        ids = set(vocab.values()) | set(tokens.values())
+        return TokenizerState(max(ids, default=-1) + 1, tokens, files, "vocab.json + added tokens")
+    raise InputError("no tokenizer found (tokenizer.json, tokenizer.model or vocab.json)", path=folder,
+                     hint="the base folder must include the tokenizer files of the model")
+
+
+def plan_additions(state: TokenizerState, rows: int, special_tokens: list[str] | None, *,
+                   where: str) -> TokenAddition:
+    """Decide which tokens make the tokenizer exactly ``rows`` long, or explain why none can."""
+    if rows == state.length:
+        return TokenAddition()
+    if rows < state.length:
+        raise _mismatch(f"the checkpoint's embedding has {rows} rows but the base tokenizer has "
+                        f"{state.length} tokens", where)
+    missing = [t for t in (special_tokens or []) if not state.has(t)]
+    need = rows - state.length
+    if len(missing) != need:
+        listed = ", ".join(missing) if missing else "none"
+        raise _mismatch(
+            f"the checkpoint's embedding has {rows} rows, {need} more than the base tokenizer's {state.length}, "
+            f"but the training config's special_tokens missing from the base are {len(missing)} ({listed})",
+            where)
+    return TokenAddition(tuple((t, state.length + i) for i, t in enumerate(missing)))
+
+
+def _mismatch(message: str, where: str):
+    from ..errors import PlanError
+
+    return PlanError(message, path=where,
+                     hint="pass --base with the folder whose tokenizer the fine-tune was trained with")
+
+
+def apply_additions(src: Path, dst: Path, addition: TokenAddition) -> list[str]:
+    """Write edited copies of the tokenizer files into ``dst``; returns the files written."""
+    written: list[str] = []
+    if not addition.tokens:
+        return written
+    entries = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": True} for t, i in addition.tokens]
+    tj = src / "tokenizer.json"
+    if tj.is_file():
+        data = json.loads(tj.read_text(encoding="utf-8"))
+        data.setdefault("added_tokens", []).extend(entries)
+        _dump(dst / "tokenizer.json", data)
+        written.append("tokenizer.json")
+    cfg = src / "tokenizer_config.json"
+    if cfg.is_file():
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+        dec = data.setdefault("added_tokens_decoder", {})
+        for e in entries:
+            dec[str(e["id"])] = {k: v for k, v in e.items() if k != "id"}
+        extra = data.setdefault("additional_special_tokens", []) or []
+        data["additional_special_tokens"] = list(extra) + [t for t, _ in addition.tokens if t not in extra]
+        _dump(dst / "tokenizer_config.json", data)
+        written.append("tokenizer_config.json")
+    stm = src / "special_tokens_map.json"
+    if stm.is_file():
+        data = json.loads(stm.read_text(encoding="utf-8"))
+        extra = data.get("additional_special_tokens") or []
+        present = {x if isinstance(x, str) else x.get("content") for x in extra}
+        data["additional_special_tokens"] = list(extra) + [t for t, _ in addition.tokens if t not in present]
+        _dump(dst / "special_tokens_map.json", data)
+        written.append("special_tokens_map.json")
+    at = src / "added_tokens.json"
+    if at.is_file() or not tj.is_file():
+        data = json.loads(at.read_text(encoding="utf-8")) if at.is_file() else {}
+        data.update({t: i for t, i in addition.tokens})
+        _dump(dst / "added_tokens.json", data)
+        written.append("added_tokens.json")
+    return written
+
+
+def _dump(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,0 +1,188 @@
+"""Open a HuggingFace model folder (the base Sa2VA model) lazily.
+
+Only headers are read here: ``safe_open`` maps each shard and hands out one
+tensor on request, so planning a 26B conversion costs kilobytes. Remote-code
+``.py`` files are listed, never imported: running the base's code belongs to
+the verify stage, in a separate process.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import safe_open
+
+from .. import dtypes
+from ..errors import InputError
+from .tensor_source import TensorInfo
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse a safetensors header without mapping the file, with errors that name the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise InputError("file is too short to be a safetensors file", path=path,
+                                 hint="re-copy or re-download this shard")
+            (n,) = struct.unpack("<Q", raw)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise InputError("safetensors header length is impossible (truncated or not a safetensors file)",
+                                 path=path, hint="re-copy or re-download this shard")
+            header = json.loads(f.read(n))
+    except PermissionError:
+        raise InputError("permission denied", path=path, hint="make the file readable") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError("safetensors header is not valid JSON", path=path,
+                         hint="re-copy or re-download this shard") from None
+    if not isinstance(header, dict):
+        raise InputError("safetensors header is not a JSON object", path=path, hint="re-copy this shard")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = entry["data_offsets"]
+            end = max(end, stop)
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"safetensors entry {name!r} has no valid data_offsets", path=path,
+                             hint="re-copy this shard") from None
+    if 8 + n + end > size:
+        raise InputError(f"file is truncated: header promises {8 + n + end} bytes, file has {size}",
+                         path=path, hint="re-copy or re-download this shard")
+    return header
+
+
+class SafetensorsSource:
+    """A TensorSource over one or more safetensors files (a sharded HF folder)."""
+
+    def __init__(self, files: dict[str, Path], *, label: str, path: Path):
+        self.label = label
+        self.path = Path(path)
+        self._key_file: dict[str, Path] = {}
+        self._info: dict[str, TensorInfo] = {}
+        for fname, fpath in files.items():
+            header = read_safetensors_header(fpath)
+            for key, entry in header.items():
+                if key == "__metadata__":
+                    continue
+                if key in self._key_file:
+                    raise InputError(f"tensor {key!r} is stored in two shards", path=fpath,
+                                     hint="the folder is inconsistent; re-download it")
+                try:
+                    info = TensorInfo(tuple(entry["shape"]), dtypes.from_safetensors(entry["dtype"]))
+                except ValueError as e:
+                    raise InputError(str(e), path=fpath, hint="convert this folder to a supported dtype") from None
+                self._key_file[key] = fpath
+                self._info[key] = info
+        self._handles: dict[Path, object] = {}
+
+    def keys(self) -> Iterable[str]:
+        return self._key_file.keys()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._key_file
+
+    def __len__(self) -> int:
+        return len(self._key_file)
+
+    def info(self, key: str) -> TensorInfo:
+        return self._info[key]
+
+    def file_of(self, key: str) -> Path:
+        return self._key_file[key]
+
+    def load(self, key: str) -> torch.Tensor:
+        fpath = self._key_file[key]
+        handle = self._handles.get(fpath)
+        if handle is None:
+            try:
+                handle = safe_open(str(fpath), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types
+                raise InputError(f"cannot open safetensors file: {e}", path=fpath,
+                                 hint="re-copy or re-download this shard") from None
+            self._handles[fpath] = handle
+        return handle.get_tensor(key)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+@dataclass
+class HFFolder:
+    path: Path
+    config: dict
+    weights: SafetensorsSource
+    weight_files: list[str]
+    other_files: list[str] = field(default_factory=list)
+
+    @property
+    def remote_code_files(self) -> list[str]:
+        return sorted(f for f in self.other_files if f.endswith(".py") and "/" not in f)
+
+
+def _load_json(path: Path, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{what} is missing", path=path, hint="pass the complete base model folder") from None
+    except PermissionError:
+        raise InputError("permission denied", path=path, hint="make the file readable") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{what} is not valid JSON ({e})", path=path, hint="restore the file from the original model") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{what} is not a JSON object", path=path, hint="restore the file from the original model")
+    return data
+
+
+def open_hf_folder(path: str | Path, *, label: str = "base") -> HFFolder:
+    """Open a HF model folder holding ``model.safetensors`` or an index plus shards."""
+    root = Path(path)
+    if not root.exists():
+        raise InputError("base model folder does not exist", path=root, hint="pass --base with the Sa2VA HF folder the fine-tune started from")
+    if not root.is_dir():
+        raise InputError("expected a HuggingFace model folder, got a file", path=root, hint="pass the folder that holds config.json")
+    config = _load_json(root / "config.json", "config.json")
+    index_path = root / INDEX_NAME
+    files: dict[str, Path] = {}
+    if index_path.exists():
+        index = _load_json(index_path, INDEX_NAME)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise InputError("index has no weight_map", path=index_path, hint="restore the index from the original model")
+        for fname in sorted(set(weight_map.values())):
+            fpath = root / fname
+            if not fpath.is_file():
+                raise InputError(f"shard {fname} named in the index is missing", path=fpath,
+                                 hint="copy the missing shard from the original model folder")
+            files[fname] = fpath
+    elif (root / SINGLE_NAME).is_file():
+        files[SINGLE_NAME] = root / SINGLE_NAME
+    else:
+        bins = sorted(p.name for p in root.glob("*.bin"))
+        hint = ("convert the folder to safetensors first (load it with transformers and save_pretrained(..., safe_serialization=True))"
+                if bins else "pass the complete base model folder")
+        raise InputError("no model.safetensors or model.safetensors.index.json found", path=root, hint=hint)
+    weights = SafetensorsSource(files, label=label, path=root)
+    if index_path.exists():
+        index = _load_json(index_path, INDEX_NAME)
+        for key, fname in index["weight_map"].items():
+            if key not in weights:
+                raise InputError(f"index names tensor {key!r} in {fname}, but the shard does not hold it",
+                                 path=index_path, hint="restore the folder from the original model")
+    other = sorted(
+        str(p.relative_to(root)) for p in root.rglob("*")
+        if p.is_file() and p.name not in files and p.name != INDEX_NAME and ".cache" not in p.parts
+    )
+    return HFFolder(path=root, config=config, weights=weights, weight_files=sorted(files), other_files=other)

@@ -1,0 +1,155 @@
+"""Check a written folder against what it must contain, reading it back from disk.
+
+Run on the partial folder before it is published (against the plan), and by
+``sa2va-convert verify`` on any folder (against its own index and config). It
+reads headers with our strict parser, opens every shard with
+``safetensors.safe_open`` and reads tensors back, so a truncated or corrupted
+shard, a missing file, or an index that lies is found here rather than by a
+user's ``from_pretrained`` that silently leaves weights uninitialised.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import safe_open
+
+from .. import dtypes
+from ..errors import ConvertError, VerifyError
+from ..plan.keymap import Keymap, lookup
+from ..plan.planner import INDEX_NAME, ConversionPlan
+from ..plan.vocab import read_tokenizer_state
+from ..read.hf_folder import open_hf_folder
+
+
+@dataclass
+class StructuralReport:
+    folder: str
+    tensors: int = 0
+    shards: int = 0
+    bytes: int = 0
+    vocab_rows: int | None = None
+    tokenizer_length: int | None = None
+    checked_values: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def _fail(message: str, path: Path | str, hint: str) -> VerifyError:
+    return VerifyError(message, path=path, hint=hint)
+
+
+def _read_all_values(folder: Path, files: Sequence[str]) -> None:
+    """Read every tensor once; catches corruption the header cannot show (and NaN from a bad copy)."""
+    for fname in files:
+        path = folder / fname
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    t = f.get_tensor(key)
+                    if t.is_floating_point() and not torch.isfinite(t).all():
+                        raise _fail(f"tensor {key} holds NaN/Inf", path, "re-run the conversion")
+                    del t
+        except ConvertError:
+            raise
+        except Exception as e:  # safetensors' own error types
+            raise _fail(f"shard cannot be read back ({e})", path, "re-run the conversion") from None
+
+
+def check_against_plan(folder: Path, plan: ConversionPlan, *, read_values: bool = True) -> StructuralReport:
+    report = StructuralReport(str(folder))
+    try:
+        hf = open_hf_folder(folder, label="output")
+    except ConvertError as e:
+        raise _fail(f"written folder does not open: {e.message}", e.path or folder, "re-run the conversion") from None
+    expected = plan.by_name()
+    got = set(hf.weights.keys())
+    missing = sorted(set(expected) - got)
+    extra = sorted(got - set(expected))
+    if missing or extra:
+        raise _fail(f"written tensors differ from the plan: missing {missing[:5]}, unexpected {extra[:5]}", folder,
+                    "this is a bug; please report it")
+    for name, pt in expected.items():
+        info = hf.weights.info(name)
+        if info.shape != pt.shape or info.dtype != pt.dtype:
+            raise _fail(f"{name}: written {list(info.shape)} {info.dtype}, planned {list(pt.shape)} {pt.dtype}",
+                        folder, "this is a bug; please report it")
+    if read_values:
+        _read_all_values(folder, hf.weight_files)
+        report.checked_values = True
+    report.tensors, report.shards = len(got), len(hf.weight_files)
+    report.bytes = sum((folder / f).stat().st_size for f in hf.weight_files)
+    tok = read_tokenizer_state(folder)
+    report.tokenizer_length, report.vocab_rows = tok.length, plan.vocab_rows
+    if tok.length != plan.vocab_rows:
+        raise _fail(f"written tokenizer has {tok.length} tokens but the embedding has {plan.vocab_rows} rows", folder,
+                    "this is a bug; please report it")
+    return report
+
+
+def check_folder(folder: Path, keymap: Keymap | None = None, *, read_values: bool = True,
+                 required_code: Sequence[str] = ()) -> StructuralReport:
+    """Verify a folder on its own: index vs shards, config vocab vs embedding rows vs tokenizer, code files."""
+    folder = Path(folder)
+    report = StructuralReport(str(folder))
+    if not (folder / INDEX_NAME).is_file() and not (folder / "model.safetensors").is_file():
+        raise _fail("no model.safetensors.index.json or model.safetensors", folder, "re-run the conversion")
+    try:
+        hf = open_hf_folder(folder, label="output")
+    except ConvertError as e:
+        raise _fail(e.message, e.path or folder, e.hint or "re-run the conversion") from None
+    report.tensors, report.shards = len(list(hf.weights.keys())), len(hf.weight_files)
+    report.bytes = sum((folder / f).stat().st_size for f in hf.weight_files)
+    code = list(required_code) or [v.split(".")[0] + ".py" for v in (hf.config.get("auto_map") or {}).values()]
+    for f in sorted(set(code)):
+        if not (folder / f).is_file():
+            raise _fail(f"remote-code file {f} named by config.json auto_map is missing", folder / f,
+                        "copy it from the base Sa2VA folder (or re-run the conversion)")
+    if keymap is not None:
+        try:
+            vocab = int(lookup(hf.config, keymap.vocab_config_field))
+        except (KeyError, TypeError, ValueError):
+            raise _fail(f"config.json has no {keymap.vocab_config_field}", folder / "config.json",
+                        "re-run the conversion") from None
+        for name in (keymap.vocab_embedding, keymap.vocab_head):
+            if name not in hf.weights:
+                raise _fail(f"tensor {name} is missing", folder, "re-run the conversion")
+            rows = hf.weights.info(name).shape[0]
+            if rows != vocab:
+                raise _fail(f"config.json {keymap.vocab_config_field}={vocab} but {name} has {rows} rows",
+                            folder / "config.json", "re-run the conversion")
+        report.vocab_rows = vocab
+        try:
+            tok = read_tokenizer_state(folder)
+        except ConvertError as e:
+            raise _fail(e.message, e.path or folder, "re-run the conversion") from None
+        report.tokenizer_length = tok.length
+        if tok.length != vocab:
+            raise _fail(f"tokenizer has {tok.length} tokens but the vocabulary is {vocab}", folder,
+                        "re-run the conversion with the right --base")
+    if read_values:
+        _read_all_values(folder, hf.weight_files)
+        report.checked_values = True
+    return report
+
+
+def keymap_for_folder(folder: Path, keymaps: Sequence[Keymap]) -> Keymap | None:
+    """The keymap whose HF architecture the folder's config names (to know its vocab fields)."""
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise _fail(f"config.json unreadable ({e})", Path(folder) / "config.json", "re-run the conversion") from None
+    archs = set(cfg.get("architectures") or [])
+    for km in keymaps:
+        if archs & set(km.architectures):
+            return km
+    return None
+
+
+__all__ = ["StructuralReport", "check_against_plan", "check_folder", "keymap_for_folder", "dtypes"]

@@ -1,0 +1,112 @@
+"""Execute a ConversionPlan: shards, index, config, tokenizer, code, card, report.
+
+The writer does no deciding: names, shapes, dtypes, shard membership and the
+config all come from the plan, so a dry run and a real run can never disagree.
+It writes into a hidden partial folder (see ``atomic``) and publishes it only
+after the structural check of the written files passed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..plan.planner import INDEX_NAME, ConversionPlan, PlannedTensor
+from ..plan.vocab import apply_additions
+from ..progress import Progress, Silent
+from . import atomic
+from .safetensors_stream import StreamEntry, write_streamed
+
+SHARD_METADATA = {"format": "pt"}
+
+
+@dataclass
+class WriteResult:
+    out: Path
+    files: list[str] = field(default_factory=list)
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+
+def dump_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def index_json(plan: ConversionPlan) -> dict:
+    weight_map = {name: shard.filename for shard in plan.shards for name in shard.tensors}
+    return {"metadata": {"total_size": plan.tensor_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+
+
+def write_shards(plan: ConversionPlan, produce: Callable[[PlannedTensor], object], folder: Path,
+                 progress: Progress) -> int:
+    by_name = plan.by_name()
+    total = 0
+    for shard in plan.shards:
+        entries = [StreamEntry(n, by_name[n].info) for n in shard.tensors]
+
+        def make(e: StreamEntry):
+            return produce(by_name[e.name])
+
+        total += write_streamed(folder / shard.filename, entries, make, metadata=SHARD_METADATA,
+                                on_tensor=lambda e: progress.advance(e.name, e.info.nbytes))
+    return total
+
+
+def copy_base_files(plan: ConversionPlan, base_dir: Path, folder: Path) -> list[str]:
+    copied = []
+    for rel in plan.copy_files:
+        src, dst = base_dir / rel, folder / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        os.chmod(dst, 0o644)
+        copied.append(rel)
+    return copied
+
+
+def write_folder(
+    plan: ConversionPlan,
+    produce: Callable[[PlannedTensor], object],
+    *,
+    base_dir: Path,
+    force: bool = False,
+    progress: Progress | None = None,
+    extra_files: Callable[[Path], dict[str, str]] | None = None,
+    check: Callable[[Path], None] | None = None,
+) -> WriteResult:
+    """Write the planned folder atomically. ``check(tmp)`` runs before publishing; it raises to abort."""
+    progress = progress or Silent()
+    out = Path(plan.out)
+    atomic.check_destination(out, force)
+    started = time.perf_counter()
+    with atomic.output_lock(out):
+        atomic.clear_stale_partials(out)
+        tmp = atomic.make_partial(out)
+        try:
+            progress.stage(f"writing {len(plan.shards)} shard(s) to {out}")
+            progress.start(plan.tensor_bytes, len(plan.tensors))
+            try:
+                written = write_shards(plan, produce, tmp, progress)
+                progress.finish()
+                dump_json(tmp / INDEX_NAME, index_json(plan))
+                dump_json(tmp / "config.json", plan.config)
+                copied = copy_base_files(plan, base_dir, tmp)
+                edited = apply_additions(base_dir, tmp, plan.tokenizer_additions)
+                if extra_files is not None:
+                    for name, text in extra_files(tmp).items():
+                        (tmp / name).write_text(text, encoding="utf-8")
+            except OSError as e:
+                raise atomic.describe_os_error(e, out) from None
+            if check is not None:
+                progress.stage("checking the written files")
+                check(tmp)
+            atomic.publish(tmp, out, force)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    return WriteResult(out, files, written, time.perf_counter() - started)
