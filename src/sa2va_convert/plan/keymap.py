@@ -376,17 +376,19 @@ def _self_test(r: _Reader, km: Keymap, top: dict[str, _Node]) -> None:
         if not any(pat.search(k) for k in keys):
             raise r.fail(f"detect pattern {pat.pattern!r} matches none of the example keys", top["detect"].line)
     targets: dict[tuple[str, str], Example] = {}
-    for ex in km.examples:
-        role, hf_name = km.map_key(ex.key)
+    mapped = [(ex, *km.map_key(ex.key)) for ex in km.examples]
+    for ex, role, hf_name in mapped:
+        if role == "drop":
+            continue
+        prev = targets.get((role, hf_name))
+        if prev is not None:
+            raise r.fail(f"two source keys map to one target {hf_name!r}: {prev.key!r} and {ex.key!r}", ex.line)
+        targets[(role, hf_name)] = ex
+    for ex, role, hf_name in mapped:
         if role != ex.role:
             raise r.fail(f"example {ex.key!r} is classified as {role!r}, the example says {ex.role!r}", ex.line)
         if ex.hf is not None and role != "drop" and hf_name != ex.hf:
             raise r.fail(f"example {ex.key!r} maps to {hf_name!r}, the example says {ex.hf!r}", ex.line)
-        if role in ("full",):
-            prev = targets.get((role, hf_name))
-            if prev is not None:
-                raise r.fail(f"two source keys map to one target {hf_name!r}: {prev.key!r} and {ex.key!r}", ex.line)
-            targets[(role, hf_name)] = ex
 
 
 # ---------------------------------------------------------------- built-in keymaps
