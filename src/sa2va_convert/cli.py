@@ -132,21 +132,41 @@ def common_options(fn: Callable) -> Callable:
 @click.option("--show-tensors", is_flag=True, help="With --dry-run: list every planned tensor.")
 @click.option("--merge-device", default="cpu", show_default=True, help="Device for LoRA merges (cpu, cuda, cuda:1).")
 @click.option("--no-read-back", is_flag=True, help="Skip reading every written tensor back before publishing.")
+@click.option("--all", "all_checkpoints", is_flag=True,
+              help="CHECKPOINT is a work_dir: convert every iter_N.pth into OUT/iter_N (skips ones already converted).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @common_options
 @handle_errors
 def convert(checkpoint: Path, out: Path, base, pretrained, keymap, dtype, max_shard_size, lora_alpha, rslora,
-            allow_unused, template, force, dry_run, show_tensors, merge_device, no_read_back, quiet, json_out, debug,
-            allow_globals) -> None:
-    """Convert CHECKPOINT (iter_N.pth) into a HuggingFace folder OUT."""
-    from . import api
-    from .cli_render import make_progress, render_plan, render_result
+            allow_unused, template, force, dry_run, show_tensors, merge_device, no_read_back, all_checkpoints, quiet,
+            json_out, debug, allow_globals) -> None:
+    """Convert CHECKPOINT (iter_N.pth, a DeepSpeed iter_N.pth/ folder, or a work_dir) into a HuggingFace folder OUT.
+
+    Given a work_dir, the checkpoint named in its last_checkpoint file (else the
+    highest iter_N) is converted; with --all, every one of them.
+    """
+    from . import api, batch
+    from .cli_render import make_progress, render_batch, render_plan, render_result
 
     options = api.ConvertOptions(
         base=base, pretrained=pretrained, keymap=keymap, dtype=dtype, max_shard_bytes=parse_size(max_shard_size),
         lora_alpha=lora_alpha, rslora=rslora, allow_unused=allow_unused, template=template, force=force,
         merge_device=merge_device, allow_globals=allow_globals, read_back=not no_read_back,
     )
+    progress = make_progress(json_out, quiet or json_out)
+    if all_checkpoints:
+        try:
+            res = batch.convert_all(checkpoint, out, options, progress=progress)
+        except ConvertError as e:
+            res = getattr(e, "result", None)
+            if res is not None:
+                _emit_json(res.to_dict()) if json_out else render_batch(res.to_dict())
+                click.echo(f"error: {e.one_line()}", err=True)
+                sys.exit(e.exit_code)
+            raise
+        _emit_json(res.to_dict()) if json_out else render_batch(res.to_dict())
+        return
+    checkpoint = batch.resolve_checkpoint(checkpoint)
     if dry_run:
         plan = api.plan_conversion(checkpoint, out, options)
         if json_out:
@@ -154,7 +174,7 @@ def convert(checkpoint: Path, out: Path, base, pretrained, keymap, dtype, max_sh
         else:
             render_plan(plan.to_dict(tensors=False), tensors=plan.to_dict()["tensors"] if show_tensors else None)
         return
-    result = api.convert(checkpoint, out, options, progress=make_progress(json_out, quiet or json_out))
+    result = api.convert(checkpoint, out, options, progress=progress)
     if json_out:
         _emit_json(result.to_dict())
     else:

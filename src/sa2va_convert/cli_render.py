@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -197,3 +198,10 @@ def render_result(result: dict) -> None:
     rt = result.get("roundtrip")
     if rt:
         c.print(f"round-trip: {rt.get('summary', rt)}")
+
+
+def render_batch(result: dict) -> None:
+    c = out_console
+    c.print(table(f"Batch: {result['work_dir']} -> {result['out_root']}", ["checkpoint", "status", "seconds", "detail"],
+                  [[Path(i["checkpoint"]).name, i["status"], f"{i['seconds']:.1f}",
+                    (i["error"] or {}).get("message", "") if i["error"] else i["out"]] for i in result["items"]]))
