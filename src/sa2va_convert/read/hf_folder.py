@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors import safe_open
 
 from .. import dtypes
 from ..errors import InputError
@@ -24,6 +23,11 @@ from .tensor_source import TensorInfo
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _MAX_HEADER = 100 * 1024 * 1024
+
+
+def header_length(path: Path) -> int:
+    with open(path, "rb") as f:
+        return struct.unpack("<Q", f.read(8))[0]
 
 
 def read_safetensors_header(path: Path) -> dict:
@@ -71,8 +75,10 @@ class SafetensorsSource:
         self.path = Path(path)
         self._key_file: dict[str, Path] = {}
         self._info: dict[str, TensorInfo] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}
         for fname, fpath in files.items():
             header = read_safetensors_header(fpath)
+            data_start = 8 + header_length(fpath)
             for key, entry in header.items():
                 if key == "__metadata__":
                     continue
@@ -85,7 +91,7 @@ class SafetensorsSource:
                     raise InputError(str(e), path=fpath, hint="convert this folder to a supported dtype") from None
                 self._key_file[key] = fpath
                 self._info[key] = info
-        self._handles: dict[Path, object] = {}
+                self._offsets[key] = (data_start + entry["data_offsets"][0], data_start + entry["data_offsets"][1])
 
     def keys(self) -> Iterable[str]:
         return self._key_file.keys()
@@ -103,19 +109,36 @@ class SafetensorsSource:
         return self._key_file[key]
 
     def load(self, key: str) -> torch.Tensor:
+        """Read one tensor with plain file reads into fresh memory.
+
+        Not ``safe_open``/mmap: pages of a mapped file that were touched count
+        in the process's RSS until unmapped, so mapping a 15 GB base would
+        make the converter look (and, under cgroup limits, be) 15 GB big. A
+        ``readinto`` leaves only the page cache, which the kernel reclaims.
+        """
         fpath = self._key_file[key]
-        handle = self._handles.get(fpath)
-        if handle is None:
-            try:
-                handle = safe_open(str(fpath), framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises its own error types
-                raise InputError(f"cannot open safetensors file: {e}", path=fpath,
-                                 hint="re-copy or re-download this shard") from None
-            self._handles[fpath] = handle
-        return handle.get_tensor(key)
+        begin, end = self._offsets[key]
+        info = self._info[key]
+        buf = bytearray(end - begin)
+        try:
+            with open(fpath, "rb", buffering=0) as f:
+                f.seek(begin)
+                view = memoryview(buf)
+                got = 0
+                while got < len(buf):
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise InputError(f"file ended while reading tensor {key!r}", path=fpath,
+                                         hint="re-copy or re-download this shard")
+                    got += n
+        except PermissionError:
+            raise InputError("permission denied", path=fpath, hint="make the file readable") from None
+        if not buf:
+            return torch.empty(info.shape, dtype=dtypes.to_torch(info.dtype))
+        return torch.frombuffer(buf, dtype=dtypes.to_torch(info.dtype)).reshape(info.shape)
 
     def close(self) -> None:
-        self._handles.clear()
+        pass
 
 
 @dataclass

@@ -1,0 +1,511 @@
+"""Write fixture inputs: base HF folders, SAM2 checkpoints and training checkpoints.
+
+Everything is deterministic (per-tensor seeds, fixed timestamps) so that
+tests can compare bytes, and base folders are streamed one tensor at a time
+with the project's own safetensors writer so that realistic sizes
+(``Sizes.real(...)``, many GB) never need the model in memory. Training
+checkpoints are ``torch.save``d dicts shaped like mmengine/xtuner/DeepSpeed
+output (FORMATS.md §2), with REAL mmengine objects in ``message_hub`` so the
+converter's refusal to unpickle them is exercised for real.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import dtypes
+from ..read.tensor_source import TensorInfo
+from ..write.safetensors_stream import StreamEntry, write_streamed
+from .config_text import training_config_text
+from .layouts import (
+    SAM2_PREFIX,
+    Preset,
+    Sizes,
+    get_preset,
+    hf_layout,
+    sam2_layout,
+    training_layout,
+)
+from .tokenizer import special_token_id, write_tokenizer
+from .values import make_tensor
+
+DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # HF's default "5GB"
+CHECKPOINT_FORMATS = ("mmengine", "state_dict", "deepspeed-module")
+FIXED_TIME = "20250101_120000"  # mmengine's meta['time'] format; fixed for byte-identical files
+TRANSFORMERS_VERSION = "4.57.0"
+
+_REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+# ------------------------------------------------------------------ base folder
+
+
+def shard_entries(
+    layout: dict[str, tuple[int, ...]], dtype: str, max_shard_bytes: int
+) -> list[list[StreamEntry]]:
+    """Greedy split in layout order, like ``save_pretrained``: a tensor never spans shards."""
+    shards: list[list[StreamEntry]] = [[]]
+    size = 0
+    for name, shape in layout.items():
+        e = StreamEntry(name, TensorInfo(tuple(shape), dtype))
+        if shards[-1] and size + e.info.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.info.nbytes
+    return shards
+
+
+def write_base_folder(
+    out_dir: str | Path,
+    preset: str | Preset,
+    sizes: Sizes | None = None,
+    *,
+    dtype: str = "bf16",
+    seed: int = 0,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    remote_code_dir: str | Path | None = None,
+    fill: str = "random",
+    raw_internvl: bool = False,
+    copy_remote_code: bool = True,
+) -> Path:
+    """Write a base Sa2VA HF folder (or a raw InternVL2.5 one) and return its path.
+
+    Shards are named ``model-0000k-of-0000n.safetensors`` and always come with
+    ``model.safetensors.index.json``. Remote code is copied from
+    ``remote_code_dir`` or, by default, from our test models
+    (``tests/remote_code/{internvl,qwen}``) when they exist; a raw InternVL
+    folder gets remote code only when ``remote_code_dir`` is given;
+    ``copy_remote_code=False`` writes none (weights, config and tokenizer only).
+    """
+    p = get_preset(preset)
+    s = sizes or Sizes.tiny()
+    dtype = dtypes.normalise(dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layout = hf_layout(p, s, raw_internvl=raw_internvl)
+    shards = shard_entries(layout, dtype, max_shard_bytes)
+
+    weight_map: dict[str, str] = {}
+    total = 0
+    for k, entries in enumerate(shards, start=1):
+        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        write_streamed(
+            out / fname,
+            entries,
+            lambda e: make_tensor(e.name, e.info.shape, dtype, seed=seed, fill=fill),
+            metadata={"format": "pt"},
+        )
+        for e in entries:
+            weight_map[e.name] = fname
+            total += e.info.nbytes
+    _write_json(out / "model.safetensors.index.json",
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, sort_keys=True)
+
+    vocab = s.raw_vocab if raw_internvl else s.vocab
+    _write_json(out / "config.json", base_config(p, s, dtype=dtype, raw_internvl=raw_internvl))
+    write_tokenizer(out, s.vocab, with_sa2va_tokens=not raw_internvl,
+                    model_max_length=s.max_position)
+    _write_json(out / "generation_config.json", _generation_config(s.vocab))
+    if p.layout == "qwen-vl":
+        _write_json(out / "preprocessor_config.json", _qwen_preprocessor(s))
+    assert vocab == layout[_embed_key(p)][0]
+
+    if remote_code_dir is not None:
+        code: Path | None = Path(remote_code_dir)
+    else:
+        code = None if raw_internvl else find_remote_code(p)
+    if code is not None and copy_remote_code:
+        for f in sorted(code.glob("*.py")):
+            if f.name != "__init__.py":
+                shutil.copyfile(f, out / f.name)
+    return out
+
+
+def find_remote_code(preset: str | Preset) -> Path | None:
+    """Our test remote-code folder for this family, or None if it is not there (yet)."""
+    sub = "qwen" if get_preset(preset).layout == "qwen-vl" else "internvl"
+    for cand in (_REPO_ROOT / "tests" / "remote_code" / sub, Path(__file__).parent / "remote_code" / sub):
+        if cand.is_dir() and any(cand.glob("*.py")):
+            return cand
+    return None
+
+
+def _embed_key(p: Preset) -> str:
+    if p.layout == "qwen-vl":
+        return "model.model.language_model.embed_tokens.weight"
+    if p.llm == "internlm2":
+        return "language_model.model.tok_embeddings.weight"
+    return "language_model.model.embed_tokens.weight"
+
+
+_TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
+
+
+def _llm_config(p: Preset, s: Sizes, vocab: int) -> dict:
+    arch, model_type = {
+        "qwen2": (["Qwen2ForCausalLM"], "qwen2"),
+        "qwen3": (["Qwen3ForCausalLM"], "qwen3"),
+        "internlm2": (["InternLM2ForCausalLM"], "internlm2"),
+    }[p.llm]
+    return {
+        "architectures": arch, "model_type": model_type, "vocab_size": vocab,
+        "hidden_size": s.hidden, "intermediate_size": s.intermediate,
+        "num_hidden_layers": s.layers, "num_attention_heads": s.heads,
+        "num_key_value_heads": s.kv_heads, "head_dim": s.head_dim,
+        "max_position_embeddings": s.max_position, "rms_norm_eps": 1e-6,
+        "rope_theta": s.rope_theta, "tie_word_embeddings": False,
+    }
+
+
+def base_config(p: Preset, s: Sizes, *, dtype: str = "bf16", raw_internvl: bool = False) -> dict:
+    """config.json of a base folder (DESIGN.md, "config.json of the InternVL family")."""
+    sam2 = {"C": s.sam_c, "Ds": s.sam_ds, "blocks": s.sam_blocks, "image_size": s.sam_image_size}
+    torch_dtype = _TORCH_DTYPE[dtype]
+    if p.layout == "qwen-vl":
+        text = _llm_config(p, s, s.vocab)
+        del text["architectures"]
+        return {
+            "architectures": ["Sa2VAChatModelQwen"],
+            "auto_map": {
+                "AutoConfig": "configuration_sa2va_chat.Sa2VAChatConfigQwen",
+                "AutoModel": "modeling_sa2va_qwen.Sa2VAChatModelQwen",
+                "AutoModelForCausalLM": "modeling_sa2va_qwen.Sa2VAChatModelQwen",
+            },
+            "model_type": "sa2va_chat_qwen",
+            "template": p.template,
+            "text_config": text,
+            "vision_config": {
+                "model_type": "qwen_vl_test_vision", "depth": s.vision_layers,
+                "hidden_size": s.vision_hidden, "intermediate_size": s.vision_intermediate,
+                "num_heads": s.vision_heads, "patch_size": s.patch, "temporal_patch_size": 2,
+                "spatial_merge_size": 2, "in_channels": 3, "out_hidden_size": s.hidden,
+                "image_size": s.image_size,
+            },
+            "sam2_test_config": sam2,
+            "tie_word_embeddings": False,
+            "torch_dtype": torch_dtype,
+            "transformers_version": TRANSFORMERS_VERSION,
+        }
+    cfg: dict = {}
+    if raw_internvl:
+        cfg["architectures"] = ["InternVLChatModel"]
+        cfg["auto_map"] = {
+            "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+            "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+            "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
+        }
+        cfg["model_type"] = "internvl_chat"
+        cfg["template"] = "internvl2_5"
+    else:
+        cfg["architectures"] = ["Sa2VAChatModel"]
+        cfg["auto_map"] = {
+            "AutoConfig": "configuration_sa2va_chat.Sa2VAChatConfig",
+            "AutoModel": "modeling_sa2va_chat.Sa2VAChatModel",
+            "AutoModelForCausalLM": "modeling_sa2va_chat.Sa2VAChatModel",
+        }
+        cfg["model_type"] = "sa2va_chat"
+        cfg["template"] = p.template
+    cfg["llm_config"] = _llm_config(p, s, s.raw_vocab if raw_internvl else s.vocab)
+    cfg["vision_config"] = {
+        "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
+        "hidden_size": s.vision_hidden, "intermediate_size": s.vision_intermediate,
+        "num_hidden_layers": s.vision_layers, "num_attention_heads": s.vision_heads,
+        "image_size": s.image_size, "patch_size": s.patch, "qkv_bias": True,
+        "norm_type": "layer_norm", "layer_norm_eps": 1e-6, "initializer_factor": 1.0,
+    }
+    if not raw_internvl:
+        cfg["sam2_test_config"] = sam2
+    cfg.update({
+        "downsample_ratio": 0.5, "force_image_size": s.image_size, "select_layer": -1,
+        "ps_version": "v2", "dynamic_image_size": False, "use_thumbnail": False,
+        "max_dynamic_patch": 1, "min_dynamic_patch": 1, "use_backbone_lora": 0,
+        "use_llm_lora": 0, "tie_word_embeddings": False, "torch_dtype": torch_dtype,
+        "transformers_version": TRANSFORMERS_VERSION,
+    })
+    return cfg
+
+
+def _generation_config(vocab: int) -> dict:
+    eos, pad = special_token_id(vocab, "<|im_end|>"), special_token_id(vocab, "<|endoftext|>")
+    return {"bos_token_id": pad, "eos_token_id": [eos, pad], "pad_token_id": pad,
+            "transformers_version": TRANSFORMERS_VERSION}
+
+
+def _qwen_preprocessor(s: Sizes) -> dict:
+    return {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "patch_size": s.patch, "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "min_pixels": (s.patch * 2) ** 2, "max_pixels": s.image_size * s.image_size,
+        "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+        "rescale_factor": 1 / 255,
+    }
+
+
+def write_sam2_checkpoint(
+    path: str | Path,
+    sizes: Sizes | None = None,
+    *,
+    seed: int = 0,
+    dtype: str = "fp32",
+    fill: str = "random",
+) -> Path:
+    """``{'model': state_dict}`` with SAM2's own key names (``.gamma``), like sam2_hiera_large.pt.
+
+    Values equal the SAM2 tensors of ``write_base_folder(..., seed=seed)``
+    (same per-key seeds), up to the dtype cast, as the released Sa2VA folders
+    carry SAM2's pretrained weights.
+    """
+    s = sizes or Sizes.tiny()
+    hf = sam2_layout(s)
+    train = sam2_layout(s, training_names=True)
+    sd: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for (hf_name, shape), name in zip(hf.items(), train):
+        sd[name] = make_tensor(SAM2_PREFIX + hf_name, shape, dtype, seed=seed, fill=fill)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": sd}, out)
+    return out
+
+
+# ----------------------------------------------------------- training checkpoint
+
+
+@dataclass(frozen=True)
+class FixtureCheckpoint:
+    """What ``write_training_checkpoint`` wrote, with what a test needs to check a conversion."""
+
+    path: Path
+    preset: str
+    sizes: Sizes
+    fmt: str
+    lora_r: int
+    lora_alpha: float
+    use_rslora: bool
+    extra_tokens: tuple[str, ...]
+    keys: tuple[str, ...] = field(repr=False)
+
+    @property
+    def scale(self) -> float:
+        """The PEFT merge scale: alpha/r, or alpha/sqrt(r) with rsLoRA."""
+        return self.lora_alpha / (math.sqrt(self.lora_r) if self.use_rslora else self.lora_r)
+
+    @property
+    def vocab_rows(self) -> int:
+        return self.sizes.vocab + len(self.extra_tokens)
+
+
+def write_training_checkpoint(
+    path: str | Path,
+    preset: str | Preset,
+    sizes: Sizes | None = None,
+    *,
+    seed: int = 1,
+    dtype: str = "bf16",
+    lora_r: int | None = None,
+    lora_alpha: float | None = None,
+    use_rslora: bool = False,
+    extra_tokens: tuple[str, ...] = (),
+    fmt: str = "mmengine",
+    zero_lora_b: bool = False,
+    config_text: bool = True,
+    base_dir: str | Path | None = None,
+    include_frozen_sam2: bool = False,
+    iteration: int = 100,
+    fill: str = "random",
+) -> FixtureCheckpoint:
+    """``torch.save`` a fine-tune checkpoint of this family (keys: ``training_layout``).
+
+    fmt: 'mmengine' (``{'state_dict', 'meta', 'message_hub', 'param_schedulers'}``,
+    the default iter_N.pth), 'state_dict' (the bare dict), or 'deepspeed-module'
+    (a ``mp_rank_00_model_states.pt``-like dict: ``module`` + DeepSpeed keys +
+    mmengine's keys; put it at ``.../iter_N.pth/mp_rank_00_model_states.pt`` for
+    the directory form). ``base_dir``, if given, is written as the config's
+    ``path`` and must have the embedding rows these sizes imply. ``lora_r``
+    defaults to ``sizes.lora_r``; ``lora_alpha`` to ``sizes.lora_alpha``, or to
+    2*r when only ``lora_r`` is given (scale 2.0, as every shipped config).
+    """
+    p = get_preset(preset)
+    s = sizes or Sizes.tiny()
+    dtype = dtypes.normalise(dtype)
+    if fmt not in CHECKPOINT_FORMATS:
+        raise ValueError(f"fmt must be one of {CHECKPOINT_FORMATS}, not {fmt!r}")
+    r = lora_r or s.lora_r
+    alpha = lora_alpha if lora_alpha is not None else (s.lora_alpha if lora_r is None else 2 * r)
+    extra = tuple(extra_tokens)
+    if base_dir is not None:
+        _check_base(Path(base_dir), p, s)
+
+    layout = training_layout(p, s, extra_tokens=len(extra), lora_r=r,
+                             include_frozen_sam2=include_frozen_sam2)
+    sd: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for name, shape in layout.items():
+        zero = zero_lora_b and ".lora_B." in name
+        sd[name] = make_tensor(name, shape, dtype, seed=seed, fill=fill, zero=zero)
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "state_dict":
+        obj: object = sd
+    else:
+        mm = _mmengine_parts(p, r, alpha, use_rslora, extra, iteration, seed,
+                             str(base_dir) if base_dir is not None else None,
+                             str(out.parent), config_text)
+        if fmt == "mmengine":
+            obj = {"state_dict": sd, **mm}
+        else:
+            obj = {**_deepspeed_parts(sd, iteration), **mm}
+    torch.save(obj, out)
+    return FixtureCheckpoint(
+        path=out, preset=p.name, sizes=s, fmt=fmt, lora_r=r, lora_alpha=alpha,
+        use_rslora=use_rslora, extra_tokens=extra, keys=tuple(layout),
+    )
+
+
+def _check_base(base: Path, p: Preset, s: Sizes) -> None:
+    cfg = json.loads((base / "config.json").read_text())
+    sub = cfg.get("text_config") if p.layout == "qwen-vl" else cfg.get("llm_config")
+    rows = (sub or {}).get("vocab_size")
+    if rows not in (s.vocab, s.raw_vocab):
+        raise ValueError(f"{base}: vocab_size {rows} does not fit sizes.vocab {s.vocab}")
+
+
+def _mmengine_parts(
+    p: Preset, r: int, alpha: float, use_rslora: bool, extra: tuple[str, ...], iteration: int,
+    seed: int, base_path: str | None, work_dir: str, with_cfg: bool,
+) -> dict:
+    """``meta``, ``message_hub`` and ``param_schedulers`` as mmengine's FlexibleRunner saves them."""
+    import numpy as np
+    from mmengine.logging import HistoryBuffer  # test extra; the converter never imports it
+
+    name = p.name.replace("-", "_") + "_finetune"
+    max_iters = max(iteration * 10, 1000)
+    meta: dict = {}
+    if with_cfg:
+        meta["cfg"] = training_config_text(
+            p, lora_r=r, lora_alpha=alpha, use_rslora=use_rslora, extra_tokens=extra,
+            path=base_path, work_dir=work_dir, max_iters=max_iters,
+        )
+    meta.update(seed=seed, experiment_name=f"{name}_{FIXED_TIME}", time=FIXED_TIME,
+                mmengine_version="0.10.7", epoch=0, iter=iteration)
+
+    rng = np.random.default_rng(seed)
+    scalars = {}
+    for key, lo, hi in (("train/lr", 1e-6, 4e-5), ("train/loss", 0.5, 3.0),
+                        ("train/loss_mask", 0.1, 1.0), ("train/loss_dice", 0.1, 1.0),
+                        ("train/llm_loss", 0.2, 2.0), ("train/grad_norm", 0.5, 5.0),
+                        ("train/time", 1.0, 2.0), ("train/data_time", 0.01, 0.1)):
+        buf = HistoryBuffer()
+        for _ in range(5):
+            buf.update(np.float64(rng.uniform(lo, hi)), 1)
+        scalars[key] = buf
+    message_hub = {
+        "log_scalars": scalars,
+        "runtime_info": {
+            "epoch": 0, "iter": iteration, "max_epochs": 1, "max_iters": max_iters,
+            "experiment_name": meta["experiment_name"], "dataset_meta": None,
+            "last_ckpt": f"{work_dir}/iter_{iteration}.pth",
+            "loss_scale": np.float32(1.0), "seed": np.int64(seed),
+        },
+        "resumed_keys": {"epoch": False, "iter": False, "max_iters": True, "dataset_meta": False},
+    }
+    warm = max(1, max_iters // 20)
+    param_schedulers = [
+        {"start_factor": 1e-05, "end_factor": 1.0, "begin": 0, "end": warm, "by_epoch": False,
+         "last_step": min(iteration, warm), "total_iters": warm, "verbose": False,
+         "_global_step": iteration, "base_values": [4e-05], "_last_value": [4e-05]},
+        {"T_max": max_iters - warm, "eta_min": 0.0, "begin": warm, "end": max_iters,
+         "by_epoch": False, "last_step": max(0, iteration - warm), "verbose": False,
+         "_global_step": iteration, "base_values": [4e-05],
+         "_last_value": [np.float64(3.9e-05)]},
+    ]
+    return {"meta": meta, "message_hub": message_hub, "param_schedulers": param_schedulers}
+
+
+def _deepspeed_parts(sd: OrderedDict, iteration: int) -> dict:
+    """The model-states keys DeepSpeed writes next to ``module`` (FORMATS.md §2)."""
+    shapes = OrderedDict((k, torch.Size(v.shape)) for k, v in sd.items())
+    return {
+        "module": sd,
+        "buffer_names": [],
+        "optimizer": None,
+        "param_shapes": [shapes],
+        "frozen_param_shapes": None,
+        "shared_params": {},
+        "frozen_param_fragments": None,
+        "lr_scheduler": None,
+        "data_sampler": None,
+        "random_ltd": None,
+        "sparse_tensor_module_names": set(),
+        "skipped_steps": 0,
+        "global_steps": iteration,
+        "global_samples": iteration * 8,
+        "dp_world_size": 1,
+        "mp_world_size": 1,
+        "ds_config": {
+            "bf16": {"enabled": True}, "fp16": {"enabled": False},
+            "gradient_accumulation_steps": 4, "gradient_clipping": 1.0,
+            "train_micro_batch_size_per_gpu": 2,
+            "zero_optimization": {"stage": 2, "overlap_comm": True},
+        },
+        "ds_version": "0.16.4",
+    }
+
+
+# ---------------------------------------------------------------- tiny example
+
+
+@dataclass(frozen=True)
+class TinyExample:
+    """A self-contained demo tree: ``base/`` and an mmengine ``work_dirs/exp/``."""
+
+    root: Path
+    base_dir: Path
+    work_dir: Path
+    checkpoint: FixtureCheckpoint
+    config_file: Path
+    last_checkpoint: Path
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.checkpoint.path
+
+
+def make_tiny_example(
+    out_dir: str | Path, preset: str = "sa2va-1b", *, sizes: Sizes | None = None, seed: int = 0
+) -> TinyExample:
+    """Write ``base/`` (3-ish shards) and ``work_dirs/exp/iter_100.pth`` + ``last_checkpoint``.
+
+    ``last_checkpoint`` holds the absolute checkpoint path and the work dir
+    holds the resolved config as ``<name>.py``, as an mmengine run leaves them.
+    """
+    s = sizes or Sizes.tiny()
+    p = get_preset(preset)
+    root = Path(out_dir).resolve()
+    base_layout_bytes = sum(math.prod(v) for v in hf_layout(p, s).values()) * 2
+    base = write_base_folder(root / "base", p, s, seed=seed,
+                             max_shard_bytes=max(1, base_layout_bytes // 3 + 1))
+    work = root / "work_dirs" / "exp"
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = write_training_checkpoint(work / "iter_100.pth", p, s, seed=seed + 1, base_dir=base)
+    last = work / "last_checkpoint"
+    last.write_text(str(ckpt.path))
+    cfg_text = training_config_text(p, lora_r=ckpt.lora_r, lora_alpha=ckpt.lora_alpha,
+                                    path=str(base), work_dir=str(work))
+    cfg_file = work / (p.name.replace("-", "_") + "_finetune.py")
+    cfg_file.write_text(cfg_text)
+    return TinyExample(root=root, base_dir=base, work_dir=work, checkpoint=ckpt,
+                       config_file=cfg_file, last_checkpoint=last)
+
+
+def _write_json(path: Path, obj: object, *, sort_keys: bool = False) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
