@@ -153,7 +153,7 @@ def convert(checkpoint: Path, out: Path, base, pretrained, keymap, dtype, max_sh
         lora_alpha=lora_alpha, rslora=rslora, allow_unused=allow_unused, template=template, force=force,
         merge_device=merge_device, allow_globals=allow_globals, read_back=not no_read_back,
     )
-    progress = make_progress(json_out, quiet or json_out)
+    progress = make_progress(json_out, quiet)
     if all_checkpoints:
         try:
             res = batch.convert_all(checkpoint, out, options, progress=progress)
