@@ -21,11 +21,14 @@ from . import __version__
 from .plan.base_discovery import discover_base
 from .plan.family import Detection, detect_family, require_family
 from .plan.keymap import Keymap, load_all_builtin, resolve_keymap
-from .plan.planner import ConversionPlan, PlanOptions, build_plan
+from .plan.planner import ConversionPlan, PlanOptions, build_plan, check_raw_base
 from .plan.vocab import read_tokenizer_state
 from .progress import Progress, Silent
 from .read.checkpoint import TrainingCheckpoint, open_checkpoint
+from .errors import InputError
+from .plan.raw_recipe import check_key_families, merge_raw_config, read_code_folder
 from .read.hf_folder import HFFolder, open_hf_folder
+from .read.layered import RenamedSource, UnionSource, open_sam2_checkpoint
 from .transform.produce import TensorProducer, TransformReport
 from .verify.structural import StructuralReport, check_against_plan
 from .write.folder import WriteResult, write_folder
@@ -47,6 +50,8 @@ class ConvertOptions:
     merge_device: str = "cpu"
     allow_globals: Sequence[str] = ()
     read_back: bool = True  # read every written tensor back before publishing
+    sam2: str | Path | None = None  # original recipe: sam2_hiera_large.pt (base is then a raw InternVL folder)
+    code_from: str | Path | None = None  # any Sa2VA HF folder of the family: remote code + config class
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(dtype=self.dtype, max_shard_bytes=self.max_shard_bytes, lora_alpha=self.lora_alpha,
@@ -60,6 +65,9 @@ class Inputs:
     detection: Detection | None
     base: HFFolder
     pretrained: TrainingCheckpoint | None
+    files: dict[str, Path] | None = None  # non-weight files to copy, when not all from base.path
+    raw_base: bool = False
+    code_keys: list[str] | None = None  # the Sa2VA key set of --code-from, when it has an index
 
 
 @dataclass
@@ -121,6 +129,8 @@ def choose_keymap(ckpt: TrainingCheckpoint, spec: str | None) -> tuple[Keymap, D
 def open_inputs(checkpoint: str | Path, options: ConvertOptions, *, base_folder: HFFolder | None = None) -> Inputs:
     ckpt = open_checkpoint(checkpoint, allow_globals=tuple(options.allow_globals))
     keymap, detection = choose_keymap(ckpt, options.keymap)
+    if options.sam2 or options.code_from:
+        return open_raw_recipe(ckpt, keymap, detection, options)
     if base_folder is None:
         base_path = Path(options.base) if options.base else discover_base(keymap, ckpt.config, str(ckpt.path))
         base_folder = open_hf_folder(base_path)
@@ -131,15 +141,40 @@ def open_inputs(checkpoint: str | Path, options: ConvertOptions, *, base_folder:
     return Inputs(ckpt, keymap, detection, base_folder, pretrained)
 
 
+def open_raw_recipe(ckpt: TrainingCheckpoint, keymap: Keymap, detection: Detection | None,
+                    options: ConvertOptions) -> Inputs:
+    """The original recipe: raw InternVL2.5 (--base) + SAM2 (--sam2) + a Sa2VA folder for code (--code-from)."""
+    if not (options.sam2 and options.code_from and options.base):
+        raise InputError("the raw-InternVL recipe needs --base (raw InternVL2.5 folder), --sam2 "
+                         "(sam2_hiera_large.pt) and --code-from (a Sa2VA HF folder of the same family)",
+                         path=str(ckpt.path), hint="pass all three, or only --base with a Sa2VA folder")
+    raw = open_hf_folder(options.base)
+    check_raw_base(raw.config, keymap, str(raw.path))
+    sam2 = RenamedSource(open_sam2_checkpoint(options.sam2, allow_globals=tuple(options.allow_globals)),
+                         keymap.sam2_name, label="base")
+    code = read_code_folder(options.code_from)
+    config = merge_raw_config(raw.config, code.config)
+    weights = UnionSource([raw.weights, sam2], label="base")
+    files = {f: raw.path / f for f in raw.other_files if not f.endswith(".py")}
+    files.update({f: code.path / f for f in code.files if f.endswith(".py") and "/" not in f})
+    folder = HFFolder(path=raw.path, config=config, weights=weights, weight_files=raw.weight_files,
+                      other_files=sorted(files))
+    return Inputs(ckpt, keymap, detection, folder, None, files=files, raw_base=True, code_keys=code.weight_keys)
+
+
 def plan_from_inputs(inputs: Inputs, out: str | Path, options: ConvertOptions) -> ConversionPlan:
     ckpt = inputs.checkpoint
-    return build_plan(
+    plan = build_plan(
         checkpoint=ckpt.weights, base=inputs.base.weights, base_config=inputs.base.config,
-        base_files=inputs.base.other_files, tokenizer=read_tokenizer_state(inputs.base.path),
+        base_files=inputs.files if inputs.files is not None else inputs.base.other_files,
+        tokenizer=read_tokenizer_state(inputs.base.path),
         keymap=inputs.keymap, out=Path(out).absolute(), options=options.plan_options(),
         pretrained=inputs.pretrained.weights if inputs.pretrained else None, embedded=ckpt.config,
-        checkpoint_meta=dict(ckpt.meta),
+        checkpoint_meta=dict(ckpt.meta), raw_base=inputs.raw_base,
     )
+    if inputs.code_keys is not None:
+        check_key_families(plan, inputs.code_keys, str(options.code_from))
+    return plan
 
 
 def plan_conversion(checkpoint: str | Path, out: str | Path, options: ConvertOptions | None = None) -> ConversionPlan:

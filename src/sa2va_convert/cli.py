@@ -120,6 +120,10 @@ def common_options(fn: Callable) -> Callable:
 @click.option("--base", type=click.Path(path_type=Path), help="Base Sa2VA HF folder the fine-tune started from (default: found from the training config).")
 @click.option("--pretrained", type=click.Path(path_type=Path), help="Full-weights training .pth laid over the base (v2 pretrained_pth).")
 @click.option("--keymap", help="Built-in keymap name or YAML file (default: detected from the keys).")
+@click.option("--sam2", type=click.Path(path_type=Path),
+              help="Original recipe: sam2_hiera_large.pt; --base is then the raw InternVL2.5 folder.")
+@click.option("--code-from", type=click.Path(path_type=Path),
+              help="Original recipe: any Sa2VA HF folder of the family (remote code, config class, key check).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32", "auto"]), default="bf16", show_default=True,
               help="Output dtype for floating tensors; auto keeps the base's dtype.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard file (e.g. 5GB, 500MB, 2GiB).")
@@ -137,7 +141,7 @@ def common_options(fn: Callable) -> Callable:
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @common_options
 @handle_errors
-def convert(checkpoint: Path, out: Path, base, pretrained, keymap, dtype, max_shard_size, lora_alpha, rslora,
+def convert(checkpoint: Path, out: Path, base, pretrained, keymap, sam2, code_from, dtype, max_shard_size, lora_alpha, rslora,
             allow_unused, template, force, dry_run, show_tensors, merge_device, no_read_back, all_checkpoints, quiet,
             json_out, debug, allow_globals) -> None:
     """Convert CHECKPOINT (iter_N.pth, a DeepSpeed iter_N.pth/ folder, or a work_dir) into a HuggingFace folder OUT.
@@ -151,7 +155,8 @@ def convert(checkpoint: Path, out: Path, base, pretrained, keymap, dtype, max_sh
     options = api.ConvertOptions(
         base=base, pretrained=pretrained, keymap=keymap, dtype=dtype, max_shard_bytes=parse_size(max_shard_size),
         lora_alpha=lora_alpha, rslora=rslora, allow_unused=allow_unused, template=template, force=force,
-        merge_device=merge_device, allow_globals=allow_globals, read_back=not no_read_back,
+        merge_device=merge_device, allow_globals=allow_globals, read_back=not no_read_back, sam2=sam2,
+        code_from=code_from,
     )
     progress = make_progress(json_out, quiet)
     if all_checkpoints:

@@ -32,7 +32,9 @@ SCHEMA_VERSION = 1
 _TOP_FIELDS = {
     "schema": False, "name": True, "description": True, "family": True, "detect": True,
     "roles": True, "rename": True, "require": True, "vocab": True, "hf": True, "examples": True,
+    "raw_base": False,
 }
+_RAW_FIELDS = {"architectures": True, "from_checkpoint": True, "sam2_rename": True}
 _FAMILY_FIELDS = {"label": True, "codebase": True, "layout": True, "lora_base": True, "models": False}
 _DETECT_FIELDS = {"all": True, "none": False, "config": False}
 _ROLE_FIELDS = {"match": True, "role": True, "name": False}
@@ -93,6 +95,19 @@ class Keymap:
     untie_fields: tuple[str, ...]
     examples: tuple[Example, ...] = field(default=())
     models: tuple[str, ...] = field(default=())
+    # The original recipe: a raw MLLM folder + SAM2's release file (+ trained parts from the checkpoint).
+    raw_base_architectures: tuple[str, ...] = field(default=())
+    raw_base_from_checkpoint: tuple[re.Pattern, ...] = field(default=())
+    sam2_rename: tuple[RenameRule, ...] = field(default=())
+
+    @property
+    def supports_raw_base(self) -> bool:
+        return bool(self.raw_base_architectures)
+
+    def sam2_name(self, key: str) -> str:
+        for rule in self.sam2_rename:
+            key = rule.pattern.sub(rule.to, key)
+        return key
 
     def classify(self, key: str) -> tuple[str, str]:
         """Return (role, logical name) for a checkpoint key."""
@@ -279,17 +294,15 @@ def _build(r: _Reader, root: _Node) -> Keymap:
             _check_template(r, pat, name, f["name"].line)
         roles.append(RoleRule(pat, role, name, item.line))
 
-    renames = []
-    for item in r.sequence(top["rename"], "rename"):
-        f = r.mapping(item, _RENAME_FIELDS, "a rename entry")
-        pat = r.regex(r.string(f["from"], "from"), f["from"].line, "rename.from")
-        to = f["to"].value
-        if to is None:
-            to = ""
-        if not isinstance(to, str):
-            raise r.fail("rename.to must be a string", f["to"].line)
-        _check_template(r, pat, to, f["to"].line)
-        renames.append(RenameRule(pat, to, item.line))
+    renames = _rename_rules(r, top["rename"], "rename")
+    raw_arch: tuple[str, ...] = ()
+    raw_from: tuple[re.Pattern, ...] = ()
+    sam2_rules: tuple[RenameRule, ...] = ()
+    if "raw_base" in top:
+        raw = r.mapping(top["raw_base"], _RAW_FIELDS, "raw_base")
+        raw_arch = tuple(t for t, _ in r.strings(raw["architectures"], "raw_base.architectures"))
+        raw_from = patterns(raw["from_checkpoint"], "raw_base.from_checkpoint")
+        sam2_rules = tuple(_rename_rules(r, raw["sam2_rename"], "raw_base.sam2_rename"))
 
     auto_map_node = hf["auto_map"]
     if not isinstance(auto_map_node.value, dict) or not auto_map_node.value:
@@ -337,9 +350,25 @@ def _build(r: _Reader, root: _Node) -> Keymap:
         untie_fields=tuple(t for t, _ in r.strings(hf["untie_fields"], "hf.untie_fields")),
         examples=tuple(examples),
         models=tuple(t for t, _ in r.strings(fam["models"], "family.models")) if "models" in fam else (),
+        raw_base_architectures=raw_arch, raw_base_from_checkpoint=raw_from, sam2_rename=sam2_rules,
     )
     _self_test(r, km, top)
     return km
+
+
+def _rename_rules(r: _Reader, node: _Node, where: str) -> list[RenameRule]:
+    rules = []
+    for item in r.sequence(node, where):
+        f = r.mapping(item, _RENAME_FIELDS, f"a {where} entry")
+        pat = r.regex(r.string(f["from"], "from"), f["from"].line, f"{where}.from")
+        to = f["to"].value
+        if to is None:
+            to = ""
+        if not isinstance(to, str):
+            raise r.fail(f"{where}.to must be a string", f["to"].line)
+        _check_template(r, pat, to, f["to"].line)
+        rules.append(RenameRule(pat, to, item.line))
+    return rules
 
 
 def _check_template(r: _Reader, pat: re.Pattern, template: str, line: int) -> None:

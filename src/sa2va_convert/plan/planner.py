@@ -14,7 +14,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from .. import __version__, dtypes
 from ..errors import PlanError
@@ -112,7 +112,7 @@ class ConversionPlan:
     config: dict[str, Any]
     vocab_rows: int
     tokenizer_additions: TokenAddition
-    copy_files: tuple[str, ...]
+    copy_files: tuple[tuple[str, str], ...]  # (relative name in OUT, absolute source path)
     lora: LoraSettingsUsed | None
     dropped: tuple[str, ...]
     allowed_unused: tuple[str, ...]
@@ -144,7 +144,7 @@ class ConversionPlan:
             "lora": asdict(self.lora) if self.lora else None,
             "counts": self.counts(), "tensor_count": len(self.tensors), "tensor_bytes": self.tensor_bytes,
             "shards": [{"file": s.filename, "tensors": len(s.tensors), "bytes": s.nbytes} for s in self.shards],
-            "copy_files": list(self.copy_files), "dropped": list(self.dropped),
+            "copy_files": [rel for rel, _ in self.copy_files], "dropped": list(self.dropped),
             "allowed_unused": list(self.allowed_unused), "warnings": list(self.warnings),
             "estimates": {"peak_ram_bytes": self.peak_ram_bytes, "disk_bytes": self.disk_bytes},
             "tool_version": self.tool_version,
@@ -272,6 +272,17 @@ def _raise_list(problems: list[str], what: str, path: str, hint: str) -> None:
 
 # ------------------------------------------------------------------ the planner
 
+def check_raw_base(base_config: dict, keymap: Keymap, base_path: str) -> None:
+    if not keymap.supports_raw_base:
+        raise PlanError(f"{keymap.name} has no raw-base recipe (--sam2/--code-from are for v1 fine-tunes of raw "
+                        "InternVL2.5)", path=base_path, hint="pass --base with the Sa2VA folder instead")
+    archs = base_config.get("architectures") or []
+    if not set(archs) & set(keymap.raw_base_architectures):
+        raise PlanError(f"--sam2/--code-from expect a raw {', '.join(keymap.raw_base_architectures)} folder as --base, "
+                        f"got {', '.join(archs) or 'no architectures'}", path=base_path,
+                        hint="pass the InternVL2.5 folder the fine-tune started from, or drop --sam2 for a Sa2VA base")
+
+
 def check_base(base_keys: Sequence[str], base_config: dict, keymap: Keymap, base_path: str) -> None:
     """Refuse a base that cannot be what the fine-tune was trained on (the v2 raw-model trap)."""
     missing = [p.pattern for p in keymap.require if not any(p.search(k) for k in base_keys)]
@@ -299,7 +310,7 @@ def build_plan(
     checkpoint: TensorSource,
     base: TensorSource,
     base_config: dict,
-    base_files: Sequence[str],
+    base_files: Sequence[str] | Mapping[str, Path],
     tokenizer: TokenizerState,
     keymap: Keymap,
     out: Path,
@@ -307,12 +318,23 @@ def build_plan(
     pretrained: TensorSource | None = None,
     embedded: Any = None,
     checkpoint_meta: dict | None = None,
+    raw_base: bool = False,
 ) -> ConversionPlan:
-    """Decide the whole output; raises PlanError with the reason when it would be wrong."""
+    """Decide the whole output; raises PlanError with the reason when it would be wrong.
+
+    ``base_files`` maps each non-weight file to copy (relative name) to its
+    source path; a plain list means "relative to the base folder".
+    ``raw_base`` is the original Sa2VA recipe: ``base`` is a raw MLLM folder
+    plus SAM2, and the keymap's ``raw_base.from_checkpoint`` parts come from
+    the checkpoint alone.
+    """
     warnings: list[str] = []
     ckpt_path, base_path = str(checkpoint.path), str(base.path)
     base_keys = list(base.keys())
-    check_base(base_keys, base_config, keymap, base_path)
+    if not isinstance(base_files, Mapping):
+        base_files = {f: Path(base.path) / f for f in base_files}
+    if not raw_base:  # a raw base's config was checked by check_raw_base before Sa2VA fields were merged in
+        check_base(base_keys, base_config, keymap, base_path)
     missing_code = [f for f in keymap.remote_code if f not in base_files]
     if missing_code:
         raise PlanError(f"base folder lacks the remote-code file(s) {', '.join(missing_code)}", path=base_path,
@@ -320,12 +342,19 @@ def build_plan(
 
     mapped = map_source(checkpoint, keymap)
     pre = map_source(pretrained, keymap) if pretrained is not None else None
+    names = set(base_keys)
+    if raw_base:
+        names |= {hf for hf in mapped.full if any(p.search(hf) for p in keymap.raw_base_from_checkpoint)}
+        missing = [p.pattern for p in keymap.require if not any(p.search(n) for n in names)]
+        if missing:
+            raise PlanError(f"even with SAM2 and the checkpoint, no tensors match {', '.join(missing)}",
+                            path=ckpt_path, hint="pass the raw InternVL folder, --sam2 sam2_hiera_large.pt and the "
+                            "checkpoint of the same fine-tune")
     if pre is not None and pre.lora:
         raise PlanError("the --pretrained file holds LoRA tensors; it must hold full weights", path=str(pretrained.path),
                         hint="pass the full-weights .pth (the config's pretrained_pth) or leave --pretrained out")
 
     base_refs = {k: _ref(base, k) for k in base_keys}
-    names = set(base_keys)
     vocab_names = {keymap.vocab_embedding, keymap.vocab_head}
     # A tied base may store no head; the fine-tune's (or the embedding's) rows become an explicit head.
     untied_head = keymap.vocab_head not in names
@@ -404,7 +433,8 @@ def build_plan(
     config = _output_config(base_config, keymap, rows, template, options.dtype)
     shards = _split_shards(planned, options.max_shard_bytes)
     rewritten = set(EDITED_TOKENIZER_FILES) if additions.tokens else set()
-    copy_files = tuple(f for f in base_files if f not in NOT_COPIED and f not in rewritten)
+    copy_files = tuple((f, str(src)) for f, src in sorted(base_files.items())
+                       if f not in NOT_COPIED and f not in rewritten)
     disk = sum(s.nbytes for s in shards) + 64 * 1024 * len(shards)
     return ConversionPlan(
         checkpoint=ckpt_path, base=base_path, pretrained=str(pretrained.path) if pretrained else None, out=str(out),

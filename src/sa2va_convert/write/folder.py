@@ -59,8 +59,8 @@ def write_shards(plan: ConversionPlan, produce: Callable[[PlannedTensor], object
 
 def copy_base_files(plan: ConversionPlan, base_dir: Path, folder: Path) -> list[str]:
     copied = []
-    for rel in plan.copy_files:
-        src, dst = base_dir / rel, folder / rel
+    for rel, source in plan.copy_files:
+        src, dst = Path(source), folder / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dst)
         os.chmod(dst, 0o644)
