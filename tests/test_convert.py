@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -148,3 +149,17 @@ def test_zero_lora_b_is_flagged(make_family, tmp_path, cli):
     r = cli(fam.ckpt.path, tmp_path / "out", "--base", fam.base)
     assert r.returncode == 0
     assert "all-zero B" in r.stdout
+
+
+def test_deepspeed_directory_without_optimizer_files_converts(base_cache, tmp_path, cli):
+    from sa2va_convert.testing.fixtures import write_training_checkpoint
+
+    base = base_cache("sa2va-internvl3")
+    ckdir = tmp_path / "work_dirs" / "exp" / "iter_100.pth"
+    ck = write_training_checkpoint(ckdir / "mp_rank_00_model_states.pt", "sa2va-internvl3", base_dir=base,
+                                   fmt="deepspeed-module")
+    out = tmp_path / "out"
+    r = cli(ckdir.parent, out, "--base", base, "--json")  # the work_dir: iter_100.pth/ is a DeepSpeed folder
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["plan"]["checkpoint"] == str(ckdir)
+    assert_matches_reference(out, SimpleNamespace(base=base, ckpt=SimpleNamespace(path=ckdir, scale=ck.scale)))
