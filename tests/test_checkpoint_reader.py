@@ -291,6 +291,16 @@ def test_zip_that_is_not_torch(tmp_path: Path) -> None:
     _bad(path, "zip archive")
 
 
+def test_recompressed_zip(tmp_path: Path) -> None:
+    """torch.load(mmap=True) would read compressed bytes as numbers; refuse instead."""
+    src = save(mmengine_checkpoint(v1_state_dict()), tmp_path / "orig.pth")
+    path = tmp_path / "repacked.pth"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+    _bad(path, "compressed entries")
+
+
 def test_torchscript_archive(tmp_path: Path) -> None:
     path = write_torch_zip(tmp_path / "script.pth", {"data.pkl": pickle.dumps({}, protocol=2),
                                                      "constants.pkl": pickle.dumps((), protocol=2)})
@@ -339,22 +349,23 @@ def test_permission_denied(tmp_path: Path) -> None:
 # Fuzz: damaged files give ConvertError subclasses only, and never run anything
 # --------------------------------------------------------------------------------------------
 
-_FUZZ_DIR = Path(tempfile.mkdtemp(prefix="sa2va-fuzz-"))
-
-
 def _fuzz_base(legacy: bool) -> bytes:
+    import io
+
     sd = OrderedDict((k, v) for k, v in list(v1_state_dict().items())[:3])
-    path = save(mmengine_checkpoint(sd), _FUZZ_DIR / f"base-{legacy}.pth", _use_new_zipfile_serialization=not legacy)
-    return path.read_bytes()
+    buf = io.BytesIO()
+    torch.save(mmengine_checkpoint(sd), buf, _use_new_zipfile_serialization=not legacy)
+    return buf.getvalue()
 
 
 _BASES = {False: _fuzz_base(False), True: _fuzz_base(True)}
 
 
 @settings(max_examples=600, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                 HealthCheck.function_scoped_fixture])
 @given(data=st.data(), legacy=st.booleans())
-def test_fuzz_checkpoint_files(data: st.DataObject, legacy: bool) -> None:
+def test_fuzz_checkpoint_files(tmp_path: Path, data: st.DataObject, legacy: bool) -> None:
     base = bytearray(_BASES[legacy])
     edits = data.draw(st.lists(st.tuples(st.integers(0, len(base) - 1), st.integers(0, 255)), min_size=1, max_size=8))
     for pos, byte in edits:
@@ -362,7 +373,7 @@ def test_fuzz_checkpoint_files(data: st.DataObject, legacy: bool) -> None:
     cut = data.draw(st.one_of(st.none(), st.integers(0, len(base))))
     if cut is not None:
         base = base[:cut]
-    path = _FUZZ_DIR / "fuzz.pth"
+    path = tmp_path / "fuzz.pth"  # same file each example: the fixture is shared on purpose
     path.write_bytes(bytes(base))
     with forbidden_events() as events:
         try:

@@ -128,6 +128,29 @@ def test_deepspeed_objects_load_without_deepspeed(tmp_path: Path) -> None:
     assert model.obj["param_shapes"][0]["text_hidden_fcs.0.weight"] == torch.Size([8, 8])
 
 
+def test_tensor_with_python_attributes_loads_as_plain_tensor(tmp_path: Path) -> None:
+    """ZeRO-3 tags tensors with ds_id; torch then pickles them through _rebuild_from_type_v2."""
+    tagged = torch.arange(6, dtype=torch.float32)
+    tagged.ds_id = 7
+    path = save({"fp32_flat_groups": [tagged]}, tmp_path / "z3.pt")
+    assert b"_rebuild_from_type_v2" in zip_records(path)["data.pkl"]
+    loaded = safe_torch_load(path)
+    t = loaded.obj["fp32_flat_groups"][0]
+    assert type(t) is torch.Tensor and torch.equal(t, tagged) and not hasattr(t, "ds_id")
+    assert loaded.placeholders == {}
+
+
+def test_rebuild_from_type_only_rebuilds_tensors(tmp_path: Path) -> None:
+    payload = Reduce(torch._tensor._rebuild_from_type_v2, getattr, torch.Tensor, (torch.ones(1), "x"), {})
+    path = save({"x": payload}, tmp_path / "r.pt")
+    with pytest.raises(UnsafeInputError, match="only tensor rebuilds"):
+        safe_torch_load(path)
+    data = b"ctorch._tensor\nTensor\n(dS'__setstate__'\nI1\nsb."  # BUILD on torch.Tensor itself
+    with pytest.raises(UnsafeInputError, match="modify"):
+        loads(data)
+    assert callable(torch.Tensor.__setstate__)
+
+
 def test_placeholder_counts_are_per_load(tmp_path: Path) -> None:
     path = save({"hub": message_hub_state()}, tmp_path / "a.pth")
     assert safe_torch_load(path).placeholders == safe_torch_load(path).placeholders
@@ -345,6 +368,20 @@ def test_large_array_is_summarised() -> None:
 def test_to_plain_survives_cycles() -> None:
     obj, _ = loads(b"]q\x00h\x00a.")  # a list that contains itself
     assert to_plain(obj) == ["<cycle>"]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x80\x02]r\xff\xff\xff\x7f.",  # LONG_BINPUT 2**31-1: the C unpickler would size its memo to it
+        b"\x80\x05\x96" + (2**60).to_bytes(8, "little") + b".",  # BYTEARRAY8 asking for an exabyte
+        b"\x80\x04\x8e" + (2**40).to_bytes(8, "little") + b"abc.",  # BINBYTES8, 1 TB
+    ],
+    ids=["memo-index", "bytearray8", "binbytes8"],
+)
+def test_counts_in_the_stream_are_checked_before_allocating(data: bytes) -> None:
+    with pytest.raises(InputError, match="memo index|truncated"):
+        loads(data)
 
 
 # --------------------------------------------------------------------------------------------

@@ -228,9 +228,10 @@ def _walk(value: Any, path: str) -> Iterator[tuple[str, dict]]:
             yield from _walk(v, f"{path}[{i}]")
 
 
-def _find_key(values: dict, key: str, *, under: tuple[str, ...] = ()) -> tuple[str, Any] | None:
-    """(path, value) of ``key``: top level first, then nested inside the names in ``under``."""
-    if key in values:
+def _find_key(values: dict, key: str, *, under: tuple[str, ...] = (), top: bool = True) -> tuple[str, Any] | None:
+    """(path, value) of ``key``: top level first (unless ``top`` is false), then nested
+    inside the names in ``under``, depth first in config order."""
+    if top and key in values:
         return key, values[key]
     for root in under:
         for path, d in _walk(values.get(root), root):
@@ -287,7 +288,7 @@ class _Extractor:
             found = self.take("template", ("prompt_template", values["prompt_template"]), _last_dotted_part)
             if found is not None:
                 return found
-        return self.take("template", _nested(values, "template"), _as_str)
+        return self.take("template", _find_key(values, "template", under=("model",), top=False), _as_str)
 
     def _lora(self) -> LoraSettings | None:
         found = _find_lora(self.config.values)
@@ -306,13 +307,6 @@ class _Extractor:
             if name in d:
                 setattr(lora, name, self.take(name, (f"{path}.{name}", d[name]), check))
         return lora
-
-
-def _nested(values: dict, key: str) -> tuple[str, Any] | None:
-    for path, d in _walk(values.get("model"), "model"):
-        if key in d:
-            return f"{path}.{key}", d[key]
-    return None
 
 
 def _find_lora(values: dict) -> tuple[str, dict] | None:

@@ -162,8 +162,14 @@ def _load_json(path: Path, what: str) -> dict:
         raise InputError(f"{what} is missing", path=path, hint="pass the complete base model folder") from None
     except PermissionError:
         raise InputError("permission denied", path=path, hint="make the file readable") from None
+    except IsADirectoryError:
+        raise InputError(f"{what} is a directory, expected a file", path=path,
+                         hint="restore the file from the original model") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{what} is not valid JSON ({e})", path=path, hint="restore the file from the original model") from None
+    except (OSError, RecursionError, ValueError) as e:  # symlink loop, I/O error, absurdly nested JSON
+        raise InputError(f"cannot read {what} ({type(e).__name__}: {e})".replace("\n", " "), path=path,
+                         hint="restore the file from the original model") from None
     if not isinstance(data, dict):
         raise InputError(f"{what} is not a JSON object", path=path, hint="restore the file from the original model")
     return data

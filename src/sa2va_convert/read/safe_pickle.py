@@ -12,13 +12,17 @@ imports anything. It answers each global from three fixed tables:
 * harmless callables needed to rebuild tensors (wrapped so a pickle cannot
   mutate the real functions), immutable builtin types, and torch dtypes;
 * stand-ins for the few functions real checkpoints use as plumbing
-  (``getattr``, ``_codecs.encode``, ``copyreg._reconstructor``, numpy's
-  ``_reconstruct`` / ``scalar``) that only ever build inert placeholders;
+  (``getattr``, ``_codecs.encode``, ``bytearray``, ``copyreg._reconstructor``,
+  numpy's ``_reconstruct`` / ``scalar``, torch's ``_rebuild_from_type_v2``)
+  that accept only the arguments picklers write and only build plain values
+  or inert placeholders;
 * *inert placeholder classes* for the known objects (and for names the user
   admits with ``--allow-global``): real ``type`` objects that accept any
   arguments and store state, but have no behaviour.
 
-Anything else raises :class:`UnsafeInputError` naming ``module.Name``.
+Anything else raises :class:`UnsafeInputError` naming ``module.Name``. Before
+unpickling, one pass over the opcodes rejects memo indices and byte counts that
+the C unpickler would otherwise allocate blindly (see :func:`_prescan`).
 
 torch's loader (checked against torch 2.13 ``serialization._load`` and
 ``_legacy_load``) subclasses ``pickle_module.Unpickler``, answers names
@@ -39,6 +43,7 @@ import math
 import mmap as _mmap
 import os
 import pickle
+import pickletools
 import re
 import struct
 import tarfile
@@ -382,6 +387,27 @@ class _UntypedStorageMarker:
 _UNTYPED_STORAGE = _UntypedStorageMarker()
 
 
+class _TensorTypeMarker:
+    """Stands for ``torch.Tensor`` / ``Parameter`` as the ``new_type`` argument of
+    ``_rebuild_from_type_v2``. The real classes are mutable Python classes; a pickle must
+    not be able to BUILD on them."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        object.__setattr__(self, "name", name)
+
+    def __setstate__(self, state: Any) -> None:
+        raise UnsafeInputError(f"the pickle tried to modify {self.name}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise UnsafeInputError(f"the pickle tried to modify {self.name}")
+
+
+_TENSOR_TYPE_NAMES = ("torch._tensor.Tensor", "torch.Tensor", "torch.nn.parameter.Parameter")
+_TENSOR_TYPES = {name: _TensorTypeMarker(name) for name in _TENSOR_TYPE_NAMES}
+
+
 # --------------------------------------------------------------------------------------------
 # The policy: one per load, so placeholder counts and classes do not leak between files
 # --------------------------------------------------------------------------------------------
@@ -412,6 +438,8 @@ class SafeUnpicklerPolicy:
             return self._functions[qualified]
         if qualified == "torch.storage.UntypedStorage" or qualified == "torch.UntypedStorage":
             return _UNTYPED_STORAGE
+        if qualified in _TENSOR_TYPES:
+            return _TENSOR_TYPES[qualified]
         if self._is_placeholder_name(module, name):
             return self.placeholder_class(qualified)
         owner, dot, attr = name.rpartition(".")
@@ -441,6 +469,10 @@ class SafeUnpicklerPolicy:
         policy = self
 
         class Unpickler(pickle.Unpickler):
+            def __init__(self, file: Any, **kwargs: Any):
+                _prescan(file)
+                super().__init__(file, **kwargs)
+
             def find_class(self, module: str, name: str) -> Any:  # never calls super()
                 return policy.find_class(module, name)
 
@@ -482,6 +514,7 @@ class SafeUnpicklerPolicy:
         stand_ins["_codecs.encode"] = _codecs_encode
         stand_ins["builtins.bytearray"] = _bytearray
         stand_ins["copyreg._reconstructor"] = self._reconstructor
+        stand_ins["torch._tensor._rebuild_from_type_v2"] = self._rebuild_from_type
         for mod in _NUMPY_CORE:
             stand_ins[f"{mod}._reconstruct"] = self._numpy_reconstruct
             stand_ins[f"{mod}.scalar"] = self._numpy_scalar
@@ -497,8 +530,28 @@ class SafeUnpicklerPolicy:
                 "placeholders are allowed",
                 path=self.source,
             )
-        owner = obj.qualified_name
+        owner = obj.args[0] if isinstance(obj, PlaceholderAttribute) and obj.args else obj.qualified_name
         return self.placeholder_class("builtins.getattr", base=PlaceholderAttribute)(f"{owner}.{name}")
+
+    def _rebuild_from_type(self, func: Any, new_type: Any, args: Any, state: Any) -> torch.Tensor:
+        """How torch pickles a tensor that carries Python attributes (ZeRO-3 tags its flat
+        groups with ``ds_id``): rebuild the plain tensor with an allow-listed function and
+        drop the attributes, which are bookkeeping, not weights."""
+        tensor_type = isinstance(new_type, _TensorTypeMarker) or (
+            is_placeholder(new_type) and new_type.qualified_name in _TENSOR_TYPE_NAMES
+        )
+        if not (isinstance(func, _SafeCallable) and func._name in _TENSOR_FUNCTIONS and tensor_type):
+            raise UnsafeInputError(
+                f"the pickle called torch._tensor._rebuild_from_type_v2 with {_describe(func)} and "
+                f"{_describe(new_type)}; only tensor rebuilds of torch.Tensor/Parameter are allowed",
+                path=self.source,
+            )
+        if not isinstance(args, tuple):
+            raise pickle.UnpicklingError("malformed tensor record")
+        tensor = func(*args)
+        if not isinstance(tensor, torch.Tensor):
+            raise pickle.UnpicklingError("malformed tensor record")
+        return tensor
 
     def _reconstructor(self, cls: Any, base: Any, state: Any) -> Placeholder:
         """copyreg._reconstructor (protocol 0/1 objects), for placeholder classes only."""
@@ -527,6 +580,38 @@ class SafeUnpicklerPolicy:
         obj = cls(dtype, data)
         object.__setattr__(obj, "value", _decode_scalar(dtype, data))
         return obj
+
+
+_MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+
+
+def _prescan(file: Any) -> None:
+    """Walk the opcodes once before unpickling, then rewind.
+
+    The C unpickler trusts counts in the stream: ``LONG_BINPUT 1265731345``
+    makes it grow its memo table to gigabytes, and a ``BYTEARRAY8`` length is
+    allocated before the bytes are read. A pickler numbers memo entries 0, 1,
+    2, ... and every counted item is followed by its bytes, so a memo index
+    beyond the number of opcodes seen, or a count beyond the end of the data,
+    means a damaged or hostile file. With this pass, memory and time stay
+    proportional to the file.
+    """
+    if not (hasattr(file, "seek") and hasattr(file, "tell")):
+        return
+    start = file.tell()
+    try:
+        for count, (opcode, arg, _) in enumerate(pickletools.genops(file)):
+            if opcode.name in _MEMO_PUTS and (not isinstance(arg, int) or not 0 <= arg <= count):
+                raise pickle.UnpicklingError(f"pickle memo index {arg} out of range")
+    except pickle.UnpicklingError:
+        raise
+    except ValueError as e:
+        text = str(e)
+        if "exhausted" in text or "remain" in text or "not enough data" in text:
+            raise pickle.UnpicklingError(f"truncated: {text}") from None
+        raise pickle.UnpicklingError(text) from None
+    finally:
+        file.seek(start)
 
 
 def _base_for(qualified: str) -> type[Placeholder]:
@@ -582,8 +667,10 @@ def _printable(text: str) -> str:
 
 
 def _describe(obj: Any) -> str:
-    if isinstance(obj, Placeholder):
+    if is_placeholder(obj):
         return obj.qualified_name
+    if isinstance(obj, (_SafeCallable, _TensorTypeMarker)):
+        return obj._name if isinstance(obj, _SafeCallable) else obj.name
     return type(obj).__name__
 
 
@@ -608,9 +695,8 @@ def loads(data: bytes, *, allow_globals: Iterable[str] = (), source: str | None 
     import io
 
     policy = SafeUnpicklerPolicy(allow_globals=allow_globals, source=source)
-    unpickler = policy.pickle_module().Unpickler(io.BytesIO(data), encoding="utf-8")
     with _converting_errors(source or "<bytes>"):
-        obj = unpickler.load()
+        obj = policy.pickle_module().Unpickler(io.BytesIO(data), encoding="utf-8").load()
     return obj, dict(policy.placeholders)
 
 
@@ -742,6 +828,23 @@ def _check_torch_zip(path: Path) -> None:
             path=path,
             hint="pass the iter_N.pth from the training work_dir",
         )
+    if _has_compressed_entries(path):
+        # torch.load(mmap=True) slices raw bytes at the entry offsets: compressed entries
+        # would load as garbage numbers without any error.
+        raise InputError(
+            "is a zip archive with compressed entries; torch.save never compresses, so it was re-packed "
+            "by another tool and its tensors cannot be memory-mapped",
+            path=path,
+            hint="use the original file written by training (unzip/zip tools change the layout)",
+        )
+
+
+def _has_compressed_entries(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(info.compress_type != zipfile.ZIP_STORED for info in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
+        return False  # torch's reader accepted it; this check is only about compression
 
 
 def _python_sees_zip(path: Path) -> bool:
@@ -775,7 +878,7 @@ def _converting_errors(path: str | os.PathLike) -> Iterator[None]:
         text = _first_line(e)
         if isinstance(e, EOFError) or "truncated" in text:
             raise InputError(
-                "is truncated (the pickle ends early)",
+                "is truncated or corrupt (the pickle ends early)",
                 path=path,
                 hint="the copy or the save was probably interrupted; copy it again or use an earlier checkpoint",
             ) from None
