@@ -209,9 +209,10 @@ def convert(
     def check(tmp: Path) -> None:
         result.structural = check_against_plan(tmp, plan, read_values=options.read_back)
 
-    def extras(tmp: Path) -> dict[str, str]:
+    def extras(tmp: Path, checksums: dict[str, str]) -> dict[str, str]:
         result.seconds = time.perf_counter() - started
-        return {"README.md": model_card(plan, result), "conversion_report.json": conversion_report(plan, result)}
+        return {"README.md": model_card(plan, result),
+                "conversion_report.json": conversion_report(plan, result, shard_sha256=checksums)}
 
     result.write = write_folder(plan, producer, base_dir=inputs.base.path, force=options.force,
                                 progress=progress, extra_files=extras, check=check)
@@ -229,7 +230,10 @@ def dry_run(checkpoint: str | Path, out: str | Path, options: ConvertOptions | N
 
 
 
+from .predict import PredictReport, predict  # noqa: E402  (re-exported: the whole API in one place)
+from .verify.commands import VerifyReport, verify_folder as verify  # noqa: E402
+
 __all__ = [
     "ConvertOptions", "ConversionResult", "Inputs", "convert", "dry_run", "plan_conversion", "open_inputs",
-    "sha256_path",
+    "sha256_path", "verify", "VerifyReport", "predict", "PredictReport",
 ]

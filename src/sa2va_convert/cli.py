@@ -255,5 +255,9 @@ def keymaps_lint(file, json_out, debug) -> None:
                    f"{len(km.examples)} examples)")
 
 
+from .verify.commands import register_cli  # noqa: E402  (adds `verify` and `predict`)
+
+register_cli(main)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -8,6 +8,7 @@ after the structural check of the written files passed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ class WriteResult:
     files: list[str] = field(default_factory=list)
     bytes_written: int = 0
     seconds: float = 0.0
+    shard_sha256: dict[str, str] = field(default_factory=dict)
 
 
 def dump_json(path: Path, data: dict) -> None:
@@ -43,7 +45,8 @@ def index_json(plan: ConversionPlan) -> dict:
 
 
 def write_shards(plan: ConversionPlan, produce: Callable[[PlannedTensor], object], folder: Path,
-                 progress: Progress) -> int:
+                 progress: Progress, checksums: dict[str, str] | None = None) -> int:
+    """Write every shard; ``checksums`` (if given) receives each file's sha256, computed while writing."""
     by_name = plan.by_name()
     total = 0
     for shard in plan.shards:
@@ -52,8 +55,11 @@ def write_shards(plan: ConversionPlan, produce: Callable[[PlannedTensor], object
         def make(e: StreamEntry):
             return produce(by_name[e.name])
 
+        digest = hashlib.sha256() if checksums is not None else None
         total += write_streamed(folder / shard.filename, entries, make, metadata=SHARD_METADATA,
-                                on_tensor=lambda e: progress.advance(e.name, e.info.nbytes))
+                                on_tensor=lambda e: progress.advance(e.name, e.info.nbytes), digest=digest)
+        if checksums is not None:
+            checksums[shard.filename] = digest.hexdigest()
     return total
 
 
@@ -75,7 +81,7 @@ def write_folder(
     base_dir: Path,
     force: bool = False,
     progress: Progress | None = None,
-    extra_files: Callable[[Path], dict[str, str]] | None = None,
+    extra_files: Callable[[Path, dict[str, str]], dict[str, str]] | None = None,
     check: Callable[[Path], None] | None = None,
 ) -> WriteResult:
     """Write the planned folder atomically. ``check(tmp)`` runs before publishing; it raises to abort."""
@@ -90,14 +96,15 @@ def write_folder(
             progress.stage(f"writing {len(plan.shards)} shard(s) to {out}")
             progress.start(plan.tensor_bytes, len(plan.tensors))
             try:
-                written = write_shards(plan, produce, tmp, progress)
+                checksums: dict[str, str] = {}
+                written = write_shards(plan, produce, tmp, progress, checksums)
                 progress.finish()
                 dump_json(tmp / INDEX_NAME, index_json(plan))
                 dump_json(tmp / "config.json", plan.config)
-                copied = copy_base_files(plan, base_dir, tmp)
-                edited = apply_additions(base_dir, tmp, plan.tokenizer_additions)
+                copy_base_files(plan, base_dir, tmp)
+                apply_additions(base_dir, tmp, plan.tokenizer_additions)
                 if extra_files is not None:
-                    for name, text in extra_files(tmp).items():
+                    for name, text in extra_files(tmp, checksums).items():
                         (tmp / name).write_text(text, encoding="utf-8")
             except OSError as e:
                 raise atomic.describe_os_error(e, out) from None
@@ -109,4 +116,4 @@ def write_folder(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    return WriteResult(out, files, written, time.perf_counter() - started)
+    return WriteResult(out, files, written, time.perf_counter() - started, checksums)

@@ -44,8 +44,13 @@ def _report_dict(plan: "ConversionPlan", result: "ConversionResult") -> dict[str
     }
 
 
-def conversion_report(plan: "ConversionPlan", result: "ConversionResult") -> str:
-    return json.dumps(_report_dict(plan, result), indent=2, sort_keys=True) + "\n"
+def conversion_report(plan: "ConversionPlan", result: "ConversionResult", *,
+                      shard_sha256: dict[str, str] | None = None) -> str:
+    """JSON provenance; ``shard_sha256`` lets ``verify`` detect bit rot that still decodes as numbers."""
+    report = _report_dict(plan, result)
+    if shard_sha256:
+        report["shard_sha256"] = dict(sorted(shard_sha256.items()))
+    return json.dumps(report, indent=2, sort_keys=True) + "\n"
 
 
 def model_card(plan: "ConversionPlan", result: "ConversionResult") -> str:

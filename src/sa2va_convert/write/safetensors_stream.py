@@ -53,14 +53,17 @@ def file_size(entries: Sequence[StreamEntry], metadata: dict[str, str] | None = 
     return len(build_header(entries, metadata)) + sum(e.info.nbytes for e in entries)
 
 
-def _write_tensor(f: BinaryIO, tensor: torch.Tensor) -> None:
+def _write_tensor(f: BinaryIO, tensor: torch.Tensor, digest=None) -> None:
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.to("cpu")
     t = t.contiguous()
     if t.numel() == 0:
         return
-    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    f.write(view)
+    if digest is not None:
+        digest.update(view)
 
 
 def write_streamed(
@@ -71,25 +74,30 @@ def write_streamed(
     metadata: dict[str, str] | None = None,
     on_tensor: Callable[[StreamEntry], None] | None = None,
     mode: int = 0o644,
+    digest=None,
 ) -> int:
     """Write ``entries`` to ``path``; ``produce`` returns each tensor exactly as planned.
 
     A tensor whose shape or dtype differs from its entry is a bug upstream of
     the writer, so it raises rather than writing a file whose header lies.
     Returns the number of bytes written. The file is fsync'ed before return.
+    ``digest`` (a hashlib object) sees exactly the bytes written, so the
+    checksum recorded for ``verify`` costs no second read of the file.
     """
     header = build_header(entries, metadata)
     written = 0
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb", buffering=8 * 1024 * 1024) as f:
         f.write(header)
+        if digest is not None:
+            digest.update(header)
         written += len(header)
         for e in entries:
             t = produce(e)
             got = TensorInfo(tuple(t.shape), dtypes.from_torch(t.dtype))
             if got != e.info:
                 raise RuntimeError(f"tensor {e.name}: planned {e.info}, produced {got}")
-            _write_tensor(f, t)
+            _write_tensor(f, t, digest)
             written += e.info.nbytes
             del t
             if on_tensor is not None:

@@ -1,0 +1,136 @@
+"""Segment a user's image with a converted folder: the model's own predict_forward, saved as PNGs.
+
+The point is to let a user see what the converted model predicts before shipping it, with the
+model's real code path, so it runs like the round trip: in a separate process (the folder's
+remote code never runs inside the converter), optionally under another interpreter (``python=``)
+such as a CUDA environment when the upstream code needs a GPU. The child writes the masks
+(white on black, one PNG per ``[SEG]``: ``mask.png``, ``mask_1.png``, ...) and an overlay (the
+masks tinted over the image).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import InputError, OutputError
+from .verify.roundtrip import (
+    DEFAULT_TIMEOUT,
+    check_device,
+    child_failure,
+    debug_details,
+    judge_runs,
+    report_from,
+    resolve_python,
+    run_child,
+)
+
+IMAGE_TOKEN = "<image>"
+
+
+def wrap_prompt(prompt: str) -> str:
+    """``"red car"`` -> ``"<image>Please segment the red car."``; a prompt with ``<image>`` is kept as it is."""
+    text = prompt.strip()
+    if IMAGE_TOKEN in text:
+        return text
+    if not text:
+        raise InputError("the prompt is empty", hint='say what to segment, e.g. "the red car"')
+    text = text.rstrip(".")
+    if text.lower().startswith("the "):
+        text = text[4:]
+    return f"{IMAGE_TOKEN}Please segment the {text}."
+
+
+def mask_file_names(path: str | os.PathLike, count: int) -> list[Path]:
+    """The files ``count`` masks are saved to: ``mask.png``, ``mask_1.png``, ... (as the child names them)."""
+    p = Path(path)
+    return [p if i == 0 else p.with_name(f"{p.stem}_{i}{p.suffix or '.png'}") for i in range(count)]
+
+
+@dataclass
+class PredictReport:
+    folder: str
+    image: str
+    prompt: str
+    prediction: str
+    n_masks: int
+    mask_shapes: list[list[int]] = field(default_factory=list)
+    mask_files: list[str] = field(default_factory=list)
+    overlay_file: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": True, **self.__dict__}
+
+
+def predict(
+    folder: str | os.PathLike,
+    image_path: str | os.PathLike,
+    prompt: str,
+    *,
+    device: str = "auto",
+    python: str | os.PathLike | None = None,
+    save: str | os.PathLike | None = None,
+    overlay: str | os.PathLike | None = None,
+    max_new_tokens: int = 128,
+    timeout: float = DEFAULT_TIMEOUT,
+    on_stage: Callable[[str], None] | None = None,
+) -> PredictReport:
+    """Run the folder's predict_forward on ``image_path`` with ``prompt``; save masks to ``save``
+    (``mask.png`` -> ``mask.png``, ``mask_1.png``, ...) and the overlay to ``overlay`` when given.
+
+    Raises InputError for a missing/unreadable image, VerifyError when the model fails (with a
+    hint naming the fix when its code needs a GPU that the child does not have).
+    """
+    folder = Path(folder).resolve()
+    image = Path(image_path).resolve()
+    if not (folder / "config.json").is_file():
+        raise InputError("not a model folder (no config.json)", path=folder, hint="pass the converted folder")
+    if not image.is_file():
+        raise InputError("image not found", path=image, hint="pass the path of a PNG or JPEG file")
+    text = wrap_prompt(prompt)
+    exe = resolve_python(python)
+    device = check_device(device)
+    paths = {}
+    for key, value in (("mask_path", save), ("overlay_path", overlay)):
+        if value is not None:
+            p = Path(value).resolve()
+            p.parent.mkdir(parents=True, exist_ok=True)
+            paths[key] = str(p)
+    args = {"mode": "predict", "folder": str(folder), "device": device, "max_new_tokens": int(max_new_tokens),
+            "prompt": text, "image": str(image), "mask_path": paths.get("mask_path"),
+            "overlay_path": paths.get("overlay_path")}
+    run = run_child(args, python=exe, timeout=timeout, on_stage=on_stage)
+    report = report_from(run, folder, exe)
+    if run.timed_out or not report.ok:
+        err = run.result and (run.result.get("error") or {})
+        if err and err.get("stage") == "image":
+            raise InputError(f"cannot read the image ({err['message']})", path=image,
+                             hint="pass a PNG or JPEG file")
+        if err and err.get("stage") == "save":
+            raise OutputError(f"cannot save the masks ({err['type']}: {err['message']})", path=save or overlay,
+                              hint="choose writable --save/--overlay paths")
+        failure = child_failure(run, folder=folder, python=exe, device=device, timeout=timeout, what="prediction")
+        failure.details = debug_details(run)  # type: ignore[attr-defined]
+        raise failure
+    notes = judge_runs(report, folder)
+    run0 = report.runs[0]
+    saved = report.raw.get("saved") or {}
+    if run0["n_masks"] == 0:
+        notes.append("the model answered without [SEG]: no mask" + (" file written" if save else ""))
+    return PredictReport(
+        folder=str(folder), image=str(image), prompt=text, prediction=run0["prediction"], n_masks=run0["n_masks"],
+        mask_shapes=[m["shape"] for m in run0["masks"]], mask_files=list(saved.get("masks") or []),
+        overlay_file=saved.get("overlay"), device=report.device, dtype=report.dtype, seconds=report.seconds,
+        timings=report.timings, versions=report.versions, notes=notes + report.warnings,
+    )
+
+
+__all__ = ["PredictReport", "predict", "wrap_prompt", "mask_file_names"]

@@ -1,0 +1,483 @@
+"""Load a converted Sa2VA folder with transformers and run ``predict_forward``, in its own process.
+
+Run by ``sa2va_convert.verify.roundtrip`` as ``PYTHON _child.py '<json args>'``. It is a
+standalone script on purpose:
+
+- the folder's remote code (``trust_remote_code=True``) runs here and never inside the
+  converter's process, which reads untrusted files and must stay free of their side effects;
+- ``--python`` may name another interpreter (a CUDA environment, an older transformers pinned by
+  the upstream code) where ``sa2va_convert`` is not installed, so this file imports only the
+  standard library, torch, transformers, numpy and PIL, and is passed by path.
+
+It prints exactly ONE JSON line on stdout (the report below); everything libraries print
+(the upstream config class prints debug lines on every build, transformers prints progress
+bars) is sent to stderr, where lines starting with ``@@stage`` tell the parent how far it got.
+The parent judges the report: this script only records facts and catches exceptions.
+
+Arguments (a JSON object): ``mode`` ("roundtrip" | "predict"), ``folder``, ``device``
+("auto" | "cpu" | "cuda" | "cuda:N"), ``max_new_tokens``, ``prompt``, ``video`` (bool),
+and for predict: ``image`` (path), ``mask_path``, ``overlay_path`` (absolute paths or null).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import inspect
+import io
+import json
+import os
+import struct
+import sys
+import time
+import traceback
+
+# This file's folder is sys.path[0] when run by path; the converter's own modules sit there and
+# must not shadow anything the model's code imports.
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]
+
+SEG_TOKEN = "[SEG]"
+SHORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int64": "int64",
+                "int32": "int32", "int16": "int16", "int8": "int8", "uint8": "uint8", "bool": "bool"}
+SAFETENSORS_DTYPES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64", "I64": "int64", "I32": "int32",
+                      "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+FLOATING = {"fp32", "fp16", "bf16", "fp64"}
+PALETTE = [(255, 64, 64), (64, 160, 255), (80, 220, 100), (255, 200, 40), (200, 90, 255), (0, 220, 220)]
+
+
+class StageError(Exception):
+    """A failure this script recognised itself (not an exception from the model's code)."""
+
+
+def stage(result: dict, name: str) -> None:
+    result["stage"] = name
+    print(f"@@stage {name}", file=sys.stderr, flush=True)
+
+
+def short_dtype(dtype) -> str:
+    return SHORT_DTYPES.get(str(dtype).replace("torch.", ""), str(dtype).replace("torch.", ""))
+
+
+def first_line(text: str, limit: int = 400) -> str:
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    line = lines[0] if lines else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def version_tuple(text: str) -> tuple:
+    out = []
+    for part in text.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+# ---------------------------------------------------------------- the folder, read as files
+
+
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def shard_dtypes(folder: str) -> dict:
+    """{tensor name: short dtype} from the safetensors headers (no tensor bytes read)."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        files = sorted(set(read_json(index)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    out = {}
+    for fname in files:
+        with open(os.path.join(folder, fname), "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for key, entry in header.items():
+            if key != "__metadata__":
+                out[key] = SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"])
+    return out
+
+
+def config_dtype_name(config: dict, file_dtypes: dict) -> str:
+    """The dtype the folder asks to be loaded in: config ``torch_dtype``/``dtype``, else the shards' majority."""
+    for key in ("torch_dtype", "dtype"):
+        value = config.get(key)
+        if isinstance(value, str) and short_dtype(value) in FLOATING:
+            return short_dtype(value)
+    counts: dict = {}
+    for d in file_dtypes.values():
+        if d in FLOATING:
+            counts[d] = counts.get(d, 0) + 1
+    return max(counts, key=counts.get) if counts else "fp32"
+
+
+def is_qwen_family(config: dict) -> bool:
+    archs = " ".join(config.get("architectures") or [])
+    return "Qwen" in archs or "qwen" in str(config.get("model_type", ""))
+
+
+# ---------------------------------------------------------------- loader pitfalls
+
+
+def filter_flash_attn(result: dict) -> None:
+    """transformers refuses remote code whose (relatively imported) files import flash_attn when it
+    is not installed, even though the code falls back without it: hide it from the import check."""
+    installed = importlib.util.find_spec("flash_attn") is not None
+    result["flash_attn"] = {"installed": installed, "filtered": False, "use_flash_attn_passed": False}
+    if installed:
+        return
+    import transformers.dynamic_module_utils as dmu
+
+    original = dmu.get_imports
+
+    def get_imports(filename):
+        return [name for name in original(filename) if name.split(".")[0] != "flash_attn"]
+
+    dmu.get_imports = get_imports
+    result["flash_attn"]["filtered"] = True
+
+
+def disable_flash_attn_in_config(config) -> None:
+    """Switch off flash attention wherever the (remote) config offers a switch."""
+    for cfg in (config, getattr(config, "vision_config", None), getattr(config, "llm_config", None),
+                getattr(config, "text_config", None)):
+        if cfg is None:
+            continue
+        if hasattr(cfg, "use_flash_attn"):
+            try:
+                cfg.use_flash_attn = False
+            except Exception:  # a read-only property: the model kwarg below still applies
+                pass
+        if getattr(cfg, "_attn_implementation", None) == "flash_attention_2":
+            try:
+                cfg._attn_implementation = "eager"
+            except Exception:
+                pass
+
+
+def load_config(folder: str, result: dict):
+    """AutoConfig with its debug prints swallowed (the upstream config class prints on every build)."""
+    from transformers import AutoConfig
+
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink):
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    result["config_printed_lines"] = len(sink.getvalue().splitlines())
+    return config
+
+
+def model_class(folder: str, raw_config: dict):
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    ref = (raw_config.get("auto_map") or {}).get("AutoModel")
+    if not ref:
+        return None
+    return get_class_from_dynamic_module(ref, folder)
+
+
+# ---------------------------------------------------------------- device
+
+
+def resolve_device(requested: str, result: dict):
+    import torch
+
+    cuda = torch.cuda.is_available()
+    count = torch.cuda.device_count() if cuda else 0
+    result["gpu"] = {
+        "cuda_available": cuda, "count": count,
+        "names": [torch.cuda.get_device_name(i) for i in range(count)],
+        "torch_cuda": getattr(torch.version, "cuda", None),
+    }
+    if requested == "auto":
+        return "cuda" if cuda else "cpu"
+    if requested.startswith("cuda"):
+        if not cuda:
+            built = getattr(torch.version, "cuda", None)
+            why = "this torch is built without CUDA" if not built else f"torch (CUDA {built}) sees no GPU"
+            raise StageError(f"--device {requested} asked for, but {why}")
+        if ":" in requested and int(requested.split(":", 1)[1]) >= count:
+            raise StageError(f"--device {requested} asked for, but only {count} GPU(s) are visible")
+        return requested
+    if requested != "cpu":
+        raise StageError(f"unknown device {requested!r} (use auto, cpu, cuda or cuda:N)")
+    return "cpu"
+
+
+# ---------------------------------------------------------------- synthetic inputs and outputs
+
+
+def synthetic_frame(width: int = 80, height: int = 60, shift: int = 0):
+    """A deterministic test picture: colour gradients, a checkerboard and a red ellipse.
+
+    Not square on purpose, so masks with height and width swapped are caught."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    img = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
+                    ((x // 8 + y // 8) % 2) * 90], axis=-1).astype(np.uint8)
+    inside = ((x - (0.4 * width + shift)) / (0.2 * width)) ** 2 + ((y - 0.5 * height) / (0.25 * height)) ** 2 <= 1
+    img[inside] = (230, 40, 40)
+    return Image.fromarray(img, "RGB")
+
+
+def as_numpy(mask):
+    import numpy as np
+
+    if hasattr(mask, "detach"):
+        mask = mask.detach().float().cpu().numpy() if mask.dtype.is_floating_point else mask.detach().cpu().numpy()
+    return np.asarray(mask)
+
+
+def describe_mask(mask) -> dict:
+    arr = as_numpy(mask)
+    info = {"type": type(mask).__name__, "dtype": str(arr.dtype), "shape": list(arr.shape)}
+    if arr.size:
+        info["true_fraction"] = round(float((arr > 0).mean()), 4)
+    return info
+
+
+def mask_frame(mask):
+    """The first frame of a mask as a bool (H, W) array."""
+    arr = as_numpy(mask)
+    while arr.ndim > 2:
+        arr = arr[0]
+    return arr > 0 if arr.dtype != bool else arr
+
+
+def numbered(path: str, i: int) -> str:
+    """mask.png, mask_1.png, mask_2.png, ..."""
+    if i == 0:
+        return path
+    stem, ext = os.path.splitext(path)
+    return f"{stem}_{i}{ext or '.png'}"
+
+
+def save_masks(masks, image, mask_path, overlay_path) -> dict:
+    import numpy as np
+    from PIL import Image
+
+    saved = {"masks": [], "overlay": None}
+    frames = [mask_frame(m) for m in masks]
+    if mask_path:
+        for i, m in enumerate(frames):
+            path = numbered(mask_path, i)
+            Image.fromarray(m.astype(np.uint8) * 255, "L").save(path)
+            saved["masks"].append(path)
+    if overlay_path and frames:
+        out = np.asarray(image.convert("RGB")).astype(np.float32)
+        for i, m in enumerate(frames):
+            if m.shape != out.shape[:2]:
+                continue  # reported by the parent as a shape error
+            colour = np.array(PALETTE[i % len(PALETTE)], dtype=np.float32)
+            out[m] = 0.45 * out[m] + 0.55 * colour
+        Image.fromarray(out.clip(0, 255).astype(np.uint8), "RGB").save(overlay_path)
+        saved["overlay"] = overlay_path
+    return saved
+
+
+# ---------------------------------------------------------------- the run
+
+
+def call_predict(model, tokenizer, processor, *, image=None, video=None, text: str) -> dict:
+    import torch
+
+    kwargs = {"text": text, "tokenizer": tokenizer}
+    params = inspect.signature(model.predict_forward).parameters
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if processor is not None and ("processor" in params or takes_kwargs):
+        kwargs["processor"] = processor
+    if video is not None:
+        kwargs["video"] = video
+    else:
+        kwargs["image"] = image
+    started = time.perf_counter()
+    with torch.no_grad():
+        out = model.predict_forward(**kwargs)
+    seconds = time.perf_counter() - started
+    if not isinstance(out, dict):
+        raise StageError(f"predict_forward returned {type(out).__name__}, not a dict")
+    prediction = out.get("prediction")
+    masks = out.get("prediction_masks")
+    frames = video if video is not None else [image]
+    return {
+        "input_size": list(frames[0].size), "n_frames": len(frames), "prompt": text,
+        "keys": sorted(str(k) for k in out.keys()),
+        "prediction": prediction if isinstance(prediction, str) else repr(prediction)[:2000],
+        "prediction_type": type(prediction).__name__,
+        "masks_type": type(masks).__name__,
+        "n_masks": len(masks) if isinstance(masks, (list, tuple)) else None,
+        "masks": [describe_mask(m) for m in masks] if isinstance(masks, (list, tuple)) else [],
+        "seg_count": prediction.count(SEG_TOKEN) if isinstance(prediction, str) else None,
+        "seconds": round(seconds, 3),
+        "_masks": list(masks) if isinstance(masks, (list, tuple)) else [],
+    }
+
+
+def run(args: dict, result: dict) -> None:
+    timings = result["timings"]
+    t0 = time.perf_counter()
+    stage(result, "import")
+    import torch
+    import transformers
+    import numpy  # noqa: F401 - fail early, at a clear stage, if missing
+    import PIL  # noqa: F401
+
+    result["versions"].update(torch=torch.__version__, transformers=transformers.__version__,
+                              numpy=numpy.__version__, pillow=PIL.__version__)
+    timings["import"] = round(time.perf_counter() - t0, 3)
+    folder = args["folder"]
+    image = None
+    if args["mode"] == "predict":  # before the (slow) load: a bad image fails at once
+        stage(result, "image")
+        from PIL import Image
+
+        image = Image.open(args["image"]).convert("RGB")
+
+    stage(result, "device")
+    device = resolve_device(args.get("device") or "auto", result)
+    n_gpus = result["gpu"]["count"]
+    multi = device == "cuda" and n_gpus > 1 and importlib.util.find_spec("accelerate") is not None
+    result["device"] = f"cuda (device_map=auto over {n_gpus} GPUs)" if multi else device
+
+    stage(result, "config")
+    t = time.perf_counter()
+    raw_config = read_json(os.path.join(folder, "config.json"))
+    file_dtypes = shard_dtypes(folder)
+    dtype_name = config_dtype_name(raw_config, file_dtypes)
+    result["dtype"] = dtype_name
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                   "fp64": torch.float64}[dtype_name]
+    filter_flash_attn(result)
+    config = load_config(folder, result)
+    if not result["flash_attn"]["installed"]:
+        disable_flash_attn_in_config(config)
+    cls = model_class(folder, raw_config)
+    result["model_class"] = cls.__name__ if cls is not None else None
+    timings["config"] = round(time.perf_counter() - t, 3)
+
+    stage(result, "load")
+    t = time.perf_counter()
+    dtype_kw = "dtype" if version_tuple(transformers.__version__) >= (4, 56) else "torch_dtype"
+    kwargs = {"trust_remote_code": True, "output_loading_info": True, "config": config, dtype_kw: torch_dtype}
+    if cls is not None and "use_flash_attn" in inspect.signature(cls.__init__).parameters:
+        kwargs["use_flash_attn"] = result["flash_attn"]["installed"]
+        result["flash_attn"]["use_flash_attn_passed"] = True
+    if multi:
+        kwargs["device_map"] = "auto"
+    from transformers import AutoModel
+
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink):  # model code that builds sub-configs prints too
+        model, info = AutoModel.from_pretrained(folder, **kwargs)
+    if not multi:
+        model = model.to(device)
+    model.eval()
+    result["loading_info"] = {k: sorted(str(x) for x in (v or ())) for k, v in dict(info).items()}
+    timings["load"] = round(time.perf_counter() - t, 3)
+
+    stage(result, "dtypes")
+    loaded = {name: short_dtype(p.dtype) for name, p in model.state_dict().items()}
+    counts: dict = {}
+    for d in loaded.values():
+        counts[d] = counts.get(d, 0) + 1
+    file_float = sorted({d for d in file_dtypes.values() if d in FLOATING})
+    mismatches = [f"{k}: written {file_dtypes[k]}, loaded {loaded[k]}" for k in sorted(file_dtypes)
+                  if k in loaded and file_dtypes[k] in FLOATING and loaded[k] != file_dtypes[k]]
+    result["dtypes"] = {"config": dtype_name, "file": file_float, "loaded": counts,
+                        "compared": sum(1 for k in file_dtypes if k in loaded),
+                        "mismatches": mismatches[:10], "mismatch_count": len(mismatches)}
+    result["parameters"] = int(sum(p.numel() for p in model.parameters()))
+
+    stage(result, "tokenizer")
+    t = time.perf_counter()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    seg_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    result["tokenizer"] = {"class": type(tokenizer).__name__, "length": len(tokenizer),
+                           "seg_token_id": None if seg_id is None or (unk is not None and seg_id == unk) else int(seg_id)}
+    processor = None
+    if is_qwen_family(raw_config) and any(os.path.isfile(os.path.join(folder, f)) for f in
+                                          ("preprocessor_config.json", "processor_config.json")):
+        from transformers import AutoProcessor
+
+        try:
+            processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+            result["processor"] = type(processor).__name__
+        except Exception as e:  # the model may not need it; predict_forward will tell
+            result["warnings"].append(f"AutoProcessor failed: {type(e).__name__}: {first_line(e)}")
+    timings["tokenizer"] = round(time.perf_counter() - t, 3)
+
+    stage(result, "prepare")
+    max_new = int(args.get("max_new_tokens") or 32)
+    if hasattr(model, "preparing_for_generation"):
+        params = inspect.signature(model.preparing_for_generation).parameters
+        extra = {"torch_dtype": torch_dtype} if "torch_dtype" in params else {}
+        with contextlib.redirect_stdout(io.StringIO()):
+            model.preparing_for_generation(tokenizer, max_new_tokens=max_new, **extra)
+        result["max_new_tokens"] = max_new
+    else:
+        result["warnings"].append("model has no preparing_for_generation(): generation length is not capped")
+
+    prompt = args.get("prompt") or "<image>Please segment the object."
+    if args["mode"] == "predict":
+        stage(result, "predict")
+        run_ = call_predict(model, tokenizer, processor, image=image, text=prompt)
+        masks = run_.pop("_masks")
+        run_["name"] = "image"
+        result["runs"].append(run_)
+        timings["predict"] = run_["seconds"]
+        stage(result, "save")
+        result["saved"] = save_masks(masks, image, args.get("mask_path"), args.get("overlay_path"))
+        return
+
+    stage(result, "predict_image")
+    run_ = call_predict(model, tokenizer, processor, image=synthetic_frame(), text=prompt)
+    run_.pop("_masks")
+    run_["name"] = "image"
+    result["runs"].append(run_)
+    timings["predict_image"] = run_["seconds"]
+    if args.get("video", True):
+        if "video" in inspect.signature(model.predict_forward).parameters:
+            stage(result, "predict_video")
+            run_ = call_predict(model, tokenizer, processor, video=[synthetic_frame(shift=0), synthetic_frame(shift=6)],
+                                text=prompt)
+            run_.pop("_masks")
+            run_["name"] = "video"
+            result["runs"].append(run_)
+            timings["predict_video"] = run_["seconds"]
+        else:
+            result["warnings"].append("predict_forward takes no video=: video not checked")
+
+
+def main(argv: list) -> int:
+    result = {"ok": False, "mode": None, "stage": "start", "device": None, "dtype": None, "versions": {
+        "python": sys.version.split()[0], "executable": sys.executable}, "timings": {}, "runs": [], "warnings": [],
+        "error": None}
+    # Keep stdout for the one JSON line: anything else printed (by C code too) goes to stderr.
+    out = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    started = time.perf_counter()
+    try:
+        args = json.loads(argv[1])
+        result["mode"] = args.get("mode")
+        run(args, result)
+        result["ok"] = True
+    except BaseException as e:  # report everything, KeyboardInterrupt included, as data
+        tb = traceback.format_exc()
+        result["error"] = {
+            "stage": result["stage"], "type": type(e).__name__, "message": first_line(e) or type(e).__name__,
+            "own": isinstance(e, StageError), "traceback": tb[-6000:],
+        }
+    result["timings"]["total"] = round(time.perf_counter() - started, 3)
+    sys.stdout.flush()
+    out.write(json.dumps(result, default=str) + "\n")
+    out.flush()
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

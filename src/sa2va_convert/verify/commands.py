@@ -1,0 +1,403 @@
+"""``verify`` as one call: the file checks, then the round trip; plus the CLI's renderers.
+
+``verify_folder`` is what ``sa2va-convert verify FOLDER`` and ``api.verify`` run. Beyond
+``structural.check_folder`` (index vs shards, headers, truncation, config vocab vs embedding
+rows vs tokenizer, NaN/Inf, auto_map files) it checks two things a user's ``from_pretrained``
+would otherwise trip over much later:
+
+- every remote-code file the folder's code imports relatively (``from .sam2 import ...``), found
+  by parsing the files (never importing them) the way transformers does before it loads them;
+- shard checksums, when the conversion recorded them (``conversion_report.json`` key
+  ``shard_sha256``): flipped bytes that still decode as finite numbers are invisible otherwise.
+
+The render functions print a report dict for a person; the CLI calls them (see the module's
+wiring notes in the project's reply / DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from ..errors import VerifyError
+from ..plan.keymap import Keymap, load_all_builtin
+from .roundtrip import DEFAULT_PROMPT, DEFAULT_TIMEOUT, RoundTripReport, run_roundtrip
+from .structural import StructuralReport, check_folder, keymap_for_folder
+
+REPORT_NAME = "conversion_report.json"
+CHECKSUM_KEY = "shard_sha256"
+_CHUNK = 16 * 1024 * 1024
+
+
+@dataclass
+class VerifyReport:
+    """Everything ``verify`` checked; ``to_dict()`` is the ``--json`` output."""
+
+    folder: str
+    ok: bool = False
+    keymap: str | None = None
+    structural: StructuralReport | None = None
+    code_files: list[str] = field(default_factory=list)
+    checksums: dict[str, Any] = field(default_factory=dict)
+    roundtrip: RoundTripReport | None = None
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok, "folder": self.folder, "keymap": self.keymap,
+            "structural": self.structural.to_dict() if self.structural else None,
+            "code_files": self.code_files, "checksums": self.checksums,
+            "roundtrip": self.roundtrip.to_dict() if self.roundtrip else None,
+            "notes": self.notes, "seconds": round(self.seconds, 3),
+        }
+
+
+# ---------------------------------------------------------------- remote code
+
+
+def _relative_imports(path: Path) -> list[str]:
+    """Modules a file imports relatively (``from .x import y`` -> ``x.py``), inside try blocks too.
+
+    transformers' own check (``get_relative_import_files``) requires every such file before
+    loading, whether or not the import would run, so a missing one fails ``from_pretrained``."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except SyntaxError as e:
+        raise VerifyError(f"remote-code file is not valid Python (line {e.lineno}: {e.msg})", path=path,
+                          hint="copy it again from the base Sa2VA folder") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise VerifyError(f"remote-code file cannot be read ({e})", path=path,
+                          hint="copy it again from the base Sa2VA folder") from None
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+            out.append(node.module.replace(".", "/") + ".py")
+    return out
+
+
+def _entry_modules(folder: Path, config: dict) -> list[tuple[str, str]]:
+    """(file, named by) for the modules auto_map entries point at, config and tokenizer."""
+    entries: list[tuple[str, str]] = []
+    for cls, ref in (config.get("auto_map") or {}).items():
+        entries.append((str(ref).split("--")[-1].split(".")[0] + ".py", f"config.json auto_map.{cls}"))
+    tok_cfg = folder / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        try:
+            amap = (json.loads(tok_cfg.read_text(encoding="utf-8")).get("auto_map") or {})
+        except (OSError, json.JSONDecodeError):
+            amap = {}
+        for cls, refs in amap.items():
+            for ref in refs if isinstance(refs, list) else [refs]:
+                if ref:
+                    entries.append((str(ref).split("--")[-1].split(".")[0] + ".py",
+                                    f"tokenizer_config.json auto_map.{cls}"))
+    return entries
+
+
+def check_remote_code(folder: str | Path, config: dict | None = None) -> list[str]:
+    """Every remote-code file the folder's auto_map modules need, transitively; raises if one is missing."""
+    folder = Path(folder)
+    if config is None:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    todo = _entry_modules(folder, config)
+    seen: dict[str, str] = {}
+    while todo:
+        fname, by = todo.pop()
+        if fname in seen:
+            continue
+        seen[fname] = by
+        path = folder / fname
+        if not path.is_file():
+            raise VerifyError(f"remote-code file {fname} is missing (needed by {by})", path=path,
+                              hint="copy it from the base Sa2VA folder (or re-run the conversion)")
+        todo.extend((dep, fname) for dep in _relative_imports(path))
+    return sorted(seen)
+
+
+# ---------------------------------------------------------------- checksums
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_checksums(folder: str | Path, files: Iterable[str]) -> dict[str, str]:
+    """{shard file: sha256}: what the writer should record in conversion_report.json under ``shard_sha256``."""
+    return {f: sha256_of(Path(folder) / f) for f in sorted(files)}
+
+
+def check_checksums(folder: str | Path, shard_files: Iterable[str]) -> dict[str, Any]:
+    """Compare shards with the checksums recorded at conversion, if any were recorded."""
+    folder = Path(folder)
+    report_path = folder / REPORT_NAME
+    recorded: dict[str, str] = {}
+    if report_path.is_file():
+        try:
+            recorded = json.loads(report_path.read_text(encoding="utf-8")).get(CHECKSUM_KEY) or {}
+        except (OSError, json.JSONDecodeError, AttributeError):
+            raise VerifyError(f"{REPORT_NAME} is unreadable", path=report_path,
+                              hint="restore it, or delete it to skip the checksum check") from None
+    if not recorded:
+        return {"checked": 0, "status": "not recorded"}
+    files = sorted(shard_files)
+    unlisted = [f for f in files if f not in recorded]
+    if unlisted:
+        raise VerifyError(f"shard {unlisted[0]} has no checksum in {REPORT_NAME}", path=folder / unlisted[0],
+                          hint="the folder was changed after conversion; re-run the conversion")
+    for f in files:
+        got = sha256_of(folder / f)
+        if got != recorded[f]:
+            raise VerifyError(f"shard content differs from the checksum recorded at conversion "
+                              f"(sha256 {got[:12]}..., recorded {str(recorded[f])[:12]}...)", path=folder / f,
+                              hint="the file is corrupted: copy it again from where it was converted, or re-run the "
+                                   "conversion")
+    return {"checked": len(files), "status": "match"}
+
+
+# ---------------------------------------------------------------- verify
+
+
+def verify_folder(
+    folder: str | Path,
+    *,
+    roundtrip: bool = True,
+    device: str = "auto",
+    python: str | None = None,
+    max_new_tokens: int = 32,
+    prompt: str = DEFAULT_PROMPT,
+    timeout: float = DEFAULT_TIMEOUT,
+    video: bool = True,
+    read_values: bool = True,
+    on_stage: Callable[[str], None] | None = None,
+) -> VerifyReport:
+    """Check a converted folder: files first (fast, nothing executed), then load + predict in a child.
+
+    Raises VerifyError (exit 7) at the first failure, with the report so far attached as
+    ``error.report``; returns the report when everything passed.
+    """
+    started = time.perf_counter()
+    folder = Path(folder)
+    report = VerifyReport(folder=str(folder.resolve()))
+    say = on_stage or (lambda _msg: None)
+    try:
+        if not folder.is_dir():
+            raise VerifyError("folder does not exist" if not folder.exists() else "not a folder", path=folder,
+                              hint="pass the converted HuggingFace folder")
+        say("checking files")
+        keymap = folder_keymap(folder)
+        report.keymap = keymap.name if keymap else None
+        if keymap is None:
+            report.notes.append("config.json architectures match no built-in keymap: vocabulary sizes not checked")
+        report.structural = check_folder(folder, keymap, read_values=read_values)
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        report.code_files = check_remote_code(folder, config)
+        report.checksums = check_checksums(folder, _shard_files(folder))
+        if report.checksums["status"] == "not recorded":
+            report.notes.append("no shard checksums recorded: corruption that still decodes as finite numbers "
+                                "would go unseen by the file checks")
+        if roundtrip:
+            say("round trip: from_pretrained + predict_forward in a separate process")
+            report.roundtrip = run_roundtrip(folder, device=device, python=python, max_new_tokens=max_new_tokens,
+                                             prompt=prompt, timeout=timeout, video=video,
+                                             on_stage=lambda s: say(f"round trip: {s}"))
+            report.notes += report.roundtrip.warnings
+        else:
+            report.notes.append("round trip skipped (--no-roundtrip): the folder was not loaded")
+    except VerifyError as e:
+        if getattr(e, "report", None) is not None and isinstance(e.report, RoundTripReport):
+            report.roundtrip = e.report
+        report.seconds = time.perf_counter() - started
+        e.report = report  # type: ignore[attr-defined]
+        raise
+    report.ok = True
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def folder_keymap(folder: Path) -> Keymap | None:
+    """The built-in keymap describing this folder, for its vocabulary fields.
+
+    Several keymaps share an architecture (``Sa2VAChatModel`` is InternLM2 or Qwen2 inside), so
+    among those ``keymap_for_folder`` accepts, take the one whose embedding and head tensors the
+    folder really holds."""
+    keymaps = load_all_builtin()
+    first = keymap_for_folder(folder, keymaps)
+    if first is None:
+        return None
+    try:
+        names = set(_weight_names(folder))
+    except (OSError, ValueError, KeyError):
+        return first  # check_folder reports the broken index/shard with its own message
+    archs = set(first.architectures)
+    for km in keymaps:
+        if set(km.architectures) & archs and {km.vocab_embedding, km.vocab_head} <= names:
+            return km
+    return first
+
+
+def _weight_names(folder: Path) -> list[str]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return list(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+    with open(folder / "model.safetensors", "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return [k for k in json.loads(f.read(n)) if k != "__metadata__"]
+
+
+def _shard_files(folder: Path) -> list[str]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    return ["model.safetensors"]
+
+
+# ---------------------------------------------------------------- rendering for the CLI
+
+
+def summary_line(rt: dict[str, Any]) -> str:
+    """One line about a round trip: device, dtype, answer and masks per run, time."""
+    runs = "; ".join(f"{r['name']}: {r['n_masks']} mask(s) {_shapes(r)} answer {r['prediction'][:60]!r}"
+                     for r in rt.get("runs", []))
+    versions = rt.get("versions") or {}
+    return (f"loaded on {rt.get('device')} in {rt.get('dtype')} (transformers {versions.get('transformers')}, "
+            f"torch {versions.get('torch')}); {runs}; {rt.get('seconds', 0):.1f}s")
+
+
+def _shapes(run: dict[str, Any]) -> str:
+    shapes = sorted({"x".join(map(str, m["shape"])) for m in run.get("masks", [])})
+    return f"[{', '.join(shapes)}]" if shapes else ""
+
+
+def render_verify(report: dict[str, Any], echo: Callable[[str], None] = print) -> None:
+    """Plain lines (the CLI passes rich's console.print or click.echo)."""
+    s = report.get("structural") or {}
+    echo(f"verified {report['folder']}" + (f" ({report['keymap']})" if report.get("keymap") else ""))
+    echo(f"  files: {s.get('tensors')} tensors in {s.get('shards')} shard(s), vocabulary {s.get('vocab_rows')}, "
+         f"tokenizer {s.get('tokenizer_length')}, values read back: {s.get('checked_values')}")
+    echo(f"  remote code: {', '.join(report.get('code_files') or []) or '-'}")
+    cs = report.get("checksums") or {}
+    echo(f"  checksums: {cs.get('status')}" + (f" ({cs['checked']} shard(s))" if cs.get("checked") else ""))
+    if report.get("roundtrip"):
+        echo(f"  round trip: {summary_line(report['roundtrip'])}")
+    for note in report.get("notes") or []:
+        echo(f"  note: {note}")
+
+
+def render_predict(report: dict[str, Any], echo: Callable[[str], None] = print) -> None:
+    echo(f"prediction: {report['prediction']}")
+    echo(f"masks: {report['n_masks']}" + (f" {report['mask_shapes']}" if report.get("mask_shapes") else ""))
+    for path in report.get("mask_files") or []:
+        echo(f"  saved {path}")
+    if report.get("overlay_file"):
+        echo(f"  overlay {report['overlay_file']}")
+    for note in report.get("notes") or []:
+        echo(f"note: {note}")
+
+
+# ---------------------------------------------------------------- CLI commands
+
+
+def register_cli(main: Any) -> None:
+    """Add ``verify`` and ``predict`` to the ``sa2va-convert`` click group.
+
+    Called at the bottom of ``cli.py`` (after ``handle_errors`` and ``_emit_json`` exist), so the
+    commands reuse its error handling: one ``error:`` line and exit 7 on failure, ``--json``,
+    ``--debug`` (which also prints the child process's traceback).
+    """
+    import click
+
+    from .. import cli
+    from ..cli_render import make_progress
+    from ..predict import predict as run_predict
+
+    def debug_dump(err: BaseException, debug: bool) -> None:
+        details = getattr(err, "details", None)
+        if debug and details:
+            click.echo(details, err=True)
+
+    common = [
+        click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
+                     help="Where the model runs. The upstream Sa2VA code calls .cuda(): it needs a GPU."),
+        click.option("--python", "python", metavar="PATH",
+                     help="Interpreter that loads the model (default: this one), e.g. a CUDA environment or one with "
+                          "the transformers version the remote code needs."),
+        click.option("--timeout", type=float, default=DEFAULT_TIMEOUT, show_default=True,
+                     help="Seconds before the model process is killed."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress output."),
+        click.option("--json", "json_out", is_flag=True, help="Print a JSON report on stdout."),
+        click.option("--debug", is_flag=True, help="On failure, show the model process's traceback."),
+    ]
+
+    def with_common(fn: Callable) -> Callable:
+        for opt in reversed(common):
+            fn = opt(fn)
+        return fn
+
+    @main.command("verify", epilog=cli.EXIT_HELP)
+    @click.argument("folder", type=click.Path(path_type=Path))
+    @click.option("--no-roundtrip", is_flag=True, help="Only check the files; do not load the model.")
+    @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Cap on generated tokens.")
+    @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="Prompt of the round trip.")
+    @click.option("--no-video", is_flag=True, help="Skip the 2-frame video run.")
+    @with_common
+    @cli.handle_errors
+    def verify_cmd(folder: Path, no_roundtrip: bool, max_new_tokens: int, prompt: str, no_video: bool, device: str,
+                   python: str | None, timeout: float, quiet: bool, json_out: bool, debug: bool) -> None:
+        """Check a converted FOLDER: files (shards, index, vocab, tokenizer, remote code, checksums), then load
+        it with transformers and run predict_forward on a test image and video, in a separate process."""
+        progress = make_progress(json_out, quiet or json_out)
+        try:
+            report = verify_folder(folder, roundtrip=not no_roundtrip, device=device, python=python,
+                                   max_new_tokens=max_new_tokens, prompt=prompt, timeout=timeout, video=not no_video,
+                                   on_stage=progress.stage)
+        except VerifyError as e:
+            debug_dump(e, debug)
+            raise
+        if json_out:
+            cli._emit_json(report.to_dict())
+        else:
+            render_verify(report.to_dict(), echo=click.echo)
+
+    @main.command("predict", epilog=cli.EXIT_HELP)
+    @click.argument("folder", type=click.Path(path_type=Path))
+    @click.argument("image", type=click.Path(path_type=Path))
+    @click.argument("prompt")
+    @click.option("--save", type=click.Path(path_type=Path), default=Path("mask.png"), show_default=True,
+                  help="Mask PNG (white on black); more [SEG] give mask_1.png, mask_2.png, ...")
+    @click.option("--overlay", type=click.Path(path_type=Path), default=Path("overlay.png"), show_default=True,
+                  help="The image with the masks tinted over it.")
+    @click.option("--no-save", is_flag=True, help="Write no files; only print the prediction.")
+    @click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Cap on generated tokens.")
+    @with_common
+    @cli.handle_errors
+    def predict_cmd(folder: Path, image: Path, prompt: str, save: Path, overlay: Path, no_save: bool,
+                    max_new_tokens: int, device: str, python: str | None, timeout: float, quiet: bool,
+                    json_out: bool, debug: bool) -> None:
+        """Segment IMAGE with the converted FOLDER's own predict_forward. PROMPT names the object
+        ("red car" becomes "<image>Please segment the red car."); a PROMPT with <image> is used as it is."""
+        progress = make_progress(json_out, quiet or json_out)
+        try:
+            report = run_predict(folder, image, prompt, device=device, python=python,
+                                 save=None if no_save else save, overlay=None if no_save else overlay,
+                                 max_new_tokens=max_new_tokens, timeout=timeout, on_stage=progress.stage)
+        except VerifyError as e:
+            debug_dump(e, debug)
+            raise
+        if json_out:
+            cli._emit_json(report.to_dict())
+        else:
+            render_predict(report.to_dict(), echo=click.echo)
+
+
+__all__ = ["VerifyReport", "verify_folder", "register_cli", "check_remote_code", "check_checksums", "shard_checksums",
+           "render_verify", "render_predict", "summary_line", "CHECKSUM_KEY"]

@@ -1,0 +1,402 @@
+"""Round trip: load the written folder with transformers and run ``predict_forward``, in another process.
+
+Why a separate process: the folder's remote code (``trust_remote_code=True``) is arbitrary
+Python; the converter reads untrusted checkpoints without executing them and must not then
+import that code itself. The child (``_child.py``, a standalone script passed by path) may also
+run under another interpreter (``python=``): a CUDA environment when this one has none, or one
+with the transformers version the upstream code pins.
+
+The child only reports facts as one JSON line; this module judges them and turns every failure
+into a one-line :class:`~sa2va_convert.errors.VerifyError` (exit 7) whose hint says what to do,
+in particular when the model's code needs a GPU that the child does not have.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import VerifyError
+
+CHILD_SCRIPT = Path(__file__).with_name("_child.py")
+DEFAULT_PROMPT = "<image>Please segment the object."
+DEFAULT_TIMEOUT = 1800.0
+DEVICES = ("auto", "cpu", "cuda")
+STAGE_PREFIX = "@@stage "
+
+_STAGE_WORDS = {
+    "start": "starting", "import": "importing torch/transformers", "device": "choosing the device",
+    "config": "building the config", "load": "loading the model", "dtypes": "checking dtypes",
+    "tokenizer": "loading the tokenizer", "prepare": "calling preparing_for_generation",
+    "predict_image": "running predict_forward on an image", "predict_video": "running predict_forward on a video",
+    "predict": "running predict_forward", "save": "saving the masks", "image": "reading the image",
+}
+
+# Upstream remote code that a given transformers breaks (FORMATS.md §5): message pattern -> hint.
+_KNOWN_BREAKAGE = (
+    (re.compile(r"has no attribute 'generate'"),
+     "this remote code predates transformers 4.50 (PreTrainedModel lost generate); pass --python with an "
+     "environment that has transformers 4.42-4.49 (upstream v1 pins 4.42.3)"),
+    (re.compile(r"KeyError: 'architectures'|^'architectures'$"),
+     "this v1 config class breaks on transformers 4.53+; pass --python with an environment that has "
+     "transformers<4.53 (upstream v1 pins 4.42.3)"),
+)
+_MISSING_PACKAGES = re.compile(r"requires the following packages that were not found in your environment: ([^.]+)")
+_CUDA_WORDS = re.compile(r"cuda|nvidia|gpu", re.I)
+_CUDA_CALLS = re.compile(r"\.cuda\(|autocast\(\s*['\"]cuda|device_type\s*=\s*['\"]cuda|['\"]cuda['\"]")
+
+
+@dataclass
+class RoundTripReport:
+    """What the child saw: loading info, dtypes, each predict_forward run, timings, versions."""
+
+    folder: str
+    ok: bool
+    python: str
+    device: str | None = None
+    dtype: str | None = None
+    versions: dict[str, Any] = field(default_factory=dict)
+    gpu: dict[str, Any] = field(default_factory=dict)
+    loading_info: dict[str, list[str]] = field(default_factory=dict)
+    dtypes: dict[str, Any] = field(default_factory=dict)
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+    seconds: float = 0.0
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "raw"}
+        d["flash_attn"] = self.raw.get("flash_attn")
+        d["model_class"] = self.raw.get("model_class")
+        d["parameters"] = self.raw.get("parameters")
+        d["saved"] = self.raw.get("saved")
+        if d["error"]:
+            d["error"] = {k: v for k, v in d["error"].items() if k != "traceback"}
+        return d
+
+
+# ---------------------------------------------------------------- running the child
+
+
+def resolve_python(python: str | os.PathLike | None) -> str:
+    """The interpreter for the child: ours by default, else a path or a name on PATH."""
+    if python is None:
+        return sys.executable
+    text = str(python)
+    found = shutil.which(text) if os.sep not in text else (text if os.path.isfile(text) else None)
+    if not found or not os.access(found, os.X_OK):
+        raise VerifyError(f"Python interpreter {text!r} not found or not executable", path=text,
+                          hint="pass --python with the path of a python that has torch and transformers")
+    return found
+
+
+def check_device(device: str) -> str:
+    if device in DEVICES or re.fullmatch(r"cuda:\d+", device or ""):
+        return device
+    raise VerifyError(f"unknown device {device!r}", hint="use --device auto, cpu, cuda or cuda:N")
+
+
+def child_env(modules_cache: str) -> dict[str, str]:
+    """The child's environment: ours, offline, with a private cache for the copied remote code.
+
+    transformers copies remote code into HF_MODULES_CACHE under the folder's base name; a private
+    one keeps two folders both called ``out`` from sharing (or racing on) one copy."""
+    env = dict(os.environ)
+    env.update({
+        "HF_MODULES_CACHE": modules_cache, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TQDM_DISABLE": "1", "PYTHONDONTWRITEBYTECODE": "1",
+    })
+    return env
+
+
+@dataclass
+class ChildRun:
+    result: dict[str, Any] | None
+    returncode: int | None
+    stderr_tail: str
+    last_stage: str
+    seconds: float
+    timed_out: bool = False
+
+
+def run_child(args: dict[str, Any], *, python: str, timeout: float,
+              on_stage: Callable[[str], None] | None = None) -> ChildRun:
+    """Run ``_child.py`` with ``args``; never raises for the child's own failures (see ChildRun)."""
+    started = time.perf_counter()
+    tail: deque[str] = deque(maxlen=60)
+    state = {"stage": "start"}
+    out_chunks: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="sa2va-verify-") as tmp:
+        cmd = [python, str(CHILD_SCRIPT), json.dumps(args)]
+        try:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                    cwd=tmp, env=child_env(os.path.join(tmp, "modules")), text=True,
+                                    encoding="utf-8", errors="replace", start_new_session=True)
+        except OSError as e:
+            raise VerifyError(f"cannot start {python} ({e.strerror or e})", path=python,
+                              hint="pass --python with a working interpreter") from None
+
+        def read_err() -> None:
+            for line in proc.stderr:  # type: ignore[union-attr]
+                if line.startswith(STAGE_PREFIX):
+                    state["stage"] = line[len(STAGE_PREFIX):].strip()
+                    if on_stage:
+                        on_stage(_STAGE_WORDS.get(state["stage"], state["stage"]))
+                else:
+                    tail.append(line.rstrip("\n"))
+
+        def read_out() -> None:
+            out_chunks.append(proc.stdout.read())  # type: ignore[union-attr]
+
+        readers = [threading.Thread(target=read_err, daemon=True), threading.Thread(target=read_out, daemon=True)]
+        for r in readers:
+            r.start()
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill(proc)
+        except BaseException:  # Ctrl-C / SIGTERM: take the child down with us
+            _kill(proc)
+            raise
+        for r in readers:
+            r.join(timeout=10)
+    result = None
+    for line in reversed("".join(out_chunks).splitlines()):
+        if line.strip().startswith("{"):
+            try:
+                result = json.loads(line)
+                break
+            except json.JSONDecodeError:
+                continue
+    return ChildRun(result=result, returncode=proc.returncode, stderr_tail="\n".join(tail),
+                    last_stage=(result or {}).get("stage") or state["stage"],
+                    seconds=time.perf_counter() - started, timed_out=timed_out)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Kill the child's process group (it was started in a session of its own) and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+# ---------------------------------------------------------------- judging the result
+
+
+def cuda_calls(folder: Path, limit: int = 3) -> list[str]:
+    """``file:line`` of remote-code lines that put work on CUDA (read as text, never imported)."""
+    found: list[str] = []
+    for path in sorted(Path(folder).glob("*.py")):
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        for n, line in enumerate(lines, 1):
+            code = line.split("#", 1)[0]
+            if _CUDA_CALLS.search(code) and "is_available" not in code:
+                found.append(f"{path.name}:{n}")
+                if len(found) >= limit:
+                    return found
+    return found
+
+
+def child_failure(run: ChildRun, *, folder: Path, python: str, device: str, timeout: float,
+                  what: str = "round trip") -> VerifyError:
+    """One VerifyError for a child that failed, timed out or died, with the most useful hint."""
+    where = _STAGE_WORDS.get(run.last_stage, run.last_stage)
+    if run.timed_out:
+        return VerifyError(f"{what} did not finish within {timeout:g}s (it was {where})", path=folder,
+                           hint="raise --timeout, lower --max-new-tokens, or use a GPU (--device cuda)")
+    if run.result is None:
+        rc = run.returncode
+        died = f"was killed by signal {-rc}" if rc is not None and rc < 0 else f"exited with code {rc}"
+        oom = " (signal 9: often out of memory)" if rc == -9 else ""
+        last = _last_line(run.stderr_tail)
+        return VerifyError(f"the {what} process {died}{oom} while {where}, without a report"
+                           + (f": {last}" if last else ""), path=folder,
+                           hint="run with --debug to see its output; check memory and the interpreter")
+    err = run.result.get("error") or {}
+    stage_name, etype, msg = err.get("stage", run.last_stage), err.get("type", "Error"), err.get("message", "")
+    where = _STAGE_WORDS.get(stage_name, stage_name)
+    gpu = run.result.get("gpu") or {}
+    text = f"{etype}: {msg}"
+    used = run.result.get("device") or device
+    if stage_name == "import":
+        return VerifyError(f"{python} cannot run the {what}: {text}", path=python,
+                           hint="install torch, transformers, numpy and pillow there, or pass --python with an "
+                                "environment that has them")
+    if stage_name == "device" and err.get("own"):
+        n = int(gpu.get("count") or 0)
+        hint = (("use --device auto, cuda or " + ("cuda:0" if n == 1 else f"cuda:0..cuda:{n - 1}"))
+                if n else _gpu_hint(python, what))
+        return VerifyError(msg, path=folder, hint=hint)
+    missing = _MISSING_PACKAGES.search(msg)
+    if missing:
+        pkgs = " ".join(p.strip() for p in missing.group(1).split(","))
+        return VerifyError(f"the folder's remote code needs packages missing from {python}: {pkgs}", path=folder,
+                           hint=f"pip install {pkgs} (into that environment), or pass --python with one that has them")
+    tb = err.get("traceback", "")
+    if _CUDA_WORDS.search(text) or (not gpu.get("cuda_available") and ".cuda(" in tb):
+        if str(used).startswith("cpu"):
+            calls = cuda_calls(folder)
+            where_code = f" (CUDA calls at {', '.join(calls)})" if calls else ""
+            if gpu.get("cuda_available"):
+                return VerifyError(f"the model's remote code needs a GPU{where_code} but the {what} ran on CPU: {text}",
+                                   path=folder, hint="use --device cuda (or auto)")
+            return VerifyError(f"the model's remote code needs a GPU{where_code}, and {python} sees none: {text}",
+                               path=folder, hint=_gpu_hint(python, what))
+    for pattern, hint in _KNOWN_BREAKAGE:
+        if pattern.search(text) or pattern.search(tb):
+            versions = run.result.get("versions") or {}
+            return VerifyError(f"{what} failed while {where} under transformers {versions.get('transformers')}: {text}",
+                               path=folder, hint=hint)
+    return VerifyError(f"{what} failed while {where}: {text}", path=folder,
+                       hint="run with --debug for the traceback; --no-roundtrip checks the files only")
+
+
+def debug_details(run: ChildRun) -> str:
+    """The child's traceback and the end of its stderr, for ``--debug``."""
+    parts = []
+    tb = ((run.result or {}).get("error") or {}).get("traceback")
+    if tb:
+        parts.append("child traceback:\n" + tb.rstrip())
+    if run.stderr_tail.strip():
+        parts.append("child stderr (last lines):\n" + run.stderr_tail.rstrip())
+    return "\n".join(parts)
+
+
+def _gpu_hint(python: str, what: str) -> str:
+    if what == "prediction":
+        return "run `sa2va-convert predict ... --device cuda` on a machine with a GPU, or pass --python with a " \
+               "CUDA-enabled environment"
+    return ("run `sa2va-convert verify --device cuda` on a machine with a GPU, or pass --python with a "
+            "CUDA-enabled environment; --no-roundtrip checks the files only")
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def judge_runs(report: RoundTripReport, folder: Path) -> list[str]:
+    """Contract checks on predict_forward's output (FORMATS.md §5); returns warnings, raises on breaches."""
+    warnings: list[str] = []
+    for run in report.runs:
+        name = run.get("name", "image")
+        if run.get("prediction_type") != "str":
+            raise VerifyError(f"predict_forward ({name}) returned a {run.get('prediction_type')} prediction, "
+                              "not text", path=folder, hint="check the folder's remote code")
+        if run.get("masks_type") not in ("list", "tuple"):
+            raise VerifyError(f"predict_forward ({name}) returned prediction_masks as {run.get('masks_type')}, "
+                              "not a list", path=folder, hint="check the folder's remote code")
+        w, h = run["input_size"]
+        expected = [run["n_frames"], h, w]
+        for i, m in enumerate(run.get("masks", [])):
+            if m.get("shape") != expected or m.get("dtype") != "bool":
+                raise VerifyError(f"predict_forward ({name}) mask {i} is {m.get('dtype')} {m.get('shape')}; "
+                                  f"expected bool {expected} (n_frames, height, width) for a {w}x{h} input",
+                                  path=folder, hint="check the folder's remote code and the SAM2 weights")
+        if run.get("seg_count") is not None and run.get("n_masks") != run["seg_count"]:
+            warnings.append(f"{name}: {run['seg_count']} [SEG] in the answer but {run.get('n_masks')} mask(s)")
+    return warnings
+
+
+def judge_loading(report: RoundTripReport, folder: Path) -> None:
+    info = report.loading_info
+    for key, label in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                       ("mismatched_keys", "shape-mismatched"), ("error_msgs", "error")):
+        items = info.get(key) or []
+        if items:
+            hint = ("a missing tensor is left uninitialised by from_pretrained; re-run the conversion"
+                    if key == "missing_keys" else "the folder does not match its remote code; re-run the conversion "
+                    "with the right --base")
+            raise VerifyError(f"from_pretrained reports {len(items)} {label} key(s): {', '.join(items[:3])}"
+                              + (" ..." if len(items) > 3 else ""), path=folder, hint=hint)
+    dt = report.dtypes
+    if dt.get("mismatch_count") and len(dt.get("file") or []) == 1:
+        raise VerifyError(f"{dt['mismatch_count']} tensor(s) load in another dtype than written "
+                          f"(config {dt.get('config')}): {dt['mismatches'][0]}", path=folder,
+                          hint="make config.json torch_dtype match the shards (re-run the conversion)")
+    if not (report.tokenizer or {}).get("seg_token_id"):
+        raise VerifyError("the tokenizer has no [SEG] token, so the model can never produce a mask", path=folder,
+                          hint="re-run the conversion with the Sa2VA base folder's tokenizer")
+
+
+def report_from(run: ChildRun, folder: Path, python: str) -> RoundTripReport:
+    r = run.result or {}
+    return RoundTripReport(
+        folder=str(folder), ok=bool(r.get("ok")), python=python, device=r.get("device"), dtype=r.get("dtype"),
+        versions=r.get("versions") or {}, gpu=r.get("gpu") or {}, loading_info=r.get("loading_info") or {},
+        dtypes=r.get("dtypes") or {}, tokenizer=r.get("tokenizer") or {}, runs=r.get("runs") or [],
+        timings=r.get("timings") or {}, warnings=list(r.get("warnings") or []), error=r.get("error"),
+        seconds=round(run.seconds, 3), raw=r,
+    )
+
+
+def run_roundtrip(
+    folder: str | os.PathLike,
+    *,
+    device: str = "auto",
+    python: str | os.PathLike | None = None,
+    max_new_tokens: int = 32,
+    prompt: str = DEFAULT_PROMPT,
+    timeout: float = DEFAULT_TIMEOUT,
+    video: bool = True,
+    on_stage: Callable[[str], None] | None = None,
+) -> RoundTripReport:
+    """Load ``folder`` in a child process and run predict_forward on a synthetic image (and video).
+
+    Raises VerifyError on any failure (the report is attached as ``error.report``); returns the
+    report when the folder loads with no missing/unexpected keys, in the dtype written, and
+    predict_forward honours its output contract.
+    """
+    folder = Path(folder).resolve()
+    if not (folder / "config.json").is_file():
+        raise VerifyError("not a model folder (no config.json)", path=folder, hint="pass the converted folder")
+    exe = resolve_python(python)
+    device = check_device(device)
+    args = {"mode": "roundtrip", "folder": str(folder), "device": device, "max_new_tokens": int(max_new_tokens),
+            "prompt": prompt, "video": bool(video)}
+    run = run_child(args, python=exe, timeout=timeout, on_stage=on_stage)
+    report = report_from(run, folder, exe)
+    if run.timed_out or not report.ok:
+        err = child_failure(run, folder=folder, python=exe, device=device, timeout=timeout)
+        err.report = report  # type: ignore[attr-defined]
+        err.details = debug_details(run)  # type: ignore[attr-defined]
+        raise err
+    try:
+        judge_loading(report, folder)
+        report.warnings += judge_runs(report, folder)
+    except VerifyError as e:
+        report.ok = False
+        e.report = report  # type: ignore[attr-defined]
+        raise
+    return report
+
+
+__all__ = ["RoundTripReport", "run_roundtrip", "run_child", "child_failure", "debug_details", "resolve_python",
+           "check_device",
+           "DEFAULT_PROMPT", "DEFAULT_TIMEOUT", "CHILD_SCRIPT"]

@@ -1,0 +1,356 @@
+"""``verify``: file checks and the round trip through a real transformers load in a real child process.
+
+Folders come from the real pipeline: the tiny example (``make_tiny_example``) converted with
+``api.convert``, loaded by our own test remote code (tests/remote_code/). Nothing is mocked: each
+round trip starts ``_child.py`` in a separate interpreter, as users get it.
+
+A random tiny model rarely says ``[SEG]``, so tests that need masks *steer* the weights on disk
+(``steer_folder``): one embedding dimension dominates every hidden state and the head reads only
+it, so greedy decoding emits ``[SEG]`` after any token and ``<p>`` after ``[SEG]``.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+pytest.importorskip("PIL")
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from sa2va_convert.api import ConvertOptions, convert  # noqa: E402
+from sa2va_convert.errors import VerifyError  # noqa: E402
+from sa2va_convert.testing import make_tiny_example  # noqa: E402
+from sa2va_convert.verify import roundtrip as rt  # noqa: E402
+from sa2va_convert.verify.commands import (  # noqa: E402
+    CHECKSUM_KEY,
+    check_remote_code,
+    shard_checksums,
+    verify_folder,
+)
+
+EMBED_NAMES = ("language_model.model.embed_tokens.weight", "model.model.language_model.embed_tokens.weight",
+               "language_model.model.tok_embeddings.weight")
+HEAD_NAMES = ("language_model.lm_head.weight", "model.lm_head.weight", "language_model.output.weight")
+SYNTH_W, SYNTH_H = 80, 60  # the child's synthetic picture
+
+
+# ------------------------------------------------------------------ helpers shared with test_predict
+
+
+def convert_tiny(root: Path, preset: str = "sa2va-1b", *, max_shard_bytes: int = 200_000) -> Path:
+    """The tiny example of ``preset`` converted for real, in several shards, with shard checksums recorded.
+
+    The checksums are written here when the converter does not record them (yet), as the writer is
+    meant to (``conversion_report.json`` key ``shard_sha256``)."""
+    ex = make_tiny_example(root / "example", preset)
+    out = root / "out"
+    convert(ex.checkpoint_path, out, ConvertOptions(base=ex.base_dir, max_shard_bytes=max_shard_bytes))
+    record_checksums(out, only_if_missing=True)
+    return out
+
+
+def shard_files(folder: Path) -> list[str]:
+    return sorted(set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()))
+
+
+def record_checksums(folder: Path, *, only_if_missing: bool = False) -> None:
+    path = folder / "conversion_report.json"
+    report = json.loads(path.read_text())
+    if only_if_missing and report.get(CHECKSUM_KEY):
+        return
+    report[CHECKSUM_KEY] = shard_checksums(folder, shard_files(folder))
+    path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+
+
+def rewrite_tensors(folder: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    """Edit the folder's tensors in place (values changed, keys deleted) and rewrite shards, index and
+    recorded checksums to match: a folder that is consistent on disk, only its content differs."""
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    by_file = {f: load_file(folder / f) for f in shard_files(folder)}
+    tensors = {k: t for shard in by_file.values() for k, t in shard.items()}
+    edit(tensors)
+    for fname, shard in by_file.items():
+        kept = {k: tensors[k].contiguous() for k in shard if k in tensors}
+        save_file(kept, folder / fname, metadata={"format": "pt"})
+    index["weight_map"] = {k: f for k, f in index["weight_map"].items() if k in tensors}
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True))
+    if json.loads((folder / "conversion_report.json").read_text()).get(CHECKSUM_KEY):
+        record_checksums(folder)
+
+
+def token_id(folder: Path, token: str) -> int:
+    from tokenizers import Tokenizer
+
+    tid = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(token)
+    assert tid is not None, token
+    return tid
+
+
+def steer_folder(folder: Path, default: str = "[SEG]", chain: dict[str, str] | None = None, c: float = 100.0) -> Path:
+    """Make greedy decoding emit ``default`` after any token, and ``chain[src]`` after ``src``."""
+    chain = {"[SEG]": "<p>"} if chain is None else chain
+
+    def edit(t: dict[str, torch.Tensor]) -> None:
+        emb = t[next(n for n in EMBED_NAMES if n in t)]
+        head = t[next(n for n in HEAD_NAMES if n in t)]
+        head[:, :4] = 0
+        emb[:, 0] = c
+        head[token_id(folder, default), 0] = 1
+        for d, (src, dst) in enumerate(chain.items(), start=1):
+            emb[token_id(folder, src)] = 0
+            emb[token_id(folder, src), d] = c
+            head[token_id(folder, dst), d] = 1
+
+    rewrite_tensors(folder, edit)
+    return folder
+
+
+def copy_of(folder: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(folder, tmp_path / "copy"))
+
+
+def assert_one_line(err: VerifyError) -> str:
+    text = str(err)
+    assert "\n" not in text and err.exit_code == 7, text
+    return text
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    """The sa2va-1b tiny example, converted in 3 shards: read-only, copy it to break it."""
+    out = convert_tiny(tmp_path_factory.mktemp("verify"))
+    assert len(shard_files(out)) >= 3
+    return out
+
+
+@pytest.fixture(scope="module")
+def steered(converted, tmp_path_factory) -> Path:
+    return steer_folder(Path(shutil.copytree(converted, tmp_path_factory.mktemp("steered") / "out")))
+
+
+# ------------------------------------------------------------------ file checks (no child process)
+
+
+def test_files_only_pass_on_a_converted_folder(converted):
+    report = verify_folder(converted, roundtrip=False)
+    d = report.to_dict()
+    assert d["ok"] and d["keymap"] == "sa2va-v1-internvl-qwen2"
+    assert d["structural"]["shards"] >= 3 and d["structural"]["vocab_rows"] == d["structural"]["tokenizer_length"]
+    assert d["checksums"] == {"checked": len(shard_files(converted)), "status": "match"}
+    # the whole relative-import closure of the remote code, not only the auto_map files
+    assert {"modeling_sa2va_chat.py", "configuration_sa2va_chat.py", "sam2.py", "templates.py"} <= set(d["code_files"])
+    assert d["roundtrip"] is None and any("round trip skipped" in n for n in d["notes"])
+    json.dumps(d)
+
+
+def test_missing_shard(converted, tmp_path):
+    folder = copy_of(converted, tmp_path)
+    victim = shard_files(folder)[1]
+    (folder / victim).unlink()
+    with pytest.raises(VerifyError) as e:
+        verify_folder(folder, device="cpu")
+    text = assert_one_line(e.value)
+    assert victim in text and "missing" in text
+
+
+def test_truncated_shard(converted, tmp_path):
+    folder = copy_of(converted, tmp_path)
+    shard = folder / shard_files(folder)[-1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(VerifyError) as e:
+        verify_folder(folder, device="cpu")
+    text = assert_one_line(e.value)
+    assert shard.name in text and "truncated" in text
+
+
+def _data_start(path: Path) -> int:
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def test_flipped_bytes_that_stay_finite_are_caught_by_the_recorded_checksums(converted, tmp_path):
+    folder = copy_of(converted, tmp_path)
+    shard = folder / shard_files(folder)[0]
+    data = bytearray(shard.read_bytes())
+    mid = (_data_start(shard) + len(data)) // 2
+    for i in range(mid, mid + 64):
+        data[i] ^= 0x55  # bf16 of small weights stays finite: only a checksum can see this
+    shard.write_bytes(bytes(data))
+    from safetensors import safe_open
+
+    with safe_open(str(shard), "pt") as f:  # the damage is invisible to the format and to a NaN scan
+        assert all(torch.isfinite(f.get_tensor(k).float()).all() for k in f.keys())
+    with pytest.raises(VerifyError) as e:
+        verify_folder(folder, device="cpu")
+    text = assert_one_line(e.value)
+    assert shard.name in text and "checksum" in text
+
+
+def test_bytes_flipped_to_nan_are_caught_without_checksums(converted, tmp_path):
+    folder = copy_of(converted, tmp_path)
+    (folder / "conversion_report.json").unlink()  # no checksums: the value scan must still see it
+    shard = folder / shard_files(folder)[0]
+    data = bytearray(shard.read_bytes())
+    start = _data_start(shard) + 64
+    data[start:start + 16] = b"\xff" * 16  # 0xFFFF is NaN in bf16
+    shard.write_bytes(bytes(data))
+    with pytest.raises(VerifyError) as e:
+        verify_folder(folder, device="cpu")
+    text = assert_one_line(e.value)
+    assert shard.name in text and "NaN" in text
+
+
+def test_vocab_size_disagreement(converted, tmp_path):
+    folder = copy_of(converted, tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["llm_config"]["vocab_size"] += 7
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    with pytest.raises(VerifyError) as e:
+        verify_folder(folder, device="cpu")
+    text = assert_one_line(e.value)
+    assert "vocab_size" in text and "config.json" in text
+
+
+@pytest.mark.parametrize("victim", ["modeling_sa2va_chat.py", "sam2.py"])
+def test_missing_remote_code_file(converted, tmp_path, victim):
+    """auto_map's own file, and one only imported relatively (``from .sam2 import ...``)."""
+    folder = copy_of(converted, tmp_path)
+    (folder / victim).unlink()
+    with pytest.raises(VerifyError) as e:
+        verify_folder(folder, device="cpu")
+    text = assert_one_line(e.value)
+    assert victim in text and "missing" in text
+
+
+def test_remote_code_closure_follows_imports_inside_try_blocks(tmp_path):
+    (tmp_path / "modeling_x.py").write_text("try:\n    from .flash_attention import F\nexcept ImportError:\n"
+                                            "    F = None\nfrom .helpers.sub import y\n")
+    (tmp_path / "flash_attention.py").write_text("F = 1\n")
+    (tmp_path / "helpers").mkdir()
+    (tmp_path / "helpers" / "sub.py").write_text("y = 2\n")
+    cfg = {"auto_map": {"AutoModel": "modeling_x.M"}}
+    assert check_remote_code(tmp_path, cfg) == ["flash_attention.py", "helpers/sub.py", "modeling_x.py"]
+    (tmp_path / "flash_attention.py").unlink()
+    with pytest.raises(VerifyError, match=r"flash_attention\.py is missing \(needed by modeling_x\.py\)"):
+        check_remote_code(tmp_path, cfg)
+
+
+def test_not_a_folder(tmp_path):
+    with pytest.raises(VerifyError, match="does not exist"):
+        verify_folder(tmp_path / "nope")
+
+
+# ------------------------------------------------------------------ the round trip (real child processes)
+
+
+def test_roundtrip_on_cpu(steered):
+    report = verify_folder(steered, device="cpu", max_new_tokens=2)
+    assert report.ok
+    r = report.roundtrip.to_dict()
+    assert r["ok"] and r["device"] == "cpu" and r["dtype"] == "bf16"
+    assert r["loading_info"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    assert r["dtypes"]["loaded"] == {"bf16": report.structural.tensors} and r["dtypes"]["mismatch_count"] == 0
+    assert r["tokenizer"]["seg_token_id"] == token_id(steered, "[SEG]")
+    assert r["model_class"] == "Sa2VAChatModel"
+    assert r["flash_attn"]["installed"] or r["flash_attn"]["filtered"]
+    assert r["versions"]["transformers"] and r["versions"]["torch"]
+    image, video = r["runs"]
+    assert image["name"] == "image" and video["name"] == "video"
+    assert image["prediction"].startswith("[SEG]") and image["seg_count"] == 1
+    for run, frames in ((image, 1), (video, 2)):
+        assert run["n_masks"] == 1
+        assert run["masks"][0]["shape"] == [frames, SYNTH_H, SYNTH_W] and run["masks"][0]["dtype"] == "bool"
+    assert r["timings"]["load"] > 0 and r["timings"]["total"] > 0
+    json.dumps(report.to_dict())
+
+
+def test_missing_tensor_passes_the_file_checks_but_not_the_roundtrip(converted, tmp_path):
+    """from_pretrained would leave it uninitialised; only loading for real shows it."""
+    folder = copy_of(converted, tmp_path)
+    rewrite_tensors(folder, lambda t: t.pop("text_hidden_fcs.0.bias"))
+    assert verify_folder(folder, roundtrip=False).ok
+    with pytest.raises(VerifyError) as e:
+        verify_folder(folder, device="cpu", max_new_tokens=1, video=False)
+    text = assert_one_line(e.value)
+    assert "missing key" in text and "text_hidden_fcs.0.bias" in text
+    assert e.value.report.roundtrip.loading_info["missing_keys"] == ["text_hidden_fcs.0.bias"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_code_that_needs_a_gpu_is_reported_with_the_fix(converted, tmp_path):
+    """Like the upstream predict_forward, which calls .cuda(): on CPU it must say what to do."""
+    folder = copy_of(converted, tmp_path)
+    modeling = folder / "modeling_sa2va_chat.py"
+    src = modeling.read_text()
+    anchor = "        if mask_prompts is not None:"
+    assert anchor in src
+    modeling.write_text(src.replace(anchor, "        torch.zeros(1).cuda()  # as upstream does\n" + anchor, 1))
+    with pytest.raises(VerifyError) as e:
+        verify_folder(folder, device="auto", max_new_tokens=1, video=False)
+    text = assert_one_line(e.value)
+    assert "needs a GPU" in text and "modeling_sa2va_chat.py:" in text
+    assert "--device cuda" in e.value.hint and "--python" in e.value.hint
+
+
+def test_timeout(converted):
+    with pytest.raises(VerifyError) as e:
+        rt.run_roundtrip(converted, device="cpu", timeout=0.5)
+    text = assert_one_line(e.value)
+    assert "did not finish within 0.5s" in text and "--timeout" in e.value.hint
+
+
+def test_unknown_interpreter_and_device(converted):
+    with pytest.raises(VerifyError, match="not found"):
+        rt.run_roundtrip(converted, python="/nonexistent/python3")
+    with pytest.raises(VerifyError, match="unknown device"):
+        rt.run_roundtrip(converted, device="tpu")
+
+
+def _python_without_torch() -> str | None:
+    import subprocess
+
+    for cand in ("/usr/bin/python3", "/bin/python3"):
+        if Path(cand).is_file() and Path(cand).resolve() != Path(sys.executable).resolve():
+            if subprocess.run([cand, "-c", "import torch"], capture_output=True).returncode != 0:
+                return cand
+    return None
+
+
+@pytest.mark.skipif(_python_without_torch() is None, reason="no interpreter without torch on this machine")
+def test_interpreter_without_torch_is_named(converted):
+    """The child starts under another interpreter (no sa2va_convert there either) and says what is missing."""
+    py = _python_without_torch()
+    with pytest.raises(VerifyError) as e:
+        rt.run_roundtrip(converted, python=py)
+    text = assert_one_line(e.value)
+    assert py in text and "torch" in text and "--python" in e.value.hint
+
+
+def test_child_script_is_standalone():
+    """_child.py runs under --python interpreters without sa2va_convert: stdlib + the model's stack only."""
+    allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "numpy", "PIL", "__future__"}
+    tree = ast.parse(rt.CHILD_SCRIPT.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "relative import in _child.py"
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            assert name.split(".")[0] in allowed, name
