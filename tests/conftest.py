@@ -24,10 +24,20 @@ class CliResult:
         return [line for line in self.stderr.splitlines() if line.startswith("error:")]
 
 
-def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> CliResult:
-    """Run ``sa2va-convert`` as users do: a separate process, plain (CI) output."""
+_NOT_CONVERT = {"inspect", "keymaps", "verify", "predict", "--help", "-h", "--version"}
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None, roundtrip: bool = False) -> CliResult:
+    """Run ``sa2va-convert`` as users do: a separate process, plain (CI) output.
+
+    Conversions skip the round trip (``--no-verify``) unless a test asks for it: loading the model in a
+    child costs seconds, and tests/test_verify.py covers it.
+    """
     full_env = {**os.environ, "CI": "1", **(env or {})}
-    p = subprocess.run([sys.executable, "-m", "sa2va_convert.cli", *map(str, args)], capture_output=True,
+    argv = [str(a) for a in args]
+    if not roundtrip and argv and argv[0] not in _NOT_CONVERT and "--no-verify" not in argv:
+        argv.append("--no-verify")
+    p = subprocess.run([sys.executable, "-m", "sa2va_convert.cli", *argv], capture_output=True,
                        text=True, timeout=timeout, env=full_env)
     return CliResult(p.returncode, p.stdout, p.stderr)
 

@@ -354,3 +354,15 @@ def test_child_script_is_standalone():
             continue
         for name in names:
             assert name.split(".")[0] in allowed, name
+
+
+def test_convert_runs_the_round_trip_by_default(tmp_path, cli):
+    """`sa2va-convert CKPT OUT` ends with predict_forward in a child process (unless --no-verify)."""
+    from sa2va_convert.testing.fixtures import make_tiny_example
+
+    ex = make_tiny_example(tmp_path / "ex")
+    r = cli(ex.checkpoint.path, tmp_path / "out", "--base", ex.base_dir, "--json", roundtrip=True)
+    assert r.returncode == 0, r.stderr
+    rt = json.loads(r.stdout)["roundtrip"]
+    assert rt["ok"] and rt["loading_info"]["missing_keys"] == [] and rt["device"] == "cpu"
+    assert [run["name"] for run in rt["runs"]] == ["image", "video"]

@@ -52,6 +52,9 @@ class ConvertOptions:
     read_back: bool = True  # read every written tensor back before publishing
     sam2: str | Path | None = None  # original recipe: sam2_hiera_large.pt (base is then a raw InternVL folder)
     code_from: str | Path | None = None  # any Sa2VA HF folder of the family: remote code + config class
+    roundtrip: bool = False  # after writing, load OUT in a separate process and run predict_forward
+    verify_device: str = "auto"
+    verify_python: str | None = None
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(dtype=self.dtype, max_shard_bytes=self.max_shard_bytes, lora_alpha=self.lora_alpha,
@@ -217,10 +220,33 @@ def convert(
     result.write = write_folder(plan, producer, base_dir=inputs.base.path, force=options.force,
                                 progress=progress, extra_files=extras, check=check)
     result.seconds = time.perf_counter() - started
+    if options.roundtrip:
+        run_verify_roundtrip(result, options, progress)
     if producer.report.zero_b:
         progress.stage(f"warning: {len(producer.report.zero_b)} LoRA adapter(s) have an all-zero B "
                        "(never trained): those layers equal the base")
     return result
+
+
+def run_verify_roundtrip(result: ConversionResult, options: ConvertOptions, progress: Progress) -> None:
+    """Load the written folder in a child process and segment a synthetic image; VerifyError on failure.
+
+    The folder stays in place either way: it is complete and structurally checked; the error
+    says what the round trip found and how to re-run it (e.g. on a GPU machine).
+    """
+    from .errors import VerifyError
+    from .verify.commands import summary_line
+    from .verify.roundtrip import run_roundtrip
+
+    progress.stage(f"verifying {result.plan.out}: loading it in a separate process and running predict_forward")
+    try:
+        rt = run_roundtrip(result.plan.out, device=options.verify_device, python=options.verify_python,
+                           max_new_tokens=16, on_stage=progress.stage)
+    except VerifyError as e:
+        raise VerifyError(f"converted, but the round trip failed: {e.message}", path=result.plan.out,
+                          hint=(e.hint or "") + "; the folder is written: re-check it with `sa2va-convert verify OUT`"
+                          " (pass --no-verify to convert without the round trip)") from None
+    result.roundtrip = {"summary": summary_line(rt.to_dict()), **rt.to_dict()}
 
 
 def dry_run(checkpoint: str | Path, out: str | Path, options: ConvertOptions | None = None) -> ConversionResult:

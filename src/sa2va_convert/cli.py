@@ -136,14 +136,20 @@ def common_options(fn: Callable) -> Callable:
 @click.option("--show-tensors", is_flag=True, help="With --dry-run: list every planned tensor.")
 @click.option("--merge-device", default="cpu", show_default=True, help="Device for LoRA merges (cpu, cuda, cuda:1).")
 @click.option("--no-read-back", is_flag=True, help="Skip reading every written tensor back before publishing.")
+@click.option("--verify/--no-verify", "roundtrip", default=True, show_default=True,
+              help="After writing, load OUT in a separate process and run predict_forward on a synthetic image.")
+@click.option("--device", "verify_device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
+              help="Device of the verification round trip (the upstream Sa2VA code needs a GPU).")
+@click.option("--python", "verify_python", metavar="PATH",
+              help="Interpreter for the round trip (e.g. your Sa2VA environment with its pinned transformers).")
 @click.option("--all", "all_checkpoints", is_flag=True,
               help="CHECKPOINT is a work_dir: convert every iter_N.pth into OUT/iter_N (skips ones already converted).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @common_options
 @handle_errors
 def convert(checkpoint: Path, out: Path, base, pretrained, keymap, sam2, code_from, dtype, max_shard_size, lora_alpha, rslora,
-            allow_unused, template, force, dry_run, show_tensors, merge_device, no_read_back, all_checkpoints, quiet,
-            json_out, debug, allow_globals) -> None:
+            allow_unused, template, force, dry_run, show_tensors, merge_device, no_read_back, roundtrip, verify_device,
+            verify_python, all_checkpoints, quiet, json_out, debug, allow_globals) -> None:
     """Convert CHECKPOINT (iter_N.pth, a DeepSpeed iter_N.pth/ folder, or a work_dir) into a HuggingFace folder OUT.
 
     Given a work_dir, the checkpoint named in its last_checkpoint file (else the
@@ -156,7 +162,7 @@ def convert(checkpoint: Path, out: Path, base, pretrained, keymap, sam2, code_fr
         base=base, pretrained=pretrained, keymap=keymap, dtype=dtype, max_shard_bytes=parse_size(max_shard_size),
         lora_alpha=lora_alpha, rslora=rslora, allow_unused=allow_unused, template=template, force=force,
         merge_device=merge_device, allow_globals=allow_globals, read_back=not no_read_back, sam2=sam2,
-        code_from=code_from,
+        code_from=code_from, roundtrip=roundtrip, verify_device=verify_device, verify_python=verify_python,
     )
     progress = make_progress(json_out, quiet)
     if all_checkpoints:
