@@ -163,3 +163,17 @@ def test_deepspeed_directory_without_optimizer_files_converts(base_cache, tmp_pa
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["plan"]["checkpoint"] == str(ckdir)
     assert_matches_reference(out, SimpleNamespace(base=base, ckpt=SimpleNamespace(path=ckdir, scale=ck.scale)))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_family_loads_and_runs_predict_forward_after_conversion(preset, make_family, tmp_path):
+    """The round trip per family: our remote-code models load the output with no missing keys and segment."""
+    from sa2va_convert.verify.roundtrip import run_roundtrip
+
+    fam = make_family(preset)
+    out = tmp_path / "out"
+    convert(fam.ckpt.path, out, ConvertOptions(base=fam.base))
+    rt = run_roundtrip(out, device="cpu", max_new_tokens=4, video=False).to_dict()
+    assert rt["ok"], rt.get("error")
+    assert rt["loading_info"]["missing_keys"] == [] and rt["loading_info"]["unexpected_keys"] == []
+    assert rt["runs"][0]["name"] == "image"
