@@ -172,7 +172,8 @@ def test_remote_code_is_copied_from_the_given_or_default_folder(tmp_path):
         default = find_remote_code(preset)
         if default is not None:  # our test models, once they exist
             base = write_base_folder(tmp_path / preset, preset)
-            names = sorted(p.name for p in default.glob("*.py") if p.name != "__init__.py")
+            shared = default.parent / "shared"
+            names = sorted(p.name for d in (default, shared) for p in d.glob("*.py") if p.name != "__init__.py")
             assert sorted(p.name for p in base.glob("*.py")) == names
 
 

@@ -96,9 +96,12 @@ def check_contract(out, n_frames=1):
 # ------------------------------------------------------------------------ files and layout
 
 
-def test_shared_remote_code_files_are_identical():
-    for name in ("sam2.py", "templates.py"):
-        assert filecmp.cmp(REMOTE / "internvl" / name, REMOTE / "qwen" / name, shallow=False), name
+def test_shared_remote_code_files_are_copied_into_both_families(tmp_path):
+    """sam2.py and templates.py live once (tests/remote_code/shared) and land in every folder we write."""
+    for preset in ("sa2va-1b", "sa2va-qwen2_5-vl"):
+        folder = write_base_folder(tmp_path / preset, preset)
+        for name in ("sam2.py", "templates.py"):
+            assert filecmp.cmp(REMOTE / "shared" / name, folder / name, shallow=False), (preset, name)
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
