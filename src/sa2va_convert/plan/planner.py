@@ -364,7 +364,7 @@ def build_plan(
 
     allow = [re.compile(p) for p in options.allow_unused]
     unused, allowed = [], []
-    for layer_map, src in ((mapped, checkpoint), (pre, pretrained)):
+    for layer_map in (mapped, pre):
         if layer_map is None:
             continue
         for hf, ref in layer_map.full.items():

@@ -76,7 +76,7 @@ class SafetensorsSource:
         self._key_file: dict[str, Path] = {}
         self._info: dict[str, TensorInfo] = {}
         self._offsets: dict[str, tuple[int, int]] = {}
-        for fname, fpath in files.items():
+        for fpath in files.values():
             header = read_safetensors_header(fpath)
             data_start = 8 + header_length(fpath)
             for key, entry in header.items():
