@@ -488,9 +488,15 @@ def make_tiny_example(
 ) -> TinyExample:
     """Write ``base/`` (3-ish shards) and ``work_dirs/exp/iter_100.pth`` + ``last_checkpoint``.
 
-    ``last_checkpoint`` holds the absolute checkpoint path and the work dir
-    holds the resolved config as ``<name>.py``, as an mmengine run leaves them.
+    The checkpoint is a fine-tune that segments (``finetune.write_segmenting_finetune``): once
+    converted, the model answers ``[SEG]<|im_end|>`` and ``predict_forward`` returns one mask,
+    which it does only if both the LoRA and the fine-tuned head arrived. Fitting it loads the
+    base folder with our test remote code in this process (a few seconds). ``last_checkpoint``
+    holds the absolute checkpoint path and the work dir holds the resolved config as
+    ``<name>.py``, as an mmengine run leaves them.
     """
+    from .finetune import write_segmenting_finetune  # it imports this module
+
     s = sizes or Sizes.tiny()
     p = get_preset(preset)
     root = Path(out_dir).resolve()
@@ -499,7 +505,7 @@ def make_tiny_example(
                              max_shard_bytes=max(1, base_layout_bytes // 3 + 1))
     work = root / "work_dirs" / "exp"
     work.mkdir(parents=True, exist_ok=True)
-    ckpt = write_training_checkpoint(work / "iter_100.pth", p, s, seed=seed + 1, base_dir=base)
+    ckpt = write_segmenting_finetune(work / "iter_100.pth", base, p, s, seed=seed + 1)
     last = work / "last_checkpoint"
     last.write_text(str(ckpt.path))
     cfg_text = training_config_text(p, lora_r=ckpt.lora_r, lora_alpha=ckpt.lora_alpha,
