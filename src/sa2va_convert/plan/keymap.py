@@ -163,8 +163,14 @@ class _Node:
     line: int
 
 
-def _to_located(node: yaml.Node) -> _Node:
+def _to_located(node: yaml.Node, seen: set[int] | None = None) -> _Node:
+    """Plain values with line numbers; refuses YAML aliases (a keymap needs none, and a recursive
+    or exponentially fanned-out alias graph would recurse forever or blow up)."""
+    seen = set() if seen is None else seen
     line = node.start_mark.line + 1
+    if id(node) in seen:
+        raise _LocatedError("YAML anchors and aliases (&name / *name) are not supported in keymaps", line)
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         out: dict[str, _Node] = {}
         for k, v in node.value:
@@ -173,10 +179,10 @@ def _to_located(node: yaml.Node) -> _Node:
                 raise _LocatedError("mapping keys must be plain strings", k.start_mark.line + 1)
             if key in out:
                 raise _LocatedError(f"duplicate field {key!r}", k.start_mark.line + 1)
-            out[key] = _to_located(v)
+            out[key] = _to_located(v, seen)
         return _Node(out, line)
     if isinstance(node, yaml.SequenceNode):
-        return _Node([_to_located(v) for v in node.value], line)
+        return _Node([_to_located(v, seen) for v in node.value], line)
     # scalars: let PyYAML resolve the tag (int, float, bool, null, str)
     return _Node(_scalar(node), line)
 
@@ -185,6 +191,9 @@ def _scalar(node: yaml.ScalarNode) -> Any:
     loader = yaml.SafeLoader("")
     try:
         return loader.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, OverflowError) as e:  # python/* or unknown tags, 2001-13-45, 10**5000
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise _LocatedError(f"unsupported YAML value ({problem})", node.start_mark.line + 1) from None
     finally:
         loader.dispose()
 
@@ -252,6 +261,8 @@ def load_keymap(path: str | Path, *, text: str | None = None) -> Keymap:
             raise KeymapError(f"cannot read keymap: {e}", path=source, hint="pass a readable UTF-8 YAML file") from None
     try:
         root_node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise KeymapError("invalid YAML: nested too deeply", path=source, hint="fix the YAML syntax") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark else 1
@@ -264,6 +275,8 @@ def load_keymap(path: str | Path, *, text: str | None = None) -> Keymap:
         root = _to_located(root_node)
     except _LocatedError as e:
         raise r.fail(e.message, e.line) from None
+    except RecursionError:
+        raise r.fail("the YAML is nested too deeply", 1) from None
     return _build(r, root)
 
 

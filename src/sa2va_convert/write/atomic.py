@@ -10,10 +10,13 @@ dead runs left behind.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
 import shutil
+import signal
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -31,28 +34,50 @@ def partial_prefix(out: Path) -> str:
 
 @contextmanager
 def output_lock(out: Path) -> Iterator[None]:
+    """Hold ``flock`` on the lock file beside OUT for the whole write.
+
+    Only the holder ever removes the lock file, and it does so while still
+    holding the lock; an acquirer re-checks after ``flock`` that the path still
+    names the file it locked (the previous holder may have removed it in
+    between), so two runs can never both believe they own OUT.
+    """
     lock = _lock_path(out)
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise OutputError(f"cannot create a lock file beside the output ({e.strerror})", path=out.parent,
-                          hint="choose an output folder in a writable directory") from None
-    try:
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputError(f"cannot create a lock file beside the output ({e.strerror})", path=out.parent,
+                              hint="choose an output folder in a writable directory") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)  # the lock file is the running conversion's: leave it alone
             raise OutputError("another sa2va-convert is writing this output right now", path=out,
                               hint="wait for it to finish, or choose another output folder") from None
+        except OSError as e:
+            os.close(fd)
+            raise OutputError(f"cannot lock the output ({e.strerror})", path=out.parent,
+                              hint="choose an output folder on a local file system") from None
         try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            current = os.stat(lock)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(os.fstat(fd), current):
+            break
+        os.close(fd)  # we locked a file its holder has just removed; lock the current one
+    try:
+        yield
+    except BaseException:
+        # Ctrl-C can land between make_partial's mkdir and the caller's cleanup: our own
+        # partial folder is removed here too, before anyone else may take the lock.
+        shutil.rmtree(out.parent / f"{partial_prefix(out)}{os.getpid()}", ignore_errors=True)
+        raise
     finally:
-        os.close(fd)
         try:
-            lock.unlink()
+            lock.unlink()  # still holding the lock, see above
         except OSError:
             pass
+        os.close(fd)
 
 
 def check_destination(out: Path, force: bool) -> None:
@@ -71,9 +96,16 @@ def check_destination(out: Path, force: bool) -> None:
 
 
 def clear_stale_partials(out: Path) -> list[str]:
-    """Remove partial folders of runs that died; safe because we hold the lock."""
+    """Remove partial folders of runs that died; safe because we hold the lock.
+
+    A ``.OUT.old-*`` folder is removed only while OUT exists (then it is a replaced
+    folder whose removal was interrupted); without OUT it may be the only copy left.
+    """
     removed = []
-    for p in out.parent.glob(partial_prefix(out) + "*"):
+    stale = list(out.parent.glob(partial_prefix(out) + "*"))
+    if out.is_dir():
+        stale += out.parent.glob(f".{out.name}.old-*")
+    for p in stale:
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p.name)
     return removed
@@ -90,24 +122,73 @@ def make_partial(out: Path) -> Path:
 
 
 def publish(tmp: Path, out: Path, force: bool) -> None:
-    """Move the finished folder into place; an old OUT is removed only after the new one is in."""
+    """Move the finished folder into place; an old OUT is removed only after the new one is in.
+
+    Replacing an existing OUT is one atomic ``renameat2(RENAME_EXCHANGE)`` where the
+    file system supports it, so no signal or kill can ever leave OUT missing; elsewhere
+    the two renames run with SIGINT/SIGTERM deferred and the old folder is put back if
+    the second rename fails.
+    """
     _fsync_dir(tmp)
     old = None
     if out.exists():
         if not force:
             raise OutputError("output folder appeared while converting", path=out,
                               hint="pass --force to replace it")
+        if _exchange(tmp, out):  # OUT is the new folder now; tmp holds the old one
+            _fsync_dir(out.parent)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except OSError:
+    with _signals_deferred():
         if old is not None:
-            os.rename(old, out)
-        raise
+            os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.rename(old, out)
+            raise
     _fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2``); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block is done (they are delivered right after)."""
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _fsync_dir(path: Path) -> None:
