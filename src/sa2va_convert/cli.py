@@ -63,7 +63,9 @@ def handle_errors(fn: Callable) -> Callable:
             click.echo(f"error: {e.one_line()}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
-            click.echo("error: interrupted; no partial output was left behind", err=True)
+            where = kwargs.get("out") or kwargs.get("folder") or kwargs.get("checkpoint") or "sa2va-convert"
+            click.echo(f"error: {where}: interrupted; no partial output was left behind "
+                       "(fix: run the same command again)", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except Exception as e:  # a bug: say so, keep it one line unless --debug
             if debug:
@@ -115,14 +117,14 @@ def common_options(fn: Callable) -> Callable:
 
 
 @main.command(epilog=EXAMPLES + EXIT_HELP)
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
-@click.option("--base", type=click.Path(path_type=Path), help="Base Sa2VA HF folder the fine-tune started from (default: found from the training config).")
-@click.option("--pretrained", type=click.Path(path_type=Path), help="Full-weights training .pth laid over the base (v2 pretrained_pth).")
+@click.argument("checkpoint", type=click.Path(path_type=Path, readable=False))
+@click.argument("out", type=click.Path(path_type=Path, readable=False))
+@click.option("--base", type=click.Path(path_type=Path, readable=False), help="Base Sa2VA HF folder the fine-tune started from (default: found from the training config).")
+@click.option("--pretrained", type=click.Path(path_type=Path, readable=False), help="Full-weights training .pth laid over the base (v2 pretrained_pth).")
 @click.option("--keymap", help="Built-in keymap name or YAML file (default: detected from the keys).")
-@click.option("--sam2", type=click.Path(path_type=Path),
+@click.option("--sam2", type=click.Path(path_type=Path, readable=False),
               help="Original recipe: sam2_hiera_large.pt; --base is then the raw InternVL2.5 folder.")
-@click.option("--code-from", type=click.Path(path_type=Path),
+@click.option("--code-from", type=click.Path(path_type=Path, readable=False),
               help="Original recipe: any Sa2VA HF folder of the family (remote code, config class, key check).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32", "auto"]), default="bf16", show_default=True,
               help="Output dtype for floating tensors; auto keeps the base's dtype.")
@@ -193,7 +195,7 @@ def convert(checkpoint: Path, out: Path, base, pretrained, keymap, sam2, code_fr
 
 
 @main.command(epilog=EXIT_HELP)
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path, readable=False))
 @click.option("--keymap", help="Use this keymap instead of detecting the family.")
 @common_options
 @handle_errors
@@ -245,7 +247,7 @@ def keymaps_show(name, json_out=False, debug=False) -> None:
 
 
 @keymaps.command("lint")
-@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("file", type=click.Path(path_type=Path, readable=False))
 @click.option("--json", "json_out", is_flag=True)
 @click.option("--debug", is_flag=True)
 @handle_errors

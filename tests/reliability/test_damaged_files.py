@@ -75,11 +75,6 @@ def test_symlink_loop_as_checkpoint(sa2va, tiny, tmp_path):
     assert_refused(r, 3, guard, a, "symbolic link")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: cli.py declares CHECKPOINT (and --base/--pretrained) as click.Path(), whose default readable=True makes "
-    "click reject an unreadable file itself: exit 2 (usage error) and 'Error: Invalid value for CHECKPOINT: ... is "
-    "not readable' instead of exit 3 and one 'error: FILE: permission denied (fix: ...)' line; pass "
-    "readable=False (the reader already reports it properly)"))
 def test_unreadable_checkpoint(tiny, tmp_path):
     """Mode 000 must be refused with 'permission denied' (as root: DAC capabilities dropped in the child)."""
     preexec = permission_preexec(tmp_path)

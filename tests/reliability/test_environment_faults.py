@@ -205,10 +205,6 @@ def _assert_interrupted(r: CliResult) -> None:
     assert "Traceback" not in r.stderr, r
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: cli.py handle_errors prints 'error: interrupted; no partial output was left behind' for Ctrl-C/SIGTERM: "
-    "not the documented 'error: FILE: what (fix: how)' shape (no OUT named, no fix); e.g. "
-    "'error: OUT: interrupted; nothing was written (fix: run the command again)'"))
 def test_interrupt_error_line_names_out_and_the_fix(tiny):
     """Interrupt while the command is still reading: the one line must name OUT and say what to do."""
     p = spawn_cli(tiny.ckpt.path, tiny.out, "--base", tiny.base, stdout=subprocess.DEVNULL)

@@ -344,7 +344,7 @@ def register_cli(main: Any) -> None:
         return fn
 
     @main.command("verify", epilog=cli.EXIT_HELP)
-    @click.argument("folder", type=click.Path(path_type=Path))
+    @click.argument("folder", type=click.Path(path_type=Path, readable=False))
     @click.option("--no-roundtrip", is_flag=True, help="Only check the files; do not load the model.")
     @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Cap on generated tokens.")
     @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="Prompt of the round trip.")
@@ -369,12 +369,12 @@ def register_cli(main: Any) -> None:
             render_verify(report.to_dict(), echo=click.echo)
 
     @main.command("predict", epilog=cli.EXIT_HELP)
-    @click.argument("folder", type=click.Path(path_type=Path))
-    @click.argument("image", type=click.Path(path_type=Path))
+    @click.argument("folder", type=click.Path(path_type=Path, readable=False))
+    @click.argument("image", type=click.Path(path_type=Path, readable=False))
     @click.argument("prompt")
-    @click.option("--save", type=click.Path(path_type=Path), default=Path("mask.png"), show_default=True,
+    @click.option("--save", type=click.Path(path_type=Path, readable=False), default=Path("mask.png"), show_default=True,
                   help="Mask PNG (white on black); more [SEG] give mask_1.png, mask_2.png, ...")
-    @click.option("--overlay", type=click.Path(path_type=Path), default=Path("overlay.png"), show_default=True,
+    @click.option("--overlay", type=click.Path(path_type=Path, readable=False), default=Path("overlay.png"), show_default=True,
                   help="The image with the masks tinted over it.")
     @click.option("--no-save", is_flag=True, help="Write no files; only print the prediction.")
     @click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Cap on generated tokens.")
