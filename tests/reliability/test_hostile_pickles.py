@@ -288,12 +288,6 @@ def test_unregistered_ext_code_is_reported_as_corrupt(sa2va, tiny, tmp_path):
     assert_refused(r, 3, guard, path, "extension code")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a pickle whose dict key is a tuple nested ~1e6 deep (a 1 MB file) crashes the converter with SIGSEGV: "
-    "CPython's C unpickler hashes the key recursively and overflows the C stack, before any policy runs. "
-    "read/safe_pickle.py:_prescan walks every opcode already; it should also track a nesting depth per stack "
-    "slot (TUPLE1/2/3/TUPLE/FROZENSET/DICT/LIST... = 1 + max of the popped slots) and refuse beyond ~10 000 "
-    "(real checkpoints nest < 20) as a corrupt file (exit 3)"))
 def test_deeply_nested_tuple_key_is_refused_not_a_crash(sa2va, tiny, tmp_path):
     depth = 1_000_000
     ops = b"}" + b")" + b"\x85" * depth + b"K\x01s"  # {((((...),),),): 1}: EMPTY_DICT, key, value, SETITEM

@@ -599,10 +599,12 @@ def _prescan(file: Any) -> None:
     if not (hasattr(file, "seek") and hasattr(file, "tell")):
         return
     start = file.tell()
+    depth = _NestingDepth()
     try:
         for count, (opcode, arg, _) in enumerate(pickletools.genops(file)):
             if opcode.name in _MEMO_PUTS and (not isinstance(arg, int) or not 0 <= arg <= count):
                 raise pickle.UnpicklingError(f"pickle memo index {arg} out of range")
+            depth.step(opcode, arg)
     except pickle.UnpicklingError:
         raise
     except ValueError as e:
@@ -612,6 +614,71 @@ def _prescan(file: Any) -> None:
         raise pickle.UnpicklingError(text) from None
     finally:
         file.seek(start)
+
+
+_MAX_NESTING = 10_000
+_IN_PLACE = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
+
+
+class _NestingDepth:
+    """Upper bound of how deeply the objects a pickle builds are nested, tracked per stack slot.
+
+    A 1 MB pickle can build a tuple nested a million deep; CPython hashes or
+    frees such an object with C recursion and crashes (SIGSEGV) before any
+    policy runs. Real checkpoints nest a few dozen levels, so a generous limit
+    refuses only the attack. The simulation stops quietly on anything it does
+    not follow (the real unpickler then reports the damage).
+    """
+
+    def __init__(self) -> None:
+        self.stack: list[int] = []
+        self.marks: list[int] = []
+        self.memo: dict[int, int] = {}
+        self.lost = False
+
+    def step(self, opcode: Any, arg: Any) -> None:
+        if self.lost:
+            return
+        try:
+            self._step(opcode, arg)
+        except (IndexError, KeyError, TypeError):
+            self.lost = True
+
+    def _step(self, opcode: Any, arg: Any) -> None:
+        name = opcode.name
+        if name == "MARK":
+            self.marks.append(len(self.stack))
+            return
+        if name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            self.memo[arg] = self.stack[-1]
+            return
+        if name == "MEMOIZE":
+            self.memo[len(self.memo)] = self.stack[-1]
+            return
+        if name in ("GET", "BINGET", "LONG_BINGET"):
+            self.stack.append(self.memo[arg])
+            return
+        before = opcode.stack_before
+        popped: list[int] = []
+        if pickletools.stackslice in before:
+            cut = self.marks.pop()
+            popped = self.stack[cut:]
+            del self.stack[cut:]
+        fixed = sum(1 for b in before if b is not pickletools.markobject and b is not pickletools.stackslice)
+        for _ in range(fixed):
+            popped.append(self.stack.pop())
+        after = opcode.stack_after
+        if not after:
+            return
+        if name in _IN_PLACE:  # the container (first of `before`) is modified, not wrapped
+            container = popped[-1] if popped else 0
+            inner = popped[:-1]
+            level = max(container, (max(inner) + 1) if inner else 0)
+        else:
+            level = (max(popped) + 1) if popped else 0
+        if level > _MAX_NESTING:
+            raise pickle.UnpicklingError(f"objects nested more than {_MAX_NESTING} levels deep")
+        self.stack.extend([level] * len(after))
 
 
 def _base_for(qualified: str) -> type[Placeholder]:
