@@ -29,7 +29,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 Image = pytest.importorskip("PIL.Image")
 
-from conftest import run_cli  # noqa: E402
+from _cli import run_cli  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from sa2va_convert.read.checkpoint import open_checkpoint  # noqa: E402
