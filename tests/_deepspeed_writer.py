@@ -174,7 +174,7 @@ class ToySa2VA(nn.Module):
 def _param_groups(model: nn.Module) -> list[dict]:
     """Two groups, as mmengine's optimizer constructor makes (decay / no decay)."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 else decay).append(p)

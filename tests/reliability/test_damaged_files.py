@@ -13,7 +13,6 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
 from _reliability import Guard, assert_refused, permission_preexec, run_fresh
 
 SHARD = "model-00001-of-00001.safetensors"

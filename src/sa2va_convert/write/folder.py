@@ -21,9 +21,11 @@ from ..plan.planner import INDEX_NAME, ConversionPlan, PlannedTensor
 from ..plan.vocab import apply_additions
 from ..progress import Progress, Silent
 from . import atomic
+from .pipeline import DEFAULT_BUDGET_BYTES, TensorPipeline
 from .safetensors_stream import StreamEntry, write_streamed
 
 SHARD_METADATA = {"format": "pt"}
+PIPELINE_BUDGET_BYTES = DEFAULT_BUDGET_BYTES  # tensors read/merged ahead of the writer (bytes in flight)
 
 
 @dataclass
@@ -49,17 +51,21 @@ def write_shards(plan: ConversionPlan, produce: Callable[[PlannedTensor], object
     """Write every shard; ``checksums`` (if given) receives each file's sha256, computed while writing."""
     by_name = plan.by_name()
     total = 0
-    for shard in plan.shards:
-        entries = [StreamEntry(n, by_name[n].info) for n in shard.tensors]
+    order = [by_name[n] for shard in plan.shards for n in shard.tensors]
+    # reading, merging and writing overlap in three threads, in plan order, memory-bounded (see pipeline)
+    with TensorPipeline(produce, order, budget_bytes=PIPELINE_BUDGET_BYTES) as pipe:
+        for shard in plan.shards:
+            entries = [StreamEntry(n, by_name[n].info) for n in shard.tensors]
 
-        def make(e: StreamEntry):
-            return produce(by_name[e.name])
+            def written(e: StreamEntry) -> None:
+                pipe.done(e.name)
+                progress.advance(e.name, e.info.nbytes)
 
-        digest = hashlib.sha256() if checksums is not None else None
-        total += write_streamed(folder / shard.filename, entries, make, metadata=SHARD_METADATA,
-                                on_tensor=lambda e: progress.advance(e.name, e.info.nbytes), digest=digest)
-        if checksums is not None:
-            checksums[shard.filename] = digest.hexdigest()
+            digest = hashlib.sha256() if checksums is not None else None
+            total += write_streamed(folder / shard.filename, entries, lambda e: pipe.get(e.name),
+                                    metadata=SHARD_METADATA, on_tensor=written, digest=digest)
+            if checksums is not None:
+                checksums[shard.filename] = digest.hexdigest()
     return total
 
 

@@ -11,7 +11,10 @@ peak memory is about one tensor whatever the shard size.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -66,6 +69,103 @@ def _write_tensor(f: BinaryIO, tensor: torch.Tensor, digest=None) -> None:
         digest.update(view)
 
 
+class _DirectFile:
+    """Sequential writes to a file opened with ``O_DIRECT``, staged in an aligned buffer.
+
+    Buffered ``write`` copies every byte into the page cache, and under memory
+    pressure (a big base folder already cached) the kernel pays for reclaim and
+    dirty throttling too: on the 2-core VM writing 7.5 GB that way cost 17.7 s of
+    system time, against 1.8 s with ``O_DIRECT`` (the device reads our buffer)
+    plus one user-space copy into the staging buffer (~12 GB/s). Writes go out in
+    whole aligned chunks; the tail is padded to the alignment and the file is
+    truncated back to its true size on close. If the file system refuses
+    ``O_DIRECT`` (tmpfs, some network or FUSE file systems) at any point, the
+    file falls back to ordinary buffered writes, with the same bytes.
+    """
+
+    ALIGN = 4096
+
+    def __init__(self, fd: int, chunk: int = 16 << 20):
+        self.fd = fd
+        self.direct = True
+        self._buf = mmap.mmap(-1, chunk)  # anonymous mappings are page-aligned
+        self._mv = memoryview(self._buf)
+        self._chunk = chunk
+        self._fill = 0
+        self._size = 0  # logical bytes written so far
+
+    def write(self, data) -> None:
+        with memoryview(data) as raw, raw.cast("B") as src:
+            n, off = len(src), 0
+            while off < n:
+                k = min(n - off, self._chunk - self._fill)
+                self._mv[self._fill:self._fill + k] = src[off:off + k]
+                self._fill += k
+                off += k
+                if self._fill == self._chunk:
+                    self._drain(self._chunk)
+        self._size += n
+
+    def _drain(self, length: int) -> None:
+        """Write ``self._mv[:length]`` (``length`` aligned unless buffered) and empty the stage."""
+        done = 0
+        with self._mv[:length] as view:  # released even if a write raises (the buffer can then close)
+            while done < length:
+                try:
+                    with view[done:] as rest:
+                        k = os.write(self.fd, rest)
+                except OSError as e:
+                    if e.errno != errno.EINVAL or not self.direct:
+                        raise
+                    self._buffered()  # O_DIRECT refused after all: same bytes, through the page cache
+                    continue
+                if k <= 0:  # pragma: no cover - os.write raises instead
+                    raise OSError(errno.EIO, "short write")
+                done += k
+                if done < length and self.direct and done % self.ALIGN:
+                    self._buffered()  # a short direct write left us unaligned: finish buffered
+        self._fill = 0
+
+    def _buffered(self) -> None:
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        self.direct = False
+
+    def close(self) -> None:
+        """Write the tail, restore the true size, fsync (the fd stays open: the caller owns it)."""
+        if self._fill:
+            tail = self._fill
+            if self.direct:
+                padded = -(-tail // self.ALIGN) * self.ALIGN
+                self._mv[tail:padded] = bytes(padded - tail)
+                self._drain(padded)
+                os.ftruncate(self.fd, self._size)
+            else:
+                self._drain(tail)
+        os.fsync(self.fd)
+
+    def release(self) -> None:
+        if not self._buf.closed:
+            self._mv.release()
+            try:
+                self._buf.close()
+            except BufferError:  # a view is still referenced (a traceback frame): unmapped when collected
+                pass
+
+
+def _open_output(path: Path, mode: int) -> tuple[int, bool]:
+    """(fd, direct): ``O_DIRECT`` where the platform and file system allow it."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    direct = getattr(os, "O_DIRECT", 0)
+    if direct:
+        try:
+            return os.open(path, flags | direct, mode), True
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+    return os.open(path, flags, mode), False
+
+
 def write_streamed(
     path: Path,
     entries: Sequence[StreamEntry],
@@ -86,8 +186,10 @@ def write_streamed(
     """
     header = build_header(entries, metadata)
     written = 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb", buffering=8 * 1024 * 1024) as f:
+    fd, direct = _open_output(path, mode)  # the umask applies to ``mode``, as with a plain open
+    f = _DirectFile(fd) if direct else os.fdopen(fd, "wb", buffering=8 * 1024 * 1024)
+    ok = False
+    try:
         f.write(header)
         if digest is not None:
             digest.update(header)
@@ -102,6 +204,21 @@ def write_streamed(
             del t
             if on_tensor is not None:
                 on_tensor(e)
-        f.flush()
-        os.fsync(f.fileno())
+        if isinstance(f, _DirectFile):
+            f.close()  # tail, true size, fsync
+        else:
+            f.flush()
+            os.fsync(f.fileno())
+        ok = True
+    finally:
+        if isinstance(f, _DirectFile):
+            f.release()
+            os.close(fd)
+        elif ok:
+            f.close()
+        else:
+            try:
+                f.close()
+            except OSError:
+                pass  # the error being raised already says what went wrong
     return written
