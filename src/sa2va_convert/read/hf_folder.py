@@ -67,6 +67,22 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
+def read_range(fpath: Path, begin: int, view: memoryview, key: str) -> None:
+    """Fill ``view`` from ``fpath`` at ``begin``; a short file is a damaged input, named as such."""
+    try:
+        with open(fpath, "rb", buffering=0) as f:
+            f.seek(begin)
+            got = 0
+            while got < len(view):
+                n = f.readinto(view[got:])
+                if not n:
+                    raise InputError(f"file ended while reading tensor {key!r}", path=fpath,
+                                     hint="re-copy or re-download this shard")
+                got += n
+    except PermissionError:
+        raise InputError("permission denied", path=fpath, hint="make the file readable") from None
+
+
 class SafetensorsSource:
     """A TensorSource over one or more safetensors files (a sharded HF folder)."""
 
@@ -108,31 +124,34 @@ class SafetensorsSource:
     def file_of(self, key: str) -> Path:
         return self._key_file[key]
 
-    def load(self, key: str) -> torch.Tensor:
-        """Read one tensor with plain file reads into fresh memory.
+    def byte_range(self, key: str) -> tuple[Path, int, int]:
+        """(file, first byte, end byte) of a tensor's data, for readers that stream it in pieces."""
+        begin, end = self._offsets[key]
+        return self._key_file[key], begin, end
+
+    def load(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor with plain file reads, into fresh memory or into ``out``.
 
         Not ``safe_open``/mmap: pages of a mapped file that were touched count
         in the process's RSS until unmapped, so mapping a 15 GB base would
         make the converter look (and, under cgroup limits, be) 15 GB big. A
         ``readinto`` leaves only the page cache, which the kernel reclaims.
+        ``out`` (a contiguous CPU uint8 tensor of at least the tensor's bytes)
+        lets the converter read into recycled memory: fresh memory costs a page
+        fault per 4 KiB, a reused buffer none. The result is then a view of it.
         """
         fpath = self._key_file[key]
         begin, end = self._offsets[key]
         info = self._info[key]
-        buf = bytearray(end - begin)
-        try:
-            with open(fpath, "rb", buffering=0) as f:
-                f.seek(begin)
-                view = memoryview(buf)
-                got = 0
-                while got < len(buf):
-                    n = f.readinto(view[got:])
-                    if not n:
-                        raise InputError(f"file ended while reading tensor {key!r}", path=fpath,
-                                         hint="re-copy or re-download this shard")
-                    got += n
-        except PermissionError:
-            raise InputError("permission denied", path=fpath, hint="make the file readable") from None
+        n = end - begin
+        if out is not None:
+            if out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() < n:
+                raise ValueError("out must be a contiguous CPU uint8 tensor of at least the tensor's bytes")
+            target = out[:n]
+            read_range(fpath, begin, memoryview(target.numpy()), key)
+            return target.view(dtypes.to_torch(info.dtype)).view(info.shape)
+        buf = bytearray(n)
+        read_range(fpath, begin, memoryview(buf), key)
         if not buf:
             return torch.empty(info.shape, dtype=dtypes.to_torch(info.dtype))
         return torch.frombuffer(buf, dtype=dtypes.to_torch(info.dtype)).reshape(info.shape)

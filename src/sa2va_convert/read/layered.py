@@ -45,6 +45,11 @@ class RenamedSource:
     def load(self, key: str) -> torch.Tensor:
         return self.inner.load(self._to_inner[key])
 
+    def release(self, key: str) -> None:
+        release = getattr(self.inner, "release", None)
+        if release is not None:
+            release(self._to_inner[key])
+
 
 class UnionSource:
     """Several sources with disjoint key sets, seen as one (label and path of the first)."""
@@ -72,6 +77,11 @@ class UnionSource:
 
     def load(self, key: str) -> torch.Tensor:
         return self._owner[key].load(key)
+
+    def release(self, key: str) -> None:
+        release = getattr(self._owner[key], "release", None)
+        if release is not None:
+            release(key)
 
     def path_of(self, key: str) -> Path:
         return Path(self._owner[key].path)

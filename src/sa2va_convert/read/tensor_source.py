@@ -16,6 +16,7 @@ from typing import Iterable, Mapping, Protocol, runtime_checkable
 import torch
 
 from .. import dtypes
+from .mapped_pages import MappedFilePages
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class StateDictSource:
         self._tensors = tensors
         self.label = label
         self.path = Path(path)
+        self._pages: MappedFilePages | bool | None = None
 
     def keys(self) -> Iterable[str]:
         return self._tensors.keys()
@@ -74,3 +76,10 @@ class StateDictSource:
 
     def load(self, key: str) -> torch.Tensor:
         return self._tensors[key]
+
+    def release(self, key: str) -> None:
+        """``key`` has been used: drop its pages from RSS if it lives in the mapped file (see mapped_pages)."""
+        if self._pages is None:
+            self._pages = MappedFilePages(self.path) if self.path.is_file() else False
+        if self._pages:
+            self._pages.release(self._tensors[key])
