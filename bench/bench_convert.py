@@ -443,11 +443,6 @@ def run_model(model: str, args, work: Path, drop: bool, logs: Path, res: dict, s
                         variants.append((shown.replace("(a) sa2va-convert", "(a) sa2va-convert --no-read-back"),
                                          [*cmd, *cli_extra, "--no-read-back"], out_a,
                                          {"merge_device": dev, "read_back": False}))
-                    if args.whatif:
-                        wcmd = [sys.executable, str(Path(__file__).resolve().parent / "whatif.py"), args.whatif, "--",
-                                *cmd[len(cli_cmd()):], *cli_extra]
-                        variants.append((shown.replace("(a) sa2va-convert", f"(a') sa2va-convert + proposed {args.whatif}"),
-                                         wcmd, out_a, {"merge_device": dev, "whatif": args.whatif}))
                     if args.defaults_too and cli_extra:
                         variants.append((f"(a) sa2va-convert (all defaults), merge {dev}", cmd, out_a,
                                          {"merge_device": dev, "defaults": True}))
@@ -472,7 +467,7 @@ def run_model(model: str, args, work: Path, drop: bool, logs: Path, res: dict, s
                 prepare_cache(drop, warm)
                 print(f"   {label} (load {loadavg():.2f}) ...", file=sys.stderr, flush=True)
                 slug = (f"{model}.{kind}.{rep}.{extra.get('merge_device', '')}{'' if extra.get('read_back', True) else 'nrb'}"
-                        f"{'.whatif' if extra.get('whatif') else ''}{'.defaults' if extra.get('defaults') else ''}")
+                        f"{'.defaults' if extra.get('defaults') else ''}")
                 m = measure(cmd, log=logs / slug, env=env, cwd=REPO)
                 m.update(label=label, kind=kind, repeat=rep, **extra)
                 if m["rc"] == 0:
@@ -557,8 +552,6 @@ def main(argv: list[str] | None = None) -> int:
                          "which needs the whole model in memory by design)")
     ap.add_argument("--no-read-back-too", action="store_true", help="also time (a) with --no-read-back")
     ap.add_argument("--defaults-too", action="store_true", help="also time (a) with no extra options at all")
-    ap.add_argument("--whatif", default="", help="also time (a) with these proposed patches of other stages "
-                    "(bench/whatif.py: reader_out,readback_fast,ckpt_release)")
     ap.add_argument("--out-root", type=Path, help="where outputs go (default: --work), e.g. a tmpfs")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--max-load", type=float, default=0.0,

@@ -26,6 +26,7 @@ INDEX_NAME = "model.safetensors.index.json"
 # Bytes the converter holds before any tensor is touched: interpreter, torch, tokenizers, the plan
 # (measured: ~290 MiB after imports, ~330 MiB once the tokenizer and plan are loaded).
 INTERPRETER_BASELINE_BYTES = 330 * 1024 * 1024
+READ_BACK_CHUNK_BYTES = 64 * 1024 * 1024  # verify.structural reads values back in pieces of this size
 NOT_COPIED = {"config.json", "README.md", "conversion_report.json", INDEX_NAME}
 
 
@@ -444,7 +445,8 @@ def build_plan(
         vocab_rows=rows, tokenizer_additions=additions, copy_files=copy_files, lora=lora,
         dropped=tuple(mapped.dropped + (pre.dropped if pre else [])),
         allowed_unused=tuple(k for k, _ in allowed), warnings=tuple(warnings),
-        peak_ram_bytes=estimate_peak_ram(planned, shards), disk_bytes=disk,
+        peak_ram_bytes=estimate_peak_ram(planned, shards, resident_layers=_resident_layers(checkpoint, pretrained)),
+        disk_bytes=disk,
         checkpoint_meta=dict(checkpoint_meta or {}),
     )
 
@@ -487,40 +489,42 @@ def _split_shards(tensors: Sequence[PlannedTensor], max_bytes: int) -> tuple[Sha
     )
 
 
+def _resident_layers(checkpoint: TensorSource, pretrained: TensorSource | None) -> frozenset[str]:
+    """Layers whose mapped pages stay in RSS: sources without ``release`` (see read.mapped_pages)."""
+    layers = {"checkpoint": checkpoint, "pretrained": pretrained}
+    return frozenset(name for name, src in layers.items() if src is not None and not hasattr(src, "release"))
+
+
 def estimate_peak_ram(tensors: Sequence[PlannedTensor], shards: Sequence[ShardPlan] = (), *,
-                      read_back: bool = True) -> int:
+                      read_back: bool = True, resident_layers: frozenset[str] = frozenset()) -> int:
     """Peak RSS of a conversion (what ``ru_maxrss``/``top`` show, mapped file pages included).
 
     Two phases, the larger wins (calibrated on Sa2VA-1B/4B-shaped runs, bench/bench_convert.py):
 
-    * writing: interpreter + every checkpoint tensor (they are memory-mapped; a page
-      once read stays counted in RSS until the checkpoint is closed) + the writer
-      pipeline's window (``write.pipeline``: up to its byte budget of tensors in
-      flight, or the largest tensor alone, plus its pool of reusable output buffers);
-    * reading back (``read_back``, the default): interpreter + checkpoint pages +
-      the largest shard, which the structural check maps whole (``safe_open``),
-      + one tensor copied out of it and its finiteness mask (1.5x the largest tensor).
-
-    Measured against it (bench/bench_convert.py, BENCHMARKS.md): 1B-, 4B-, 8B- and
-    26B-shaped conversions within about +-15%.
+    * writing: interpreter + the writer pipeline's window (``write.pipeline``: up
+      to its byte budget of tensors in flight, or the largest tensor alone, plus
+      its pool of reusable buffers) + the tensors of ``resident_layers``: sources
+      that cannot give back the pages of a memory-mapped file once a tensor is
+      written (a DeepSpeed partition set), whose pages, once read, stay in RSS;
+    * reading back (``read_back``, the default): interpreter + those pages + one
+      fixed chunk (``verify.structural`` streams values; nothing maps a shard).
     """
     from ..write import pipeline  # local: write imports plan at module level
 
-    ckpt: dict[tuple[str, str], int] = {}
-    largest_item = largest_tensor = 0
+    resident: dict[tuple[str, str], int] = {}
+    largest_item = 0
     for t in tensors:
         refs = [t.value] + ([t.lora.a, t.lora.b] if t.lora is not None else [])
         for r in refs:
-            if r.layer != "base":
-                ckpt[(r.layer, r.key)] = TensorInfo(r.shape, r.dtype).nbytes
+            if r.layer in resident_layers:
+                resident[(r.layer, r.key)] = TensorInfo(r.shape, r.dtype).nbytes
         inputs, output = pipeline.inflight_bytes(t)
         largest_item = max(largest_item, inputs + output)
-        largest_tensor = max(largest_tensor, t.nbytes)
-    mapped = sum(ckpt.values())
+    mapped = sum(resident.values())
     budget = min(pipeline.DEFAULT_BUDGET_BYTES, pipeline.AHEAD * largest_item)
     window = max(budget, largest_item) + budget // 2  # in flight + free pooled buffers
     writing = INTERPRETER_BASELINE_BYTES + mapped + window
     if not read_back or not shards:
         return writing
-    checking = INTERPRETER_BASELINE_BYTES + mapped + max(s.nbytes for s in shards) + largest_tensor * 3 // 2
+    checking = INTERPRETER_BASELINE_BYTES + mapped + READ_BACK_CHUNK_BYTES
     return max(writing, checking)

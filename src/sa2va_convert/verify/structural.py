@@ -22,7 +22,7 @@ from safetensors import safe_open
 from .. import dtypes
 from ..errors import ConvertError, VerifyError
 from ..plan.keymap import Keymap, lookup
-from ..plan.planner import INDEX_NAME, ConversionPlan
+from ..plan.planner import INDEX_NAME, READ_BACK_CHUNK_BYTES, ConversionPlan
 from ..plan.vocab import read_tokenizer_state
 from ..read.hf_folder import read_range, open_hf_folder
 
@@ -46,7 +46,6 @@ def _fail(message: str, path: Path | str, hint: str) -> VerifyError:
     return VerifyError(message, path=path, hint=hint)
 
 
-READ_BACK_CHUNK_BYTES = 64 << 20  # read-back memory: one chunk, whatever the tensor or shard size
 _CHECKED_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
