@@ -1,0 +1,185 @@
+"""The writer's two performance pieces keep their contracts: bytes, order, errors, no stuck threads.
+
+* ``write_streamed`` writes through an O_DIRECT staging buffer where the file system allows it and
+  falls back to buffered writes where it does not; either way the file is exactly what
+  ``safetensors`` reads, on ext4-like disks and on tmpfs (``/dev/shm``).
+* ``TensorPipeline`` hands tensors over in plan order, an error in reading or merging reaches the
+  writer as the original exception, and closing early stops its threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from sa2va_convert.plan.planner import PlannedTensor, SourceRef
+from sa2va_convert.read.tensor_source import TensorInfo
+from sa2va_convert.write import safetensors_stream
+from sa2va_convert.write.pipeline import TensorPipeline
+from sa2va_convert.write.safetensors_stream import StreamEntry, write_streamed
+
+
+def _odd_tensors() -> dict[str, torch.Tensor]:
+    """Sizes that straddle the 4 KiB alignment and the staging buffer's end."""
+    g = torch.Generator().manual_seed(3)
+    return {
+        "a": torch.randn(3, 7, generator=g),                  # 84 bytes
+        "b": torch.randn(1000, 1025, generator=g).bfloat16(),  # ~2 MB, not a page multiple
+        "c": torch.arange(4097, dtype=torch.int32),
+        "d": torch.empty(0, 5),
+        "e": torch.randn(33, generator=g).half(),
+    }
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], chunk: int | None = None) -> str:
+    entries = [StreamEntry(k, TensorInfo(tuple(t.shape), _short(t.dtype))) for k, t in tensors.items()]
+    digest = hashlib.sha256()
+    if chunk is not None:
+        real = safetensors_stream._DirectFile.__init__
+
+        def small(self, fd, chunk_=chunk):
+            real(self, fd, chunk=chunk_)
+
+        safetensors_stream._DirectFile.__init__ = small
+    try:
+        write_streamed(path, entries, lambda e: tensors[e.name], metadata={"format": "pt"}, digest=digest)
+    finally:
+        if chunk is not None:
+            safetensors_stream._DirectFile.__init__ = real
+    return digest.hexdigest()
+
+
+def _short(dtype: torch.dtype) -> str:
+    from sa2va_convert import dtypes
+
+    return dtypes.from_torch(dtype)
+
+
+def _check_file(path: Path, tensors: dict[str, torch.Tensor], digest: str) -> None:
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest  # the recorded checksum is the file's
+    with safe_open(str(path), framework="pt") as f:
+        assert list(f.keys()) == sorted(tensors)
+        for k, want in tensors.items():
+            got = f.get_tensor(k)
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), k
+    assert path.stat().st_mode & 0o777 == 0o644 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+@pytest.mark.parametrize("chunk", [None, 4096, 8192 * 3])
+def test_streamed_file_is_what_safetensors_reads_on_disk(tmp_path, chunk):
+    tensors = _odd_tensors()
+    path = tmp_path / "x.safetensors"
+    _check_file(path, tensors, _write(path, tensors, chunk))
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no tmpfs at /dev/shm")
+def test_streamed_file_is_what_safetensors_reads_on_tmpfs(tmp_path):
+    import tempfile
+
+    tensors = _odd_tensors()
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
+        path = Path(d) / "x.safetensors"
+        _check_file(path, tensors, _write(path, tensors))
+
+
+def test_buffered_fallback_when_direct_io_is_refused_mid_file(tmp_path, monkeypatch):
+    """A file system that accepts O_DIRECT at open but refuses a write (EINVAL) gets the same bytes."""
+    import errno
+    import os
+
+    real_write = os.write
+    calls = {"n": 0, "refused": False, "direct_after": None}
+
+    def refusing_write(fd, data):
+        calls["n"] += 1
+        if calls["refused"] and calls["direct_after"] is None:
+            calls["direct_after"] = bool(_flags(fd) & os.O_DIRECT)
+        if calls["n"] == 2 and _flags(fd) & getattr(os, "O_DIRECT", 0):
+            calls["refused"] = True
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(safetensors_stream.os, "write", refusing_write)
+    tensors = _odd_tensors()
+    path = tmp_path / "x.safetensors"
+    digest = _write(path, tensors, chunk=4096)
+    _check_file(path, tensors, digest)
+    if not calls["refused"]:
+        pytest.skip("this file system does not take O_DIRECT at open: the fallback at open was used")
+    assert calls["direct_after"] is False  # the rest went through the page cache
+
+
+def _flags(fd: int) -> int:
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_GETFL)
+
+
+# ------------------------------------------------------------------------------------ pipeline
+
+
+def _planned(n: int, rows: int = 64) -> list[PlannedTensor]:
+    return [PlannedTensor(f"t{i}", (rows, 32), "fp32", SourceRef("base", f"t{i}", (rows, 32), "fp32"))
+            for i in range(n)]
+
+
+def _alive(name: str) -> bool:
+    return any(t.name == name and t.is_alive() for t in threading.enumerate())
+
+
+def test_pipeline_hands_tensors_over_in_plan_order():
+    plan = _planned(40)
+    with TensorPipeline(lambda pt: torch.full(pt.shape, float(pt.name[1:])), plan, budget_bytes=3 * 64 * 32 * 4) as p:
+        for pt in plan:
+            t = p.get(pt.name)
+            assert float(t[0, 0]) == float(pt.name[1:])
+            p.done(pt.name)
+    assert not _alive("sa2va-read") and not _alive("sa2va-merge")
+
+
+def test_pipeline_raises_the_producers_error_in_the_writer_and_stops():
+    class Broken(ValueError):
+        pass
+
+    def produce(pt: PlannedTensor) -> torch.Tensor:
+        if pt.name == "t5":
+            raise Broken("tensor t5 is damaged")
+        return torch.zeros(pt.shape)
+
+    plan = _planned(20)
+    got = []
+    with pytest.raises(Broken, match="t5 is damaged"):
+        with TensorPipeline(produce, plan) as p:
+            for pt in plan:
+                p.get(pt.name)
+                got.append(pt.name)
+                p.done(pt.name)
+    assert got == [f"t{i}" for i in range(5)]  # everything before the failure, in order, then the error
+    assert not _alive("sa2va-read") and not _alive("sa2va-merge")
+
+
+def test_pipeline_closed_early_stops_its_threads():
+    plan = _planned(200, rows=4096)  # 512 KiB each: the budget blocks the reader long before the end
+    with TensorPipeline(lambda pt: torch.zeros(pt.shape), plan, budget_bytes=2 << 20) as p:
+        p.get("t0")
+    assert not _alive("sa2va-read") and not _alive("sa2va-merge")
+
+
+def test_pipeline_refuses_an_out_of_order_request():
+    plan = _planned(3)
+    with TensorPipeline(lambda pt: torch.zeros(pt.shape), plan) as p:
+        with pytest.raises(RuntimeError, match="next tensor is t0"):
+            p.get("t1")
