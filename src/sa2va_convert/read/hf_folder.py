@@ -124,6 +124,26 @@ class SafetensorsSource:
     def file_of(self, key: str) -> Path:
         return self._key_file[key]
 
+    def load_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor (along its first dimension), read from disk alone.
+
+        Lets the converter stream a tensor bigger than its memory window (see
+        ``TensorProducer.stream``): the bytes of a row range are contiguous.
+        """
+        fpath = self._key_file[key]
+        begin, end = self._offsets[key]
+        info = self._info[key]
+        rows = info.shape[0] if info.shape else 1
+        start, stop = max(0, start), min(rows, stop)
+        row_bytes = (end - begin) // rows if rows else 0
+        n = max(0, stop - start) * row_bytes
+        shape = (max(0, stop - start), *info.shape[1:])
+        if n == 0:
+            return torch.empty(shape, dtype=dtypes.to_torch(info.dtype))
+        buf = bytearray(n)
+        read_range(fpath, begin + start * row_bytes, memoryview(buf), key)
+        return torch.frombuffer(buf, dtype=dtypes.to_torch(info.dtype)).reshape(shape)
+
     def byte_range(self, key: str) -> tuple[Path, int, int]:
         """(file, first byte, end byte) of a tensor's data, for readers that stream it in pieces."""
         begin, end = self._offsets[key]

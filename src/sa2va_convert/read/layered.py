@@ -45,6 +45,11 @@ class RenamedSource:
     def load(self, key: str) -> torch.Tensor:
         return self.inner.load(self._to_inner[key])
 
+    def load_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        inner_key = self._to_inner[key]
+        load_rows = getattr(self.inner, "load_rows", None)
+        return load_rows(inner_key, start, stop) if load_rows is not None else self.inner.load(inner_key)[start:stop]
+
     def release(self, key: str) -> None:
         release = getattr(self.inner, "release", None)
         if release is not None:
@@ -77,6 +82,11 @@ class UnionSource:
 
     def load(self, key: str) -> torch.Tensor:
         return self._owner[key].load(key)
+
+    def load_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        owner = self._owner[key]
+        load_rows = getattr(owner, "load_rows", None)
+        return load_rows(key, start, stop) if load_rows is not None else owner.load(key)[start:stop]
 
     def release(self, key: str) -> None:
         release = getattr(self._owner[key], "release", None)

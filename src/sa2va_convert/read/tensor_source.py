@@ -79,7 +79,12 @@ class StateDictSource:
 
     def release(self, key: str) -> None:
         """``key`` has been used: drop its pages from RSS if it lives in the mapped file (see mapped_pages)."""
+        self.release_rows(key, 0, None)
+
+    def release_rows(self, key: str, start: int, stop: int | None) -> None:
+        """Like :meth:`release` for rows [start, stop) only (a tensor streamed block by block)."""
         if self._pages is None:
             self._pages = MappedFilePages(self.path) if self.path.is_file() else False
         if self._pages:
-            self._pages.release(self._tensors[key])
+            t = self._tensors[key]
+            self._pages.release(t if start == 0 and stop is None else t[start:stop])

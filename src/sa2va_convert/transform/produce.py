@@ -14,7 +14,7 @@ import math
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 
@@ -26,6 +26,7 @@ from ..read.tensor_source import TensorInfo, TensorSource
 FP16_MAX = 65504.0
 _CHUNK_ELEMS = 16 * 1024 * 1024  # exact NaN/Inf counts walk big tensors in slices to bound memory
 _BLOCK_ELEMS = 1 << 19  # CPU LoRA merge: rows per block ~ 2 MiB of fp32, so the working set stays in cache
+_STREAM_COPY_BYTES = 16 << 20  # a streamed tensor without a merge is read and written in blocks of this size
 
 
 @dataclass
@@ -95,12 +96,13 @@ def _count_nonfinite(t: torch.Tensor) -> int:
     return sum(int((~torch.isfinite(flat[s:s + _CHUNK_ELEMS])).sum()) for s in range(0, flat.numel(), _CHUNK_ELEMS))
 
 
-def _check_finite(t: torch.Tensor, what: str, path: str) -> None:
+def _check_finite(t: torch.Tensor, what: str, path: str, count: Callable[[], int] | None = None) -> None:
+    """Raise if ``t`` holds NaN/Inf; ``count`` gives the exact number when ``t`` is one block of a larger tensor."""
     if not t.is_floating_point() or t.numel() == 0:
         return
     lo, hi = _finite_minmax(t)
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        bad = _count_nonfinite(t)
+        bad = count() if count is not None else _count_nonfinite(t)
         raise PlanError(f"{what} contains {bad} NaN/Inf value(s)", path=path,
                         hint="the training diverged or the file is damaged; use an earlier checkpoint")
 
@@ -302,9 +304,42 @@ class TensorProducer:
     def _merge(self, pt: PlannedTensor, value: torch.Tensor, a_in: torch.Tensor | None, b_in: torch.Tensor | None,
                target: torch.dtype) -> torch.Tensor:
         assert pt.lora is not None and a_in is not None and b_in is not None
+        rows, cols = b_in.shape[0], a_in.shape[1]
+        if value.numel() != rows * cols:
+            raise PlanError(f"{pt.name}: LoRA B@A is {[rows, cols]}, the weight is {list(value.shape)}",
+                            path=str(self.sources[pt.lora.a.layer].path), hint="this is a bug; please report it")
+        dev = self.merge_device
+        src2d = value.reshape(rows, cols)
+        if dev.type == "cpu":
+            step = max(1, min(rows, self.block_elems // max(cols, 1)))
+            out = self._empty((rows, cols), target)
+        else:  # one block: the device has the memory, and fewer launches and syncs
+            step = max(rows, 1)
+            src2d = src2d.to(dev)
+            out = torch.empty((rows, cols), dtype=target, device=dev)
+        for _ in self._merge_blocks(pt, lambda s, e: src2d[s:e], a_in, b_in, lambda s, e: out[s:e], step):
+            pass
+        if out.device.type != "cpu":
+            host = self._empty((rows, cols), target)
+            host.copy_(out)
+            out = host
+        return out.reshape(pt.shape)
+
+    def _merge_blocks(self, pt: PlannedTensor, rows_of: Callable[[int, int], torch.Tensor], a_in: torch.Tensor,
+                      b_in: torch.Tensor, out_rows: Callable[[int, int], torch.Tensor],
+                      step: int) -> Iterator[tuple[int, int]]:
+        """Merge block by block: rows [start, stop) of W go in via ``rows_of``, out via ``out_rows``.
+
+        Yields each (start, stop) once its output rows are final; the delta
+        statistics are recorded when the last block is done. Whole-tensor
+        merges and streamed ones share this loop, so their arithmetic is the
+        same operation for operation.
+        """
+        assert pt.lora is not None
         ckpt = self.sources[pt.lora.a.layer]
         path = str(ckpt.path)
         dev = self.merge_device
+        target = dtypes.to_torch(pt.dtype)
         a = a_in.to(dev, torch.float32)
         b = b_in.to(dev, torch.float32)
         b_lo = b_hi = 0.0
@@ -316,23 +351,12 @@ class TensorProducer:
                 _check_finite(b, f"LoRA tensor {pt.lora.b.key}", path)
         zero_b = b_lo == 0.0 and b_hi == 0.0  # min = max = 0 <=> every element is (+-)0
         rows, cols = b.shape[0], a.shape[1]
-        if value.numel() != rows * cols:
-            raise PlanError(f"{pt.name}: LoRA B@A is {[rows, cols]}, the weight is {list(value.shape)}",
-                            path=path, hint="this is a bug; please report it")
         scale = float(pt.lora.scale)
         if scale != 1.0 and math.frexp(scale)[0] == 0.5 and b.numel():
             # a power of two: scale*(B@A) == (scale*B)@A exactly (every product and partial sum is
             # scaled by 2^k, no rounding changes), so fold it into the small factor
             b = b * scale
             scale = 1.0
-        src2d = value.reshape(rows, cols)
-        if dev.type == "cpu":
-            step = max(1, min(rows, self.block_elems // max(cols, 1)))
-            out = self._empty((rows, cols), target)
-        else:  # one block: the device has the memory, and fewer launches and syncs
-            step = max(rows, 1)
-            src2d = src2d.to(dev)
-            out = torch.empty((rows, cols), dtype=target, device=dev)
         # plain fp32 ops only: torch's mixed-dtype kernels (bf16 + fp32 -> bf16) are not vectorised
         # on CPU and run 20-100x slower than upcast + add_ + downcast, which are
         w_buf = torch.empty((step, cols), dtype=torch.float32, device=dev)
@@ -344,8 +368,8 @@ class TensorProducer:
         check_out = target in (torch.bfloat16, torch.float32) and pt.dtype != "fp16"
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            w, d, o = w_buf[: stop - start], d_buf[: stop - start], out[start:stop]
-            w.copy_(src2d[start:stop])  # exact upcast
+            w, d, o = w_buf[: stop - start], d_buf[: stop - start], out_rows(start, stop)
+            w.copy_(rows_of(start, stop))  # exact upcast
             base_sq += torch.linalg.vector_norm(w).double().square()
             torch.mm(b[start:stop], a, out=d)
             if scale != 1.0:
@@ -357,14 +381,92 @@ class TensorProducer:
             o.copy_(w)  # the one rounding to the output dtype
             if check_out and self.check_finite:
                 self._check_block(o, pt, path)
+            yield start, stop
         del d_buf, w_buf, a, b
         self.report.deltas.append(DeltaStats(pt.name, module_group(pt.name), pt.lora.rank,
                                              math.sqrt(float(base_sq)), math.sqrt(float(delta_sq)), zero_b))
-        if out.device.type != "cpu":
-            host = self._empty((rows, cols), target)
-            host.copy_(out)
-            out = host
-        return out.reshape(pt.shape)
+
+    # ------------------------------------------------------------- row-block streaming (huge tensors)
+
+    def can_stream(self, pt: PlannedTensor) -> bool:
+        """Whether :meth:`stream` can produce ``pt``: a 2-D tensor, merged (if at all) on the CPU."""
+        if len(pt.shape) != 2 or 0 in pt.shape or tuple(pt.value.shape) != pt.shape:
+            return False
+        if pt.lora is None:
+            return True
+        return (self.merge_device.type == "cpu" and tuple(pt.lora.b.shape[:1]) == pt.shape[:1]
+                and tuple(pt.lora.a.shape[-1:]) == pt.shape[1:])
+
+    def stream(self, pt: PlannedTensor) -> Iterator[torch.Tensor]:
+        """``pt``'s output as consecutive row blocks; each block is valid until the next is asked for.
+
+        For a tensor too big to sit in the writer's window with its inputs (the
+        26B embedding and head are 1.1 GB each in bf16, plus as much again of
+        input): its value is read a block of rows at a time and the output never
+        exists whole, so memory is a few blocks whatever the tensor's size. The
+        checks and the arithmetic are those of :meth:`finish`.
+        """
+        rows, cols = pt.shape
+        target = dtypes.to_torch(pt.dtype)
+        src = self.sources[pt.value.layer]
+        path = str(src.path)
+        rows_of = self._row_reader(pt.value)
+        check_input = self.check_finite and pt.value.layer != "base"
+        what = f"{pt.value.layer} tensor {pt.value.key}"
+
+        def count_all(step: int) -> Callable[[], int]:
+            return lambda: sum(_count_nonfinite(rows_of(s, min(rows, s + step))) for s in range(0, rows, step))
+
+        if pt.lora is not None:
+            step = max(1, min(rows, self.block_elems // cols))
+
+            def checked_rows(s: int, e: int) -> torch.Tensor:
+                block = rows_of(s, e)
+                if check_input:
+                    _check_finite(block, what, path, count_all(step))
+                return block
+
+            out_buf = torch.empty((step, cols), dtype=target)
+            a = self._load(pt.lora.a.layer, pt.lora.a.key)
+            b = self._load(pt.lora.b.layer, pt.lora.b.key)
+            for start, stop in self._merge_blocks(pt, checked_rows, a, b, lambda s, e: out_buf[: e - s], step):
+                yield out_buf[: stop - start]
+                self._rows_done(pt.value, start, stop)
+            return
+        step = max(1, min(rows, _STREAM_COPY_BYTES // max(1, cols * dtypes.itemsize(pt.value.dtype))))
+        out_buf = None
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            block = rows_of(start, stop)
+            if check_input:
+                _check_finite(block, what, path, count_all(step))
+            if block.dtype == target:
+                yield block
+            else:
+                if pt.dtype == "fp16" and block.dtype != torch.float16:
+                    _check_fp16(block, pt.name, path)
+                if out_buf is None:
+                    out_buf = torch.empty((step, cols), dtype=target)
+                o = out_buf[: stop - start]
+                o.copy_(block)
+                yield o
+            del block
+            self._rows_done(pt.value, start, stop)
+
+    def _row_reader(self, ref) -> Callable[[int, int], torch.Tensor]:
+        """rows [start, stop) of a source tensor: read from disk where the source can (``load_rows``)."""
+        src = self.sources[ref.layer]
+        load_rows = getattr(src, "load_rows", None)
+        if load_rows is not None:
+            return lambda s, e: load_rows(ref.key, s, e)
+        whole = src.load(ref.key)  # memory-mapped (checkpoint) or already in memory: slicing costs nothing
+        return lambda s, e: whole[s:e]
+
+    def _rows_done(self, ref, start: int, stop: int) -> None:
+        """A streamed block's input rows are used: a mapped source may drop their pages now."""
+        release_rows = getattr(self.sources[ref.layer], "release_rows", None)
+        if release_rows is not None:
+            release_rows(ref.key, start, stop)
 
     def _check_block(self, t: torch.Tensor, pt: PlannedTensor, path: str) -> None:
         if t.numel() == 0:

@@ -86,6 +86,13 @@ class _Failed:
 _END = object()
 
 
+class _Streamed:
+    """Marks a tensor the writer produces itself, block by block (``produce.stream``)."""
+
+    def __init__(self, pt: PlannedTensor):
+        self.pt = pt
+
+
 class TensorPipeline:
     """``get(name)`` returns the next planned tensor; ``done(name)`` after it is written frees its budget.
 
@@ -105,6 +112,17 @@ class TensorPipeline:
         largest = max((i + o for i, o in self._cost.values()), default=0)
         # a small model gets a small window: memory stays ~ a few tensors, never the model
         self._budget = min(max(0, int(budget_bytes)), AHEAD * largest)
+        # a tensor that cannot fit the window with its inputs is streamed in row blocks by the writer,
+        # alone: it holds the whole budget (+1) while written, so nothing is read or merged beside it
+        # and reports stay in plan order
+        stream, can_stream = getattr(produce, "stream", None), getattr(produce, "can_stream", None)
+        self._stream = stream if callable(stream) and callable(can_stream) else None
+        self._streamed: set[str] = set()
+        if self._stream is not None:
+            for pt in self._tensors:
+                if sum(self._cost[pt.name]) > self._budget and can_stream(pt):
+                    self._streamed.add(pt.name)
+                    self._cost[pt.name] = (self._budget + 1, 0)
         self._inflight = 0
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -159,7 +177,10 @@ class TensorPipeline:
             for pt in self._tensors:
                 if not self._admit(sum(self._cost[pt.name])):
                     break
-                self._read_q.put((pt.name, self._prepare(pt)))
+                if pt.name in self._streamed:
+                    self._read_q.put((pt.name, _Streamed(pt)))  # read block by block by the writer
+                else:
+                    self._read_q.put((pt.name, self._prepare(pt)))
         except BaseException as e:  # noqa: BLE001 - handed to the writer thread, which raises it
             self._read_q.put(_Failed(e))
             return
@@ -179,7 +200,7 @@ class TensorPipeline:
             name, prepared = item
             del item
             try:
-                out = self._finish(prepared)
+                out = self._stream(prepared.pt) if isinstance(prepared, _Streamed) else self._finish(prepared)
             except BaseException as e:  # noqa: BLE001 - handed to the writer thread, which raises it
                 self._out_q.put(_Failed(e))
                 return
@@ -204,7 +225,7 @@ class TensorPipeline:
         if item is _END:
             raise RuntimeError(f"pipeline ended before {name}")
         self._next += 1
-        if self._recycle is not None:
+        if self._recycle is not None and isinstance(item, torch.Tensor):
             self._handed[name] = item
         return item
 

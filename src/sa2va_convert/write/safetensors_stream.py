@@ -19,7 +19,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO, Callable, Iterable, Sequence
 
 import torch
 
@@ -54,6 +54,18 @@ def build_header(entries: Sequence[StreamEntry], metadata: dict[str, str] | None
 
 def file_size(entries: Sequence[StreamEntry], metadata: dict[str, str] | None = None) -> int:
     return len(build_header(entries, metadata)) + sum(e.info.nbytes for e in entries)
+
+
+def _write_blocks(f: BinaryIO, e: StreamEntry, blocks: Iterable[torch.Tensor], digest=None) -> None:
+    """Write a tensor given as row blocks; their dtype and total size must be exactly the planned ones."""
+    n = 0
+    for block in blocks:
+        if dtypes.from_torch(block.dtype) != e.info.dtype:
+            raise RuntimeError(f"tensor {e.name}: planned {e.info.dtype}, produced a {block.dtype} block")
+        _write_tensor(f, block, digest)
+        n += block.numel() * block.element_size()
+    if n != e.info.nbytes:
+        raise RuntimeError(f"tensor {e.name}: planned {e.info.nbytes} bytes, produced {n}")
 
 
 def _write_tensor(f: BinaryIO, tensor: torch.Tensor, digest=None) -> None:
@@ -169,7 +181,7 @@ def _open_output(path: Path, mode: int) -> tuple[int, bool]:
 def write_streamed(
     path: Path,
     entries: Sequence[StreamEntry],
-    produce: Callable[[StreamEntry], torch.Tensor],
+    produce: Callable[[StreamEntry], "torch.Tensor | Iterable[torch.Tensor]"],
     *,
     metadata: dict[str, str] | None = None,
     on_tensor: Callable[[StreamEntry], None] | None = None,
@@ -196,10 +208,13 @@ def write_streamed(
         written += len(header)
         for e in entries:
             t = produce(e)
-            got = TensorInfo(tuple(t.shape), dtypes.from_torch(t.dtype))
-            if got != e.info:
-                raise RuntimeError(f"tensor {e.name}: planned {e.info}, produced {got}")
-            _write_tensor(f, t, digest)
+            if isinstance(t, torch.Tensor):
+                got = TensorInfo(tuple(t.shape), dtypes.from_torch(t.dtype))
+                if got != e.info:
+                    raise RuntimeError(f"tensor {e.name}: planned {e.info}, produced {got}")
+                _write_tensor(f, t, digest)
+            else:  # consecutive blocks of rows (a tensor too big to hold whole, see TensorProducer.stream)
+                _write_blocks(f, e, t, digest)
             written += e.info.nbytes
             del t
             if on_tensor is not None:
