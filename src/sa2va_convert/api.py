@@ -58,7 +58,8 @@ class ConvertOptions:
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(dtype=self.dtype, max_shard_bytes=self.max_shard_bytes, lora_alpha=self.lora_alpha,
-                           rslora=self.rslora, allow_unused=tuple(self.allow_unused), template=self.template)
+                           rslora=self.rslora, allow_unused=tuple(self.allow_unused), template=self.template,
+                           merge_device=self.merge_device, read_back=self.read_back)
 
 
 @dataclass

@@ -95,6 +95,8 @@ class PlanOptions:
     rslora: bool | None = None
     allow_unused: tuple[str, ...] = ()
     template: str | None = None
+    merge_device: str = "cpu"  # only for the peak-RAM estimate: what the writer streams in row blocks
+    read_back: bool = True  # only for the peak-RAM estimate
 
 
 @dataclass
@@ -445,7 +447,8 @@ def build_plan(
         vocab_rows=rows, tokenizer_additions=additions, copy_files=copy_files, lora=lora,
         dropped=tuple(mapped.dropped + (pre.dropped if pre else [])),
         allowed_unused=tuple(k for k, _ in allowed), warnings=tuple(warnings),
-        peak_ram_bytes=estimate_peak_ram(planned, shards, resident_layers=_resident_layers(checkpoint, pretrained)),
+        peak_ram_bytes=estimate_peak_ram(planned, shards, read_back=options.read_back, merge_device=options.merge_device,
+                                        resident_layers=_resident_layers(checkpoint, pretrained)),
         disk_bytes=disk,
         checkpoint_meta=dict(checkpoint_meta or {}),
     )
@@ -496,33 +499,38 @@ def _resident_layers(checkpoint: TensorSource, pretrained: TensorSource | None) 
 
 
 def estimate_peak_ram(tensors: Sequence[PlannedTensor], shards: Sequence[ShardPlan] = (), *,
-                      read_back: bool = True, resident_layers: frozenset[str] = frozenset()) -> int:
+                      read_back: bool = True, resident_layers: frozenset[str] = frozenset(),
+                      merge_device: str = "cpu") -> int:
     """Peak RSS of a conversion (what ``ru_maxrss``/``top`` show, mapped file pages included).
 
-    Two phases, the larger wins (calibrated on Sa2VA-1B/4B-shaped runs, bench/bench_convert.py):
+    Two phases, the larger wins (calibrated on Sa2VA-1B/4B/8B-shaped runs, bench/bench_convert.py):
 
     * writing: interpreter + the writer pipeline's window (``write.pipeline``: up
-      to its byte budget of tensors in flight, or the largest tensor alone, plus
-      its pool of reusable buffers) + the tensors of ``resident_layers``: sources
-      that cannot give back the pages of a memory-mapped file once a tensor is
+      to its byte budget of tensors in flight, plus its pool of reusable buffers;
+      a tensor bigger than the budget is streamed in row blocks, or, where it
+      cannot be, held alone) + the tensors of ``resident_layers``: sources that
+      cannot give back the pages of a memory-mapped file once a tensor is
       written (a DeepSpeed partition set), whose pages, once read, stay in RSS;
     * reading back (``read_back``, the default): interpreter + those pages + one
       fixed chunk (``verify.structural`` streams values; nothing maps a shard).
     """
+    from ..transform.produce import STREAM_BLOCK_BYTES, streamable  # local: estimates only
     from ..write import pipeline  # local: write imports plan at module level
 
     resident: dict[tuple[str, str], int] = {}
-    largest_item = 0
+    costs: list[tuple[PlannedTensor, int]] = []
     for t in tensors:
         refs = [t.value] + ([t.lora.a, t.lora.b] if t.lora is not None else [])
         for r in refs:
             if r.layer in resident_layers:
                 resident[(r.layer, r.key)] = TensorInfo(r.shape, r.dtype).nbytes
-        inputs, output = pipeline.inflight_bytes(t)
-        largest_item = max(largest_item, inputs + output)
-    mapped = sum(resident.values())
+        costs.append((t, sum(pipeline.inflight_bytes(t))))
+    largest_item = max((c for _, c in costs), default=0)
     budget = min(pipeline.DEFAULT_BUDGET_BYTES, pipeline.AHEAD * largest_item)
-    window = max(budget, largest_item) + budget // 2  # in flight + free pooled buffers
+    held = max((c for t, c in costs if c <= budget or not streamable(t, merge_device)), default=0)
+    streams = any(c > budget and streamable(t, merge_device) for t, c in costs)
+    window = max(budget, held, STREAM_BLOCK_BYTES if streams else 0) + budget // 2  # + free pooled buffers
+    mapped = sum(resident.values())
     writing = INTERPRETER_BASELINE_BYTES + mapped + window
     if not read_back or not shards:
         return writing

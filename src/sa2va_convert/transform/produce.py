@@ -27,6 +27,7 @@ FP16_MAX = 65504.0
 _CHUNK_ELEMS = 16 * 1024 * 1024  # exact NaN/Inf counts walk big tensors in slices to bound memory
 _BLOCK_ELEMS = 1 << 19  # CPU LoRA merge: rows per block ~ 2 MiB of fp32, so the working set stays in cache
 _STREAM_COPY_BYTES = 16 << 20  # a streamed tensor without a merge is read and written in blocks of this size
+STREAM_BLOCK_BYTES = 3 * _STREAM_COPY_BYTES  # about what one streamed tensor holds at a time (estimates)
 
 
 @dataclass
@@ -166,6 +167,20 @@ class _BufferPool:
             if self._free_bytes + n <= self.max_bytes:
                 self._free.setdefault(n, []).append(buf)
                 self._free_bytes += n
+
+
+def streamable(pt: PlannedTensor, merge_device: str = "cpu") -> bool:
+    """Whether :meth:`TensorProducer.stream` can produce ``pt``: 2-D, merged (if at all) on the CPU.
+
+    A GPU merge takes the tensor whole (the device has the memory, and one
+    launch beats many), so it is not streamed.
+    """
+    if len(pt.shape) != 2 or 0 in pt.shape or tuple(pt.value.shape) != pt.shape:
+        return False
+    if pt.lora is None:
+        return True
+    return (torch.device(merge_device).type == "cpu" and tuple(pt.lora.b.shape[:1]) == pt.shape[:1]
+            and tuple(pt.lora.a.shape[-1:]) == pt.shape[1:])
 
 
 @dataclass
@@ -389,13 +404,7 @@ class TensorProducer:
     # ------------------------------------------------------------- row-block streaming (huge tensors)
 
     def can_stream(self, pt: PlannedTensor) -> bool:
-        """Whether :meth:`stream` can produce ``pt``: a 2-D tensor, merged (if at all) on the CPU."""
-        if len(pt.shape) != 2 or 0 in pt.shape or tuple(pt.value.shape) != pt.shape:
-            return False
-        if pt.lora is None:
-            return True
-        return (self.merge_device.type == "cpu" and tuple(pt.lora.b.shape[:1]) == pt.shape[:1]
-                and tuple(pt.lora.a.shape[-1:]) == pt.shape[1:])
+        return streamable(pt, self.merge_device.type)
 
     def stream(self, pt: PlannedTensor) -> Iterator[torch.Tensor]:
         """``pt``'s output as consecutive row blocks; each block is valid until the next is asked for.
