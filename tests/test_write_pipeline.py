@@ -42,8 +42,8 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], chunk: int | None = Non
     if chunk is not None:
         real = safetensors_stream._DirectFile.__init__
 
-        def small(self, fd, chunk_=chunk):
-            real(self, fd, chunk=chunk_)
+        def small(self, fd, chunk_=chunk, **kw):
+            real(self, fd, chunk=chunk_, **kw)
 
         safetensors_stream._DirectFile.__init__ = small
     try:
@@ -120,6 +120,30 @@ def test_buffered_fallback_when_direct_io_is_refused_mid_file(tmp_path, monkeypa
     if not calls["refused"]:
         pytest.skip("this file system does not take O_DIRECT at open: the fallback at open was used")
     assert calls["direct_after"] is False  # the rest went through the page cache
+
+
+def test_buffered_writes_when_direct_io_is_refused_at_open(tmp_path, monkeypatch):
+    """A file system that refuses O_DIRECT at open (EINVAL) gets an ordinary fd and the same bytes."""
+    import errno
+    import os
+
+    direct = getattr(os, "O_DIRECT", 0)
+    if not direct:
+        pytest.skip("no O_DIRECT on this platform: every write is buffered anyway")
+    real_open, refused = os.open, []
+
+    def refusing_open(path, flags, mode=0o777):
+        if flags & direct:
+            refused.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(safetensors_stream.os, "open", refusing_open)
+    tensors = _odd_tensors()
+    path = tmp_path / "x.safetensors"
+    digest = _write(path, tensors, chunk=8192)
+    assert refused == [path]
+    _check_file(path, tensors, digest)
 
 
 def _flags(fd: int) -> int:

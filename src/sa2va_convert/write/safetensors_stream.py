@@ -19,7 +19,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -56,7 +56,7 @@ def file_size(entries: Sequence[StreamEntry], metadata: dict[str, str] | None = 
     return len(build_header(entries, metadata)) + sum(e.info.nbytes for e in entries)
 
 
-def _write_blocks(f: BinaryIO, e: StreamEntry, blocks: Iterable[torch.Tensor], digest=None) -> None:
+def _write_blocks(f: _DirectFile, e: StreamEntry, blocks: Iterable[torch.Tensor], digest=None) -> None:
     """Write a tensor given as row blocks; their dtype and total size must be exactly the planned ones."""
     n = 0
     for block in blocks:
@@ -68,7 +68,7 @@ def _write_blocks(f: BinaryIO, e: StreamEntry, blocks: Iterable[torch.Tensor], d
         raise RuntimeError(f"tensor {e.name}: planned {e.info.nbytes} bytes, produced {n}")
 
 
-def _write_tensor(f: BinaryIO, tensor: torch.Tensor, digest=None) -> None:
+def _write_tensor(f: _DirectFile, tensor: torch.Tensor, digest=None) -> None:
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.to("cpu")
@@ -91,15 +91,16 @@ class _DirectFile:
     plus one user-space copy into the staging buffer (~12 GB/s). Writes go out in
     whole aligned chunks; the tail is padded to the alignment and the file is
     truncated back to its true size on close. If the file system refuses
-    ``O_DIRECT`` (tmpfs, some network or FUSE file systems) at any point, the
-    file falls back to ordinary buffered writes, with the same bytes.
+    ``O_DIRECT`` (tmpfs, some network or FUSE file systems) at open or at any
+    later write, the same class writes the same bytes through the page cache
+    (``direct=False``), so the writer has one path and one error handling.
     """
 
     ALIGN = 4096
 
-    def __init__(self, fd: int, chunk: int = 16 << 20):
+    def __init__(self, fd: int, chunk: int = 16 << 20, *, direct: bool = True):
         self.fd = fd
-        self.direct = True
+        self.direct = direct  # False: the fd is an ordinary one and the stage is just a write buffer
         self._buf = mmap.mmap(-1, chunk)  # anonymous mappings are page-aligned
         self._mv = memoryview(self._buf)
         self._chunk = chunk
@@ -199,7 +200,7 @@ def write_streamed(
     header = build_header(entries, metadata)
     written = 0
     fd, direct = _open_output(path, mode)  # the umask applies to ``mode``, as with a plain open
-    f = _DirectFile(fd) if direct else os.fdopen(fd, "wb", buffering=8 * 1024 * 1024)
+    f = _DirectFile(fd, direct=direct)
     ok = False
     try:
         f.write(header)
@@ -219,21 +220,14 @@ def write_streamed(
             del t
             if on_tensor is not None:
                 on_tensor(e)
-        if isinstance(f, _DirectFile):
-            f.close()  # tail, true size, fsync
-        else:
-            f.flush()
-            os.fsync(f.fileno())
+        f.close()  # tail, true size, fsync
         ok = True
     finally:
-        if isinstance(f, _DirectFile):
-            f.release()
+        f.release()
+        try:
             os.close(fd)
-        elif ok:
-            f.close()
-        else:
-            try:
-                f.close()
-            except OSError:
-                pass  # the error being raised already says what went wrong
+        except OSError:
+            if ok:
+                raise
+            # otherwise the error being raised already says what went wrong
     return written
