@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from sa2va_convert.errors import VerifyError
 from sa2va_convert.read.checkpoint import open_checkpoint
-from sa2va_convert.read.hf_folder import SafetensorsSource
+from sa2va_convert.read.hf_folder import SafetensorsSource, open_hf_folder
 from sa2va_convert.read.mapped_pages import MappedFilePages
 from sa2va_convert.verify import structural
 
@@ -71,7 +71,7 @@ def test_read_back_finds_nan_in_any_chunk(tmp_path, monkeypatch, where):
     monkeypatch.setattr(structural, "READ_BACK_CHUNK_BYTES", 4096)  # many chunks per tensor
     tensors = {"a": torch.ones(4000, dtype=torch.bfloat16), "b": torch.ones(3001, dtype=torch.bfloat16)}
     folder = _folder_with(tmp_path, tensors)
-    structural._read_all_values(folder, ["model.safetensors"])  # clean: passes
+    structural._read_all_values(open_hf_folder(folder, label="output"))  # clean: passes
 
     shard = folder / "model.safetensors"
     header = json.loads(shard.read_bytes()[8:_data_start(shard)])
@@ -82,19 +82,27 @@ def test_read_back_finds_nan_in_any_chunk(tmp_path, monkeypatch, where):
     data[at:at + 2] = b"\xc0\x7f"  # bf16 NaN, little-endian
     shard.write_bytes(bytes(data))
     with pytest.raises(VerifyError) as e:
-        structural._read_all_values(folder, ["model.safetensors"])
+        structural._read_all_values(open_hf_folder(folder, label="output"))
     assert f"tensor {key} holds NaN/Inf" in e.value.message and "model.safetensors" in str(e.value.path)
 
 
-def test_read_back_refuses_a_shard_the_library_reads_differently(tmp_path):
-    folder = _folder_with(tmp_path, {"a": torch.ones(4)})
+def test_read_back_refuses_a_shard_the_library_cannot_open(tmp_path):
+    """Our parser accepts this header; safetensors does not (overlapping data offsets), so verify fails."""
+    folder = _folder_with(tmp_path, {"a": torch.ones(4), "b": torch.ones(4)})
     shard = folder / "model.safetensors"
     data = bytearray(shard.read_bytes())
     n = struct.unpack("<Q", data[:8])[0]
-    data[8:8 + n] = data[8:8 + n].replace(b'"F32"', b'"XYZ"')  # a dtype safetensors does not know
+    header = json.loads(data[8:8 + n])
+    header["b"]["data_offsets"] = header["a"]["data_offsets"]  # both tensors claim the same bytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (n - len(raw))
+    assert len(raw) == n
+    data[8:8 + n] = raw
     shard.write_bytes(bytes(data))
-    with pytest.raises(VerifyError):
-        structural._read_all_values(folder, ["model.safetensors"])
+    hf = open_hf_folder(folder, label="output")  # our own reader opens it
+    with pytest.raises(VerifyError) as e:
+        structural._read_all_values(hf)
+    assert "cannot be read back" in e.value.message
 
 
 def _resident_bytes_of(path: Path) -> int:

@@ -24,7 +24,7 @@ from ..errors import ConvertError, VerifyError
 from ..plan.keymap import Keymap, lookup
 from ..plan.planner import INDEX_NAME, READ_BACK_CHUNK_BYTES, ConversionPlan
 from ..plan.vocab import read_tokenizer_state
-from ..read.hf_folder import read_range, open_hf_folder
+from ..read.hf_folder import HFFolder, open_hf_folder, read_range
 
 
 @dataclass
@@ -49,7 +49,7 @@ def _fail(message: str, path: Path | str, hint: str) -> VerifyError:
 _CHECKED_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _read_all_values(folder: Path, files: Sequence[str]) -> None:
+def _read_all_values(hf: HFFolder) -> None:
     """Read every tensor's bytes back from disk; catches corruption the header cannot show (and NaN).
 
     Each shard's header goes through ``safetensors.safe_open`` (the library
@@ -60,12 +60,9 @@ def _read_all_values(folder: Path, files: Sequence[str]) -> None:
     of a 5 GB shard in RSS, and ``isfinite`` is not vectorised for bf16
     (measured ~30x slower, BENCHMARKS.md).
     """
-    try:
-        src = open_hf_folder(folder, label="output").weights
-    except ConvertError as e:
-        raise _fail(e.message, e.path or folder, "re-run the conversion") from None
-    for fname in files:
-        path = folder / fname
+    src = hf.weights
+    for fname in hf.weight_files:
+        path = hf.path / fname
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 lib_keys = set(f.keys())
@@ -76,13 +73,13 @@ def _read_all_values(folder: Path, files: Sequence[str]) -> None:
             raise _fail("safetensors and sa2va-convert read different tensors from this shard", path,
                         "re-run the conversion")
     buf = torch.empty(READ_BACK_CHUNK_BYTES, dtype=torch.uint8)
+    step = READ_BACK_CHUNK_BYTES - READ_BACK_CHUNK_BYTES % 8  # whole elements of any dtype
     for key in src.keys():
         info = src.info(key)
         torch_dtype = dtypes.to_torch(info.dtype)
         if torch_dtype not in _CHECKED_FLOATS or info.nbytes == 0:
             continue
         fpath, begin, end = src.byte_range(key)
-        step = READ_BACK_CHUNK_BYTES - READ_BACK_CHUNK_BYTES % 8  # whole elements of any dtype
         for off in range(begin, end, step):
             n = min(step, end - off)
             piece = buf[:n]
@@ -114,7 +111,7 @@ def check_against_plan(folder: Path, plan: ConversionPlan, *, read_values: bool 
             raise _fail(f"{name}: written {list(info.shape)} {info.dtype}, planned {list(pt.shape)} {pt.dtype}",
                         folder, "this is a bug; please report it")
     if read_values:
-        _read_all_values(folder, hf.weight_files)
+        _read_all_values(hf)
         report.checked_values = True
     report.tensors, report.shards = len(got), len(hf.weight_files)
     report.bytes = sum((folder / f).stat().st_size for f in hf.weight_files)
@@ -167,7 +164,7 @@ def check_folder(folder: Path, keymap: Keymap | None = None, *, read_values: boo
             raise _fail(f"tokenizer has {tok.length} tokens but the vocabulary is {vocab}", folder,
                         "re-run the conversion with the right --base")
     if read_values:
-        _read_all_values(folder, hf.weight_files)
+        _read_all_values(hf)
         report.checked_values = True
     return report
 
