@@ -130,19 +130,12 @@ class SafetensorsSource:
         Lets the converter stream a tensor bigger than its memory window (see
         ``TensorProducer.stream``): the bytes of a row range are contiguous.
         """
-        fpath = self._key_file[key]
-        begin, end = self._offsets[key]
         info = self._info[key]
         rows = info.shape[0] if info.shape else 1
-        start, stop = max(0, start), min(rows, stop)
-        row_bytes = (end - begin) // rows if rows else 0
-        n = max(0, stop - start) * row_bytes
-        shape = (max(0, stop - start), *info.shape[1:])
-        if n == 0:
-            return torch.empty(shape, dtype=dtypes.to_torch(info.dtype))
-        buf = bytearray(n)
-        read_range(fpath, begin + start * row_bytes, memoryview(buf), key)
-        return torch.frombuffer(buf, dtype=dtypes.to_torch(info.dtype)).reshape(shape)
+        start = max(0, start)
+        stop = max(start, min(rows, stop))
+        row_bytes = info.nbytes // rows if rows else 0
+        return self._read(key, start * row_bytes, (stop - start, *info.shape[1:]))
 
     def byte_range(self, key: str) -> tuple[Path, int, int]:
         """(file, first byte, end byte) of a tensor's data, for readers that stream it in pieces."""
@@ -160,21 +153,27 @@ class SafetensorsSource:
         lets the converter read into recycled memory: fresh memory costs a page
         fault per 4 KiB, a reused buffer none. The result is then a view of it.
         """
-        fpath = self._key_file[key]
-        begin, end = self._offsets[key]
+        return self._read(key, 0, self._info[key].shape, out)
+
+    def _read(self, key: str, skip: int, shape: tuple[int, ...], out: torch.Tensor | None = None) -> torch.Tensor:
+        """``shape``'s worth of ``key``'s bytes, starting ``skip`` bytes into its data."""
         info = self._info[key]
-        n = end - begin
+        dtype = dtypes.to_torch(info.dtype)
+        n = TensorInfo(tuple(shape), info.dtype).nbytes
         if out is not None:
             if out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() < n:
                 raise ValueError("out must be a contiguous CPU uint8 tensor of at least the tensor's bytes")
-            target = out[:n]
-            read_range(fpath, begin, memoryview(target.numpy()), key)
-            return target.view(dtypes.to_torch(info.dtype)).view(info.shape)
-        buf = bytearray(n)
-        read_range(fpath, begin, memoryview(buf), key)
-        if not buf:
-            return torch.empty(info.shape, dtype=dtypes.to_torch(info.dtype))
-        return torch.frombuffer(buf, dtype=dtypes.to_torch(info.dtype)).reshape(info.shape)
+            buf = out[:n]
+            view = memoryview(buf.numpy())
+        else:
+            if n == 0:
+                return torch.empty(shape, dtype=dtype)
+            raw = bytearray(n)
+            buf, view = None, memoryview(raw)
+        read_range(self._key_file[key], self._offsets[key][0] + skip, view, key)
+        if buf is not None:
+            return buf.view(dtype).view(shape)
+        return torch.frombuffer(raw, dtype=dtype).reshape(shape)
 
     def close(self) -> None:
         pass

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import InputError, PlanError
 from .safe_pickle import safe_torch_load
-from .tensor_source import StateDictSource, TensorInfo, TensorSource
+from .tensor_source import StateDictSource, TensorInfo, TensorSource, load_rows, release_rows
 
 
 class RenamedSource:
@@ -46,14 +46,10 @@ class RenamedSource:
         return self.inner.load(self._to_inner[key])
 
     def load_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        inner_key = self._to_inner[key]
-        load_rows = getattr(self.inner, "load_rows", None)
-        return load_rows(inner_key, start, stop) if load_rows is not None else self.inner.load(inner_key)[start:stop]
+        return load_rows(self.inner, self._to_inner[key], start, stop)
 
-    def release(self, key: str) -> None:
-        release = getattr(self.inner, "release", None)
-        if release is not None:
-            release(self._to_inner[key])
+    def release_rows(self, key: str, start: int, stop: int | None) -> None:
+        release_rows(self.inner, self._to_inner[key], start, stop)
 
 
 class UnionSource:
@@ -84,14 +80,10 @@ class UnionSource:
         return self._owner[key].load(key)
 
     def load_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        owner = self._owner[key]
-        load_rows = getattr(owner, "load_rows", None)
-        return load_rows(key, start, stop) if load_rows is not None else owner.load(key)[start:stop]
+        return load_rows(self._owner[key], key, start, stop)
 
-    def release(self, key: str) -> None:
-        release = getattr(self._owner[key], "release", None)
-        if release is not None:
-            release(key)
+    def release_rows(self, key: str, start: int, stop: int | None) -> None:
+        release_rows(self._owner[key], key, start, stop)
 
     def path_of(self, key: str) -> Path:
         return Path(self._owner[key].path)

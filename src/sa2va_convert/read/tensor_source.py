@@ -77,14 +77,26 @@ class StateDictSource:
     def load(self, key: str) -> torch.Tensor:
         return self._tensors[key]
 
-    def release(self, key: str) -> None:
-        """``key`` has been used: drop its pages from RSS if it lives in the mapped file (see mapped_pages)."""
-        self.release_rows(key, 0, None)
+    def load_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        return self._tensors[key][start:stop]  # a view: memory-mapped rows are read only when used
 
-    def release_rows(self, key: str, start: int, stop: int | None) -> None:
-        """Like :meth:`release` for rows [start, stop) only (a tensor streamed block by block)."""
+    def release_rows(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        """Rows [start, stop) of ``key`` (default: all) are used: drop their pages from RSS if they live
+        in the mapped checkpoint file (see mapped_pages)."""
         if self._pages is None:
             self._pages = MappedFilePages(self.path) if self.path.is_file() else False
         if self._pages:
-            t = self._tensors[key]
-            self._pages.release(t if start == 0 and stop is None else t[start:stop])
+            self._pages.release(self._tensors[key][start:stop])
+
+
+def load_rows(src: TensorSource, key: str, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of ``key`` from any source: its own ``load_rows`` if it has one, else a slice."""
+    own = getattr(src, "load_rows", None)
+    return own(key, start, stop) if own is not None else src.load(key)[start:stop]
+
+
+def release_rows(src: TensorSource, key: str, start: int = 0, stop: int | None = None) -> None:
+    """Let ``src`` drop the memory rows [start, stop) of ``key`` hold, where it can (a no-op elsewhere)."""
+    own = getattr(src, "release_rows", None)
+    if own is not None:
+        own(key, start, stop)

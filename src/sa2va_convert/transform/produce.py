@@ -21,7 +21,7 @@ import torch
 from .. import dtypes
 from ..errors import PlanError
 from ..plan.planner import PlannedTensor
-from ..read.tensor_source import TensorInfo, TensorSource
+from ..read.tensor_source import TensorInfo, TensorSource, load_rows, release_rows
 
 FP16_MAX = 65504.0
 _CHUNK_ELEMS = 16 * 1024 * 1024  # exact NaN/Inf counts walk big tensors in slices to bound memory
@@ -239,9 +239,7 @@ class TensorProducer:
         """``pt`` is written: its sources may drop the memory its inputs held (mapped checkpoint pages)."""
         refs = [pt.value] if pt.lora is None else [pt.value, pt.lora.a, pt.lora.b]
         for ref in refs:
-            release = getattr(self.sources[ref.layer], "release", None)
-            if release is not None:
-                release(ref.key)
+            release_rows(self.sources[ref.layer], ref.key)
 
     def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         n = 1
@@ -463,19 +461,16 @@ class TensorProducer:
             self._rows_done(pt.value, start, stop)
 
     def _row_reader(self, ref) -> Callable[[int, int], torch.Tensor]:
-        """rows [start, stop) of a source tensor: read from disk where the source can (``load_rows``)."""
+        """rows [start, stop) of a source tensor: read from disk (or the mapping) where the source can."""
         src = self.sources[ref.layer]
-        load_rows = getattr(src, "load_rows", None)
-        if load_rows is not None:
-            return lambda s, e: load_rows(ref.key, s, e)
-        whole = src.load(ref.key)  # memory-mapped (checkpoint) or already in memory: slicing costs nothing
+        if hasattr(src, "load_rows"):
+            return lambda s, e: load_rows(src, ref.key, s, e)
+        whole = src.load(ref.key)  # e.g. DeepSpeed: assembled once, then sliced
         return lambda s, e: whole[s:e]
 
     def _rows_done(self, ref, start: int, stop: int) -> None:
         """A streamed block's input rows are used: a mapped source may drop their pages now."""
-        release_rows = getattr(self.sources[ref.layer], "release_rows", None)
-        if release_rows is not None:
-            release_rows(ref.key, start, stop)
+        release_rows(self.sources[ref.layer], ref.key, start, stop)
 
     def _check_block(self, t: torch.Tensor, pt: PlannedTensor, path: str) -> None:
         if t.numel() == 0:
