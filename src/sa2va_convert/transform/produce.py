@@ -242,11 +242,8 @@ class TensorProducer:
             release_rows(self.sources[ref.layer], ref.key)
 
     def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        n = 1
-        for s in shape:
-            n *= s
         pool = self._pool
-        buf = pool.take(n * torch.empty((), dtype=dtype).element_size()) if pool is not None else None
+        buf = pool.take(math.prod(shape) * dtype.itemsize) if pool is not None else None
         if buf is None:
             return torch.empty(shape, dtype=dtype)
         return buf.view(dtype).view(shape)
@@ -390,10 +387,10 @@ class TensorProducer:
             delta_sq += torch.linalg.vector_norm(d).double().square()
             w.add_(d)
             if not check_out and (self.check_finite or pt.dtype == "fp16"):
-                self._check_block(w, pt, path)
+                self._check_block(w, pt, path, start)
             o.copy_(w)  # the one rounding to the output dtype
             if check_out and self.check_finite:
-                self._check_block(o, pt, path)
+                self._check_block(o, pt, path, start)
             yield start, stop
         del d_buf, w_buf, a, b
         self.report.deltas.append(DeltaStats(pt.name, module_group(pt.name), pt.lora.rank,
@@ -472,12 +469,14 @@ class TensorProducer:
         """A streamed block's input rows are used: a mapped source may drop their pages now."""
         release_rows(self.sources[ref.layer], ref.key, start, stop)
 
-    def _check_block(self, t: torch.Tensor, pt: PlannedTensor, path: str) -> None:
+    def _check_block(self, t: torch.Tensor, pt: PlannedTensor, path: str, first_row: int) -> None:
+        """Checks on rows [first_row, first_row + len(t)) of a merge; the merge stops at the first bad block."""
         if t.numel() == 0:
             return
         lo, hi = _finite_minmax(t)
         if self.check_finite and not (math.isfinite(lo) and math.isfinite(hi)):
-            raise PlanError(f"merged tensor {pt.name} contains {_count_nonfinite(t)} NaN/Inf value(s)", path=path,
+            rows = f"rows {first_row}-{first_row + t.shape[0] - 1}"
+            raise PlanError(f"merged tensor {pt.name} contains NaN/Inf ({_count_nonfinite(t)} in {rows})", path=path,
                             hint="the training diverged or the file is damaged; use an earlier checkpoint")
         if pt.dtype == "fp16":
             _check_fp16_range(lo, hi, pt.name, path)
