@@ -9,7 +9,7 @@ import pytest
 
 from sa2va_convert.testing.fixtures import FixtureCheckpoint, write_base_folder, write_training_checkpoint
 
-from _cli import CliResult, run_cli  # noqa: F401  (re-exported for tests that import it)
+from _cli import run_cli
 
 
 @pytest.fixture
