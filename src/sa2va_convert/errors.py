@@ -46,6 +46,16 @@ class ConvertError(Exception):
         return self.one_line()
 
 
+class UsageError(ConvertError):
+    """A name or value the caller passed is not one the tool knows (e.g. an unknown built-in keymap).
+
+    Exit 2, like click's own usage errors, because the fix is in the command line (or the call),
+    not in any file."""
+
+    exit_code = 2
+    kind = "usage"
+
+
 class InputError(ConvertError):
     """An input file or folder is missing, unreadable, truncated or of the wrong kind."""
 
