@@ -14,18 +14,21 @@ import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from . import __version__
 
-from .plan.base_discovery import discover_base
+if TYPE_CHECKING:
+    from .batch import BatchResult
+
+from .plan.base_discovery import discover_base, resolve_base
 from .plan.family import Detection, detect_family, require_family
 from .plan.keymap import Keymap, load_all_builtin, resolve_keymap
 from .plan.planner import ConversionPlan, PlanOptions, build_plan, check_raw_base
 from .plan.vocab import read_tokenizer_state
 from .progress import Progress, Silent
 from .read.checkpoint import TrainingCheckpoint, open_checkpoint
-from .errors import InputError
+from .errors import InputError, api_errors
 from .plan.raw_recipe import check_key_families, merge_raw_config, read_code_folder
 from .read.hf_folder import HFFolder, open_hf_folder
 from .read.layered import RenamedSource, UnionSource, open_sam2_checkpoint
@@ -37,6 +40,13 @@ from .write.model_card import conversion_report, model_card
 
 @dataclass
 class ConvertOptions:
+    """Everything ``sa2va-convert convert`` takes, with the same defaults as the CLI.
+
+    ``base`` is a folder or a Hub repo id (``org/name``) resolved offline from the local HF cache.
+    ``roundtrip`` defaults to True, as the CLI (``--verify``) and ``verify_folder`` do: after writing,
+    OUT is loaded in a separate process and ``predict_forward`` runs. Pass ``roundtrip=False`` on
+    machines that cannot run the model (no GPU for upstream Sa2VA code)."""
+
     base: str | Path | None = None
     pretrained: str | Path | None = None
     keymap: str | None = None  # built-in name or YAML path; None = detect
@@ -52,7 +62,7 @@ class ConvertOptions:
     read_back: bool = True  # read every written tensor back before publishing
     sam2: str | Path | None = None  # original recipe: sam2_hiera_large.pt (base is then a raw InternVL folder)
     code_from: str | Path | None = None  # any Sa2VA HF folder of the family: remote code + config class
-    roundtrip: bool = False  # after writing, load OUT in a separate process and run predict_forward
+    roundtrip: bool = True  # after writing, load OUT in a separate process and run predict_forward
     verify_device: str = "auto"
     verify_python: str | None = None
 
@@ -136,7 +146,7 @@ def open_inputs(checkpoint: str | Path, options: ConvertOptions, *, base_folder:
     if options.sam2 or options.code_from:
         return open_raw_recipe(ckpt, keymap, detection, options)
     if base_folder is None:
-        base_path = Path(options.base) if options.base else discover_base(keymap, ckpt.config, str(ckpt.path))
+        base_path = resolve_base(options.base) if options.base else discover_base(keymap, ckpt.config, str(ckpt.path))
         base_folder = open_hf_folder(base_path)
     pretrained = None
     if options.pretrained:
@@ -181,12 +191,21 @@ def plan_from_inputs(inputs: Inputs, out: str | Path, options: ConvertOptions) -
     return plan
 
 
+def _checkpoint_of(path: str | Path) -> Path:
+    """A work_dir means its newest checkpoint, exactly as on the command line."""
+    from .batch import resolve_checkpoint
+
+    return resolve_checkpoint(Path(path))
+
+
+@api_errors
 def plan_conversion(checkpoint: str | Path, out: str | Path, options: ConvertOptions | None = None) -> ConversionPlan:
-    """The plan only (what --dry-run prints); reads headers, not tensor bytes."""
+    """The plan only (what --dry-run prints); reads headers, not tensor bytes. ``checkpoint`` may be a work_dir."""
     options = options or ConvertOptions()
-    return plan_from_inputs(open_inputs(checkpoint, options), out, options)
+    return plan_from_inputs(open_inputs(_checkpoint_of(checkpoint), options), out, options)
 
 
+@api_errors
 def convert(
     checkpoint: str | Path,
     out: str | Path,
@@ -195,8 +214,12 @@ def convert(
     progress: Progress | None = None,
     base_folder: HFFolder | None = None,
 ) -> ConversionResult:
-    """Convert one checkpoint into a HF folder at ``out``; returns what was done and measured."""
+    """Convert one checkpoint into a HF folder at ``out``; returns what was done and measured.
+
+    ``checkpoint`` is an ``iter_N.pth`` file, a DeepSpeed ``iter_N.pth/`` folder, or a work_dir (its
+    ``last_checkpoint``, else the highest ``iter_N``), as on the command line."""
     options = options or ConvertOptions()
+    checkpoint = _checkpoint_of(checkpoint)
     progress = progress or Silent()
     started = time.perf_counter()
     progress.stage(f"reading {checkpoint}")
@@ -250,17 +273,30 @@ def run_verify_roundtrip(result: ConversionResult, options: ConvertOptions, prog
     result.roundtrip = {"summary": summary_line(rt.to_dict()), **rt.to_dict()}
 
 
+@api_errors
 def dry_run(checkpoint: str | Path, out: str | Path, options: ConvertOptions | None = None) -> ConversionResult:
+    """``--dry-run`` as a result object: the plan, nothing written."""
     options = options or ConvertOptions()
     plan = plan_conversion(checkpoint, out, options)
     return ConversionResult(plan=plan)
 
 
 
-from .predict import PredictReport, predict  # noqa: E402  (re-exported: the whole API in one place)
-from .verify.commands import VerifyReport, verify_folder as verify  # noqa: E402
+from .predict import PredictReport, predict as _predict  # noqa: E402  (re-exported: the whole API in one place)
+from .verify.commands import VerifyReport, verify_folder as _verify_folder  # noqa: E402
+
+verify = verify_folder = api_errors(_verify_folder)
+predict = api_errors(_predict)
+
+
+def convert_all(work_dir: str | Path, out_root: str | Path, options: ConvertOptions | None = None, *,
+                progress: Progress | None = None) -> "BatchResult":
+    """``--all``: every ``iter_N`` of ``work_dir`` into ``out_root/iter_N``; BatchError (exit 8) if any failed."""
+    from .batch import convert_all as _convert_all
+
+    return api_errors(_convert_all)(Path(work_dir), Path(out_root), options or ConvertOptions(), progress=progress)
 
 __all__ = [
     "ConvertOptions", "ConversionResult", "Inputs", "convert", "dry_run", "plan_conversion", "open_inputs",
-    "sha256_path", "verify", "VerifyReport", "predict", "PredictReport",
+    "sha256_path", "verify", "verify_folder", "convert_all", "VerifyReport", "predict", "PredictReport",
 ]

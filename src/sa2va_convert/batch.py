@@ -107,6 +107,7 @@ def recorded_sha256(out: Path) -> str | None:
 def convert_all(work_dir: Path, out_root: Path, options, *, progress: Progress | None = None) -> BatchResult:
     """Convert every iter_N of ``work_dir`` into ``out_root/iter_N``; raise BatchError at the end if any failed."""
     from . import api
+    from .plan.base_discovery import resolve_base
     from .read.hf_folder import open_hf_folder
 
     progress = progress or Silent()
@@ -118,7 +119,7 @@ def convert_all(work_dir: Path, out_root: Path, options, *, progress: Progress |
         raise InputError("work_dir holds no iter_N.pth checkpoint", path=work_dir, hint="pass the training run's work_dir")
     out_root.mkdir(parents=True, exist_ok=True)
     result = BatchResult(str(work_dir), str(out_root))
-    base_folder = open_hf_folder(options.base) if options.base else None
+    base_folder = open_hf_folder(resolve_base(options.base)) if options.base else None
     for ckpt in ckpts:
         name = ckpt.name.removesuffix(".pth")
         out = out_root / name

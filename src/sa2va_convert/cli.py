@@ -19,7 +19,7 @@ from typing import Any, Callable
 import click
 
 from . import __version__
-from .errors import EXIT_CODES, EXIT_INTERRUPTED, ConvertError
+from .errors import EXIT_CODES, EXIT_INTERRUPTED, FROM_CLI, ConvertError
 
 EXAMPLES = """
 \b
@@ -80,6 +80,7 @@ def handle_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         json_mode = kwargs.get("json_out", False)
         debug = kwargs.get("debug", False) or kwargs.get("verbose", False)
+        FROM_CLI.set(True)  # hints keep their --flags (the API rewrites them for Python callers)
         try:
             return fn(*args, **kwargs)
         except ConvertError as e:
