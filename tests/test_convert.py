@@ -48,7 +48,7 @@ def assert_matches_reference(out: Path, fam, dtype=torch.bfloat16) -> None:
 def test_family_converts_and_every_tensor_matches_the_reference(preset, make_family, tmp_path):
     fam = make_family(preset)
     out = tmp_path / "out"
-    result = convert(fam.ckpt.path, out, ConvertOptions(base=fam.base))
+    result = convert(fam.ckpt.path, out, ConvertOptions(roundtrip=False, base=fam.base))
     assert result.plan.keymap == EXPECTED_KEYMAP[preset]
     assert_matches_reference(out, fam)
     cfg = json.loads((out / "config.json").read_text())
@@ -63,7 +63,7 @@ def test_family_converts_and_every_tensor_matches_the_reference(preset, make_fam
 def test_internlm2_head_is_trained_base_layer_plus_delta(make_family, tmp_path):
     fam = make_family("sa2va-8b")
     out = tmp_path / "out"
-    convert(fam.ckpt.path, out, ConvertOptions(base=fam.base))
+    convert(fam.ckpt.path, out, ConvertOptions(roundtrip=False, base=fam.base))
     sd = torch.load(fam.ckpt.path, weights_only=False)["state_dict"]
     p = "mllm.model.language_model.base_model.model.output."
     want = (sd[p + "base_layer.weight"].float()
@@ -75,7 +75,7 @@ def test_internlm2_head_is_trained_base_layer_plus_delta(make_family, tmp_path):
 def test_dtype_fp32_and_rslora(make_family, tmp_path):
     fam = make_family("sa2va-1b", use_rslora=True)
     out = tmp_path / "out"
-    convert(fam.ckpt.path, out, ConvertOptions(base=fam.base, dtype="fp32"))
+    convert(fam.ckpt.path, out, ConvertOptions(roundtrip=False, base=fam.base, dtype="fp32"))
     assert_matches_reference(out, fam, dtype=torch.float32)
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
 
@@ -86,7 +86,7 @@ def _hashes(folder: Path) -> dict[str, str]:
 
 def test_two_runs_give_byte_identical_shards_and_index(make_family, tmp_path):
     fam = make_family("sa2va-internvl3")
-    opts = ConvertOptions(base=fam.base, max_shard_bytes=200_000)
+    opts = ConvertOptions(roundtrip=False, base=fam.base, max_shard_bytes=200_000)
     convert(fam.ckpt.path, tmp_path / "a", opts)
     convert(fam.ckpt.path, tmp_path / "b", opts)
     ha, hb = _hashes(tmp_path / "a"), _hashes(tmp_path / "b")
@@ -98,7 +98,7 @@ def test_tokenizer_grows_with_training_ids_and_transformers_loads_it(make_family
 
     fam = make_family("sa2va-1b", extra_tokens=("<obj>", "<ref2>"))
     out = tmp_path / "out"
-    result = convert(fam.ckpt.path, out, ConvertOptions(base=fam.base))
+    result = convert(fam.ckpt.path, out, ConvertOptions(roundtrip=False, base=fam.base))
     rows = fam.ckpt.vocab_rows
     assert [t for t, _ in result.plan.tokenizer_additions.tokens] == ["<obj>", "<ref2>"]
     tok = AutoTokenizer.from_pretrained(out, trust_remote_code=False)
@@ -172,7 +172,7 @@ def test_every_family_loads_and_runs_predict_forward_after_conversion(preset, ma
 
     fam = make_family(preset)
     out = tmp_path / "out"
-    convert(fam.ckpt.path, out, ConvertOptions(base=fam.base))
+    convert(fam.ckpt.path, out, ConvertOptions(roundtrip=False, base=fam.base))
     rt = run_roundtrip(out, device="cpu", max_new_tokens=4, video=False).to_dict()
     assert rt["ok"], rt.get("error")
     assert rt["loading_info"]["missing_keys"] == [] and rt["loading_info"]["unexpected_keys"] == []

@@ -146,4 +146,4 @@ def test_cli_keymaps_list_and_show():
     show = _cli("keymaps", "show", "sa2va-v2-internvl3")
     assert show.returncode == 0 and "modules_to_save" in show.stdout
     missing = _cli("keymaps", "show", "no-such-keymap")
-    assert missing.returncode == 5 and "no built-in keymap" in missing.stderr
+    assert missing.returncode == 2 and "no built-in keymap" in missing.stderr  # a usage error, not a keymap error

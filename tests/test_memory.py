@@ -22,7 +22,7 @@ print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxr
 CHILD_CONVERT = """
 import resource, json, sys
 from sa2va_convert.api import ConvertOptions, convert
-convert(sys.argv[1], sys.argv[2], ConvertOptions(base=sys.argv[3], dtype="fp32", max_shard_bytes=64 * 2**20))
+convert(sys.argv[1], sys.argv[2], ConvertOptions(roundtrip=False, base=sys.argv[3], dtype="fp32", max_shard_bytes=64 * 2**20))
 print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 

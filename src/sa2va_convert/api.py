@@ -16,18 +16,21 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from . import __version__
 
-from .plan.base_discovery import discover_base
+if TYPE_CHECKING:
+    from .batch import BatchResult
+
+from .plan.base_discovery import discover_base, resolve_base
 from .plan.family import Detection, detect_family, match_family, require_family
 from .plan.keymap import Keymap, load_all_builtin, resolve_keymap
 from .plan.planner import ConversionPlan, PlanOptions, build_plan, check_raw_base
 from .plan.vocab import read_tokenizer_state
 from .progress import Progress, Silent
 from .read.checkpoint import TrainingCheckpoint, open_checkpoint
-from .errors import ConvertError, InputError, Interrupted, PlanError, UsageError, VerifyError
+from .errors import ConvertError, InputError, Interrupted, PlanError, UsageError, VerifyError, api_errors
 from .read.work_dir import is_work_dir, resolve_checkpoint
 from .sizes import parse_size
 from .write import guard
@@ -42,6 +45,13 @@ from .write.model_card import conversion_report, model_card
 
 @dataclass
 class ConvertOptions:
+    """Everything ``sa2va-convert convert`` takes, with the same defaults as the CLI.
+
+    ``base`` is a folder or a Hub repo id (``org/name``) resolved offline from the local HF cache.
+    ``roundtrip`` defaults to True, as the CLI (``--verify``) and ``verify_folder`` do: after writing,
+    OUT is loaded in a separate process and ``predict_forward`` runs. Pass ``roundtrip=False`` on
+    machines that cannot run the model (no GPU for upstream Sa2VA code)."""
+
     base: str | Path | None = None
     pretrained: str | Path | None = None
     keymap: str | None = None  # built-in name or YAML path; None = detect
@@ -57,7 +67,7 @@ class ConvertOptions:
     read_back: bool = True  # read every written tensor back before publishing
     sam2: str | Path | None = None  # original recipe: sam2_hiera_large.pt (base is then a raw InternVL folder)
     code_from: str | Path | None = None  # any Sa2VA HF folder of the family: remote code + config class
-    roundtrip: bool = False  # after writing, load OUT in a separate process and run predict_forward
+    roundtrip: bool = True  # after writing, load OUT in a separate process and run predict_forward
     verify_device: str = "auto"
     verify_python: str | None = None
     expect_mask: bool = False  # the round trip fails when the model's own answer has no [SEG]
@@ -240,7 +250,7 @@ def open_inputs(checkpoint: str | Path, options: ConvertOptions, *, base_folder:
     if options.sam2 or options.code_from:
         return open_raw_recipe(ckpt, keymap, detection, options)
     if base_folder is None:
-        base_path = Path(options.base) if options.base else discover_base(keymap, ckpt.config, str(ckpt.path))
+        base_path = resolve_base(options.base) if options.base else discover_base(keymap, ckpt.config, str(ckpt.path))
         base_folder = open_hf_folder(base_path)
     pretrained = None
     if options.pretrained:
@@ -285,6 +295,7 @@ def plan_from_inputs(inputs: Inputs, out: str | Path, options: ConvertOptions) -
     return plan
 
 
+@api_errors
 def plan_conversion(checkpoint: str | Path, out: str | Path, options: ConvertOptions | None = None) -> ConversionPlan:
     """The plan only (what --dry-run prints); reads headers, not tensor bytes, writes nothing."""
     options = (options or ConvertOptions()).validate()
@@ -293,6 +304,7 @@ def plan_conversion(checkpoint: str | Path, out: str | Path, options: ConvertOpt
     return plan_from_inputs(open_inputs(resolved, options), out, options)
 
 
+@api_errors
 def convert(
     checkpoint: str | Path,
     out: str | Path,
@@ -414,16 +426,30 @@ def recorded_roundtrip(out: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+@api_errors
 def dry_run(checkpoint: str | Path, out: str | Path, options: ConvertOptions | None = None) -> ConversionResult:
+    """``--dry-run`` as a result object: the plan, nothing written."""
     options = options or ConvertOptions()
     plan = plan_conversion(checkpoint, out, options)
     return ConversionResult(plan=plan)
 
 
-from .predict import PredictReport, predict  # noqa: E402  (re-exported: the whole API in one place)
-from .verify.commands import VerifyReport, verify_folder as verify  # noqa: E402
+
+from .predict import PredictReport, predict as _predict  # noqa: E402  (re-exported: the whole API in one place)
+from .verify.commands import VerifyReport, verify_folder as _verify_folder  # noqa: E402
+
+verify = verify_folder = api_errors(_verify_folder)
+predict = api_errors(_predict)
+
+
+def convert_all(work_dir: str | Path, out_root: str | Path, options: ConvertOptions | None = None, *,
+                progress: Progress | None = None) -> "BatchResult":
+    """``--all``: every ``iter_N`` of ``work_dir`` into ``out_root/iter_N``; BatchError (exit 8) if any failed."""
+    from .batch import convert_all as _convert_all
+
+    return api_errors(_convert_all)(Path(work_dir), Path(out_root), options or ConvertOptions(), progress=progress)
 
 __all__ = [
     "ConvertOptions", "ConversionResult", "Inputs", "convert", "dry_run", "plan_conversion", "open_inputs",
-    "sha256_path", "verify", "VerifyReport", "predict", "PredictReport",
+    "sha256_path", "verify", "verify_folder", "convert_all", "VerifyReport", "predict", "PredictReport",
 ]

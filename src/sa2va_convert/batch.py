@@ -76,6 +76,7 @@ def convert_all(work_dir: Path, out_root: Path, options, *, progress: Progress |
     With ``options.dry_run`` every checkpoint is planned and nothing at all is written.
     """
     from . import api
+    from .plan.base_discovery import resolve_base
     from .read.hf_folder import open_hf_folder
     from .write import guard
 
@@ -96,7 +97,7 @@ def convert_all(work_dir: Path, out_root: Path, options, *, progress: Progress |
             result.items.append(BatchItem(str(ckpt), str(out), "planned", plan=plan.to_dict(tensors=False)))
         return result
     out_root.mkdir(parents=True, exist_ok=True)
-    base_folder = open_hf_folder(options.base) if options.base else None
+    base_folder = open_hf_folder(resolve_base(options.base)) if options.base else None
     for ckpt in ckpts:
         name = ckpt.name.removesuffix(".pth")
         out = out_root / name

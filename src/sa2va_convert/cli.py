@@ -19,7 +19,7 @@ from typing import Any, Callable
 import click
 
 from . import __version__
-from .errors import EXIT_CODES, EXIT_INTERRUPTED, ConvertError, Interrupted
+from .errors import EXIT_CODES, EXIT_INTERRUPTED, FROM_CLI, ConvertError, Interrupted
 
 EXAMPLES = """
 \b
@@ -34,16 +34,42 @@ Examples:
 EXIT_HELP = "\n\b\nExit codes:\n" + "\n".join(f"  {k:<4} {v}" for k, v in sorted(EXIT_CODES.items()))
 
 
+# Version of every ``--json`` document's layout; bump when a key is renamed or removed (adding keys is
+# compatible). Scripts can check it before they read the rest.
+SCHEMA_VERSION = 1
+
+
 class DefaultToConvert(click.Group):
     """Treat ``sa2va-convert CKPT OUT`` as ``sa2va-convert convert CKPT OUT``."""
 
+    default_command = "convert"
+
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and not args[0].startswith("-"):
-            args = ["convert", *args]
+            args = [self.default_command, *args]
         return super().parse_args(ctx, args)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """List commands with the default one marked ``*``, as llm and sqlite-utils do."""
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is None or cmd.hidden:
+                continue
+            mark = "*" if name == self.default_command else ""
+            rows.append((name + mark, cmd.get_short_help_str(limit=formatter.width - 6 - len(name))))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+                formatter.write_paragraph()
+                formatter.write_text(f"* default: `sa2va-convert CKPT OUT` runs `sa2va-convert {self.default_command} "
+                                     "CKPT OUT`.")
 
 
 def _emit_json(data: Any) -> None:
+    """Every ``--json`` document is an object carrying ``schema_version`` (and ``ok``, set by its producer)."""
+    if isinstance(data, dict):
+        data = {"schema_version": SCHEMA_VERSION, **data}
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
@@ -53,7 +79,8 @@ def handle_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         json_mode = kwargs.get("json_out", False)
-        debug = kwargs.get("debug", False)
+        debug = kwargs.get("debug", False) or kwargs.get("verbose", False)
+        FROM_CLI.set(True)  # hints keep their --flags (the API rewrites them for Python callers)
         try:
             return fn(*args, **kwargs)
         except ConvertError as e:
@@ -84,10 +111,21 @@ def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
 
 
 def parse_size(text: str) -> int:
-    """``--max-shard-size`` text to bytes (a bad size is a usage error, exit 2)."""
+    """``--max-shard-size`` exactly as ``save_pretrained(max_shard_size=...)`` reads it (see
+    ``sizes.parse_size``); a bad size is a usage error (exit 2)."""
     from .sizes import parse_size as parse
 
     return parse(text, what="--max-shard-size")
+
+
+def _complete_keymap(ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
+    """TAB completion for keymap names (built-in names; file paths are left to the shell)."""
+    from click.shell_completion import CompletionItem
+
+    from .plan.keymap import builtin_names
+
+    names = [CompletionItem(n) for n in builtin_names() if n.startswith(incomplete)]
+    return names or [CompletionItem(incomplete, type="file")]
 
 
 @click.group(cls=DefaultToConvert, epilog=EXAMPLES + EXIT_HELP, context_settings={"help_option_names": ["-h", "--help"]})
@@ -102,21 +140,32 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 
+def verbosity_options(fn: Callable) -> Callable:
+    """``-q/--quiet``, ``-v/--verbose`` and ``--debug``: the same pair on every command."""
+    fn = click.option("--debug", is_flag=True, help="Show tracebacks for internal errors.")(fn)
+    fn = click.option("--verbose", "-v", is_flag=True,
+                      help="More detail on stderr: every tensor as it is written; tracebacks as with --debug.")(fn)
+    fn = click.option("--quiet", "-q", is_flag=True, help="No progress or notes on stderr; errors still print.")(fn)
+    return fn
+
+
 def common_options(fn: Callable) -> Callable:
     fn = click.option("--json", "json_out", is_flag=True, help="Print a JSON report on stdout (progress stays on stderr).")(fn)
-    fn = click.option("--debug", is_flag=True, help="Show tracebacks for internal errors.")(fn)
+    fn = verbosity_options(fn)
     fn = click.option("--allow-global", "allow_globals", multiple=True, metavar="MODULE.NAME",
                       help="Admit this pickled global as an inert placeholder (never imported or called).")(fn)
     return fn
 
 
-@main.command(epilog=EXAMPLES + EXIT_HELP)
+@main.command(epilog=EXAMPLES + EXIT_HELP,
+              short_help="Convert a checkpoint (iter_N.pth, DeepSpeed folder or work_dir) into a HF folder.")
 @click.argument("checkpoint", type=click.Path(path_type=Path, readable=False))
 @click.argument("out", type=click.Path(path_type=Path, readable=False))
 @click.option("--base", type=click.Path(path_type=Path, readable=False), help="Base Sa2VA HF folder the fine-tune started from (default: found from the training config).")
 @click.option("--pretrained", type=click.Path(path_type=Path, readable=False), help="Full-weights training .pth laid over the base (v2 pretrained_pth).")
-@click.option("--keymap", help="Built-in keymap name or YAML file (default: detected from the keys). It must fit "
-              "the checkpoint's keys unless --force-keymap.")
+@click.option("--keymap", shell_complete=_complete_keymap,
+              help="Built-in keymap name or YAML file (default: detected from the keys). It must fit the "
+                   "checkpoint's keys unless --force-keymap.")
 @click.option("--force-keymap", is_flag=True, help="Use --keymap even where detection finds another family.")
 @click.option("--sam2", type=click.Path(path_type=Path, readable=False),
               help="Original recipe: sam2_hiera_large.pt; --base is then the raw InternVL2.5 folder.")
@@ -151,13 +200,12 @@ def common_options(fn: Callable) -> Callable:
               help="Round trip fails when the model's own answer has no [SEG] (for CI on a real fine-tune).")
 @click.option("--all", "all_checkpoints", is_flag=True,
               help="CHECKPOINT is a work_dir: convert every iter_N.pth into OUT/iter_N (skips ones already converted).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @common_options
 @handle_errors
 def convert(checkpoint: Path, out: Path, base, pretrained, keymap, force_keymap, sam2, code_from, dtype, max_shard_size,
             lora_alpha, rslora, override_lora_config, allow_unused, template, force, replace_foreign, dry_run,
             show_tensors, merge_device, no_read_back, roundtrip, verify_device, verify_python, expect_mask,
-            all_checkpoints, quiet, json_out, debug, allow_globals) -> None:
+            all_checkpoints, quiet, verbose, json_out, debug, allow_globals) -> None:
     """Convert CHECKPOINT (iter_N.pth, a DeepSpeed iter_N.pth/ folder, or a work_dir) into a HuggingFace folder OUT.
 
     Given a work_dir, the checkpoint named in its last_checkpoint file (else the
@@ -169,7 +217,7 @@ def convert(checkpoint: Path, out: Path, base, pretrained, keymap, force_keymap,
         _convert(checkpoint, out, base, pretrained, keymap, force_keymap, sam2, code_from, dtype, max_shard_size,
                  lora_alpha, rslora, override_lora_config, allow_unused, template, force, replace_foreign, dry_run,
                  show_tensors, merge_device, no_read_back, roundtrip, verify_device, verify_python, expect_mask,
-                 all_checkpoints, quiet, json_out, allow_globals)
+                 all_checkpoints, quiet, verbose, json_out, allow_globals)
     except KeyboardInterrupt:  # the API says more where it knows more (while writing, during the round trip)
         raise Interrupted("interrupted before anything was written", path=out,
                           hint="run the same command again") from None
@@ -178,7 +226,7 @@ def convert(checkpoint: Path, out: Path, base, pretrained, keymap, force_keymap,
 def _convert(checkpoint, out, base, pretrained, keymap, force_keymap, sam2, code_from, dtype, max_shard_size, lora_alpha,
              rslora, override_lora_config, allow_unused, template, force, replace_foreign, dry_run, show_tensors,
              merge_device, no_read_back, roundtrip, verify_device, verify_python, expect_mask, all_checkpoints, quiet,
-             json_out, allow_globals) -> None:
+             verbose, json_out, allow_globals) -> None:
     from . import api, batch
     from .cli_render import make_progress, render_batch, render_plan, render_result
 
@@ -190,7 +238,7 @@ def _convert(checkpoint, out, base, pretrained, keymap, force_keymap, sam2, code
         expect_mask=expect_mask, replace_foreign=replace_foreign, force_keymap=force_keymap,
         override_lora_config=override_lora_config, dry_run=dry_run,
     ).validate()
-    progress = make_progress(json_out, quiet)
+    progress = make_progress(json_out, quiet, verbose)
     if all_checkpoints:
         try:
             res = batch.convert_all(checkpoint, out, options, progress=progress)
@@ -217,17 +265,19 @@ def _convert(checkpoint, out, base, pretrained, keymap, force_keymap, sam2, code
         render_result(result.to_dict())
 
 
-@main.command(epilog=EXIT_HELP)
+@main.command(epilog=EXIT_HELP, short_help="Show what is inside a checkpoint, executing nothing from it.")
 @click.argument("checkpoint", type=click.Path(path_type=Path, readable=False))
-@click.option("--keymap", help="Use this keymap instead of detecting the family.")
+@click.option("--keymap", shell_complete=_complete_keymap, help="Use this keymap instead of detecting the family.")
 @common_options
 @handle_errors
-def inspect(checkpoint: Path, keymap, json_out, debug, allow_globals) -> None:
-    """Show what is inside a training checkpoint, without executing anything from it."""
+def inspect(checkpoint: Path, keymap, quiet, verbose, json_out, debug, allow_globals) -> None:
+    """Show what is inside CHECKPOINT (iter_N.pth, a DeepSpeed folder, or a work_dir: its newest
+    checkpoint, as convert picks it), without executing anything from it."""
+    from .batch import resolve_checkpoint
     from .cli_render import render_inspect
     from .inspection import inspect_checkpoint
 
-    report = inspect_checkpoint(checkpoint, keymap=keymap, allow_globals=allow_globals).to_dict()
+    report = inspect_checkpoint(resolve_checkpoint(checkpoint), keymap=keymap, allow_globals=allow_globals).to_dict()
     if json_out:
         _emit_json(report)
     else:
@@ -240,17 +290,17 @@ def keymaps() -> None:
 
 
 @keymaps.command("list")
-@click.option("--json", "json_out", is_flag=True)
-@click.option("--debug", is_flag=True)
+@click.option("--json", "json_out", is_flag=True, help="Print the keymaps as JSON on stdout.")
+@verbosity_options
 @handle_errors
-def keymaps_list(json_out, debug) -> None:
+def keymaps_list(json_out, quiet, verbose, debug) -> None:
     """The built-in keymaps, the families they cover and the evidence each needs."""
     from .cli_render import out_console, table
     from .plan.keymap import load_all_builtin
 
     kms = load_all_builtin()
     if json_out:
-        _emit_json([km.summary() for km in kms])
+        _emit_json({"ok": True, "keymaps": [km.summary() for km in kms]})
         return
     out_console.print(table("Built-in keymaps", ["name", "family", "models", "detected by"], [
         [km.name, km.family_label, ", ".join(km.models),
@@ -259,9 +309,10 @@ def keymaps_list(json_out, debug) -> None:
 
 
 @keymaps.command("show")
-@click.argument("name")
+@click.argument("name", shell_complete=_complete_keymap)
+@verbosity_options
 @handle_errors
-def keymaps_show(name, json_out=False, debug=False) -> None:
+def keymaps_show(name, quiet, verbose, debug, json_out=False) -> None:
     """Print a keymap's YAML (a built-in name or a file)."""
     from .plan.keymap import resolve_keymap
 
@@ -271,10 +322,10 @@ def keymaps_show(name, json_out=False, debug=False) -> None:
 
 @keymaps.command("lint")
 @click.argument("file", type=click.Path(path_type=Path, readable=False))
-@click.option("--json", "json_out", is_flag=True)
-@click.option("--debug", is_flag=True)
+@click.option("--json", "json_out", is_flag=True, help="Print the result as JSON on stdout.")
+@verbosity_options
 @handle_errors
-def keymaps_lint(file, json_out, debug) -> None:
+def keymaps_lint(file, json_out, quiet, verbose, debug) -> None:
     """Validate a keymap file: fields, regexes, examples, collisions."""
     from .plan.keymap import load_keymap
 
@@ -291,4 +342,4 @@ from .verify.commands import register_cli  # noqa: E402  (adds `verify` and `pre
 register_cli(main)
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    main(prog_name="sa2va-convert")

@@ -13,11 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress as RichBar, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, Progress as RichBar, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
+# Piped stdout (a file, `grep`, CI logs) gets whole lines: rich would otherwise wrap at 80 columns
+# and cut paths and tensor names in two. A terminal keeps its width; tables fold long cells there
+# (never "…"), so every identifier a user may paste back (keymap names, tensor names) stays whole.
+_PIPE_WIDTH = 100_000
 err_console = Console(stderr=True, highlight=False)
-out_console = Console(highlight=False)
+out_console = (Console(highlight=False) if sys.stdout.isatty()
+               else Console(highlight=False, soft_wrap=True, width=_PIPE_WIDTH))
 
 
 def interactive() -> bool:
@@ -39,10 +45,11 @@ def human_bytes(n: float | int | None) -> str:
 
 
 class PlainProgress:
-    """One line per stage and per 10% of bytes written, to stderr."""
+    """One line per stage and per 10% of bytes written, to stderr (with ``verbose``, one per tensor too)."""
 
-    def __init__(self, quiet: bool = False):
+    def __init__(self, quiet: bool = False, verbose: bool = False):
         self.quiet = quiet
+        self.verbose = verbose and not quiet
         self.total = 0
         self.done = 0
         self.next_mark = 0.1
@@ -62,6 +69,8 @@ class PlainProgress:
 
     def advance(self, name: str, nbytes: int) -> None:
         self.done += nbytes
+        if self.verbose:
+            self._say(f"wrote {name} ({human_bytes(nbytes)})")
         if self.total and self.done / self.total >= self.next_mark:
             pct = int(100 * self.done / self.total)
             self._say(f"written {pct}% ({human_bytes(self.done)}, {time.perf_counter() - self.t0:.1f}s)")
@@ -72,23 +81,35 @@ class PlainProgress:
         pass
 
 
+class BinarySpeedColumn(ProgressColumn):
+    """Transfer speed in KiB/MiB/GiB per second: rich's own column counts kB, everything else here KiB."""
+
+    def render(self, task: Any) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else f"{human_bytes(speed)}/s", style="progress.data.speed")
+
+
 class RichProgress:
-    def __init__(self):
+    def __init__(self, verbose: bool = False):
         self.bar: RichBar | None = None
         self.task = None
+        self.verbose = verbose
 
     def stage(self, message: str) -> None:
         err_console.print(f"[bold cyan]•[/] {message}")
 
     def start(self, total_bytes: int, total_tensors: int) -> None:
-        self.bar = RichBar(TextColumn("[progress.description]{task.description}"), BarColumn(), DownloadColumn(),
-                           TransferSpeedColumn(), TimeRemainingColumn(), console=err_console, transient=False)
+        self.bar = RichBar(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                           DownloadColumn(binary_units=True), BinarySpeedColumn(), TimeRemainingColumn(),
+                           console=err_console, transient=False)
         self.bar.start()
         self.task = self.bar.add_task(f"{total_tensors} tensors", total=total_bytes)
 
     def advance(self, name: str, nbytes: int) -> None:
         if self.bar is not None:
             self.bar.update(self.task, advance=nbytes)
+            if self.verbose:
+                self.bar.console.print(f"wrote {name} ({human_bytes(nbytes)})", soft_wrap=True, markup=False)
 
     def finish(self) -> None:
         if self.bar is not None:
@@ -96,18 +117,20 @@ class RichProgress:
             self.bar = None
 
 
-def make_progress(json_mode: bool, quiet: bool):
+def make_progress(json_mode: bool, quiet: bool, verbose: bool = False):
+    """Rich bar for a person at a terminal, plain lines otherwise; ``quiet`` silences, ``verbose`` names tensors."""
     if interactive() and not quiet:
-        return RichProgress()
-    return PlainProgress(quiet=quiet)
+        return RichProgress(verbose=verbose)
+    return PlainProgress(quiet=quiet, verbose=verbose)
 
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    """A table that never truncates: long cells fold onto the next line instead of ending in "…"."""
     t = Table(title=title, title_justify="left", show_lines=False)
     for c in columns:
-        t.add_column(c)
+        t.add_column(c, overflow="fold")
     for r in rows:
-        t.add_row(*[str(x) for x in r])
+        t.add_row(*[Text(str(x)) for x in r])  # Text, not markup: regexes like [0-9] and [SEG] print as they are
     return t
 
 

@@ -9,7 +9,11 @@ branch on them.
 
 from __future__ import annotations
 
+import functools
+import re
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 
 class ConvertError(Exception):
@@ -44,6 +48,17 @@ class ConvertError(Exception):
 
     def __str__(self) -> str:  # so pytest and logs show the whole line
         return self.one_line()
+
+
+class UsageError(ConvertError):
+    """A name or value the caller passed is not one the tool knows or cannot work (an unknown
+    built-in keymap, a size, a regex, a device, an interpreter, a dtype); found before any work.
+
+    Exit 2, like click's own usage errors, because the fix is in the command line (or the call),
+    not in any file."""
+
+    exit_code = 2
+    kind = "usage"
 
 
 class InputError(ConvertError):
@@ -95,14 +110,6 @@ class VerifyEnvironmentError(VerifyError):
     kind = "verify-environment"
 
 
-class UsageError(ConvertError):
-    """An option value that cannot work (a size, a regex, a device, an interpreter, a dtype);
-    found before any work. The CLI reports it as a usage error (exit 2)."""
-
-    exit_code = 2
-    kind = "usage"
-
-
 class BatchError(ConvertError):
     """At least one checkpoint of a batch failed; the others were converted."""
 
@@ -134,3 +141,58 @@ EXIT_CODES: dict[int, str] = {
     EXIT_INTERRUPTED: "interrupted (Ctrl-C / SIGTERM); the message says what was left (a half-written folder is never "
                       "published)",
 }
+
+
+# ---------------------------------------------------------------- hints for Python callers
+
+# Hints are written for the command line (``pass --base DIR``). A Python caller has no flags, so the
+# public API functions (``sa2va_convert.convert`` etc.) rewrite them into the keyword or option to set,
+# unless the call came from the CLI, which sets this flag for the duration of a command.
+FROM_CLI: ContextVar[bool] = ContextVar("sa2va_convert_from_cli", default=False)
+
+_API_WORDING: dict[str, str] = {
+    "--no-verify": "ConvertOptions(roundtrip=False)", "--verify": "ConvertOptions(roundtrip=True)",
+    "--no-roundtrip": "roundtrip=False", "--no-read-back": "ConvertOptions(read_back=False)",
+    "--max-shard-size": "ConvertOptions.max_shard_bytes", "--allow-global": "ConvertOptions.allow_globals",
+    "--all": "convert_all()", "--dry-run": "plan_conversion()", "--debug": "the traceback (e.__cause__)",
+    "--device": "verify_device= / device=", "--python": "verify_python= / python=",
+    "--rslora": "ConvertOptions(rslora=True)", "--no-rslora": "ConvertOptions(rslora=False)",
+}
+_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)")
+_COMMANDS = [
+    (re.compile(r"`?sa2va-convert keymaps list`?"), "`sa2va_convert.plan.keymap.builtin_names()`"),
+    (re.compile(r"`?sa2va-convert keymaps show( NAME)?`?"), "the built-in keymaps (`keymaps/*.yaml`)"),
+    (re.compile(r"`?sa2va-convert verify OUT`?"), "`sa2va_convert.verify_folder(OUT)`"),
+]
+
+
+def api_wording(hint: str | None) -> str | None:
+    """A CLI hint in Python terms: ``--base DIR`` -> ``ConvertOptions.base``, ``--no-verify`` -> ``roundtrip=False``."""
+    if not hint:
+        return hint
+    for pattern, text in _COMMANDS:
+        hint = pattern.sub(text, hint)
+
+    def flag(m: re.Match) -> str:
+        whole = m.group(0)
+        return _API_WORDING.get(whole) or f"ConvertOptions.{m.group(1).replace('-', '_')}"
+
+    return _FLAG.sub(flag, hint)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def api_errors(fn: _F) -> _F:
+    """Decorate a public API function: its ConvertErrors carry Python-worded hints (unless run by the CLI)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConvertError as e:
+            if not FROM_CLI.get():
+                e.hint = api_wording(e.hint)
+            raise
+
+    return wrapper  # type: ignore[return-value]

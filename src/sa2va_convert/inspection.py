@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .errors import api_errors
 from .plan.family import Detection, detect_family
 from .plan.keymap import Keymap, load_all_builtin, resolve_keymap
 from .read.checkpoint import open_checkpoint
@@ -55,7 +56,7 @@ class InspectReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "path": self.path, "kind": self.kind, "meta": self.meta, "tensor_count": self.tensor_count,
+            "ok": True, "path": self.path, "kind": self.kind, "meta": self.meta, "tensor_count": self.tensor_count,
             "total_bytes": self.total_bytes, "dtypes": self.dtypes, "groups": [g.to_dict() for g in self.groups],
             "lora": self.lora, "config": self.config, "family": self.family, "unrecognised": self.unrecognised,
             "placeholders": self.placeholders,
@@ -86,9 +87,13 @@ def _config_summary(cfg) -> dict[str, Any] | None:
     return out
 
 
+@api_errors
 def inspect_checkpoint(path: str | Path, *, keymap: str | None = None,
                        allow_globals: Sequence[str] = ()) -> InspectReport:
-    ckpt = open_checkpoint(path, allow_globals=tuple(allow_globals))
+    """What ``sa2va-convert inspect`` shows. ``path`` may be a work_dir: its newest checkpoint, as convert picks it."""
+    from .batch import resolve_checkpoint
+
+    ckpt = open_checkpoint(resolve_checkpoint(Path(path)), allow_globals=tuple(allow_globals))
     keys = sorted(ckpt.weights.keys())
     config_text = ckpt.config.text if ckpt.config is not None else None
     km: Keymap | None

@@ -10,38 +10,48 @@ what was found and what to pass.
 
 from __future__ import annotations
 
-import os
+import re
 from pathlib import Path
 
-from ..errors import ConvertError, PlanError
+from ..errors import ConvertError, InputError, PlanError
 from ..read.hf_folder import open_hf_folder
 from .keymap import Keymap
 from .planner import check_base
 
-
-def hf_cache_dirs() -> list[Path]:
-    dirs = []
-    if os.environ.get("HF_HUB_CACHE"):
-        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
-    if os.environ.get("HF_HOME"):
-        dirs.append(Path(os.environ["HF_HOME"]) / "hub")
-    dirs.append(Path.home() / ".cache" / "huggingface" / "hub")
-    return dirs
+# A Hub repo id, optionally pinned: ``org/name`` or ``org/name@revision``.
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
 def cached_snapshot(repo_id: str) -> Path | None:
-    """The newest local snapshot of a hub repo id, looked up offline (no network)."""
-    if repo_id.count("/") != 1:
+    """The local snapshot of a Hub repo id, offline, as huggingface_hub itself resolves it.
+
+    ``snapshot_download(..., local_files_only=True)`` honours ``HF_HUB_CACHE`` / ``HF_HOME`` and
+    follows ``refs/<revision>`` (``refs/main`` by default) to the snapshot that revision names:
+    the same folder ``from_pretrained(repo_id)`` would load, not merely the newest one on disk.
+    ``org/name@rev`` picks a branch, tag or commit. Nothing is downloaded."""
+    if not _REPO_ID.match(repo_id):
         return None
-    folder = "models--" + repo_id.replace("/", "--")
-    for cache in hf_cache_dirs():
-        snaps = cache / folder / "snapshots"
-        if snaps.is_dir():
-            found = sorted((p for p in snaps.iterdir() if (p / "config.json").exists()),
-                           key=lambda p: p.stat().st_mtime, reverse=True)
-            if found:
-                return found[0]
-    return None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    repo, _, revision = repo_id.partition("@")
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError, ValueError):
+        return None
+
+
+def resolve_base(spec: str | Path) -> Path:
+    """``--base``: a folder, or else a Hub repo id (``org/name[@rev]``) found in the offline HF cache."""
+    path = Path(spec).expanduser()
+    if path.exists() or not _REPO_ID.match(str(spec)):
+        return path  # open_hf_folder reports a missing or wrong folder with its own message
+    snap = cached_snapshot(str(spec))
+    if snap is None:
+        raise InputError(f"no folder {spec!r} here, and the Hub repo {spec!r} is not in the local Hugging Face cache",
+                         path=str(spec), hint=f"download it first (`hf download {str(spec).partition('@')[0]}`), "
+                                              "or pass --base DIR with the base Sa2VA folder")
+    return snap
 
 
 def candidates(config_path: str | None) -> list[Path]:

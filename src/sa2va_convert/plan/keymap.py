@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from ..errors import KeymapError
+from ..errors import InputError, KeymapError, UsageError
 
 ROLES = ("lora_a", "lora_b", "full", "drop")
 SCHEMA_VERSION = 1
@@ -254,10 +254,12 @@ def load_keymap(path: str | Path, *, text: str | None = None) -> Keymap:
     if text is None:
         try:
             text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise KeymapError("keymap file does not exist", path=source,
+        except FileNotFoundError:  # a missing input is exit 3 like every other missing input
+            raise InputError("keymap file does not exist", path=source,
                               hint="run `sa2va-convert keymaps list` for the built-in names") from None
-        except (OSError, UnicodeDecodeError) as e:
+        except OSError as e:
+            raise InputError(f"cannot read keymap: {e}", path=source, hint="pass a readable UTF-8 YAML file") from None
+        except UnicodeDecodeError as e:
             raise KeymapError(f"cannot read keymap: {e}", path=source, hint="pass a readable UTF-8 YAML file") from None
     try:
         root_node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -453,8 +455,9 @@ def builtin_names() -> list[str]:
 def load_builtin(name: str) -> Keymap:
     path = builtin_dir() / f"{name}.yaml"
     if not path.is_file():
-        raise KeymapError(f"no built-in keymap named {name!r} (built-in: {', '.join(builtin_names())})",
-                          path=name, hint="pick a built-in name or pass a YAML file path")
+        # A usage error (exit 2), not a keymap error: nothing is wrong with any file.
+        raise UsageError(f"no built-in keymap named {name!r} (built-in: {', '.join(builtin_names())})",
+                         path=name, hint="pick a built-in name or pass a YAML file path")
     return load_keymap(path)
 
 

@@ -22,12 +22,14 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..errors import VerifyError
 from ..plan.keymap import Keymap, load_all_builtin
 from .roundtrip import DEFAULT_PROMPT, DEFAULT_TIMEOUT, RoundTripReport, run_roundtrip
-from .structural import StructuralReport, check_folder, keymap_for_folder
+
+if TYPE_CHECKING:  # structural imports torch: loaded only when a folder is checked, so `--help` stays fast
+    from .structural import StructuralReport
 
 REPORT_NAME = "conversion_report.json"
 CHECKSUM_KEY = "shard_sha256"
@@ -196,6 +198,8 @@ def verify_folder(
             raise VerifyError("folder does not exist" if not folder.exists() else "not a folder", path=folder,
                               hint="pass the converted HuggingFace folder")
         say("checking files")
+        from .structural import check_folder
+
         keymap, report.keymap_source = folder_keymap(folder)
         report.keymap = keymap.name if keymap else None
         if keymap is None:
@@ -233,6 +237,8 @@ def folder_keymap(folder: Path) -> tuple[Keymap | None, str | None]:
     (v1 Qwen2 and v2 InternVL3 folders have the same layout, so a layout cannot tell them
     apart). For any other folder the keymap is guessed from config.json and the tensors, and
     the report says it is a guess."""
+    from .structural import keymap_for_folder
+
     keymaps = load_all_builtin()
     recorded = _recorded_keymap(folder)
     if recorded is not None:
@@ -369,7 +375,9 @@ def register_cli(main: Any) -> None:
                           "the transformers version the remote code needs."),
         click.option("--timeout", type=float, default=DEFAULT_TIMEOUT, show_default=True,
                      help="Seconds before the model process is killed."),
-        click.option("--quiet", "-q", is_flag=True, help="No progress output."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress or notes on stderr; errors still print."),
+        click.option("--verbose", "-v", is_flag=True,
+                     help="More detail on stderr; on failure, the model process's traceback (as --debug)."),
         click.option("--json", "json_out", is_flag=True, help="Print a JSON report on stdout."),
         click.option("--debug", is_flag=True, help="On failure, show the model process's traceback."),
     ]
@@ -390,17 +398,18 @@ def register_cli(main: Any) -> None:
     @with_common
     @cli.handle_errors
     def verify_cmd(folder: Path, no_roundtrip: bool, max_new_tokens: int, prompt: str, no_video: bool,
-                   expect_mask: bool, device: str, python: str | None, timeout: float, quiet: bool, json_out: bool,
+                   expect_mask: bool, device: str, python: str | None, timeout: float, quiet: bool, verbose: bool,
+                   json_out: bool,
                    debug: bool) -> None:
         """Check a converted FOLDER: files (shards, index, vocab, tokenizer, remote code, checksums), then load
         it with transformers and run predict_forward on a test image and video, in a separate process."""
-        progress = make_progress(json_out, quiet or json_out)
+        progress = make_progress(json_out, quiet or json_out, verbose)
         try:
             report = verify_folder(folder, roundtrip=not no_roundtrip, device=device, python=python,
                                    max_new_tokens=max_new_tokens, prompt=prompt, timeout=timeout, video=not no_video,
                                    expect_mask=expect_mask, on_stage=progress.stage)
         except VerifyError as e:
-            debug_dump(e, debug)
+            debug_dump(e, debug or verbose)
             raise
         if json_out:
             cli._emit_json(report.to_dict())
@@ -421,16 +430,16 @@ def register_cli(main: Any) -> None:
     @cli.handle_errors
     def predict_cmd(folder: Path, image: Path, prompt: str, save: Path, overlay: Path, no_save: bool,
                     max_new_tokens: int, device: str, python: str | None, timeout: float, quiet: bool,
-                    json_out: bool, debug: bool) -> None:
+                    verbose: bool, json_out: bool, debug: bool) -> None:
         """Segment IMAGE with the converted FOLDER's own predict_forward. PROMPT names the object
         ("red car" becomes "<image>Please segment the red car."); a PROMPT with <image> is used as it is."""
-        progress = make_progress(json_out, quiet or json_out)
+        progress = make_progress(json_out, quiet or json_out, verbose)
         try:
             report = run_predict(folder, image, prompt, device=device, python=python,
                                  save=None if no_save else save, overlay=None if no_save else overlay,
                                  max_new_tokens=max_new_tokens, timeout=timeout, on_stage=progress.stage)
         except VerifyError as e:
-            debug_dump(e, debug)
+            debug_dump(e, debug or verbose)
             raise
         if json_out:
             cli._emit_json(report.to_dict())

@@ -8,7 +8,12 @@ original files at hand.
 from __future__ import annotations
 
 import json
+import os
+import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from .. import __version__
 
@@ -17,15 +22,71 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..plan.planner import ConversionPlan
 
 
+# Where the card points people for the tool: the project's README until a package page exists.
+PROJECT_README = "the sa2va-convert README (README.md in the project's repository)"
+PIPELINE_TAG = "image-text-to-text"  # what the released Sa2VA cards declare
+TAGS = ("sa2va", "referring-segmentation", "sa2va-convert")
+_CACHE_SNAPSHOT = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$")
+
+
+def _absolute(path: str | None) -> str | None:
+    """Provenance paths are absolute: the card travels away from the directory the tool ran in."""
+    return os.path.abspath(path) if path else None  # normalises "..", keeps the user's symlinks
+
+
+def base_card_metadata(base: str | Path) -> dict[str, Any]:
+    """The YAML front matter of the base folder's README.md, or {} (absent, unreadable, not a mapping)."""
+    try:
+        text = (Path(base) / "README.md").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    m = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.S)
+    if not m:
+        return {}
+    try:
+        data = yaml.safe_load(m.group(1))
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def base_repo_id(base: str | Path, card: dict[str, Any] | None = None) -> str | None:
+    """The Hub repo id of the base folder when it can be known: its HF cache path
+    (``models--ORG--NAME/snapshots/REV``), else a ``repo_id``/``model_id`` its own card declares."""
+    m = _CACHE_SNAPSHOT.search(Path(base).absolute().as_posix())
+    if m:
+        return f"{m.group(1)}/{m.group(2)}"
+    card = base_card_metadata(base) if card is None else card
+    for key in ("repo_id", "model_id"):
+        value = card.get(key)
+        if isinstance(value, str) and value.count("/") == 1:
+            return value
+    return None
+
+
+def front_matter(plan: "ConversionPlan") -> dict[str, Any]:
+    """Hub metadata: ``base_model`` (the Hub builds its model tree from it), ``license`` (the base's)."""
+    card = base_card_metadata(plan.base)
+    meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": PIPELINE_TAG, "tags": list(TAGS)}
+    repo = base_repo_id(plan.base, card)
+    if repo:
+        meta["base_model"] = repo
+        meta["base_model_relation"] = "finetune"
+    for key in ("license", "license_name", "license_link"):
+        if card.get(key):
+            meta[key] = card[key]
+    return meta
+
+
 def _report_dict(plan: "ConversionPlan", result: "ConversionResult") -> dict[str, Any]:
     meta = plan.checkpoint_meta or {}
     return {
         "tool": "sa2va-convert", "tool_version": __version__,
         "source": {
-            "checkpoint": plan.checkpoint, "checkpoint_sha256": result.checkpoint_sha256,
+            "checkpoint": _absolute(plan.checkpoint), "checkpoint_sha256": result.checkpoint_sha256,
             "iteration": meta.get("iter"), "epoch": meta.get("epoch"),
             "experiment_name": meta.get("experiment_name"),
-            "base": plan.base, "pretrained": plan.pretrained,
+            "base": _absolute(plan.base), "pretrained": _absolute(plan.pretrained),
         },
         "keymap": {"name": plan.keymap, "source": plan.keymap_source, "family": plan.family,
                    "codebase": plan.codebase},
@@ -56,16 +117,15 @@ def conversion_report(plan: "ConversionPlan", result: "ConversionResult", *,
 def model_card(plan: "ConversionPlan", result: "ConversionResult") -> str:
     r = _report_dict(plan, result)
     src = r["source"]
+    meta = yaml.safe_dump(front_matter(plan), sort_keys=False, allow_unicode=True).strip()
     lines = [
         "---",
-        "library_name: transformers",
-        "tags: [sa2va, referring-segmentation, sa2va-convert]",
+        meta,
         "---",
         "",
         f"# Sa2VA fine-tune ({plan.family})",
         "",
-        "Converted from a Sa2VA training checkpoint by "
-        f"[sa2va-convert](https://pypi.org/project/sa2va-convert/) {__version__}.",
+        f"Converted from a Sa2VA training checkpoint by sa2va-convert {__version__} (see {PROJECT_README}).",
         "",
         "## Provenance",
         "",
@@ -101,7 +161,7 @@ def model_card(plan: "ConversionPlan", result: "ConversionResult") -> str:
         "",
         "```python",
         "from transformers import AutoModel, AutoTokenizer",
-        "model = AutoModel.from_pretrained(PATH, trust_remote_code=True, torch_dtype='auto').eval()",
+        "model = AutoModel.from_pretrained(PATH, trust_remote_code=True, dtype='auto').eval()",
         "tokenizer = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)",
         "out = model.predict_forward(image=image, text='<image>Please segment the object.', tokenizer=tokenizer)",
         "```",
