@@ -61,6 +61,9 @@ def match_family(km: Keymap, keys: Sequence[str], config_text: str | None) -> Fa
     evidence = first_match(km.detect_all, keys)
     excluded = {p: k for p, k in first_match(km.detect_none, keys).items() if k is not None}
     cfg = {p.pattern: bool(p.search(config_text)) for p in km.detect_config} if config_text else {}
+    if config_text and any(p.search(config_text) for p in km.detect_config_none):
+        # the config names something this family never has: no pattern of it may count as agreeing
+        cfg = {p: False for p in cfg} or {p.pattern: False for p in km.detect_config_none}
     ok = all(v is not None for v in evidence.values()) and not excluded
     return FamilyMatch(km.name, km.family_label, km.codebase, ok, evidence, excluded, cfg)
 

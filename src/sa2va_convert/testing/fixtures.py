@@ -31,6 +31,9 @@ from .layouts import (
     get_preset,
     hf_layout,
     sam2_layout,
+    sam3_mlp,
+    sam3_patch,
+    sam3_pos_grid,
     training_layout,
 )
 from .tokenizer import special_token_id, write_tokenizer
@@ -134,7 +137,10 @@ def write_base_folder(
 
 def find_remote_code(preset: str | Preset) -> Path | None:
     """Our test remote-code folder for this family, or None if it is not there (yet)."""
-    sub = "qwen" if get_preset(preset).layout == "qwen-vl" else "internvl"
+    p = get_preset(preset)
+    sub = "qwen" if p.layout == "qwen-vl" else "internvl"
+    if p.grounding == "sam3":
+        sub += "_sam3"
     for cand in (_REPO_ROOT / "tests" / "remote_code" / sub, Path(__file__).parent / "remote_code" / sub):
         if cand.is_dir() and any(cand.glob("*.py")):
             return cand
@@ -192,7 +198,8 @@ def base_config(p: Preset, s: Sizes, *, dtype: str = "bf16", raw_internvl: bool 
                 "spatial_merge_size": 2, "in_channels": 3, "out_hidden_size": s.hidden,
                 "image_size": s.image_size,
             },
-            "sam2_test_config": sam2,
+            **({"sam3_test_config": _sam3_test_config(s)} if p.grounding == "sam3"
+               else {"sam2_test_config": sam2}),
             "tie_word_embeddings": False,
             "torch_dtype": torch_dtype,
             "transformers_version": TRANSFORMERS_VERSION,
@@ -234,6 +241,12 @@ def base_config(p: Preset, s: Sizes, *, dtype: str = "bf16", raw_internvl: bool 
         "transformers_version": TRANSFORMERS_VERSION,
     })
     return cfg
+
+
+def _sam3_test_config(s: Sizes) -> dict:
+    """The SAM3 stand-in's dimensions (tests/remote_code/qwen_sam3/sam3.py reads them)."""
+    return {"C": s.sam_c, "Ds": s.sam_ds, "blocks": s.sam_blocks, "image_size": s.sam_image_size,
+            "patch": sam3_patch(s), "pos_grid": sam3_pos_grid(s), "mlp": sam3_mlp(s)}
 
 
 def _generation_config(vocab: int) -> dict:
