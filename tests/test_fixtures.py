@@ -92,8 +92,12 @@ def test_base_folder_matches_layout_index_and_config(tmp_path, preset):
 
     cfg = json.loads((base / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is False
-    assert cfg["sam2_test_config"] == {"C": TINY.sam_c, "Ds": TINY.sam_ds,
-                                       "blocks": TINY.sam_blocks, "image_size": TINY.sam_image_size}
+    dims = {"C": TINY.sam_c, "Ds": TINY.sam_ds, "blocks": TINY.sam_blocks, "image_size": TINY.sam_image_size}
+    if PRESETS[preset].grounding == "sam3":  # the SAM3 stand-in also records its ViT's patch grid and MLP width
+        assert cfg["sam3_test_config"] == {**dims, "patch": 8, "pos_grid": 8, "mlp": int(TINY.sam_c * 4.625)}
+        assert "sam2_test_config" not in cfg
+    else:
+        assert cfg["sam2_test_config"] == dims
     if PRESETS[preset].layout == "qwen-vl":
         assert cfg["architectures"] == ["Sa2VAChatModelQwen"]
         assert cfg["auto_map"]["AutoModel"] == "modeling_sa2va_qwen.Sa2VAChatModelQwen"
@@ -252,6 +256,8 @@ LITERAL_KEYS = {
     ],
 }
 LITERAL_KEYS["sa2va-qwen3-vl"] = LITERAL_KEYS["sa2va-qwen2_5-vl"]
+# SAM3 (upstream sam3_train.py keeps the tracker as `sam2_model`; Sa2VAModel.state_dict keeps its mask decoder)
+LITERAL_KEYS["sa2va-qwen3-vl-sam3"] = LITERAL_KEYS["sa2va-qwen2_5-vl"]
 
 
 @pytest.mark.parametrize("preset", ALL)
