@@ -43,6 +43,7 @@ from sa2va_convert.testing.finetune import (  # noqa: E402
     write_segmenting_finetune,
 )
 from sa2va_convert.testing.reference import load_checkpoint_state_dict  # noqa: E402
+from sa2va_convert.verify._child import cuda_on_cpu  # noqa: E402
 
 SYNTH_W, SYNTH_H = 80, 60  # the round trip's synthetic picture (verify/_child.py)
 HEAD = "language_model.lm_head.weight"
@@ -87,7 +88,7 @@ def tokenizer(path: Path):
 def predict(model, tok, max_new_tokens: int = 16, **inputs) -> dict:
     model.preparing_for_generation(tok, max_new_tokens=max_new_tokens)
     inputs.setdefault("text", PROMPT)
-    with torch.no_grad():
+    with torch.no_grad(), cuda_on_cpu():
         return model.predict_forward(tokenizer=tok, **inputs)
 
 

@@ -26,6 +26,17 @@ from packaging.version import Version  # noqa: E402
 from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: E402
 
 from sa2va_convert.testing import PRESETS, Sizes, get_preset, hf_layout, write_base_folder  # noqa: E402
+from sa2va_convert.verify._child import cuda_on_cpu  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _cuda_calls_on_cpu():
+    """The test models call .cuda() where upstream does; in this process map those calls to the CPU."""
+    if torch.cuda.is_available():
+        yield
+        return
+    with cuda_on_cpu():
+        yield
 
 REMOTE = Path(__file__).parent / "remote_code"
 SIZES = Sizes.tiny()

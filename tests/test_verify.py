@@ -28,13 +28,14 @@ pytest.importorskip("PIL")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from sa2va_convert.api import ConvertOptions, convert  # noqa: E402
-from sa2va_convert.errors import VerifyError  # noqa: E402
+from sa2va_convert.errors import UsageError, VerifyError  # noqa: E402
 from sa2va_convert.testing import make_tiny_example  # noqa: E402
 from sa2va_convert.verify import roundtrip as rt  # noqa: E402
 from sa2va_convert.verify.commands import (  # noqa: E402
     CHECKSUM_KEY,
     check_remote_code,
     shard_checksums,
+    summary_line,
     verify_folder,
 )
 
@@ -120,9 +121,9 @@ def copy_of(folder: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(folder, tmp_path / "copy"))
 
 
-def assert_one_line(err: VerifyError) -> str:
+def assert_one_line(err: VerifyError, exit_code: int = 7) -> str:
     text = str(err)
-    assert "\n" not in text and err.exit_code == 7, text
+    assert "\n" not in text and err.exit_code == exit_code, text
     return text
 
 
@@ -298,25 +299,83 @@ def test_code_that_needs_a_gpu_is_reported_with_the_fix(converted, tmp_path):
     src = modeling.read_text()
     anchor = "        if mask_prompts is not None:"
     assert anchor in src
-    modeling.write_text(src.replace(anchor, "        torch.zeros(1).cuda()  # as upstream does\n" + anchor, 1))
+    modeling.write_text(src.replace(anchor, "        torch.zeros(1, device='cuda')  # not a .cuda() call: not mapped\n"
+                                    + anchor, 1))
     with pytest.raises(VerifyError) as e:
         verify_folder(folder, device="auto", max_new_tokens=1, video=False)
-    text = assert_one_line(e.value)
+    text = assert_one_line(e.value, exit_code=9)  # the environment, not the folder
     assert "needs a GPU" in text and "modeling_sa2va_chat.py:" in text
+    line = int(text.split("modeling_sa2va_chat.py:")[1].split(")")[0].split(",")[0])
+    assert "device='cuda'" in (folder / "modeling_sa2va_chat.py").read_text().splitlines()[line - 1]
     assert "--device cuda" in e.value.hint and "--python" in e.value.hint
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_calls_are_mapped_to_cpu_and_reported(steered):
+    """Our test model calls .cuda() and torch.autocast('cuda') where upstream does; on CPU the
+    child maps them, runs the model's own predict_forward, and says so."""
+    src = (steered / "modeling_sa2va_chat.py").read_text()
+    assert ".cuda()" in src  # the premise: without the mapping this code fails on a CPU
+    report = verify_folder(steered, device="cpu", max_new_tokens=2)
+    mapped = report.roundtrip.to_dict()["cuda_mapped"]
+    assert mapped["tensor.cuda"] >= 2 and mapped["autocast"] >= 1
+
+
+@pytest.fixture(scope="module")
+def no_seg(converted, tmp_path_factory) -> Path:
+    """A folder whose model always answers "<p>": never [SEG], like an undertrained model."""
+    return steer_folder(Path(shutil.copytree(converted, tmp_path_factory.mktemp("noseg") / "out")),
+                        default="<p>", chain={})
+
+
+def test_answer_without_seg_is_forced_through_the_mask_path(no_seg):
+    """The model's own answer has no [SEG]: the round trip forces one and checks its mask."""
+    report = verify_folder(no_seg, device="cpu", max_new_tokens=3, video=False)
+    own, forced = report.roundtrip.to_dict()["runs"]
+    assert own["seg_count"] == 0 and own["n_masks"] == 0 and "[SEG]" not in own["prediction"]
+    assert forced["forced"] and forced["prediction"].startswith("[SEG]") and forced["n_masks"] == 1
+    assert forced["masks"][0]["shape"] == [1, SYNTH_H, SYNTH_W] and forced["masks"][0]["dtype"] == "bool"
+    line = summary_line(report.roundtrip.to_dict())
+    assert "answered with [SEG]: no" in line and f"forced [SEG]: 1 mask (1, {SYNTH_H}, {SYNTH_W})" in line
+
+
+def test_expect_mask_fails_an_answer_without_seg(no_seg, steered):
+    with pytest.raises(VerifyError) as e:
+        verify_folder(no_seg, device="cpu", max_new_tokens=3, video=False, expect_mask=True)
+    assert "no [SEG]" in assert_one_line(e.value) and "--expect-mask" in str(e.value)
+    assert verify_folder(steered, device="cpu", max_new_tokens=2, video=False, expect_mask=True).ok
+
+
+def test_a_broken_mask_path_fails_even_when_the_model_never_says_seg(no_seg, tmp_path):
+    """Forcing [SEG] exposes remote code whose mask path returns nothing."""
+    folder = copy_of(no_seg, tmp_path)
+    modeling = folder / "modeling_sa2va_chat.py"
+    src = modeling.read_text()
+    anchor = '        return {"prediction": prediction, "prediction_masks": masks}'
+    assert anchor in src
+    modeling.write_text(src.replace(anchor, '        return {"prediction": prediction, "prediction_masks": []}'))
+    with pytest.raises(VerifyError) as e:
+        verify_folder(folder, device="cpu", max_new_tokens=3, video=False)
+    assert "mask path" in assert_one_line(e.value)
 
 
 def test_timeout(converted):
     with pytest.raises(VerifyError) as e:
         rt.run_roundtrip(converted, device="cpu", timeout=0.5)
-    text = assert_one_line(e.value)
+    text = assert_one_line(e.value, exit_code=9)
     assert "did not finish within 0.5s" in text and "--timeout" in e.value.hint
 
 
-def test_unknown_interpreter_and_device(converted):
-    with pytest.raises(VerifyError, match="not found"):
+def test_unknown_interpreter_and_device_are_usage_errors(converted, tmp_path):
+    with pytest.raises(UsageError, match="not found") as e:
         rt.run_roundtrip(converted, python="/nonexistent/python3")
-    with pytest.raises(VerifyError, match="unknown device"):
+    assert e.value.exit_code == 2
+    not_python = tmp_path / "not-python"
+    not_python.write_text("#!/bin/sh\necho hello\n")
+    not_python.chmod(0o755)
+    with pytest.raises(UsageError, match="is not a Python"):
+        rt.run_roundtrip(converted, python=not_python)
+    with pytest.raises(UsageError, match="unknown device"):
         rt.run_roundtrip(converted, device="tpu")
 
 
@@ -336,7 +395,7 @@ def test_interpreter_without_torch_is_named(converted):
     py = _python_without_torch()
     with pytest.raises(VerifyError) as e:
         rt.run_roundtrip(converted, python=py)
-    text = assert_one_line(e.value)
+    text = assert_one_line(e.value, exit_code=9)
     assert py in text and "torch" in text and "--python" in e.value.hint
 
 

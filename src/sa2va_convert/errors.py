@@ -87,6 +87,22 @@ class VerifyError(ConvertError):
     kind = "verify"
 
 
+class VerifyEnvironmentError(VerifyError):
+    """The round trip could not run here: a missing package, too little memory, no usable GPU,
+    a transformers version the remote code does not support. Says nothing about the folder."""
+
+    exit_code = 9
+    kind = "verify-environment"
+
+
+class UsageError(ConvertError):
+    """An option value that cannot work (a size, a regex, a device, an interpreter, a dtype);
+    found before any work. The CLI reports it as a usage error (exit 2)."""
+
+    exit_code = 2
+    kind = "usage"
+
+
 class BatchError(ConvertError):
     """At least one checkpoint of a batch failed; the others were converted."""
 
@@ -106,5 +122,8 @@ EXIT_CODES: dict[int, str] = {
     OutputError.exit_code: "output cannot be written (exists without --force, disk full, permissions, busy)",
     VerifyError.exit_code: "verification of the written folder failed",
     BatchError.exit_code: "batch: at least one checkpoint failed (the others were converted)",
-    EXIT_INTERRUPTED: "interrupted (Ctrl-C / SIGTERM); no partial output left behind",
+    VerifyEnvironmentError.exit_code: "the round trip could not run here (missing package, not enough memory, no "
+                                      "usable GPU); the folder itself was not judged",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C / SIGTERM); the message says what was left (a half-written folder is never "
+                      "published)",
 }

@@ -238,8 +238,10 @@ def _load_values(model, values: dict[str, torch.Tensor], dtype: torch.dtype) -> 
 
 
 def _predict(model, tok, ctx: dict[str, Any], max_new_tokens: int) -> dict:
+    from ..verify._child import cuda_on_cpu  # the test models call .cuda() like upstream
+
     model.preparing_for_generation(tok, max_new_tokens=max_new_tokens)
-    with torch.no_grad():
+    with torch.no_grad(), cuda_on_cpu():
         return model.predict_forward(tokenizer=tok, **ctx)
 
 

@@ -204,6 +204,121 @@ def resolve_device(requested: str, result: dict):
     return "cpu"
 
 
+def map_cuda_to_cpu(result: dict):
+    """Let the model's own CUDA calls run on the CPU: ``.cuda()`` and ``torch.autocast('cuda')``.
+
+    The upstream Sa2VA code moves its inputs with ``.cuda()`` and wraps SAM2 in
+    ``torch.autocast('cuda')`` inside ``predict_forward`` (FORMATS.md §8); nothing else on that
+    path needs a GPU. Mapping just those calls lets the real code run on a CPU-only machine
+    instead of failing. Installed before the remote code is imported (``from torch import
+    autocast`` in it then gets the mapped one), counted, and reported, so nobody mistakes a CPU
+    run for a GPU run. Any other CUDA use (``device='cuda'``, ``.to('cuda')``) still fails,
+    with the model's own error.
+    """
+    import torch
+
+    counts = {"tensor.cuda": 0, "module.cuda": 0, "autocast": 0}
+    result["cuda_mapped"] = counts
+
+    def tensor_cuda(self, device=None, non_blocking=False, **kwargs):
+        counts["tensor.cuda"] += 1
+        return self.to("cpu", non_blocking=non_blocking)
+
+    def module_cuda(self, device=None):
+        counts["module.cuda"] += 1
+        return self.to("cpu")
+
+    real_autocast = torch.autocast
+
+    class autocast(real_autocast):  # noqa: N801 - replaces torch.autocast under its own name
+        def __init__(self, device_type, dtype=None, enabled=True, cache_enabled=None):
+            if str(device_type).startswith("cuda"):
+                counts["autocast"] += 1
+                device_type = "cpu"
+            super().__init__(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+
+    def cuda_amp_autocast(enabled=True, dtype=torch.float16, cache_enabled=True):
+        return autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+
+    saved = [(torch.Tensor, "cuda", torch.Tensor.cuda), (torch.nn.Module, "cuda", torch.nn.Module.cuda),
+             (torch, "autocast", torch.autocast), (torch.amp, "autocast", torch.amp.autocast)]
+    torch.Tensor.cuda = tensor_cuda
+    torch.nn.Module.cuda = module_cuda
+    torch.autocast = autocast
+    torch.amp.autocast = autocast
+    if hasattr(torch.cuda, "amp"):
+        saved.append((torch.cuda.amp, "autocast", torch.cuda.amp.autocast))
+        torch.cuda.amp.autocast = cuda_amp_autocast
+
+    def restore() -> None:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+    return restore
+
+
+@contextlib.contextmanager
+def cuda_on_cpu():
+    """``map_cuda_to_cpu`` for a block of code in this process (tests, the fixture generator);
+    yields the call counts and puts torch back afterwards."""
+    result: dict = {}
+    restore = map_cuda_to_cpu(result)
+    try:
+        yield result["cuda_mapped"]
+    finally:
+        restore()
+
+
+def output_head(model):
+    """The module that turns the LLM's hidden states into vocabulary logits (lm_head / output)."""
+    for owner in (getattr(model, "language_model", None), model):
+        getter = getattr(owner, "get_output_embeddings", None) if owner is not None else None
+        head = getter() if callable(getter) else None
+        if head is not None:
+            return head
+    for name, module in model.named_modules():
+        if name.endswith(("lm_head", "language_model.output")):
+            return module
+    return None
+
+
+@contextlib.contextmanager
+def forced_tokens(model, token_ids: list):
+    """Make generation emit ``token_ids`` in order (then keep emitting the last one).
+
+    A forward hook on the output head rewrites the logits of the newest position only: the first
+    call of the head (the prompt) picks ``token_ids[0]``, the next call ``token_ids[1]``, ... The
+    forced token then goes back through the model like any generated token, so its hidden
+    state, ``text_hidden_fcs`` and the mask decoder all run for real. Works with HF ``generate``
+    (upstream) and with hand-written greedy loops (our test models), with or without a KV cache.
+    """
+    head = output_head(model)
+    if head is None:
+        raise StageError("cannot find the model's output head (lm_head/output) to force [SEG]")
+    step = {"n": 0}
+
+    def hook(module, inputs, output):
+        logits = output[0] if isinstance(output, tuple) else output
+        target = token_ids[min(step["n"], len(token_ids) - 1)]
+        step["n"] += 1
+        last = logits[..., -1, :]
+        last.fill_(float(torch_finfo_min(last.dtype)))
+        last[..., target] = 0.0
+        return output
+
+    handle = head.register_forward_hook(hook)
+    try:
+        yield step
+    finally:
+        handle.remove()
+
+
+def torch_finfo_min(dtype):
+    import torch
+
+    return torch.finfo(dtype).min if dtype.is_floating_point else 0
+
+
 # ---------------------------------------------------------------- synthetic inputs and outputs
 
 
@@ -344,7 +459,19 @@ def call_predict(model, tokenizer, processor, *, image=None, video=None, text: s
     }
 
 
-def run(args: dict, result: dict) -> None:
+class Loaded:
+    """The model and what ``predict_forward`` needs beside it, loaded once per process."""
+
+    def __init__(self, model, tokenizer, processor, device: str, torch_dtype, seg_id):
+        self.model, self.tokenizer, self.processor = model, tokenizer, processor
+        self.device, self.torch_dtype, self.seg_id = device, torch_dtype, seg_id
+
+
+def load_model(args: dict, result: dict) -> Loaded:
+    """Import, pick the device, load config, weights, tokenizer (and processor), cap generation.
+
+    Shared by every mode (round trip, predict, eval) so they all load a folder the same way.
+    """
     timings = result["timings"]
     t0 = time.perf_counter()
     stage(result, "import")
@@ -357,24 +484,20 @@ def run(args: dict, result: dict) -> None:
                               numpy=numpy.__version__, pillow=PIL.__version__)
     timings["import"] = round(time.perf_counter() - t0, 3)
     folder = args["folder"]
-    image = None
-    if args["mode"] == "predict":  # before the (slow) load: a bad image fails at once
-        stage(result, "image")
-        from PIL import Image
-
-        image = Image.open(args["image"]).convert("RGB")
 
     stage(result, "device")
     device = resolve_device(args.get("device") or "auto", result)
     n_gpus = result["gpu"]["count"]
     multi = device == "cuda" and n_gpus > 1 and importlib.util.find_spec("accelerate") is not None
     result["device"] = f"cuda (device_map=auto over {n_gpus} GPUs)" if multi else device
+    if device == "cpu" and args.get("map_cuda", True):
+        map_cuda_to_cpu(result)
 
     stage(result, "config")
     t = time.perf_counter()
     raw_config = read_json(os.path.join(folder, "config.json"))
     file_dtypes = shard_dtypes(folder)
-    dtype_name = config_dtype_name(raw_config, file_dtypes)
+    dtype_name = args.get("dtype") or config_dtype_name(raw_config, file_dtypes)
     result["dtype"] = dtype_name
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
                    "fp64": torch.float64}[dtype_name]
@@ -427,8 +550,9 @@ def run(args: dict, result: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     seg_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
     unk = getattr(tokenizer, "unk_token_id", None)
-    result["tokenizer"] = {"class": type(tokenizer).__name__, "length": len(tokenizer),
-                           "seg_token_id": None if seg_id is None or (unk is not None and seg_id == unk) else int(seg_id)}
+    seg_id = None if seg_id is None or (unk is not None and seg_id == unk) else int(seg_id)
+    result["tokenizer"] = {"class": type(tokenizer).__name__, "length": len(tokenizer), "seg_token_id": seg_id,
+                           "eos_token_id": getattr(tokenizer, "eos_token_id", None)}
     processor = None
     if is_qwen_family(raw_config) and any(os.path.isfile(os.path.join(folder, f)) for f in
                                           ("preprocessor_config.json", "processor_config.json")):
@@ -451,36 +575,73 @@ def run(args: dict, result: dict) -> None:
         result["max_new_tokens"] = max_new
     else:
         result["warnings"].append("model has no preparing_for_generation(): generation length is not capped")
+    return Loaded(model, tokenizer, processor, device, torch_dtype, seg_id)
 
+
+def run_predict(args: dict, result: dict) -> None:
+    """``sa2va-convert predict``: the user's image and prompt, masks and overlay saved as PNG."""
+    stage(result, "image")  # before the (slow) load: a bad image fails at once
+    from PIL import Image
+
+    image = Image.open(args["image"]).convert("RGB")
+    m = load_model(args, result)
     prompt = args.get("prompt") or "<image>Please segment the object."
-    if args["mode"] == "predict":
-        stage(result, "predict")
-        run_ = call_predict(model, tokenizer, processor, image=image, text=prompt)
-        masks = run_.pop("_masks")
-        run_["name"] = "image"
-        result["runs"].append(run_)
-        timings["predict"] = run_["seconds"]
-        stage(result, "save")
-        result["saved"] = save_masks(masks, image, args.get("mask_path"), args.get("overlay_path"))
-        return
+    stage(result, "predict")
+    run_ = call_predict(m.model, m.tokenizer, m.processor, image=image, text=prompt)
+    masks = run_.pop("_masks")
+    run_["name"] = "image"
+    result["runs"].append(run_)
+    result["timings"]["predict"] = run_["seconds"]
+    stage(result, "save")
+    result["saved"] = save_masks(masks, image, args.get("mask_path"), args.get("overlay_path"))
 
+
+def run_roundtrip(args: dict, result: dict) -> None:
+    """The conversion's round trip: the model's own answer on an image and a video, and, when
+    that answer has no [SEG], a second image run with [SEG] forced through generation so the
+    mask path (text_hidden_fcs -> SAM2 -> masks) runs for real either way."""
+    m = load_model(args, result)
+    timings = result["timings"]
+    prompt = args.get("prompt") or "<image>Please segment the object."
     stage(result, "predict_image")
-    run_ = call_predict(model, tokenizer, processor, image=synthetic_frame(), text=prompt)
+    run_ = call_predict(m.model, m.tokenizer, m.processor, image=synthetic_frame(), text=prompt)
     run_.pop("_masks")
     run_["name"] = "image"
     result["runs"].append(run_)
     timings["predict_image"] = run_["seconds"]
+    if not run_.get("seg_count") and args.get("force_seg", True):
+        stage(result, "predict_forced")
+        if m.seg_id is None:
+            raise StageError("the tokenizer has no [SEG] token: cannot force one")
+        stop = result["tokenizer"].get("eos_token_id")
+        with forced_tokens(m.model, [m.seg_id] + ([int(stop)] if stop is not None else [])):
+            forced = call_predict(m.model, m.tokenizer, m.processor, image=synthetic_frame(), text=prompt)
+        forced.pop("_masks")
+        forced["name"] = "image, [SEG] forced"
+        forced["forced"] = True
+        result["runs"].append(forced)
+        timings["predict_forced"] = forced["seconds"]
     if args.get("video", True):
-        if "video" in inspect.signature(model.predict_forward).parameters:
+        if "video" in inspect.signature(m.model.predict_forward).parameters:
             stage(result, "predict_video")
-            run_ = call_predict(model, tokenizer, processor, video=[synthetic_frame(shift=0), synthetic_frame(shift=6)],
-                                text=prompt)
+            run_ = call_predict(m.model, m.tokenizer, m.processor,
+                                video=[synthetic_frame(shift=0), synthetic_frame(shift=6)], text=prompt)
             run_.pop("_masks")
             run_["name"] = "video"
             result["runs"].append(run_)
             timings["predict_video"] = run_["seconds"]
         else:
             result["warnings"].append("predict_forward takes no video=: video not checked")
+
+
+MODES = {"roundtrip": run_roundtrip, "predict": run_predict}
+
+
+def run(args: dict, result: dict) -> None:
+    mode = MODES.get(args.get("mode"))
+    if mode is None:
+        raise StageError(f"unknown mode {args.get('mode')!r}")
+    mode(args, result)
 
 
 def main(argv: list) -> int:

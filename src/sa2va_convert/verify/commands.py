@@ -178,6 +178,7 @@ def verify_folder(
     timeout: float = DEFAULT_TIMEOUT,
     video: bool = True,
     read_values: bool = True,
+    expect_mask: bool = False,
     on_stage: Callable[[str], None] | None = None,
 ) -> VerifyReport:
     """Check a converted folder: files first (fast, nothing executed), then load + predict in a child.
@@ -208,7 +209,7 @@ def verify_folder(
         if roundtrip:
             say("round trip: from_pretrained + predict_forward in a separate process")
             report.roundtrip = run_roundtrip(folder, device=device, python=python, max_new_tokens=max_new_tokens,
-                                             prompt=prompt, timeout=timeout, video=video,
+                                             prompt=prompt, timeout=timeout, video=video, expect_mask=expect_mask,
                                              on_stage=lambda s: say(f"round trip: {s}"))
             report.notes += report.roundtrip.warnings
         else:
@@ -265,17 +266,33 @@ def _shard_files(folder: Path) -> list[str]:
 
 
 def summary_line(rt: dict[str, Any]) -> str:
-    """One line about a round trip: device, dtype, answer and masks per run, time."""
-    runs = "; ".join(f"{r['name']}: {r['n_masks']} mask(s) {_shapes(r)} answer {r['prediction'][:60]!r}"
-                     for r in rt.get("runs", []))
+    """One line about a round trip: where it ran, whether the model said [SEG] itself, what the
+    forced [SEG] gave, the video, and the time."""
     versions = rt.get("versions") or {}
-    return (f"loaded on {rt.get('device')} in {rt.get('dtype')} (transformers {versions.get('transformers')}, "
-            f"torch {versions.get('torch')}); {runs}; {rt.get('seconds', 0):.1f}s")
+    mapped = rt.get("cuda_mapped") or {}
+    where = f"loaded on {rt.get('device')}"
+    if mapped:
+        where += f" (CUDA calls mapped to CPU: {sum(mapped.values())})"
+    parts = [f"{where} in {rt.get('dtype')} (transformers {versions.get('transformers')}, "
+             f"torch {versions.get('torch')})"]
+    runs = {r.get("name"): r for r in rt.get("runs", [])}
+    own = runs.get("image")
+    if own is not None:
+        said = "yes" if own.get("seg_count") else "no"
+        parts.append(f"answered with [SEG]: {said}" + (f", {_masks(own)}" if own.get("seg_count") else
+                                                        f" ({own.get('prediction', '')[:40]!r})"))
+    for r in rt.get("runs", []):
+        if r.get("forced"):
+            parts.append(f"forced [SEG]: {_masks(r)}")
+        elif r.get("name") not in ("image",):
+            parts.append(f"{r.get('name')}: {_masks(r)}")
+    return "; ".join(parts) + f"; {rt.get('seconds', 0):.1f}s"
 
 
-def _shapes(run: dict[str, Any]) -> str:
-    shapes = sorted({"x".join(map(str, m["shape"])) for m in run.get("masks", [])})
-    return f"[{', '.join(shapes)}]" if shapes else ""
+def _masks(run: dict[str, Any]) -> str:
+    n = run.get("n_masks") or 0
+    shapes = sorted({"(" + ", ".join(map(str, m["shape"])) + ")" for m in run.get("masks", [])})
+    return f"{n} mask{'s' if n != 1 else ''}" + (f" {' '.join(shapes)}" if shapes else "")
 
 
 def render_verify(report: dict[str, Any], echo: Callable[[str], None] = print) -> None:
@@ -349,17 +366,20 @@ def register_cli(main: Any) -> None:
     @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Cap on generated tokens.")
     @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="Prompt of the round trip.")
     @click.option("--no-video", is_flag=True, help="Skip the 2-frame video run.")
+    @click.option("--expect-mask", is_flag=True,
+                  help="Fail when the model's own answer has no [SEG] (for CI on a real fine-tune).")
     @with_common
     @cli.handle_errors
-    def verify_cmd(folder: Path, no_roundtrip: bool, max_new_tokens: int, prompt: str, no_video: bool, device: str,
-                   python: str | None, timeout: float, quiet: bool, json_out: bool, debug: bool) -> None:
+    def verify_cmd(folder: Path, no_roundtrip: bool, max_new_tokens: int, prompt: str, no_video: bool,
+                   expect_mask: bool, device: str, python: str | None, timeout: float, quiet: bool, json_out: bool,
+                   debug: bool) -> None:
         """Check a converted FOLDER: files (shards, index, vocab, tokenizer, remote code, checksums), then load
         it with transformers and run predict_forward on a test image and video, in a separate process."""
         progress = make_progress(json_out, quiet or json_out)
         try:
             report = verify_folder(folder, roundtrip=not no_roundtrip, device=device, python=python,
                                    max_new_tokens=max_new_tokens, prompt=prompt, timeout=timeout, video=not no_video,
-                                   on_stage=progress.stage)
+                                   expect_mask=expect_mask, on_stage=progress.stage)
         except VerifyError as e:
             debug_dump(e, debug)
             raise

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import VerifyError
+from ..errors import UsageError, VerifyEnvironmentError, VerifyError
 
 CHILD_SCRIPT = Path(__file__).with_name("_child.py")
 DEFAULT_PROMPT = "<image>Please segment the object."
@@ -42,6 +42,7 @@ _STAGE_WORDS = {
     "tokenizer": "loading the tokenizer", "prepare": "calling preparing_for_generation",
     "predict_image": "running predict_forward on an image", "predict_video": "running predict_forward on a video",
     "predict": "running predict_forward", "save": "saving the masks", "image": "reading the image",
+    "predict_forced": "running predict_forward with [SEG] forced",
 }
 
 # Upstream remote code that a given transformers breaks (FORMATS.md §5): message pattern -> hint.
@@ -53,6 +54,7 @@ _KNOWN_BREAKAGE = (
      "this v1 config class breaks on transformers 4.53+; pass --python with an environment that has "
      "transformers<4.53 (upstream v1 pins 4.42.3)"),
 )
+INSTALL_HINT = "pip install 'sa2va-convert[verify]'"
 _MISSING_PACKAGES = re.compile(r"requires the following packages that were not found in your environment: ([^.]+)")
 _CUDA_WORDS = re.compile(r"cuda|nvidia|gpu", re.I)
 _CUDA_CALLS = re.compile(r"\.cuda\(|autocast\(\s*['\"]cuda|device_type\s*=\s*['\"]cuda|['\"]cuda['\"]")
@@ -85,6 +87,8 @@ class RoundTripReport:
         d["model_class"] = self.raw.get("model_class")
         d["parameters"] = self.raw.get("parameters")
         d["saved"] = self.raw.get("saved")
+        d["cuda_mapped"] = self.raw.get("cuda_mapped")
+        d["memory"] = self.raw.get("memory")
         if d["error"]:
             d["error"] = {k: v for k, v in d["error"].items() if k != "traceback"}
         return d
@@ -94,21 +98,32 @@ class RoundTripReport:
 
 
 def resolve_python(python: str | os.PathLike | None) -> str:
-    """The interpreter for the child: ours by default, else a path or a name on PATH."""
+    """The interpreter for the child: ours by default, else a path or a name on PATH that runs and
+    is a Python 3. Checked before any work, so a typo costs a second, not a whole conversion."""
     if python is None:
         return sys.executable
     text = str(python)
     found = shutil.which(text) if os.sep not in text else (text if os.path.isfile(text) else None)
     if not found or not os.access(found, os.X_OK):
-        raise VerifyError(f"Python interpreter {text!r} not found or not executable", path=text,
-                          hint="pass --python with the path of a python that has torch and transformers")
+        raise UsageError(f"Python interpreter {text!r} not found or not executable", path=text,
+                         hint="pass --python with the path of a python that has torch and transformers")
+    try:
+        probe = subprocess.run([found, "-c", "import sys; print('sa2va-python', sys.version_info[0])"],
+                               capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        out = probe.stdout.split()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise UsageError(f"{text!r} does not run ({type(e).__name__})", path=text,
+                         hint="pass --python with a working Python 3 interpreter") from None
+    if probe.returncode != 0 or out[:1] != ["sa2va-python"] or out[1:2] != ["3"]:
+        raise UsageError(f"{text!r} is not a Python 3 interpreter", path=text,
+                         hint="pass --python with the path of a python that has torch and transformers")
     return found
 
 
 def check_device(device: str) -> str:
     if device in DEVICES or re.fullmatch(r"cuda:\d+", device or ""):
         return device
-    raise VerifyError(f"unknown device {device!r}", hint="use --device auto, cpu, cuda or cuda:N")
+    raise UsageError(f"unknown device {device!r}", hint="use --device auto, cpu, cuda or cuda:N")
 
 
 def child_env(modules_cache: str) -> dict[str, str]:
@@ -206,8 +221,15 @@ def _kill(proc: subprocess.Popen) -> None:
 # ---------------------------------------------------------------- judging the result
 
 
-def cuda_calls(folder: Path, limit: int = 3) -> list[str]:
-    """``file:line`` of remote-code lines that put work on CUDA (read as text, never imported)."""
+_UNMAPPED_CUDA = re.compile(r"device\s*=\s*['\"]cuda|\.to\(\s*['\"]cuda|torch\.device\(\s*['\"]cuda")
+
+
+def cuda_calls(folder: Path, limit: int = 3, *, mapped: bool = False) -> list[str]:
+    """``file:line`` of remote-code lines that put work on CUDA (read as text, never imported).
+
+    With ``mapped`` (the child mapped ``.cuda()`` and autocast to the CPU) only the forms it
+    cannot map are listed, so the message points at the line that really failed."""
+    pattern = _UNMAPPED_CUDA if mapped else _CUDA_CALLS
     found: list[str] = []
     for path in sorted(Path(folder).glob("*.py")):
         try:
@@ -216,7 +238,7 @@ def cuda_calls(folder: Path, limit: int = 3) -> list[str]:
             continue
         for n, line in enumerate(lines, 1):
             code = line.split("#", 1)[0]
-            if _CUDA_CALLS.search(code) and "is_available" not in code:
+            if pattern.search(code) and "is_available" not in code:
                 found.append(f"{path.name}:{n}")
                 if len(found) >= limit:
                     return found
@@ -228,14 +250,15 @@ def child_failure(run: ChildRun, *, folder: Path, python: str, device: str, time
     """One VerifyError for a child that failed, timed out or died, with the most useful hint."""
     where = _STAGE_WORDS.get(run.last_stage, run.last_stage)
     if run.timed_out:
-        return VerifyError(f"{what} did not finish within {timeout:g}s (it was {where})", path=folder,
-                           hint="raise --timeout, lower --max-new-tokens, or use a GPU (--device cuda)")
+        return VerifyEnvironmentError(f"{what} did not finish within {timeout:g}s (it was {where})", path=folder,
+                                      hint="raise --timeout, lower --max-new-tokens, or use a GPU (--device cuda)")
     if run.result is None:
         rc = run.returncode
         died = f"was killed by signal {-rc}" if rc is not None and rc < 0 else f"exited with code {rc}"
         oom = " (signal 9: often out of memory)" if rc == -9 else ""
         last = _last_line(run.stderr_tail)
-        return VerifyError(f"the {what} process {died}{oom} while {where}, without a report"
+        cls = VerifyEnvironmentError if rc == -9 else VerifyError
+        return cls(f"the {what} process {died}{oom} while {where}, without a report"
                            + (f": {last}" if last else ""), path=folder,
                            hint="run with --debug to see its output; check memory and the interpreter")
     err = run.result.get("error") or {}
@@ -245,34 +268,38 @@ def child_failure(run: ChildRun, *, folder: Path, python: str, device: str, time
     text = f"{etype}: {msg}"
     used = run.result.get("device") or device
     if stage_name == "import":
-        return VerifyError(f"{python} cannot run the {what}: {text}", path=python,
-                           hint="install torch, transformers, numpy and pillow there, or pass --python with an "
-                                "environment that has them")
+        return VerifyEnvironmentError(f"{python} cannot run the {what}: {text}", path=python,
+                                      hint=f"{INSTALL_HINT}, or pass --python with an environment that has torch, "
+                                           "transformers, numpy and pillow")
     if stage_name == "device" and err.get("own"):
         n = int(gpu.get("count") or 0)
         hint = (("use --device auto, cuda or " + ("cuda:0" if n == 1 else f"cuda:0..cuda:{n - 1}"))
                 if n else _gpu_hint(python, what))
-        return VerifyError(msg, path=folder, hint=hint)
+        return VerifyEnvironmentError(msg, path=folder, hint=hint)
+    if etype == "MemoryError" or "DefaultCPUAllocator: can't allocate memory" in msg or "out of memory" in msg.lower():
+        return VerifyEnvironmentError(f"{what} ran out of memory while {where}: {text}", path=folder,
+                                      hint=_memory_hint(what))
     missing = _MISSING_PACKAGES.search(msg)
     if missing:
         pkgs = " ".join(p.strip() for p in missing.group(1).split(","))
-        return VerifyError(f"the folder's remote code needs packages missing from {python}: {pkgs}", path=folder,
-                           hint=f"pip install {pkgs} (into that environment), or pass --python with one that has them")
+        return VerifyEnvironmentError(f"the folder's remote code needs packages missing from {python}: {pkgs}",
+                                      path=folder, hint=f"{INSTALL_HINT} (or pip install {pkgs} into that "
+                                                        "environment), or pass --python with one that has them")
     tb = err.get("traceback", "")
     if _CUDA_WORDS.search(text) or (not gpu.get("cuda_available") and ".cuda(" in tb):
         if str(used).startswith("cpu"):
-            calls = cuda_calls(folder)
+            calls = cuda_calls(folder, mapped=bool(run.result.get("cuda_mapped")))
             where_code = f" (CUDA calls at {', '.join(calls)})" if calls else ""
             if gpu.get("cuda_available"):
-                return VerifyError(f"the model's remote code needs a GPU{where_code} but the {what} ran on CPU: {text}",
-                                   path=folder, hint="use --device cuda (or auto)")
-            return VerifyError(f"the model's remote code needs a GPU{where_code}, and {python} sees none: {text}",
-                               path=folder, hint=_gpu_hint(python, what))
+                return VerifyEnvironmentError(f"the model's remote code needs a GPU{where_code} but the {what} ran "
+                                              f"on CPU: {text}", path=folder, hint="use --device cuda (or auto)")
+            return VerifyEnvironmentError(f"the model's remote code needs a GPU{where_code}, and {python} sees none: "
+                                          f"{text}", path=folder, hint=_gpu_hint(python, what))
     for pattern, hint in _KNOWN_BREAKAGE:
         if pattern.search(text) or pattern.search(tb):
             versions = run.result.get("versions") or {}
-            return VerifyError(f"{what} failed while {where} under transformers {versions.get('transformers')}: {text}",
-                               path=folder, hint=hint)
+            return VerifyEnvironmentError(f"{what} failed while {where} under transformers "
+                                          f"{versions.get('transformers')}: {text}", path=folder, hint=hint)
     return VerifyError(f"{what} failed while {where}: {text}", path=folder,
                        hint="run with --debug for the traceback; --no-roundtrip checks the files only")
 
@@ -288,6 +315,90 @@ def debug_details(run: ChildRun) -> str:
     return "\n".join(parts)
 
 
+def _memory_hint(what: str) -> str:
+    if what == "prediction":
+        return "run `sa2va-convert predict ... --device cuda` on a machine with a GPU and enough memory"
+    return ("run `sa2va-convert verify OUT --device cuda` on a machine with a GPU and enough memory, or convert with "
+            "--no-verify")
+
+
+# ---------------------------------------------------------------- will it fit?
+
+RAM_LIMIT_ENV = "SA2VA_CONVERT_RAM_LIMIT"
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_LOAD_OVERHEAD = 1.15           # loader bookkeeping, a shard's worth of mapped pages, activations
+_PROCESS_BASE = 1 << 30         # torch + transformers + the remote code, imported
+
+
+def available_ram() -> tuple[int | None, str]:
+    """Bytes this process tree may still use, and where the figure comes from.
+
+    The smallest of: MemAvailable, the cgroup's memory.max minus its usage (containers, Slurm),
+    and ``SA2VA_CONVERT_RAM_LIMIT`` (a size such as ``8GB``, for a machine shared with others)."""
+    figures: list[tuple[int, str]] = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    figures.append((int(line.split()[1]) * 1024, "MemAvailable"))
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            figures.append((max(int(limit) - used, 0), "cgroup memory.max"))
+    except (OSError, ValueError):
+        pass
+    env = os.environ.get(RAM_LIMIT_ENV)
+    if env:
+        from ..sizes import parse_size
+
+        figures.append((parse_size(env, what=RAM_LIMIT_ENV), RAM_LIMIT_ENV))
+    if not figures:
+        return None, "unknown"
+    return min(figures)
+
+
+def estimate_roundtrip_ram(folder: Path, load_dtype: str | None = None) -> int:
+    """Host RAM the child needs to load ``folder``: its tensors in the dtype they load in, plus
+    the loader's overhead and the imported libraries. Read from the safetensors headers only."""
+    from ..read.hf_folder import read_safetensors_header
+
+    index = folder / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+             if index.is_file() else ["model.safetensors"])
+    load_bytes = _DTYPE_BYTES.get({"fp32": "F32", "fp16": "F16", "bf16": "BF16"}.get(load_dtype or "", ""), 0)
+    total = 0
+    for name in files:
+        for key, entry in read_safetensors_header(folder / name).items():
+            if key == "__metadata__":
+                continue
+            n = 1
+            for d in entry["shape"]:
+                n *= int(d)
+            size = _DTYPE_BYTES.get(entry["dtype"], 4)
+            total += n * (load_bytes if load_bytes and entry["dtype"] in ("F32", "F16", "BF16") else size)
+    return int(total * _LOAD_OVERHEAD) + _PROCESS_BASE
+
+
+def check_fits(folder: Path, device: str, what: str = "round trip") -> dict[str, Any]:
+    """Refuse before loading when the model cannot fit in host RAM (the child loads on the CPU
+    first, then moves to the GPU, unless several GPUs take it with device_map)."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(str(dtype))
+    need = estimate_roundtrip_ram(folder, short)
+    have, source = available_ram()
+    info = {"estimated_bytes": need, "available_bytes": have, "available_from": source}
+    if have is not None and need > have:
+        gib = 1 << 30
+        raise VerifyEnvironmentError(
+            f"the {what} needs about {need / gib:.1f} GiB of RAM to load this model ({device}) but only "
+            f"{have / gib:.1f} GiB is available ({source})", path=folder, hint=_memory_hint(what))
+    return info
+
+
 def _gpu_hint(python: str, what: str) -> str:
     if what == "prediction":
         return "run `sa2va-convert predict ... --device cuda` on a machine with a GPU, or pass --python with a " \
@@ -301,7 +412,7 @@ def _last_line(text: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def judge_runs(report: RoundTripReport, folder: Path) -> list[str]:
+def judge_runs(report: RoundTripReport, folder: Path, *, expect_mask: bool = False) -> list[str]:
     """Contract checks on predict_forward's output (FORMATS.md §5); returns warnings, raises on breaches."""
     warnings: list[str] = []
     for run in report.runs:
@@ -319,8 +430,20 @@ def judge_runs(report: RoundTripReport, folder: Path) -> list[str]:
                 raise VerifyError(f"predict_forward ({name}) mask {i} is {m.get('dtype')} {m.get('shape')}; "
                                   f"expected bool {expected} (n_frames, height, width) for a {w}x{h} input",
                                   path=folder, hint="check the folder's remote code and the SAM2 weights")
+        if run.get("forced") and run.get("n_masks") != run.get("seg_count"):
+            raise VerifyError(f"with [SEG] forced through generation, predict_forward returned {run.get('n_masks')} "
+                              f"mask(s) for {run.get('seg_count')} [SEG]: the mask path (text_hidden_fcs -> SAM2) "
+                              "does not work", path=folder, hint="check the SAM2 and text_hidden_fcs weights and the "
+                                                                 "remote code")
         if run.get("seg_count") is not None and run.get("n_masks") != run["seg_count"]:
             warnings.append(f"{name}: {run['seg_count']} [SEG] in the answer but {run.get('n_masks')} mask(s)")
+    if expect_mask:
+        own = next((r for r in report.runs if r.get("name") == "image"), None)
+        if own is not None and not own.get("seg_count"):
+            raise VerifyError(f"the model's own answer has no [SEG] ({own.get('prediction', '')[:60]!r}), so it "
+                              "produced no mask (--expect-mask)", path=folder,
+                              hint="a fine-tune that segments answers with [SEG]; check the checkpoint and base, or "
+                                   "drop --expect-mask for an untrained model")
     return warnings
 
 
@@ -365,6 +488,8 @@ def run_roundtrip(
     prompt: str = DEFAULT_PROMPT,
     timeout: float = DEFAULT_TIMEOUT,
     video: bool = True,
+    expect_mask: bool = False,
+    force_seg: bool = True,
     on_stage: Callable[[str], None] | None = None,
 ) -> RoundTripReport:
     """Load ``folder`` in a child process and run predict_forward on a synthetic image (and video).
@@ -378,10 +503,12 @@ def run_roundtrip(
         raise VerifyError("not a model folder (no config.json)", path=folder, hint="pass the converted folder")
     exe = resolve_python(python)
     device = check_device(device)
+    memory = check_fits(folder, device)
     args = {"mode": "roundtrip", "folder": str(folder), "device": device, "max_new_tokens": int(max_new_tokens),
-            "prompt": prompt, "video": bool(video)}
+            "prompt": prompt, "video": bool(video), "force_seg": bool(force_seg)}
     run = run_child(args, python=exe, timeout=timeout, on_stage=on_stage)
     report = report_from(run, folder, exe)
+    report.raw["memory"] = memory
     if run.timed_out or not report.ok:
         err = child_failure(run, folder=folder, python=exe, device=device, timeout=timeout)
         err.report = report  # type: ignore[attr-defined]
@@ -389,7 +516,7 @@ def run_roundtrip(
         raise err
     try:
         judge_loading(report, folder)
-        report.warnings += judge_runs(report, folder)
+        report.warnings += judge_runs(report, folder, expect_mask=expect_mask)
     except VerifyError as e:
         report.ok = False
         e.report = report  # type: ignore[attr-defined]

@@ -152,11 +152,13 @@ class Sa2VAChatModel(PreTrainedModel):
             step = len(frames) / MAX_LLM_FRAMES
             llm_frames = [frames[int(i * step)] for i in range(MAX_LLM_FRAMES)]
         image_tokens = self.image_token_string(len(llm_frames), video is not None) if frames else ""
-        input_ids = tokenizer(build_prompt(template, text or "", image_tokens), return_tensors="pt").input_ids
+        # Upstream moves its inputs with .cuda() (FORMATS.md §8); so do we, so that CI exercises the
+        # CPU round trip's mapping of these calls.
+        input_ids = tokenizer(build_prompt(template, text or "", image_tokens), return_tensors="pt").input_ids.cuda()
         pixel_values = None
         if frames:
             size = self.config.force_image_size
-            pixel_values = torch.stack([image_to_tensor(f, size) for f in llm_frames])
+            pixel_values = torch.stack([image_to_tensor(f, size) for f in llm_frames]).cuda()
 
         lm = self.language_model
         ids, seg_states = greedy_generate(lm.model, lm.get_output_embeddings(), lm.get_input_embeddings(),

@@ -238,11 +238,13 @@ class Sa2VAChatModelQwen(PreTrainedModel):
             image_tokens = "".join(f"Frame{i + 1}: {block}\n" for i in range(len(llm_frames)))
         else:
             image_tokens = block * len(llm_frames)
-        input_ids = tokenizer(build_prompt(template, text or "", image_tokens), return_tensors="pt").input_ids
+        # Upstream moves its inputs with .cuda() (FORMATS.md §8); so do we, so that CI exercises the
+        # CPU round trip's mapping of these calls.
+        input_ids = tokenizer(build_prompt(template, text or "", image_tokens), return_tensors="pt").input_ids.cuda()
         pixel_values = None
         if frames:
             size = self.config.vision_config.image_size
-            pixel_values = torch.stack([image_to_tensor(f, size, CLIP_MEAN, CLIP_STD) for f in llm_frames])
+            pixel_values = torch.stack([image_to_tensor(f, size, CLIP_MEAN, CLIP_STD) for f in llm_frames]).cuda()
 
         body = self.model.model.language_model
         ids, seg_states = greedy_generate(body, self.model.lm_head, body.get_input_embeddings(),

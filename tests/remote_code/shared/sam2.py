@@ -293,6 +293,12 @@ class SAM2(nn.Module):
         Returns n bool arrays of shape (n_frames, H, W): one per [SEG]."""
         sam = self.sam2_model
         weight = sam.no_mem_embed
+        # Upstream runs SAM2 under torch.autocast('cuda', bfloat16); enabled only for bf16 weights here so
+        # that fp32 tests keep fp32 numerics, but the call is made either way.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=weight.dtype == torch.bfloat16):
+            return self._predict_masks(sam, frames, seg_embeds, size, weight)
+
+    def _predict_masks(self, sam, frames, seg_embeds, size, weight):
         pixels = torch.stack([image_to_tensor(f, sam.image_size) for f in frames]).to(weight.device, weight.dtype)
         feats = sam.image_encoder(pixels)  # [F, Ds, h, w]
         n, ds, (h, w) = seg_embeds.shape[0], feats.shape[1], feats.shape[-2:]
