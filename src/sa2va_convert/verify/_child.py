@@ -392,35 +392,6 @@ def save_masks(masks, image, mask_path, overlay_path) -> dict:
     return saved
 
 
-def map_fused_addmm_act_off_cuda(model, device: str, result: dict) -> None:
-    """Off CUDA, give SAM3's fused ``addmm_act`` its plain path: ``act(linear(x))`` in x's dtype.
-
-    The SAM3 tracker's ViT MLP calls a fused op that casts to bf16 and returns bf16; upstream relies
-    on ``torch.autocast('cuda')`` to carry the next Linear along. Without CUDA that autocast is off,
-    so an fp32 (or fp16) model fails at the next layer although nothing in it needs a GPU. Every
-    module of the model's own remote code that holds an ``addmm_act`` gets the plain version (the
-    same math, without the bf16 rounding); what was replaced is listed in ``cpu_mappings``.
-    """
-    if str(device).startswith("cuda"):
-        return
-    import torch.nn.functional as F
-    from torch import nn
-
-    def addmm_act(activation, linear, mat1, *args, **kwargs):
-        out = linear(mat1)
-        if activation in (nn.GELU, F.gelu):
-            return F.gelu(out)
-        if activation in (nn.ReLU, F.relu):
-            return F.relu(out)
-        return activation()(out) if isinstance(activation, type) else activation(out)
-
-    package = type(model).__module__.rpartition(".")[0]
-    for name, module in sorted(sys.modules.items()):
-        if package and (name == package or name.startswith(package + ".")) and callable(getattr(module, "addmm_act", None)):
-            module.addmm_act = addmm_act
-            result.setdefault("cpu_mappings", []).append(f"{name.rpartition('.')[2]}.addmm_act")
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -526,7 +497,6 @@ def load_model(args: dict, result: dict) -> Loaded:
     if not multi:
         model = model.to(device)
     model.eval()
-    map_fused_addmm_act_off_cuda(model, device, result)
     result["loading_info"] = {k: sorted(str(x) for x in (v or ())) for k, v in dict(info).items()}
     timings["load"] = round(time.perf_counter() - t, 3)
 

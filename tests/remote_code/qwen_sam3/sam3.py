@@ -17,7 +17,9 @@ the round trip depend on it:
   as upstream's ``language_embd_inference``.
 
 Without CUDA the autocast is disabled (torch warns), so with fp32 weights the bf16 output of
-``addmm_act`` meets an fp32 ``fc2``: exactly the pitfall a CPU round trip of the real model hits.
+``addmm_act`` meets an fp32 ``fc2`` and fails, as the real model does; the round trip maps
+``torch.autocast('cuda')`` to the CPU's autocast, under which it runs. Inputs move with
+``.to(device)``, not ``.cuda()``, as in upstream's SAM3 modeling file.
 """
 
 import math
