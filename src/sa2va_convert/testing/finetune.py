@@ -116,7 +116,7 @@ class _Names:
 
 def _names(p: Preset, s: Sizes) -> _Names:
     last = s.layers - 1
-    if p.layout == "qwen-vl":
+    if p.layout in ("qwen-vl", "llava"):
         root = "model.model.language_model"
         return _Names(f"{root}.layers.{last}.mlp.down_proj", f"{root}.norm", "model.lm_head")
     if p.llm == "internlm2":

@@ -53,9 +53,9 @@ class Preset:
     """A fixture family (DESIGN.md, "Fixture families")."""
 
     name: str
-    layout: str  # "internvl" | "qwen-vl"
+    layout: str  # "internvl" | "qwen-vl" | "llava"
     version: str  # "v1" | "v2"
-    llm: str  # "qwen2" | "internlm2" | "qwen3"
+    llm: str  # "qwen2" | "internlm2" | "qwen3" | "llama"
     template: str
     grounding: str = "sam2"  # "sam2" | "sam3" (the SAM3 tracker, docs/FAMILIES.md)
 
@@ -70,6 +70,7 @@ PRESETS: dict[str, Preset] = {
         Preset("sa2va-qwen2_5-vl", "qwen-vl", "v2", "qwen2", "qwen_chat"),
         Preset("sa2va-qwen3-vl", "qwen-vl", "v2", "qwen3", "qwen_chat"),
         Preset("sa2va-qwen3-vl-sam3", "qwen-vl", "v2", "qwen3", "qwen_chat", grounding="sam3"),
+        Preset("sa2va-llava-1.5", "llava", "v2", "llama", "vicuna"),
     )
 }
 
@@ -81,6 +82,7 @@ MODEL_ALIASES: dict[str, str] = {
     "sa2va-qwen2_5-vl-3b": "sa2va-qwen2_5-vl",
     "sa2va-qwen3-vl-4b": "sa2va-qwen3-vl",
     "sa2va-qwen3-vl-4b-sam3": "sa2va-qwen3-vl-sam3",
+    "sa2va-llava-1.5-7b": "sa2va-llava-1.5",
 }
 
 
@@ -208,11 +210,19 @@ _REAL: dict[str, Sizes] = {
 # 1008-px input (docs/FAMILIES.md); the stand-in's MLP is 4.625x wide like SAM3's.
 _REAL["sa2va-qwen3-vl-4b-sam3"] = _REAL["sa2va-qwen3-vl-4b"].with_(
     sam_c=1024, sam_ds=256, sam_blocks=32, sam_image_size=1008)
+# LLaVA-1.5-7B: CLIP ViT-L/14-336 + Vicuna-7B (Llama). The tokenizer has 32002 entries (32000 +
+# <image> + <pad>); Sa2VA adds 5, so training resizes the (padded) 32064-row embedding to 32007.
+_REAL["sa2va-llava-1.5-7b"] = Sizes(
+    hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32002 + len(SA2VA_TOKENS),
+    lora_r=128, lora_alpha=256, max_position=4096, rope_theta=10000.0,
+    vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16, patch=14, image_size=336,
+    **_SAM2L)
 _DEFAULT_REAL = {
     "sa2va-internvl3": "sa2va-internvl3-2b",
     "sa2va-qwen2_5-vl": "sa2va-qwen2_5-vl-3b",
     "sa2va-qwen3-vl": "sa2va-qwen3-vl-4b",
     "sa2va-qwen3-vl-sam3": "sa2va-qwen3-vl-4b-sam3",
+    "sa2va-llava-1.5": "sa2va-llava-1.5-7b",
 }
 
 
@@ -384,15 +394,17 @@ def _intern_vit(s: Sizes) -> Layout:
     return out
 
 
-def _qwen2_body(s: Sizes, prefix: str, vocab: int) -> Layout:
-    """embed_tokens, layers, norm of a Qwen2 decoder under ``prefix`` (e.g. 'language_model.model')."""
+def _qwen2_body(s: Sizes, prefix: str, vocab: int, *, qkv_bias: bool = True) -> Layout:
+    """embed_tokens, layers, norm of a Qwen2 decoder under ``prefix`` (e.g. 'language_model.model').
+
+    ``qkv_bias=False`` gives a Llama decoder (same names, no q/k/v bias)."""
     H, I, hd = s.hidden, s.intermediate, s.head_dim
     out: Layout = {f"{prefix}.embed_tokens.weight": (vocab, H)}
     for i in range(s.layers):
         p = f"{prefix}.layers.{i}"
-        _add(out, f"{p}.self_attn.q_proj", _lin(s.heads * hd, H))
-        _add(out, f"{p}.self_attn.k_proj", _lin(s.kv_heads * hd, H))
-        _add(out, f"{p}.self_attn.v_proj", _lin(s.kv_heads * hd, H))
+        _add(out, f"{p}.self_attn.q_proj", _lin(s.heads * hd, H, bias=qkv_bias))
+        _add(out, f"{p}.self_attn.k_proj", _lin(s.kv_heads * hd, H, bias=qkv_bias))
+        _add(out, f"{p}.self_attn.v_proj", _lin(s.kv_heads * hd, H, bias=qkv_bias))
         _add(out, f"{p}.self_attn.o_proj", _lin(H, s.heads * hd, bias=False))
         _add(out, f"{p}.mlp.gate_proj", _lin(I, H, bias=False))
         _add(out, f"{p}.mlp.up_proj", _lin(I, H, bias=False))
@@ -437,6 +449,28 @@ def _qwen_visual(s: Sizes) -> Layout:
     return out
 
 
+def _llava_vision(s: Sizes) -> Layout:
+    """transformers' LlavaModel vision side: a CLIP vision tower and the 2-layer projector."""
+    Dv, Iv, P = s.vision_hidden, s.vision_intermediate, s.patch
+    v = "model.model.vision_tower.vision_model"
+    out: Layout = {f"{v}.embeddings.class_embedding": (Dv,),
+                   f"{v}.embeddings.patch_embedding.weight": (Dv, 3, P, P),
+                   f"{v}.embeddings.position_embedding.weight": ((s.image_size // P) ** 2 + 1, Dv)}
+    _add(out, f"{v}.pre_layrnorm", _norm(Dv))  # sic: CLIP's spelling
+    for k in range(s.vision_layers):
+        p = f"{v}.encoder.layers.{k}"
+        for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            _add(out, f"{p}.self_attn.{proj}", _lin(Dv, Dv))
+        _add(out, f"{p}.layer_norm1", _norm(Dv))
+        _add(out, f"{p}.mlp.fc1", _lin(Iv, Dv))
+        _add(out, f"{p}.mlp.fc2", _lin(Dv, Iv))
+        _add(out, f"{p}.layer_norm2", _norm(Dv))
+    _add(out, f"{v}.post_layernorm", _norm(Dv))
+    _add(out, "model.model.multi_modal_projector.linear_1", _lin(s.hidden, Dv))
+    _add(out, "model.model.multi_modal_projector.linear_2", _lin(s.hidden, s.hidden))
+    return out
+
+
 def _sa2va_heads(s: Sizes, p: Preset) -> Layout:
     out: Layout = {SAM2_PREFIX + k: v for k, v in grounding_layout(p, s).items()}
     _add(out, "text_hidden_fcs.0", _lin(s.hidden, s.hidden))
@@ -452,6 +486,14 @@ def hf_layout(preset: str | Preset, sizes: Sizes, *, raw_internvl: bool = False)
     """
     p = get_preset(preset)
     s = sizes
+    if p.layout == "llava":
+        if raw_internvl:
+            raise ValueError(f"raw_internvl applies to the InternVL family, not {p.name}")
+        out = _llava_vision(s)
+        out.update(_qwen2_body(s, "model.model.language_model", s.vocab, qkv_bias=False))
+        out["model.lm_head.weight"] = (s.vocab, s.hidden)
+        out.update(_sa2va_heads(s, p))
+        return out
     if p.layout == "qwen-vl":
         if raw_internvl:
             raise ValueError(f"raw_internvl applies to the InternVL family, not {p.name}")
@@ -530,8 +572,9 @@ def training_layout(
     V, H = s.vocab + extra_tokens, s.hidden
     out: Layout = {}
 
-    if p.layout == "qwen-vl":
-        # PEFT wraps the whole Qwen-VL model: mllm.model.base_model.model.<HF-ish names>
+    if p.layout in ("qwen-vl", "llava"):
+        # PEFT wraps the whole Qwen-VL (or LlavaForConditionalGeneration) model:
+        # mllm.model.base_model.model.<HF-ish names>
         root = "mllm.model.base_model.model"
         out[f"{root}.model.language_model.embed_tokens.modules_to_save.default.weight"] = (V, H)
         for i in range(s.layers):
