@@ -1,8 +1,9 @@
-"""The 2026 releases (issue 17): Sa2VA-Qwen3-VL-4B-SAM3, and the refusal of projects we do not convert.
+"""The 2026 releases (issue 17): Sa2VA-Qwen3-VL-4B-SAM3, Sa2VA-LLaVA-1.5-7B, and the refusal of
+projects we do not convert.
 
-The SAM3 family trains exactly the keys of Sa2VA-Qwen3-VL (SAM2): detection must tell them apart
-from the embedded config (or from frozen tracker keys in a full dump) and refuse when nothing
-tells. Everything runs on real files: fixture checkpoints written the way upstream training writes
+Both new families train exactly the keys of Sa2VA-Qwen3-VL (SAM2): detection must tell them apart
+from the embedded config (or, for SAM3, from frozen tracker keys in a full dump) and refuse when
+nothing tells. Everything runs on real files: fixture checkpoints written the way upstream training writes
 them, the converter, transformers loading our SAM3 test model, the round-trip child process.
 """
 
@@ -29,11 +30,13 @@ from sa2va_convert.verify.commands import verify_folder  # noqa: E402
 
 SAM3 = "sa2va-qwen3-vl-sam3"
 SAM3_KEYMAP = "sa2va-v2-qwen3vl-sam3"
+LLAVA = "sa2va-llava-1.5"
+LLAVA_KEYMAP = "sa2va-v2-llava"
 FAMILY = {
     "sa2va-1b": "sa2va-v1-internvl-qwen2", "sa2va-4b": "sa2va-v1-internvl-qwen2",
     "sa2va-8b": "sa2va-v1-internvl-internlm2", "sa2va-internvl3": "sa2va-v2-internvl3",
     "sa2va-qwen2_5-vl": "sa2va-v2-qwen-vl", "sa2va-qwen3-vl": "sa2va-v2-qwen-vl",
-    SAM3: SAM3_KEYMAP,
+    SAM3: SAM3_KEYMAP, LLAVA: LLAVA_KEYMAP,
 }
 FUSER = "grounding_encoder.sam2_model.maskmem_backbone.fuser.layers.{}.{}"
 
@@ -53,24 +56,30 @@ def test_every_fixture_family_is_detected_as_itself_with_the_sam3_keymap_install
     assert det.chosen is not None and det.chosen.name == FAMILY[preset], det.to_dict()
 
 
-@pytest.mark.parametrize("preset, expected", [(SAM3, SAM3_KEYMAP), ("sa2va-qwen3-vl", "sa2va-v2-qwen-vl")])
-def test_frozen_tracker_keys_decide_without_a_config(preset, expected, tmp_path):
-    """A full dump carries the frozen grounding encoder: SAM3's and SAM2's module names differ."""
-    ck = write_training_checkpoint(tmp_path / "iter_1.pth", preset, include_frozen_sam2=True, config_text=False)
-    keys, cfg = _keys_and_config(ck.path)
+def test_frozen_tracker_keys_decide_without_a_config(tmp_path):
+    """A full dump carries the frozen grounding encoder, and SAM3's module names differ from SAM2's."""
+    sam3 = write_training_checkpoint(tmp_path / "a.pth", SAM3, include_frozen_sam2=True, config_text=False)
+    keys, cfg = _keys_and_config(sam3.path)
     assert cfg is None
     det = detect_family(keys, load_all_builtin(), None)
-    assert det.chosen is not None and det.chosen.name == expected
+    assert det.chosen is not None and det.chosen.name == SAM3_KEYMAP
+    # SAM2's modules rule SAM3 out; Qwen-VL and LLaVA (both SAM2) stay, and only a config tells them apart
+    sam2 = write_training_checkpoint(tmp_path / "b.pth", "sa2va-qwen3-vl", include_frozen_sam2=True, config_text=False)
+    det = detect_family(_keys_and_config(sam2.path)[0], load_all_builtin(), None)
+    fitting = {m.keymap for m in det.matches if m.matched}
+    assert det.chosen is None and fitting == {"sa2va-v2-qwen-vl", LLAVA_KEYMAP}
+    assert next(m for m in det.matches if m.keymap == SAM3_KEYMAP).excluded_by
 
 
-def test_same_keys_and_no_config_is_refused_not_guessed(tmp_path, cli):
-    ck = write_training_checkpoint(tmp_path / "iter_1.pth", SAM3, config_text=False)
+@pytest.mark.parametrize("preset", [SAM3, LLAVA])
+def test_same_keys_and_no_config_is_refused_not_guessed(preset, tmp_path, cli):
+    ck = write_training_checkpoint(tmp_path / "iter_1.pth", preset, config_text=False)
     plain = write_training_checkpoint(tmp_path / "q" / "iter_1.pth", "sa2va-qwen3-vl", config_text=False)
     assert set(_keys_and_config(ck.path)[0]) == set(_keys_and_config(plain.path)[0])
     r = cli(ck.path, tmp_path / "out", "--base", tmp_path)
     assert r.returncode == 5, r.stderr
     line = r.error_lines[0]
-    assert "ambiguous" in line and SAM3_KEYMAP in line and "sa2va-v2-qwen-vl" in line
+    assert "ambiguous" in line and FAMILY[preset] in line and "sa2va-v2-qwen-vl" in line
     assert "--keymap" in r.stderr and not (tmp_path / "out").exists()
 
 
@@ -162,11 +171,12 @@ def test_sam3_round_trip_on_cpu_reports_masks(sam3_fp32):
 # ---------------------------------------------------------------- CLI: keymaps list, inspect
 
 
-def test_keymaps_list_names_the_sam3_family(cli):
+def test_keymaps_list_names_both_new_families(cli):
     r = cli("keymaps", "list", "--json")
     assert r.returncode == 0, r.stderr
     listed = {k["name"]: k for k in json.loads(r.stdout)}
     assert listed[SAM3_KEYMAP]["models"] == ["Sa2VA-Qwen3-VL-4B-SAM3"]
+    assert listed[LLAVA_KEYMAP]["models"] == ["Sa2VA-LLaVA-1.5-7B"]
     assert listed[SAM3_KEYMAP]["detect"]["config"] and listed["sa2va-v2-qwen-vl"]["detect"]["config_none"]
 
 
@@ -229,3 +239,96 @@ def test_other_known_projects_are_refused_by_name(text, name, tmp_path):
     keys, _ = _keys_and_config(write_training_checkpoint(tmp_path / "iter_1.pth", "sa2va-qwen3-vl").path)
     det = detect_family(keys, load_all_builtin(), text)
     assert det.chosen is None and det.note.startswith("unsupported: " + name)
+
+
+# ---------------------------------------------------------------- LLaVA-1.5
+
+
+EMB, HEAD = "model.model.language_model.embed_tokens.weight", "model.lm_head.weight"
+
+
+def test_llava_converts_and_every_tensor_matches_the_reference(make_family, tmp_path):
+    fam = make_family(LLAVA)
+    sd = torch.load(fam.ckpt.path, weights_only=False)["state_dict"]
+    root = "mllm.model.base_model.model."
+    assert root + "model.language_model.embed_tokens.modules_to_save.default.weight" in sd
+    assert root + "model.language_model.layers.0.mlp.down_proj.lora_B.default.weight" in sd
+    out = tmp_path / "out"
+    result = convert(fam.ckpt.path, out, ConvertOptions(base=fam.base))
+    assert result.plan.keymap == LLAVA_KEYMAP
+    assert_matches_reference(out, fam)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Sa2VAChatModelLlava"]
+    assert cfg["auto_map"]["AutoModel"] == "modeling_sa2va_llava.Sa2VAChatModelLlava"
+    assert cfg["tie_word_embeddings"] is False and cfg["text_config"]["tie_word_embeddings"] is False
+    assert cfg["text_config"]["vocab_size"] == fam.ckpt.vocab_rows
+
+
+def _padded_base(src: Path, dst: Path, multiple: int = 64) -> tuple[Path, int]:
+    """The base with its embedding and head padded to a multiple of 64 rows, as llava-hf ships them
+    (32064 for a 32002-entry tokenizer); config.json says the padded size."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    padded = None
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = load_file(dst / shard)
+        for name in (EMB, HEAD):
+            if name in tensors:
+                rows = tensors[name].shape[0]
+                padded = -(-rows // multiple) * multiple + multiple
+                extra = torch.full((padded - rows, tensors[name].shape[1]), 7.0, dtype=tensors[name].dtype)
+                tensors[name] = torch.cat([tensors[name], extra])
+        save_file(tensors, dst / shard, metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["text_config"]["vocab_size"] = padded
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst, padded
+
+
+def test_llava_vocabulary_follows_the_tokenizer_not_the_padded_base(base_cache, tmp_path):
+    """Upstream's rule: the padded rows go, vocab_size = len(tokenizer) (32064 -> 32007 for the 7B)."""
+    from tokenizers import Tokenizer
+
+    base, padded = _padded_base(base_cache(LLAVA), tmp_path / "padded")
+    ck = write_training_checkpoint(tmp_path / "w" / "iter_1.pth", LLAVA)
+    out = tmp_path / "out"
+    convert(ck.path, out, ConvertOptions(base=base))
+    length = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    got = read_output(out)
+    assert padded > length == ck.vocab_rows
+    assert got[EMB].shape[0] == got[HEAD].shape[0] == length
+    assert json.loads((out / "config.json").read_text())["text_config"]["vocab_size"] == length
+    sd = torch.load(ck.path, weights_only=False)["state_dict"]
+    assert torch.equal(got[HEAD], sd["mllm.model.base_model.model.lm_head.modules_to_save.default.weight"])
+
+
+def test_llava_round_trip_on_cpu_uses_the_tokenizer_and_reports_masks(tmp_path_factory):
+    from sa2va_convert.testing.fixtures import write_base_folder
+
+    root = tmp_path_factory.mktemp("llava")
+    base = write_base_folder(root / "base", LLAVA)
+    ck = write_training_checkpoint(root / "work" / "iter_1.pth", LLAVA, base_dir=base)
+    out = root / "out"
+    convert(ck.path, out, ConvertOptions(base=base))
+    steer_folder(out)
+    report = verify_folder(out, device="cpu", max_new_tokens=2)
+    assert report.ok
+    r = report.roundtrip.to_dict()
+    assert r["model_class"] == "Sa2VAChatModelLlava"
+    assert r["loading_info"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    assert not report.roundtrip.raw.get("processor"), "a LLaVA folder is called with tokenizer= only"
+    image, video = r["runs"]
+    assert image["prediction"].startswith("[SEG]")
+    for run, frames in ((image, 1), (video, 2)):
+        assert run["n_masks"] == 1 and run["masks"][0]["shape"] == [frames, 60, 80]
+
+
+def test_llava_base_for_a_qwen_checkpoint_is_refused(make_family, base_cache, tmp_path):
+    fam = make_family("sa2va-qwen3-vl")
+    with pytest.raises(Exception) as e:
+        convert(fam.ckpt.path, tmp_path / "out", ConvertOptions(base=base_cache(LLAVA)))
+    assert "model\\.model\\.visual" in str(e.value)
