@@ -77,7 +77,7 @@ class Keymap:
     source: str  # file the keymap came from (for messages)
     family_label: str
     codebase: str  # "v1" | "v2"
-    layout: str  # "internvl" | "qwen-vl"
+    layout: str  # "internvl" | "qwen-vl" | "llava"
     lora_base: str  # what the LoRA was trained on top of: "sa2va" | "mllm"
     detect_all: tuple[re.Pattern, ...]
     detect_none: tuple[re.Pattern, ...]

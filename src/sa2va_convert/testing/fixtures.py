@@ -84,7 +84,7 @@ def write_base_folder(
     Shards are named ``model-0000k-of-0000n.safetensors`` and always come with
     ``model.safetensors.index.json``. Remote code is copied from
     ``remote_code_dir`` or, by default, from our test models
-    (``tests/remote_code/{internvl,qwen}``) when they exist; a raw InternVL
+    (``tests/remote_code/{internvl,qwen,qwen_sam3,llava}``) when they exist; a raw InternVL
     folder gets remote code only when ``remote_code_dir`` is given;
     ``copy_remote_code=False`` writes none (weights, config and tokenizer only).
     """
