@@ -36,6 +36,6 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None, roundtrip
     argv = [str(a) for a in args]
     if not roundtrip and argv and argv[0] not in _NOT_CONVERT and "--no-verify" not in argv:
         argv.append("--no-verify")
-    p = subprocess.run([sys.executable, "-m", "sa2va_convert.cli", *argv], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "sa2va_convert", *argv], capture_output=True,
                        text=True, timeout=timeout, env=full_env)
     return CliResult(p.returncode, p.stdout, p.stderr)

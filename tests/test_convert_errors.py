@@ -69,13 +69,22 @@ def test_existing_out_needs_force_and_is_kept_on_failure(make_family, tmp_path, 
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     r = cli(fam.ckpt.path, out, "--base", fam.base)
-    _one_line(r, 6, str(out), "already exists", "--force")
+    _one_line(r, 6, str(out), "already exists", "--replace-foreign")
     assert (out / "keep.txt").read_text() == "precious"
-    # a failing --force run leaves the old folder as it was
-    bad = cli(fam.ckpt.path, out, "--base", fam.base, "--keymap", "sa2va-v2-qwen-vl", "--force")
+    # --force replaces only folders this tool wrote: this one is not
+    r = cli(fam.ckpt.path, out, "--base", fam.base, "--force")
+    _one_line(r, 6, str(out), "not written by sa2va-convert", "--replace-foreign")
+    assert (out / "keep.txt").read_text() == "precious"
+    # a failing --replace-foreign run leaves the old folder as it was
+    bad = cli(fam.ckpt.path, out, "--base", fam.base, "--keymap", "sa2va-v2-qwen-vl", "--replace-foreign",
+              "--force-keymap")
     assert bad.returncode == 5 and (out / "keep.txt").exists()
-    ok = cli(fam.ckpt.path, out, "--base", fam.base, "--force")
+    ok = cli(fam.ckpt.path, out, "--base", fam.base, "--replace-foreign")
     assert ok.returncode == 0 and not (out / "keep.txt").exists() and (out / "config.json").exists()
+    # now it is ours: --force replaces it, without the other flag
+    again = cli(fam.ckpt.path, out, "--base", fam.base)
+    _one_line(again, 6, str(out), "already exists", "--force")
+    assert cli(fam.ckpt.path, out, "--base", fam.base, "--force").returncode == 0
 
 
 def test_bad_keymap(make_family, tmp_path, cli):

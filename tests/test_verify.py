@@ -425,3 +425,8 @@ def test_convert_runs_the_round_trip_by_default(tmp_path, cli):
     rt = json.loads(r.stdout)["roundtrip"]
     assert rt["ok"] and rt["loading_info"]["missing_keys"] == [] and rt["device"] == "cpu"
     assert [run["name"] for run in rt["runs"]] == ["image", "video"]
+    assert all(run["n_masks"] == 1 for run in rt["runs"])
+    # the test model calls .cuda() like upstream; on this CPU-only machine that was mapped, and said
+    if not torch.cuda.is_available():
+        assert rt["cuda_mapped"]["tensor.cuda"] >= 2 and "CUDA calls mapped to CPU" in rt["summary"]
+        assert "answered with [SEG]: yes, 1 mask" in rt["summary"]

@@ -11,6 +11,8 @@ Failures raise ``sa2va_convert.errors.ConvertError`` subclasses.
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +21,16 @@ from typing import Any, Sequence
 from . import __version__
 
 from .plan.base_discovery import discover_base
-from .plan.family import Detection, detect_family, require_family
+from .plan.family import Detection, detect_family, match_family, require_family
 from .plan.keymap import Keymap, load_all_builtin, resolve_keymap
 from .plan.planner import ConversionPlan, PlanOptions, build_plan, check_raw_base
 from .plan.vocab import read_tokenizer_state
 from .progress import Progress, Silent
 from .read.checkpoint import TrainingCheckpoint, open_checkpoint
-from .errors import InputError
+from .errors import ConvertError, InputError, Interrupted, PlanError, UsageError, VerifyError
+from .read.work_dir import is_work_dir, resolve_checkpoint
+from .sizes import parse_size
+from .write import guard
 from .plan.raw_recipe import check_key_families, merge_raw_config, read_code_folder
 from .read.hf_folder import HFFolder, open_hf_folder
 from .read.layered import RenamedSource, UnionSource, open_sam2_checkpoint
@@ -55,11 +60,86 @@ class ConvertOptions:
     roundtrip: bool = False  # after writing, load OUT in a separate process and run predict_forward
     verify_device: str = "auto"
     verify_python: str | None = None
+    expect_mask: bool = False  # the round trip fails when the model's own answer has no [SEG]
+    replace_foreign: bool = False  # replace an existing OUT this tool did not write (never an input)
+    force_keymap: bool = False  # use --keymap even when detection finds another family
+    override_lora_config: bool = False  # lora_alpha/rslora win over different embedded values
+    dry_run: bool = False  # plan only: nothing is written (batch mode too)
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(dtype=self.dtype, max_shard_bytes=self.max_shard_bytes, lora_alpha=self.lora_alpha,
-                           rslora=self.rslora, allow_unused=tuple(self.allow_unused), template=self.template,
+                           rslora=self.rslora, override_lora_config=self.override_lora_config,
+                           allow_unused=tuple(self.allow_unused), template=self.template,
                            merge_device=self.merge_device, read_back=self.read_back)
+
+    def validate(self) -> "ConvertOptions":
+        """Every option checked before any work; a bad one is a UsageError (exit 2) naming it.
+
+        Normalises in place (a size string becomes bytes, an interpreter name its path)."""
+        if self.dtype not in DTYPES:
+            raise UsageError(f"unknown dtype {self.dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
+        self.max_shard_bytes = parse_size(self.max_shard_bytes, what="max shard size")
+        if self.lora_alpha is not None:
+            try:
+                alpha = float(self.lora_alpha)
+            except (TypeError, ValueError):
+                raise UsageError(f"LoRA alpha {self.lora_alpha!r} is not a number", hint="give e.g. 256") from None
+            if not math.isfinite(alpha) or alpha <= 0:
+                raise UsageError(f"LoRA alpha must be a finite number above 0, not {self.lora_alpha!r}",
+                                 hint="upstream Sa2VA configs use alpha = 2*r, e.g. 256 for r=128")
+        for pattern in self.allow_unused:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise UsageError(f"allow-unused pattern {pattern!r} is not a valid regular expression ({e})",
+                                 hint="escape special characters, e.g. 'foo\\.bar'") from None
+        self.merge_device = check_merge_device(self.merge_device)
+        if self.roundtrip and not self.dry_run:
+            from .verify.roundtrip import check_device, resolve_python
+
+            check_device(self.verify_device)
+            self.verify_python = resolve_python(self.verify_python) if self.verify_python else None
+        return self
+
+    def named_inputs(self) -> list[guard.NamedInput]:
+        """Every path option that is an input, for the never-harm-an-input check."""
+        out = []
+        for role, value in (("--base folder", self.base), ("--pretrained checkpoint", self.pretrained),
+                            ("--sam2 checkpoint", self.sam2), ("--code-from folder", self.code_from)):
+            if value:
+                out.append(guard.NamedInput(role, Path(value)))
+        if self.keymap and Path(self.keymap).exists():
+            out.append(guard.NamedInput("--keymap file", Path(self.keymap)))
+        return out
+
+
+DTYPES = ("bf16", "fp16", "fp32", "auto")
+
+
+def check_merge_device(device: str) -> str:
+    """cpu, cuda or cuda:N — and CUDA only where this torch sees a GPU (asked before any work)."""
+    text = str(device or "").strip()
+    if text == "cpu":
+        return text
+    if not re.fullmatch(r"cuda(:\d+)?", text):
+        raise UsageError(f"unknown merge device {device!r}", hint="use cpu, cuda or cuda:N")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError(f"merge device {text!r} asked for, but this torch sees no GPU"
+                         f" ({'built without CUDA' if not torch.version.cuda else 'no device visible'})",
+                         hint="drop --merge-device (the CPU merge gives the same bytes)")
+    if ":" in text and int(text.split(":")[1]) >= torch.cuda.device_count():
+        raise UsageError(f"merge device {text!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible",
+                         hint="use cuda or cuda:0")
+    return text
+
+
+def checkpoint_inputs(given: Path, resolved: Path) -> list[guard.NamedInput]:
+    inputs = [guard.NamedInput("checkpoint", resolved)]
+    if Path(given) != Path(resolved):
+        inputs.append(guard.NamedInput("work_dir", Path(given)))
+    return inputs
 
 
 @dataclass
@@ -122,17 +202,41 @@ def sha256_path(path: Path) -> str:
     return h.hexdigest()
 
 
-def choose_keymap(ckpt: TrainingCheckpoint, spec: str | None) -> tuple[Keymap, Detection | None]:
-    if spec:
-        return resolve_keymap(spec), None
+def choose_keymap(ckpt: TrainingCheckpoint, spec: str | None, *, force: bool = False) -> tuple[Keymap, Detection | None]:
+    """The detected keymap, or the one asked for — which must fit the keys unless ``force``.
+
+    A forced keymap of another family converts "successfully" into a folder whose model card
+    names the wrong family (or whose tensors land in the wrong places): refuse with what
+    detection saw."""
     text = ckpt.config.text if ckpt.config is not None else None
-    detection = detect_family(ckpt.weights.keys(), load_all_builtin(), text)
-    return require_family(detection, path=str(ckpt.path)), detection
+    if not spec:
+        detection = detect_family(ckpt.weights.keys(), load_all_builtin(), text)
+        return require_family(detection, path=str(ckpt.path)), detection
+    km = resolve_keymap(spec)
+    if force:
+        return km, None
+    keys = sorted(ckpt.weights.keys())
+    own = match_family(km, keys, text)
+    if own.matched:
+        return km, None
+    detection = detect_family(keys, load_all_builtin(), text)
+    if detection.chosen is None or detection.chosen.name == km.name:
+        return km, None  # a keymap for a layout no built-in knows: the user's call
+    missing = [p for p, k in own.evidence.items() if k is None]
+    why = (f"lacks {missing[0]!r}" if missing else
+           f"has {next(iter(own.excluded_by.values()))!r}" if own.excluded_by else "does not fit")
+    theirs = next((m for m in detection.matches if m.keymap == detection.chosen.name), None)
+    seen = next((k for k in (theirs.evidence.values() if theirs else ()) if k), None)
+    raise PlanError(f"--keymap {km.name} does not fit this checkpoint (it {why}); its keys are "
+                    f"{detection.chosen.name} ({detection.chosen.family_label})" + (f", e.g. {seen!r}" if seen else ""),
+                    path=str(ckpt.path),
+                    hint=f"drop --keymap (detection picks {detection.chosen.name}), or pass --force-keymap if you "
+                         "really mean to convert with this keymap")
 
 
 def open_inputs(checkpoint: str | Path, options: ConvertOptions, *, base_folder: HFFolder | None = None) -> Inputs:
-    ckpt = open_checkpoint(checkpoint, allow_globals=tuple(options.allow_globals))
-    keymap, detection = choose_keymap(ckpt, options.keymap)
+    ckpt = open_checkpoint(resolve_checkpoint(Path(checkpoint)), allow_globals=tuple(options.allow_globals))
+    keymap, detection = choose_keymap(ckpt, options.keymap, force=options.force_keymap)
     if options.sam2 or options.code_from:
         return open_raw_recipe(ckpt, keymap, detection, options)
     if base_folder is None:
@@ -182,9 +286,11 @@ def plan_from_inputs(inputs: Inputs, out: str | Path, options: ConvertOptions) -
 
 
 def plan_conversion(checkpoint: str | Path, out: str | Path, options: ConvertOptions | None = None) -> ConversionPlan:
-    """The plan only (what --dry-run prints); reads headers, not tensor bytes."""
-    options = options or ConvertOptions()
-    return plan_from_inputs(open_inputs(checkpoint, options), out, options)
+    """The plan only (what --dry-run prints); reads headers, not tensor bytes, writes nothing."""
+    options = (options or ConvertOptions()).validate()
+    resolved = resolve_checkpoint(Path(checkpoint))
+    guard.check_out(out, checkpoint_inputs(Path(checkpoint), resolved) + options.named_inputs())
+    return plan_from_inputs(open_inputs(resolved, options), out, options)
 
 
 def convert(
@@ -195,12 +301,26 @@ def convert(
     progress: Progress | None = None,
     base_folder: HFFolder | None = None,
 ) -> ConversionResult:
-    """Convert one checkpoint into a HF folder at ``out``; returns what was done and measured."""
-    options = options or ConvertOptions()
+    """Convert one checkpoint (a file, a DeepSpeed folder or a work_dir's newest) into a HF folder at ``out``.
+
+    Before any work: every option is validated, OUT is checked against every input (it may not
+    be, contain or lie inside one) and, if it exists, against what may be replaced (only a
+    folder this tool wrote, with ``force``; anything else only with ``replace_foreign``).
+    """
+    options = (options or ConvertOptions()).validate()
+    if options.dry_run:
+        return dry_run(checkpoint, out, options)
     progress = progress or Silent()
     started = time.perf_counter()
-    progress.stage(f"reading {checkpoint}")
-    inputs = open_inputs(checkpoint, options, base_folder=base_folder)
+    given = Path(checkpoint)
+    resolved = resolve_checkpoint(given)
+    protected = checkpoint_inputs(given, resolved) + options.named_inputs()
+    guard.check_out(out, protected)
+    guard.check_replaceable(Path(out).absolute(), force=options.force, replace_foreign=options.replace_foreign)
+    progress.stage(f"reading {resolved}")
+    inputs = open_inputs(resolved, options, base_folder=base_folder)
+    protected.append(guard.NamedInput("base folder", Path(inputs.base.path)))
+    guard.check_out(out, protected)  # the base may have been discovered from the training config
     progress.stage(f"planning ({inputs.keymap.name}, base {inputs.base.path})")
     plan = plan_from_inputs(inputs, out, options)
     sources = {"base": inputs.base.weights, "checkpoint": inputs.checkpoint.weights}
@@ -208,7 +328,7 @@ def convert(
         sources["pretrained"] = inputs.pretrained.weights
     producer = TensorProducer(sources, merge_device=options.merge_device)
     result = ConversionResult(plan=plan, transform=producer.report)
-    result.checkpoint_sha256 = sha256_path(Path(checkpoint))
+    result.checkpoint_sha256 = sha256_path(resolved)
 
     def check(tmp: Path) -> None:
         result.structural = check_against_plan(tmp, plan, read_values=options.read_back)
@@ -218,11 +338,23 @@ def convert(
         return {"README.md": model_card(plan, result),
                 "conversion_report.json": conversion_report(plan, result, shard_sha256=checksums)}
 
-    result.write = write_folder(plan, producer, base_dir=inputs.base.path, force=options.force,
-                                progress=progress, extra_files=extras, check=check)
+    existed = Path(plan.out).exists()
+    try:
+        result.write = write_folder(plan, producer, base_dir=inputs.base.path, force=options.force,
+                                    replace_foreign=options.replace_foreign, protected=protected,
+                                    progress=progress, extra_files=extras, check=check)
+    except KeyboardInterrupt:
+        state = "left as it was" if existed else "not created"
+        raise Interrupted(f"interrupted while converting; nothing was published: OUT was {state} and no partial "
+                          "folder is left", path=plan.out, hint="run the same command again") from None
     result.seconds = time.perf_counter() - started
     if options.roundtrip:
-        run_verify_roundtrip(result, options, progress)
+        try:
+            run_verify_roundtrip(result, options, progress)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted during the round trip: OUT is complete (written and checked) but not "
+                              "verified", path=plan.out,
+                              hint=f"run `sa2va-convert verify {plan.out}` to finish the check") from None
     if producer.report.zero_b:
         progress.stage(f"warning: {len(producer.report.zero_b)} LoRA adapter(s) have an all-zero B "
                        "(never trained): those layers equal the base")
@@ -232,29 +364,60 @@ def convert(
 def run_verify_roundtrip(result: ConversionResult, options: ConvertOptions, progress: Progress) -> None:
     """Load the written folder in a child process and segment a synthetic image; VerifyError on failure.
 
-    The folder stays in place either way: it is complete and structurally checked; the error
-    says what the round trip found and how to re-run it (e.g. on a GPU machine).
+    The folder stays in place either way: it is complete and structurally checked. The outcome
+    is recorded in its ``conversion_report.json`` (``roundtrip``), so batch mode re-verifies a
+    folder whose round trip failed instead of skipping it.
     """
-    from .errors import VerifyError
     from .verify.commands import summary_line
     from .verify.roundtrip import run_roundtrip
 
-    progress.stage(f"verifying {result.plan.out}: loading it in a separate process and running predict_forward")
+    out = Path(result.plan.out)
+    progress.stage(f"verifying {out}: loading it in a separate process and running predict_forward")
     try:
-        rt = run_roundtrip(result.plan.out, device=options.verify_device, python=options.verify_python,
-                           max_new_tokens=16, on_stage=progress.stage)
+        rt = run_roundtrip(out, device=options.verify_device, python=options.verify_python,
+                           max_new_tokens=16, expect_mask=options.expect_mask, on_stage=progress.stage)
     except VerifyError as e:
-        raise VerifyError(f"converted, but the round trip failed: {e.message}", path=result.plan.out,
-                          hint=(e.hint or "") + "; the folder is written: re-check it with `sa2va-convert verify OUT`"
-                          " (pass --no-verify to convert without the round trip)") from None
+        record_roundtrip(out, {"ok": False, "error": e.one_line(), "exit_code": e.exit_code})
+        err = type(e)(f"converted, but the round trip failed: {e.message}", path=out,
+                      hint=(e.hint or "") + f"; the folder is written: re-check it with `sa2va-convert verify {out}`"
+                      " (pass --no-verify to convert without the round trip)")
+        err.report = getattr(e, "report", None)  # type: ignore[attr-defined]
+        raise err from None
     result.roundtrip = {"summary": summary_line(rt.to_dict()), **rt.to_dict()}
+    record_roundtrip(out, {"ok": True, "summary": result.roundtrip["summary"]})
+
+
+def record_roundtrip(out: Path, outcome: dict[str, Any]) -> None:
+    """Add the round trip's outcome to OUT's conversion report (atomic rename, same folder)."""
+    import json
+    import os
+
+    path = Path(out) / guard.REPORT_NAME
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    report["roundtrip"] = outcome
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def recorded_roundtrip(out: Path) -> dict[str, Any] | None:
+    import json
+
+    try:
+        value = json.loads((Path(out) / guard.REPORT_NAME).read_text(encoding="utf-8")).get("roundtrip")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def dry_run(checkpoint: str | Path, out: str | Path, options: ConvertOptions | None = None) -> ConversionResult:
     options = options or ConvertOptions()
     plan = plan_conversion(checkpoint, out, options)
     return ConversionResult(plan=plan)
-
 
 
 from .predict import PredictReport, predict  # noqa: E402  (re-exported: the whole API in one place)

@@ -11,71 +11,35 @@ already converted from the same bytes (the sha256 recorded in each output's
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import BatchError, ConvertError, InputError
+from .errors import BatchError, ConvertError, InputError, Interrupted
 from .progress import Progress, Silent
-
-_ITER = re.compile(r"^iter_(\d+)\.pth$")
-DS_MARKERS = ("mp_rank_00_model_states.pt",)
-
-
-def is_deepspeed_dir(path: Path) -> bool:
-    return path.is_dir() and (any((path / m).is_file() for m in DS_MARKERS)
-                              or any(path.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")))
-
-
-def is_work_dir(path: Path) -> bool:
-    return path.is_dir() and not is_deepspeed_dir(path) and (
-        (path / "last_checkpoint").is_file() or bool(list_checkpoints(path)))
-
-
-def list_checkpoints(work_dir: Path) -> list[Path]:
-    found = [p for p in work_dir.iterdir() if _ITER.match(p.name) and (p.is_file() or is_deepspeed_dir(p))]
-    return sorted(found, key=lambda p: int(_ITER.match(p.name).group(1)))
-
-
-def latest_checkpoint(work_dir: Path) -> Path:
-    """The checkpoint named by last_checkpoint (moved work_dirs handled), else the highest iter_N."""
-    marker = work_dir / "last_checkpoint"
-    if marker.is_file():
-        named = marker.read_text(encoding="utf-8").strip()
-        if named:
-            p = Path(named)
-            if p.exists():
-                return p
-            beside = work_dir / p.name
-            if beside.exists():
-                return beside
-    ckpts = list_checkpoints(work_dir)
-    if not ckpts:
-        raise InputError("work_dir holds no iter_N.pth checkpoint", path=work_dir,
-                         hint="pass the checkpoint file itself, or the work_dir of a run that saved one")
-    return ckpts[-1]
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """What the user meant by PATH: a checkpoint, or the newest one of a work_dir."""
-    path = Path(path)
-    if is_work_dir(path):
-        return latest_checkpoint(path)
-    return path
-
+from .read.work_dir import (  # noqa: F401  (re-exported: batch mode's vocabulary)
+    is_deepspeed_dir,
+    is_work_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    resolve_checkpoint,
+)
 
 @dataclass
 class BatchItem:
     checkpoint: str
     out: str
-    status: str  # converted | skipped | failed
+    status: str  # converted | skipped | reverified | planned (dry run) | failed
     seconds: float = 0.0
     error: dict[str, Any] | None = None
+    plan: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        d = self.__dict__.copy()
+        if d["plan"] is None:
+            del d["plan"]
+        return d
 
 
 @dataclass
@@ -105,19 +69,33 @@ def recorded_sha256(out: Path) -> str | None:
 
 
 def convert_all(work_dir: Path, out_root: Path, options, *, progress: Progress | None = None) -> BatchResult:
-    """Convert every iter_N of ``work_dir`` into ``out_root/iter_N``; raise BatchError at the end if any failed."""
+    """Convert every iter_N of ``work_dir`` into ``out_root/iter_N``; raise BatchError at the end if any failed.
+
+    A folder already converted from the same bytes is skipped — unless its round trip is asked
+    for and did not pass last time: then only the round trip runs again (status ``reverified``).
+    With ``options.dry_run`` every checkpoint is planned and nothing at all is written.
+    """
     from . import api
     from .read.hf_folder import open_hf_folder
+    from .write import guard
 
     progress = progress or Silent()
     work_dir, out_root = Path(work_dir), Path(out_root)
+    options.validate()
     if not work_dir.is_dir():
         raise InputError("work_dir does not exist", path=work_dir, hint="pass the training run's work_dir")
     ckpts = list_checkpoints(work_dir)
     if not ckpts:
         raise InputError("work_dir holds no iter_N.pth checkpoint", path=work_dir, hint="pass the training run's work_dir")
-    out_root.mkdir(parents=True, exist_ok=True)
+    guard.check_out(out_root, [guard.NamedInput("work_dir", work_dir)] + options.named_inputs())
     result = BatchResult(str(work_dir), str(out_root))
+    if options.dry_run:
+        for ckpt in ckpts:
+            out = out_root / ckpt.name.removesuffix(".pth")
+            plan = api.plan_conversion(ckpt, out, options)
+            result.items.append(BatchItem(str(ckpt), str(out), "planned", plan=plan.to_dict(tensors=False)))
+        return result
+    out_root.mkdir(parents=True, exist_ok=True)
     base_folder = open_hf_folder(options.base) if options.base else None
     for ckpt in ckpts:
         name = ckpt.name.removesuffix(".pth")
@@ -126,8 +104,14 @@ def convert_all(work_dir: Path, out_root: Path, options, *, progress: Progress |
         try:
             digest = api.sha256_path(ckpt)
             if out.exists() and recorded_sha256(out) == digest:
-                progress.stage(f"{ckpt.name}: already converted from the same bytes, skipped")
-                result.items.append(BatchItem(str(ckpt), str(out), "skipped"))
+                previous = api.recorded_roundtrip(out)
+                if not options.roundtrip or (previous or {}).get("ok"):
+                    progress.stage(f"{ckpt.name}: already converted from the same bytes, skipped")
+                    result.items.append(BatchItem(str(ckpt), str(out), "skipped"))
+                    continue
+                progress.stage(f"{ckpt.name}: converted earlier but its round trip did not pass; verifying again")
+                reverify(out, options, progress)
+                result.items.append(BatchItem(str(ckpt), str(out), "reverified", time.perf_counter() - started))
                 continue
             progress.stage(f"{ckpt.name}: converting")
             res = api.convert(ckpt, out, options, progress=progress, base_folder=base_folder)
@@ -135,8 +119,13 @@ def convert_all(work_dir: Path, out_root: Path, options, *, progress: Progress |
                 base_folder = open_hf_folder(res.plan.base)
             result.items.append(BatchItem(str(ckpt), str(out), "converted", time.perf_counter() - started))
         except ConvertError as e:
+            if isinstance(e, Interrupted):
+                raise Interrupted(f"{ckpt.name}: {e.message}; {_done(result)}", path=e.path, hint=e.hint) from None
             progress.stage(f"{ckpt.name}: failed: {e.one_line()}")
             result.items.append(BatchItem(str(ckpt), str(out), "failed", time.perf_counter() - started, e.to_dict()))
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted at {ckpt.name} before anything of it was written; {_done(result)}",
+                              path=out, hint="run the same command again (finished ones are skipped)") from None
     if result.failed:
         err = BatchError(f"{len(result.failed)} of {len(result.items)} checkpoint(s) failed: "
                          + ", ".join(Path(i.checkpoint).name for i in result.failed), path=work_dir,
@@ -144,3 +133,23 @@ def convert_all(work_dir: Path, out_root: Path, options, *, progress: Progress |
         err.result = result  # type: ignore[attr-defined]
         raise err
     return result
+
+
+def _done(result: BatchResult) -> str:
+    done = [Path(i.out).name for i in result.items if i.status in ("converted", "skipped", "reverified")]
+    return f"finished before it: {', '.join(done)}" if done else "none finished before it"
+
+
+def reverify(out: Path, options, progress: Progress) -> None:
+    """Run only the round trip on an existing, already converted folder, and record the outcome."""
+    from . import api
+    from .verify.roundtrip import run_roundtrip
+    from .verify.commands import summary_line
+
+    try:
+        rt = run_roundtrip(out, device=options.verify_device, python=options.verify_python, max_new_tokens=16,
+                           expect_mask=options.expect_mask, on_stage=progress.stage)
+    except ConvertError as e:
+        api.record_roundtrip(out, {"ok": False, "error": e.one_line(), "exit_code": e.exit_code})
+        raise
+    api.record_roundtrip(out, {"ok": True, "summary": summary_line(rt.to_dict())})

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import signal
 import sys
 import traceback
@@ -20,7 +19,7 @@ from typing import Any, Callable
 import click
 
 from . import __version__
-from .errors import EXIT_CODES, EXIT_INTERRUPTED, ConvertError
+from .errors import EXIT_CODES, EXIT_INTERRUPTED, ConvertError, Interrupted
 
 EXAMPLES = """
 \b
@@ -62,10 +61,13 @@ def handle_errors(fn: Callable) -> Callable:
                 _emit_json({"ok": False, "error": e.to_dict()})
             click.echo(f"error: {e.one_line()}", err=True)
             sys.exit(e.exit_code)
+        except click.ClickException:  # a usage error: click prints it with the usage line, exit 2
+            raise
         except KeyboardInterrupt:
+            # Commands that write say precisely what was left (they raise Interrupted); here only
+            # what is true of every command: it stopped.
             where = kwargs.get("out") or kwargs.get("folder") or kwargs.get("checkpoint") or "sa2va-convert"
-            click.echo(f"error: {where}: interrupted; no partial output was left behind "
-                       "(fix: run the same command again)", err=True)
+            click.echo(f"error: {where}: interrupted (fix: run the same command again)", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except Exception as e:  # a bug: say so, keep it one line unless --debug
             if debug:
@@ -81,19 +83,11 @@ def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
     raise KeyboardInterrupt
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.I)
-
-
 def parse_size(text: str) -> int:
-    m = _SIZE.match(text)
-    if not m:
-        raise click.BadParameter(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
-    num, unit = float(m.group(1)), (m.group(2) or "").upper()
-    powers = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
-              "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    if unit not in powers:
-        raise click.BadParameter(f"unknown size unit in {text!r}")
-    return int(num * powers[unit])
+    """``--max-shard-size`` text to bytes (a bad size is a usage error, exit 2)."""
+    from .sizes import parse_size as parse
+
+    return parse(text, what="--max-shard-size")
 
 
 @click.group(cls=DefaultToConvert, epilog=EXAMPLES + EXIT_HELP, context_settings={"help_option_names": ["-h", "--help"]})
@@ -121,7 +115,9 @@ def common_options(fn: Callable) -> Callable:
 @click.argument("out", type=click.Path(path_type=Path, readable=False))
 @click.option("--base", type=click.Path(path_type=Path, readable=False), help="Base Sa2VA HF folder the fine-tune started from (default: found from the training config).")
 @click.option("--pretrained", type=click.Path(path_type=Path, readable=False), help="Full-weights training .pth laid over the base (v2 pretrained_pth).")
-@click.option("--keymap", help="Built-in keymap name or YAML file (default: detected from the keys).")
+@click.option("--keymap", help="Built-in keymap name or YAML file (default: detected from the keys). It must fit "
+              "the checkpoint's keys unless --force-keymap.")
+@click.option("--force-keymap", is_flag=True, help="Use --keymap even where detection finds another family.")
 @click.option("--sam2", type=click.Path(path_type=Path, readable=False),
               help="Original recipe: sam2_hiera_large.pt; --base is then the raw InternVL2.5 folder.")
 @click.option("--code-from", type=click.Path(path_type=Path, readable=False),
@@ -129,13 +125,20 @@ def common_options(fn: Callable) -> Callable:
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32", "auto"]), default="bf16", show_default=True,
               help="Output dtype for floating tensors; auto keeps the base's dtype.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard file (e.g. 5GB, 500MB, 2GiB).")
-@click.option("--lora-alpha", type=float, help="LoRA alpha, when the checkpoint's config lacks it (upstream: 2*r).")
+@click.option("--lora-alpha", type=float, help="LoRA alpha, when the checkpoint's config lacks it (upstream: 2*r). "
+              "A different value in the config is an error unless --override-lora-config.")
 @click.option("--rslora/--no-rslora", default=None, help="Scale LoRA by alpha/sqrt(r) (default: from the config).")
+@click.option("--override-lora-config", is_flag=True,
+              help="Let --lora-alpha/--rslora replace different values from the checkpoint's training config.")
 @click.option("--allow-unused", multiple=True, metavar="REGEX", help="Checkpoint keys matching REGEX may be left out of the output.")
 @click.option("--template", help="Override the chat template name written to config.json.")
-@click.option("--force", is_flag=True, help="Replace an existing OUT (only after the new one is complete).")
-@click.option("--dry-run", is_flag=True, help="Print the plan (tensors, bytes, peak RAM, disk) and write nothing.")
-@click.option("--show-tensors", is_flag=True, help="With --dry-run: list every planned tensor.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT that sa2va-convert wrote (it has our "
+              "conversion_report.json), only after the new one is complete. Never an input.")
+@click.option("--replace-foreign", is_flag=True, help="Replace an existing OUT even though sa2va-convert did not "
+              "write it. Never an input, nor a folder holding one.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (tensors, bytes, peak RAM, disk) and write nothing "
+              "(with --all: for every checkpoint).")
+@click.option("--show-tensors", is_flag=True, help="With --dry-run: list every planned tensor (an error without it).")
 @click.option("--merge-device", default="cpu", show_default=True, help="Device for LoRA merges (cpu, cuda, cuda:1).")
 @click.option("--no-read-back", is_flag=True, help="Skip reading every written tensor back before publishing.")
 @click.option("--verify/--no-verify", "roundtrip", default=True, show_default=True,
@@ -144,19 +147,38 @@ def common_options(fn: Callable) -> Callable:
               help="Device of the verification round trip (the upstream Sa2VA code needs a GPU).")
 @click.option("--python", "verify_python", metavar="PATH",
               help="Interpreter for the round trip (e.g. your Sa2VA environment with its pinned transformers).")
+@click.option("--expect-mask", is_flag=True,
+              help="Round trip fails when the model's own answer has no [SEG] (for CI on a real fine-tune).")
 @click.option("--all", "all_checkpoints", is_flag=True,
               help="CHECKPOINT is a work_dir: convert every iter_N.pth into OUT/iter_N (skips ones already converted).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @common_options
 @handle_errors
-def convert(checkpoint: Path, out: Path, base, pretrained, keymap, sam2, code_from, dtype, max_shard_size, lora_alpha, rslora,
-            allow_unused, template, force, dry_run, show_tensors, merge_device, no_read_back, roundtrip, verify_device,
-            verify_python, all_checkpoints, quiet, json_out, debug, allow_globals) -> None:
+def convert(checkpoint: Path, out: Path, base, pretrained, keymap, force_keymap, sam2, code_from, dtype, max_shard_size,
+            lora_alpha, rslora, override_lora_config, allow_unused, template, force, replace_foreign, dry_run,
+            show_tensors, merge_device, no_read_back, roundtrip, verify_device, verify_python, expect_mask,
+            all_checkpoints, quiet, json_out, debug, allow_globals) -> None:
     """Convert CHECKPOINT (iter_N.pth, a DeepSpeed iter_N.pth/ folder, or a work_dir) into a HuggingFace folder OUT.
 
     Given a work_dir, the checkpoint named in its last_checkpoint file (else the
     highest iter_N) is converted; with --all, every one of them.
     """
+    if show_tensors and not dry_run:
+        raise click.UsageError("--show-tensors lists the plan of a dry run: add --dry-run (nothing is written then)")
+    try:
+        _convert(checkpoint, out, base, pretrained, keymap, force_keymap, sam2, code_from, dtype, max_shard_size,
+                 lora_alpha, rslora, override_lora_config, allow_unused, template, force, replace_foreign, dry_run,
+                 show_tensors, merge_device, no_read_back, roundtrip, verify_device, verify_python, expect_mask,
+                 all_checkpoints, quiet, json_out, allow_globals)
+    except KeyboardInterrupt:  # the API says more where it knows more (while writing, during the round trip)
+        raise Interrupted("interrupted before anything was written", path=out,
+                          hint="run the same command again") from None
+
+
+def _convert(checkpoint, out, base, pretrained, keymap, force_keymap, sam2, code_from, dtype, max_shard_size, lora_alpha,
+             rslora, override_lora_config, allow_unused, template, force, replace_foreign, dry_run, show_tensors,
+             merge_device, no_read_back, roundtrip, verify_device, verify_python, expect_mask, all_checkpoints, quiet,
+             json_out, allow_globals) -> None:
     from . import api, batch
     from .cli_render import make_progress, render_batch, render_plan, render_result
 
@@ -165,7 +187,9 @@ def convert(checkpoint: Path, out: Path, base, pretrained, keymap, sam2, code_fr
         lora_alpha=lora_alpha, rslora=rslora, allow_unused=allow_unused, template=template, force=force,
         merge_device=merge_device, allow_globals=allow_globals, read_back=not no_read_back, sam2=sam2,
         code_from=code_from, roundtrip=roundtrip, verify_device=verify_device, verify_python=verify_python,
-    )
+        expect_mask=expect_mask, replace_foreign=replace_foreign, force_keymap=force_keymap,
+        override_lora_config=override_lora_config, dry_run=dry_run,
+    ).validate()
     progress = make_progress(json_out, quiet)
     if all_checkpoints:
         try:
@@ -179,7 +203,6 @@ def convert(checkpoint: Path, out: Path, base, pretrained, keymap, sam2, code_fr
             raise
         _emit_json(res.to_dict()) if json_out else render_batch(res.to_dict())
         return
-    checkpoint = batch.resolve_checkpoint(checkpoint)
     if dry_run:
         plan = api.plan_conversion(checkpoint, out, options)
         if json_out:

@@ -203,5 +203,17 @@ def render_result(result: dict) -> None:
 def render_batch(result: dict) -> None:
     c = out_console
     c.print(table(f"Batch: {result['work_dir']} -> {result['out_root']}", ["checkpoint", "status", "seconds", "detail"],
-                  [[Path(i["checkpoint"]).name, i["status"], f"{i['seconds']:.1f}",
-                    (i["error"] or {}).get("message", "") if i["error"] else i["out"]] for i in result["items"]]))
+                  [[Path(i["checkpoint"]).name, i["status"], f"{i['seconds']:.1f}", _batch_detail(i)]
+                   for i in result["items"]]))
+    if any(i.get("plan") for i in result["items"]):
+        c.print("dry run: nothing was written")
+
+
+def _batch_detail(item: dict) -> str:
+    if item.get("error"):
+        return item["error"].get("message", "")
+    plan = item.get("plan")
+    if plan:
+        return (f"{item['out']} would get {plan.get('tensor_count', len(plan.get('tensors') or []) or '?')} tensors, "
+                f"{plan.get('keymap')}")
+    return item["out"]

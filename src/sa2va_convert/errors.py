@@ -112,6 +112,13 @@ class BatchError(ConvertError):
 
 EXIT_INTERRUPTED = 130
 
+
+class Interrupted(ConvertError):
+    """Ctrl-C / SIGTERM, with a message that says what is true about OUT at that moment."""
+
+    exit_code = EXIT_INTERRUPTED
+    kind = "interrupted"
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "internal error (a bug: please report it with the traceback from --debug)",

@@ -93,6 +93,7 @@ class PlanOptions:
     max_shard_bytes: int = 5 * 10**9
     lora_alpha: float | None = None
     rslora: bool | None = None
+    override_lora_config: bool = False  # --lora-alpha/--rslora win over a different embedded value
     allow_unused: tuple[str, ...] = ()
     template: str | None = None
     merge_device: str = "cpu"  # only for the peak-RAM estimate: what the writer streams in row blocks
@@ -213,15 +214,38 @@ def map_source(source: TensorSource, keymap: Keymap) -> _Mapped:
     return out
 
 
+def _refuse_silent_override(what: str, flag: str, given: Any, embedded: Any, field: str, override: bool,
+                            ckpt_path: str) -> None:
+    """A flag documented as the fallback for a missing config value must not silently replace a
+    different one: refuse and name both, unless the user says --override-lora-config."""
+    if given is None or embedded is None or override:
+        return
+    same = (bool(given) == bool(embedded)) if isinstance(given, bool) else float(given) == float(embedded)
+    if not same:
+        raise PlanError(f"{what}: the checkpoint's training config says {field}={embedded!r} but {flag} gives "
+                        f"{given!r}", path=ckpt_path,
+                        hint=f"drop {flag} to use the training config's value (it is only a fallback), or pass "
+                             "--override-lora-config if you really mean to merge with a different value")
+
+
 def _lora_settings(mapped: _Mapped, options: PlanOptions, cfg_lora: Any, ckpt_path: str,
                    warnings: list[str]) -> LoraSettingsUsed | None:
     if not mapped.lora:
         return None
     ranks = sorted({slot["a"].shape[0] for slot in mapped.lora.values()})
-    if options.lora_alpha is not None:
-        alpha, alpha_src = float(options.lora_alpha), "--lora-alpha"
-    elif cfg_lora is not None and getattr(cfg_lora, "lora_alpha", None) is not None:
-        alpha, alpha_src = float(cfg_lora.lora_alpha), "embedded config (llm_lora.lora_alpha)"
+    cfg_alpha = getattr(cfg_lora, "lora_alpha", None) if cfg_lora is not None else None
+    cfg_rslora = getattr(cfg_lora, "use_rslora", None) if cfg_lora is not None else None
+    _refuse_silent_override("LoRA alpha", "--lora-alpha", options.lora_alpha, cfg_alpha, "llm_lora.lora_alpha",
+                            options.override_lora_config, ckpt_path)
+    _refuse_silent_override("rsLoRA", "--rslora/--no-rslora", options.rslora, cfg_rslora, "llm_lora.use_rslora",
+                            options.override_lora_config, ckpt_path)
+    if options.lora_alpha is not None and cfg_alpha is not None and float(cfg_alpha) == float(options.lora_alpha):
+        alpha, alpha_src = float(cfg_alpha), "embedded config (llm_lora.lora_alpha), same as --lora-alpha"
+    elif options.lora_alpha is not None:
+        alpha, alpha_src = float(options.lora_alpha), ("--lora-alpha (--override-lora-config)" if cfg_alpha is not None
+                                                       else "--lora-alpha")
+    elif cfg_alpha is not None:
+        alpha, alpha_src = float(cfg_alpha), "embedded config (llm_lora.lora_alpha)"
     else:
         raise PlanError(
             f"LoRA alpha is unknown: the checkpoint has {len(mapped.lora)} LoRA pairs (rank {', '.join(map(str, ranks))}) "
@@ -474,8 +498,30 @@ def _output_config(base_config: dict, keymap: Keymap, rows: int, template: str, 
             if isinstance(container, dict):
                 container[f.rsplit(".", 1)[1]] = False
     if dtype != "auto":
-        cfg["torch_dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+        _name_dtype(cfg, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype])
     return cfg
+
+
+_SUB_CONFIGS = ("llm_config", "vision_config", "text_config")
+
+
+def _name_dtype(cfg: dict, name: str) -> None:
+    """Make every dtype field name the written dtype.
+
+    transformers >= 4.56 reads ``dtype`` before the deprecated ``torch_dtype`` (FORMATS.md §8), at
+    the top level and in sub-configs: a base saved by 4.57 says ``"dtype": "bfloat16"`` there, and
+    leaving it would load an fp32 conversion as bf16 under ``dtype="auto"``. ``torch_dtype`` is
+    always written at the top level (what older transformers read); ``dtype`` wherever the base
+    already has it."""
+    cfg["torch_dtype"] = name
+    if "dtype" in cfg:
+        cfg["dtype"] = name
+    for key in _SUB_CONFIGS:
+        sub = cfg.get(key)
+        if isinstance(sub, dict):
+            for field_name in ("torch_dtype", "dtype"):
+                if field_name in sub:
+                    sub[field_name] = name
 
 
 def _split_shards(tensors: Sequence[PlannedTensor], max_bytes: int) -> tuple[ShardPlan, ...]:

@@ -38,6 +38,14 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
+# The codecs pickle opcodes decode with (UNICODE: raw-unicode-escape; STRING/BINSTRING with an
+# encoding: latin-1/ascii), loaded now: a codec is imported on first use, and reading an
+# untrusted file must never be what runs module code, even stdlib code (the fuzz tests audit it).
+import encodings.ascii  # noqa: F401
+import encodings.latin_1  # noqa: F401
+import encodings.raw_unicode_escape  # noqa: F401
+import encodings.unicode_escape  # noqa: F401
+import encodings.utf_8  # noqa: F401
 import contextlib
 import math
 import mmap as _mmap

@@ -41,6 +41,7 @@ class VerifyReport:
     folder: str
     ok: bool = False
     keymap: str | None = None
+    keymap_source: str | None = None  # "conversion_report.json", or how it was guessed
     structural: StructuralReport | None = None
     code_files: list[str] = field(default_factory=list)
     checksums: dict[str, Any] = field(default_factory=dict)
@@ -50,7 +51,7 @@ class VerifyReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "ok": self.ok, "folder": self.folder, "keymap": self.keymap,
+            "ok": self.ok, "folder": self.folder, "keymap": self.keymap, "keymap_source": self.keymap_source,
             "structural": self.structural.to_dict() if self.structural else None,
             "code_files": self.code_files, "checksums": self.checksums,
             "roundtrip": self.roundtrip.to_dict() if self.roundtrip else None,
@@ -195,7 +196,7 @@ def verify_folder(
             raise VerifyError("folder does not exist" if not folder.exists() else "not a folder", path=folder,
                               hint="pass the converted HuggingFace folder")
         say("checking files")
-        keymap = folder_keymap(folder)
+        keymap, report.keymap_source = folder_keymap(folder)
         report.keymap = keymap.name if keymap else None
         if keymap is None:
             report.notes.append("config.json architectures match no built-in keymap: vocabulary sizes not checked")
@@ -225,25 +226,41 @@ def verify_folder(
     return report
 
 
-def folder_keymap(folder: Path) -> Keymap | None:
-    """The built-in keymap describing this folder, for its vocabulary fields.
+def folder_keymap(folder: Path) -> tuple[Keymap | None, str | None]:
+    """The keymap describing this folder, and how we know: the conversion report, or a guess.
 
-    Several keymaps share an architecture (``Sa2VAChatModel`` is InternLM2 or Qwen2 inside), so
-    among those ``keymap_for_folder`` accepts, take the one whose embedding and head tensors the
-    folder really holds."""
+    A folder this tool wrote names its keymap in ``conversion_report.json``; that is the truth
+    (v1 Qwen2 and v2 InternVL3 folders have the same layout, so a layout cannot tell them
+    apart). For any other folder the keymap is guessed from config.json and the tensors, and
+    the report says it is a guess."""
     keymaps = load_all_builtin()
+    recorded = _recorded_keymap(folder)
+    if recorded is not None:
+        for km in keymaps:
+            if km.name == recorded:
+                return km, "conversion_report.json"
     first = keymap_for_folder(folder, keymaps)
     if first is None:
-        return None
+        return None, None
+    guess = "guessed from config.json architectures and the tensor names (no conversion report)"
     try:
         names = set(_weight_names(folder))
     except (OSError, ValueError, KeyError):
-        return first  # check_folder reports the broken index/shard with its own message
+        return first, guess  # check_folder reports the broken index/shard with its own message
     archs = set(first.architectures)
     for km in keymaps:
         if set(km.architectures) & archs and {km.vocab_embedding, km.vocab_head} <= names:
-            return km
-    return first
+            return km, guess
+    return first, guess
+
+
+def _recorded_keymap(folder: Path) -> str | None:
+    try:
+        report = json.loads((folder / "conversion_report.json").read_text(encoding="utf-8"))
+        name = report["keymap"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) and report.get("tool") == "sa2va-convert" else None
 
 
 def _weight_names(folder: Path) -> list[str]:
@@ -298,7 +315,9 @@ def _masks(run: dict[str, Any]) -> str:
 def render_verify(report: dict[str, Any], echo: Callable[[str], None] = print) -> None:
     """Plain lines (the CLI passes rich's console.print or click.echo)."""
     s = report.get("structural") or {}
-    echo(f"verified {report['folder']}" + (f" ({report['keymap']})" if report.get("keymap") else ""))
+    source = report.get("keymap_source") or ""
+    how = "" if source == "conversion_report.json" else ", a guess: no conversion report" if source else ""
+    echo(f"verified {report['folder']}" + (f" ({report['keymap']}{how})" if report.get("keymap") else ""))
     echo(f"  files: {s.get('tensors')} tensors in {s.get('shards')} shard(s), vocabulary {s.get('vocab_rows')}, "
          f"tokenizer {s.get('tokenizer_length')}, values read back: {s.get('checked_values')}")
     echo(f"  remote code: {', '.join(report.get('code_files') or []) or '-'}")

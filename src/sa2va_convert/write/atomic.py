@@ -81,6 +81,7 @@ def output_lock(out: Path) -> Iterator[None]:
 
 
 def check_destination(out: Path, force: bool) -> None:
+    """Where OUT may be written; whether an existing OUT may be replaced is ``guard``'s call."""
     if out.exists() or out.is_symlink():
         if not force:
             raise OutputError("output folder already exists", path=out,

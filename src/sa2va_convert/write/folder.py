@@ -15,12 +15,12 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from ..plan.planner import INDEX_NAME, ConversionPlan, PlannedTensor
 from ..plan.vocab import apply_additions
 from ..progress import Progress, Silent
-from . import atomic
+from . import atomic, guard
 from .pipeline import DEFAULT_BUDGET_BYTES, TensorPipeline
 from .safetensors_stream import StreamEntry, write_streamed
 
@@ -89,11 +89,18 @@ def write_folder(
     progress: Progress | None = None,
     extra_files: Callable[[Path, dict[str, str]], dict[str, str]] | None = None,
     check: Callable[[Path], None] | None = None,
+    replace_foreign: bool = False,
+    protected: Sequence[guard.NamedInput] = (),
 ) -> WriteResult:
-    """Write the planned folder atomically. ``check(tmp)`` runs before publishing; it raises to abort."""
+    """Write the planned folder atomically. ``check(tmp)`` runs before publishing; it raises to abort.
+
+    ``protected`` are the run's inputs: OUT may never be, contain or lie inside one of them,
+    checked here again (whoever calls) and right before an existing OUT is replaced."""
     progress = progress or Silent()
     out = Path(plan.out)
-    atomic.check_destination(out, force)
+    guard.check_out(out, protected)
+    guard.check_replaceable(out, force=force, replace_foreign=replace_foreign)
+    atomic.check_destination(out, force or replace_foreign)
     started = time.perf_counter()
     with atomic.output_lock(out):
         atomic.clear_stale_partials(out)
@@ -117,7 +124,10 @@ def write_folder(
             if check is not None:
                 progress.stage("checking the written files")
                 check(tmp)
-            atomic.publish(tmp, out, force)
+            if out.exists():  # it may have appeared, or changed, while we were writing
+                guard.check_out(out, protected)
+                guard.check_replaceable(out, force=force, replace_foreign=replace_foreign)
+            atomic.publish(tmp, out, force or replace_foreign)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
