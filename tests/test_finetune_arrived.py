@@ -153,7 +153,8 @@ def test_converted_fine_tune_segments(full, demo):
         for m in run["masks"]:
             assert m["dtype"] == "bool" and m["shape"] == [frames, SYNTH_H, SYNTH_W]
             assert 0 < m["true_fraction"] < 1  # a mask, not an empty or full frame
-    assert "image: 1 mask(s) [1x60x80]" in rt["summary"]
+    assert "answered with [SEG]: yes, 1 mask (1, 60, 80)" in rt["summary"]
+    assert "video: 1 mask (2, 60, 80)" in rt["summary"] and "forced" not in rt["summary"]
 
 
 @pytest.mark.parametrize("dropped", ["lora", "head"])
@@ -162,12 +163,17 @@ def test_without_the_lora_or_the_head_there_is_no_mask(demo, cli, tmp_path, drop
     r = cli(demo.twins[dropped], out, "--base", demo.base, "--json", roundtrip=True)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
-    for run in report["roundtrip"]["runs"]:
+    own = [run for run in report["roundtrip"]["runs"] if not run.get("forced")]
+    forced = [run for run in report["roundtrip"]["runs"] if run.get("forced")]
+    for run in own:
         assert run["n_masks"] == 0 and run["seg_count"] == 0, run["prediction"]
         assert SEG_TOKEN not in run["prediction"]
+    # the round trip still drove the mask path, by forcing [SEG], and said so
+    assert len(forced) == 1 and forced[0]["n_masks"] == 1
+    assert "answered with [SEG]: no" in report["roundtrip"]["summary"]
     if dropped == "lora":
         assert report["lora_deltas"]["lora_pairs"] == 0
-        assert all(run["prediction"] == STOP_TOKEN for run in report["roundtrip"]["runs"])
+        assert all(run["prediction"] == STOP_TOKEN for run in own)
     else:  # the base head was used, bit for bit
         assert read_tensor(out, HEAD).equal(read_tensor(demo.base, HEAD))
 

@@ -55,7 +55,7 @@ def test_unknown_layout_is_reported_with_the_keys_that_fit_no_family(tmp_path, c
     assert rep["family"]["keymap"] is None
     assert "fc.lora_A.default.weight" in rep["family"]["unmatched_sample"]
     assert not any(c["matched"] for c in rep["family"]["candidates"])
-    conv = cli(path, tmp_path / "out", "--base", tmp_path)
+    conv = cli(path, tmp_path / "out", "--base", tmp_path / "base")
     assert conv.returncode == 5 and "fit no known family" in conv.error_lines[0]
 
 

@@ -106,7 +106,15 @@ def test_plan_writes_config_fields():
 def test_rslora_scale_and_alpha_flag_override():
     p = plan(emb=embedded(rslora=True))
     assert p.lora.scale_for(R) == pytest.approx(2 * R / R ** 0.5)
-    p = plan(options=PlanOptions(lora_alpha=16.0))
+    # --lora-alpha is the fallback for a config without alpha; a different embedded value wins only
+    # when the user says so by name
+    with pytest.raises(PlanError, match="lora_alpha=8 but --lora-alpha gives 16.0"):
+        plan(options=PlanOptions(lora_alpha=16.0))
+    p = plan(options=PlanOptions(lora_alpha=16.0, override_lora_config=True))
+    assert p.lora.scale_for(R) == 4.0 and p.lora.alpha_source == "--lora-alpha (--override-lora-config)"
+    p = plan(options=PlanOptions(lora_alpha=8.0))
+    assert p.lora.scale_for(R) == 2.0 and "same as --lora-alpha" in p.lora.alpha_source
+    p = plan(emb=SimpleNamespace(lora=None, special_tokens=None, template=None), options=PlanOptions(lora_alpha=16.0))
     assert p.lora.scale_for(R) == 4.0 and p.lora.alpha_source == "--lora-alpha"
 
 
