@@ -76,7 +76,8 @@ def test_same_keys_and_no_config_is_refused_not_guessed(preset, tmp_path, cli):
     ck = write_training_checkpoint(tmp_path / "iter_1.pth", preset, config_text=False)
     plain = write_training_checkpoint(tmp_path / "q" / "iter_1.pth", "sa2va-qwen3-vl", config_text=False)
     assert set(_keys_and_config(ck.path)[0]) == set(_keys_and_config(plain.path)[0])
-    r = cli(ck.path, tmp_path / "out", "--base", tmp_path)
+    (tmp_path / "base").mkdir()  # never opened: the family is decided first
+    r = cli(ck.path, tmp_path / "out", "--base", tmp_path / "base")
     assert r.returncode == 5, r.stderr
     line = r.error_lines[0]
     assert "ambiguous" in line and FAMILY[preset] in line and "sa2va-v2-qwen-vl" in line
