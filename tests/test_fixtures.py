@@ -92,9 +92,20 @@ def test_base_folder_matches_layout_index_and_config(tmp_path, preset):
 
     cfg = json.loads((base / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is False
-    assert cfg["sam2_test_config"] == {"C": TINY.sam_c, "Ds": TINY.sam_ds,
-                                       "blocks": TINY.sam_blocks, "image_size": TINY.sam_image_size}
-    if PRESETS[preset].layout == "qwen-vl":
+    dims = {"C": TINY.sam_c, "Ds": TINY.sam_ds, "blocks": TINY.sam_blocks, "image_size": TINY.sam_image_size}
+    if PRESETS[preset].grounding == "sam3":  # the SAM3 stand-in also records its ViT's patch grid and MLP width
+        assert cfg["sam3_test_config"] == {**dims, "patch": 8, "pos_grid": 8, "mlp": int(TINY.sam_c * 4.625)}
+        assert "sam2_test_config" not in cfg
+    else:
+        assert cfg["sam2_test_config"] == dims
+    if PRESETS[preset].layout == "llava":
+        assert cfg["architectures"] == ["Sa2VAChatModelLlava"] and cfg["template"] == "vicuna"
+        assert cfg["auto_map"]["AutoModel"] == "modeling_sa2va_llava.Sa2VAChatModelLlava"
+        assert cfg["text_config"]["vocab_size"] == layout["model.lm_head.weight"][0] == TINY.vocab
+        assert cfg["vision_config"]["model_type"] == "clip_vision_model"
+        assert any(k.startswith("model.model.vision_tower.vision_model.") for k in layout)
+        assert not any(k.endswith("self_attn.q_proj.bias") and "language_model" in k for k in layout)  # Llama
+    elif PRESETS[preset].layout == "qwen-vl":
         assert cfg["architectures"] == ["Sa2VAChatModelQwen"]
         assert cfg["auto_map"]["AutoModel"] == "modeling_sa2va_qwen.Sa2VAChatModelQwen"
         assert cfg["auto_map"]["AutoConfig"] == "configuration_sa2va_chat.Sa2VAChatConfigQwen"
@@ -252,6 +263,10 @@ LITERAL_KEYS = {
     ],
 }
 LITERAL_KEYS["sa2va-qwen3-vl"] = LITERAL_KEYS["sa2va-qwen2_5-vl"]
+# SAM3 (upstream sam3_train.py keeps the tracker as `sam2_model`; Sa2VAModel.state_dict keeps its mask decoder)
+LITERAL_KEYS["sa2va-qwen3-vl-sam3"] = LITERAL_KEYS["sa2va-qwen2_5-vl"]
+# LLaVA (projects/sa2va/models/mllm/llava.py): PEFT wraps the whole LlavaForConditionalGeneration
+LITERAL_KEYS["sa2va-llava-1.5"] = LITERAL_KEYS["sa2va-qwen2_5-vl"]
 
 
 @pytest.mark.parametrize("preset", ALL)
@@ -273,7 +288,7 @@ def test_checkpoint_is_mmengine_shaped_with_formats_md_keys(tmp_path, preset):
     assert not any(k.endswith(("norm.weight", "layernorm.weight")) and "mllm" in k for k in sd)
     sam = [k for k in sd if k.startswith("grounding_encoder.")]
     assert sam and all(k.startswith("grounding_encoder.sam2_model.sam_mask_decoder.") for k in sam)
-    if PRESETS[preset].layout == "qwen-vl":
+    if PRESETS[preset].layout != "internvl":
         assert not any("mlp1" in k for k in sd)
     if preset != "sa2va-8b":
         assert not any(".base_layer." in k for k in sd)
@@ -523,3 +538,20 @@ def test_real_sizes_4b_shapes():
     assert layout["vision_model.embeddings.position_embedding"] == (1, 1025, 1024)
     assert layout["language_model.lm_head.weight"][0] >= 151674
     assert layout["grounding_encoder.sam2_model.sam_mask_decoder.mask_tokens.weight"] == (4, 256)
+
+
+def test_real_sizes_of_the_2026_families():
+    """Sa2VA-LLaVA-1.5-7B (CLIP-L/336 + Vicuna-7B, 32007 rows) and Sa2VA-Qwen3-VL-4B-SAM3 (SAM3's
+    1024-wide, 32-block ViT instead of SAM2's Hiera-L)."""
+    from sa2va_convert.testing.layouts import sam3_layout
+
+    llava = Sizes.real("sa2va-llava-1.5-7b")
+    layout = hf_layout("sa2va-llava-1.5-7b", llava)
+    assert layout["model.model.language_model.embed_tokens.weight"] == (32007, 4096)
+    assert 7.0e9 < param_count(layout) < 7.6e9
+    clip = param_count({k: v for k, v in layout.items() if ".vision_tower." in k})
+    assert 0.29e9 < clip < 0.32e9, "CLIP ViT-L/14-336"
+    sam3 = Sizes.real("sa2va-qwen3-vl-4b-sam3")
+    vit = param_count({k: v for k, v in sam3_layout(sam3).items() if k.startswith("backbone.vision_backbone.trunk.")})
+    assert 0.42e9 < vit < 0.47e9, "SAM3's ViT (1024 wide, 32 blocks, MLP 4.625x)"
+    assert sam3_layout(sam3)["backbone.vision_backbone.trunk.pos_embed"] == (1, 24 * 24 + 1, 1024)

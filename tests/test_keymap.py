@@ -17,7 +17,7 @@ GOOD = builtin_dir() / "sa2va-v1-internvl-qwen2.yaml"
 def test_builtin_keymaps_load_and_cover_every_family():
     names = builtin_names()
     assert set(names) == {"sa2va-v1-internvl-qwen2", "sa2va-v1-internvl-internlm2", "sa2va-v2-internvl3",
-                          "sa2va-v2-qwen-vl"}
+                          "sa2va-v2-qwen-vl", "sa2va-v2-qwen3vl-sam3", "sa2va-v2-llava"}
     for n in names:
         km = load_builtin(n)
         assert km.examples, n

@@ -127,7 +127,7 @@ def test_loads_fixture_folder_with_exact_layout(folder, preset):
     # untied head, as the folders say (tie_word_embeddings false)
     assert model.get_input_embeddings().weight.data_ptr() != model.get_output_embeddings().weight.data_ptr()
     cfg = model.config
-    text = cfg.text_config if get_preset(preset).layout == "qwen-vl" else cfg.llm_config
+    text = cfg.text_config if get_preset(preset).layout in ("qwen-vl", "llava") else cfg.llm_config
     assert text.vocab_size == SIZES.vocab == len(tokenizer(folder(preset)))
     assert cfg.template == get_preset(preset).template
 

@@ -21,6 +21,9 @@ _GROUPS: tuple[tuple[str, re.Pattern], ...] = (
     ("embeddings / head", re.compile(r"(embed_tokens|tok_embeddings|lm_head|(^|\.)output)\.weight$")),
     ("mlp1 (projector)", re.compile(r"(^|\.)mlp1\.")),
     ("SAM2 mask decoder", re.compile(r"sam_mask_decoder\.")),
+    # the SAM3 tracker (kept under SAM2's attribute name sam2_model): a full dump carries these
+    ("SAM3 tracker (ViT backbone)", re.compile(r"^grounding_encoder\.sam2_model\.backbone\.vision_backbone\.")),
+    ("SAM3 tracker (memory)", re.compile(r"^grounding_encoder\.sam2_model\.(maskmem_backbone|transformer)\.")),
     ("SAM2 (other)", re.compile(r"^grounding_encoder\.")),
     ("text_hidden_fcs", re.compile(r"^text_hidden_fcs\.")),
     ("vision encoder", re.compile(r"(^|\.)(vision_model|visual)\.")),

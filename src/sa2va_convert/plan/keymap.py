@@ -36,7 +36,7 @@ _TOP_FIELDS = {
 }
 _RAW_FIELDS = {"architectures": True, "from_checkpoint": True, "sam2_rename": True}
 _FAMILY_FIELDS = {"label": True, "codebase": True, "layout": True, "lora_base": True, "models": False}
-_DETECT_FIELDS = {"all": True, "none": False, "config": False}
+_DETECT_FIELDS = {"all": True, "none": False, "config": False, "config_none": False}
 _ROLE_FIELDS = {"match": True, "role": True, "name": False}
 _RENAME_FIELDS = {"from": True, "to": True}
 _VOCAB_FIELDS = {"embedding": True, "head": True, "config_field": True}
@@ -77,7 +77,7 @@ class Keymap:
     source: str  # file the keymap came from (for messages)
     family_label: str
     codebase: str  # "v1" | "v2"
-    layout: str  # "internvl" | "qwen-vl"
+    layout: str  # "internvl" | "qwen-vl" | "llava"
     lora_base: str  # what the LoRA was trained on top of: "sa2va" | "mllm"
     detect_all: tuple[re.Pattern, ...]
     detect_none: tuple[re.Pattern, ...]
@@ -99,6 +99,8 @@ class Keymap:
     raw_base_architectures: tuple[str, ...] = field(default=())
     raw_base_from_checkpoint: tuple[re.Pattern, ...] = field(default=())
     sam2_rename: tuple[RenameRule, ...] = field(default=())
+    # Config evidence AGAINST this family (e.g. another grounding encoder with the same trained keys).
+    detect_config_none: tuple[re.Pattern, ...] = field(default=())
 
     @property
     def supports_raw_base(self) -> bool:
@@ -142,6 +144,7 @@ class Keymap:
                 "all": [p.pattern for p in self.detect_all],
                 "none": [p.pattern for p in self.detect_none],
                 "config": [p.pattern for p in self.detect_config],
+                "config_none": [p.pattern for p in self.detect_config_none],
             },
             "roles": [{"match": r.pattern.pattern, "role": r.role, "name": r.name} for r in self.roles],
             "rename": [{"from": r.pattern.pattern, "to": r.to} for r in self.rename],
@@ -352,6 +355,7 @@ def _build(r: _Reader, root: _Node) -> Keymap:
         detect_all=patterns(det["all"], "detect.all"),
         detect_none=patterns(det.get("none"), "detect.none"),
         detect_config=patterns(det.get("config"), "detect.config"),
+        detect_config_none=patterns(det.get("config_none"), "detect.config_none"),
         roles=tuple(roles),
         rename=tuple(renames),
         require=patterns(top["require"], "require"),

@@ -316,10 +316,12 @@ def check_base(base_keys: Sequence[str], base_config: dict, keymap: Keymap, base
     missing = [p.pattern for p in keymap.require if not any(p.search(k) for k in base_keys)]
     archs = base_config.get("architectures") or []
     if missing:
-        sam_or_fcs = any("grounding_encoder" in m or "text_hidden_fcs" in m for m in missing)
+        has_heads = any(k.startswith(("grounding_encoder.", "text_hidden_fcs.")) for k in base_keys)
+        sam_or_fcs = not has_heads and any("grounding_encoder" in m or "text_hidden_fcs" in m for m in missing)
         why = ("it has no SAM2 / text_hidden_fcs weights, so it is a raw InternVL/Qwen-VL model, not a Sa2VA model. "
                "The LoRA of a Sa2VA fine-tune was trained on top of the full Sa2VA weights; merging it onto the raw "
-               "model gives a folder that loads and is wrong") if sam_or_fcs else "it is a different model family"
+               "model gives a folder that loads and is wrong") if sam_or_fcs else (
+            "it is a different model family (a Sa2VA folder with another grounding encoder or MLLM?)")
         raise PlanError(
             f"base folder does not fit {keymap.name}: no tensors match {', '.join(missing[:4])}; {why}",
             path=base_path,

@@ -52,11 +52,15 @@ _BASE_PATHS = {
     "sa2va-internvl3": "./pretrained/InternVL3-2B",
     "sa2va-qwen2_5-vl": "./pretrained/Qwen2.5-VL-3B-Instruct",
     "sa2va-qwen3-vl": "./pretrained/Qwen3-VL-4B-Instruct",
+    "sa2va-qwen3-vl-sam3": "./pretrained/Qwen3-VL-4B-Instruct",
+    "sa2va-llava-1.5": "./pretrained/llava/llava-1.5-7b-hf",
 }
 _PRETRAINED = {
     "sa2va-internvl3": "./pretrained/sa2va_internvl3_2b/pytorch_model.pth",
     "sa2va-qwen2_5-vl": "./pretrained/sa2va_qwen2_5_vl_3b/pytorch_model.pth",
     "sa2va-qwen3-vl": "./pretrained/sa2va_qwen3_vl_4b/pytorch_model.pth",
+    "sa2va-qwen3-vl-sam3": "./pretrained/sa2va_qwen3_vl_4b_sam3/pytorch_model.pth",
+    "sa2va-llava-1.5": "./pretrained/sa2va_llava_1_5_7b/pytorch_model.pth",
 }
 _QWEN_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -108,6 +112,8 @@ def training_config_text(
         mllm_type, model_type = f"{pkg}.InternVL_Slowfast", f"{pkg}.VideoLLaVASAMModel"
     elif p.layout == "internvl":
         mllm_type, model_type = f"{pkg}.InternVLMLLM", f"{pkg}.Sa2VAModel"
+    elif p.layout == "llava":  # projects/sa2va/models/mllm/llava.py; LoRA on every Linear of the LLM
+        mllm_type, model_type = f"{pkg}.mllm.llava.LlavaVLM", f"{pkg}.Sa2VAModel"
     else:
         mllm_type, model_type = f"{pkg}.QwenVLMLLM", f"{pkg}.Sa2VAModel"
     mllm: dict[str, object] = dict(
@@ -132,6 +138,12 @@ def training_config_text(
         loss_sample_points=True,
         bs=2,
     )
+    if p.layout in ("qwen-vl", "llava"):
+        model["arch_type"] = "qwen" if p.layout == "qwen-vl" else "llava"
+    if p.grounding == "sam3":
+        # upstream's SAM3 configs: the tracker runner of projects/sa2va/models/sam3_train.py, 1008-px input
+        model["grounding_encoder"] = dict(type=f"{pkg}.Sam3TrackerTrainRunner", ckpt_path="sam3.pt")
+        model["grounding_img_size"] = 1008
     lr = 4e-5
     values: dict[str, object] = dict(
         accumulative_counts=4,

@@ -47,6 +47,7 @@ Supported: every preset (Qwen2/Qwen3 and InternLM2 LLMs, InternVL and Qwen-VL la
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import math
 from collections import OrderedDict
@@ -116,7 +117,7 @@ class _Names:
 
 def _names(p: Preset, s: Sizes) -> _Names:
     last = s.layers - 1
-    if p.layout == "qwen-vl":
+    if p.layout in ("qwen-vl", "llava"):
         root = "model.model.language_model"
         return _Names(f"{root}.layers.{last}.mlp.down_proj", f"{root}.norm", "model.lm_head")
     if p.llm == "internlm2":
@@ -241,8 +242,10 @@ def _predict(model, tok, ctx: dict[str, Any], max_new_tokens: int) -> dict:
     from ..verify._child import cuda_on_cpu  # the test models call .cuda() like upstream
 
     model.preparing_for_generation(tok, max_new_tokens=max_new_tokens)
+    # A family that requires processor= (Qwen-VL + SAM3) reads only its tokenizer in our test models
+    extra = {"processor": tok} if "processor" in inspect.signature(model.predict_forward).parameters else {}
     with torch.no_grad(), cuda_on_cpu():
-        return model.predict_forward(tokenizer=tok, **ctx)
+        return model.predict_forward(tokenizer=tok, **extra, **ctx)
 
 
 def _record(model, tok, names: _Names, contexts: list[dict], seg_id: int) -> dict[str, torch.Tensor]:

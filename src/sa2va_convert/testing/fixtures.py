@@ -31,6 +31,9 @@ from .layouts import (
     get_preset,
     hf_layout,
     sam2_layout,
+    sam3_mlp,
+    sam3_patch,
+    sam3_pos_grid,
     training_layout,
 )
 from .tokenizer import special_token_id, write_tokenizer
@@ -81,7 +84,7 @@ def write_base_folder(
     Shards are named ``model-0000k-of-0000n.safetensors`` and always come with
     ``model.safetensors.index.json``. Remote code is copied from
     ``remote_code_dir`` or, by default, from our test models
-    (``tests/remote_code/{internvl,qwen}``) when they exist; a raw InternVL
+    (``tests/remote_code/{internvl,qwen,qwen_sam3,llava}``) when they exist; a raw InternVL
     folder gets remote code only when ``remote_code_dir`` is given;
     ``copy_remote_code=False`` writes none (weights, config and tokenizer only).
     """
@@ -134,7 +137,10 @@ def write_base_folder(
 
 def find_remote_code(preset: str | Preset) -> Path | None:
     """Our test remote-code folder for this family, or None if it is not there (yet)."""
-    sub = "qwen" if get_preset(preset).layout == "qwen-vl" else "internvl"
+    p = get_preset(preset)
+    sub = {"qwen-vl": "qwen", "llava": "llava"}.get(p.layout, "internvl")
+    if p.grounding == "sam3":
+        sub += "_sam3"
     for cand in (_REPO_ROOT / "tests" / "remote_code" / sub, Path(__file__).parent / "remote_code" / sub):
         if cand.is_dir() and any(cand.glob("*.py")):
             return cand
@@ -142,7 +148,7 @@ def find_remote_code(preset: str | Preset) -> Path | None:
 
 
 def _embed_key(p: Preset) -> str:
-    if p.layout == "qwen-vl":
+    if p.layout in ("qwen-vl", "llava"):
         return "model.model.language_model.embed_tokens.weight"
     if p.llm == "internlm2":
         return "language_model.model.tok_embeddings.weight"
@@ -156,6 +162,7 @@ def _llm_config(p: Preset, s: Sizes, vocab: int) -> dict:
     arch, model_type = {
         "qwen2": (["Qwen2ForCausalLM"], "qwen2"),
         "qwen3": (["Qwen3ForCausalLM"], "qwen3"),
+        "llama": (["LlamaForCausalLM"], "llama"),
         "internlm2": (["InternLM2ForCausalLM"], "internlm2"),
     }[p.llm]
     return {
@@ -172,6 +179,35 @@ def base_config(p: Preset, s: Sizes, *, dtype: str = "bf16", raw_internvl: bool 
     """config.json of a base folder (DESIGN.md, "config.json of the InternVL family")."""
     sam2 = {"C": s.sam_c, "Ds": s.sam_ds, "blocks": s.sam_blocks, "image_size": s.sam_image_size}
     torch_dtype = _TORCH_DTYPE[dtype]
+    if p.layout == "llava":
+        # Sa2VAChatConfigLlava is a LlavaConfig (docs/FAMILIES.md); our test config reads the same fields
+        text = _llm_config(p, s, s.vocab)
+        del text["architectures"]
+        return {
+            "architectures": ["Sa2VAChatModelLlava"],
+            "auto_map": {
+                "AutoConfig": "configuration_sa2va_chat.Sa2VAChatConfigLlava",
+                "AutoModel": "modeling_sa2va_llava.Sa2VAChatModelLlava",
+                "AutoModelForCausalLM": "modeling_sa2va_llava.Sa2VAChatModelLlava",
+            },
+            "model_type": "sa2va_chat_llava",
+            "template": p.template,
+            "text_config": text,
+            "vision_config": {
+                "model_type": "clip_vision_model", "hidden_size": s.vision_hidden,
+                "intermediate_size": s.vision_intermediate, "num_hidden_layers": s.vision_layers,
+                "num_attention_heads": s.vision_heads, "image_size": s.image_size, "patch_size": s.patch,
+                "layer_norm_eps": 1e-5, "hidden_act": "quick_gelu",
+            },
+            "image_token_index": special_token_id(s.vocab, "<IMG_CONTEXT>"),
+            "projector_hidden_act": "gelu",
+            "vision_feature_layer": -2,
+            "vision_feature_select_strategy": "default",
+            "sam2_test_config": sam2,
+            "tie_word_embeddings": False,
+            "torch_dtype": torch_dtype,
+            "transformers_version": TRANSFORMERS_VERSION,
+        }
     if p.layout == "qwen-vl":
         text = _llm_config(p, s, s.vocab)
         del text["architectures"]
@@ -192,7 +228,8 @@ def base_config(p: Preset, s: Sizes, *, dtype: str = "bf16", raw_internvl: bool 
                 "spatial_merge_size": 2, "in_channels": 3, "out_hidden_size": s.hidden,
                 "image_size": s.image_size,
             },
-            "sam2_test_config": sam2,
+            **({"sam3_test_config": _sam3_test_config(s)} if p.grounding == "sam3"
+               else {"sam2_test_config": sam2}),
             "tie_word_embeddings": False,
             "torch_dtype": torch_dtype,
             "transformers_version": TRANSFORMERS_VERSION,
@@ -234,6 +271,12 @@ def base_config(p: Preset, s: Sizes, *, dtype: str = "bf16", raw_internvl: bool 
         "transformers_version": TRANSFORMERS_VERSION,
     })
     return cfg
+
+
+def _sam3_test_config(s: Sizes) -> dict:
+    """The SAM3 stand-in's dimensions (tests/remote_code/qwen_sam3/sam3.py reads them)."""
+    return {"C": s.sam_c, "Ds": s.sam_ds, "blocks": s.sam_blocks, "image_size": s.sam_image_size,
+            "patch": sam3_patch(s), "pos_grid": sam3_pos_grid(s), "mlp": sam3_mlp(s)}
 
 
 def _generation_config(vocab: int) -> dict:
@@ -376,7 +419,7 @@ def write_training_checkpoint(
 
 def _check_base(base: Path, p: Preset, s: Sizes) -> None:
     cfg = json.loads((base / "config.json").read_text())
-    sub = cfg.get("text_config") if p.layout == "qwen-vl" else cfg.get("llm_config")
+    sub = cfg.get("text_config") if p.layout in ("qwen-vl", "llava") else cfg.get("llm_config")
     rows = (sub or {}).get("vocab_size")
     if rows not in (s.vocab, s.raw_vocab):
         raise ValueError(f"{base}: vocab_size {rows} does not fit sizes.vocab {s.vocab}")

@@ -53,10 +53,11 @@ class Preset:
     """A fixture family (DESIGN.md, "Fixture families")."""
 
     name: str
-    layout: str  # "internvl" | "qwen-vl"
+    layout: str  # "internvl" | "qwen-vl" | "llava"
     version: str  # "v1" | "v2"
-    llm: str  # "qwen2" | "internlm2" | "qwen3"
+    llm: str  # "qwen2" | "internlm2" | "qwen3" | "llama"
     template: str
+    grounding: str = "sam2"  # "sam2" | "sam3" (the SAM3 tracker, docs/FAMILIES.md)
 
 
 PRESETS: dict[str, Preset] = {
@@ -68,6 +69,8 @@ PRESETS: dict[str, Preset] = {
         Preset("sa2va-internvl3", "internvl", "v2", "qwen2", "qwen_chat"),
         Preset("sa2va-qwen2_5-vl", "qwen-vl", "v2", "qwen2", "qwen_chat"),
         Preset("sa2va-qwen3-vl", "qwen-vl", "v2", "qwen3", "qwen_chat"),
+        Preset("sa2va-qwen3-vl-sam3", "qwen-vl", "v2", "qwen3", "qwen_chat", grounding="sam3"),
+        Preset("sa2va-llava-1.5", "llava", "v2", "llama", "vicuna"),
     )
 }
 
@@ -78,6 +81,8 @@ MODEL_ALIASES: dict[str, str] = {
     "sa2va-internvl3-8b": "sa2va-internvl3",
     "sa2va-qwen2_5-vl-3b": "sa2va-qwen2_5-vl",
     "sa2va-qwen3-vl-4b": "sa2va-qwen3-vl",
+    "sa2va-qwen3-vl-4b-sam3": "sa2va-qwen3-vl-sam3",
+    "sa2va-llava-1.5-7b": "sa2va-llava-1.5",
 }
 
 
@@ -201,10 +206,23 @@ _REAL: dict[str, Sizes] = {
                                vision_hidden=1024, vision_intermediate=4096, vision_layers=24,
                                vision_heads=16, patch=16, image_size=448, **_SAM2L),
 }
+# Qwen3-VL-4B with the SAM3 tracker instead of SAM2: SAM3's ViT is 1024 wide, 32 blocks, patch 14,
+# 1008-px input (docs/FAMILIES.md); the stand-in's MLP is 4.625x wide like SAM3's.
+_REAL["sa2va-qwen3-vl-4b-sam3"] = _REAL["sa2va-qwen3-vl-4b"].with_(
+    sam_c=1024, sam_ds=256, sam_blocks=32, sam_image_size=1008)
+# LLaVA-1.5-7B: CLIP ViT-L/14-336 + Vicuna-7B (Llama). The tokenizer has 32002 entries (32000 +
+# <image> + <pad>); Sa2VA adds 5, so training resizes the (padded) 32064-row embedding to 32007.
+_REAL["sa2va-llava-1.5-7b"] = Sizes(
+    hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32002 + len(SA2VA_TOKENS),
+    lora_r=128, lora_alpha=256, max_position=4096, rope_theta=10000.0,
+    vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16, patch=14, image_size=336,
+    **_SAM2L)
 _DEFAULT_REAL = {
     "sa2va-internvl3": "sa2va-internvl3-2b",
     "sa2va-qwen2_5-vl": "sa2va-qwen2_5-vl-3b",
     "sa2va-qwen3-vl": "sa2va-qwen3-vl-4b",
+    "sa2va-qwen3-vl-sam3": "sa2va-qwen3-vl-4b-sam3",
+    "sa2va-llava-1.5": "sa2va-llava-1.5-7b",
 }
 
 
@@ -292,6 +310,69 @@ def sam_mask_decoder_layout(s: Sizes) -> Layout:
     return out
 
 
+def sam3_patch(s: Sizes) -> int:
+    """Patch size of the SAM3 stand-in's ViT: SAM3's 14 when the input allows it (1008), else 8."""
+    return 14 if s.sam_image_size % 14 == 0 else 8
+
+
+def sam3_pos_grid(s: Sizes) -> int:
+    """Side of the stored position-embedding grid: SAM3 keeps its 336-px pretraining grid (24)."""
+    return min(24, s.sam_image_size // sam3_patch(s))
+
+
+def sam3_mlp(s: Sizes) -> int:
+    """Hidden width of the SAM3 ViT MLP (mlp_ratio 4.625, as SAM3's)."""
+    return int(s.sam_c * 4.625)
+
+
+def sam3_layout(s: Sizes, *, training_names: bool = False) -> Layout:
+    """SAM3 tracker stand-in keys WITHOUT the ``grounding_encoder.sam2_model.`` prefix.
+
+    The SAM3 tracker keeps the attribute name ``sam2_model`` (upstream sam3.py), but its
+    sub-modules differ from SAM2's: ``backbone.vision_backbone.{trunk,convs}`` (ViTDet + neck),
+    ``maskmem_backbone`` (with the two fuser blocks' layer scale, ``.gamma`` in training and
+    ``.g_weight`` in the HF code), ``transformer.encoder`` (memory attention). Widths come from
+    ``Sizes``: ``sam_c`` ViT width, ``sam_ds`` decoder width, ``sam_blocks`` ViT blocks.
+    """
+    C, D, P, M = s.sam_c, s.sam_ds, sam3_patch(s), sam3_mlp(s)
+    scale = "gamma" if training_names else "g_weight"
+    t = "backbone.vision_backbone.trunk"
+    out: Layout = {f"{t}.pos_embed": (1, sam3_pos_grid(s) ** 2 + 1, C),
+                   f"{t}.patch_embed.proj.weight": (C, 3, P, P)}
+    _add(out, f"{t}.ln_pre", _norm(C))
+    for k in range(s.sam_blocks):
+        p = f"{t}.blocks.{k}"
+        _add(out, f"{p}.norm1", _norm(C))
+        _add(out, f"{p}.attn.qkv", _lin(3 * C, C))
+        _add(out, f"{p}.attn.proj", _lin(C, C))
+        _add(out, f"{p}.norm2", _norm(C))
+        _add(out, f"{p}.mlp.fc1", _lin(M, C))
+        _add(out, f"{p}.mlp.fc2", _lin(C, M))
+    for j in range(4):
+        out[f"backbone.vision_backbone.convs.{j}.conv_1x1.weight"] = (D, C, 1, 1)
+        out[f"backbone.vision_backbone.convs.{j}.conv_1x1.bias"] = (D,)
+    out["maskmem_backbone.pix_feat_proj.weight"] = (D, D, 1, 1)
+    out["maskmem_backbone.pix_feat_proj.bias"] = (D,)
+    for j in range(2):
+        out[f"maskmem_backbone.fuser.layers.{j}.dwconv.weight"] = (D, 1, 7, 7)
+        out[f"maskmem_backbone.fuser.layers.{j}.dwconv.bias"] = (D,)
+        out[f"maskmem_backbone.fuser.layers.{j}.{scale}"] = (D,)
+    _add(out, "transformer.encoder.layers.0.self_attn.q_proj", _lin(D, D))
+    out["maskmem_tpos_enc"] = (7, 1, 1, 64)
+    out["no_mem_embed"] = (1, 1, D)
+    out["sam_prompt_encoder.no_mask_embed.weight"] = (1, D)
+    for j in range(4):
+        out[f"sam_prompt_encoder.point_embeddings.{j}.weight"] = (1, D)
+    out.update(sam_mask_decoder_layout(s))
+    return out
+
+
+def grounding_layout(p: Preset, s: Sizes, *, training_names: bool = False) -> Layout:
+    """The grounding encoder's keys (no prefix) for the preset's SAM flavour."""
+    fn = sam3_layout if p.grounding == "sam3" else sam2_layout
+    return fn(s, training_names=training_names)
+
+
 def _intern_vit(s: Sizes) -> Layout:
     Dv, Iv, P = s.vision_hidden, s.vision_intermediate, s.patch
     out: Layout = {}
@@ -313,15 +394,17 @@ def _intern_vit(s: Sizes) -> Layout:
     return out
 
 
-def _qwen2_body(s: Sizes, prefix: str, vocab: int) -> Layout:
-    """embed_tokens, layers, norm of a Qwen2 decoder under ``prefix`` (e.g. 'language_model.model')."""
+def _qwen2_body(s: Sizes, prefix: str, vocab: int, *, qkv_bias: bool = True) -> Layout:
+    """embed_tokens, layers, norm of a Qwen2 decoder under ``prefix`` (e.g. 'language_model.model').
+
+    ``qkv_bias=False`` gives a Llama decoder (same names, no q/k/v bias)."""
     H, I, hd = s.hidden, s.intermediate, s.head_dim
     out: Layout = {f"{prefix}.embed_tokens.weight": (vocab, H)}
     for i in range(s.layers):
         p = f"{prefix}.layers.{i}"
-        _add(out, f"{p}.self_attn.q_proj", _lin(s.heads * hd, H))
-        _add(out, f"{p}.self_attn.k_proj", _lin(s.kv_heads * hd, H))
-        _add(out, f"{p}.self_attn.v_proj", _lin(s.kv_heads * hd, H))
+        _add(out, f"{p}.self_attn.q_proj", _lin(s.heads * hd, H, bias=qkv_bias))
+        _add(out, f"{p}.self_attn.k_proj", _lin(s.kv_heads * hd, H, bias=qkv_bias))
+        _add(out, f"{p}.self_attn.v_proj", _lin(s.kv_heads * hd, H, bias=qkv_bias))
         _add(out, f"{p}.self_attn.o_proj", _lin(H, s.heads * hd, bias=False))
         _add(out, f"{p}.mlp.gate_proj", _lin(I, H, bias=False))
         _add(out, f"{p}.mlp.up_proj", _lin(I, H, bias=False))
@@ -366,8 +449,30 @@ def _qwen_visual(s: Sizes) -> Layout:
     return out
 
 
-def _sa2va_heads(s: Sizes) -> Layout:
-    out: Layout = {SAM2_PREFIX + k: v for k, v in sam2_layout(s).items()}
+def _llava_vision(s: Sizes) -> Layout:
+    """transformers' LlavaModel vision side: a CLIP vision tower and the 2-layer projector."""
+    Dv, Iv, P = s.vision_hidden, s.vision_intermediate, s.patch
+    v = "model.model.vision_tower.vision_model"
+    out: Layout = {f"{v}.embeddings.class_embedding": (Dv,),
+                   f"{v}.embeddings.patch_embedding.weight": (Dv, 3, P, P),
+                   f"{v}.embeddings.position_embedding.weight": ((s.image_size // P) ** 2 + 1, Dv)}
+    _add(out, f"{v}.pre_layrnorm", _norm(Dv))  # sic: CLIP's spelling
+    for k in range(s.vision_layers):
+        p = f"{v}.encoder.layers.{k}"
+        for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            _add(out, f"{p}.self_attn.{proj}", _lin(Dv, Dv))
+        _add(out, f"{p}.layer_norm1", _norm(Dv))
+        _add(out, f"{p}.mlp.fc1", _lin(Iv, Dv))
+        _add(out, f"{p}.mlp.fc2", _lin(Dv, Iv))
+        _add(out, f"{p}.layer_norm2", _norm(Dv))
+    _add(out, f"{v}.post_layernorm", _norm(Dv))
+    _add(out, "model.model.multi_modal_projector.linear_1", _lin(s.hidden, Dv))
+    _add(out, "model.model.multi_modal_projector.linear_2", _lin(s.hidden, s.hidden))
+    return out
+
+
+def _sa2va_heads(s: Sizes, p: Preset) -> Layout:
+    out: Layout = {SAM2_PREFIX + k: v for k, v in grounding_layout(p, s).items()}
     _add(out, "text_hidden_fcs.0", _lin(s.hidden, s.hidden))
     _add(out, "text_hidden_fcs.2", _lin(s.sam_ds, s.hidden))
     return out
@@ -381,13 +486,21 @@ def hf_layout(preset: str | Preset, sizes: Sizes, *, raw_internvl: bool = False)
     """
     p = get_preset(preset)
     s = sizes
+    if p.layout == "llava":
+        if raw_internvl:
+            raise ValueError(f"raw_internvl applies to the InternVL family, not {p.name}")
+        out = _llava_vision(s)
+        out.update(_qwen2_body(s, "model.model.language_model", s.vocab, qkv_bias=False))
+        out["model.lm_head.weight"] = (s.vocab, s.hidden)
+        out.update(_sa2va_heads(s, p))
+        return out
     if p.layout == "qwen-vl":
         if raw_internvl:
             raise ValueError(f"raw_internvl applies to the InternVL family, not {p.name}")
         out = _qwen_visual(s)
         out.update(_qwen2_body(s, "model.model.language_model", s.vocab))
         out["model.lm_head.weight"] = (s.vocab, s.hidden)
-        out.update(_sa2va_heads(s))
+        out.update(_sa2va_heads(s, p))
         return out
     vocab = s.raw_vocab if raw_internvl else s.vocab
     out = _intern_vit(s)
@@ -401,7 +514,7 @@ def hf_layout(preset: str | Preset, sizes: Sizes, *, raw_internvl: bool = False)
     _add(out, "mlp1.1", _lin(s.hidden, Dv4))
     _add(out, "mlp1.3", _lin(s.hidden, s.hidden))
     if not raw_internvl:
-        out.update(_sa2va_heads(s))
+        out.update(_sa2va_heads(s, p))
     return out
 
 
@@ -459,8 +572,9 @@ def training_layout(
     V, H = s.vocab + extra_tokens, s.hidden
     out: Layout = {}
 
-    if p.layout == "qwen-vl":
-        # PEFT wraps the whole Qwen-VL model: mllm.model.base_model.model.<HF-ish names>
+    if p.layout in ("qwen-vl", "llava"):
+        # PEFT wraps the whole Qwen-VL (or LlavaForConditionalGeneration) model:
+        # mllm.model.base_model.model.<HF-ish names>
         root = "mllm.model.base_model.model"
         out[f"{root}.model.language_model.embed_tokens.modules_to_save.default.weight"] = (V, H)
         for i in range(s.layers):
@@ -495,7 +609,7 @@ def training_layout(
         _add(out, "mllm.model.mlp1.1", _lin(H, Dv4))
         _add(out, "mllm.model.mlp1.3", _lin(H, H))
 
-    sam = sam2_layout(s, training_names=True) if include_frozen_sam2 else sam_mask_decoder_layout(s)
+    sam = grounding_layout(p, s, training_names=True) if include_frozen_sam2 else sam_mask_decoder_layout(s)
     out.update({SAM2_PREFIX + k: v for k, v in sam.items()})
     _add(out, "text_hidden_fcs.0", _lin(H, H))
     _add(out, "text_hidden_fcs.2", _lin(s.sam_ds, H))

@@ -1,6 +1,6 @@
 """Chat templates and the text side of ``predict_forward`` (test model, written for sa2va-convert).
 
-The same file is shipped with both test families (internvl/ and qwen/); keep the two copies identical.
+The same file is shipped with every test family (it lives once, in shared/).
 
 A template says how one user turn is wrapped and which tokens end the answer. The strings follow
 the spirit of the public chat formats; they are not byte-for-byte copies of any upstream template.
@@ -25,6 +25,12 @@ PROMPT_TEMPLATE = {
         "system": "<|system|>\n{system}<|end|>\n",
         "instruction": "<|user|>\n{input}<|end|>\n<|assistant|>\n",
         "stop_words": ["<|end|>", "<|endoftext|>"],
+    },
+    # LLaVA-1.5 (Vicuna): a bare user turn, no system prompt; the answer ends at </s>
+    "vicuna": {
+        "system": "{system} ",
+        "instruction": "USER: {input} ASSISTANT:",
+        "stop_words": ["</s>"],
     },
 }
 
