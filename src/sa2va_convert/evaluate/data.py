@@ -74,7 +74,7 @@ def _from_folder(root: Path, prompt: str | None) -> list[Sample]:
             raise InputError(f"mask has no image (expected images/{stem}.png, .jpg, ...)", path=m,
                              hint="add the image, or move the mask out of masks/")
     text = _wrapped(prompt, where=root)
-    return [Sample(stem, images[stem], masks[stem], text) for stem in sorted(images)]
+    return [Sample(stem, images[stem].resolve(), masks[stem].resolve(), text) for stem in sorted(images)]
 
 
 def _wrapped(prompt: str | None, *, where: Path | str, row: str | None = None) -> str:

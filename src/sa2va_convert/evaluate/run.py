@@ -71,11 +71,12 @@ def resolve_models(paths: list[str | os.PathLike]) -> list[ModelSpec]:
     in iteration order. Names are the folder names, made unique with ``-2``, ``-3``, ..."""
     if not paths:
         raise UsageError("no MODEL given", hint="sa2va-convert eval OUT_FOLDER --data DATA")
-    found: list[tuple[Path, int | None]] = []
+    found: list[tuple[Path, str, int | None]] = []  # (folder, name as given: a symlink keeps its own name)
     for raw in paths:
         p = Path(raw)
         if (p / "config.json").is_file():
-            found.append((p.resolve(), _iteration(p.name)))
+            name = p.resolve().name if p.name in ("", ".", "..") else p.name
+            found.append((p.resolve(), name, _iteration(name)))
             continue
         if not p.is_dir():
             raise InputError("model folder not found" if not p.exists() else "not a model folder", path=p,
@@ -86,13 +87,13 @@ def resolve_models(paths: list[str | os.PathLike]) -> list[ModelSpec]:
             raise InputError("not a model folder (no config.json) and no iter_N model folders inside", path=p,
                              hint="pass a converted folder (sa2va-convert CKPT OUT writes one), or the OUT of "
                                   "convert --all")
-        found.extend((c.resolve(), n) for n, c in iters)
+        found.extend((c.resolve(), c.name, n) for n, c in iters)
     specs: list[ModelSpec] = []
     used: set[str] = set()
-    for folder, it in found:
-        name, k = folder.name, 2
+    for folder, given, it in found:
+        name, k = given, 2
         while name in used:
-            name, k = f"{folder.name}-{k}", k + 1
+            name, k = f"{given}-{k}", k + 1
         used.add(name)
         specs.append(ModelSpec(name, folder, it))
     return specs
@@ -312,7 +313,7 @@ def _run_model(spec: ModelSpec, share: list[Sample], *, out: Path, dist: Dist, e
     with dist.own_gpu(device) as child_device:
         args = {"mode": "eval", "folder": str(spec.folder), "device": child_device, "dtype": dtype,
                 "max_new_tokens": int(max_new_tokens), "items": str(items), "results": str(results)}
-        run = run_child(args, python=exe, timeout=timeout, on_stage=lambda msg: on_stage(f"{spec.name}: {msg}"))
+        run = run_child(args, python=exe, timeout=timeout, on_stage=_throttled(spec.name, on_stage))
     report = report_from(run, spec.folder, exe)
     by_stem = {s.stem: s for s in share}
     rows = [_complete(r, spec, by_stem[r["stem"]], out) for r in _read_jsonl(results)[start_line:]
@@ -328,6 +329,24 @@ def _run_model(spec: ModelSpec, share: list[Sample], *, out: Path, dist: Dist, e
     return {"rows": rows, "child": {"device": report.device, "dtype": report.dtype,
                                     "cuda_max_allocated_bytes": (raw.get("cuda_memory") or {}).get(
                                         "max_allocated_bytes"), "warnings": report.warnings}}
+
+
+_PROGRESS = re.compile(r"^evaluating image (\d+)/(\d+)$")
+
+
+def _throttled(name: str, on_stage: Callable[[str], None]) -> Callable[[str], None]:
+    """The child's stages, prefixed with the model; per-image ones only every 10% (CI logs stay short)."""
+
+    def say(msg: str) -> None:
+        m = _PROGRESS.match(msg)
+        if m:
+            n, total = int(m.group(1)), int(m.group(2))
+            if n != 1 and n != total and n % max(1, total // 10):
+                return
+        if msg != "done":
+            on_stage(f"{name}: {msg}")
+
+    return say
 
 
 def _raise_from(d: dict[str, Any]) -> None:
