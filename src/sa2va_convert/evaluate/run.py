@@ -20,6 +20,7 @@ folder must then be on a filesystem every node sees (each rank's child writes it
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -386,6 +387,9 @@ def evaluate(
     dist = Dist.from_env()
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}", hint="use --dtype bf16, fp16 or fp32 (default: the folder's)")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("eval draws report.png with matplotlib, which is not installed",
+                         hint="pip install 'sa2va-convert[eval]' (or pip install matplotlib)")
     specs = resolve_models(list(models))
     say(f"checking {data}")
     samples = load_dataset(data, prompt, limit=limit)
