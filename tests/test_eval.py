@@ -19,8 +19,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -243,6 +245,35 @@ def test_torchrun_two_ranks_on_cpu_equals_one_process(world, main_run, tmp_path)
             assert m[key] == single[same[m["model"]]][key], key
     with Image.open(out / "report.png") as im:  # a line over the iteration
         assert im.format == "PNG"
+
+
+def test_an_interrupted_run_resumes_from_the_streamed_results(world, main_run, tmp_path):
+    """SIGTERM while the model process is mid-set: exit 130, no summary.json; --resume keeps the
+    images it finished (streamed line by line) and does only the rest."""
+    out = tmp_path / "rep"
+    args = [sys.executable, "-m", "sa2va_convert.cli", "eval", str(world.folders["finetune"]), "--data",
+            str(world.data), "--prompt", PROMPT, "--out", str(out), "--device", "cpu", "--max-new-tokens", "16"]
+    streamed = out / ".work" / "finetune.rank0.results.jsonl"
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV})
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if streamed.is_file() and streamed.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert not (out / "summary.json").exists() and not (out / "report.png").exists()
+    finished = streamed.read_text().count("\n")
+    assert 1 <= finished < len(PICTURES)
+    r = run_eval(world.folders["finetune"], "--data", world.data, "--prompt", PROMPT, "--out", out, "--device", "cpu",
+                 "--json", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    assert report["resumed"] == finished and report["evaluated"] == len(PICTURES) - finished
+    ft = next(m for m in main_run.report["models"] if m["model"] == "finetune")
+    for key in ("images", "mean_dice", "giou", "ciou", "no_seg_rate"):
+        assert report["models"][0][key] == ft[key], key
 
 
 # ------------------------------------------------------------------ failures and bad inputs
