@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -383,6 +384,21 @@ def test_a_folder_that_is_not_a_model(world, tmp_path):
     assert r.returncode == 3 and len(errors) == 1, r.stderr
     assert errors[0].startswith(f"error: {tmp_path / 'empty'}: not a model folder") and "(fix: " in errors[0]
     assert not out.exists()
+
+
+def test_a_model_that_cannot_load_is_exit_7_and_no_report(world, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(world.folders["finetune"], broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["auto_map"]["AutoModel"] = "modeling_missing.Missing"
+    (broken / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "rep"
+    r = run_eval(broken, "--data", world.data, "--prompt", PROMPT, "--out", out, "--device", "cpu")
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 7 and len(errors) == 1, r.stderr[-2000:]
+    assert errors[0].startswith(f"error: {broken}: evaluation failed while building the config")
+    assert "modeling_missing.py" in errors[0] and "--no-roundtrip" not in errors[0]
+    assert not (out / "summary.json").exists() and not (out / "report.png").exists()
 
 
 # ------------------------------------------------------------------ data loading and metrics (no model)

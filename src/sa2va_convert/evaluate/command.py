@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import EvalFailuresError
+from ..errors import ConvertError, EvalFailuresError
 
 COLUMNS = ["model", "images", "mean Dice", "gIoU", "cIoU", "precision", "recall", "no [SEG]", "failed", "img/s"]
 
@@ -104,9 +104,14 @@ def register_eval(main: Any) -> None:
 
         rank0 = Dist.from_env().rank == 0
         progress = make_progress(json_out, quiet or json_out or not rank0)
-        report = evaluate(list(models), data, out=out, prompt=prompt, device=device, dtype=dtype, python=python,
-                          limit=limit, overlays=overlays, resume=resume, force=force, max_new_tokens=max_new_tokens,
-                          image_timeout=timeout, on_stage=progress.stage)
+        try:
+            report = evaluate(list(models), data, out=out, prompt=prompt, device=device, dtype=dtype, python=python,
+                              limit=limit, overlays=overlays, resume=resume, force=force,
+                              max_new_tokens=max_new_tokens, image_timeout=timeout, on_stage=progress.stage)
+        except ConvertError as e:
+            if debug and getattr(e, "details", None):
+                click.echo(e.details, err=True)  # type: ignore[attr-defined]  # the model process's traceback
+            raise
         if not rank0:  # rank 0 reports for everyone
             return
         d = report.to_dict()

@@ -321,6 +321,7 @@ def _run_model(spec: ModelSpec, share: list[Sample], *, out: Path, dist: Dist, e
             if r.get("stem") in by_stem]
     if run.timed_out or not report.ok:
         err = child_failure(run, folder=spec.folder, python=exe, device=device, timeout=timeout, what="evaluation")
+        err.hint = _eval_hint(err.hint)
         return {"rows": rows, "error": err.to_dict(), "details": debug_details(run)}
     try:
         judge_loading(report, spec.folder)
@@ -330,6 +331,16 @@ def _run_model(spec: ModelSpec, share: list[Sample], *, out: Path, dist: Dist, e
     return {"rows": rows, "child": {"device": report.device, "dtype": report.dtype,
                                     "cuda_max_allocated_bytes": (raw.get("cuda_memory") or {}).get(
                                         "max_allocated_bytes"), "warnings": report.warnings}}
+
+
+def _eval_hint(hint: str | None) -> str | None:
+    """The round trip's hints, said for eval (its commands and options, not verify's)."""
+    if not hint:
+        return hint
+    hint = re.sub(r"`sa2va-convert verify[^`]*`", "`sa2va-convert eval ... --device cuda`", hint)
+    hint = re.sub(r"; --no-roundtrip checks the files only|, or convert with\s+--no-verify", "", hint)
+    hint = hint.replace("--timeout", "--timeout (seconds per image)")
+    return hint + "; `sa2va-convert verify FOLDER` checks the folder" if "--debug" in hint else hint
 
 
 _PROGRESS = re.compile(r"^evaluating image (\d+)/(\d+)$")
@@ -350,12 +361,15 @@ def _throttled(name: str, on_stage: Callable[[str], None]) -> Callable[[str], No
     return say
 
 
-def _raise_from(d: dict[str, Any]) -> None:
+def _raise_from(d: dict[str, Any], details: str = "") -> None:
+    """Raise the error a rank reported (as a dict: it crossed process boundaries), same class and code;
+    ``details`` (the model process's traceback) is shown by ``--debug``."""
     from ..errors import VerifyEnvironmentError, VerifyError
 
-    cls = {e.kind: e for e in (VerifyError, VerifyEnvironmentError, InputError, OutputError)}.get(d.get("kind"),
-                                                                                                    VerifyError)
+    cls = {e.kind: e for e in (VerifyError, VerifyEnvironmentError, InputError, OutputError, UsageError)}.get(
+        d.get("kind"), VerifyError)
     err = cls(d["message"], path=d.get("path"), hint=d.get("hint"))
+    err.details = details  # type: ignore[attr-defined]
     raise err
 
 
@@ -433,6 +447,7 @@ def _evaluate(specs: list[ModelSpec], samples: list[Sample], *, out: Path, data:
                               max_new_tokens=max_new_tokens, overlays=overlays, image_timeout=image_timeout,
                               on_stage=say)
         except ConvertError as e:  # e.g. not enough RAM: the other ranks must hear of it too
+            e.hint = _eval_hint(e.hint)
             part = {"rows": [], "error": e.to_dict(), "details": ""}
         parts = dist.gather(part)
         verdict = None
@@ -450,9 +465,11 @@ def _evaluate(specs: list[ModelSpec], samples: list[Sample], *, out: Path, data:
         verdict = dist.broadcast(verdict)
         if verdict is not None:
             err = verdict["error"]
-            if verdict.get("details") and dist.rank == 0:
-                say(f"{spec.name}: the model process failed; finished images are kept in {METRICS} (--resume)")
-            _raise_from(err)
+            kept = len(rows_by_model[spec.name]) if dist.rank == 0 else 0
+            if kept:
+                say(f"{spec.name}: the model process failed; the {kept} image(s) it finished are kept in {METRICS} "
+                    "(--resume continues)")
+            _raise_from(err, verdict.get("details") or "")
     report = EvalReport(out=str(out), data=data, images=len(samples), world_size=dist.world,
                         resumed=len(done), evaluated=evaluated)
     if dist.rank != 0:
