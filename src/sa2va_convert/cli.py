@@ -340,6 +340,9 @@ def keymaps_lint(file, json_out, quiet, verbose, debug) -> None:
 from .verify.commands import register_cli  # noqa: E402  (adds `verify` and `predict`)
 
 register_cli(main)
+from .evaluate.command import register_eval  # noqa: E402  (adds `eval`)
+
+register_eval(main)
 
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name="sa2va-convert")
