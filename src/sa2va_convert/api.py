@@ -49,7 +49,7 @@ class ConvertOptions:
     force: bool = False
     merge_device: str = "cpu"
     allow_globals: Sequence[str] = ()
-    read_back: bool = True  # read every written tensor back before publishing
+    read_back: bool = False  # also read every written byte back from disk before publishing (sha256 compared)
     sam2: str | Path | None = None  # original recipe: sam2_hiera_large.pt (base is then a raw InternVL folder)
     code_from: str | Path | None = None  # any Sa2VA HF folder of the family: remote code + config class
     roundtrip: bool = False  # after writing, load OUT in a separate process and run predict_forward
@@ -210,10 +210,13 @@ def convert(
     result = ConversionResult(plan=plan, transform=producer.report)
     result.checkpoint_sha256 = sha256_path(Path(checkpoint))
 
+    written: dict[str, str] = {}  # {shard: sha256 of the bytes handed to the disk}, filled before check()
+
     def check(tmp: Path) -> None:
-        result.structural = check_against_plan(tmp, plan, read_values=options.read_back)
+        result.structural = check_against_plan(tmp, plan, read_values=options.read_back, expected_sha256=written)
 
     def extras(tmp: Path, checksums: dict[str, str]) -> dict[str, str]:
+        written.update(checksums)
         result.seconds = time.perf_counter() - started
         return {"README.md": model_card(plan, result),
                 "conversion_report.json": conversion_report(plan, result, shard_sha256=checksums)}

@@ -136,8 +136,11 @@ def common_options(fn: Callable) -> Callable:
 @click.option("--force", is_flag=True, help="Replace an existing OUT (only after the new one is complete).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensors, bytes, peak RAM, disk) and write nothing.")
 @click.option("--show-tensors", is_flag=True, help="With --dry-run: list every planned tensor.")
-@click.option("--merge-device", default="cpu", show_default=True, help="Device for LoRA merges (cpu, cuda, cuda:1).")
-@click.option("--no-read-back", is_flag=True, help="Skip reading every written tensor back before publishing.")
+@click.option("--merge-device", default="cpu", show_default=True,
+              help="Device for LoRA merges (cpu, cuda, cuda:1, auto = cuda if available).")
+@click.option("--read-back/--no-read-back", "read_back", default=False, show_default=True,
+              help="Also read every written byte back from disk before publishing: values scanned, each shard's "
+                   "sha256 compared with the bytes written.")
 @click.option("--verify/--no-verify", "roundtrip", default=True, show_default=True,
               help="After writing, load OUT in a separate process and run predict_forward on a synthetic image.")
 @click.option("--device", "verify_device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
@@ -150,7 +153,7 @@ def common_options(fn: Callable) -> Callable:
 @common_options
 @handle_errors
 def convert(checkpoint: Path, out: Path, base, pretrained, keymap, sam2, code_from, dtype, max_shard_size, lora_alpha, rslora,
-            allow_unused, template, force, dry_run, show_tensors, merge_device, no_read_back, roundtrip, verify_device,
+            allow_unused, template, force, dry_run, show_tensors, merge_device, read_back, roundtrip, verify_device,
             verify_python, all_checkpoints, quiet, json_out, debug, allow_globals) -> None:
     """Convert CHECKPOINT (iter_N.pth, a DeepSpeed iter_N.pth/ folder, or a work_dir) into a HuggingFace folder OUT.
 
@@ -163,7 +166,7 @@ def convert(checkpoint: Path, out: Path, base, pretrained, keymap, sam2, code_fr
     options = api.ConvertOptions(
         base=base, pretrained=pretrained, keymap=keymap, dtype=dtype, max_shard_bytes=parse_size(max_shard_size),
         lora_alpha=lora_alpha, rslora=rslora, allow_unused=allow_unused, template=template, force=force,
-        merge_device=merge_device, allow_globals=allow_globals, read_back=not no_read_back, sam2=sam2,
+        merge_device=merge_device, allow_globals=allow_globals, read_back=read_back, sam2=sam2,
         code_from=code_from, roundtrip=roundtrip, verify_device=verify_device, verify_python=verify_python,
     )
     progress = make_progress(json_out, quiet)
