@@ -395,6 +395,17 @@ def compare_outputs(a: Path, b: Path) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
+def rev_tree(rev: str, work: Path) -> Path:
+    """``src/`` (and ``keymaps/``, found beside it) of commit ``rev``, unpacked under ``work``: run with PYTHONPATH."""
+    dest = work / f"rev-{rev}"
+    if not (dest / "src").is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", rev, "src", "keymaps"], cwd=REPO, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest / "src"
+
+
 def cli_cmd() -> list[str]:
     return [sys.executable, "-m", "sa2va_convert.cli"]
 
@@ -448,6 +459,11 @@ def run_model(model: str, args, work: Path, drops: list[bool], logs: Path, res: 
                            "--merge-device", dev, *common]
                     shown = " ".join(["(a) sa2va-convert", *cli_extra]) + f", merge {dev}"
                     variants.append((shown, [*cmd, *cli_extra], out_a, {"merge_device": dev}))
+                    if args.also_rev:  # the same command with the code of another commit (before/after, one run)
+                        src = rev_tree(args.also_rev, work)
+                        variants.append((shown.replace("(a) sa2va-convert", f"(a) sa2va-convert at {args.also_rev}"),
+                                         [*cmd, *cli_extra], out_a,
+                                         {"merge_device": dev, "rev": args.also_rev, "_pythonpath": str(src)}))
                     if args.read_back_too:
                         variants.append((shown.replace("(a) sa2va-convert", "(a) sa2va-convert --read-back"),
                                          [*cmd, *cli_extra, "--read-back"], out_a,
@@ -481,9 +497,13 @@ def run_model(model: str, args, work: Path, drops: list[bool], logs: Path, res: 
                 print(f"   {label} (load {loadavg():.2f}) ...", file=sys.stderr, flush=True)
                 slug = (f"{model}.{cache}.{kind}.{rep}.{extra.get('merge_device', '')}"
                         f"{'.rb' if extra.get('read_back') else ''}{'.defaults' if extra.get('defaults') else ''}")
-                m = measure(cmd, log=logs / slug, env=env, cwd=REPO)
+                extra = dict(extra)
+                run_env = dict(env, PYTHONPATH=extra.pop("_pythonpath")) if "_pythonpath" in extra else env
+                if extra.get("rev"):
+                    slug += f".{extra['rev']}"
+                m = measure(cmd, log=logs / slug, env=run_env, cwd=REPO)
                 m.update(label=label, kind=kind, repeat=rep, cache=cache, **extra)
-                if kind == "a":
+                if kind == "a" and not extra.get("rev"):
                     m["estimate"] = estimate_for(["--merge-device", extra["merge_device"],
                                                   *(["--read-back"] if extra.get("read_back") else [])])
                 if m["rc"] == 0:
@@ -573,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cli-extra", default="--no-verify",
                     help="options added to (a) (default --no-verify: no round-trip load of the written model, "
                          "which needs the whole model in memory by design)")
+    ap.add_argument("--also-rev", metavar="COMMIT",
+                    help="also time (a) with the code of this commit (git archive; PYTHONPATH), same command")
     ap.add_argument("--read-back-too", action="store_true",
                     help="also time (a) with --read-back (every written byte read back from disk)")
     ap.add_argument("--no-read-back-too", action="store_true",

@@ -43,6 +43,7 @@ def load_version(commit: str):
     path.write_text(text)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = mod  # dataclasses look their module up while the class is made
     spec.loader.exec_module(mod)
     return mod
 

@@ -28,6 +28,7 @@ INDEX_NAME = "model.safetensors.index.json"
 INTERPRETER_BASELINE_BYTES = 330 * 1024 * 1024
 READ_BACK_CHUNK_BYTES = 64 * 1024 * 1024  # verify.structural reads values back in two buffers of half this
 CUDA_CONTEXT_BYTES = 330 * 1024 * 1024  # host RSS of torch's CUDA runtime + cuBLAS once a GPU merge ran
+PER_MERGE_THREAD_BYTES = 40 * 1024 * 1024  # per torch thread of the merge beyond the first (see estimate_peak_ram)
 NOT_COPIED = {"config.json", "README.md", "conversion_report.json", INDEX_NAME}
 
 
@@ -512,6 +513,9 @@ def estimate_peak_ram(tensors: Sequence[PlannedTensor], shards: Sequence[ShardPl
       cannot be, held alone) + the tensors of ``resident_layers``: sources that
       cannot give back the pages of a memory-mapped file once a tensor is
       written (a DeepSpeed partition set), whose pages, once read, stay in RSS;
+      + ~40 MiB per merge thread beyond the first (allocator arenas, MKL buffers:
+      0 on 2 cores, ~0.55 GiB with 15 threads) + the CUDA runtime's host memory
+      for a GPU merge (``auto`` resolved as the conversion will);
     * reading back (``read_back``, the default): interpreter + those pages + one
       fixed chunk (``verify.structural`` streams values; nothing maps a shard).
     """
@@ -541,7 +545,10 @@ def estimate_peak_ram(tensors: Sequence[PlannedTensor], shards: Sequence[ShardPl
     mapped = sum(resident.values())
     # a GPU merge maps the CUDA runtime and cuBLAS into the process: +0.32 GiB at 4B on the H100 machine
     # (2.03 against 1.71 GiB, issue 14)
-    writing = INTERPRETER_BASELINE_BYTES + mapped + window + (CUDA_CONTEXT_BYTES if on_gpu else 0)
+    # each torch thread of the merge adds its own allocator arena and MKL packing buffers: on the 16-core H100
+    # machine (15 merge threads) the same 4B/8B runs peaked 0.37-0.64 GiB above this 2-core VM's (issue 14)
+    threads = (PER_MERGE_THREAD_BYTES * max(0, pipeline.default_merge_threads() - 1))
+    writing = INTERPRETER_BASELINE_BYTES + mapped + window + threads + (CUDA_CONTEXT_BYTES if on_gpu else 0)
     if not read_back or not shards:
         return writing
     checking = INTERPRETER_BASELINE_BYTES + mapped + READ_BACK_CHUNK_BYTES + (CUDA_CONTEXT_BYTES if on_gpu else 0)
