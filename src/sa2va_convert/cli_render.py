@@ -57,7 +57,10 @@ class PlainProgress:
 
     def _say(self, text: str) -> None:
         if not self.quiet:
-            print(f"sa2va-convert: {text}", file=sys.stderr, flush=True)
+            # One write per line (print() writes the text and the newline separately): a Ctrl-C that
+            # lands between them would glue the next "error:" line onto this one.
+            sys.stderr.write(f"sa2va-convert: {text}\n")
+            sys.stderr.flush()
 
     def stage(self, message: str) -> None:
         self._say(message)
