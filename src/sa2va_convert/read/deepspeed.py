@@ -76,7 +76,7 @@ import torch
 from .. import dtypes
 from ..errors import InputError
 from . import safe_pickle
-from .checkpoint import TrainingCheckpoint, _plain_meta
+from .checkpoint_file import TrainingCheckpoint, plain_meta
 from .embedded_config import parse_embedded_config
 from .safe_pickle import SafeLoad, is_placeholder, safe_torch_load
 from .tensor_source import TensorInfo
@@ -249,7 +249,7 @@ def open_deepspeed_dir(
     _add_shared(entries, model.shared_params)
 
     source = DeepSpeedSource(path, entries, stores, files.model_states[0].name)
-    meta = _plain_meta(top)
+    meta = plain_meta(top)
     meta["deepspeed"] = _summary(files, model, optim, stage, use_master, entries, frozen, include_frozen, notes)
     cfg_text = meta.get("cfg")
     for name in _TYPED_TENSOR_GLOBALS:  # rebuilt into tensors, not left inert
