@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..plan.planner import INDEX_NAME, ConversionPlan, PlannedTensor
-from ..plan.vocab import apply_additions
 from ..progress import Progress, Silent
 from . import atomic, guard
 from .pipeline import DEFAULT_BUDGET_BYTES, TensorPipeline
 from .safetensors_stream import StreamEntry, write_streamed
+from .tokenizer import apply_additions
 
 SHARD_METADATA = {"format": "pt"}
 PIPELINE_BUDGET_BYTES = DEFAULT_BUDGET_BYTES  # tensors read/merged ahead of the writer (bytes in flight)
