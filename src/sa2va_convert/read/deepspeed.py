@@ -75,10 +75,10 @@ import torch
 
 from .. import dtypes
 from ..errors import InputError
-from . import safe_pickle
 from .checkpoint_file import TrainingCheckpoint, plain_meta
 from .embedded_config import parse_embedded_config
 from .safe_pickle import SafeLoad, is_placeholder, safe_torch_load
+from .safe_pickle.allow_lists import SafeCallable
 from .tensor_source import TensorInfo
 
 __all__ = ["open_deepspeed_dir", "DeepSpeedSource", "WeightsChoice"]
@@ -889,7 +889,7 @@ def _plain_tensor(value: Any) -> torch.Tensor | None:
     if len(args) != 4:
         return None
     func, new_type, rebuild_args, _state = args
-    if not (isinstance(func, safe_pickle._SafeCallable) and getattr(func, "_name", None) in _REBUILD_FUNCTIONS):
+    if not (isinstance(func, SafeCallable) and getattr(func, "_name", None) in _REBUILD_FUNCTIONS):
         return None
     if not (is_placeholder(new_type) and getattr(new_type, "qualified_name", None) in _TENSOR_TYPES):
         return None
