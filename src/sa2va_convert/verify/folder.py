@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..errors import VerifyError
 from ..plan.keymap import Keymap, load_all_builtin
+from ..read.safetensors_header import tensor_names
 from .roundtrip import DEFAULT_PROMPT, DEFAULT_TIMEOUT, RoundTripReport, run_roundtrip
 
 if TYPE_CHECKING:  # structural imports torch: loaded only when a folder is checked, so `--help` stays fast
@@ -272,9 +273,7 @@ def _weight_names(folder: Path) -> list[str]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         return list(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
-    with open(folder / "model.safetensors", "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return [k for k in json.loads(f.read(n)) if k != "__metadata__"]
+    return tensor_names(folder / "model.safetensors")
 
 
 def _shard_files(folder: Path) -> list[str]:

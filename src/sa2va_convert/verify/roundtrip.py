@@ -363,7 +363,7 @@ def available_ram() -> tuple[int | None, str]:
 def estimate_roundtrip_ram(folder: Path, load_dtype: str | None = None) -> int:
     """Host RAM the child needs to load ``folder``: its tensors in the dtype they load in, plus
     the loader's overhead and the imported libraries. Read from the safetensors headers only."""
-    from ..read.hf_folder import read_safetensors_header
+    from ..read.safetensors_header import read_safetensors_header
 
     index = folder / "model.safetensors.index.json"
     files = (sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))

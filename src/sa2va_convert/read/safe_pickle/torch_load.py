@@ -10,7 +10,6 @@ import contextlib
 import mmap as _mmap
 import os
 import pickle
-import struct
 import tarfile
 import zipfile
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from ...errors import ConvertError, InputError
+from ..safetensors_header import looks_like_safetensors
 from .policy import SafeUnpicklerPolicy, printable
 
 
@@ -53,10 +53,8 @@ def sniff_file(path: Path) -> str:
         head = f.read(16)
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         return "zip"
-    if len(head) >= 9 and head[8:9] == b"{":
-        (n,) = struct.unpack("<Q", head[:8])
-        if 0 < n <= size - 8:
-            return "safetensors"
+    if looks_like_safetensors(head, size):
+        return "safetensors"
     if _is_tar(path):
         return "tar"
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
