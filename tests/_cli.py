@@ -23,7 +23,7 @@ class CliResult:
         return [line for line in self.stderr.splitlines() if line.startswith("error:")]
 
 
-_NOT_CONVERT = {"inspect", "keymaps", "verify", "predict", "--help", "-h", "--version"}
+_NOT_CONVERT = {"inspect", "keymaps", "verify", "predict", "eval", "--help", "-h", "--version"}
 
 
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None, roundtrip: bool = False) -> CliResult:

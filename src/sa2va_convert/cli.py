@@ -17,6 +17,7 @@ import click
 
 from . import __version__
 from .cli_common import EXIT_HELP, SCHEMA_VERSION, emit_json, handle_errors, verbosity_options  # noqa: F401
+from .cli_eval import register_eval
 from .cli_verify import register_verify_commands
 from .errors import ConvertError, Interrupted
 
@@ -280,6 +281,7 @@ def keymaps_lint(file, json_out, quiet, verbose, debug) -> None:
 
 
 register_verify_commands(main)  # adds `verify` and `predict`
+register_eval(main)  # adds `eval`
 
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name="sa2va-convert")

@@ -117,6 +117,14 @@ class BatchError(ConvertError):
     kind = "batch"
 
 
+class EvalFailuresError(ConvertError):
+    """``eval``: at least one image could not be evaluated (unreadable, or the model raised on it).
+    The report was still written, with each failure and its error; the other images were scored."""
+
+    exit_code = 10
+    kind = "eval-failures"
+
+
 EXIT_INTERRUPTED = 130
 
 
@@ -138,6 +146,8 @@ EXIT_CODES: dict[int, str] = {
     BatchError.exit_code: "batch: at least one checkpoint failed (the others were converted)",
     VerifyEnvironmentError.exit_code: "the round trip could not run here (missing package, not enough memory, no "
                                       "usable GPU); the folder itself was not judged",
+    EvalFailuresError.exit_code: "eval: at least one image failed (recorded with its error in the report; the "
+                                 "others were scored)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C / SIGTERM); the message says what was left (a half-written folder is never "
                       "published)",
 }

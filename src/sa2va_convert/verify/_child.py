@@ -14,9 +14,10 @@ It prints exactly ONE JSON line on stdout (the report below); everything librari
 bars) is sent to stderr, where lines starting with ``@@stage`` tell the parent how far it got.
 The parent judges the report: this script only records facts and catches exceptions.
 
-Arguments (a JSON object): ``mode`` ("roundtrip" | "predict"), ``folder``, ``device``
+Arguments (a JSON object): ``mode`` ("roundtrip" | "predict" | "eval"), ``folder``, ``device``
 ("auto" | "cpu" | "cuda" | "cuda:N"), ``max_new_tokens``, ``prompt``, ``video`` (bool),
-and for predict: ``image`` (path), ``mask_path``, ``overlay_path`` (absolute paths or null).
+and for predict: ``image`` (path), ``mask_path``, ``overlay_path`` (absolute paths or null); for
+eval: ``items`` and ``results`` (JSONL files, see ``run_eval``).
 """
 
 from __future__ import annotations
@@ -609,6 +610,111 @@ def run_roundtrip(args: dict, result: dict) -> None:
 
 
 MODES = {"roundtrip": run_roundtrip, "predict": run_predict}
+
+
+# ---------------------------------------------------------------- eval (sa2va-convert eval)
+
+
+def read_truth(path: str):
+    """A ground-truth mask as a bool (H, W) array: PNG/JPEG (any non-zero pixel is foreground, in
+    any channel) or ``.npy`` (bool or integer; non-zero is foreground)."""
+    import numpy as np
+    from PIL import Image
+
+    if path.lower().endswith(".npy"):
+        arr = np.load(path, allow_pickle=False)
+        if arr.ndim == 3 and arr.shape[0] == 1:
+            arr = arr[0]
+        if arr.ndim != 2:
+            raise StageError(f"mask {path} has shape {list(arr.shape)}, not (H, W)")
+        return arr != 0
+    with Image.open(path) as im:
+        arr = np.asarray(im)
+    return (arr != 0).any(axis=-1) if arr.ndim == 3 else arr != 0
+
+
+def save_png_atomic(array, path: str, mode: str) -> None:
+    """Write a PNG under a temporary name, then rename: a crash never leaves a half-written mask."""
+    from PIL import Image
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    Image.fromarray(array, mode).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def eval_one(m: Loaded, item: dict, args: dict) -> dict:
+    """One image: the model's own predict_forward (never a forced [SEG]), the union of its masks
+    saved as PNG, and the pixel counts the parent turns into Dice/IoU. An answer without [SEG] is an
+    empty prediction: saved as an all-black PNG and counted as such."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(item["image"]) as im:
+        image = im.convert("RGB")
+    run_ = call_predict(m.model, m.tokenizer, m.processor, image=image, text=item["prompt"])
+    masks = run_.pop("_masks")
+    w, h = image.size
+    union = np.zeros((h, w), dtype=bool)
+    for i, mask in enumerate(masks):
+        frame = mask_frame(mask)
+        if frame.shape != (h, w):
+            raise StageError(f"mask {i} of the model is {list(frame.shape)}, the image is {h}x{w} (H x W)")
+        union |= frame
+    save_png_atomic(union.astype(np.uint8) * 255, item["pred_path"], "L")
+    if item.get("overlay_path"):
+        out = np.asarray(image).astype(np.float32)
+        out[union] = 0.45 * out[union] + 0.55 * np.array(PALETTE[0], dtype=np.float32)
+        save_png_atomic(out.clip(0, 255).astype(np.uint8), item["overlay_path"], "RGB")
+    truth = read_truth(item["mask"])
+    if truth.shape != (h, w):
+        raise StageError(f"ground-truth mask {item['mask']} is {truth.shape[0]}x{truth.shape[1]}, the image is "
+                         f"{h}x{w} (H x W)")
+    return {"seg_count": run_["seg_count"] or 0, "n_masks": len(masks), "prediction": run_["prediction"][:500],
+            "intersection": int(np.count_nonzero(union & truth)), "union": int(np.count_nonzero(union | truth)),
+            "pred_area": int(np.count_nonzero(union)), "true_area": int(np.count_nonzero(truth)),
+            "height": h, "width": w, "seconds": run_["seconds"]}
+
+
+def run_eval(args: dict, result: dict) -> None:
+    """``sa2va-convert eval``: the model loaded once, then every item of ``args["items"]`` (a JSONL
+    file: stem, image, mask, prompt, pred_path, overlay_path), one JSON line per image appended
+    to ``args["results"]`` and flushed, so an interrupted run keeps what it finished and the parent
+    never holds masks. A failing image is a line with its error; the loop goes on."""
+    device = args.get("device") or "auto"
+    if device.startswith("cuda:"):
+        import torch
+
+        if torch.cuda.is_available() and int(device.split(":", 1)[1]) < torch.cuda.device_count():
+            torch.cuda.set_device(int(device.split(":", 1)[1]))  # the model's own .cuda() goes to this GPU
+    m = load_model(args, result)
+    import torch
+
+    on_cuda = str(m.device).startswith("cuda")
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with open(args["items"], encoding="utf-8") as f:
+        items = [json.loads(line) for line in f if line.strip()]
+    done = failed = 0
+    started = time.perf_counter()
+    with open(args["results"], "a", encoding="utf-8") as out:
+        for n, item in enumerate(items, 1):
+            stage(result, f"evaluating image {n}/{len(items)}")
+            row = {"stem": item["stem"]}
+            try:
+                row.update(eval_one(m, item, args), status="ok")
+                done += 1
+            except Exception as e:  # the image is a recorded failure; the others still run
+                row.update(status="failed", error=f"{type(e).__name__}: {first_line(e) or type(e).__name__}")
+                failed += 1
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+    result["eval"] = {"images": done, "failed": failed, "seconds": round(time.perf_counter() - started, 3)}
+    if on_cuda:
+        result["cuda_memory"] = {"max_allocated_bytes": int(torch.cuda.max_memory_allocated())}
+    stage(result, "done")
+
+
+MODES["eval"] = run_eval
 
 
 def run(args: dict, result: dict) -> None:

@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""``sa2va-convert eval`` at real size on a GPU: images/s and peak GPU memory (issue 15).
+
+    PYTHONPATH=src python3 bench/bench_eval.py --preset sa2va-4b --images 50 --work /tmp/be
+
+Steps (one JSON line each on stdout; BENCHMARKS.md records the figures):
+
+1. generate a real-shape base folder (``Sizes.real(preset)``: the published shapes, bf16,
+   ``fill='fast'`` values, our remote code) and a training checkpoint (bare state dict and
+   ``--lora-alpha``, as bench/gpu_roundtrip.py: the GPU machine has no mmengine), then convert it
+   (``--merge-device cuda --no-verify``);
+2. write ``--images`` pictures of mixed sizes (640x480 ... 1280x720, the red ellipse of the round
+   trip's test picture at varying places) with an ellipse mask each as ground truth;
+3. ``sa2va-convert eval OUT --data DATA --prompt object --device cuda --json`` and print the
+   model's images/s (images / Σ predict_forward seconds), the wall time, the share of answers
+   without [SEG] and ``torch.cuda.max_memory_allocated`` of the model process
+   (``cuda_max_allocated_bytes``: weights included, measured after loading, over every image).
+
+A real-shape model with synthetic weights does not segment: its answers are gibberish up to
+``--max-new-tokens`` (default 32) and mostly lack ``[SEG]``, so the figure is the cost of loading
+once plus ~N generated tokens per image, and the mask path (SAM2) runs only when ``[SEG]``
+appears; the no-[SEG] rate is printed beside it so the figure is read for what it is. Dice is
+meaningless here (the tests measure it, on a fine-tune that does segment).
+
+matplotlib is needed for report.png: on a machine without it (and without a registry), install
+it here with ``pip install --target .evaldeps matplotlib`` for the GPU machine's Python version and
+carry ``.evaldeps`` with ``PYTHONPATH=src:.evaldeps``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def step(name: str, argv: list[str], env: dict | None = None) -> dict:
+    t0 = time.perf_counter()
+    p = subprocess.run([str(a) for a in argv], capture_output=True, text=True, env={**os.environ, **(env or {})})
+    out: dict = {"step": name, "rc": p.returncode, "wall_s": round(time.perf_counter() - t0, 1)}
+    try:
+        out["report"] = json.loads(p.stdout)
+    except ValueError:
+        out["stdout_tail"] = p.stdout[-2000:]
+    if p.returncode:
+        out["stderr_tail"] = p.stderr[-3000:]
+    return out
+
+
+def write_images(data: Path, n: int) -> None:
+    """``n`` pictures of mixed sizes, each with its ellipse as the ground-truth mask."""
+    import numpy as np
+    from PIL import Image
+
+    from sa2va_convert.testing.finetune import synthetic_picture
+
+    sizes = [(640, 480), (800, 600), (1024, 768), (1280, 720), (720, 960)]
+    (data / "images").mkdir(parents=True, exist_ok=True)
+    (data / "masks").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        shift = (i * 37) % (w // 4) - w // 8
+        synthetic_picture(w, h, shift).save(data / "images" / f"img{i:03d}.png")
+        y, x = np.mgrid[0:h, 0:w]
+        inside = ((x - (0.4 * w + shift)) / (0.2 * w)) ** 2 + ((y - 0.5 * h) / (0.25 * h)) ** 2 <= 1
+        Image.fromarray(inside.astype(np.uint8) * 255, "L").save(data / "masks" / f"img{i:03d}.png")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="sa2va-4b")
+    ap.add_argument("--images", type=int, default=50)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/be"))
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="test-size shapes (a CPU smoke run of this script)")
+    ap.add_argument("--skip-generate", action="store_true", help="reuse WORK/out and WORK/data from an earlier run")
+    args = ap.parse_args()
+    work, out, data = args.work, args.work / "out", args.work / "data"
+    cli = [sys.executable, "-m", "sa2va_convert.cli"]
+
+    if not args.skip_generate:
+        from sa2va_convert.testing.fixtures import write_base_folder, write_training_checkpoint
+        from sa2va_convert.testing.layouts import Sizes
+
+        t0 = time.perf_counter()
+        sizes = Sizes.tiny() if args.tiny else Sizes.real(args.preset)
+        base = write_base_folder(work / "base", args.preset, sizes, dtype="bf16", fill="fast")
+        ck = write_training_checkpoint(work / "iter_100.pth", args.preset, sizes, fmt="state_dict", fill="fast")
+        write_images(data, args.images)
+        print(json.dumps({"step": "generate", "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
+        r = step("convert", [*cli, ck.path, out, "--base", base, "--lora-alpha", str(ck.lora_alpha),
+                             "--merge-device", "cuda" if args.device.startswith("cuda") else "cpu", "--no-verify",
+                             "--json", "--force"])
+        print(json.dumps({k: v for k, v in r.items() if k != "report"}), flush=True)
+        if r["rc"]:
+            return r["rc"]
+
+    r = step("eval", [*cli, "eval", out, "--data", data, "--prompt", "object", "--out", work / "report",
+                      "--device", args.device, "--max-new-tokens", str(args.max_new_tokens), "--json", "--force"])
+    rep = r.get("report") or {}
+    m = (rep.get("models") or [{}])[0]
+    peak = m.get("cuda_max_allocated_bytes")
+    print(json.dumps({
+        "step": "eval", "rc": r["rc"], "preset": args.preset, "images": m.get("images"), "device": m.get("device"),
+        "dtype": m.get("dtype"), "images_per_s": m.get("images_per_s"), "predict_seconds": m.get("seconds"),
+        "wall_s": r["wall_s"], "peak_gpu_gib": round(peak / 2**30, 2) if peak else None,
+        "no_seg_rate": m.get("no_seg_rate"), "max_new_tokens": args.max_new_tokens,
+        "failures": len(rep.get("failures") or []), **({"stderr_tail": r["stderr_tail"]} if r["rc"] else {}),
+    }), flush=True)
+    return r["rc"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

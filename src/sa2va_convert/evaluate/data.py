@@ -1,0 +1,229 @@
+"""The user's evaluation set: pairs of image and ground-truth mask, with a prompt each.
+
+Two ways to give it, because that is how segmentation data is usually kept:
+
+- a folder with ``images/`` and ``masks/``, paired by file stem (``images/0007.jpg`` with
+  ``masks/0007.png``);
+- a manifest, JSONL or CSV, with ``image``, ``mask`` and an optional ``prompt`` per row, paths
+  relative to the manifest (a per-row prompt overrides ``--prompt``).
+
+Everything is checked before any model is loaded, reading only file headers (PIL opens images
+lazily; ``.npy`` headers are read without the data), so a typo or a mask of the wrong size costs
+a second, not a model load, and fails as one line naming the file and the fix (``InputError``,
+exit 3). Only paths are kept in memory, never pixels: the set streams through the model.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError, UsageError
+from ..predict import wrap_prompt
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MASK_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
+MANIFEST_EXTS = (".jsonl", ".csv")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of the set: ``stem`` names its prediction file, so it must be unique."""
+
+    stem: str
+    image: Path
+    mask: Path
+    prompt: str  # already wrapped: "<image>Please segment the X."
+
+    def to_dict(self) -> dict[str, str]:
+        return {"stem": self.stem, "image": str(self.image), "mask": str(self.mask), "prompt": self.prompt}
+
+
+def _files(folder: Path, exts: tuple[str, ...]) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or not p.is_file() or p.suffix.lower() not in exts:
+            continue
+        if p.stem in out:
+            raise InputError(f"two files share the stem {p.stem!r} ({out[p.stem].name}, {p.name})", path=p,
+                             hint="keep one file per stem: images and masks are paired by stem")
+        out[p.stem] = p
+    return out
+
+
+def _from_folder(root: Path, prompt: str | None) -> list[Sample]:
+    images_dir, masks_dir = root / "images", root / "masks"
+    for d in (images_dir, masks_dir):
+        if not d.is_dir():
+            raise InputError(f"no {d.name}/ folder", path=root,
+                             hint="--data takes a folder with images/ and masks/ (paired by file stem), or a "
+                                  ".jsonl/.csv manifest")
+    images, masks = _files(images_dir, IMAGE_EXTS), _files(masks_dir, MASK_EXTS)
+    if not images:
+        raise InputError(f"no images in {images_dir.name}/ (looked for {', '.join(IMAGE_EXTS)})", path=images_dir,
+                         hint="put the evaluation images there")
+    for stem, img in images.items():
+        if stem not in masks:
+            raise InputError(f"image has no mask (expected masks/{stem}.png or .npy)", path=img,
+                             hint="add its ground-truth mask, or move the image out of images/")
+    for stem, m in masks.items():
+        if stem not in images:
+            raise InputError(f"mask has no image (expected images/{stem}.png, .jpg, ...)", path=m,
+                             hint="add the image, or move the mask out of masks/")
+    text = _wrapped(prompt, where=root)
+    return [Sample(stem, images[stem].resolve(), masks[stem].resolve(), text) for stem in sorted(images)]
+
+
+def _wrapped(prompt: str | None, *, where: Path | str, row: str | None = None) -> str:
+    if prompt is None:
+        raise InputError(f"no prompt for {row}" if row else "no prompt", path=where,
+                         hint="pass --prompt 'blood vessel' (what to segment), or give each manifest row a prompt")
+    try:
+        return wrap_prompt(prompt)
+    except InputError:
+        raise InputError("the prompt is empty" + (f" ({row})" if row else ""), path=where,
+                         hint='say what to segment, e.g. --prompt "blood vessel"') from None
+
+
+def _manifest_rows(path: Path) -> list[tuple[str, dict]]:
+    """(where, row) for each row: ``file:line`` so an error points at the line."""
+    rows: list[tuple[str, dict]] = []
+    try:
+        if path.suffix.lower() == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise InputError(f"line {n} is not JSON ({e.msg})", path=f"{path}:{n}",
+                                         hint='one object per line: {"image": ..., "mask": ..., "prompt": ...}') from None
+                    if not isinstance(row, dict):
+                        raise InputError(f"line {n} is not a JSON object", path=f"{path}:{n}",
+                                         hint='one object per line: {"image": ..., "mask": ..., "prompt": ...}')
+                    rows.append((f"{path}:{n}", row))
+        else:
+            with open(path, encoding="utf-8", newline="") as f:
+                reader = csv.DictReader(f)
+                missing = {"image", "mask"} - set(reader.fieldnames or [])
+                if missing:
+                    raise InputError(f"the CSV header lacks {', '.join(sorted(missing))}", path=path,
+                                     hint="first line: image,mask,prompt (prompt optional)")
+                for n, row in enumerate(reader, 2):
+                    rows.append((f"{path}:{n}", row))
+    except UnicodeDecodeError:
+        raise InputError("the manifest is not UTF-8 text", path=path, hint="save it as UTF-8 JSONL or CSV") from None
+    except OSError as e:
+        raise InputError(f"cannot read the manifest ({e.strerror or e})", path=path, hint="check the path") from None
+    return rows
+
+
+def _from_manifest(path: Path, prompt: str | None) -> list[Sample]:
+    samples: list[Sample] = []
+    stems: dict[str, str] = {}
+    for where, row in _manifest_rows(path):
+        for key in ("image", "mask"):
+            if not str(row.get(key) or "").strip():
+                raise InputError(f"row has no {key!r}", path=where, hint="every row needs image and mask paths")
+        image, mask = (path.parent / str(row["image"]).strip()), (path.parent / str(row["mask"]).strip())
+        if not image.is_file():
+            raise InputError(f"image not found: {image}", path=where,
+                             hint="paths in a manifest are relative to the manifest's folder")
+        if not mask.is_file():
+            raise InputError(f"mask not found: {mask}", path=where,
+                             hint="paths in a manifest are relative to the manifest's folder")
+        own = row.get("prompt")
+        if own is not None and not isinstance(own, str):
+            raise InputError(f"prompt is a {type(own).__name__}, not text", path=where, hint="write the prompt as a string")
+        if own is not None and not own.strip() and path.suffix.lower() == ".csv":
+            own = None  # an empty CSV cell is an absent prompt: --prompt applies
+        text = _wrapped(prompt if own is None else own, where=where, row=image.name)
+        stem = image.stem
+        if stem in stems:
+            raise InputError(f"two rows have images named {stem!r} (also {stems[stem]})", path=where,
+                             hint="give the images distinct file names: predictions are saved as <stem>.png")
+        stems[stem] = where
+        samples.append(Sample(stem, image.resolve(), mask.resolve(), text))
+    if not samples:
+        raise InputError("the manifest has no rows", path=path, hint="one row per image: image, mask, prompt")
+    return samples
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file's header; InputError when it is not a readable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InputError(f"cannot read the image ({type(e).__name__}: {e})", path=path,
+                         hint="replace it with a readable PNG/JPEG, or remove it from the set") from None
+
+
+def mask_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a mask: an image header, or the ``.npy`` header (bool/integer, (H, W))."""
+    if path.suffix.lower() != ".npy":
+        try:
+            return image_size(path)
+        except InputError as e:
+            raise InputError(e.message.replace("the image", "the mask"), path=path,
+                             hint="replace it with a readable PNG (any non-zero pixel is foreground) or .npy") from None
+    import numpy as np
+
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read the mask ({type(e).__name__}: {e})", path=path,
+                         hint="save it with numpy.save as a bool or uint8 (H, W) array") from None
+    if arr.dtype.kind not in "biu":
+        raise InputError(f"mask dtype is {arr.dtype}, not bool or integer", path=path,
+                         hint="save it as bool or uint8 (non-zero = foreground)")
+    shape = arr.shape[1:] if arr.ndim == 3 and arr.shape[0] == 1 else arr.shape
+    if len(shape) != 2:
+        raise InputError(f"mask has shape {list(arr.shape)}, not (H, W)", path=path,
+                         hint="save one (H, W) mask per image")
+    return int(shape[1]), int(shape[0])
+
+
+def check_sample(s: Sample) -> None:
+    """Header-only check of one pair: both readable, the same size."""
+    iw, ih = image_size(s.image)
+    mw, mh = mask_size(s.mask)
+    if (iw, ih) != (mw, mh):
+        raise InputError(f"mask is {mw}x{mh} but its image {s.image.name} is {iw}x{ih} (W x H)", path=s.mask,
+                         hint="masks must have their image's size: resize with nearest-neighbour, or fix the pairing")
+
+
+def load_dataset(data: str | os.PathLike, prompt: str | None = None, *, limit: int | None = None,
+                 check: bool = True) -> list[Sample]:
+    """The samples of ``data`` (folder or manifest) in a stable order (sorted by stem for a
+    folder, file order for a manifest), the first ``limit`` of them, each checked (headers only)."""
+    path = Path(data)
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1, not {limit}", hint="--limit N evaluates the first N images")
+    if prompt is not None and not prompt.strip():
+        raise InputError("the prompt is empty", path=path, hint='say what to segment, e.g. --prompt "blood vessel"')
+    if not path.exists():
+        raise InputError("data not found", path=path,
+                         hint="--data takes a folder with images/ and masks/, or a .jsonl/.csv manifest")
+    if path.is_dir():
+        samples = _from_folder(path, prompt)
+    elif path.suffix.lower() in MANIFEST_EXTS:
+        samples = _from_manifest(path, prompt)
+    else:
+        raise InputError(f"not a data folder or manifest ({path.suffix or 'no extension'})", path=path,
+                         hint="--data takes a folder with images/ and masks/, or a .jsonl/.csv manifest")
+    if limit is not None:
+        samples = samples[:limit]
+    if check:
+        for s in samples:
+            check_sample(s)
+    return samples
+
+
+__all__ = ["Sample", "load_dataset", "check_sample", "image_size", "mask_size"]

@@ -1,0 +1,105 @@
+"""Segmentation metrics from pixel counts, in plain Python/numpy.
+
+The model process counts pixels of the saved prediction against the ground truth (intersection,
+union, predicted area, true area); every ratio is computed here, from those counts, so the rules
+live in one place and a metrics.csv row can be re-scored without any mask in memory.
+
+Empty masks. A ratio whose denominator is zero is 1.0 when both masks are empty (nothing to find,
+nothing found) and 0.0 otherwise. So an answer without ``[SEG]`` (an empty prediction) on an
+image whose object is present scores Dice 0, precision 0, recall 0 -- it is never skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+
+
+def _ratio(num: int, den: int, both_empty: bool) -> float:
+    if den == 0:
+        return 1.0 if both_empty else 0.0
+    return num / den
+
+
+def scores(intersection: int, union: int, pred_area: int, true_area: int) -> dict[str, float]:
+    """Dice, IoU, precision and recall of one image from its pixel counts."""
+    empty = pred_area == 0 and true_area == 0
+    return {
+        "dice": _ratio(2 * intersection, pred_area + true_area, empty),
+        "iou": _ratio(intersection, union, empty),
+        "precision": _ratio(intersection, pred_area, empty),
+        "recall": _ratio(intersection, true_area, empty),
+    }
+
+
+def counts(pred: np.ndarray, truth: np.ndarray) -> dict[str, int]:
+    """Pixel counts of two bool (H, W) masks (what the model process records per image)."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction {pred.shape} and ground truth {truth.shape} differ in shape")
+    return {"intersection": int(np.count_nonzero(pred & truth)), "union": int(np.count_nonzero(pred | truth)),
+            "pred_area": int(np.count_nonzero(pred)), "true_area": int(np.count_nonzero(truth))}
+
+
+@dataclass
+class ModelSummary:
+    """Per-model aggregate over its evaluated images (failed images are counted, not scored)."""
+
+    model: str
+    folder: str
+    iteration: int | None
+    images: int
+    failures: int
+    no_seg: int
+    mean_dice: float | None
+    giou: float | None  # mean of per-image IoU
+    ciou: float | None  # sum of intersections / sum of unions over all images
+    mean_precision: float | None
+    mean_recall: float | None
+    no_seg_rate: float | None
+    seconds: float  # sum of per-image predict_forward seconds (the model's own time)
+    images_per_s: float | None
+    device: str | None = None
+    dtype: str | None = None
+    cuda_max_allocated_bytes: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def summarise(model: str, folder: str, iteration: int | None, rows: Iterable[dict[str, Any]]) -> ModelSummary:
+    """Aggregate a model's metrics.csv rows (dicts with status, counts and seconds)."""
+    ok = [r for r in rows]
+    failures = sum(1 for r in ok if r["status"] == "failed")
+    ok = [r for r in ok if r["status"] != "failed"]
+    n = len(ok)
+    per = [scores(int(r["intersection"]), int(r["union"]), int(r["pred_area"]), int(r["true_area"])) for r in ok]
+    inter = sum(int(r["intersection"]) for r in ok)
+    union = sum(int(r["union"]) for r in ok)
+    no_seg = sum(1 for r in ok if int(r["seg_count"]) == 0)
+    seconds = sum(float(r["seconds"]) for r in ok)
+
+    def mean(key: str) -> float | None:
+        return float(np.mean([p[key] for p in per])) if per else None
+
+    return ModelSummary(
+        model=model, folder=folder, iteration=iteration, images=n, failures=failures, no_seg=no_seg,
+        mean_dice=mean("dice"), giou=mean("iou"),
+        ciou=(inter / union if union else (1.0 if n else None)),
+        mean_precision=mean("precision"), mean_recall=mean("recall"),
+        no_seg_rate=(no_seg / n if n else None), seconds=round(seconds, 3),
+        images_per_s=(n / seconds if seconds > 0 else None),
+    )
+
+
+def best_model(summaries: list[ModelSummary]) -> ModelSummary | None:
+    """Highest mean Dice (ties: higher cIoU, then fewer failures, then the earlier model)."""
+    scored = [s for s in summaries if s.mean_dice is not None]
+    if not scored:
+        return None
+    return max(scored, key=lambda s: (s.mean_dice, s.ciou or 0.0, -s.failures, -summaries.index(s)))
+
+
+__all__ = ["scores", "counts", "summarise", "best_model", "ModelSummary"]

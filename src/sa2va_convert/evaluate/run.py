@@ -1,0 +1,518 @@
+"""``sa2va-convert eval``: score converted folders on the user's own images, honestly.
+
+For each model, one child process (the ``verify``/``predict`` machinery: ``verify/_child.py``,
+mode ``eval``) loads the folder once and runs its own ``predict_forward`` on every image, never
+forcing ``[SEG]``: an answer without ``[SEG]`` is an empty prediction. The child saves the union
+of the ``[SEG]`` masks as ``predictions/<model>/<stem>.png``, counts its pixels against the
+ground truth, and streams one JSON line per image to a file; this process turns the counts into
+Dice/IoU/... (``metrics.py``) and writes the report (``report.py``). So every number comes from
+a mask the model produced and that lies next to the report, and no mask is held in memory here.
+
+Under ``torchrun --nproc_per_node N`` (``WORLD_SIZE`` > 1) each rank evaluates every N-th image
+with its own child on its own GPU (``LOCAL_RANK``, passed to the child as its only visible GPU),
+and rank 0 gathers the per-image rows (a few numbers each) and writes the report. The gather uses
+torch.distributed's gloo backend on GPUs too: these processes never touch a GPU themselves (their
+children do), and a NCCL communicator would need a CUDA context in each of them, on the GPU the
+model needs; gloo also spans nodes over TCP, as torchrun's multi-node launcher expects. The report
+folder must then be on a filesystem every node sees (each rank's child writes its predictions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ..errors import ConvertError, EvalFailuresError, InputError, OutputError, UsageError
+from ..verify.roundtrip import (
+    check_device,
+    check_fits,
+    child_failure,
+    debug_details,
+    judge_loading,
+    report_from,
+    resolve_python,
+    run_child,
+)
+from .data import Sample, load_dataset
+from .metrics import ModelSummary, best_model, scores, summarise
+from .report import METRICS, PLOT, SUMMARY, plot_report, read_metrics, write_metrics, write_summary
+
+WORK = ".work"  # per-model, per-rank item lists and streamed results; removed when the run completes
+OURS = (METRICS, SUMMARY, PLOT, "predictions", "overlays", WORK)
+DEFAULT_IMAGE_TIMEOUT = 600.0
+DTYPES = ("bf16", "fp16", "fp32")
+_ITER = re.compile(r"^iter_(\d+)$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to evaluate: its report name (``predictions/<name>/``), folder and training iteration."""
+
+    name: str
+    folder: Path
+    iteration: int | None
+
+
+def _iteration(name: str) -> int | None:
+    m = _ITER.match(name)
+    return int(m.group(1)) if m else None
+
+
+def resolve_models(paths: list[str | os.PathLike]) -> list[ModelSpec]:
+    """Converted folders, and folders of ``iter_N`` converted folders (``convert --all``) expanded
+    in iteration order. Names are the folder names, made unique with ``-2``, ``-3``, ..."""
+    if not paths:
+        raise UsageError("no MODEL given", hint="sa2va-convert eval OUT_FOLDER --data DATA")
+    found: list[tuple[Path, str, int | None]] = []  # (folder, name as given: a symlink keeps its own name)
+    for raw in paths:
+        p = Path(raw)
+        if (p / "config.json").is_file():
+            name = p.resolve().name if p.name in ("", ".", "..") else p.name
+            found.append((p.resolve(), name, _iteration(name)))
+            continue
+        if not p.is_dir():
+            raise InputError("model folder not found" if not p.exists() else "not a model folder", path=p,
+                             hint="pass a converted HuggingFace folder (with config.json), or a folder of iter_N ones")
+        iters = sorted(((int(_ITER.match(c.name).group(1)), c) for c in p.iterdir()  # type: ignore[union-attr]
+                        if c.is_dir() and _ITER.match(c.name) and (c / "config.json").is_file()))
+        if not iters:
+            raise InputError("not a model folder (no config.json) and no iter_N model folders inside", path=p,
+                             hint="pass a converted folder (sa2va-convert CKPT OUT writes one), or the OUT of "
+                                  "convert --all")
+        found.extend((c.resolve(), c.name, n) for n, c in iters)
+    specs: list[ModelSpec] = []
+    used: set[str] = set()
+    for folder, given, it in found:
+        name, k = given, 2
+        while name in used:
+            name, k = f"{given}-{k}", k + 1
+        used.add(name)
+        specs.append(ModelSpec(name, folder, it))
+    return specs
+
+
+# ---------------------------------------------------------------- distributed
+
+
+@dataclass
+class Dist:
+    """torchrun's view of this process (world size 1 when not under torchrun)."""
+
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    group: bool = False
+
+    @classmethod
+    def from_env(cls) -> "Dist":
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world <= 1:
+            return cls()
+        return cls(world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")))
+
+    def init(self, timeout_s: float) -> None:
+        if self.world <= 1 or self.group:
+            return
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", timeout=timedelta(seconds=max(timeout_s, 1800.0)))
+        self.group = True
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` on rank 0 (in rank order), ``[]`` elsewhere; ``[obj]`` alone."""
+        if self.world <= 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world if self.rank == 0 else []
+        dist.gather_object(obj, out if self.rank == 0 else None, dst=0)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if self.world <= 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if self.group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.group = False
+
+    @contextlib.contextmanager
+    def own_gpu(self, device: str) -> Iterator[str]:
+        """Under torchrun, the child sees only this rank's GPU (``LOCAL_RANK`` of the visible ones),
+        so the model's own ``.cuda()`` calls land on it; yields the device to pass to the child."""
+        if self.world <= 1 or device == "cpu" or device.startswith("cuda:"):
+            yield device
+            return
+        before = os.environ.get("CUDA_VISIBLE_DEVICES")
+        visible = [v for v in (before or "").split(",") if v.strip()]
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[self.local_rank % len(visible)] if visible else str(self.local_rank)
+        try:
+            yield device
+        finally:
+            if before is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+
+# ---------------------------------------------------------------- the report
+
+
+@dataclass
+class EvalReport:
+    """What ``eval`` measured; ``to_dict()`` is ``summary.json`` and the ``--json`` output."""
+
+    out: str
+    data: str
+    models: list[ModelSummary] = field(default_factory=list)
+    best: str | None = None
+    failures: list[dict[str, str]] = field(default_factory=list)
+    images: int = 0
+    resumed: int = 0
+    evaluated: int = 0
+    world_size: int = 1
+    wall_seconds: float = 0.0
+    files: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": not self.failures, "out": self.out, "data": self.data, "images": self.images,
+                "models": [m.to_dict() for m in self.models], "best": self.best, "failures": self.failures,
+                "resumed": self.resumed, "evaluated": self.evaluated, "world_size": self.world_size,
+                "wall_seconds": round(self.wall_seconds, 3), "files": self.files, "notes": self.notes,
+                "definitions": DEFINITIONS}
+
+
+DEFINITIONS = {
+    "dice": "2|P∩T| / (|P|+|T|) per image, P = union of the masks of every [SEG] in the answer, T = ground truth "
+            "(any non-zero pixel); 1.0 when both are empty, 0.0 when only one is",
+    "mean_dice": "mean of the per-image Dice over the evaluated images (failed images are not scored; see failures)",
+    "giou": "mean of the per-image IoU |P∩T| / |P∪T|",
+    "ciou": "cumulative IoU: Σ|P∩T| / Σ|P∪T| over all images (upstream's RefCOCO definition; big objects weigh more)",
+    "no_seg_rate": "share of answers without [SEG]: an empty prediction, scored as such, never forced",
+    "images_per_s": "evaluated images / Σ seconds of predict_forward per image (one device; model loading excluded)",
+}
+
+
+def _check_out(out: Path, *, resume: bool, force: bool) -> None:
+    """Refuse to mix two runs in one folder (read-only: every rank runs it before any rank writes)."""
+    if out.exists() and not out.is_dir():
+        raise OutputError("exists and is not a folder", path=out, hint="choose another --out")
+    if out.is_dir() and any((out / n).exists() for n in OURS) and not (resume or force):
+        raise OutputError("already holds an eval report", path=out,
+                          hint="pass --resume to continue it, --force to start over, or choose another --out")
+
+
+def _clean_out(out: Path, *, resume: bool, force: bool) -> None:
+    """Rank 0, after every rank checked: --force removes our files (only ours); a finished run's
+    summary.json and report.png go until this run is finished too."""
+    if force and not resume:
+        for n in OURS:
+            p = out / n
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    for n in (SUMMARY, PLOT):
+        with contextlib.suppress(FileNotFoundError):
+            (out / n).unlink()
+    (out / WORK).mkdir(parents=True, exist_ok=True)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Complete lines of a streamed results file (a line cut by a crash is ignored)."""
+    rows = []
+    if not path.is_file():
+        return rows
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _finished_rows(out: Path, specs: list[ModelSpec], samples: list[Sample]) -> dict[tuple[str, str], dict]:
+    """(model, stem) -> row already scored by an earlier run (metrics.csv, then the streamed results
+    of an interrupted one) whose prediction PNG is still there; failed images are tried again."""
+    by_stem = {s.stem: s for s in samples}
+    names = {s.name for s in specs}
+    done: dict[tuple[str, str], dict] = {}
+    rows: list[dict[str, Any]] = read_metrics(out / METRICS) if (out / METRICS).is_file() else []
+    for spec in specs:
+        for path in sorted((out / WORK).glob(f"{spec.name}.rank*.results.jsonl")):
+            for r in _read_jsonl(path):
+                if r.get("stem") in by_stem:
+                    rows.append(_complete(r, spec, by_stem[r["stem"]], out))
+    for r in rows:
+        key = (r.get("model"), r.get("stem"))
+        if key[0] in names and key[1] in by_stem and r.get("status") in ("ok", "no_seg") and r.get("prediction_file") \
+                and Path(r["prediction_file"]).is_file():
+            done[key] = r  # type: ignore[index]
+    return done
+
+
+def _pred_path(out: Path, model: str, stem: str) -> Path:
+    return out / "predictions" / model / f"{stem}.png"
+
+
+def _complete(row: dict[str, Any], spec: ModelSpec, sample: Sample, out: Path) -> dict[str, Any]:
+    """A child's result line with what the child does not repeat: model, paths, prompt answer."""
+    r = dict(row)
+    r.update(model=spec.name, iteration=spec.iteration, stem=sample.stem, image=str(sample.image),
+             mask=str(sample.mask), answer=row.get("prediction", row.get("answer", "")))
+    if r.get("status") == "ok" and int(r.get("seg_count") or 0) == 0:
+        r["status"] = "no_seg"  # an answer without [SEG]: an empty prediction, scored as such
+    r["prediction_file"] = str(_pred_path(out, spec.name, sample.stem)) if r.get("status") != "failed" else ""
+    return r
+
+
+def _run_model(spec: ModelSpec, share: list[Sample], *, out: Path, dist: Dist, exe: str, device: str,
+               dtype: str | None, max_new_tokens: int, overlays: bool, image_timeout: float,
+               on_stage: Callable[[str], None]) -> dict[str, Any]:
+    """This rank's share of one model's images in one child; returns its rows and facts (or its error)."""
+    if not share:
+        return {"rows": [], "child": None}
+    work = out / WORK
+    tag = f"{spec.name}.rank{dist.rank}"
+    items, results = work / f"{tag}.items.jsonl", work / f"{tag}.results.jsonl"
+    (out / "predictions" / spec.name).mkdir(parents=True, exist_ok=True)
+    if overlays:
+        (out / "overlays" / spec.name).mkdir(parents=True, exist_ok=True)
+    lines = []
+    for s in share:
+        item = {**s.to_dict(), "pred_path": str(_pred_path(out, spec.name, s.stem)),
+                "overlay_path": str(out / "overlays" / spec.name / f"{s.stem}.png") if overlays else None}
+        lines.append(json.dumps(item))
+    items.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    earlier = _read_jsonl(results)  # an interrupted run's lines; a line cut by the crash is dropped here
+    results.write_text("".join(json.dumps(r) + "\n" for r in earlier), encoding="utf-8")
+    start_line = len(earlier)
+    check_fits(spec.folder, device, what="evaluation")
+    timeout = image_timeout * (len(share) + 1)
+    with dist.own_gpu(device) as child_device:
+        args = {"mode": "eval", "folder": str(spec.folder), "device": child_device, "dtype": dtype,
+                "max_new_tokens": int(max_new_tokens), "items": str(items), "results": str(results)}
+        run = run_child(args, python=exe, timeout=timeout, on_stage=_throttled(spec.name, on_stage))
+    report = report_from(run, spec.folder, exe)
+    by_stem = {s.stem: s for s in share}
+    rows = [_complete(r, spec, by_stem[r["stem"]], out) for r in _read_jsonl(results)[start_line:]
+            if r.get("stem") in by_stem]
+    if run.timed_out or not report.ok:
+        err = child_failure(run, folder=spec.folder, python=exe, device=device, timeout=timeout, what="evaluation")
+        err.hint = _eval_hint(err.hint)
+        return {"rows": rows, "error": err.to_dict(), "details": debug_details(run)}
+    try:
+        judge_loading(report, spec.folder)
+    except ConvertError as e:
+        return {"rows": rows, "error": e.to_dict(), "details": ""}
+    raw = report.raw
+    return {"rows": rows, "child": {"device": report.device, "dtype": report.dtype,
+                                    "cuda_max_allocated_bytes": (raw.get("cuda_memory") or {}).get(
+                                        "max_allocated_bytes"), "warnings": report.warnings}}
+
+
+def _eval_hint(hint: str | None) -> str | None:
+    """The round trip's hints, said for eval (its commands and options, not verify's)."""
+    if not hint:
+        return hint
+    hint = re.sub(r"`sa2va-convert verify[^`]*`", "`sa2va-convert eval ... --device cuda`", hint)
+    hint = re.sub(r"; --no-roundtrip checks the files only|, or convert with\s+--no-verify", "", hint)
+    hint = hint.replace("--timeout", "--timeout (seconds per image)")
+    return hint + "; `sa2va-convert verify FOLDER` checks the folder" if "--debug" in hint else hint
+
+
+_PROGRESS = re.compile(r"^evaluating image (\d+)/(\d+)$")
+
+
+def _throttled(name: str, on_stage: Callable[[str], None]) -> Callable[[str], None]:
+    """The child's stages, prefixed with the model; per-image ones only every 10% (CI logs stay short)."""
+
+    def say(msg: str) -> None:
+        m = _PROGRESS.match(msg)
+        if m:
+            n, total = int(m.group(1)), int(m.group(2))
+            if n != 1 and n != total and n % max(1, total // 10):
+                return
+        if msg != "done":
+            on_stage(f"{name}: {msg}")
+
+    return say
+
+
+def _raise_from(d: dict[str, Any], details: str = "") -> None:
+    """Raise the error a rank reported (as a dict: it crossed process boundaries), same class and code;
+    ``details`` (the model process's traceback) is shown by ``--debug``."""
+    from ..errors import VerifyEnvironmentError, VerifyError
+
+    cls = {e.kind: e for e in (VerifyError, VerifyEnvironmentError, InputError, OutputError, UsageError)}.get(
+        d.get("kind"), VerifyError)
+    err = cls(d["message"], path=d.get("path"), hint=d.get("hint"))
+    err.details = details  # type: ignore[attr-defined]
+    raise err
+
+
+def evaluate(
+    models: list[str | os.PathLike],
+    data: str | os.PathLike,
+    *,
+    out: str | os.PathLike = "eval_report",
+    prompt: str | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    python: str | os.PathLike | None = None,
+    limit: int | None = None,
+    overlays: bool = False,
+    resume: bool = False,
+    force: bool = False,
+    max_new_tokens: int = 32,
+    image_timeout: float = DEFAULT_IMAGE_TIMEOUT,
+    on_stage: Callable[[str], None] | None = None,
+) -> EvalReport:
+    """Evaluate every model on ``data`` and write the report into ``out``.
+
+    Raises InputError (exit 3) for bad data or a folder that is not a model, before any model
+    loads; VerifyError/VerifyEnvironmentError (7/9) when a model cannot run; EvalFailuresError
+    (exit 10, with ``.report``) after writing the report when some images failed.
+    """
+    started = time.perf_counter()
+    say = on_stage or (lambda _m: None)
+    dist = Dist.from_env()
+    if dtype is not None and dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}", hint="use --dtype bf16, fp16 or fp32 (default: the folder's)")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("eval draws report.png with matplotlib, which is not installed",
+                         hint="pip install 'sa2va-convert[eval]' (or pip install matplotlib)")
+    specs = resolve_models(list(models))
+    say(f"checking {data}")
+    samples = load_dataset(data, prompt, limit=limit)
+    exe = resolve_python(python)
+    device = check_device(device)
+    out = Path(out).resolve()
+    _check_out(out, resume=resume, force=force)
+    dist.init(image_timeout * (len(samples) + 1) * len(specs))
+    try:
+        if dist.rank == 0:
+            _clean_out(out, resume=resume, force=force)
+        dist.broadcast(None)  # a barrier: nobody writes before rank 0 has cleaned
+        (out / WORK).mkdir(parents=True, exist_ok=True)
+        return _evaluate(specs, samples, out=out, data=str(data), dist=dist, exe=exe, device=device, dtype=dtype,
+                         max_new_tokens=max_new_tokens, overlays=overlays, resume=resume,
+                         image_timeout=image_timeout, say=say, started=started)
+    finally:
+        dist.close()
+
+
+def _evaluate(specs: list[ModelSpec], samples: list[Sample], *, out: Path, data: str, dist: Dist, exe: str,
+              device: str, dtype: str | None, max_new_tokens: int, overlays: bool, resume: bool,
+              image_timeout: float, say: Callable[[str], None], started: float) -> EvalReport:
+    done = _finished_rows(out, specs, samples) if resume else {}
+    # every rank must agree on what is left: rank 0's view of the finished rows decides
+    done_keys = dist.broadcast(sorted(done)) if dist.world > 1 else sorted(done)
+    done_set = {tuple(k) for k in done_keys}
+    rows_by_model: dict[str, list[dict[str, Any]]] = {s.name: [] for s in specs}
+    for key, row in done.items():
+        rows_by_model[key[0]].append(row)
+    facts: dict[str, dict[str, Any]] = {}
+    evaluated = 0
+    for spec in specs:
+        todo = [s for s in samples if (spec.name, s.stem) not in done_set]
+        share = todo[dist.rank::dist.world]
+        if todo:
+            say(f"{spec.name}: {len(todo)} image(s)" + (f" over {dist.world} ranks" if dist.world > 1 else "")
+                + (f" ({len(samples) - len(todo)} done earlier)" if len(todo) < len(samples) else ""))
+        try:
+            part = _run_model(spec, share, out=out, dist=dist, exe=exe, device=device, dtype=dtype,
+                              max_new_tokens=max_new_tokens, overlays=overlays, image_timeout=image_timeout,
+                              on_stage=say)
+        except ConvertError as e:  # e.g. not enough RAM: the other ranks must hear of it too
+            e.hint = _eval_hint(e.hint)
+            part = {"rows": [], "error": e.to_dict(), "details": ""}
+        parts = dist.gather(part)
+        verdict = None
+        if dist.rank == 0:
+            for p in parts:
+                rows_by_model[spec.name].extend(p["rows"])
+                evaluated += len(p["rows"])
+                if p.get("child"):
+                    facts.setdefault(spec.name, {}).update({k: v for k, v in p["child"].items() if v is not None})
+            order = {s.stem: i for i, s in enumerate(samples)}
+            rows_by_model[spec.name].sort(key=lambda r: order[r["stem"]])
+            write_metrics(out / METRICS, [r for s in specs for r in rows_by_model[s.name]])
+            errors = [p for p in parts if p.get("error")]
+            verdict = errors[0] if errors else None
+        verdict = dist.broadcast(verdict)
+        if verdict is not None:
+            err = verdict["error"]
+            kept = len(rows_by_model[spec.name]) if dist.rank == 0 else 0
+            if kept:
+                say(f"{spec.name}: the model process failed; the {kept} image(s) it finished are kept in {METRICS} "
+                    "(--resume continues)")
+            _raise_from(err, verdict.get("details") or "")
+    report = EvalReport(out=str(out), data=data, images=len(samples), world_size=dist.world,
+                        resumed=len(done), evaluated=evaluated)
+    if dist.rank != 0:
+        report.wall_seconds = time.perf_counter() - started
+        return report
+    dice: dict[str, list[float]] = {}
+    for spec in specs:
+        rows = rows_by_model[spec.name]
+        summary = summarise(spec.name, str(spec.folder), spec.iteration, rows)
+        f = facts.get(spec.name, {})
+        summary.device, summary.dtype = f.get("device"), f.get("dtype")
+        summary.cuda_max_allocated_bytes = f.get("cuda_max_allocated_bytes")
+        report.models.append(summary)
+        dice[spec.name] = [scores(int(r["intersection"]), int(r["union"]), int(r["pred_area"]),
+                                  int(r["true_area"]))["dice"] for r in rows if r["status"] != "failed"]
+        report.failures += [{"model": spec.name, "stem": r["stem"], "image": r["image"], "error": r.get("error", "")}
+                            for r in rows if r["status"] == "failed"]
+    best = best_model(report.models)
+    report.best = best.model if best else None
+    report.files = {"metrics": str(out / METRICS), "summary": str(out / SUMMARY), "plot": str(out / PLOT),
+                    "predictions": str(out / "predictions")}
+    if overlays:
+        report.files["overlays"] = str(out / "overlays")
+    if any(m.no_seg for m in report.models):
+        report.notes.append("answers without [SEG] are empty predictions (scored, never forced)")
+    say("writing the report")
+    plot_report(out / PLOT, report.models, dice, report.best)
+    report.wall_seconds = time.perf_counter() - started
+    write_summary(out / SUMMARY, report.to_dict())
+    shutil.rmtree(out / WORK, ignore_errors=True)
+    return report
+
+
+def check_failures(report: EvalReport) -> None:
+    """Raise EvalFailuresError (exit 10) when some images failed; the report is already written."""
+    if report.failures:
+        first = report.failures[0]
+        err = EvalFailuresError(f"{len(report.failures)} image(s) failed, e.g. {first['model']}/{first['stem']}: "
+                                f"{first['error']}", path=first["image"],
+                                hint=f"see the failures in {Path(report.out) / SUMMARY}; fix or remove those images, "
+                                     "then --resume to retry them")
+        err.report = report  # type: ignore[attr-defined]
+        raise err
+
+
+__all__ = ["evaluate", "check_failures", "resolve_models", "EvalReport", "ModelSpec", "DEFINITIONS"]

@@ -1,0 +1,433 @@
+"""``sa2va-convert eval`` (issue 15): Dice/IoU of converted fine-tunes on a user's own images.
+
+The models are the README demo's segmenting fine-tune (``make_tiny_example``: its LoRA and its
+head are both needed for ``[SEG]``) and its two twins without the LoRA / without the head
+(``drop_from_checkpoint``, as tests/test_finetune_arrived.py builds them), each converted for real.
+
+The dataset's ground truth is what the fine-tune should find: the masks of a model assembled in
+*this* process from the independent fp32 reference tensors (``reference_output``: base +
+checkpoint, merged the plain way), never from anything ``eval`` wrote. One image's ground truth
+is cut (its left third cleared, as an annotator who disagrees), so the scores are not all ~1.
+
+Every run is the real CLI in a subprocess, whose child process runs each model's own
+``predict_forward``; each test recomputes Dice and IoU here, in plain numpy, from the prediction
+PNGs it saved and the ground truth, and finds the report's numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+pytest.importorskip("matplotlib")
+Image = pytest.importorskip("PIL.Image")
+
+from click.testing import CliRunner  # noqa: E402
+
+from sa2va_convert.api import ConvertOptions, convert  # noqa: E402
+from sa2va_convert.cli import main as cli_main  # noqa: E402
+from sa2va_convert.evaluate.data import load_dataset  # noqa: E402
+from sa2va_convert.evaluate.metrics import scores  # noqa: E402
+from sa2va_convert.testing import make_tiny_example, reference_output  # noqa: E402
+from sa2va_convert.testing.finetune import SEG_TOKEN, STOP_TOKEN, drop_from_checkpoint, synthetic_picture  # noqa: E402
+from sa2va_convert.verify._child import cuda_on_cpu  # noqa: E402
+
+# (stem, width, height, shift of the red ellipse): small, not square, both orientations
+PICTURES = [("a_wide", 80, 60, 0), ("b_tall", 56, 72, -4), ("c_cut", 96, 64, 8), ("d_npy", 64, 48, 3),
+            ("e_ones", 72, 56, -6)]
+CUT = "c_cut"  # ground truth with its left third cleared
+PROMPT = "object"  # -> "<image>Please segment the object." (the fine-tune answers [SEG] to any request)
+ENV = {"CI": "1", "OMP_NUM_THREADS": "1"}  # plain output; one thread: the same arithmetic in every run
+
+
+def run_eval(*args: object, timeout: float = 300, torchrun: int = 0) -> subprocess.CompletedProcess:
+    """The real command in a subprocess (under ``torch.distributed.run`` when ``torchrun``)."""
+    env = {**os.environ, **ENV}
+    args = (*args, "--max-new-tokens", 16)  # the twins' "no [SEG]" is checked over 16 tokens (finetune.py)
+    cmd = [sys.executable, "-m", "sa2va_convert.cli", "eval", *map(str, args)]
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun),
+               "--master_port", str(29500 + os.getpid() % 1000), "-m", "sa2va_convert.cli", "eval", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+# ------------------------------------------------------------------ the models and the dataset
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("eval")
+    ex = make_tiny_example(root / "tiny")
+    models = root / "models"
+    models.mkdir()
+    folders = {"finetune": models / "finetune"}
+    convert(ex.checkpoint_path, folders["finetune"], ConvertOptions(base=ex.base_dir))
+    for dropped in ("lora", "head"):
+        twin = drop_from_checkpoint(ex.checkpoint.path, root / f"no_{dropped}" / "iter_100.pth", [dropped])
+        folders[f"no_{dropped}"] = models / f"no_{dropped}"
+        convert(twin, folders[f"no_{dropped}"], ConvertOptions(base=ex.base_dir))
+    data = root / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    truth = {}
+    for stem, w, h, shift in PICTURES:
+        img = synthetic_picture(w, h, shift)
+        img.save(data / "images" / f"{stem}.png")
+        gt = reference_mask(ex, img)
+        assert 0.05 < gt.mean() < 0.95, (stem, gt.mean())  # a real object, not an empty or full frame
+        if stem == CUT:
+            gt[:, : w // 3] = False
+        if stem == "d_npy":
+            np.save(data / "masks" / f"{stem}.npy", gt)
+        elif stem == "e_ones":  # 0/1 PNG: any non-zero pixel is foreground
+            Image.fromarray(gt.astype(np.uint8), "L").save(data / "masks" / f"{stem}.png")
+        else:
+            Image.fromarray(gt.astype(np.uint8) * 255, "L").save(data / "masks" / f"{stem}.png")
+        truth[stem] = gt
+    return SimpleNamespace(root=root, ex=ex, folders=folders, data=data, truth=truth)
+
+
+_REFERENCE: dict = {}
+
+
+def reference_mask(ex, image) -> np.ndarray:
+    """The union of the masks of a model built from the fp32 reference tensors, in this process."""
+    from transformers import AutoModel, AutoTokenizer
+
+    if not _REFERENCE:
+        model = AutoModel.from_pretrained(str(ex.base_dir), trust_remote_code=True, dtype=torch.float32).eval()
+        missing, unexpected = model.load_state_dict(
+            dict(reference_output(ex.base_dir, ex.checkpoint.path, scale=ex.checkpoint.scale)), strict=True)
+        assert not missing and not unexpected
+        tok = AutoTokenizer.from_pretrained(str(ex.base_dir), trust_remote_code=True)
+        model.preparing_for_generation(tok, max_new_tokens=8)
+        _REFERENCE.update(model=model, tok=tok)
+    with torch.no_grad(), cuda_on_cpu():
+        out = _REFERENCE["model"].predict_forward(image=image, text="<image>Please segment the object.",
+                                                  tokenizer=_REFERENCE["tok"])
+    assert out["prediction"] == SEG_TOKEN + STOP_TOKEN
+    union = np.zeros((image.size[1], image.size[0]), bool)
+    for m in out["prediction_masks"]:
+        union |= m[0]
+    return union
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def recompute(world, out: Path, model: str, stems: list[str]) -> dict:
+    """Dice/IoU per image and the model's aggregates, from the saved PNGs and the ground truth only."""
+    per, inter, union = {}, 0, 0
+    for stem in stems:
+        with Image.open(out / "predictions" / model / f"{stem}.png") as im:
+            assert im.mode == "L"
+            arr = np.asarray(im)
+        assert set(np.unique(arr).tolist()) <= {0, 255}
+        pred, gt = arr == 255, world.truth[stem]
+        assert pred.shape == gt.shape
+        i, u = int((pred & gt).sum()), int((pred | gt).sum())
+        dice = 2 * i / (pred.sum() + gt.sum()) if (pred.sum() + gt.sum()) else 1.0
+        per[stem] = {"dice": dice, "iou": i / u if u else 1.0, "pred_area": int(pred.sum())}
+        inter, union = inter + i, union + u
+    return {"per": per, "mean_dice": float(np.mean([p["dice"] for p in per.values()])),
+            "giou": float(np.mean([p["iou"] for p in per.values()])), "ciou": inter / union}
+
+
+@pytest.fixture(scope="module")
+def main_run(world) -> SimpleNamespace:
+    """One run comparing the fine-tune with its two twins (three models, one report)."""
+    out = world.root / "report"
+    f = world.folders
+    r = run_eval(f["finetune"], f["no_lora"], f["no_head"], "--data", world.data, "--prompt", PROMPT, "--out", out,
+                 "--device", "cpu", "--overlays")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return SimpleNamespace(out=out, report=json.loads((out / "summary.json").read_text()), stdout=r.stdout)
+
+
+# ------------------------------------------------------------------ the scores
+
+
+def test_fine_tune_scores_high_and_its_twins_low_recomputed_from_the_saved_masks(world, main_run):
+    report, out = main_run.report, main_run.out
+    stems = [p[0] for p in PICTURES]
+    models = {m["model"]: m for m in report["models"]}
+    assert list(models) == ["finetune", "no_lora", "no_head"]
+    assert report["ok"] and report["best"] == "finetune" and report["images"] == len(stems) and not report["failures"]
+    rows = read_rows(out / "metrics.csv")
+    assert [(r["model"], r["stem"]) for r in rows] == [(m, s) for m in models for s in stems]
+    for name, summary in models.items():
+        mine = recompute(world, out, name, stems)
+        assert summary["images"] == len(stems) and summary["failures"] == 0
+        assert summary["mean_dice"] == pytest.approx(mine["mean_dice"], abs=1e-9)
+        assert summary["giou"] == pytest.approx(mine["giou"], abs=1e-9)
+        assert summary["ciou"] == pytest.approx(mine["ciou"], abs=1e-9)
+        for row in (r for r in rows if r["model"] == name):
+            p = mine["per"][row["stem"]]
+            assert float(row["dice"]) == pytest.approx(p["dice"], abs=1e-6)
+            assert float(row["iou"]) == pytest.approx(p["iou"], abs=1e-6)
+            assert int(row["pred_area"]) == p["pred_area"]
+            assert Path(row["prediction_file"]) == out / "predictions" / name / f"{row['stem']}.png"
+            assert (out / "overlays" / name / f"{row['stem']}.png").is_file()
+    ft = recompute(world, out, "finetune", stems)
+    # the fine-tune finds what the fp32 reference finds (bf16 moves a few boundary pixels) ...
+    assert all(p["dice"] > 0.98 for s, p in ft["per"].items() if s != CUT), ft["per"]
+    assert 0.5 < ft["per"][CUT]["dice"] < 0.9  # ... and is marked down where the ground truth disagrees
+    assert models["finetune"]["mean_dice"] > 0.9 and models["finetune"]["no_seg_rate"] == 0
+    # the twins answer without [SEG]: empty predictions, scored 0, never forced
+    for twin in ("no_lora", "no_head"):
+        assert models[twin]["mean_dice"] == 0 and models[twin]["ciou"] == 0
+        assert models[twin]["no_seg_rate"] == 1 and models[twin]["no_seg"] == len(stems)
+        assert all(p["pred_area"] == 0 for p in recompute(world, out, twin, stems)["per"].values())
+        assert {r["status"] for r in rows if r["model"] == twin} == {"no_seg"}
+        assert all(SEG_TOKEN not in r["answer"] for r in rows if r["model"] == twin)
+    assert {r["answer"] for r in rows if r["model"] == "finetune"} == {SEG_TOKEN + STOP_TOKEN}
+
+
+def test_report_files_and_the_plain_table(main_run):
+    out = main_run.out
+    summary = main_run.report
+    assert "ciou" in summary["definitions"] and not (out / ".work").exists()
+    with Image.open(out / "report.png") as im:
+        assert im.format == "PNG" and im.size[0] > 600
+    assert not list(out.rglob("*.tmp*"))  # atomic writes leave no temporary files
+    lines = main_run.stdout.splitlines()  # piped: aligned plain text, no box drawing
+    assert lines[1].split()[:4] == ["model", "images", "mean", "Dice"]
+    assert [ln.split()[0] for ln in lines[2:5]] == ["finetune", "no_lora", "no_head"]
+    assert lines[2].startswith("finetune *") and "best: finetune" in main_run.stdout
+    assert not any(ch in main_run.stdout for ch in "┏━│")
+    dice = {ln.split()[0]: ln.split()[3 if ln.startswith("finetune *") else 2] for ln in lines[2:5]}
+    assert dice == {m["model"]: f"{m['mean_dice']:.3f}" for m in summary["models"]}
+
+
+# ------------------------------------------------------------------ scale: torchrun, resume
+
+
+def test_torchrun_two_ranks_on_cpu_equals_one_process(world, main_run, tmp_path):
+    """A folder of iter_N folders (as convert --all writes), evaluated by 2 ranks (gloo): the same
+    rows and metrics as the one-process run, the models in iteration order, best named."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "iter_1000").symlink_to(world.folders["finetune"])
+    (runs / "iter_200").symlink_to(world.folders["no_lora"])
+    (runs / "notes").mkdir()  # not a model: ignored inside a run folder
+    out = tmp_path / "rep"
+    r = run_eval(runs, "--data", world.data, "--prompt", PROMPT, "--out", out, "--device", "cpu", "--json",
+                 torchrun=2, timeout=400)
+    assert r.returncode == 0, r.stderr[-4000:]
+    report = json.loads(r.stdout)  # rank 0 alone prints
+    assert report == json.loads((out / "summary.json").read_text())
+    assert report["world_size"] == 2 and report["evaluated"] == 2 * len(PICTURES)
+    assert [(m["model"], m["iteration"]) for m in report["models"]] == [("iter_200", 200), ("iter_1000", 1000)]
+    assert report["best"] == "iter_1000"
+    same = {"iter_200": "no_lora", "iter_1000": "finetune"}
+    keep = ("stem", "status", "intersection", "union", "pred_area", "true_area", "dice", "iou")
+    one = [(row["model"], *(row[k] for k in keep)) for row in read_rows(main_run.out / "metrics.csv")]
+    two = [(same[row["model"]], *(row[k] for k in keep)) for row in read_rows(out / "metrics.csv")]
+    assert sorted(two) == sorted(r for r in one if r[0] in same.values())
+    single = {m["model"]: m for m in main_run.report["models"]}
+    for m in report["models"]:
+        for key in ("images", "mean_dice", "giou", "ciou", "no_seg_rate", "failures"):
+            assert m[key] == single[same[m["model"]]][key], key
+    with Image.open(out / "report.png") as im:  # a line over the iteration
+        assert im.format == "PNG"
+
+
+def test_an_interrupted_run_resumes_from_the_streamed_results(world, main_run, tmp_path):
+    """SIGTERM while the model process is mid-set: exit 130, no summary.json; --resume keeps the
+    images it finished (streamed line by line) and does only the rest."""
+    out = tmp_path / "rep"
+    args = [sys.executable, "-m", "sa2va_convert.cli", "eval", str(world.folders["finetune"]), "--data",
+            str(world.data), "--prompt", PROMPT, "--out", str(out), "--device", "cpu", "--max-new-tokens", "16"]
+    streamed = out / ".work" / "finetune.rank0.results.jsonl"
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV})
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if streamed.is_file() and streamed.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert not (out / "summary.json").exists() and not (out / "report.png").exists()
+    finished = streamed.read_text().count("\n")
+    assert 1 <= finished < len(PICTURES)
+    r = run_eval(world.folders["finetune"], "--data", world.data, "--prompt", PROMPT, "--out", out, "--device", "cpu",
+                 "--json", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    assert report["resumed"] == finished and report["evaluated"] == len(PICTURES) - finished
+    ft = next(m for m in main_run.report["models"] if m["model"] == "finetune")
+    for key in ("images", "mean_dice", "giou", "ciou", "no_seg_rate"):
+        assert report["models"][0][key] == ft[key], key
+
+
+# ------------------------------------------------------------------ failures and bad inputs
+
+
+def test_a_failed_image_exits_10_and_resume_retries_only_it(world, main_run, tmp_path):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    stems = ("a_wide", "b_tall", "c_cut")
+    for stem in stems:
+        (data / "images" / f"{stem}.png").write_bytes((world.data / "images" / f"{stem}.png").read_bytes())
+        (data / "masks" / f"{stem}.png").write_bytes((world.data / "masks" / f"{stem}.png").read_bytes())
+    whole = (data / "images" / "b_tall.png").read_bytes()
+    (data / "images" / "b_tall.png").write_bytes(whole[: len(whole) // 2])  # header intact, pixels cut
+    out = tmp_path / "rep"
+    args = (world.folders["finetune"], "--data", data, "--prompt", PROMPT, "--out", out, "--device", "cpu", "--json")
+    r = run_eval(*args)
+    assert r.returncode == 10, r.stderr[-3000:]
+    report = json.loads(r.stdout)  # one JSON document, the failures in it
+    assert not report["ok"] and [f["stem"] for f in report["failures"]] == ["b_tall"]
+    assert report["models"][0]["images"] == 2 and report["models"][0]["failures"] == 1
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {data / 'images' / 'b_tall.png'}: 1 image(s) failed")
+    rows = {row["stem"]: row for row in read_rows(out / "metrics.csv")}
+    assert rows["b_tall"]["status"] == "failed" and "b_tall" not in str(rows["b_tall"]["prediction_file"])
+    assert rows["b_tall"]["error"] and rows["b_tall"]["dice"] == ""
+    assert not (out / "predictions" / "finetune" / "b_tall.png").exists()
+    kept = {p: p.stat().st_mtime_ns for p in (out / "predictions" / "finetune").iterdir()}
+
+    again = run_eval(*args)
+    assert again.returncode == 6 and "--resume" in again.stderr  # never mixed into a report silently
+    (data / "images" / "b_tall.png").write_bytes(whole)  # the user fixes the image and resumes
+    second = run_eval(*args, "--resume")
+    assert second.returncode == 0, second.stderr[-3000:]
+    report = json.loads(second.stdout)
+    assert report["ok"] and report["resumed"] == 2 and report["evaluated"] == 1 and not report["failures"]
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # finished images not predicted again
+    mine = recompute(world, out, "finetune", list(stems))
+    assert report["models"][0]["mean_dice"] == pytest.approx(mine["mean_dice"], abs=1e-9)
+    assert report["models"][0]["ciou"] == pytest.approx(mine["ciou"], abs=1e-9)
+    full = {(row["stem"], row["dice"]) for row in read_rows(main_run.out / "metrics.csv") if row["model"] == "finetune"}
+    assert {(row["stem"], row["dice"]) for row in read_rows(out / "metrics.csv")} <= full
+
+
+def make_data(root: Path, pairs: dict[str, tuple[tuple[int, int] | None, tuple[int, int] | None]]) -> Path:
+    """images/ and masks/ with the given (image size, mask size) per stem (None: left out)."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for stem, (isize, msize) in pairs.items():
+        if isize:
+            synthetic_picture(*isize).save(root / "images" / f"{stem}.png")
+        if msize:
+            Image.fromarray(np.zeros(msize[::-1], np.uint8), "L").save(root / "masks" / f"{stem}.png")
+    return root
+
+
+def _unreadable_image(d: Path) -> Path:
+    make_data(d, {"a": ((40, 30), (40, 30))})
+    (d / "images" / "a.png").write_text("not a picture")
+    return d
+
+
+def _manifest_with_empty_prompt(d: Path) -> Path:
+    make_data(d, {"a": ((40, 30), (40, 30))})
+    (d / "set.jsonl").write_text('{"image": "images/a.png", "mask": "masks/a.png", "prompt": ""}\n')
+    return d / "set.jsonl"
+
+
+ONE = {"a": ((40, 30), (40, 30))}
+BAD = {  # case: (build the data, prompt arguments, what the error line says)
+    "no images": (lambda d: make_data(d, {}), ["--prompt", PROMPT], "images: no images in images/"),
+    "image without mask": (lambda d: make_data(d, {**ONE, "b": ((40, 30), None)}), ["--prompt", PROMPT],
+                           "images/b.png: image has no mask"),
+    "mask without image": (lambda d: make_data(d, {**ONE, "c": (None, (40, 30))}), ["--prompt", PROMPT],
+                           "masks/c.png: mask has no image"),
+    "mask of another size": (lambda d: make_data(d, {"a": ((40, 30), (30, 40))}), ["--prompt", PROMPT],
+                             "masks/a.png: mask is 30x40 but its image a.png is 40x30"),
+    "unreadable image": (_unreadable_image, ["--prompt", PROMPT], "images/a.png: cannot read the image"),
+    "empty prompt": (lambda d: make_data(d, ONE), ["--prompt", " "], "the prompt is empty"),
+    "no prompt": (lambda d: make_data(d, ONE), [], "no prompt"),
+    "empty prompt in a manifest row": (_manifest_with_empty_prompt, ["--prompt", PROMPT],
+                                       "set.jsonl:1: the prompt is empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_data_is_one_line_exit_3_and_nothing_written(world, tmp_path, case):
+    """In this process (the command's own code, no model is loaded before the data is checked)."""
+    build, prompt_args, expected = BAD[case]
+    data = build(tmp_path / "data")
+    out = tmp_path / "rep"
+    r = CliRunner().invoke(cli_main, ["eval", str(world.folders["finetune"]), "--data", str(data), *prompt_args,
+                                      "--out", str(out), "--device", "cpu"], env=ENV)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.exit_code == 3, r.stderr[-2000:]
+    assert len(errors) == 1 and expected in errors[0] and "(fix: " in errors[0], errors
+    assert not out.exists()
+
+
+def test_a_folder_that_is_not_a_model(world, tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "rep"
+    r = run_eval(world.folders["finetune"], tmp_path / "empty", "--data", world.data, "--prompt", PROMPT,
+                 "--out", out)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 3 and len(errors) == 1, r.stderr
+    assert errors[0].startswith(f"error: {tmp_path / 'empty'}: not a model folder") and "(fix: " in errors[0]
+    assert not out.exists()
+
+
+def test_a_model_that_cannot_load_is_exit_7_and_no_report(world, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(world.folders["finetune"], broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["auto_map"]["AutoModel"] = "modeling_missing.Missing"
+    (broken / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "rep"
+    r = run_eval(broken, "--data", world.data, "--prompt", PROMPT, "--out", out, "--device", "cpu")
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 7 and len(errors) == 1, r.stderr[-2000:]
+    assert errors[0].startswith(f"error: {broken}: evaluation failed while building the config")
+    assert "modeling_missing.py" in errors[0] and "--no-roundtrip" not in errors[0]
+    assert not (out / "summary.json").exists() and not (out / "report.png").exists()
+
+
+# ------------------------------------------------------------------ data loading and metrics (no model)
+
+
+def test_manifests_jsonl_and_csv_with_per_row_prompts(world, tmp_path):
+    rel = os.path.relpath(world.data, tmp_path)
+    (tmp_path / "set.jsonl").write_text(
+        json.dumps({"image": f"{rel}/images/a_wide.png", "mask": f"{rel}/masks/a_wide.png", "prompt": "red car"})
+        + "\n\n" + json.dumps({"image": f"{rel}/images/d_npy.png", "mask": f"{rel}/masks/d_npy.npy"}) + "\n")
+    samples = load_dataset(tmp_path / "set.jsonl", "vessel")
+    assert [(s.stem, s.prompt) for s in samples] == [("a_wide", "<image>Please segment the red car."),
+                                                      ("d_npy", "<image>Please segment the vessel.")]
+    assert samples[1].mask == (world.data / "masks" / "d_npy.npy").resolve()
+    (tmp_path / "set.csv").write_text(f"image,mask,prompt\n{rel}/images/b_tall.png,{rel}/masks/b_tall.png,\n")
+    assert load_dataset(tmp_path / "set.csv", "cat")[0].prompt == "<image>Please segment the cat."
+    (tmp_path / "bad.csv").write_text(f"image,mask\n{rel}/images/nope.png,{rel}/masks/b_tall.png\n")
+    with pytest.raises(Exception, match=r"bad.csv:2: image not found"):
+        load_dataset(tmp_path / "bad.csv", "cat")
+    folder = load_dataset(world.data, "x", limit=2)
+    assert [s.stem for s in folder] == ["a_wide", "b_tall"]
+
+
+def test_score_conventions():
+    pred = np.array([[1, 1, 0, 0]], bool)
+    truth = np.array([[0, 1, 1, 0]], bool)
+    s = scores(1, 3, 2, 2)
+    assert s == {"dice": 0.5, "iou": 1 / 3, "precision": 0.5, "recall": 0.5}
+    assert int((pred & truth).sum()) == 1 and int((pred | truth).sum()) == 3
+    assert scores(0, 0, 0, 0) == {"dice": 1.0, "iou": 1.0, "precision": 1.0, "recall": 1.0}  # nothing to find
+    assert scores(0, 5, 0, 5) == {"dice": 0.0, "iou": 0.0, "precision": 0.0, "recall": 0.0}  # missed it all
+    assert scores(0, 5, 5, 0)["dice"] == 0.0  # found something that is not there
