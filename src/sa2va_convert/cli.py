@@ -15,7 +15,7 @@ from typing import Callable
 
 import click
 
-from . import __version__
+from ._version import __version__
 from .cli_common import EXIT_HELP, SCHEMA_VERSION, emit_json, handle_errors, verbosity_options  # noqa: F401
 from .cli_eval import register_eval
 from .cli_verify import register_verify_commands

@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from .. import __version__
+from .._version import __version__
 from ..read.tensor_source import TensorInfo
 from .vocab import TokenAddition
 

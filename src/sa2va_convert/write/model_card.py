@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .. import __version__
+from .._version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..plan.planner import ConversionPlan
