@@ -463,9 +463,9 @@ def _split_shards(tensors: Sequence[PlannedTensor], max_bytes: int) -> tuple[Sha
 
 
 def _resident_layers(checkpoint: TensorSource, pretrained: TensorSource | None) -> frozenset[str]:
-    """Layers whose mapped pages stay in RSS: sources without ``release_rows`` (see read.mapped_pages)."""
+    """Layers whose mapped pages stay in RSS: sources that do not declare ``releases_pages`` (see read.mapped_pages)."""
     layers = {"checkpoint": checkpoint, "pretrained": pretrained}
-    return frozenset(name for name, src in layers.items() if src is not None and not hasattr(src, "release_rows"))
+    return frozenset(name for name, src in layers.items() if src is not None and not src.abilities.releases_pages)
 
 
 def estimate_peak_ram(tensors: Sequence[PlannedTensor], shards: Sequence[ShardPlan] = (), *,

@@ -79,7 +79,7 @@ from .checkpoint_file import TrainingCheckpoint, plain_meta
 from .embedded_config import parse_embedded_config
 from .safe_pickle import SafeLoad, is_placeholder, safe_torch_load
 from .safe_pickle.allow_lists import SafeCallable
-from .tensor_source import TensorInfo
+from .tensor_source import SourceDefaults, TensorInfo
 
 __all__ = ["open_deepspeed_dir", "DeepSpeedSource", "WeightsChoice"]
 
@@ -145,8 +145,11 @@ class _Store:
         return self.tensors[p.rank][p.slot].narrow(0, p.start, p.length)
 
 
-class DeepSpeedSource:
+class DeepSpeedSource(SourceDefaults):
     """TensorSource over a DeepSpeed folder; ``load`` assembles one parameter from its slices.
+
+    No optional ability: a row range is a slice of the assembled parameter, and pages of the
+    partition files, once read, stay in RSS (the peak-RAM estimate counts them).
 
     ``info`` comes from ``param_shapes`` and the partition dtypes, so planning
     reads no tensor data. A parameter kept whole on one rank is returned as a

@@ -18,7 +18,7 @@ import torch
 from .. import dtypes
 from ..errors import InputError
 from .safetensors_header import header_length, read_safetensors_header
-from .tensor_source import TensorInfo
+from .tensor_source import SourceAbilities, SourceDefaults, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -40,8 +40,13 @@ def read_range(fpath: Path, begin: int, view: memoryview, key: str) -> None:
         raise InputError("permission denied", path=fpath, hint="make the file readable") from None
 
 
-class SafetensorsSource:
-    """A TensorSource over one or more safetensors files (a sharded HF folder)."""
+class SafetensorsSource(SourceDefaults):
+    """A TensorSource over one or more safetensors files (a sharded HF folder).
+
+    Reads with plain file reads (never a mapping), into a caller's buffer if given, and a row range
+    alone; nothing stays in RSS, so there are no pages to release."""
+
+    abilities = SourceAbilities(reads_into=True, reads_rows=True)
 
     def __init__(self, files: dict[str, Path], *, label: str, path: Path):
         self.label = label
