@@ -6,7 +6,7 @@ Only parsing and rendering live here; what is checked, and how, is the verify st
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import click
 
@@ -26,10 +26,19 @@ def register_verify_commands(main: click.Group) -> None:
     from .predict import predict as run_predict
     from .verify.folder import verify_folder
 
-    def debug_dump(err: BaseException, debug: bool) -> None:
-        details = getattr(err, "details", None)
-        if debug and details:
-            click.echo(details, err=True)
+    def run_and_show(run: Callable[[], Any], render: Callable[..., None], *, json_out: bool, debug: bool) -> None:
+        """Run the check; on failure show the model process's traceback with --debug; print the report."""
+        try:
+            report = run()
+        except VerifyError as e:
+            details = getattr(e, "details", None)
+            if debug and details:
+                click.echo(details, err=True)
+            raise
+        if json_out:
+            emit_json(report.to_dict())
+        else:
+            render(report.to_dict(), echo=click.echo)
 
     common = [
         click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
@@ -68,17 +77,10 @@ def register_verify_commands(main: click.Group) -> None:
         """Check a converted FOLDER: files (shards, index, vocab, tokenizer, remote code, checksums), then load
         it with transformers and run predict_forward on a test image and video, in a separate process."""
         progress = make_progress(json_out, quiet or json_out, verbose)
-        try:
-            report = verify_folder(folder, roundtrip=not no_roundtrip, device=device, python=python,
-                                   max_new_tokens=max_new_tokens, prompt=prompt, timeout=timeout, video=not no_video,
-                                   expect_mask=expect_mask, on_stage=progress.stage)
-        except VerifyError as e:
-            debug_dump(e, debug or verbose)
-            raise
-        if json_out:
-            emit_json(report.to_dict())
-        else:
-            render_verify(report.to_dict(), echo=click.echo)
+        run_and_show(lambda: verify_folder(folder, roundtrip=not no_roundtrip, device=device, python=python,
+                                           max_new_tokens=max_new_tokens, prompt=prompt, timeout=timeout,
+                                           video=not no_video, expect_mask=expect_mask, on_stage=progress.stage),
+                     render_verify, json_out=json_out, debug=debug or verbose)
 
     @main.command("predict", epilog=EXIT_HELP)
     @click.argument("folder", type=click.Path(path_type=Path, readable=False))
@@ -98,17 +100,10 @@ def register_verify_commands(main: click.Group) -> None:
         """Segment IMAGE with the converted FOLDER's own predict_forward. PROMPT names the object
         ("red car" becomes "<image>Please segment the red car."); a PROMPT with <image> is used as it is."""
         progress = make_progress(json_out, quiet or json_out, verbose)
-        try:
-            report = run_predict(folder, image, prompt, device=device, python=python,
-                                 save=None if no_save else save, overlay=None if no_save else overlay,
-                                 max_new_tokens=max_new_tokens, timeout=timeout, on_stage=progress.stage)
-        except VerifyError as e:
-            debug_dump(e, debug or verbose)
-            raise
-        if json_out:
-            emit_json(report.to_dict())
-        else:
-            render_predict(report.to_dict(), echo=click.echo)
+        run_and_show(lambda: run_predict(folder, image, prompt, device=device, python=python,
+                                         save=None if no_save else save, overlay=None if no_save else overlay,
+                                         max_new_tokens=max_new_tokens, timeout=timeout, on_stage=progress.stage),
+                     render_predict, json_out=json_out, debug=debug or verbose)
 
 
 __all__ = ["register_verify_commands"]

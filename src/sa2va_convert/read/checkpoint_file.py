@@ -112,7 +112,7 @@ def _validated_tensors(path: Path, state_dict: Mapping) -> dict[str, torch.Tenso
             problems.append(f"{shown} is a {_type_name(value)}, not a tensor")
         elif value.layout != torch.strided:
             problems.append(f"{shown} is a {value.layout} tensor; only dense tensors are supported")
-        elif not _supported_dtype(value.dtype):
+        elif not dtypes.is_supported_torch(value.dtype):
             problems.append(f"{shown} has dtype {str(value.dtype).removeprefix('torch.')}, which is not supported")
         elif _overlapping(value):
             problems.append(f"{shown} claims shape {tuple(value.shape)} but its storage holds fewer elements "
@@ -140,14 +140,6 @@ def _overlapping(t: torch.Tensor) -> bool:
     if t.numel() <= 1 or t.is_contiguous():
         return False
     return t.numel() * t.element_size() > t.untyped_storage().nbytes()
-
-
-def _supported_dtype(dtype: torch.dtype) -> bool:
-    try:
-        dtypes.from_torch(dtype)
-    except ValueError:
-        return False
-    return True
 
 
 def plain_meta(top: Mapping) -> dict:

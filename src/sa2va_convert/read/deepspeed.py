@@ -465,7 +465,7 @@ def _saved_tensors(module: Mapping) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in module.items():
         tensor = _plain_tensor(value)
-        if isinstance(key, str) and tensor is not None and _supported(tensor.dtype):
+        if isinstance(key, str) and tensor is not None and dtypes.is_supported_torch(tensor.dtype):
             out[key] = torch.Tensor.detach(tensor)
     return out
 
@@ -830,7 +830,7 @@ def _fragments(top: Mapping) -> dict[str, torch.Tensor]:
     if not isinstance(raw, Mapping):
         return {}
     return {k: torch.Tensor.detach(t) for k, v in raw.items()
-            if isinstance(k, str) and (t := _plain_tensor(v)) is not None and _supported(t.dtype)}
+            if isinstance(k, str) and (t := _plain_tensor(v)) is not None and dtypes.is_supported_torch(t.dtype)}
 
 
 def _zero3_frozen(files: _Files, model: _ModelStates, allow_globals: Sequence[str],
@@ -913,14 +913,6 @@ def _as_int(value: Any) -> int | None:
         if len(args) == 1 and isinstance(args[0], int) and not isinstance(args[0], bool):
             return args[0]
     return None
-
-
-def _supported(dtype: torch.dtype) -> bool:
-    try:
-        dtypes.from_torch(dtype)
-    except ValueError:
-        return False
-    return True
 
 
 def _stage_name(stage: int | None) -> str:
