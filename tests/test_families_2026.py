@@ -175,7 +175,7 @@ def test_sam3_round_trip_on_cpu_reports_masks(sam3_fp32):
 def test_keymaps_list_names_both_new_families(cli):
     r = cli("keymaps", "list", "--json")
     assert r.returncode == 0, r.stderr
-    listed = {k["name"]: k for k in json.loads(r.stdout)}
+    listed = {k["name"]: k for k in json.loads(r.stdout)["keymaps"]}  # schema 1: an object with "keymaps"
     assert listed[SAM3_KEYMAP]["models"] == ["Sa2VA-Qwen3-VL-4B-SAM3"]
     assert listed[LLAVA_KEYMAP]["models"] == ["Sa2VA-LLaVA-1.5-7B"]
     assert listed[SAM3_KEYMAP]["detect"]["config"] and listed["sa2va-v2-qwen-vl"]["detect"]["config_none"]

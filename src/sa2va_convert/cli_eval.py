@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import click
 
-from .cli_common import EXIT_HELP, emit_json, handle_errors
+from .cli_common import EXIT_HELP, emit_json, handle_errors, verbosity_options
 from .errors import ConvertError, EvalFailuresError
 
 COLUMNS = ["model", "images", "mean Dice", "gIoU", "cIoU", "precision", "recall", "no [SEG]", "failed", "img/s"]
@@ -61,10 +61,12 @@ def render_eval(report: dict[str, Any], *, rich: bool, echo: Callable[[str], Non
              f"{files.get('predictions')}")
 
 
+_IMAGE_TIMEOUT = 600.0  # run.DEFAULT_IMAGE_TIMEOUT; here so registering `eval` imports no numpy
+
+
 def register_eval(main: click.Group) -> None:
     """Add ``eval`` to the ``sa2va-convert`` click group (called at the bottom of ``cli.py``)."""
     from .cli_render import make_progress
-    from .evaluate.run import DEFAULT_IMAGE_TIMEOUT, check_failures, evaluate
 
     @main.command("eval", epilog=EXIT_HELP)
     @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path, readable=False))
@@ -84,15 +86,15 @@ def register_eval(main: click.Group) -> None:
     @click.option("--resume", is_flag=True, help="Keep the images an earlier run in --out finished; do the rest.")
     @click.option("--force", is_flag=True, help="Replace the report already in --out.")
     @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Cap on generated tokens.")
-    @click.option("--timeout", type=float, default=DEFAULT_IMAGE_TIMEOUT, show_default=True,
+    @click.option("--timeout", type=float, default=_IMAGE_TIMEOUT, show_default=True,
                   help="Seconds allowed per image (and as much again for loading) before the model process is killed.")
-    @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
     @click.option("--json", "json_out", is_flag=True, help="Print the summary as JSON on stdout.")
-    @click.option("--debug", is_flag=True, help="Show tracebacks for internal errors.")
+    @verbosity_options
     @handle_errors
     def eval_cmd(models: tuple[Path, ...], data: Path, prompt: str | None, out: Path, device: str, dtype: str | None,
                  python: str | None, limit: int | None, overlays: bool, resume: bool, force: bool,
-                 max_new_tokens: int, timeout: float, quiet: bool, json_out: bool, debug: bool) -> None:
+                 max_new_tokens: int, timeout: float, quiet: bool, verbose: bool, json_out: bool,
+                 debug: bool) -> None:
         """Score converted MODEL folders on your own images: Dice, IoU, cIoU, per image and per model.
 
         Each MODEL is a converted folder, or a folder of iter_N folders (convert --all), evaluated
@@ -106,11 +108,13 @@ def register_eval(main: click.Group) -> None:
         rank0 = Dist.from_env().rank == 0
         progress = make_progress(json_out, quiet or json_out or not rank0)
         try:
+            from .evaluate.run import check_failures, evaluate
+
             report = evaluate(list(models), data, out=out, prompt=prompt, device=device, dtype=dtype, python=python,
                               limit=limit, overlays=overlays, resume=resume, force=force,
                               max_new_tokens=max_new_tokens, image_timeout=timeout, on_stage=progress.stage)
         except ConvertError as e:
-            if debug and getattr(e, "details", None):
+            if (debug or verbose) and getattr(e, "details", None):
                 click.echo(e.details, err=True)  # type: ignore[attr-defined]  # the model process's traceback
             raise
         if not rank0:  # rank 0 reports for everyone
