@@ -17,24 +17,26 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ._version import __version__
+from .errors import InputError, Interrupted, PlanError, UsageError, VerifyError, api_errors
+from .progress import Progress, Silent
+from .sizes import parse_size
+# the stages, in pipeline order: read -> plan -> transform -> write -> verify
+from .read.checkpoint import TrainingCheckpoint, open_checkpoint
+from .read.hf_folder import HFFolder, open_hf_folder
+from .read.layered import RenamedSource, UnionSource, open_sam2_checkpoint
+from .read.work_dir import resolve_checkpoint
 from .plan.base_discovery import discover_base, resolve_base
 from .plan.family import Detection, detect_family, match_family, require_family
 from .plan.keymap import Keymap, load_all_builtin, resolve_keymap
-from .plan.planner import ConversionPlan, PlanOptions, build_plan, check_raw_base
-from .plan.vocab import read_tokenizer_state
-from .progress import Progress, Silent
-from .read.checkpoint import TrainingCheckpoint, open_checkpoint
-from .errors import ConvertError, InputError, Interrupted, PlanError, UsageError, VerifyError, api_errors
-from .read.work_dir import is_work_dir, resolve_checkpoint
-from .sizes import parse_size
-from .write import guard
+from .plan.planner import build_plan, check_raw_base
 from .plan.raw_recipe import check_key_families, merge_raw_config, read_code_folder
-from .read.hf_folder import HFFolder, open_hf_folder
-from .read.layered import RenamedSource, UnionSource, open_sam2_checkpoint
+from .plan.types import ConversionPlan, PlanOptions
+from .plan.vocab import read_tokenizer_state
 from .transform.produce import TensorProducer, TransformReport
-from .verify.structural import StructuralReport, check_against_plan
+from .write import guard
 from .write.folder import WriteResult, write_folder
 from .write.model_card import conversion_report, model_card
+from .verify.structural import StructuralReport, check_against_plan
 
 
 @dataclass
