@@ -10,7 +10,8 @@ import torch
 
 from sa2va_convert.errors import PlanError
 from sa2va_convert.plan.keymap import load_builtin
-from sa2va_convert.plan.planner import PlanOptions, build_plan
+from sa2va_convert.plan.planner import build_plan
+from sa2va_convert.plan.types import PlanOptions
 from sa2va_convert.plan.vocab import TokenizerState
 from sa2va_convert.read.tensor_source import StateDictSource
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sa2va_convert.plan.planner import PlannedTensor, SourceRef
+from sa2va_convert.plan.types import PlannedTensor, SourceRef
 from sa2va_convert.read.tensor_source import TensorInfo
 from sa2va_convert.write import safetensors_stream
 from sa2va_convert.write.pipeline import TensorPipeline

@@ -18,7 +18,7 @@ import yaml
 from .._version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..plan.planner import ConversionPlan
+    from ..plan.types import ConversionPlan
 
 
 # Where the card points people for the tool: the project's README until a package page exists.
