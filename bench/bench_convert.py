@@ -395,6 +395,17 @@ def compare_outputs(a: Path, b: Path) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
+def rev_tree(rev: str, work: Path) -> Path:
+    """``src/`` (and ``keymaps/``, found beside it) of commit ``rev``, unpacked under ``work``: run with PYTHONPATH."""
+    dest = work / f"rev-{rev}"
+    if not (dest / "src").is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", rev, "src", "keymaps"], cwd=REPO, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest / "src"
+
+
 def cli_cmd() -> list[str]:
     return [sys.executable, "-m", "sa2va_convert.cli"]
 
@@ -412,7 +423,7 @@ def fmt_gib(n: float) -> str:
     return f"{n / GIB:.2f}"
 
 
-def run_model(model: str, args, work: Path, drop: bool, logs: Path, res: dict, save) -> dict:
+def run_model(model: str, args, work: Path, drops: list[bool], logs: Path, res: dict, save) -> dict:
     print(f"== {model}: generating inputs", file=sys.stderr, flush=True)
     gen = generate(model, work, args.base_dtype, logs / f"{model}.generate")
     print(f"   base {fmt_gib(gen['base_bytes'])} GiB, checkpoint {fmt_gib(gen['checkpoint_bytes'])} GiB, "
@@ -426,11 +437,20 @@ def run_model(model: str, args, work: Path, drop: bool, logs: Path, res: dict, s
     out_a, out_b, out_c = outs / "out_a", outs / "out_b", outs / "out_c"
     cli_extra = args.cli_extra.split()
     res["dry_run"] = dry_run(gen, out_a, common)
+    res["dry_runs"] = {}  # per (a) variant: the estimate for that merge device and read-back setting
+
+    def estimate_for(extra_args: list[str]) -> dict:
+        key = " ".join(extra_args)
+        if key not in res["dry_runs"]:
+            res["dry_runs"][key] = dry_run(gen, out_a, [*common, *extra_args])
+        return res["dry_runs"][key]
+
     save()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
 
     kinds = [k.strip() for k in args.runs.split(",") if k.strip()]
-    for rep in range(args.repeat):
+    for rep, drop in [(r, d) for d in drops for r in range(args.repeat)]:
+        cache = "dropped" if drop else "warm"
         for kind in kinds:
             variants: list[tuple[str, list[str], Path, dict]] = []
             if kind == "a":
@@ -439,6 +459,15 @@ def run_model(model: str, args, work: Path, drop: bool, logs: Path, res: dict, s
                            "--merge-device", dev, *common]
                     shown = " ".join(["(a) sa2va-convert", *cli_extra]) + f", merge {dev}"
                     variants.append((shown, [*cmd, *cli_extra], out_a, {"merge_device": dev}))
+                    if args.also_rev:  # the same command with the code of another commit (before/after, one run)
+                        src = rev_tree(args.also_rev, work)
+                        variants.append((shown.replace("(a) sa2va-convert", f"(a) sa2va-convert at {args.also_rev}"),
+                                         [*cmd, *cli_extra], out_a,
+                                         {"merge_device": dev, "rev": args.also_rev, "_pythonpath": str(src)}))
+                    if args.read_back_too:
+                        variants.append((shown.replace("(a) sa2va-convert", "(a) sa2va-convert --read-back"),
+                                         [*cmd, *cli_extra, "--read-back"], out_a,
+                                         {"merge_device": dev, "read_back": True}))
                     if args.no_read_back_too:
                         variants.append((shown.replace("(a) sa2va-convert", "(a) sa2va-convert --no-read-back"),
                                          [*cmd, *cli_extra, "--no-read-back"], out_a,
@@ -466,10 +495,17 @@ def run_model(model: str, args, work: Path, drop: bool, logs: Path, res: dict, s
                 wait_for_quiet(args.max_load, args.max_wait)
                 prepare_cache(drop, warm)
                 print(f"   {label} (load {loadavg():.2f}) ...", file=sys.stderr, flush=True)
-                slug = (f"{model}.{kind}.{rep}.{extra.get('merge_device', '')}{'' if extra.get('read_back', True) else 'nrb'}"
-                        f"{'.defaults' if extra.get('defaults') else ''}")
-                m = measure(cmd, log=logs / slug, env=env, cwd=REPO)
-                m.update(label=label, kind=kind, repeat=rep, **extra)
+                slug = (f"{model}.{cache}.{kind}.{rep}.{extra.get('merge_device', '')}"
+                        f"{'.rb' if extra.get('read_back') else ''}{'.defaults' if extra.get('defaults') else ''}")
+                extra = dict(extra)
+                run_env = dict(env, PYTHONPATH=extra.pop("_pythonpath")) if "_pythonpath" in extra else env
+                if extra.get("rev"):
+                    slug += f".{extra['rev']}"
+                m = measure(cmd, log=logs / slug, env=run_env, cwd=REPO)
+                m.update(label=label, kind=kind, repeat=rep, cache=cache, **extra)
+                if kind == "a" and not extra.get("rev"):
+                    m["estimate"] = estimate_for(["--merge-device", extra["merge_device"],
+                                                  *(["--read-back"] if extra.get("read_back") else [])])
                 if m["rc"] == 0:
                     m["out_bytes"] = tree_bytes(out)
                     m["out_weight_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
@@ -494,6 +530,7 @@ def run_model(model: str, args, work: Path, drop: bool, logs: Path, res: dict, s
 
 
 def summarize(model_res: dict) -> list[str]:
+    """One row per run; x cp and the (b)/(a) RSS ratio against the fastest (c)/(b) of the same cache state."""
     runs = [r for r in model_res["runs"] if not r.get("skipped") and r.get("rc") == 0]
     rows = []
 
@@ -501,36 +538,42 @@ def summarize(model_res: dict) -> list[str]:
         got = [r for r in runs if pred(r)]
         return min(got, key=lambda r: r["wall_s"]) if got else None
 
-    c = best(lambda r: r["kind"] == "c")
-    b = best(lambda r: r["kind"] == "b")
-    dry = model_res["dry_run"]
     for r in model_res["runs"]:
         if r.get("skipped"):
-            rows.append(f"| {model_res['model']} | {r['label']} | skipped: {r['skipped']} | | | | | | | |")
+            rows.append(f"| {model_res['model']} | | {r['label']} | skipped: {r['skipped']} | | | | | | | | |")
             continue
         if r.get("rc") != 0:
-            rows.append(f"| {model_res['model']} | {r['label']} | failed rc={r['rc']} | | | | | | | |")
+            rows.append(f"| {model_res['model']} | {r.get('cache', '')} | {r['label']} | failed rc={r['rc']} "
+                        "| | | | | | | | |")
             continue
-        wall_c = f"{r['wall_s'] / c['wall_s']:.2f}" if c and r["kind"] == "a" else ""
+        cache = r.get("cache", "")
+        c = best(lambda q, cache=cache: q["kind"] == "c" and q.get("cache", "") == cache)
+        b = best(lambda q, cache=cache: q["kind"] == "b" and q.get("cache", "") == cache)
+        wall_c = f"{r['wall_s'] / c['wall_s']:.2f}" if c and r["kind"] != "c" else ""
         rss_b = f"{b['maxrss_bytes'] / r['maxrss_bytes']:.1f}" if b and r["kind"] == "a" else ""
+        gb = r.get("out_weight_bytes") or r.get("out_bytes") or 0
+        cpu_gb = f"{(r['user_s'] + r['sys_s']) / (gb / 1e9):.2f}" if gb else ""
         est = ""
         eq = r.get("equal_to_baseline")
         label = r["label"] + ("" if eq is None else (" [output == (b), bit for bit]" if eq.get("equal")
                                                       else f" [differs from (b) in {eq.get('n_different')} tensors]"))
         if r["kind"] == "a":
+            dry = r.get("estimate") or model_res["dry_run"]
             est = (f"RAM {fmt_gib(dry['peak_ram_bytes'])} ({dry['peak_ram_bytes'] / r['maxrss_bytes'] - 1:+.0%}), "
                    f"disk {fmt_gib(dry['disk_bytes'])} ({dry['disk_bytes'] / r['out_weight_bytes'] - 1:+.0%})")
         rows.append(
-            f"| {model_res['model']} | {label} | {r['wall_s']:.1f} | {fmt_gib(r['maxrss_bytes'])} | "
+            f"| {model_res['model']} | {cache} | {label} | {r['wall_s']:.1f} | {wall_c} | "
+            f"{r['user_s']:.0f}+{r['sys_s']:.0f} | {cpu_gb} | {fmt_gib(r['maxrss_bytes'])} | "
             f"{fmt_gib(r['sampled_anon_at_peak_bytes'])} / {fmt_gib(r['sampled_file_at_peak_bytes'])} | "
-            f"{r['user_s']:.0f}+{r['sys_s']:.0f} | {r['load1_before']:.2f} | {wall_c} | {rss_b} | {est} |")
+            f"{r['load1_before']:.2f} | {rss_b} | {est} |")
     return rows
 
 
 TABLE_HEAD = [
-    ("| model | run | wall s (incl. sync) | peak RSS GiB (ru_maxrss) | anon / file GiB at sampled peak | "
-     "CPU user+sys s | load1 before | wall (a)/(c) | peak RSS (b)/(a) | dry-run estimate vs measured |"),
-    "|---|---|---|---|---|---|---|---|---|---|",
+    ("| model | cache | run | wall s (incl. sync) | x cp | CPU user+sys s | CPU s/GB written | "
+     "peak RSS GiB (ru_maxrss) | anon / file GiB at sampled peak | load1 before | peak RSS (b)/(a) | "
+     "dry-run estimate vs measured |"),
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
 ]
 
 
@@ -550,7 +593,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cli-extra", default="--no-verify",
                     help="options added to (a) (default --no-verify: no round-trip load of the written model, "
                          "which needs the whole model in memory by design)")
-    ap.add_argument("--no-read-back-too", action="store_true", help="also time (a) with --no-read-back")
+    ap.add_argument("--also-rev", metavar="COMMIT",
+                    help="also time (a) with the code of this commit (git archive; PYTHONPATH), same command")
+    ap.add_argument("--read-back-too", action="store_true",
+                    help="also time (a) with --read-back (every written byte read back from disk)")
+    ap.add_argument("--no-read-back-too", action="store_true",
+                    help="also time (a) with --no-read-back (the default since issue 14; kept for old commands)")
     ap.add_argument("--defaults-too", action="store_true", help="also time (a) with no extra options at all")
     ap.add_argument("--out-root", type=Path, help="where outputs go (default: --work), e.g. a tmpfs")
     ap.add_argument("--repeat", type=int, default=1)
@@ -560,8 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-dtype", default="bf16", help="dtype of the generated base folder")
     ap.add_argument("--out-dtype", default="bf16")
     ap.add_argument("--max-shard-size", default=None, help="passed to (a) as --max-shard-size")
-    ap.add_argument("--cache", choices=("auto", "drop", "warm"), default="auto",
-                    help="drop the page cache before each run (auto: if permitted) or warm the inputs")
+    ap.add_argument("--cache", default="auto",
+                    help="drop the page cache before each run (drop; auto: if permitted) or warm the inputs (warm); "
+                         "a comma list (drop,warm) runs everything once per state")
     ap.add_argument("--check-equal", action="store_true", help="compare (a)'s output with (b)'s, tensor by tensor")
     ap.add_argument("--force-baseline", action="store_true", help="run (b) even if it looks too big for RAM")
     ap.add_argument("--keep", action="store_true", help="keep the generated inputs")
@@ -574,13 +623,16 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
-    drop = {"drop": True, "warm": False}.get(args.cache) if args.cache != "auto" else can_drop_caches()
+    modes = [m.strip() for m in args.cache.split(",") if m.strip()]
+    if any(m not in ("auto", "drop", "warm") for m in modes) or not modes:
+        raise SystemExit(f"--cache: auto, drop, warm or a comma list of them, not {args.cache!r}")
+    drops = [can_drop_caches() if m == "auto" else m == "drop" for m in modes]
     report = {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join([sys.executable, *sys.argv]),
         "machine": machine_info(work),
-        "cache": "dropped before every run (sync; echo 3 > /proc/sys/vm/drop_caches)" if drop
-        else "warm: every input read once before every run",
+        "cache": "; ".join("dropped before every run (sync; echo 3 > /proc/sys/vm/drop_caches)" if d
+                           else "warm: every input read once before every run" for d in drops),
         "models": [],
     }
     print(json.dumps(report["machine"]), file=sys.stderr, flush=True)
@@ -591,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for model in [m.strip() for m in args.models.split(",") if m.strip()]:
             report["models"].append({"model": model, "runs": []})
-            run_model(model, args, work, drop, logs, report["models"][-1], save)
+            run_model(model, args, work, drops, logs, report["models"][-1], save)
             save()
             if not args.keep:
                 shutil.rmtree(work / model, ignore_errors=True)

@@ -50,6 +50,10 @@ def _audit(event: str, args: tuple) -> None:
 def forbidden_events() -> Iterator[list]:
     """Collect forbidden audit events raised in this thread while the block runs."""
     global _hook_installed
+    # pickle decodes protocol-0 strings with codecs that Python imports on first use; an import of a
+    # stdlib codec is not code from the input, but it shows as an 'exec' event in whichever test
+    # decodes first, so the full suite's order decided whether the checkpoint fuzz test passed
+    import encodings.ascii, encodings.latin_1, encodings.raw_unicode_escape, encodings.utf_8  # noqa: E401, F401
     if not _hook_installed:  # audit hooks cannot be removed; install one cheap hook per session
         sys.addaudithook(_audit)
         _hook_installed = True

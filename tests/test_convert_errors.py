@@ -139,3 +139,31 @@ def test_base_discovered_from_the_training_config(make_family, tmp_path, cli):
     r = cli(fam.ckpt.path, tmp_path / "out", "--json")
     assert r.returncode == 0, r.stderr
     assert str(fam.base) in r.stdout
+
+
+def _base_with_nan(src: Path, dst: Path, prefix: str = "vision_model.") -> str:
+    """A copy of a base folder with one NaN in a 2-D tensor the conversion copies as it is; returns its name."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for shard in sorted(dst.glob("*.safetensors")):
+        tensors = load_file(str(shard))
+        key = next((k for k in sorted(tensors) if k.startswith(prefix) and tensors[k].is_floating_point()
+                    and tensors[k].dim() == 2), None)
+        if key is not None:
+            tensors[key].view(-1)[0] = float("nan")
+            save_file(tensors, str(shard), metadata={"format": "pt"})
+            return key
+    raise AssertionError(f"no {prefix} tensor in {src}")
+
+
+def test_nan_in_a_base_tensor_copied_as_is(make_family, tmp_path, cli):
+    """The default post-write check reads no values back from disk (issue 14), so every value written is
+    checked in memory: a NaN in a base tensor that no LoRA touches is refused before anything is published."""
+    fam = make_family("sa2va-1b")
+    key = _base_with_nan(fam.base, tmp_path / "base")
+    r = cli(fam.ckpt.path, tmp_path / "out", "--base", tmp_path / "base")
+    _one_line(r, 5, "NaN/Inf", key, "base folder")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))

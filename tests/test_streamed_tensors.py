@@ -108,3 +108,19 @@ def test_one_huge_tensor_does_not_set_the_memory_floor(tmp_path):
     baseline = peak(BASELINE)
     used = peak(CHILD, str(ckpt.path), str(tmp_path / "out"), str(base)) - baseline
     assert used < huge / 2, (used, huge)
+
+
+def test_nan_in_a_streamed_base_tensor_is_refused(make_family, tmp_path, monkeypatch):
+    """A base tensor streamed in row blocks (no merge) is checked block by block as it is written."""
+    from test_convert_errors import _base_with_nan
+
+    from sa2va_convert.transform import produce
+
+    fam = make_family("sa2va-1b")
+    key = _base_with_nan(fam.base, tmp_path / "base")  # a vision weight: no LoRA, not in the checkpoint
+    monkeypatch.setattr(write_folder, "PIPELINE_BUDGET_BYTES", _STREAM_EVERYTHING)
+    monkeypatch.setattr(produce, "_STREAM_COPY_BYTES", 64)  # a few rows per block
+    with pytest.raises(PlanError) as e:
+        convert(fam.ckpt.path, tmp_path / "out", ConvertOptions(base=tmp_path / "base", roundtrip=False))
+    assert "contains 1 NaN/Inf value(s)" in e.value.message and key in e.value.message
+    assert not (tmp_path / "out").exists()

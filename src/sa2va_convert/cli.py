@@ -131,8 +131,11 @@ def common_options(fn: Callable) -> Callable:
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensors, bytes, peak RAM, disk) and write nothing "
               "(with --all: for every checkpoint).")
 @click.option("--show-tensors", is_flag=True, help="With --dry-run: list every planned tensor (an error without it).")
-@click.option("--merge-device", default="cpu", show_default=True, help="Device for LoRA merges (cpu, cuda, cuda:1).")
-@click.option("--no-read-back", is_flag=True, help="Skip reading every written tensor back before publishing.")
+@click.option("--merge-device", default="cpu", show_default=True,
+              help="Device for LoRA merges (cpu, cuda, cuda:1, auto = cuda if available).")
+@click.option("--read-back/--no-read-back", "read_back", default=False, show_default=True,
+              help="Also read every written byte back from disk before publishing: values scanned, each shard's "
+                   "sha256 compared with the bytes written.")
 @click.option("--verify/--no-verify", "roundtrip", default=True, show_default=True,
               help="After writing, load OUT in a separate process and run predict_forward on a synthetic image.")
 @click.option("--device", "verify_device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
@@ -147,7 +150,7 @@ def common_options(fn: Callable) -> Callable:
 @handle_errors
 def convert(checkpoint: Path, out: Path, base, pretrained, keymap, force_keymap, sam2, code_from, dtype, max_shard_size,
             lora_alpha, rslora, override_lora_config, allow_unused, template, force, replace_foreign, dry_run,
-            show_tensors, merge_device, no_read_back, roundtrip, verify_device, verify_python, expect_mask,
+            show_tensors, merge_device, read_back, roundtrip, verify_device, verify_python, expect_mask,
             all_checkpoints, quiet, verbose, json_out, debug, allow_globals) -> None:
     """Convert CHECKPOINT (iter_N.pth, a DeepSpeed iter_N.pth/ folder, or a work_dir) into a HuggingFace folder OUT.
 
@@ -159,7 +162,7 @@ def convert(checkpoint: Path, out: Path, base, pretrained, keymap, force_keymap,
     try:
         _convert(checkpoint, out, base, pretrained, keymap, force_keymap, sam2, code_from, dtype, max_shard_size,
                  lora_alpha, rslora, override_lora_config, allow_unused, template, force, replace_foreign, dry_run,
-                 show_tensors, merge_device, no_read_back, roundtrip, verify_device, verify_python, expect_mask,
+                 show_tensors, merge_device, read_back, roundtrip, verify_device, verify_python, expect_mask,
                  all_checkpoints, quiet, verbose, json_out, allow_globals)
     except KeyboardInterrupt:  # the API says more where it knows more (while writing, during the round trip)
         raise Interrupted("interrupted before anything was written", path=out,
@@ -168,7 +171,7 @@ def convert(checkpoint: Path, out: Path, base, pretrained, keymap, force_keymap,
 
 def _convert(checkpoint, out, base, pretrained, keymap, force_keymap, sam2, code_from, dtype, max_shard_size, lora_alpha,
              rslora, override_lora_config, allow_unused, template, force, replace_foreign, dry_run, show_tensors,
-             merge_device, no_read_back, roundtrip, verify_device, verify_python, expect_mask, all_checkpoints, quiet,
+             merge_device, read_back, roundtrip, verify_device, verify_python, expect_mask, all_checkpoints, quiet,
              verbose, json_out, allow_globals) -> None:
     from . import api, batch
     from .cli_render import make_progress, render_batch, render_plan, render_result
@@ -176,7 +179,7 @@ def _convert(checkpoint, out, base, pretrained, keymap, force_keymap, sam2, code
     options = api.ConvertOptions(
         base=base, pretrained=pretrained, keymap=keymap, dtype=dtype, max_shard_bytes=parse_size(max_shard_size),
         lora_alpha=lora_alpha, rslora=rslora, allow_unused=allow_unused, template=template, force=force,
-        merge_device=merge_device, allow_globals=allow_globals, read_back=not no_read_back, sam2=sam2,
+        merge_device=merge_device, allow_globals=allow_globals, read_back=read_back, sam2=sam2,
         code_from=code_from, roundtrip=roundtrip, verify_device=verify_device, verify_python=verify_python,
         expect_mask=expect_mask, replace_foreign=replace_foreign, force_keymap=force_keymap,
         override_lora_config=override_lora_config, dry_run=dry_run,

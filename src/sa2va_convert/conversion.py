@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ._version import __version__
 from .errors import InputError, Interrupted, PlanError, UsageError, VerifyError, api_errors
@@ -60,7 +61,7 @@ class ConvertOptions:
     force: bool = False
     merge_device: str = "cpu"
     allow_globals: Sequence[str] = ()
-    read_back: bool = True  # read every written tensor back before publishing
+    read_back: bool = False  # also read every written byte back from disk before publishing (sha256 compared)
     sam2: str | Path | None = None  # original recipe: sam2_hiera_large.pt (base is then a raw InternVL folder)
     code_from: str | Path | None = None  # any Sa2VA HF folder of the family: remote code + config class
     roundtrip: bool = True  # after writing, load OUT in a separate process and run predict_forward
@@ -123,12 +124,14 @@ DTYPES = ("bf16", "fp16", "fp32", "auto")
 
 
 def check_merge_device(device: str) -> str:
-    """cpu, cuda or cuda:N — and CUDA only where this torch sees a GPU (asked before any work)."""
+    """cpu, auto, cuda or cuda:N — and CUDA only where this torch sees a GPU (asked before any work).
+
+    ``auto`` stays ``auto`` here: the transform stage resolves it (cuda when a GPU is seen)."""
     text = str(device or "").strip()
-    if text == "cpu":
+    if text in ("cpu", "auto"):
         return text
     if not re.fullmatch(r"cuda(:\d+)?", text):
-        raise UsageError(f"unknown merge device {device!r}", hint="use cpu, cuda or cuda:N")
+        raise UsageError(f"unknown merge device {device!r}", hint="use cpu, auto, cuda or cuda:N")
     import torch
 
     if not torch.cuda.is_available():
@@ -300,6 +303,32 @@ def plan_conversion(checkpoint: str | Path, out: str | Path, options: ConvertOpt
     return plan_from_inputs(open_inputs(resolved, options), out, options)
 
 
+class _Background:
+    """``fn(*args)`` in a daemon thread; ``result()`` waits and returns it or raises what it raised.
+
+    A daemon thread, not an executor's: a conversion stopped by Ctrl-C or an error exits at once
+    instead of waiting for the job to finish at interpreter exit.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *args: Any):
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), name="sa2va-ckpt-sha", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., Any], args: tuple) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by result()
+            self._error = e
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 @api_errors
 def convert(
     checkpoint: str | Path,
@@ -336,12 +365,19 @@ def convert(
         sources["pretrained"] = inputs.pretrained.weights
     producer = TensorProducer(sources, merge_device=options.merge_device)
     result = ConversionResult(plan=plan, transform=producer.report)
-    result.checkpoint_sha256 = sha256_path(resolved)
+    # the checkpoint's sha256 (for the card and the report, needed only once the shards are written) is
+    # taken in a helper thread while the shards are written: ~1 s per GB of hashing off the critical path
+    # (hashlib and file reads release the GIL); before issue 14 it ran first, serially
+    checkpoint_sha = _Background(sha256_path, resolved)
+
+    written: dict[str, str] = {}  # {shard: sha256 of the bytes handed to the disk}, filled before check()
 
     def check(tmp: Path) -> None:
-        result.structural = check_against_plan(tmp, plan, read_values=options.read_back)
+        result.structural = check_against_plan(tmp, plan, read_values=options.read_back, expected_sha256=written)
 
     def extras(tmp: Path, checksums: dict[str, str]) -> dict[str, str]:
+        written.update(checksums)
+        result.checkpoint_sha256 = checkpoint_sha.result()
         result.seconds = time.perf_counter() - started
         deltas = result.transform.to_dict() if result.transform else None
         return {"README.md": model_card(plan, checkpoint_sha256=result.checkpoint_sha256, lora_deltas=deltas),

@@ -35,7 +35,9 @@ INDEX_NAME = "model.safetensors.index.json"
 # Bytes the converter holds before any tensor is touched: interpreter, torch, tokenizers, the plan
 # (measured: ~290 MiB after imports, ~330 MiB once the tokenizer and plan are loaded).
 INTERPRETER_BASELINE_BYTES = 330 * 1024 * 1024
-READ_BACK_CHUNK_BYTES = 64 * 1024 * 1024  # verify.structural reads values back in pieces of this size
+READ_BACK_CHUNK_BYTES = 64 * 1024 * 1024  # verify.structural reads values back in two buffers of half this
+CUDA_CONTEXT_BYTES = 330 * 1024 * 1024  # host RSS of torch's CUDA runtime + cuBLAS once a GPU merge ran
+PER_MERGE_THREAD_BYTES = 40 * 1024 * 1024  # per torch thread of the merge beyond the first (see estimate_peak_ram)
 NOT_COPIED = {"config.json", "README.md", "conversion_report.json", INDEX_NAME}
 
 
@@ -469,7 +471,7 @@ def _resident_layers(checkpoint: TensorSource, pretrained: TensorSource | None) 
 
 
 def estimate_peak_ram(tensors: Sequence[PlannedTensor], shards: Sequence[ShardPlan] = (), *,
-                      read_back: bool = True, resident_layers: frozenset[str] = frozenset(),
+                      read_back: bool = False, resident_layers: frozenset[str] = frozenset(),
                       merge_device: str = "cpu") -> int:
     """Peak RSS of a conversion (what ``ru_maxrss``/``top`` show, mapped file pages included).
 
@@ -481,11 +483,17 @@ def estimate_peak_ram(tensors: Sequence[PlannedTensor], shards: Sequence[ShardPl
       cannot be, held alone) + the tensors of ``resident_layers``: sources that
       cannot give back the pages of a memory-mapped file once a tensor is
       written (a DeepSpeed partition set), whose pages, once read, stay in RSS;
+      + ~40 MiB per merge thread beyond the first (allocator arenas, MKL buffers:
+      0 on 2 cores, ~0.55 GiB with 15 threads) + the CUDA runtime's host memory
+      for a GPU merge (``auto`` resolved as the conversion will);
     * reading back (``read_back``, the default): interpreter + those pages + one
       fixed chunk (``verify.structural`` streams values; nothing maps a shard).
     """
-    from ..transform.produce import STREAM_BLOCK_BYTES, streamable  # local: estimates only
+    from ..transform.produce import _DEVICE_BLOCK_ELEMS, STREAM_BLOCK_BYTES, resolve_merge_device, streamable
     from ..write import pipeline  # local: write imports plan at module level
+
+    merge_device = resolve_merge_device(merge_device)
+    on_gpu = merge_device != "cpu"
 
     resident: dict[tuple[str, str], int] = {}
     costs: list[tuple[PlannedTensor, int]] = []
@@ -499,10 +507,19 @@ def estimate_peak_ram(tensors: Sequence[PlannedTensor], shards: Sequence[ShardPl
     budget = min(pipeline.DEFAULT_BUDGET_BYTES, pipeline.AHEAD * largest_item)
     held = max((c for t, c in costs if c <= budget or not streamable(t, merge_device)), default=0)
     streams = any(c > budget and streamable(t, merge_device) for t, c in costs)
-    window = max(budget, held, STREAM_BLOCK_BYTES if streams else 0) + budget // 2  # + free pooled buffers
+    stream_block = STREAM_BLOCK_BYTES
+    if streams and on_gpu:  # host side of a GPU-merged streamed tensor: a block of input rows and one of output
+        stream_block = max(stream_block, max(min(t.nbytes, 2 * _DEVICE_BLOCK_ELEMS * dtypes.itemsize(t.dtype))
+                                             for t, c in costs if c > budget and streamable(t, merge_device)))
+    window = max(budget, held, stream_block if streams else 0) + budget // 2  # + free pooled buffers
     mapped = sum(resident.values())
-    writing = INTERPRETER_BASELINE_BYTES + mapped + window
+    # a GPU merge maps the CUDA runtime and cuBLAS into the process: +0.32 GiB at 4B on the H100 machine
+    # (2.03 against 1.71 GiB, issue 14)
+    # each torch thread of the merge adds its own allocator arena and MKL packing buffers: on the 16-core H100
+    # machine (15 merge threads) the same 4B/8B runs peaked 0.37-0.64 GiB above this 2-core VM's (issue 14)
+    threads = (PER_MERGE_THREAD_BYTES * max(0, pipeline.default_merge_threads() - 1))
+    writing = INTERPRETER_BASELINE_BYTES + mapped + window + threads + (CUDA_CONTEXT_BYTES if on_gpu else 0)
     if not read_back or not shards:
         return writing
-    checking = INTERPRETER_BASELINE_BYTES + mapped + READ_BACK_CHUNK_BYTES
+    checking = INTERPRETER_BASELINE_BYTES + mapped + READ_BACK_CHUNK_BYTES + (CUDA_CONTEXT_BYTES if on_gpu else 0)
     return max(writing, checking)

@@ -101,7 +101,7 @@ class PlanOptions:
     allow_unused: tuple[str, ...] = ()
     template: str | None = None
     merge_device: str = "cpu"  # only for the peak-RAM estimate: what the writer streams in row blocks
-    read_back: bool = True  # only for the peak-RAM estimate
+    read_back: bool = False  # only for the peak-RAM estimate
 
 
 @dataclass

@@ -27,6 +27,7 @@ _CHUNK_ELEMS = 16 * 1024 * 1024  # exact NaN/Inf counts walk big tensors in slic
 _BLOCK_ELEMS = 1 << 19  # CPU LoRA merge: rows per block ~ 2 MiB of fp32, so the working set stays in cache
 _STREAM_COPY_BYTES = 16 << 20  # a streamed tensor without a merge is read and written in blocks of this size
 STREAM_BLOCK_BYTES = 3 * _STREAM_COPY_BYTES  # about what one streamed tensor holds at a time (estimates)
+_DEVICE_BLOCK_ELEMS = 16 << 20  # GPU merge of a streamed tensor: rows per block (fewer launches and syncs)
 
 
 @dataclass
@@ -96,15 +97,19 @@ def _count_nonfinite(t: torch.Tensor) -> int:
     return sum(int((~torch.isfinite(flat[s:s + _CHUNK_ELEMS])).sum()) for s in range(0, flat.numel(), _CHUNK_ELEMS))
 
 
-def _check_finite(t: torch.Tensor, what: str, path: str, count: Callable[[], int] | None = None) -> None:
+_CKPT_NAN_HINT = "the training diverged or the file is damaged; use an earlier checkpoint"
+_BASE_NAN_HINT = "the base folder is damaged; download or copy it again"
+
+
+def _check_finite(t: torch.Tensor, what: str, path: str, count: Callable[[], int] | None = None,
+                  hint: str = _CKPT_NAN_HINT) -> None:
     """Raise if ``t`` holds NaN/Inf; ``count`` gives the exact number when ``t`` is one block of a larger tensor."""
     if not t.is_floating_point() or t.numel() == 0:
         return
     lo, hi = _finite_minmax(t)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         bad = count() if count is not None else _count_nonfinite(t)
-        raise PlanError(f"{what} contains {bad} NaN/Inf value(s)", path=path,
-                        hint="the training diverged or the file is damaged; use an earlier checkpoint")
+        raise PlanError(f"{what} contains {bad} NaN/Inf value(s)", path=path, hint=hint)
 
 
 def _check_fp16_range(lo: float, hi: float, name: str, path: str) -> None:
@@ -168,18 +173,25 @@ class _BufferPool:
                 self._free_bytes += n
 
 
-def streamable(pt: PlannedTensor, merge_device: str = "cpu") -> bool:
-    """Whether :meth:`TensorProducer.stream` can produce ``pt``: 2-D, merged (if at all) on the CPU.
+def resolve_merge_device(name: str) -> str:
+    """``auto`` is ``cuda`` when torch sees a GPU, else ``cpu``; any other name is returned as given."""
+    if str(name).strip().lower() == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(name)
 
-    A GPU merge takes the tensor whole (the device has the memory, and one
-    launch beats many), so it is not streamed.
+
+def streamable(pt: PlannedTensor, merge_device: str = "cpu") -> bool:
+    """Whether :meth:`TensorProducer.stream` can produce ``pt``: 2-D, and a merge's factors fit its rows.
+
+    Any merge device streams: on a GPU the host holds only one block of input
+    rows and one of output (issue 14: the whole 8B head, input and output, held
+    on the host put the cuda merge at 2.85 GiB).
     """
     if len(pt.shape) != 2 or 0 in pt.shape or tuple(pt.value.shape) != pt.shape:
         return False
     if pt.lora is None:
         return True
-    return (torch.device(merge_device).type == "cpu" and tuple(pt.lora.b.shape[:1]) == pt.shape[:1]
-            and tuple(pt.lora.a.shape[-1:]) == pt.shape[1:])
+    return tuple(pt.lora.b.shape[:1]) == pt.shape[:1] and tuple(pt.lora.a.shape[-1:]) == pt.shape[1:]
 
 
 @dataclass
@@ -212,7 +224,7 @@ class TensorProducer:
     def __init__(self, sources: Mapping[str, TensorSource], *, merge_device: str = "cpu",
                  check_finite: bool = True, block_elems: int = _BLOCK_ELEMS):
         self.sources = dict(sources)
-        self.merge_device = torch.device(merge_device)
+        self.merge_device = torch.device(resolve_merge_device(merge_device))
         self.check_finite = check_finite
         self.block_elems = max(1, int(block_elems))
         self.report = TransformReport()
@@ -294,6 +306,12 @@ class TensorProducer:
                 out.copy_(value)
             if pt.dtype == "fp16" and value.dtype != torch.float16:
                 _check_fp16(value, pt.name, str(src.path))
+            if self.check_finite and pt.value.layer == "base":
+                # every value written is NaN/Inf-free: merged and checkpoint tensors are checked above
+                # and in the merge; this covers what passes through from the base (once a job of the
+                # read-back from disk, which is no longer the default, issue 14)
+                _check_finite(out, f"written tensor {pt.name} (base tensor {pt.value.key})", str(src.path),
+                              hint=_BASE_NAN_HINT)
         else:
             out = self._merge(pt, value, prep.a, prep.b, target)
         if out is not value:  # the input buffer (if pooled) is free again
@@ -415,7 +433,8 @@ class TensorProducer:
             return lambda: sum(_count_nonfinite(rows_of(s, min(rows, s + step))) for s in range(0, rows, step))
 
         if pt.lora is not None:
-            step = max(1, min(rows, self.block_elems // cols))
+            per_block = self.block_elems if self.merge_device.type == "cpu" else _DEVICE_BLOCK_ELEMS
+            step = max(1, min(rows, per_block // cols))
 
             def checked_rows(s: int, e: int) -> torch.Tensor:
                 block = rows_of(s, e)
@@ -438,7 +457,7 @@ class TensorProducer:
             if check_input:
                 _check_finite(block, what, path, count_all(step))
             if block.dtype == target:
-                yield block
+                o = block
             else:
                 if pt.dtype == "fp16" and block.dtype != torch.float16:
                     _check_fp16(block, pt.name, path)
@@ -446,7 +465,11 @@ class TensorProducer:
                     out_buf = torch.empty((step, cols), dtype=target)
                 o = out_buf[: stop - start]
                 o.copy_(block)
-                yield o
+            if self.check_finite and not check_input:  # a base tensor: check what is written (see finish)
+                _check_finite(o, f"written tensor {pt.name} (base tensor {pt.value.key})", path,
+                              count_all(step), hint=_BASE_NAN_HINT)
+            yield o
+            del o
             del block
             self._rows_done(pt.value, start, stop)
 

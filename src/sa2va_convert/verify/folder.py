@@ -21,7 +21,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from ..errors import VerifyError
 from ..plan.keymap import Keymap, load_all_builtin
@@ -139,8 +139,12 @@ def shard_checksums(folder: str | Path, files: Iterable[str]) -> dict[str, str]:
     return {f: sha256_of(Path(folder) / f) for f in sorted(files)}
 
 
-def check_checksums(folder: str | Path, shard_files: Iterable[str]) -> dict[str, Any]:
-    """Compare shards with the checksums recorded at conversion, if any were recorded."""
+def check_checksums(folder: str | Path, shard_files: Iterable[str],
+                    computed: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Compare shards with the checksums recorded at conversion, if any were recorded.
+
+    ``computed``: digests the value read-back already took from disk, so each shard is read once.
+    """
     folder = Path(folder)
     report_path = folder / REPORT_NAME
     recorded: dict[str, str] = {}
@@ -158,7 +162,7 @@ def check_checksums(folder: str | Path, shard_files: Iterable[str]) -> dict[str,
         raise VerifyError(f"shard {unlisted[0]} has no checksum in {REPORT_NAME}", path=folder / unlisted[0],
                           hint="the folder was changed after conversion; re-run the conversion")
     for f in files:
-        got = sha256_of(folder / f)
+        got = computed[f] if computed and f in computed else sha256_of(folder / f)
         if got != recorded[f]:
             raise VerifyError(f"shard content differs from the checksum recorded at conversion "
                               f"(sha256 {got[:12]}..., recorded {str(recorded[f])[:12]}...)", path=folder / f,
@@ -207,7 +211,7 @@ def verify_folder(
         report.structural = check_folder(folder, keymap, read_values=read_values)
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         report.code_files = check_remote_code(folder, config)
-        report.checksums = check_checksums(folder, _shard_files(folder))
+        report.checksums = check_checksums(folder, _shard_files(folder), report.structural.sha256)
         if report.checksums["status"] == "not recorded":
             report.notes.append("no shard checksums recorded: corruption that still decodes as finite numbers "
                                 "would go unseen by the file checks")

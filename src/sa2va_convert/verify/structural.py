@@ -10,11 +10,13 @@ user's ``from_pretrained`` that silently leaves weights uninitialised.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -35,7 +37,8 @@ class StructuralReport:
     bytes: int = 0
     vocab_rows: int | None = None
     tokenizer_length: int | None = None
-    checked_values: bool = False
+    checked_values: bool = False  # every byte read back from disk (values scanned, shards hashed)
+    sha256: dict[str, str] = field(default_factory=dict)  # {shard: sha256 of the bytes on disk}, if read back
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -49,16 +52,13 @@ def _fail(message: str, path: Path | str, hint: str) -> VerifyError:
 _CHECKED_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _read_all_values(hf: HFFolder) -> None:
-    """Read every tensor's bytes back from disk; catches corruption the header cannot show (and NaN).
+def _check_headers(hf: HFFolder) -> None:
+    """Every shard's header as ``safetensors`` itself reads it must name exactly the tensors ours does.
 
-    Each shard's header goes through ``safetensors.safe_open`` (the library
-    ``from_pretrained`` uses must accept it, and agree with our parser on the
-    keys); the values are then streamed with plain reads in fixed chunks into
-    one reused buffer and tested with ``aminmax``, which propagates NaN and
-    sees Inf as an extreme. Mapping the shard instead would count every byte
-    of a 5 GB shard in RSS, and ``isfinite`` is not vectorised for bf16
-    (measured ~30x slower, BENCHMARKS.md).
+    Reads headers only (``safe_open`` maps the file; no value page is touched),
+    so it is part of every post-write check. Our own strict parser (run by
+    ``open_hf_folder``) has already checked offsets, dtypes, shapes and that each
+    file is exactly as long as its header says, so a truncated shard fails there.
     """
     src = hf.weights
     for fname in hf.weight_files:
@@ -72,27 +72,90 @@ def _read_all_values(hf: HFFolder) -> None:
         if lib_keys != ours:
             raise _fail("safetensors and sa2va-convert read different tensors from this shard", path,
                         "re-run the conversion")
-    buf = torch.empty(READ_BACK_CHUNK_BYTES, dtype=torch.uint8)
-    step = READ_BACK_CHUNK_BYTES - READ_BACK_CHUNK_BYTES % 8  # whole elements of any dtype
+
+
+def _read_all_values(hf: HFFolder, expected_sha256: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Read every byte of every shard back from disk; {shard: sha256} of what is on disk.
+
+    Catches what a header cannot show: values turned NaN/Inf (each floating
+    tensor goes through ``aminmax``, which propagates NaN and sees Inf as an
+    extreme) and, given ``expected_sha256`` (the digests recorded while
+    writing), any byte that differs from what was written. Values are read with
+    plain reads into two reused buffers, header and gaps included, in file
+    order, and hashed in a second thread while the next piece is read (hashlib
+    releases the GIL). Mapping the shard instead would count every byte of a
+    5 GB shard in RSS, and ``isfinite`` is not vectorised for bf16 (measured
+    ~30x slower, BENCHMARKS.md).
+    """
+    _check_headers(hf)
+    src = hf.weights
+    ranges: dict[Path, list[tuple[int, int, str]]] = {}
     for key in src.keys():
-        info = src.info(key)
-        torch_dtype = dtypes.to_torch(info.dtype)
-        if torch_dtype not in _CHECKED_FLOATS or info.nbytes == 0:
-            continue
         fpath, begin, end = src.byte_range(key)
-        for off in range(begin, end, step):
-            n = min(step, end - off)
-            piece = buf[:n]
-            try:
-                read_range(fpath, off, memoryview(piece.numpy()), key)
-            except ConvertError as e:
-                raise _fail(e.message, fpath, "re-run the conversion") from None
-            lo, hi = torch.aminmax(piece.view(torch_dtype))
-            if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-                raise _fail(f"tensor {key} holds NaN/Inf", fpath, "re-run the conversion")
+        ranges.setdefault(Path(fpath), []).append((begin, end, key))
+    half = max(8, READ_BACK_CHUNK_BYTES // 2)
+    step = half - half % 8  # whole elements of any dtype
+    bufs = [torch.empty(step, dtype=torch.uint8), torch.empty(step, dtype=torch.uint8)]
+    digests: dict[str, str] = {}
+    with ThreadPoolExecutor(1, thread_name_prefix="sa2va-sha") as hasher:
+        for fname in hf.weight_files:
+            path = hf.path / fname
+            h = hashlib.sha256()
+            idle: Future = Future()
+            idle.set_result(None)
+            using = [idle, idle]  # the hash job reading each buffer
+            turn = [0]
+
+            def read(off: int, n: int, what: str, h=h, path=path) -> torch.Tensor:
+                """Bytes [off, off + n) into the free buffer, then queued for hashing (in file order)."""
+                i = turn[0]
+                using[i].result()  # the hash of the piece before last is done: its buffer is free
+                turn[0] ^= 1
+                piece = bufs[i][:n]
+                try:
+                    read_range(path, off, memoryview(piece.numpy()), what)
+                except ConvertError as e:
+                    raise _fail(e.message, path, "re-run the conversion") from None
+                using[i] = hasher.submit(h.update, memoryview(piece.numpy()))
+                return piece
+
+            cursor = 0
+            size = path.stat().st_size
+            for begin, end, key in sorted(ranges.get(path, [])):
+                if begin < cursor:
+                    raise _fail(f"tensor {key} overlaps another tensor's bytes", path, "re-run the conversion")
+                for off in range(cursor, begin, step):  # the header, and any gap between tensors
+                    read(off, min(step, begin - off), fname)
+                torch_dtype = dtypes.to_torch(src.info(key).dtype)
+                for off in range(begin, end, step):
+                    piece = read(off, min(step, end - off), key)
+                    if torch_dtype in _CHECKED_FLOATS:
+                        lo, hi = torch.aminmax(piece.view(torch_dtype))
+                        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+                            raise _fail(f"tensor {key} holds NaN/Inf", path, "re-run the conversion")
+                cursor = max(cursor, end)
+            for off in range(cursor, size, step):
+                read(off, min(step, size - off), fname)
+            for fut in using:
+                fut.result()
+            digests[fname] = h.hexdigest()
+            want = (expected_sha256 or {}).get(fname)
+            if want is not None and want != digests[fname]:
+                raise _fail(f"shard on disk differs from the bytes written (sha256 {digests[fname][:12]}..., "
+                            f"written {want[:12]}...)", path,
+                            "the disk or file system corrupted it; check the disk and re-run the conversion")
+    return digests
 
 
-def check_against_plan(folder: Path, plan: ConversionPlan, *, read_values: bool = True) -> StructuralReport:
+def check_against_plan(folder: Path, plan: ConversionPlan, *, read_values: bool = True,
+                       expected_sha256: Mapping[str, str] | None = None) -> StructuralReport:
+    """The post-write check of a conversion, before publishing (see README "Guarantees").
+
+    Always: headers (ours and safetensors'), names, shapes and dtypes against the
+    plan, every file exactly as long as its header says, tokenizer against the
+    embedding. ``read_values`` (``--read-back``) also reads every byte back from
+    disk, scans values and compares each shard's sha256 with ``expected_sha256``.
+    """
     report = StructuralReport(str(folder))
     try:
         hf = open_hf_folder(folder, label="output")
@@ -111,8 +174,10 @@ def check_against_plan(folder: Path, plan: ConversionPlan, *, read_values: bool 
             raise _fail(f"{name}: written {list(info.shape)} {info.dtype}, planned {list(pt.shape)} {pt.dtype}",
                         folder, "this is a bug; please report it")
     if read_values:
-        _read_all_values(hf)
+        report.sha256 = _read_all_values(hf, expected_sha256)
         report.checked_values = True
+    else:
+        _check_headers(hf)
     report.tensors, report.shards = len(got), len(hf.weight_files)
     report.bytes = sum((folder / f).stat().st_size for f in hf.weight_files)
     tok = read_tokenizer_state(folder)
@@ -164,8 +229,10 @@ def check_folder(folder: Path, keymap: Keymap | None = None, *, read_values: boo
             raise _fail(f"tokenizer has {tok.length} tokens but the vocabulary is {vocab}", folder,
                         "re-run the conversion with the right --base")
     if read_values:
-        _read_all_values(hf)
+        report.sha256 = _read_all_values(hf)
         report.checked_values = True
+    else:
+        _check_headers(hf)
     return report
 
 
