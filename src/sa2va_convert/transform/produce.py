@@ -19,7 +19,7 @@ import torch
 
 from .. import dtypes
 from ..errors import PlanError
-from ..plan.planner import PlannedTensor
+from ..plan.types import PlannedTensor
 from ..read.tensor_source import BufferedLoad, TensorInfo, TensorSource
 
 FP16_MAX = 65504.0
@@ -205,7 +205,7 @@ class Prepared:
 
 
 class TensorProducer:
-    """Callable the writer uses: PlannedTensor -> the exact tensor to store.
+    """What the writer's pipeline drives (a ``write.pipeline.Producer``): PlannedTensor -> the exact tensor to store.
 
     ``producer(pt)`` is ``producer.finish(producer.prepare(pt))``: ``prepare``
     only reads (file IO, which releases the GIL), ``finish`` does the

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..plan.planner import INDEX_NAME, ConversionPlan, PlannedTensor
+from ..plan.planner import INDEX_NAME
+from ..plan.types import ConversionPlan
 from ..progress import Progress, Silent
 from . import atomic, guard
-from .pipeline import DEFAULT_BUDGET_BYTES, TensorPipeline
+from .pipeline import DEFAULT_BUDGET_BYTES, Producer, TensorPipeline
 from .safetensors_stream import StreamEntry, write_streamed
 from .tokenizer import apply_additions
 
@@ -46,7 +47,7 @@ def index_json(plan: ConversionPlan) -> dict:
     return {"metadata": {"total_size": plan.tensor_bytes}, "weight_map": dict(sorted(weight_map.items()))}
 
 
-def write_shards(plan: ConversionPlan, produce: Callable[[PlannedTensor], object], folder: Path,
+def write_shards(plan: ConversionPlan, produce: Producer, folder: Path,
                  progress: Progress, checksums: dict[str, str] | None = None) -> int:
     """Write every shard; ``checksums`` (if given) receives each file's sha256, computed while writing."""
     by_name = plan.by_name()
@@ -82,7 +83,7 @@ def copy_base_files(plan: ConversionPlan, base_dir: Path, folder: Path) -> list[
 
 def write_folder(
     plan: ConversionPlan,
-    produce: Callable[[PlannedTensor], object],
+    produce: Producer,
     *,
     base_dir: Path,
     force: bool = False,
