@@ -207,3 +207,24 @@ def test_pipeline_refuses_an_out_of_order_request():
     with TensorPipeline(FunctionProducer(lambda pt: torch.zeros(pt.shape)), plan) as p:
         with pytest.raises(RuntimeError, match="next tensor is t0"):
             p.get("t1")
+
+
+# ------------------------------------------------------------------------------------ peak-RAM estimate
+
+
+def test_estimate_counts_merge_threads_and_the_cuda_runtime(monkeypatch):
+    """Issue 14: the H100 machine's 15 merge threads and a GPU merge's CUDA runtime showed in the peak."""
+    import torch
+
+    from sa2va_convert.write.peak_ram import CUDA_CONTEXT_BYTES, PER_MERGE_THREAD_BYTES, estimate_peak_ram
+    from sa2va_convert.transform.produce import resolve_merge_device
+
+    monkeypatch.setenv("SA2VA_MERGE_THREADS", "1")
+    one = estimate_peak_ram([], [])
+    assert estimate_peak_ram([], [], merge_device="cuda") - one == CUDA_CONTEXT_BYTES
+    monkeypatch.setenv("SA2VA_MERGE_THREADS", "9")
+    assert estimate_peak_ram([], []) - one == 8 * PER_MERGE_THREAD_BYTES
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_merge_device("auto") == "cpu" and resolve_merge_device("cuda:1") == "cuda:1"
+    monkeypatch.setenv("SA2VA_MERGE_THREADS", "1")
+    assert estimate_peak_ram([], [], merge_device="auto") == one

@@ -8,6 +8,7 @@ dataclasses with ``to_dict()`` for JSON; failures raise ``ConvertError`` subclas
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
@@ -37,7 +38,8 @@ from .transform.produce import TensorProducer, TransformReport
 from .write import guard
 from .write.folder import WriteResult, write_folder
 from .write.model_card import conversion_report, model_card
-from .verify.structural import StructuralReport, check_against_plan
+from .write.peak_ram import estimate_peak_ram, resident_layers
+from .verify.structural import READ_BACK_CHUNK_BYTES, StructuralReport, check_against_plan
 
 
 @dataclass
@@ -76,8 +78,7 @@ class ConvertOptions:
     def plan_options(self) -> PlanOptions:
         return PlanOptions(dtype=self.dtype, max_shard_bytes=self.max_shard_bytes, lora_alpha=self.lora_alpha,
                            rslora=self.rslora, override_lora_config=self.override_lora_config,
-                           allow_unused=tuple(self.allow_unused), template=self.template,
-                           merge_device=self.merge_device, read_back=self.read_back)
+                           allow_unused=tuple(self.allow_unused), template=self.template)
 
     def validate(self) -> "ConvertOptions":
         """Every option checked before any work; a bad one is a UsageError (exit 2) naming it.
@@ -291,7 +292,12 @@ def plan_from_inputs(inputs: Inputs, out: str | Path, options: ConvertOptions) -
     )
     if inputs.code_keys is not None:
         check_key_families(plan, inputs.code_keys, str(options.code_from))
-    return plan
+    # the write stage estimates the memory the plan will take to write (and, with --read-back, to check)
+    peak = estimate_peak_ram(plan.tensors, plan.shards, merge_device=options.merge_device,
+                             read_back_bytes=READ_BACK_CHUNK_BYTES if options.read_back else None,
+                             resident_layers=resident_layers(ckpt.weights,
+                                                             inputs.pretrained.weights if inputs.pretrained else None))
+    return dataclasses.replace(plan, peak_ram_bytes=peak)
 
 
 @api_errors

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 from .. import dtypes
 from ..errors import PlanError
 from ..read.embedded_config import EmbeddedConfig, LoraSettings
-from ..read.tensor_source import TensorInfo, TensorSource
+from ..read.tensor_source import TensorSource
 from .keymap import Keymap, assign, lookup
 from .types import (  # noqa: F401  (ConversionPlan..PlanOptions: also importable from here, as before)
     ConversionPlan,
@@ -32,12 +32,6 @@ from .types import (  # noqa: F401  (ConversionPlan..PlanOptions: also importabl
 from .vocab import EDITED_TOKENIZER_FILES, TokenAddition, TokenizerState, plan_additions
 
 INDEX_NAME = "model.safetensors.index.json"
-# Bytes the converter holds before any tensor is touched: interpreter, torch, tokenizers, the plan
-# (measured: ~290 MiB after imports, ~330 MiB once the tokenizer and plan are loaded).
-INTERPRETER_BASELINE_BYTES = 330 * 1024 * 1024
-READ_BACK_CHUNK_BYTES = 64 * 1024 * 1024  # verify.structural reads values back in two buffers of half this
-CUDA_CONTEXT_BYTES = 330 * 1024 * 1024  # host RSS of torch's CUDA runtime + cuBLAS once a GPU merge ran
-PER_MERGE_THREAD_BYTES = 40 * 1024 * 1024  # per torch thread of the merge beyond the first (see estimate_peak_ram)
 NOT_COPIED = {"config.json", "README.md", "conversion_report.json", INDEX_NAME}
 
 
@@ -274,8 +268,7 @@ def build_plan(
         vocab_rows=rows, tokenizer_additions=additions, copy_files=copy_files, lora=lora,
         dropped=tuple(mapped.dropped + (pre.dropped if pre else [])),
         allowed_unused=tuple(k for k, _ in allowed), warnings=tuple(warnings),
-        peak_ram_bytes=estimate_peak_ram(planned, shards, read_back=options.read_back, merge_device=options.merge_device,
-                                        resident_layers=_resident_layers(checkpoint, pretrained)),
+        peak_ram_bytes=0,  # the write stage estimates it (write.peak_ram), from constants the plan does not own
         disk_bytes=disk,
         checkpoint_meta=dict(checkpoint_meta or {}),
     )
@@ -462,64 +455,3 @@ def _split_shards(tensors: Sequence[PlannedTensor], max_bytes: int) -> tuple[Sha
         ShardPlan(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(t.name for t in g), sum(t.nbytes for t in g))
         for i, g in enumerate(groups)
     )
-
-
-def _resident_layers(checkpoint: TensorSource, pretrained: TensorSource | None) -> frozenset[str]:
-    """Layers whose mapped pages stay in RSS: sources that do not declare ``releases_pages`` (see read.mapped_pages)."""
-    layers = {"checkpoint": checkpoint, "pretrained": pretrained}
-    return frozenset(name for name, src in layers.items() if src is not None and not src.abilities.releases_pages)
-
-
-def estimate_peak_ram(tensors: Sequence[PlannedTensor], shards: Sequence[ShardPlan] = (), *,
-                      read_back: bool = False, resident_layers: frozenset[str] = frozenset(),
-                      merge_device: str = "cpu") -> int:
-    """Peak RSS of a conversion (what ``ru_maxrss``/``top`` show, mapped file pages included).
-
-    Two phases, the larger wins (calibrated on Sa2VA-1B/4B/8B-shaped runs, bench/bench_convert.py):
-
-    * writing: interpreter + the writer pipeline's window (``write.pipeline``: up
-      to its byte budget of tensors in flight, plus its pool of reusable buffers;
-      a tensor bigger than the budget is streamed in row blocks, or, where it
-      cannot be, held alone) + the tensors of ``resident_layers``: sources that
-      cannot give back the pages of a memory-mapped file once a tensor is
-      written (a DeepSpeed partition set), whose pages, once read, stay in RSS;
-      + ~40 MiB per merge thread beyond the first (allocator arenas, MKL buffers:
-      0 on 2 cores, ~0.55 GiB with 15 threads) + the CUDA runtime's host memory
-      for a GPU merge (``auto`` resolved as the conversion will);
-    * reading back (``read_back``, the default): interpreter + those pages + one
-      fixed chunk (``verify.structural`` streams values; nothing maps a shard).
-    """
-    from ..transform.produce import _DEVICE_BLOCK_ELEMS, STREAM_BLOCK_BYTES, resolve_merge_device, streamable
-    from ..write import pipeline  # local: write imports plan at module level
-
-    merge_device = resolve_merge_device(merge_device)
-    on_gpu = merge_device != "cpu"
-
-    resident: dict[tuple[str, str], int] = {}
-    costs: list[tuple[PlannedTensor, int]] = []
-    for t in tensors:
-        refs = [t.value] + ([t.lora.a, t.lora.b] if t.lora is not None else [])
-        for r in refs:
-            if r.layer in resident_layers:
-                resident[(r.layer, r.key)] = TensorInfo(r.shape, r.dtype).nbytes
-        costs.append((t, sum(pipeline.inflight_bytes(t))))
-    largest_item = max((c for _, c in costs), default=0)
-    budget = min(pipeline.DEFAULT_BUDGET_BYTES, pipeline.AHEAD * largest_item)
-    held = max((c for t, c in costs if c <= budget or not streamable(t, merge_device)), default=0)
-    streams = any(c > budget and streamable(t, merge_device) for t, c in costs)
-    stream_block = STREAM_BLOCK_BYTES
-    if streams and on_gpu:  # host side of a GPU-merged streamed tensor: a block of input rows and one of output
-        stream_block = max(stream_block, max(min(t.nbytes, 2 * _DEVICE_BLOCK_ELEMS * dtypes.itemsize(t.dtype))
-                                             for t, c in costs if c > budget and streamable(t, merge_device)))
-    window = max(budget, held, stream_block if streams else 0) + budget // 2  # + free pooled buffers
-    mapped = sum(resident.values())
-    # a GPU merge maps the CUDA runtime and cuBLAS into the process: +0.32 GiB at 4B on the H100 machine
-    # (2.03 against 1.71 GiB, issue 14)
-    # each torch thread of the merge adds its own allocator arena and MKL packing buffers: on the 16-core H100
-    # machine (15 merge threads) the same 4B/8B runs peaked 0.37-0.64 GiB above this 2-core VM's (issue 14)
-    threads = (PER_MERGE_THREAD_BYTES * max(0, pipeline.default_merge_threads() - 1))
-    writing = INTERPRETER_BASELINE_BYTES + mapped + window + threads + (CUDA_CONTEXT_BYTES if on_gpu else 0)
-    if not read_back or not shards:
-        return writing
-    checking = INTERPRETER_BASELINE_BYTES + mapped + READ_BACK_CHUNK_BYTES + (CUDA_CONTEXT_BYTES if on_gpu else 0)
-    return max(writing, checking)

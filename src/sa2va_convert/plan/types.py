@@ -100,8 +100,6 @@ class PlanOptions:
     override_lora_config: bool = False  # --lora-alpha/--rslora win over a different embedded value
     allow_unused: tuple[str, ...] = ()
     template: str | None = None
-    merge_device: str = "cpu"  # only for the peak-RAM estimate: what the writer streams in row blocks
-    read_back: bool = False  # only for the peak-RAM estimate
 
 
 @dataclass
@@ -128,7 +126,7 @@ class ConversionPlan:
     dropped: tuple[str, ...]
     allowed_unused: tuple[str, ...]
     warnings: tuple[str, ...]
-    peak_ram_bytes: int
+    peak_ram_bytes: int  # filled in by the write stage's estimate (write.peak_ram), 0 until then
     disk_bytes: int
     tool_version: str = __version__
     checkpoint_meta: dict[str, Any] = field(default_factory=dict)

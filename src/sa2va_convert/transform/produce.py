@@ -27,7 +27,7 @@ _CHUNK_ELEMS = 16 * 1024 * 1024  # exact NaN/Inf counts walk big tensors in slic
 _BLOCK_ELEMS = 1 << 19  # CPU LoRA merge: rows per block ~ 2 MiB of fp32, so the working set stays in cache
 _STREAM_COPY_BYTES = 16 << 20  # a streamed tensor without a merge is read and written in blocks of this size
 STREAM_BLOCK_BYTES = 3 * _STREAM_COPY_BYTES  # about what one streamed tensor holds at a time (estimates)
-_DEVICE_BLOCK_ELEMS = 16 << 20  # GPU merge of a streamed tensor: rows per block (fewer launches and syncs)
+DEVICE_BLOCK_ELEMS = 16 << 20  # GPU merge of a streamed tensor: rows per block (fewer launches and syncs)
 
 
 @dataclass
@@ -433,7 +433,7 @@ class TensorProducer:
             return lambda: sum(_count_nonfinite(rows_of(s, min(rows, s + step))) for s in range(0, rows, step))
 
         if pt.lora is not None:
-            per_block = self.block_elems if self.merge_device.type == "cpu" else _DEVICE_BLOCK_ELEMS
+            per_block = self.block_elems if self.merge_device.type == "cpu" else DEVICE_BLOCK_ELEMS
             step = max(1, min(rows, per_block // cols))
 
             def checked_rows(s: int, e: int) -> torch.Tensor:
