@@ -12,6 +12,7 @@ from sa2va_convert.errors import PlanError
 from sa2va_convert.plan.keymap import load_builtin
 from sa2va_convert.plan.planner import build_plan
 from sa2va_convert.plan.types import PlanOptions
+from sa2va_convert.write.safetensors_writer import SAFETENSORS
 from sa2va_convert.plan.vocab import TokenizerState
 from sa2va_convert.read.tensor_source import StateDictSource
 
@@ -77,7 +78,7 @@ def plan(ckpt=None, base=None, *, tok_len=V, options=PlanOptions(), emb=None, fi
         base=StateDictSource(base if base is not None else base_tensors(), label="base", path=Path("base")),
         base_config=config, base_files=files,
         tokenizer=TokenizerState(tok_len, {"[SEG]": tok_len - 1}, ("tokenizer.json",), "test"),
-        keymap=KM, out=Path("out"), options=options, embedded=emb if emb is not None else embedded(),
+        keymap=KM, out=Path("out"), naming=SAFETENSORS.naming, options=options, embedded=emb if emb is not None else embedded(),
     )
 
 

@@ -39,6 +39,7 @@ from .write import guard
 from .write.folder import WriteResult, write_folder
 from .write.model_card import conversion_report, model_card
 from .write.peak_ram import estimate_peak_ram, resident_layers
+from .write.safetensors_writer import SAFETENSORS
 from .verify.structural import READ_BACK_CHUNK_BYTES, StructuralReport, check_against_plan
 
 
@@ -286,7 +287,7 @@ def plan_from_inputs(inputs: Inputs, out: str | Path, options: ConvertOptions) -
         checkpoint=ckpt.weights, base=inputs.base.weights, base_config=inputs.base.config,
         base_files=inputs.files if inputs.files is not None else inputs.base.other_files,
         tokenizer=read_tokenizer_state(inputs.base.path),
-        keymap=inputs.keymap, out=Path(out).absolute(), options=options.plan_options(),
+        keymap=inputs.keymap, out=Path(out).absolute(), naming=SAFETENSORS.naming, options=options.plan_options(),
         pretrained=inputs.pretrained.weights if inputs.pretrained else None, embedded=ckpt.config,
         checkpoint_meta=dict(ckpt.meta), raw_base=inputs.raw_base,
     )

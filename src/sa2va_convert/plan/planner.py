@@ -20,19 +20,20 @@ from ..errors import PlanError
 from ..read.embedded_config import EmbeddedConfig, LoraSettings
 from ..read.tensor_source import TensorSource
 from .keymap import Keymap, assign, lookup
+from .shards import split_shards
 from .types import (  # noqa: F401  (ConversionPlan..PlanOptions: also importable from here, as before)
     ConversionPlan,
     LoraRef,
     LoraSettingsUsed,
     PlannedTensor,
     PlanOptions,
+    ShardNaming,
     ShardPlan,
     SourceRef,
 )
 from .vocab import EDITED_TOKENIZER_FILES, TokenAddition, TokenizerState, plan_additions
 
-INDEX_NAME = "model.safetensors.index.json"
-NOT_COPIED = {"config.json", "README.md", "conversion_report.json", INDEX_NAME}
+WRITTEN_BY_THE_WRITER = ("config.json", "README.md", "conversion_report.json")  # never copied from the base; nor the index
 
 
 # ------------------------------------------------------------------ helpers
@@ -214,6 +215,7 @@ def build_plan(
     tokenizer: TokenizerState,
     keymap: Keymap,
     out: Path,
+    naming: ShardNaming,
     options: PlanOptions = PlanOptions(),
     pretrained: TensorSource | None = None,
     embedded: EmbeddedConfig | None = None,
@@ -227,7 +229,8 @@ def build_plan(
     ``raw_base`` is the original Sa2VA recipe: ``base`` is a raw MLLM folder
     plus SAM2, and the keymap's ``raw_base.from_checkpoint`` parts come from
     the checkpoint alone. ``embedded`` is the training config found in the
-    checkpoint (LoRA settings, special tokens, template), if any.
+    checkpoint (LoRA settings, special tokens, template), if any. ``naming`` is
+    how the output format names its files (``ShardWriter.naming``).
 
     The steps, in the order their refusals are checked: the base fits; the checkpoint's keys
     are mapped to HF names; every one has a place; LoRA settings; each output tensor; the
@@ -258,8 +261,8 @@ def build_plan(
     template = _template(options, embedded, base_config, keymap, warnings)
 
     config = _output_config(base_config, keymap, rows, template, options.dtype)
-    shards = _split_shards(planned, options.max_shard_bytes)
-    copy_files = _files_to_copy(base_files, additions)
+    shards = split_shards(planned, options.max_shard_bytes, naming)
+    copy_files = _files_to_copy(base_files, additions, naming)
     disk = sum(s.nbytes for s in shards) + 64 * 1024 * len(shards)
     return ConversionPlan(
         checkpoint=ckpt_path, base=base_path, pretrained=str(pretrained.path) if pretrained else None, out=str(out),
@@ -391,10 +394,12 @@ def _template(options: PlanOptions, embedded: EmbeddedConfig | None, base_config
     return template
 
 
-def _files_to_copy(base_files: Mapping[str, Path], additions: TokenAddition) -> tuple[tuple[str, str], ...]:
+def _files_to_copy(base_files: Mapping[str, Path], additions: TokenAddition,
+                   naming: ShardNaming) -> tuple[tuple[str, str], ...]:
     """The base's non-weight files, less those the writer writes itself (config, index, edited tokenizer)."""
     rewritten = set(EDITED_TOKENIZER_FILES) if additions.tokens else set()
-    return tuple((f, str(src)) for f, src in sorted(base_files.items()) if f not in NOT_COPIED and f not in rewritten)
+    not_copied = {*WRITTEN_BY_THE_WRITER, naming.index_file}
+    return tuple((f, str(src)) for f, src in sorted(base_files.items()) if f not in not_copied and f not in rewritten)
 
 
 def _output_config(base_config: dict, keymap: Keymap, rows: int, template: str, dtype: str) -> dict:
@@ -439,19 +444,3 @@ def _name_dtype(cfg: dict, name: str) -> None:
             for field_name in ("torch_dtype", "dtype"):
                 if field_name in sub:
                     sub[field_name] = name
-
-
-def _split_shards(tensors: Sequence[PlannedTensor], max_bytes: int) -> tuple[ShardPlan, ...]:
-    groups: list[list[PlannedTensor]] = [[]]
-    size = 0
-    for t in tensors:
-        if groups[-1] and size + t.nbytes > max_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(t)
-        size += t.nbytes
-    n = len(groups)
-    return tuple(
-        ShardPlan(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(t.name for t in g), sum(t.nbytes for t in g))
-        for i, g in enumerate(groups)
-    )

@@ -18,7 +18,7 @@ Layer = Literal["base", "pretrained", "checkpoint"]
 """The source layers an output tensor can come from (``TensorSource.label``), last wins: a checkpoint
 tensor over a pretrained one over the base's."""
 
-__all__ = ["Layer", "SourceRef", "LoraRef", "PlannedTensor", "ShardPlan", "LoraSettingsUsed", "PlanOptions",
+__all__ = ["Layer", "SourceRef", "LoraRef", "PlannedTensor", "ShardNaming", "ShardPlan", "LoraSettingsUsed", "PlanOptions",
            "ConversionPlan"]
 
 
@@ -63,6 +63,18 @@ class PlannedTensor:
     @property
     def origin(self) -> str:
         return self.value.layer + ("+lora" if self.lora else "")
+
+
+@dataclass(frozen=True)
+class ShardNaming:
+    """How an output format names its files. The format decides (``write.safetensors_writer``), the plan
+    only fills the names in, so the plan knows no format."""
+
+    shard_pattern: str  # str.format() with ``index`` (from 1) and ``count``
+    index_file: str  # the file mapping every tensor to its shard
+
+    def shard_file(self, index: int, count: int) -> str:
+        return self.shard_pattern.format(index=index, count=count)
 
 
 @dataclass(frozen=True)
