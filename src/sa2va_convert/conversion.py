@@ -388,8 +388,8 @@ def convert(
         result.seconds = time.perf_counter() - started
         deltas = result.transform.to_dict() if result.transform else None
         return {"README.md": model_card(plan, checkpoint_sha256=result.checkpoint_sha256, lora_deltas=deltas),
-                "conversion_report.json": conversion_report(plan, checkpoint_sha256=result.checkpoint_sha256,
-                                                            lora_deltas=deltas, shard_sha256=checksums)}
+                guard.REPORT_NAME: conversion_report(plan, checkpoint_sha256=result.checkpoint_sha256,
+                                                     lora_deltas=deltas, shard_sha256=checksums)}
 
     existed = Path(plan.out).exists()
     try:

@@ -21,14 +21,13 @@ from ..read.embedded_config import EmbeddedConfig, LoraSettings
 from ..read.tensor_source import TensorSource
 from .keymap import Keymap, assign, lookup
 from .shards import split_shards
-from .types import (  # noqa: F401  (ConversionPlan..PlanOptions: also importable from here, as before)
+from .types import (
     ConversionPlan,
     LoraRef,
     LoraSettingsUsed,
     PlannedTensor,
     PlanOptions,
     ShardNaming,
-    ShardPlan,
     SourceRef,
 )
 from .vocab import EDITED_TOKENIZER_FILES, TokenAddition, TokenizerState, plan_additions

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 from ..errors import VerifyError
 from ..plan.keymap import Keymap, load_all_builtin
 from ..read.safetensors_header import tensor_names
+from ..write.guard import REPORT_NAME  # the files and keys verify reads are the ones the write stage wrote
+from ..write.model_card import CHECKSUM_KEY
 from .roundtrip import DEFAULT_PROMPT, DEFAULT_TIMEOUT, RoundTripReport, run_roundtrip
 
 if TYPE_CHECKING:  # structural imports torch: loaded only when a folder is checked, so `--help` stays fast
     from .structural import StructuralReport
 
-REPORT_NAME = "conversion_report.json"
-CHECKSUM_KEY = "shard_sha256"
 _CHUNK = 16 * 1024 * 1024
 
 
@@ -248,7 +248,7 @@ def folder_keymap(folder: Path) -> tuple[Keymap | None, str | None]:
     if recorded is not None:
         for km in keymaps:
             if km.name == recorded:
-                return km, "conversion_report.json"
+                return km, REPORT_NAME
     first = keymap_for_folder(folder, keymaps)
     if first is None:
         return None, None
@@ -266,7 +266,7 @@ def folder_keymap(folder: Path) -> tuple[Keymap | None, str | None]:
 
 def _recorded_keymap(folder: Path) -> str | None:
     try:
-        report = json.loads((folder / "conversion_report.json").read_text(encoding="utf-8"))
+        report = json.loads((folder / REPORT_NAME).read_text(encoding="utf-8"))
         name = report["keymap"]["name"]
     except (OSError, ValueError, KeyError, TypeError):
         return None

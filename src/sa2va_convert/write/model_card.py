@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..plan.types import ConversionPlan
 
 
+CHECKSUM_KEY = "shard_sha256"  # the report's {shard: sha256}, what `verify` compares the shards with
+
 # Where the card points people for the tool: the project's README until a package page exists.
 PROJECT_README = "the sa2va-convert README (README.md in the project's repository)"
 PIPELINE_TAG = "image-text-to-text"  # what the released Sa2VA cards declare
@@ -113,7 +115,7 @@ def conversion_report(plan: "ConversionPlan", *, checkpoint_sha256: str | None,
     object, so the write stage knows nothing of the layer that drives it."""
     report = _report_dict(plan, checkpoint_sha256, lora_deltas)
     if shard_sha256:
-        report["shard_sha256"] = dict(sorted(shard_sha256.items()))
+        report[CHECKSUM_KEY] = dict(sorted(shard_sha256.items()))
     return json.dumps(report, indent=2, sort_keys=True) + "\n"
 
 
