@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from sa2va_convert.plan.planner import LoraRef, PlannedTensor, SourceRef
+from sa2va_convert.plan.types import LoraRef, PlannedTensor, SourceRef
 from sa2va_convert.read.tensor_source import StateDictSource
 from sa2va_convert.transform.produce import TensorProducer
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import types
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -106,36 +105,6 @@ def test_deepspeed_model_states_file(tmp_path: Path) -> None:
     assert "ds_version" in ck.top_level_keys
     with pytest.raises(InputError, match="optimizer-states file"):
         open_checkpoint(optim_states)
-
-
-def test_deepspeed_directory_is_reported_until_supported(tmp_path: Path, monkeypatch) -> None:
-    folder = tmp_path / "iter_500.pth"
-    deepspeed_files(folder, v1_state_dict())
-    monkeypatch.setitem(sys.modules, "sa2va_convert.read.deepspeed", None)  # as if not written yet
-    with pytest.raises(InputError, match="this is a DeepSpeed checkpoint directory") as err:
-        open_checkpoint(folder)
-    assert str(folder) in str(err.value) and "\n" not in str(err.value)
-
-
-def test_zero3_directory_is_recognised(tmp_path: Path, monkeypatch) -> None:
-    folder = tmp_path / "iter_7.pth"
-    folder.mkdir()
-    save({"module": {"a": torch.ones(1)}}, folder / "zero_pp_rank_0_mp_rank_00_model_states.pt")
-    monkeypatch.setitem(sys.modules, "sa2va_convert.read.deepspeed", None)
-    with pytest.raises(InputError, match="DeepSpeed checkpoint directory"):
-        open_checkpoint(folder)
-
-
-def test_deepspeed_directory_dispatches_to_reader(tmp_path: Path, monkeypatch) -> None:
-    folder = tmp_path / "iter_500.pth"
-    folder.mkdir()
-    (folder / "mp_rank_00_model_states.pt").write_bytes(b"")
-    calls = []
-    fake = types.ModuleType("sa2va_convert.read.deepspeed")
-    fake.open_deepspeed_dir = lambda path, *, allow_globals=(): calls.append((path, tuple(allow_globals))) or "ok"
-    monkeypatch.setitem(sys.modules, "sa2va_convert.read.deepspeed", fake)
-    assert open_checkpoint(folder, allow_globals=["a.B"]) == "ok"
-    assert calls == [(folder, ("a.B",))]
 
 
 def test_allow_globals_reaches_the_loader(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from sa2va_convert.plan.keymap import load_all_builtin  # noqa: E402
 from sa2va_convert.testing.config_text import training_config_text  # noqa: E402
 from sa2va_convert.testing.finetune import synthetic_picture  # noqa: E402
 from sa2va_convert.testing.fixtures import write_training_checkpoint  # noqa: E402
-from sa2va_convert.verify.commands import verify_folder  # noqa: E402
+from sa2va_convert.verify.folder import verify_folder  # noqa: E402
 
 SAM3 = "sa2va-qwen3-vl-sam3"
 SAM3_KEYMAP = "sa2va-v2-qwen3vl-sam3"

@@ -10,7 +10,9 @@ import torch
 
 from sa2va_convert.errors import PlanError
 from sa2va_convert.plan.keymap import load_builtin
-from sa2va_convert.plan.planner import PlanOptions, build_plan
+from sa2va_convert.plan.planner import build_plan
+from sa2va_convert.plan.types import PlanOptions
+from sa2va_convert.write.safetensors_writer import SAFETENSORS
 from sa2va_convert.plan.vocab import TokenizerState
 from sa2va_convert.read.tensor_source import StateDictSource
 
@@ -76,7 +78,7 @@ def plan(ckpt=None, base=None, *, tok_len=V, options=PlanOptions(), emb=None, fi
         base=StateDictSource(base if base is not None else base_tensors(), label="base", path=Path("base")),
         base_config=config, base_files=files,
         tokenizer=TokenizerState(tok_len, {"[SEG]": tok_len - 1}, ("tokenizer.json",), "test"),
-        keymap=KM, out=Path("out"), options=options, embedded=emb if emb is not None else embedded(),
+        keymap=KM, out=Path("out"), naming=SAFETENSORS.naming, options=options, embedded=emb if emb is not None else embedded(),
     )
 
 
@@ -205,7 +207,7 @@ def test_plan_is_deterministic_and_serialisable():
 
     a, b = plan().to_dict(), plan().to_dict()
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
-    assert a["estimates"]["peak_ram_bytes"] > 0
+    assert a["estimates"]["disk_bytes"] > 0  # peak RAM is the write stage's estimate (test_convert checks it)
 
 
 def test_two_checkpoint_keys_to_one_target_is_an_error():
@@ -222,21 +224,3 @@ def test_incomplete_lora_pair_is_an_error():
     with pytest.raises(PlanError) as e:
         plan(ck)
     assert "incomplete" in e.value.message
-
-
-def test_estimate_counts_merge_threads_and_the_cuda_runtime(monkeypatch):
-    """Issue 14: the H100 machine's 15 merge threads and a GPU merge's CUDA runtime showed in the peak."""
-    import torch
-
-    from sa2va_convert.plan.planner import CUDA_CONTEXT_BYTES, PER_MERGE_THREAD_BYTES, estimate_peak_ram
-    from sa2va_convert.transform.produce import resolve_merge_device
-
-    monkeypatch.setenv("SA2VA_MERGE_THREADS", "1")
-    one = estimate_peak_ram([], [])
-    assert estimate_peak_ram([], [], merge_device="cuda") - one == CUDA_CONTEXT_BYTES
-    monkeypatch.setenv("SA2VA_MERGE_THREADS", "9")
-    assert estimate_peak_ram([], []) - one == 8 * PER_MERGE_THREAD_BYTES
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_merge_device("auto") == "cpu" and resolve_merge_device("cuda:1") == "cuda:1"
-    monkeypatch.setenv("SA2VA_MERGE_THREADS", "1")
-    assert estimate_peak_ram([], [], merge_device="auto") == one

@@ -31,7 +31,7 @@ from _ckpt_helpers import (
     zip_records,
 )
 from sa2va_convert.errors import ConvertError, InputError, UnsafeInputError
-from sa2va_convert.read import safe_pickle
+from sa2va_convert.read.safe_pickle.allow_lists import SAFE_TYPES
 from sa2va_convert.read.safe_pickle import (
     NumpyArray,
     Placeholder,
@@ -260,7 +260,7 @@ def test_build_cannot_modify_placeholder_classes() -> None:
 
 
 def test_allowed_types_are_immutable() -> None:
-    for name, typ in safe_pickle._SAFE_TYPES.items():
+    for name, typ in SAFE_TYPES.items():
         with pytest.raises((TypeError, AttributeError)):
             setattr(typ, "sa2va_probe", 1)
         assert not hasattr(typ, "sa2va_probe"), name

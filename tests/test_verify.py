@@ -31,13 +31,13 @@ from sa2va_convert.api import ConvertOptions, convert  # noqa: E402
 from sa2va_convert.errors import UsageError, VerifyError  # noqa: E402
 from sa2va_convert.testing import make_tiny_example  # noqa: E402
 from sa2va_convert.verify import roundtrip as rt  # noqa: E402
-from sa2va_convert.verify.commands import (  # noqa: E402
+from sa2va_convert.verify.folder import (  # noqa: E402
     CHECKSUM_KEY,
     check_remote_code,
     shard_checksums,
-    summary_line,
     verify_folder,
 )
+from sa2va_convert.verify.roundtrip import summary_line  # noqa: E402
 
 EMBED_NAMES = ("language_model.model.embed_tokens.weight", "model.model.language_model.embed_tokens.weight",
                "language_model.model.tok_embeddings.weight")

@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sa2va_convert.plan.planner import PlannedTensor, SourceRef
+from sa2va_convert.plan.types import PlannedTensor, SourceRef
 from sa2va_convert.read.tensor_source import TensorInfo
 from sa2va_convert.write import safetensors_stream
-from sa2va_convert.write.pipeline import TensorPipeline
+from sa2va_convert.write.pipeline import FunctionProducer, TensorPipeline
 from sa2va_convert.write.safetensors_stream import StreamEntry, write_streamed
 
 
@@ -166,7 +166,7 @@ def _alive(name: str) -> bool:
 
 def test_pipeline_hands_tensors_over_in_plan_order():
     plan = _planned(40)
-    with TensorPipeline(lambda pt: torch.full(pt.shape, float(pt.name[1:])), plan, budget_bytes=3 * 64 * 32 * 4) as p:
+    with TensorPipeline(FunctionProducer(lambda pt: torch.full(pt.shape, float(pt.name[1:]))), plan, budget_bytes=3 * 64 * 32 * 4) as p:
         for pt in plan:
             t = p.get(pt.name)
             assert float(t[0, 0]) == float(pt.name[1:])
@@ -186,7 +186,7 @@ def test_pipeline_raises_the_producers_error_in_the_writer_and_stops():
     plan = _planned(20)
     got = []
     with pytest.raises(Broken, match="t5 is damaged"):
-        with TensorPipeline(produce, plan) as p:
+        with TensorPipeline(FunctionProducer(produce), plan) as p:
             for pt in plan:
                 p.get(pt.name)
                 got.append(pt.name)
@@ -197,13 +197,34 @@ def test_pipeline_raises_the_producers_error_in_the_writer_and_stops():
 
 def test_pipeline_closed_early_stops_its_threads():
     plan = _planned(200, rows=4096)  # 512 KiB each: the budget blocks the reader long before the end
-    with TensorPipeline(lambda pt: torch.zeros(pt.shape), plan, budget_bytes=2 << 20) as p:
+    with TensorPipeline(FunctionProducer(lambda pt: torch.zeros(pt.shape)), plan, budget_bytes=2 << 20) as p:
         p.get("t0")
     assert not _alive("sa2va-read") and not _alive("sa2va-merge")
 
 
 def test_pipeline_refuses_an_out_of_order_request():
     plan = _planned(3)
-    with TensorPipeline(lambda pt: torch.zeros(pt.shape), plan) as p:
+    with TensorPipeline(FunctionProducer(lambda pt: torch.zeros(pt.shape)), plan) as p:
         with pytest.raises(RuntimeError, match="next tensor is t0"):
             p.get("t1")
+
+
+# ------------------------------------------------------------------------------------ peak-RAM estimate
+
+
+def test_estimate_counts_merge_threads_and_the_cuda_runtime(monkeypatch):
+    """Issue 14: the H100 machine's 15 merge threads and a GPU merge's CUDA runtime showed in the peak."""
+    import torch
+
+    from sa2va_convert.write.peak_ram import CUDA_CONTEXT_BYTES, PER_MERGE_THREAD_BYTES, estimate_peak_ram
+    from sa2va_convert.transform.produce import resolve_merge_device
+
+    monkeypatch.setenv("SA2VA_MERGE_THREADS", "1")
+    one = estimate_peak_ram([], [])
+    assert estimate_peak_ram([], [], merge_device="cuda") - one == CUDA_CONTEXT_BYTES
+    monkeypatch.setenv("SA2VA_MERGE_THREADS", "9")
+    assert estimate_peak_ram([], []) - one == 8 * PER_MERGE_THREAD_BYTES
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_merge_device("auto") == "cpu" and resolve_merge_device("cuda:1") == "cuda:1"
+    monkeypatch.setenv("SA2VA_MERGE_THREADS", "1")
+    assert estimate_peak_ram([], [], merge_device="auto") == one

@@ -75,7 +75,7 @@ def convert_all(work_dir: Path, out_root: Path, options, *, progress: Progress |
     for and did not pass last time: then only the round trip runs again (status ``reverified``).
     With ``options.dry_run`` every checkpoint is planned and nothing at all is written.
     """
-    from . import api
+    from . import conversion
     from .plan.base_discovery import resolve_base
     from .read.hf_folder import open_hf_folder
     from .write import guard
@@ -93,7 +93,7 @@ def convert_all(work_dir: Path, out_root: Path, options, *, progress: Progress |
     if options.dry_run:
         for ckpt in ckpts:
             out = out_root / ckpt.name.removesuffix(".pth")
-            plan = api.plan_conversion(ckpt, out, options)
+            plan = conversion.plan_conversion(ckpt, out, options)
             result.items.append(BatchItem(str(ckpt), str(out), "planned", plan=plan.to_dict(tensors=False)))
         return result
     out_root.mkdir(parents=True, exist_ok=True)
@@ -103,9 +103,9 @@ def convert_all(work_dir: Path, out_root: Path, options, *, progress: Progress |
         out = out_root / name
         started = time.perf_counter()
         try:
-            digest = api.sha256_path(ckpt)
+            digest = conversion.sha256_path(ckpt)
             if out.exists() and recorded_sha256(out) == digest:
-                previous = api.recorded_roundtrip(out)
+                previous = conversion.recorded_roundtrip(out)
                 if not options.roundtrip or (previous or {}).get("ok"):
                     progress.stage(f"{ckpt.name}: already converted from the same bytes, skipped")
                     result.items.append(BatchItem(str(ckpt), str(out), "skipped"))
@@ -115,7 +115,7 @@ def convert_all(work_dir: Path, out_root: Path, options, *, progress: Progress |
                 result.items.append(BatchItem(str(ckpt), str(out), "reverified", time.perf_counter() - started))
                 continue
             progress.stage(f"{ckpt.name}: converting")
-            res = api.convert(ckpt, out, options, progress=progress, base_folder=base_folder)
+            res = conversion.convert(ckpt, out, options, progress=progress, base_folder=base_folder)
             if base_folder is None:  # discovered from the first checkpoint's config; reuse it
                 base_folder = open_hf_folder(res.plan.base)
             result.items.append(BatchItem(str(ckpt), str(out), "converted", time.perf_counter() - started))
@@ -143,14 +143,13 @@ def _done(result: BatchResult) -> str:
 
 def reverify(out: Path, options, progress: Progress) -> None:
     """Run only the round trip on an existing, already converted folder, and record the outcome."""
-    from . import api
-    from .verify.roundtrip import run_roundtrip
-    from .verify.commands import summary_line
+    from . import conversion
+    from .verify.roundtrip import run_roundtrip, summary_line
 
     try:
         rt = run_roundtrip(out, device=options.verify_device, python=options.verify_python, max_new_tokens=16,
                            expect_mask=options.expect_mask, on_stage=progress.stage)
     except ConvertError as e:
-        api.record_roundtrip(out, {"ok": False, "error": e.one_line(), "exit_code": e.exit_code})
+        conversion.record_roundtrip(out, {"ok": False, "error": e.one_line(), "exit_code": e.exit_code})
         raise
-    api.record_roundtrip(out, {"ok": True, "summary": summary_line(rt.to_dict())})
+    conversion.record_roundtrip(out, {"ok": True, "summary": summary_line(rt.to_dict())})

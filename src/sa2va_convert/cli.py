@@ -8,18 +8,18 @@ progress goes to stderr.
 
 from __future__ import annotations
 
-import functools
-import json
 import signal
 import sys
-import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import click
 
-from . import __version__
-from .errors import EXIT_CODES, EXIT_INTERRUPTED, FROM_CLI, ConvertError, Interrupted
+from ._version import __version__
+from .cli_common import EXIT_HELP, SCHEMA_VERSION, emit_json, handle_errors, verbosity_options  # noqa: F401
+from .cli_eval import register_eval
+from .cli_verify import register_verify_commands
+from .errors import ConvertError, Interrupted
 
 EXAMPLES = """
 \b
@@ -30,14 +30,6 @@ Examples:
   sa2va-convert iter_12192.pth out/ --base Sa2VA-4B/ --json > report.json
   sa2va-convert keymaps list
 """
-
-EXIT_HELP = "\n\b\nExit codes:\n" + "\n".join(f"  {k:<4} {v}" for k, v in sorted(EXIT_CODES.items()))
-
-
-# Version of every ``--json`` document's layout; bump when a key is renamed or removed (adding keys is
-# compatible). Scripts can check it before they read the rest.
-SCHEMA_VERSION = 1
-
 
 class DefaultToConvert(click.Group):
     """Treat ``sa2va-convert CKPT OUT`` as ``sa2va-convert convert CKPT OUT``."""
@@ -64,46 +56,6 @@ class DefaultToConvert(click.Group):
                 formatter.write_paragraph()
                 formatter.write_text(f"* default: `sa2va-convert CKPT OUT` runs `sa2va-convert {self.default_command} "
                                      "CKPT OUT`.")
-
-
-def _emit_json(data: Any) -> None:
-    """Every ``--json`` document is an object carrying ``schema_version`` (and ``ok``, set by its producer)."""
-    if isinstance(data, dict):
-        data = {"schema_version": SCHEMA_VERSION, **data}
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-
-
-def handle_errors(fn: Callable) -> Callable:
-    """Turn anticipated failures into one line + exit code; Ctrl-C into 130."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        json_mode = kwargs.get("json_out", False)
-        debug = kwargs.get("debug", False) or kwargs.get("verbose", False)
-        FROM_CLI.set(True)  # hints keep their --flags (the API rewrites them for Python callers)
-        try:
-            return fn(*args, **kwargs)
-        except ConvertError as e:
-            if json_mode:
-                _emit_json({"ok": False, "error": e.to_dict()})
-            click.echo(f"error: {e.one_line()}", err=True)
-            sys.exit(e.exit_code)
-        except click.ClickException:  # a usage error: click prints it with the usage line, exit 2
-            raise
-        except KeyboardInterrupt:
-            # Commands that write say precisely what was left (they raise Interrupted); here only
-            # what is true of every command: it stopped.
-            where = kwargs.get("out") or kwargs.get("folder") or kwargs.get("checkpoint") or "sa2va-convert"
-            click.echo(f"error: {where}: interrupted (fix: run the same command again)", err=True)
-            sys.exit(EXIT_INTERRUPTED)
-        except Exception as e:  # a bug: say so, keep it one line unless --debug
-            if debug:
-                traceback.print_exc()
-            click.echo(f"error: internal error: {type(e).__name__}: {e} (run with --debug for the traceback "
-                       "and please report it)", err=True)
-            sys.exit(1)
-
-    return wrapper
 
 
 def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -138,15 +90,6 @@ def main() -> None:
     checks the result.
     """
     signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-def verbosity_options(fn: Callable) -> Callable:
-    """``-q/--quiet``, ``-v/--verbose`` and ``--debug``: the same pair on every command."""
-    fn = click.option("--debug", is_flag=True, help="Show tracebacks for internal errors.")(fn)
-    fn = click.option("--verbose", "-v", is_flag=True,
-                      help="More detail on stderr: every tensor as it is written; tracebacks as with --debug.")(fn)
-    fn = click.option("--quiet", "-q", is_flag=True, help="No progress or notes on stderr; errors still print.")(fn)
-    return fn
 
 
 def common_options(fn: Callable) -> Callable:
@@ -248,22 +191,22 @@ def _convert(checkpoint, out, base, pretrained, keymap, force_keymap, sam2, code
         except ConvertError as e:
             res = getattr(e, "result", None)
             if res is not None:
-                _emit_json(res.to_dict()) if json_out else render_batch(res.to_dict())
+                emit_json(res.to_dict()) if json_out else render_batch(res.to_dict())
                 click.echo(f"error: {e.one_line()}", err=True)
                 sys.exit(e.exit_code)
             raise
-        _emit_json(res.to_dict()) if json_out else render_batch(res.to_dict())
+        emit_json(res.to_dict()) if json_out else render_batch(res.to_dict())
         return
     if dry_run:
         plan = api.plan_conversion(checkpoint, out, options)
         if json_out:
-            _emit_json({"ok": True, "dry_run": True, "plan": plan.to_dict(tensors=show_tensors)})
+            emit_json({"ok": True, "dry_run": True, "plan": plan.to_dict(tensors=show_tensors)})
         else:
             render_plan(plan.to_dict(tensors=False), tensors=plan.to_dict()["tensors"] if show_tensors else None)
         return
     result = api.convert(checkpoint, out, options, progress=progress)
     if json_out:
-        _emit_json(result.to_dict())
+        emit_json(result.to_dict())
     else:
         render_result(result.to_dict())
 
@@ -282,7 +225,7 @@ def inspect(checkpoint: Path, keymap, quiet, verbose, json_out, debug, allow_glo
 
     report = inspect_checkpoint(resolve_checkpoint(checkpoint), keymap=keymap, allow_globals=allow_globals).to_dict()
     if json_out:
-        _emit_json(report)
+        emit_json(report)
     else:
         render_inspect(report)
 
@@ -303,7 +246,7 @@ def keymaps_list(json_out, quiet, verbose, debug) -> None:
 
     kms = load_all_builtin()
     if json_out:
-        _emit_json({"ok": True, "keymaps": [km.summary() for km in kms]})
+        emit_json({"ok": True, "keymaps": [km.summary() for km in kms]})
         return
     out_console.print(table("Built-in keymaps", ["name", "family", "models", "detected by"], [
         [km.name, km.family_label, ", ".join(km.models),
@@ -334,18 +277,14 @@ def keymaps_lint(file, json_out, quiet, verbose, debug) -> None:
 
     km = load_keymap(file)
     if json_out:
-        _emit_json({"ok": True, "keymap": km.summary()})
+        emit_json({"ok": True, "keymap": km.summary()})
     else:
         click.echo(f"ok: {file}: keymap {km.name} ({len(km.roles)} role rules, {len(km.rename)} rename rules, "
                    f"{len(km.examples)} examples)")
 
 
-from .verify.commands import register_cli  # noqa: E402  (adds `verify` and `predict`)
-
-register_cli(main)
-from .evaluate.command import register_eval  # noqa: E402  (adds `eval`)
-
-register_eval(main)
+register_verify_commands(main)  # adds `verify` and `predict`
+register_eval(main)  # adds `eval`
 
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name="sa2va-convert")

@@ -10,12 +10,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress as RichBar, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
+
+from .verify.roundtrip import summary_line
 
 # Piped stdout (a file, `grep`, CI logs) gets whole lines: rich would otherwise wrap at 80 columns
 # and cut paths and tensor names in two. A terminal keeps its width; tables fold long cells there
@@ -243,3 +245,32 @@ def _batch_detail(item: dict) -> str:
         return (f"{item['out']} would get {plan.get('tensor_count', len(plan.get('tensors') or []) or '?')} tensors, "
                 f"{plan.get('keymap')}")
     return item["out"]
+
+
+def render_verify(report: dict[str, Any], echo: Callable[[str], None] = print) -> None:
+    """Plain lines (the CLI passes rich's console.print or click.echo)."""
+    s = report.get("structural") or {}
+    source = report.get("keymap_source") or ""
+    how = "" if source == "conversion_report.json" else ", a guess: no conversion report" if source else ""
+    echo(f"verified {report['folder']}" + (f" ({report['keymap']}{how})" if report.get("keymap") else ""))
+    echo(f"  files: {s.get('tensors')} tensors in {s.get('shards')} shard(s), vocabulary {s.get('vocab_rows')}, "
+         f"tokenizer {s.get('tokenizer_length')}, values read back: {s.get('checked_values')}")
+    echo(f"  remote code: {', '.join(report.get('code_files') or []) or '-'}")
+    cs = report.get("checksums") or {}
+    echo(f"  checksums: {cs.get('status')}" + (f" ({cs['checked']} shard(s))" if cs.get("checked") else ""))
+    if report.get("roundtrip"):
+        echo(f"  round trip: {summary_line(report['roundtrip'])}")
+    for note in report.get("notes") or []:
+        echo(f"  note: {note}")
+
+
+def render_predict(report: dict[str, Any], echo: Callable[[str], None] = print) -> None:
+    """Plain lines about one prediction and the files it saved."""
+    echo(f"prediction: {report['prediction']}")
+    echo(f"masks: {report['n_masks']}" + (f" {report['mask_shapes']}" if report.get("mask_shapes") else ""))
+    for path in report.get("mask_files") or []:
+        echo(f"  saved {path}")
+    if report.get("overlay_file"):
+        echo(f"  overlay {report['overlay_file']}")
+    for note in report.get("notes") or []:
+        echo(f"note: {note}")

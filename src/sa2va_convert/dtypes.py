@@ -35,6 +35,15 @@ def from_torch(dtype: torch.dtype) -> str:
         raise ValueError(f"unsupported tensor dtype {dtype}") from None
 
 
+def is_supported_torch(dtype: torch.dtype) -> bool:
+    """Whether a torch dtype has a short name here (what readers accept in a checkpoint)."""
+    try:
+        from_torch(dtype)
+    except ValueError:
+        return False
+    return True
+
+
 def from_safetensors(code: str) -> str:
     try:
         return _BY_ST[code]

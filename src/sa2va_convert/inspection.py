@@ -94,7 +94,7 @@ def _config_summary(cfg) -> dict[str, Any] | None:
 def inspect_checkpoint(path: str | Path, *, keymap: str | None = None,
                        allow_globals: Sequence[str] = ()) -> InspectReport:
     """What ``sa2va-convert inspect`` shows. ``path`` may be a work_dir: its newest checkpoint, as convert picks it."""
-    from .batch import resolve_checkpoint
+    from .read.work_dir import resolve_checkpoint
 
     ckpt = open_checkpoint(resolve_checkpoint(Path(path)), allow_globals=tuple(allow_globals))
     keys = sorted(ckpt.weights.keys())

@@ -1,4 +1,4 @@
-"""Evidence for keeping our restricted unpickler (``read/safe_pickle.py``) over torch's own.
+"""Evidence for keeping our restricted unpickler (``read/safe_pickle/``) over torch's own.
 
 The alternative evaluated: ``torch.load(weights_only=True)`` -- the unpickler PyTorch audits and
 hardened after CVE-2025-32434 -- with ``torch.serialization.safe_globals`` registering *inert stub

@@ -1,6 +1,6 @@
 """``sa2va-convert eval``: Dice/IoU of converted fine-tunes on the user's own images (see run.py).
 
-The names below load on first use: the CLI imports ``evaluate.command`` to register ``eval``,
+The names below load on first use: the CLI (``cli_eval.py``) registers ``eval`` without the runner,
 and ``--help``/completion must not pay for numpy and the runner.
 """
 

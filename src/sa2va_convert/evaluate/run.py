@@ -48,7 +48,7 @@ from .report import METRICS, PLOT, SUMMARY, plot_report, read_metrics, write_met
 
 WORK = ".work"  # per-model, per-rank item lists and streamed results; removed when the run completes
 OURS = (METRICS, SUMMARY, PLOT, "predictions", "overlays", WORK)
-DEFAULT_IMAGE_TIMEOUT = 600.0  # command._IMAGE_TIMEOUT repeats it (the CLI must not import this module)
+DEFAULT_IMAGE_TIMEOUT = 600.0  # cli_eval._IMAGE_TIMEOUT repeats it (the CLI must not import this module)
 DTYPES = ("bf16", "fp16", "fp32")
 _ITER = re.compile(r"^iter_(\d+)$")
 
@@ -194,7 +194,7 @@ class EvalReport:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        # schema_version as in every --json document (cli.SCHEMA_VERSION): summary.json is one too
+        # schema_version as in every --json document (cli_common.SCHEMA_VERSION): summary.json is one too
         return {"schema_version": 1, "ok": not self.failures, "out": self.out, "data": self.data,
                 "images": self.images,
                 "models": [m.to_dict() for m in self.models], "best": self.best, "failures": self.failures,

@@ -10,161 +10,29 @@ reason, never written with a warning.
 from __future__ import annotations
 
 import copy
-import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .. import __version__, dtypes
+from .. import dtypes
 from ..errors import PlanError
-from ..read.tensor_source import TensorInfo, TensorSource
+from ..read.embedded_config import EmbeddedConfig, LoraSettings
+from ..read.tensor_source import TensorSource
 from .keymap import Keymap, assign, lookup
+from .shards import split_shards
+from .types import (
+    ConversionPlan,
+    LoraRef,
+    LoraSettingsUsed,
+    PlannedTensor,
+    PlanOptions,
+    ShardNaming,
+    SourceRef,
+)
 from .vocab import EDITED_TOKENIZER_FILES, TokenAddition, TokenizerState, plan_additions
 
-INDEX_NAME = "model.safetensors.index.json"
-# Bytes the converter holds before any tensor is touched: interpreter, torch, tokenizers, the plan
-# (measured: ~290 MiB after imports, ~330 MiB once the tokenizer and plan are loaded).
-INTERPRETER_BASELINE_BYTES = 330 * 1024 * 1024
-READ_BACK_CHUNK_BYTES = 64 * 1024 * 1024  # verify.structural reads values back in two buffers of half this
-CUDA_CONTEXT_BYTES = 330 * 1024 * 1024  # host RSS of torch's CUDA runtime + cuBLAS once a GPU merge ran
-PER_MERGE_THREAD_BYTES = 40 * 1024 * 1024  # per torch thread of the merge beyond the first (see estimate_peak_ram)
-NOT_COPIED = {"config.json", "README.md", "conversion_report.json", INDEX_NAME}
-
-
-@dataclass(frozen=True)
-class SourceRef:
-    layer: str  # "base" | "pretrained" | "checkpoint"
-    key: str
-    shape: tuple[int, ...]
-    dtype: str
-
-
-@dataclass(frozen=True)
-class LoraRef:
-    a: SourceRef
-    b: SourceRef
-    rank: int
-    scale: float
-
-
-@dataclass(frozen=True)
-class PlannedTensor:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    value: SourceRef
-    lora: LoraRef | None = None
-
-    @property
-    def info(self) -> TensorInfo:
-        return TensorInfo(self.shape, self.dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return self.info.nbytes
-
-    @property
-    def origin(self) -> str:
-        return self.value.layer + ("+lora" if self.lora else "")
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    filename: str
-    tensors: tuple[str, ...]
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class LoraSettingsUsed:
-    alpha: float
-    alpha_source: str
-    rslora: bool
-    rslora_source: str
-    ranks: tuple[int, ...]
-    pairs: int
-
-    def scale_for(self, rank: int) -> float:
-        return self.alpha / (math.sqrt(rank) if self.rslora else rank)
-
-
-@dataclass(frozen=True)
-class PlanOptions:
-    dtype: str = "bf16"  # bf16 | fp16 | fp32 | auto
-    max_shard_bytes: int = 5 * 10**9
-    lora_alpha: float | None = None
-    rslora: bool | None = None
-    override_lora_config: bool = False  # --lora-alpha/--rslora win over a different embedded value
-    allow_unused: tuple[str, ...] = ()
-    template: str | None = None
-    merge_device: str = "cpu"  # only for the peak-RAM estimate: what the writer streams in row blocks
-    read_back: bool = False  # only for the peak-RAM estimate
-
-
-@dataclass
-class ConversionPlan:
-    checkpoint: str
-    base: str
-    pretrained: str | None
-    out: str
-    keymap: str
-    keymap_source: str
-    family: str
-    codebase: str
-    dtype_policy: str
-    template: str
-    tensors: tuple[PlannedTensor, ...]
-    shards: tuple[ShardPlan, ...]
-    config: dict[str, Any]
-    vocab_rows: int
-    tokenizer_additions: TokenAddition
-    copy_files: tuple[tuple[str, str], ...]  # (relative name in OUT, absolute source path)
-    lora: LoraSettingsUsed | None
-    dropped: tuple[str, ...]
-    allowed_unused: tuple[str, ...]
-    warnings: tuple[str, ...]
-    peak_ram_bytes: int
-    disk_bytes: int
-    tool_version: str = __version__
-    checkpoint_meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def tensor_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-    def by_name(self) -> dict[str, PlannedTensor]:
-        return {t.name: t for t in self.tensors}
-
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for t in self.tensors:
-            out[t.origin] = out.get(t.origin, 0) + 1
-        return out
-
-    def to_dict(self, *, tensors: bool = True) -> dict[str, Any]:
-        d = {
-            "checkpoint": self.checkpoint, "base": self.base, "pretrained": self.pretrained, "out": self.out,
-            "keymap": self.keymap, "keymap_source": self.keymap_source, "family": self.family,
-            "codebase": self.codebase, "dtype": self.dtype_policy, "template": self.template,
-            "vocab_rows": self.vocab_rows, "tokenizer_additions": self.tokenizer_additions.to_dict(),
-            "lora": asdict(self.lora) if self.lora else None,
-            "counts": self.counts(), "tensor_count": len(self.tensors), "tensor_bytes": self.tensor_bytes,
-            "shards": [{"file": s.filename, "tensors": len(s.tensors), "bytes": s.nbytes} for s in self.shards],
-            "copy_files": [rel for rel, _ in self.copy_files], "dropped": list(self.dropped),
-            "allowed_unused": list(self.allowed_unused), "warnings": list(self.warnings),
-            "estimates": {"peak_ram_bytes": self.peak_ram_bytes, "disk_bytes": self.disk_bytes},
-            "tool_version": self.tool_version,
-        }
-        if tensors:
-            d["tensors"] = [
-                {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "origin": t.origin,
-                 "source": f"{t.value.layer}:{t.value.key}",
-                 **({"lora": {"a": t.lora.a.key, "b": t.lora.b.key, "rank": t.lora.rank, "scale": t.lora.scale}}
-                    if t.lora else {})}
-                for t in self.tensors
-            ]
-        return d
+WRITTEN_BY_THE_WRITER = ("config.json", "README.md", "conversion_report.json")  # never copied from the base; nor the index
 
 
 # ------------------------------------------------------------------ helpers
@@ -230,7 +98,7 @@ def _refuse_silent_override(what: str, flag: str, given: Any, embedded: Any, fie
                              "--override-lora-config if you really mean to merge with a different value")
 
 
-def _lora_settings(mapped: _Mapped, options: PlanOptions, cfg_lora: Any, ckpt_path: str,
+def _lora_settings(mapped: _Mapped, options: PlanOptions, cfg_lora: LoraSettings | None, ckpt_path: str,
                    warnings: list[str]) -> LoraSettingsUsed | None:
     if not mapped.lora:
         return None
@@ -346,9 +214,10 @@ def build_plan(
     tokenizer: TokenizerState,
     keymap: Keymap,
     out: Path,
+    naming: ShardNaming,
     options: PlanOptions = PlanOptions(),
     pretrained: TensorSource | None = None,
-    embedded: Any = None,
+    embedded: EmbeddedConfig | None = None,
     checkpoint_meta: dict | None = None,
     raw_base: bool = False,
 ) -> ConversionPlan:
@@ -358,13 +227,61 @@ def build_plan(
     source path; a plain list means "relative to the base folder".
     ``raw_base`` is the original Sa2VA recipe: ``base`` is a raw MLLM folder
     plus SAM2, and the keymap's ``raw_base.from_checkpoint`` parts come from
-    the checkpoint alone.
+    the checkpoint alone. ``embedded`` is the training config found in the
+    checkpoint (LoRA settings, special tokens, template), if any. ``naming`` is
+    how the output format names its files (``ShardWriter.naming``).
+
+    The steps, in the order their refusals are checked: the base fits; the checkpoint's keys
+    are mapped to HF names; every one has a place; LoRA settings; each output tensor; the
+    vocabulary; the tokenizer and template; then config, shards and files to copy.
     """
     warnings: list[str] = []
     ckpt_path, base_path = str(checkpoint.path), str(base.path)
     base_keys = list(base.keys())
     if not isinstance(base_files, Mapping):
         base_files = {f: Path(base.path) / f for f in base_files}
+    _check_base_folder(base_keys, base_config, base_files, keymap, base_path, raw_base=raw_base)
+    mapped = map_source(checkpoint, keymap)
+    pre = map_source(pretrained, keymap) if pretrained is not None else None
+    names = _output_names(base_keys, mapped, keymap, ckpt_path, raw_base=raw_base)
+    if pre is not None and pre.lora:
+        raise PlanError("the --pretrained file holds LoRA tensors; it must hold full weights", path=str(pretrained.path),
+                        hint="pass the full-weights .pth (the config's pretrained_pth) or leave --pretrained out")
+    base_refs = {k: _ref(base, k) for k in base_keys}
+    _add_untied_head(names, keymap, warnings)
+    allowed = _check_every_tensor_has_a_place(names, [mapped, pre], options.allow_unused, ckpt_path)
+    lora = _lora_settings(mapped, options, embedded.lora if embedded is not None else None, ckpt_path, warnings)
+    planned = _plan_tensors(names, mapped, pre, base_refs, keymap, lora, options.dtype, ckpt_path, base_path)
+    rows = _vocab_rows(planned, keymap, ckpt_path)
+    special = embedded.special_tokens if embedded is not None else None
+    additions = plan_additions(tokenizer, rows, special, where=ckpt_path)
+    if additions.tokens:
+        warnings.append("tokenizer grows by " + ", ".join(f"{t}={i}" for t, i in additions.tokens))
+    template = _template(options, embedded, base_config, keymap, warnings)
+
+    config = _output_config(base_config, keymap, rows, template, options.dtype)
+    shards = split_shards(planned, options.max_shard_bytes, naming)
+    copy_files = _files_to_copy(base_files, additions, naming)
+    disk = sum(s.nbytes for s in shards) + 64 * 1024 * len(shards)
+    return ConversionPlan(
+        checkpoint=ckpt_path, base=base_path, pretrained=str(pretrained.path) if pretrained else None, out=str(out),
+        keymap=keymap.name, keymap_source=keymap.source, family=keymap.family_label, codebase=keymap.codebase,
+        dtype_policy=options.dtype, template=template, tensors=tuple(planned), shards=shards, config=config,
+        vocab_rows=rows, tokenizer_additions=additions, copy_files=copy_files, lora=lora,
+        dropped=tuple(mapped.dropped + (pre.dropped if pre else [])),
+        allowed_unused=tuple(k for k, _ in allowed), warnings=tuple(warnings),
+        peak_ram_bytes=0,  # the write stage estimates it (write.peak_ram), from constants the plan does not own
+        disk_bytes=disk,
+        checkpoint_meta=dict(checkpoint_meta or {}),
+    )
+
+
+# ------------------------------------------------------------------ the planner's steps
+
+
+def _check_base_folder(base_keys: list[str], base_config: dict, base_files: Mapping[str, Path], keymap: Keymap,
+                       base_path: str, *, raw_base: bool) -> None:
+    """The base is a model of the keymap's family and carries the remote code the output needs."""
     if not raw_base:  # a raw base's config was checked by check_raw_base before Sa2VA fields were merged in
         check_base(base_keys, base_config, keymap, base_path)
     missing_code = [f for f in keymap.remote_code if f not in base_files]
@@ -372,8 +289,10 @@ def build_plan(
         raise PlanError(f"base folder lacks the remote-code file(s) {', '.join(missing_code)}", path=base_path,
                         hint="copy them from the original Sa2VA model folder (the converter copies, never writes, model code)")
 
-    mapped = map_source(checkpoint, keymap)
-    pre = map_source(pretrained, keymap) if pretrained is not None else None
+
+def _output_names(base_keys: list[str], mapped: _Mapped, keymap: Keymap, ckpt_path: str, *,
+                  raw_base: bool) -> set[str]:
+    """Every output tensor's name: the base's, plus (raw recipe) the parts only the checkpoint has."""
     names = set(base_keys)
     if raw_base:
         names |= {hf for hf in mapped.full if any(p.search(hf) for p in keymap.raw_base_from_checkpoint)}
@@ -382,21 +301,22 @@ def build_plan(
             raise PlanError(f"even with SAM2 and the checkpoint, no tensors match {', '.join(missing)}",
                             path=ckpt_path, hint="pass the raw InternVL folder, --sam2 sam2_hiera_large.pt and the "
                             "checkpoint of the same fine-tune")
-    if pre is not None and pre.lora:
-        raise PlanError("the --pretrained file holds LoRA tensors; it must hold full weights", path=str(pretrained.path),
-                        hint="pass the full-weights .pth (the config's pretrained_pth) or leave --pretrained out")
+    return names
 
-    base_refs = {k: _ref(base, k) for k in base_keys}
-    vocab_names = {keymap.vocab_embedding, keymap.vocab_head}
-    # A tied base may store no head; the fine-tune's (or the embedding's) rows become an explicit head.
-    untied_head = keymap.vocab_head not in names
-    if untied_head:
+
+def _add_untied_head(names: set[str], keymap: Keymap, warnings: list[str]) -> None:
+    """A tied base may store no head; the fine-tune's (or the embedding's) rows become an explicit head."""
+    if keymap.vocab_head not in names:
         names.add(keymap.vocab_head)
         warnings.append(f"base stores no {keymap.vocab_head} (tied embeddings); writing it explicitly")
 
-    allow = [re.compile(p) for p in options.allow_unused]
+
+def _check_every_tensor_has_a_place(names: set[str], layers: Sequence[_Mapped | None], allow_unused: Sequence[str],
+                                    ckpt_path: str) -> list[tuple[str, str]]:
+    """Refuse checkpoint tensors the output has no place for; returns the ones --allow-unused lets go."""
+    allow = [re.compile(p) for p in allow_unused]
     unused, allowed = [], []
-    for layer_map in (mapped, pre):
+    for layer_map in layers:
         if layer_map is None:
             continue
         for hf, ref in layer_map.full.items():
@@ -414,9 +334,14 @@ def build_plan(
             path=ckpt_path,
             hint="use the base the fine-tune started from, fix the keymap, or pass --allow-unused REGEX to drop them knowingly",
         )
+    return allowed
 
-    lora = _lora_settings(mapped, options, getattr(embedded, "lora", None), ckpt_path, warnings)
 
+def _plan_tensors(names: set[str], mapped: _Mapped, pre: _Mapped | None, base_refs: dict[str, SourceRef],
+                  keymap: Keymap, lora: LoraSettingsUsed | None, dtype_policy: str, ckpt_path: str,
+                  base_path: str) -> list[PlannedTensor]:
+    """Each output tensor in model order: checkpoint over pretrained over base, LoRA laid on top."""
+    vocab_names = {keymap.vocab_embedding, keymap.vocab_head}
     planned: list[PlannedTensor] = []
     shape_problems: list[str] = []
     for name in sorted(names, key=natural_key):
@@ -440,46 +365,40 @@ def build_plan(
             assert lora is not None
             rank = slot["a"].shape[0]
             lref = LoraRef(slot["a"], slot["b"], rank, lora.scale_for(rank))
-        planned.append(PlannedTensor(name, value.shape, _out_dtype(options.dtype, value, base_ref), value, lref))
+        planned.append(PlannedTensor(name, value.shape, _out_dtype(dtype_policy, value, base_ref), value, lref))
     _raise_list(shape_problems, "shape mismatch(es) between the checkpoint and the base", ckpt_path,
                 "pass --base with the Sa2VA folder of the same size the fine-tune started from")
+    return planned
 
+
+def _vocab_rows(planned: Sequence[PlannedTensor], keymap: Keymap, ckpt_path: str) -> int:
+    """The output vocabulary: the embedding's rows, which the head must match."""
     by_name = {t.name: t for t in planned}
     rows = by_name[keymap.vocab_embedding].shape[0]
     head_rows = by_name[keymap.vocab_head].shape[0]
     if rows != head_rows:
         raise PlanError(f"embedding has {rows} rows but the head has {head_rows}", path=ckpt_path,
                         hint="the checkpoint's vocabulary tensors disagree; it cannot be converted as is")
-    special = getattr(embedded, "special_tokens", None)
-    additions = plan_additions(tokenizer, rows, special, where=ckpt_path)
-    if additions.tokens:
-        warnings.append("tokenizer grows by " + ", ".join(f"{t}={i}" for t, i in additions.tokens))
+    return rows
 
-    template = options.template or getattr(embedded, "template", None) or base_config.get("template") \
-        or keymap.template_default
-    if getattr(embedded, "template", None) and base_config.get("template") and \
-            embedded.template != base_config.get("template") and not options.template:
-        warnings.append(f"training used template {embedded.template!r}, the base config says "
+
+def _template(options: PlanOptions, embedded: EmbeddedConfig | None, base_config: dict, keymap: Keymap,
+              warnings: list[str]) -> str:
+    """The chat template written to config.json: --template, else training's, else the base's, else the keymap's."""
+    trained = embedded.template if embedded is not None else None
+    template = options.template or trained or base_config.get("template") or keymap.template_default
+    if trained and base_config.get("template") and trained != base_config.get("template") and not options.template:
+        warnings.append(f"training used template {trained!r}, the base config says "
                         f"{base_config.get('template')!r}; writing the training one")
+    return template
 
-    config = _output_config(base_config, keymap, rows, template, options.dtype)
-    shards = _split_shards(planned, options.max_shard_bytes)
+
+def _files_to_copy(base_files: Mapping[str, Path], additions: TokenAddition,
+                   naming: ShardNaming) -> tuple[tuple[str, str], ...]:
+    """The base's non-weight files, less those the writer writes itself (config, index, edited tokenizer)."""
     rewritten = set(EDITED_TOKENIZER_FILES) if additions.tokens else set()
-    copy_files = tuple((f, str(src)) for f, src in sorted(base_files.items())
-                       if f not in NOT_COPIED and f not in rewritten)
-    disk = sum(s.nbytes for s in shards) + 64 * 1024 * len(shards)
-    return ConversionPlan(
-        checkpoint=ckpt_path, base=base_path, pretrained=str(pretrained.path) if pretrained else None, out=str(out),
-        keymap=keymap.name, keymap_source=keymap.source, family=keymap.family_label, codebase=keymap.codebase,
-        dtype_policy=options.dtype, template=template, tensors=tuple(planned), shards=shards, config=config,
-        vocab_rows=rows, tokenizer_additions=additions, copy_files=copy_files, lora=lora,
-        dropped=tuple(mapped.dropped + (pre.dropped if pre else [])),
-        allowed_unused=tuple(k for k, _ in allowed), warnings=tuple(warnings),
-        peak_ram_bytes=estimate_peak_ram(planned, shards, read_back=options.read_back, merge_device=options.merge_device,
-                                        resident_layers=_resident_layers(checkpoint, pretrained)),
-        disk_bytes=disk,
-        checkpoint_meta=dict(checkpoint_meta or {}),
-    )
+    not_copied = {*WRITTEN_BY_THE_WRITER, naming.index_file}
+    return tuple((f, str(src)) for f, src in sorted(base_files.items()) if f not in not_copied and f not in rewritten)
 
 
 def _output_config(base_config: dict, keymap: Keymap, rows: int, template: str, dtype: str) -> dict:
@@ -524,80 +443,3 @@ def _name_dtype(cfg: dict, name: str) -> None:
             for field_name in ("torch_dtype", "dtype"):
                 if field_name in sub:
                     sub[field_name] = name
-
-
-def _split_shards(tensors: Sequence[PlannedTensor], max_bytes: int) -> tuple[ShardPlan, ...]:
-    groups: list[list[PlannedTensor]] = [[]]
-    size = 0
-    for t in tensors:
-        if groups[-1] and size + t.nbytes > max_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(t)
-        size += t.nbytes
-    n = len(groups)
-    return tuple(
-        ShardPlan(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(t.name for t in g), sum(t.nbytes for t in g))
-        for i, g in enumerate(groups)
-    )
-
-
-def _resident_layers(checkpoint: TensorSource, pretrained: TensorSource | None) -> frozenset[str]:
-    """Layers whose mapped pages stay in RSS: sources without ``release_rows`` (see read.mapped_pages)."""
-    layers = {"checkpoint": checkpoint, "pretrained": pretrained}
-    return frozenset(name for name, src in layers.items() if src is not None and not hasattr(src, "release_rows"))
-
-
-def estimate_peak_ram(tensors: Sequence[PlannedTensor], shards: Sequence[ShardPlan] = (), *,
-                      read_back: bool = False, resident_layers: frozenset[str] = frozenset(),
-                      merge_device: str = "cpu") -> int:
-    """Peak RSS of a conversion (what ``ru_maxrss``/``top`` show, mapped file pages included).
-
-    Two phases, the larger wins (calibrated on Sa2VA-1B/4B/8B-shaped runs, bench/bench_convert.py):
-
-    * writing: interpreter + the writer pipeline's window (``write.pipeline``: up
-      to its byte budget of tensors in flight, plus its pool of reusable buffers;
-      a tensor bigger than the budget is streamed in row blocks, or, where it
-      cannot be, held alone) + the tensors of ``resident_layers``: sources that
-      cannot give back the pages of a memory-mapped file once a tensor is
-      written (a DeepSpeed partition set), whose pages, once read, stay in RSS;
-      + ~40 MiB per merge thread beyond the first (allocator arenas, MKL buffers:
-      0 on 2 cores, ~0.55 GiB with 15 threads) + the CUDA runtime's host memory
-      for a GPU merge (``auto`` resolved as the conversion will);
-    * reading back (``read_back``, the default): interpreter + those pages + one
-      fixed chunk (``verify.structural`` streams values; nothing maps a shard).
-    """
-    from ..transform.produce import _DEVICE_BLOCK_ELEMS, STREAM_BLOCK_BYTES, resolve_merge_device, streamable
-    from ..write import pipeline  # local: write imports plan at module level
-
-    merge_device = resolve_merge_device(merge_device)
-    on_gpu = merge_device != "cpu"
-
-    resident: dict[tuple[str, str], int] = {}
-    costs: list[tuple[PlannedTensor, int]] = []
-    for t in tensors:
-        refs = [t.value] + ([t.lora.a, t.lora.b] if t.lora is not None else [])
-        for r in refs:
-            if r.layer in resident_layers:
-                resident[(r.layer, r.key)] = TensorInfo(r.shape, r.dtype).nbytes
-        costs.append((t, sum(pipeline.inflight_bytes(t))))
-    largest_item = max((c for _, c in costs), default=0)
-    budget = min(pipeline.DEFAULT_BUDGET_BYTES, pipeline.AHEAD * largest_item)
-    held = max((c for t, c in costs if c <= budget or not streamable(t, merge_device)), default=0)
-    streams = any(c > budget and streamable(t, merge_device) for t, c in costs)
-    stream_block = STREAM_BLOCK_BYTES
-    if streams and on_gpu:  # host side of a GPU-merged streamed tensor: a block of input rows and one of output
-        stream_block = max(stream_block, max(min(t.nbytes, 2 * _DEVICE_BLOCK_ELEMS * dtypes.itemsize(t.dtype))
-                                             for t, c in costs if c > budget and streamable(t, merge_device)))
-    window = max(budget, held, stream_block if streams else 0) + budget // 2  # + free pooled buffers
-    mapped = sum(resident.values())
-    # a GPU merge maps the CUDA runtime and cuBLAS into the process: +0.32 GiB at 4B on the H100 machine
-    # (2.03 against 1.71 GiB, issue 14)
-    # each torch thread of the merge adds its own allocator arena and MKL packing buffers: on the 16-core H100
-    # machine (15 merge threads) the same 4B/8B runs peaked 0.37-0.64 GiB above this 2-core VM's (issue 14)
-    threads = (PER_MERGE_THREAD_BYTES * max(0, pipeline.default_merge_threads() - 1))
-    writing = INTERPRETER_BASELINE_BYTES + mapped + window + threads + (CUDA_CONTEXT_BYTES if on_gpu else 0)
-    if not read_back or not shards:
-        return writing
-    checking = INTERPRETER_BASELINE_BYTES + mapped + READ_BACK_CHUNK_BYTES + (CUDA_CONTEXT_BYTES if on_gpu else 0)
-    return max(writing, checking)

@@ -6,7 +6,8 @@ remote code (InternLM2 ships its tokenizer as Python). So the length is read
 from the files themselves: ``tokenizer.json`` through the ``tokenizers``
 library (pure data), or a SentencePiece ``tokenizer.model`` by counting its
 pieces, plus the added tokens listed in ``tokenizer_config.json`` /
-``added_tokens.json``. Adding tokens is a deterministic edit of those files.
+``added_tokens.json``. Adding tokens is planned here (``plan_additions``) and written, as a
+deterministic edit of those files, by the write stage (``write/tokenizer.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "tokenizer.model", "vocab.json", "merges.txt",
 )
-# The files apply_additions() rewrites when tokens are added (the rest are copied as they are).
+# The files write.tokenizer.apply_additions() rewrites when tokens are added (the rest are copied as they are).
 EDITED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
@@ -166,47 +167,3 @@ def _mismatch(message: str, where: str):
 
     return PlanError(message, path=where,
                      hint="pass --base with the folder whose tokenizer the fine-tune was trained with")
-
-
-def apply_additions(src: Path, dst: Path, addition: TokenAddition) -> list[str]:
-    """Write edited copies of the tokenizer files into ``dst``; returns the files written."""
-    written: list[str] = []
-    if not addition.tokens:
-        return written
-    entries = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                "normalized": False, "special": True} for t, i in addition.tokens]
-    tj = src / "tokenizer.json"
-    if tj.is_file():
-        data = json.loads(tj.read_text(encoding="utf-8"))
-        data.setdefault("added_tokens", []).extend(entries)
-        _dump(dst / "tokenizer.json", data)
-        written.append("tokenizer.json")
-    cfg = src / "tokenizer_config.json"
-    if cfg.is_file():
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-        dec = data.setdefault("added_tokens_decoder", {})
-        for e in entries:
-            dec[str(e["id"])] = {k: v for k, v in e.items() if k != "id"}
-        extra = data.setdefault("additional_special_tokens", []) or []
-        data["additional_special_tokens"] = list(extra) + [t for t, _ in addition.tokens if t not in extra]
-        _dump(dst / "tokenizer_config.json", data)
-        written.append("tokenizer_config.json")
-    stm = src / "special_tokens_map.json"
-    if stm.is_file():
-        data = json.loads(stm.read_text(encoding="utf-8"))
-        extra = data.get("additional_special_tokens") or []
-        present = {x if isinstance(x, str) else x.get("content") for x in extra}
-        data["additional_special_tokens"] = list(extra) + [t for t, _ in addition.tokens if t not in present]
-        _dump(dst / "special_tokens_map.json", data)
-        written.append("special_tokens_map.json")
-    at = src / "added_tokens.json"
-    if at.is_file() or not tj.is_file():
-        data = json.loads(at.read_text(encoding="utf-8")) if at.is_file() else {}
-        data.update({t: i for t, i in addition.tokens})
-        _dump(dst / "added_tokens.json", data)
-        written.append("added_tokens.json")
-    return written
-
-
-def _dump(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -3,42 +3,34 @@
 What a "checkpoint" is depends on how training saved it (FORMATS.md §2): one
 ``iter_N.pth`` file from mmengine, a DeepSpeed model-states file, a bare state
 dict someone extracted, or a DeepSpeed checkpoint *directory*. This module
-recognises the shape and hands the rest of the pipeline one
-:class:`TrainingCheckpoint`; every way the input can be wrong becomes one
-InputError line that names the file and the fix.
+is the one place that decides which reader a path goes to:
+
+=============================  ====================================================
+a file                         ``checkpoint_file`` (mmengine, DeepSpeed model states,
+                               bare state dict: told apart by what the pickle holds)
+a DeepSpeed directory          ``deepspeed.open_deepspeed_dir`` (``is_deepspeed_dir``)
+a work_dir                     ``work_dir.resolve_checkpoint`` first (the caller's
+                               choice); given here, it is refused with the checkpoint it names
+=============================  ====================================================
+
+Every reader hands the rest of the pipeline one :class:`TrainingCheckpoint`; every way the input
+can be wrong becomes one InputError line that names the file and the fix.
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
-import torch
-
-from .. import dtypes
 from ..errors import InputError
-from .embedded_config import EmbeddedConfig, parse_embedded_config
-from .safe_pickle import SafeLoad, safe_torch_load, to_plain
-from .tensor_source import StateDictSource, TensorSource
+from .checkpoint_file import TrainingCheckpoint, checkpoint_from_loaded
+from .deepspeed import open_deepspeed_dir
+from .safe_pickle import safe_torch_load
 
 __all__ = ["TrainingCheckpoint", "open_checkpoint", "is_deepspeed_dir"]
 
 _DS_MODEL_STATES = ("mp_rank_00_model_states.pt",)
 _DS_ZERO3_GLOB = "*zero_pp_rank_*_model_states.pt"
-_PROBLEMS_SHOWN = 5
-
-
-@dataclass
-class TrainingCheckpoint:
-    path: Path  # what the user passed
-    kind: str  # "mmengine" | "state_dict" | "deepspeed-model-states" | "deepspeed-dir"
-    weights: TensorSource  # label "checkpoint"; memory-mapped tensors under training names
-    meta: dict  # plain data: iter, epoch, seed, time, experiment_name, mmengine_version, cfg, ...
-    config: EmbeddedConfig | None
-    placeholders: dict[str, int]  # "module.Name" of inert objects met while unpickling -> count
-    top_level_keys: list[str] = field(default_factory=list)
 
 
 def open_checkpoint(path: str | Path, *, allow_globals: Sequence[str] = ()) -> TrainingCheckpoint:
@@ -55,8 +47,12 @@ def open_checkpoint(path: str | Path, *, allow_globals: Sequence[str] = ()) -> T
 
 
 def is_deepspeed_dir(path: Path) -> bool:
-    """A DeepSpeed ``save_checkpoint`` tag folder (ZeRO-1/2 or ZeRO-3 model-states files)."""
-    return any((path / name).is_file() for name in _DS_MODEL_STATES) or any(path.glob(_DS_ZERO3_GLOB))
+    """A DeepSpeed ``save_checkpoint`` tag folder (ZeRO-1/2 or ZeRO-3 model-states files).
+
+    The one test for it: ``work_dir`` lists such folders as checkpoints with it too."""
+    path = Path(path)
+    return path.is_dir() and (any((path / name).is_file() for name in _DS_MODEL_STATES)
+                              or any(path.glob(_DS_ZERO3_GLOB)))
 
 
 def _open_directory(path: Path, allow_globals: Sequence[str]) -> TrainingCheckpoint:
@@ -68,22 +64,7 @@ def _open_directory(path: Path, allow_globals: Sequence[str]) -> TrainingCheckpo
             path=path,
             hint=_directory_hint(path),
         )
-    try:
-        reader = importlib.import_module(".deepspeed", __package__)
-    except ModuleNotFoundError as e:
-        if e.name not in (f"{__package__}.deepspeed", None):
-            raise
-        reader = None
-    open_dir = getattr(reader, "open_deepspeed_dir", None)
-    if open_dir is None:
-        raise InputError(
-            "this is a DeepSpeed checkpoint directory (saved with save_optimizer=True or ZeRO-3); "
-            "reading those is not supported yet",
-            path=path,
-            hint="consolidate it with DeepSpeed's zero_to_fp32.py from the work_dir into a single file, "
-            "or re-save the checkpoint with save_optimizer=False",
-        )
-    return open_dir(path, allow_globals=allow_globals)
+    return open_deepspeed_dir(path, allow_globals=allow_globals)
 
 
 def _directory_hint(path: Path) -> str:
@@ -101,143 +82,3 @@ def _directory_hint(path: Path) -> str:
     if found:
         return f"pass a checkpoint file, e.g. {path / found[-1]}"
     return "pass a checkpoint file (iter_N.pth) or a DeepSpeed checkpoint directory"
-
-
-# --------------------------------------------------------------------------------------------
-# Interpreting the unpickled object
-# --------------------------------------------------------------------------------------------
-
-
-def checkpoint_from_loaded(path: Path, loaded: SafeLoad, *, kind: str | None = None) -> TrainingCheckpoint:
-    """Build a TrainingCheckpoint from one safely loaded file (also used by the DeepSpeed reader)."""
-    top = loaded.obj
-    if not isinstance(top, Mapping):
-        raise InputError(
-            f"holds a {_type_name(top)}, not a checkpoint (expected the dict torch.save writes for a model)",
-            path=path,
-            hint="pass the iter_N.pth from the training work_dir",
-        )
-    found_kind, state_dict = _find_state_dict(path, top)
-    weights = StateDictSource(_validated_tensors(path, state_dict), label="checkpoint", path=path)
-    meta = _plain_meta(top) if found_kind != "state_dict" else {}
-    cfg_text = meta.get("cfg")
-    config = parse_embedded_config(cfg_text) if isinstance(cfg_text, str) else None
-    return TrainingCheckpoint(
-        path=path,
-        kind=kind or found_kind,
-        weights=weights,
-        meta=meta,
-        config=config,
-        placeholders=dict(loaded.placeholders),
-        top_level_keys=[k if isinstance(k, str) else repr(k) for k in top],
-    )
-
-
-def _find_state_dict(path: Path, top: Mapping) -> tuple[str, Mapping]:
-    if "state_dict" in top:
-        return "mmengine", _require_mapping(path, top["state_dict"], "state_dict")
-    if "module" in top:
-        return "deepspeed-model-states", _require_mapping(path, top["module"], "module")
-    if any(isinstance(v, torch.Tensor) for v in top.values()):
-        return "state_dict", top
-    if "optimizer_state_dict" in top:
-        raise InputError(
-            "is a DeepSpeed optimizer-states file, not the model weights",
-            path=path,
-            hint="pass the checkpoint directory that contains it (or its mp_rank_00_model_states.pt)",
-        )
-    keys = ", ".join(repr(k) for k in list(top)[:8]) or "none"
-    raise InputError(
-        f"holds a dict without tensors (top-level keys: {keys}); it is not a model checkpoint",
-        path=path,
-        hint="pass the iter_N.pth from the training work_dir (its work_dir/last_checkpoint names it)",
-    )
-
-
-def _require_mapping(path: Path, value: Any, key: str) -> Mapping:
-    if not isinstance(value, Mapping):
-        raise InputError(
-            f"has '{key}' but it is a {_type_name(value)}, not a dict of tensors",
-            path=path,
-            hint="the file is not a checkpoint this tool understands; pass the iter_N.pth from the work_dir",
-        )
-    if not value:
-        raise InputError(
-            f"has an empty '{key}' (no weights were saved)",
-            path=path,
-            hint="check the training run's checkpoint settings; use another checkpoint",
-        )
-    return value
-
-
-def _validated_tensors(path: Path, state_dict: Mapping) -> dict[str, torch.Tensor]:
-    """Plain tensors keyed by str; every problem listed at once so one fix round is enough."""
-    tensors: dict[str, torch.Tensor] = {}
-    problems: list[str] = []
-    for key, value in state_dict.items():
-        shown = repr(key) if isinstance(key, str) else f"{key!r} ({_type_name(key)})"
-        if not isinstance(key, str):
-            problems.append(f"key {shown} is not a string")
-        elif not isinstance(value, torch.Tensor):
-            problems.append(f"{shown} is a {_type_name(value)}, not a tensor")
-        elif value.layout != torch.strided:
-            problems.append(f"{shown} is a {value.layout} tensor; only dense tensors are supported")
-        elif not _supported_dtype(value.dtype):
-            problems.append(f"{shown} has dtype {str(value.dtype).removeprefix('torch.')}, which is not supported")
-        elif _overlapping(value):
-            problems.append(f"{shown} claims shape {tuple(value.shape)} but its storage holds fewer elements "
-                            "(an expanded view)")
-        else:
-            # Tensor.detach on the class, not the instance: a Parameter pickled with state can
-            # carry instance attributes; the detached view shares the mapped storage, drops them.
-            tensors[key] = torch.Tensor.detach(value)
-    if problems:
-        more = f" (and {len(problems) - _PROBLEMS_SHOWN} more)" if len(problems) > _PROBLEMS_SHOWN else ""
-        raise InputError(
-            f"the state dict has {len(problems)} entries that are not named tensors: "
-            + "; ".join(problems[:_PROBLEMS_SHOWN])
-            + more,
-            path=path,
-            hint="the weights must be a {name: tensor} dict as torch.save(model.state_dict()) writes it, "
-            "with float (fp32/fp16/bf16/fp64), integer or bool dense tensors",
-        )
-    return tensors
-
-
-def _overlapping(t: torch.Tensor) -> bool:
-    """Zero/overlapping strides let a few stored bytes pose as a huge tensor; the writer
-    would then materialise all of it. Training never saves such views."""
-    if t.numel() <= 1 or t.is_contiguous():
-        return False
-    return t.numel() * t.element_size() > t.untyped_storage().nbytes()
-
-
-def _supported_dtype(dtype: torch.dtype) -> bool:
-    try:
-        dtypes.from_torch(dtype)
-    except ValueError:
-        return False
-    return True
-
-
-def _plain_meta(top: Mapping) -> dict:
-    """mmengine's meta as plain data, plus the runtime info the message hub kept."""
-    raw = top.get("meta")
-    meta = to_plain(raw) if isinstance(raw, Mapping) else {}
-    if not isinstance(meta, dict):
-        meta = {}
-    # the classic Runner writes 'mmengine_version', the DeepSpeed strategy writes 'mmengine'
-    version = meta.get("mmengine_version", meta.get("mmengine"))
-    if isinstance(version, str):
-        meta["mmengine_version"] = version
-    hub = top.get("message_hub")
-    if isinstance(hub, Mapping) and isinstance(hub.get("runtime_info"), Mapping):
-        meta["runtime_info"] = to_plain(hub["runtime_info"])
-    return meta
-
-
-def _type_name(value: Any) -> str:
-    qualified = getattr(value, "qualified_name", None)
-    if isinstance(qualified, str):
-        return qualified
-    return type(value).__name__

@@ -75,11 +75,11 @@ import torch
 
 from .. import dtypes
 from ..errors import InputError
-from . import safe_pickle
-from .checkpoint import TrainingCheckpoint, _plain_meta
+from .checkpoint_file import TrainingCheckpoint, plain_meta
 from .embedded_config import parse_embedded_config
 from .safe_pickle import SafeLoad, is_placeholder, safe_torch_load
-from .tensor_source import TensorInfo
+from .safe_pickle.allow_lists import SafeCallable
+from .tensor_source import SourceDefaults, TensorInfo
 
 __all__ = ["open_deepspeed_dir", "DeepSpeedSource", "WeightsChoice"]
 
@@ -145,8 +145,11 @@ class _Store:
         return self.tensors[p.rank][p.slot].narrow(0, p.start, p.length)
 
 
-class DeepSpeedSource:
+class DeepSpeedSource(SourceDefaults):
     """TensorSource over a DeepSpeed folder; ``load`` assembles one parameter from its slices.
+
+    No optional ability: a row range is a slice of the assembled parameter, and pages of the
+    partition files, once read, stay in RSS (the peak-RAM estimate counts them).
 
     ``info`` comes from ``param_shapes`` and the partition dtypes, so planning
     reads no tensor data. A parameter kept whole on one rank is returned as a
@@ -249,7 +252,7 @@ def open_deepspeed_dir(
     _add_shared(entries, model.shared_params)
 
     source = DeepSpeedSource(path, entries, stores, files.model_states[0].name)
-    meta = _plain_meta(top)
+    meta = plain_meta(top)
     meta["deepspeed"] = _summary(files, model, optim, stage, use_master, entries, frozen, include_frozen, notes)
     cfg_text = meta.get("cfg")
     for name in _TYPED_TENSOR_GLOBALS:  # rebuilt into tensors, not left inert
@@ -462,7 +465,7 @@ def _saved_tensors(module: Mapping) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in module.items():
         tensor = _plain_tensor(value)
-        if isinstance(key, str) and tensor is not None and _supported(tensor.dtype):
+        if isinstance(key, str) and tensor is not None and dtypes.is_supported_torch(tensor.dtype):
             out[key] = torch.Tensor.detach(tensor)
     return out
 
@@ -827,7 +830,7 @@ def _fragments(top: Mapping) -> dict[str, torch.Tensor]:
     if not isinstance(raw, Mapping):
         return {}
     return {k: torch.Tensor.detach(t) for k, v in raw.items()
-            if isinstance(k, str) and (t := _plain_tensor(v)) is not None and _supported(t.dtype)}
+            if isinstance(k, str) and (t := _plain_tensor(v)) is not None and dtypes.is_supported_torch(t.dtype)}
 
 
 def _zero3_frozen(files: _Files, model: _ModelStates, allow_globals: Sequence[str],
@@ -889,7 +892,7 @@ def _plain_tensor(value: Any) -> torch.Tensor | None:
     if len(args) != 4:
         return None
     func, new_type, rebuild_args, _state = args
-    if not (isinstance(func, safe_pickle._SafeCallable) and getattr(func, "_name", None) in _REBUILD_FUNCTIONS):
+    if not (isinstance(func, SafeCallable) and getattr(func, "_name", None) in _REBUILD_FUNCTIONS):
         return None
     if not (is_placeholder(new_type) and getattr(new_type, "qualified_name", None) in _TENSOR_TYPES):
         return None
@@ -910,14 +913,6 @@ def _as_int(value: Any) -> int | None:
         if len(args) == 1 and isinstance(args[0], int) and not isinstance(args[0], bool):
             return args[0]
     return None
-
-
-def _supported(dtype: torch.dtype) -> bool:
-    try:
-        dtypes.from_torch(dtype)
-    except ValueError:
-        return False
-    return True
 
 
 def _stage_name(stage: int | None) -> str:

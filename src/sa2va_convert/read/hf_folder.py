@@ -9,7 +9,6 @@ the verify stage, in a separate process.
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -18,53 +17,11 @@ import torch
 
 from .. import dtypes
 from ..errors import InputError
-from .tensor_source import TensorInfo
+from .safetensors_header import header_length, read_safetensors_header
+from .tensor_source import SourceAbilities, SourceDefaults, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_MAX_HEADER = 100 * 1024 * 1024
-
-
-def header_length(path: Path) -> int:
-    with open(path, "rb") as f:
-        return struct.unpack("<Q", f.read(8))[0]
-
-
-def read_safetensors_header(path: Path) -> dict:
-    """Parse a safetensors header without mapping the file, with errors that name the file."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise InputError("file is too short to be a safetensors file", path=path,
-                                 hint="re-copy or re-download this shard")
-            (n,) = struct.unpack("<Q", raw)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise InputError("safetensors header length is impossible (truncated or not a safetensors file)",
-                                 path=path, hint="re-copy or re-download this shard")
-            header = json.loads(f.read(n))
-    except PermissionError:
-        raise InputError("permission denied", path=path, hint="make the file readable") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InputError("safetensors header is not valid JSON", path=path,
-                         hint="re-copy or re-download this shard") from None
-    if not isinstance(header, dict):
-        raise InputError("safetensors header is not a JSON object", path=path, hint="re-copy this shard")
-    end = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, stop = entry["data_offsets"]
-            end = max(end, stop)
-        except (KeyError, TypeError, ValueError):
-            raise InputError(f"safetensors entry {name!r} has no valid data_offsets", path=path,
-                             hint="re-copy this shard") from None
-    if 8 + n + end > size:
-        raise InputError(f"file is truncated: header promises {8 + n + end} bytes, file has {size}",
-                         path=path, hint="re-copy or re-download this shard")
-    return header
 
 
 def read_range(fpath: Path, begin: int, view: memoryview, key: str) -> None:
@@ -83,8 +40,13 @@ def read_range(fpath: Path, begin: int, view: memoryview, key: str) -> None:
         raise InputError("permission denied", path=fpath, hint="make the file readable") from None
 
 
-class SafetensorsSource:
-    """A TensorSource over one or more safetensors files (a sharded HF folder)."""
+class SafetensorsSource(SourceDefaults):
+    """A TensorSource over one or more safetensors files (a sharded HF folder).
+
+    Reads with plain file reads (never a mapping), into a caller's buffer if given, and a row range
+    alone; nothing stays in RSS, so there are no pages to release."""
+
+    abilities = SourceAbilities(reads_into=True, reads_rows=True)
 
     def __init__(self, files: dict[str, Path], *, label: str, path: Path):
         self.label = label

@@ -15,11 +15,18 @@ import torch
 
 from ..errors import InputError, PlanError
 from .safe_pickle import safe_torch_load
-from .tensor_source import StateDictSource, TensorInfo, TensorSource, load_rows, release_rows
+from .tensor_source import SourceAbilities, SourceDefaults, StateDictSource, TensorInfo, TensorSource
 
 
-class RenamedSource:
+# A composed source hands row reads and releases to the source that holds the tensor (which falls back where
+# it cannot): it declares both, as it always did, but never reads into a caller's buffer.
+_PASSED_THROUGH = SourceAbilities(reads_rows=True, releases_pages=True)
+
+
+class RenamedSource(SourceDefaults):
     """Another source's tensors under new names (a bijection, checked)."""
+
+    abilities = _PASSED_THROUGH
 
     def __init__(self, inner: TensorSource, rename: Callable[[str], str], *, label: str | None = None):
         self.inner = inner
@@ -46,14 +53,16 @@ class RenamedSource:
         return self.inner.load(self._to_inner[key])
 
     def load_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        return load_rows(self.inner, self._to_inner[key], start, stop)
+        return self.inner.load_rows(self._to_inner[key], start, stop)
 
-    def release_rows(self, key: str, start: int, stop: int | None) -> None:
-        release_rows(self.inner, self._to_inner[key], start, stop)
+    def release_rows(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        self.inner.release_rows(self._to_inner[key], start, stop)
 
 
-class UnionSource:
+class UnionSource(SourceDefaults):
     """Several sources with disjoint key sets, seen as one (label and path of the first)."""
+
+    abilities = _PASSED_THROUGH
 
     def __init__(self, sources: Sequence[TensorSource], *, label: str = "base"):
         self.sources = list(sources)
@@ -80,10 +89,10 @@ class UnionSource:
         return self._owner[key].load(key)
 
     def load_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        return load_rows(self._owner[key], key, start, stop)
+        return self._owner[key].load_rows(key, start, stop)
 
-    def release_rows(self, key: str, start: int, stop: int | None) -> None:
-        release_rows(self._owner[key], key, start, stop)
+    def release_rows(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        self._owner[key].release_rows(key, start, stop)
 
     def path_of(self, key: str) -> Path:
         return Path(self._owner[key].path)

@@ -36,14 +36,36 @@ class TensorInfo:
         return self.numel * dtypes.itemsize(self.dtype)
 
 
+@dataclass(frozen=True)
+class SourceAbilities:
+    """What a source can do beyond the required interface, declared by the source itself.
+
+    Consumers (the producer, the peak-RAM estimate) read these flags; they never probe a source
+    for methods. A source without an ability still offers the method, with the plain fallback
+    of :class:`SourceDefaults`, and everything works, with more memory.
+    """
+
+    reads_into: bool = False  # load(key, out=uint8 buffer) fills a caller's recycled buffer (BufferedLoad)
+    reads_rows: bool = False  # load_rows reads only those rows (without: a slice of the whole tensor)
+    releases_pages: bool = False  # release_rows gives back the RSS pages of a used (memory-mapped) tensor
+
+
 @runtime_checkable
 class TensorSource(Protocol):
-    """A read-only, lazily loaded mapping of tensor names to tensors."""
+    """A read-only, lazily loaded mapping of tensor names to tensors.
+
+    Required: ``label``, ``path``, ``abilities``, ``keys``, ``in``, ``info``, ``load``, and the
+    row-wise pair ``load_rows``/``release_rows`` (inherit :class:`SourceDefaults` for their
+    fallbacks). What is more than a fallback is said by ``abilities``.
+    """
 
     label: str  # "checkpoint", "base", "pretrained", ... (shown in plans and errors)
     path: Path
+    abilities: SourceAbilities
 
     def keys(self) -> Iterable[str]: ...
+
+    def __contains__(self, key: str) -> bool: ...
 
     def info(self, key: str) -> TensorInfo: ...
 
@@ -51,9 +73,42 @@ class TensorSource(Protocol):
         """Return the tensor; may be a view of a memory map: never modify it in place."""
         ...
 
+    def load_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of ``key`` (along its first dimension)."""
+        ...
 
-class StateDictSource:
+    def release_rows(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        """Rows [start, stop) of ``key`` (default: all) are used: drop the memory they hold, where possible."""
+        ...
+
+
+class BufferedLoad(Protocol):
+    """The ``reads_into`` ability: ``load`` fills ``out`` (a contiguous CPU uint8 tensor of at least the
+    tensor's bytes) and returns a view of it."""
+
+    def load(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+class SourceDefaults:
+    """The fallbacks of the optional abilities, for sources to inherit: no ability declared, a row range is a
+    slice of the whole tensor, and releasing rows does nothing."""
+
+    abilities = SourceAbilities()
+
+    def load(self, key: str) -> torch.Tensor:  # pragma: no cover - every source defines its own
+        raise NotImplementedError
+
+    def load_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        return self.load(key)[start:stop]
+
+    def release_rows(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        return None
+
+
+class StateDictSource(SourceDefaults):
     """A TensorSource over an in-memory or memory-mapped state dict (e.g. from torch.load(mmap=True))."""
+
+    abilities = SourceAbilities(reads_rows=True, releases_pages=True)
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], *, label: str, path: Path):
         self._tensors = tensors
@@ -87,16 +142,3 @@ class StateDictSource:
             self._pages = MappedFilePages(self.path) if self.path.is_file() else False
         if self._pages:
             self._pages.release(self._tensors[key][start:stop])
-
-
-def load_rows(src: TensorSource, key: str, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of ``key`` from any source: its own ``load_rows`` if it has one, else a slice."""
-    own = getattr(src, "load_rows", None)
-    return own(key, start, stop) if own is not None else src.load(key)[start:stop]
-
-
-def release_rows(src: TensorSource, key: str, start: int = 0, stop: int | None = None) -> None:
-    """Let ``src`` drop the memory rows [start, stop) of ``key`` hold, where it can (a no-op elsewhere)."""
-    own = getattr(src, "release_rows", None)
-    if own is not None:
-        own(key, start, stop)

@@ -12,13 +12,9 @@ import re
 from pathlib import Path
 
 from ..errors import InputError
-from .checkpoint import is_deepspeed_dir as _is_deepspeed_tag
+from .checkpoint import is_deepspeed_dir
 
 _ITER = re.compile(r"^iter_(\d+)\.pth$")
-
-
-def is_deepspeed_dir(path: Path) -> bool:
-    return path.is_dir() and _is_deepspeed_tag(path)
 
 
 def iteration_of(path: Path) -> int | None:

@@ -59,12 +59,12 @@ from typing import Any
 import torch
 
 from .. import dtypes
-from .fixtures import (
+from .training_checkpoint import (
     CHECKPOINT_FORMATS,
     FixtureCheckpoint,
-    _check_base,
-    _deepspeed_parts,
-    _mmengine_parts,
+    check_base_fits,
+    deepspeed_parts,
+    mmengine_parts,
 )
 from .layouts import Preset, Sizes, get_preset, training_layout
 from .reference import load_base_folder, training_name_to_hf
@@ -356,7 +356,7 @@ def write_segmenting_finetune(
     if set(drop) - set(DROPPABLE):
         raise ValueError(f"drop takes {DROPPABLE}, not {drop!r}")
     base_dir = Path(base_dir)
-    _check_base(base_dir, p, s)
+    check_base_fits(base_dir, p, s)
     r = lora_r or s.lora_r
     alpha = lora_alpha if lora_alpha is not None else (s.lora_alpha if lora_r is None else 2 * r)
     scale = alpha / r
@@ -375,8 +375,8 @@ def write_segmenting_finetune(
     if fmt == "state_dict":
         obj: object = sd
     else:
-        mm = _mmengine_parts(p, r, alpha, False, (), iteration, seed, str(base_dir), str(out.parent), config_text)
-        obj = {"state_dict": sd, **mm} if fmt == "mmengine" else {**_deepspeed_parts(sd, iteration), **mm}
+        mm = mmengine_parts(p, r, alpha, False, (), iteration, seed, str(base_dir), str(out.parent), config_text)
+        obj = {"state_dict": sd, **mm} if fmt == "mmengine" else {**deepspeed_parts(sd, iteration), **mm}
     torch.save(obj, out)
     return SegmentingCheckpoint(
         path=out, preset=p.name, sizes=s, fmt=fmt, lora_r=r, lora_alpha=alpha, use_rslora=False,

@@ -9,26 +9,25 @@ never trained: the "converted model is just the base" report).
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, cast
 
 import torch
 
 from .. import dtypes
 from ..errors import PlanError
-from ..plan.planner import PlannedTensor
-from ..read.tensor_source import TensorInfo, TensorSource, load_rows, release_rows
+from ..plan.types import PlannedTensor
+from ..read.tensor_source import BufferedLoad, TensorInfo, TensorSource
 
 FP16_MAX = 65504.0
 _CHUNK_ELEMS = 16 * 1024 * 1024  # exact NaN/Inf counts walk big tensors in slices to bound memory
 _BLOCK_ELEMS = 1 << 19  # CPU LoRA merge: rows per block ~ 2 MiB of fp32, so the working set stays in cache
 _STREAM_COPY_BYTES = 16 << 20  # a streamed tensor without a merge is read and written in blocks of this size
 STREAM_BLOCK_BYTES = 3 * _STREAM_COPY_BYTES  # about what one streamed tensor holds at a time (estimates)
-_DEVICE_BLOCK_ELEMS = 16 << 20  # GPU merge of a streamed tensor: rows per block (fewer launches and syncs)
+DEVICE_BLOCK_ELEMS = 16 << 20  # GPU merge of a streamed tensor: rows per block (fewer launches and syncs)
 
 
 @dataclass
@@ -206,7 +205,7 @@ class Prepared:
 
 
 class TensorProducer:
-    """Callable the writer uses: PlannedTensor -> the exact tensor to store.
+    """What the writer's pipeline drives (a ``write.pipeline.Producer``): PlannedTensor -> the exact tensor to store.
 
     ``producer(pt)`` is ``producer.finish(producer.prepare(pt))``: ``prepare``
     only reads (file IO, which releases the GIL), ``finish`` does the
@@ -230,7 +229,6 @@ class TensorProducer:
         self.block_elems = max(1, int(block_elems))
         self.report = TransformReport()
         self._pool: _BufferPool | None = None
-        self._reads_into: dict[str, bool] = {}  # layer -> its source's load() takes out=
 
     # ------------------------------------------------------------- buffer reuse (pipeline)
 
@@ -251,7 +249,7 @@ class TensorProducer:
         """``pt`` is written: its sources may drop the memory its inputs held (mapped checkpoint pages)."""
         refs = [pt.value] if pt.lora is None else [pt.value, pt.lora.a, pt.lora.b]
         for ref in refs:
-            release_rows(self.sources[ref.layer], ref.key)
+            self.sources[ref.layer].release_rows(ref.key)
 
     def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         pool = self._pool
@@ -276,15 +274,10 @@ class TensorProducer:
         """
         src = self.sources[layer]
         pool = self._pool
-        if layer not in self._reads_into:
-            try:
-                self._reads_into[layer] = "out" in inspect.signature(src.load).parameters
-            except (TypeError, ValueError):
-                self._reads_into[layer] = False
-        if pool is not None and self._reads_into[layer]:
+        if pool is not None and src.abilities.reads_into:
             buf = pool.take(nbytes)
             if buf is not None:
-                return src.load(key, out=buf)
+                return cast(BufferedLoad, src).load(key, out=buf)
         return src.load(key)
 
     def prepare(self, pt: PlannedTensor) -> Prepared:
@@ -440,7 +433,7 @@ class TensorProducer:
             return lambda: sum(_count_nonfinite(rows_of(s, min(rows, s + step))) for s in range(0, rows, step))
 
         if pt.lora is not None:
-            per_block = self.block_elems if self.merge_device.type == "cpu" else _DEVICE_BLOCK_ELEMS
+            per_block = self.block_elems if self.merge_device.type == "cpu" else DEVICE_BLOCK_ELEMS
             step = max(1, min(rows, per_block // cols))
 
             def checked_rows(s: int, e: int) -> torch.Tensor:
@@ -483,14 +476,14 @@ class TensorProducer:
     def _row_reader(self, ref) -> Callable[[int, int], torch.Tensor]:
         """rows [start, stop) of a source tensor: read from disk (or the mapping) where the source can."""
         src = self.sources[ref.layer]
-        if hasattr(src, "load_rows"):
-            return lambda s, e: load_rows(src, ref.key, s, e)
+        if src.abilities.reads_rows:
+            return lambda s, e: src.load_rows(ref.key, s, e)
         whole = src.load(ref.key)  # e.g. DeepSpeed: assembled once, then sliced
         return lambda s, e: whole[s:e]
 
     def _rows_done(self, ref, start: int, stop: int) -> None:
         """A streamed block's input rows are used: a mapped source may drop their pages now."""
-        release_rows(self.sources[ref.layer], ref.key, start, stop)
+        self.sources[ref.layer].release_rows(ref.key, start, stop)
 
     def _check_block(self, t: torch.Tensor, pt: PlannedTensor, path: str, first_row: int) -> None:
         """Checks on rows [first_row, first_row + len(t)) of a merge; the merge stops at the first bad block."""

@@ -83,7 +83,11 @@ def read_json(path: str) -> dict:
 
 
 def shard_dtypes(folder: str) -> dict:
-    """{tensor name: short dtype} from the safetensors headers (no tensor bytes read)."""
+    """{tensor name: short dtype} from the safetensors headers (no tensor bytes read).
+
+    A standalone copy of the header read (the package's one parser is
+    ``read/safetensors_header.py``): this script runs under the user's interpreter, which may
+    not have sa2va_convert installed, so it imports nothing from the package."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
         files = sorted(set(read_json(index)["weight_map"].values()))

@@ -363,7 +363,7 @@ def available_ram() -> tuple[int | None, str]:
 def estimate_roundtrip_ram(folder: Path, load_dtype: str | None = None) -> int:
     """Host RAM the child needs to load ``folder``: its tensors in the dtype they load in, plus
     the loader's overhead and the imported libraries. Read from the safetensors headers only."""
-    from ..read.hf_folder import read_safetensors_header
+    from ..read.safetensors_header import read_safetensors_header
 
     index = folder / "model.safetensors.index.json"
     files = (sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
@@ -524,6 +524,39 @@ def run_roundtrip(
     return report
 
 
-__all__ = ["RoundTripReport", "run_roundtrip", "run_child", "child_failure", "debug_details", "resolve_python",
+# ---------------------------------------------------------------- one line for reports
+
+
+def summary_line(rt: dict[str, Any]) -> str:
+    """One line about a round trip: where it ran, whether the model said [SEG] itself, what the
+    forced [SEG] gave, the video, and the time."""
+    versions = rt.get("versions") or {}
+    mapped = rt.get("cuda_mapped") or {}
+    where = f"loaded on {rt.get('device')}"
+    if mapped:
+        where += f" (CUDA calls mapped to CPU: {sum(mapped.values())})"
+    parts = [f"{where} in {rt.get('dtype')} (transformers {versions.get('transformers')}, "
+             f"torch {versions.get('torch')})"]
+    runs = {r.get("name"): r for r in rt.get("runs", [])}
+    own = runs.get("image")
+    if own is not None:
+        said = "yes" if own.get("seg_count") else "no"
+        parts.append(f"answered with [SEG]: {said}" + (f", {_masks(own)}" if own.get("seg_count") else
+                                                        f" ({own.get('prediction', '')[:40]!r})"))
+    for r in rt.get("runs", []):
+        if r.get("forced"):
+            parts.append(f"forced [SEG]: {_masks(r)}")
+        elif r.get("name") not in ("image",):
+            parts.append(f"{r.get('name')}: {_masks(r)}")
+    return "; ".join(parts) + f"; {rt.get('seconds', 0):.1f}s"
+
+
+def _masks(run: dict[str, Any]) -> str:
+    n = run.get("n_masks") or 0
+    shapes = sorted({"(" + ", ".join(map(str, m["shape"])) + ")" for m in run.get("masks", [])})
+    return f"{n} mask{'s' if n != 1 else ''}" + (f" {' '.join(shapes)}" if shapes else "")
+
+
+__all__ = ["RoundTripReport", "run_roundtrip", "summary_line", "run_child", "child_failure", "debug_details", "resolve_python",
            "check_device",
            "DEFAULT_PROMPT", "DEFAULT_TIMEOUT", "CHILD_SCRIPT"]

@@ -24,9 +24,9 @@ from safetensors import safe_open
 from .. import dtypes
 from ..errors import ConvertError, VerifyError
 from ..plan.keymap import Keymap, lookup
-from ..plan.planner import INDEX_NAME, READ_BACK_CHUNK_BYTES, ConversionPlan
+from ..plan.types import ConversionPlan
 from ..plan.vocab import read_tokenizer_state
-from ..read.hf_folder import HFFolder, open_hf_folder, read_range
+from ..read.hf_folder import INDEX_NAME, HFFolder, open_hf_folder, read_range
 
 
 @dataclass
@@ -50,6 +50,7 @@ def _fail(message: str, path: Path | str, hint: str) -> VerifyError:
 
 
 _CHECKED_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+READ_BACK_CHUNK_BYTES = 64 * 1024 * 1024  # the value read-back reads in two buffers of half this (write.peak_ram counts it)
 
 
 def _check_headers(hf: HFFolder) -> None:

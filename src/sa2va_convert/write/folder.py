@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..plan.planner import INDEX_NAME, ConversionPlan, PlannedTensor
-from ..plan.vocab import apply_additions
+from ..plan.types import ConversionPlan
 from ..progress import Progress, Silent
 from . import atomic, guard
-from .pipeline import DEFAULT_BUDGET_BYTES, TensorPipeline
-from .safetensors_stream import StreamEntry, write_streamed
+from .pipeline import DEFAULT_BUDGET_BYTES, Producer, TensorPipeline
+from .safetensors_writer import SAFETENSORS
+from .shard_writer import ShardWriter
+from .tokenizer import apply_additions
 
-SHARD_METADATA = {"format": "pt"}
 PIPELINE_BUDGET_BYTES = DEFAULT_BUDGET_BYTES  # tensors read/merged ahead of the writer (bytes in flight)
 
 
@@ -41,29 +41,23 @@ def dump_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def index_json(plan: ConversionPlan) -> dict:
-    weight_map = {name: shard.filename for shard in plan.shards for name in shard.tensors}
-    return {"metadata": {"total_size": plan.tensor_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-
-
-def write_shards(plan: ConversionPlan, produce: Callable[[PlannedTensor], object], folder: Path,
-                 progress: Progress, checksums: dict[str, str] | None = None) -> int:
-    """Write every shard; ``checksums`` (if given) receives each file's sha256, computed while writing."""
+def write_shards(plan: ConversionPlan, produce: Producer, folder: Path, progress: Progress,
+                 checksums: dict[str, str] | None = None, writer: ShardWriter = SAFETENSORS) -> int:
+    """Write every shard in ``writer``'s format; ``checksums`` (if given) receives each file's sha256,
+    computed while writing."""
     by_name = plan.by_name()
     total = 0
     order = [by_name[n] for shard in plan.shards for n in shard.tensors]
     # reading, merging and writing overlap in three threads, in plan order, memory-bounded (see pipeline)
     with TensorPipeline(produce, order, budget_bytes=PIPELINE_BUDGET_BYTES) as pipe:
         for shard in plan.shards:
-            entries = [StreamEntry(n, by_name[n].info) for n in shard.tensors]
-
-            def written(e: StreamEntry) -> None:
-                pipe.done(e.name)
-                progress.advance(e.name, e.info.nbytes)
+            def written(name: str) -> None:
+                pipe.done(name)
+                progress.advance(name, by_name[name].info.nbytes)
 
             digest = hashlib.sha256() if checksums is not None else None
-            total += write_streamed(folder / shard.filename, entries, lambda e: pipe.get(e.name),
-                                    metadata=SHARD_METADATA, on_tensor=written, digest=digest)
+            total += writer.write_shard(folder / shard.filename, [(n, by_name[n].info) for n in shard.tensors],
+                                        pipe.get, on_tensor=written, digest=digest)
             if checksums is not None:
                 checksums[shard.filename] = digest.hexdigest()
     return total
@@ -82,7 +76,7 @@ def copy_base_files(plan: ConversionPlan, base_dir: Path, folder: Path) -> list[
 
 def write_folder(
     plan: ConversionPlan,
-    produce: Callable[[PlannedTensor], object],
+    produce: Producer,
     *,
     base_dir: Path,
     force: bool = False,
@@ -91,11 +85,13 @@ def write_folder(
     check: Callable[[Path], None] | None = None,
     replace_foreign: bool = False,
     protected: Sequence[guard.NamedInput] = (),
+    writer: ShardWriter = SAFETENSORS,
 ) -> WriteResult:
     """Write the planned folder atomically. ``check(tmp)`` runs before publishing; it raises to abort.
 
     ``protected`` are the run's inputs: OUT may never be, contain or lie inside one of them,
-    checked here again (whoever calls) and right before an existing OUT is replaced."""
+    checked here again (whoever calls) and right before an existing OUT is replaced. ``writer`` is the
+    output format; the plan's shard names must be its ``naming``'s."""
     progress = progress or Silent()
     out = Path(plan.out)
     guard.check_out(out, protected)
@@ -110,9 +106,9 @@ def write_folder(
             progress.start(plan.tensor_bytes, len(plan.tensors))
             try:
                 checksums: dict[str, str] = {}
-                written = write_shards(plan, produce, tmp, progress, checksums)
+                written = write_shards(plan, produce, tmp, progress, checksums, writer)
                 progress.finish()
-                dump_json(tmp / INDEX_NAME, index_json(plan))
+                dump_json(tmp / writer.naming.index_file, writer.index_document(plan.shards, plan.tensor_bytes))
                 dump_json(tmp / "config.json", plan.config)
                 copy_base_files(plan, base_dir, tmp)
                 apply_additions(base_dir, tmp, plan.tokenizer_additions)

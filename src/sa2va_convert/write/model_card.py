@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .. import __version__
+from .._version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..api import ConversionResult
-    from ..plan.planner import ConversionPlan
+    from ..plan.types import ConversionPlan
 
+
+CHECKSUM_KEY = "shard_sha256"  # the report's {shard: sha256}, what `verify` compares the shards with
 
 # Where the card points people for the tool: the project's README until a package page exists.
 PROJECT_README = "the sa2va-convert README (README.md in the project's repository)"
@@ -78,12 +79,13 @@ def front_matter(plan: "ConversionPlan") -> dict[str, Any]:
     return meta
 
 
-def _report_dict(plan: "ConversionPlan", result: "ConversionResult") -> dict[str, Any]:
+def _report_dict(plan: "ConversionPlan", checkpoint_sha256: str | None,
+                 lora_deltas: dict[str, Any] | None) -> dict[str, Any]:
     meta = plan.checkpoint_meta or {}
     return {
         "tool": "sa2va-convert", "tool_version": __version__,
         "source": {
-            "checkpoint": _absolute(plan.checkpoint), "checkpoint_sha256": result.checkpoint_sha256,
+            "checkpoint": _absolute(plan.checkpoint), "checkpoint_sha256": checkpoint_sha256,
             "iteration": meta.get("iter"), "epoch": meta.get("epoch"),
             "experiment_name": meta.get("experiment_name"),
             "base": _absolute(plan.base), "pretrained": _absolute(plan.pretrained),
@@ -97,7 +99,7 @@ def _report_dict(plan: "ConversionPlan", result: "ConversionResult") -> dict[str
             "rslora_source": plan.lora.rslora_source, "ranks": list(plan.lora.ranks), "pairs": plan.lora.pairs,
             "scales": sorted({plan.lora.scale_for(r) for r in plan.lora.ranks}),
         } if plan.lora else None,
-        "lora_deltas": result.transform.to_dict() if result.transform else None,
+        "lora_deltas": lora_deltas,
         "tensors": {"count": len(plan.tensors), "bytes": plan.tensor_bytes, "by_origin": plan.counts()},
         "shards": [s.filename for s in plan.shards],
         "dropped": list(plan.dropped), "allowed_unused": list(plan.allowed_unused),
@@ -105,17 +107,22 @@ def _report_dict(plan: "ConversionPlan", result: "ConversionResult") -> dict[str
     }
 
 
-def conversion_report(plan: "ConversionPlan", result: "ConversionResult", *,
-                      shard_sha256: dict[str, str] | None = None) -> str:
-    """JSON provenance; ``shard_sha256`` lets ``verify`` detect bit rot that still decodes as numbers."""
-    report = _report_dict(plan, result)
+def conversion_report(plan: "ConversionPlan", *, checkpoint_sha256: str | None,
+                      lora_deltas: dict[str, Any] | None, shard_sha256: dict[str, str] | None = None) -> str:
+    """JSON provenance; ``shard_sha256`` lets ``verify`` detect bit rot that still decodes as numbers.
+
+    Takes plain data (the checkpoint's sha256, ``TransformReport.to_dict()``), not the API's result
+    object, so the write stage knows nothing of the layer that drives it."""
+    report = _report_dict(plan, checkpoint_sha256, lora_deltas)
     if shard_sha256:
-        report["shard_sha256"] = dict(sorted(shard_sha256.items()))
+        report[CHECKSUM_KEY] = dict(sorted(shard_sha256.items()))
     return json.dumps(report, indent=2, sort_keys=True) + "\n"
 
 
-def model_card(plan: "ConversionPlan", result: "ConversionResult") -> str:
-    r = _report_dict(plan, result)
+def model_card(plan: "ConversionPlan", *, checkpoint_sha256: str | None,
+               lora_deltas: dict[str, Any] | None) -> str:
+    """README.md of the output: Hub front matter, provenance, LoRA update sizes, how to load it."""
+    r = _report_dict(plan, checkpoint_sha256, lora_deltas)
     src = r["source"]
     meta = yaml.safe_dump(front_matter(plan), sort_keys=False, allow_unicode=True).strip()
     lines = [

@@ -19,10 +19,10 @@ Threads: the merging thread gets all cores but one for torch (thread-local
 setting), the reader and the writer share the remaining one; see
 :func:`default_merge_threads` for why this beats letting torch use every core.
 
-``produce`` may be any ``PlannedTensor -> tensor`` callable; when it also has
-``prepare`` (read) and ``finish`` (compute) methods, as
-:class:`~sa2va_convert.transform.produce.TensorProducer` does, reading and
-merging run in separate threads; otherwise one thread calls it.
+What the pipeline drives is declared by :class:`Producer` (the transform stage's
+``TensorProducer`` is one): ``prepare`` reads in the reader thread, ``finish`` computes in
+the merging thread, and the streaming and buffer-pool methods say what it can do. A plain
+``PlannedTensor -> tensor`` function becomes one through :class:`FunctionProducer`.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 
 from .. import dtypes
-from ..plan.planner import PlannedTensor
+from ..plan.types import PlannedTensor
 
 DEFAULT_BUDGET_BYTES = 512 << 20  # cap on the bytes of tensors in flight (inputs + outputs)
 AHEAD = 4  # ... and at most about this many of the model's largest tensors
@@ -93,17 +93,83 @@ class _Streamed:
         self.pt = pt
 
 
+class Producer(Protocol):
+    """What :class:`TensorPipeline` drives: every method is required (a producer without an ability
+    answers ``False``/does nothing, as :class:`FunctionProducer` does); nothing is probed."""
+
+    def prepare(self, pt: PlannedTensor) -> Any:
+        """Read ``pt``'s inputs (file IO, in the reader thread); no arithmetic."""
+        ...
+
+    def finish(self, prepared: Any) -> torch.Tensor:
+        """The exact tensor to store, from what ``prepare`` returned (in the merging thread, in plan order)."""
+        ...
+
+    def can_stream(self, pt: PlannedTensor) -> bool:
+        """Whether ``stream`` can produce ``pt`` in row blocks (for a tensor too big for the window)."""
+        ...
+
+    def stream(self, pt: PlannedTensor) -> Iterator[torch.Tensor]:
+        """``pt``'s output as consecutive row blocks; each valid until the next is asked for."""
+        ...
+
+    def enable_pool(self, max_bytes: int) -> None:
+        """Reuse output buffers handed back with ``recycle`` (up to ``max_bytes`` kept free)."""
+        ...
+
+    def recycle(self, t: torch.Tensor) -> None:
+        """``t`` is written and dropped by the writer: its memory may serve a later tensor."""
+        ...
+
+    def disable_pool(self) -> None: ...
+
+    def release_inputs(self, pt: PlannedTensor) -> None:
+        """``pt`` is written: its sources may drop the memory its inputs held."""
+        ...
+
+
+class FunctionProducer:
+    """A plain ``PlannedTensor -> tensor`` function as a :class:`Producer`: computed in the merging
+    thread, never streamed, no buffers reused (tests and tools)."""
+
+    def __init__(self, fn: Callable[[PlannedTensor], torch.Tensor]):
+        self._fn = fn
+
+    def prepare(self, pt: PlannedTensor) -> PlannedTensor:
+        return pt
+
+    def finish(self, prepared: PlannedTensor) -> torch.Tensor:
+        return self._fn(prepared)
+
+    def can_stream(self, pt: PlannedTensor) -> bool:
+        return False
+
+    def stream(self, pt: PlannedTensor) -> Iterator[torch.Tensor]:
+        raise NotImplementedError("a FunctionProducer produces tensors whole")
+
+    def enable_pool(self, max_bytes: int) -> None:
+        return None
+
+    def recycle(self, t: torch.Tensor) -> None:
+        return None
+
+    def disable_pool(self) -> None:
+        return None
+
+    def release_inputs(self, pt: PlannedTensor) -> None:
+        return None
+
+
 class TensorPipeline:
     """``get(name)`` returns the next planned tensor; ``done(name)`` after it is written frees its budget.
 
-    If ``produce`` has ``enable_pool(max_bytes)`` / ``recycle(tensor)`` /
-    ``disable_pool()`` (TensorProducer does), output buffers are recycled: each
-    written tensor's memory is handed back for a later tensor of the same size,
-    so the merge writes into pages already mapped instead of faulting in fresh
-    ones (on the 2-core VM fresh pages cost ~1.3 GB/s, a reused buffer ~12 GB/s).
+    Output buffers are recycled through the producer's pool: each written tensor's memory is
+    handed back for a later tensor of the same size, so the merge writes into pages already
+    mapped instead of faulting in fresh ones (on the 2-core VM fresh pages cost ~1.3 GB/s, a
+    reused buffer ~12 GB/s).
     """
 
-    def __init__(self, produce: Callable[[PlannedTensor], Any], tensors: Sequence[PlannedTensor], *,
+    def __init__(self, produce: Producer, tensors: Sequence[PlannedTensor], *,
                  budget_bytes: int = DEFAULT_BUDGET_BYTES, merge_threads: int | None = None):
         self._merge_threads = merge_threads if merge_threads is not None else default_merge_threads()
         self._produce = produce
@@ -115,14 +181,11 @@ class TensorPipeline:
         # a tensor that cannot fit the window with its inputs is streamed in row blocks by the writer,
         # alone: it holds the whole budget (+1) while written, so nothing is read or merged beside it
         # and reports stay in plan order
-        stream, can_stream = getattr(produce, "stream", None), getattr(produce, "can_stream", None)
-        self._stream = stream if callable(stream) and callable(can_stream) else None
         self._streamed: set[str] = set()
-        if self._stream is not None:
-            for pt in self._tensors:
-                if sum(self._cost[pt.name]) > self._budget and can_stream(pt):
-                    self._streamed.add(pt.name)
-                    self._cost[pt.name] = (self._budget + 1, 0)
+        for pt in self._tensors:
+            if sum(self._cost[pt.name]) > self._budget and produce.can_stream(pt):
+                self._streamed.add(pt.name)
+                self._cost[pt.name] = (self._budget + 1, 0)
         self._inflight = 0
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -130,20 +193,8 @@ class TensorPipeline:
         self._out_q: queue.Queue = queue.Queue()
         self._handed: dict[str, Any] = {}
         self._next = 0
-        prepare = getattr(produce, "prepare", None)
-        finish = getattr(produce, "finish", None)
-        if callable(prepare) and callable(finish):
-            self._prepare, self._finish = prepare, finish
-        else:
-            self._prepare, self._finish = (lambda pt: pt), produce
-        self._recycle = getattr(produce, "recycle", None)
-        self._release_inputs = getattr(produce, "release_inputs", None)
         self._by_name = {pt.name: pt for pt in self._tensors}
-        enable = getattr(produce, "enable_pool", None)
-        if callable(enable) and callable(self._recycle):
-            enable(self._budget)  # free buffers kept; in flight + free stays ~ the budget in steady state
-        else:
-            self._recycle = None
+        produce.enable_pool(self._budget)  # free buffers kept; in flight + free stays ~ the budget in steady state
         self._threads = [
             threading.Thread(target=self._read_loop, name="sa2va-read", daemon=True),
             threading.Thread(target=self._merge_loop, name="sa2va-merge", daemon=True),
@@ -180,7 +231,7 @@ class TensorPipeline:
                 if pt.name in self._streamed:
                     self._read_q.put((pt.name, _Streamed(pt)))  # read block by block by the writer
                 else:
-                    self._read_q.put((pt.name, self._prepare(pt)))
+                    self._read_q.put((pt.name, self._produce.prepare(pt)))
         except BaseException as e:  # noqa: BLE001 - handed to the writer thread, which raises it
             self._read_q.put(_Failed(e))
             return
@@ -200,7 +251,8 @@ class TensorPipeline:
             name, prepared = item
             del item
             try:
-                out = self._stream(prepared.pt) if isinstance(prepared, _Streamed) else self._finish(prepared)
+                out = (self._produce.stream(prepared.pt) if isinstance(prepared, _Streamed)
+                       else self._produce.finish(prepared))
             except BaseException as e:  # noqa: BLE001 - handed to the writer thread, which raises it
                 self._out_q.put(_Failed(e))
                 return
@@ -225,7 +277,7 @@ class TensorPipeline:
         if item is _END:
             raise RuntimeError(f"pipeline ended before {name}")
         self._next += 1
-        if self._recycle is not None and isinstance(item, torch.Tensor):
+        if isinstance(item, torch.Tensor):
             self._handed[name] = item
         return item
 
@@ -233,10 +285,10 @@ class TensorPipeline:
         """The writer has written ``name`` and holds it no more: its memory may be reused."""
         t = self._handed.pop(name, None)
         if t is not None:
-            self._recycle(t)
+            self._produce.recycle(t)
             del t
-        if callable(self._release_inputs) and name in self._by_name:
-            self._release_inputs(self._by_name[name])
+        if name in self._by_name:
+            self._produce.release_inputs(self._by_name[name])
         inputs, new_output = self._cost.get(name, (0, 0))
         self._release(new_output if new_output else inputs)
 
@@ -255,9 +307,7 @@ class TensorPipeline:
                 except queue.Empty:
                     break
         self._handed.clear()
-        disable = getattr(self._produce, "disable_pool", None)
-        if callable(disable):
-            disable()
+        self._produce.disable_pool()
 
     def __enter__(self) -> TensorPipeline:  # noqa: PYI034
         return self

@@ -1,4 +1,4 @@
-"""``verify`` as one call: the file checks, then the round trip; plus the CLI's renderers.
+"""``verify`` as one call: the file checks, then the round trip.
 
 ``verify_folder`` is what ``sa2va-convert verify FOLDER`` and ``api.verify`` run. Beyond
 ``structural.check_folder`` (index vs shards, headers, truncation, config vocab vs embedding
@@ -10,8 +10,7 @@ would otherwise trip over much later:
 - shard checksums, when the conversion recorded them (``conversion_report.json`` key
   ``shard_sha256``): flipped bytes that still decode as finite numbers are invisible otherwise.
 
-The render functions print a report dict for a person; the CLI calls them (see the module's
-wiring notes in the project's reply / DESIGN.md).
+Plain data only: the ``verify`` command (``cli_verify.py``) renders the report for a person.
 """
 
 from __future__ import annotations
@@ -26,13 +25,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from ..errors import VerifyError
 from ..plan.keymap import Keymap, load_all_builtin
+from ..read.safetensors_header import tensor_names
+from ..write.guard import REPORT_NAME  # the files and keys verify reads are the ones the write stage wrote
+from ..write.model_card import CHECKSUM_KEY
 from .roundtrip import DEFAULT_PROMPT, DEFAULT_TIMEOUT, RoundTripReport, run_roundtrip
 
 if TYPE_CHECKING:  # structural imports torch: loaded only when a folder is checked, so `--help` stays fast
     from .structural import StructuralReport
 
-REPORT_NAME = "conversion_report.json"
-CHECKSUM_KEY = "shard_sha256"
 _CHUNK = 16 * 1024 * 1024
 
 
@@ -248,7 +248,7 @@ def folder_keymap(folder: Path) -> tuple[Keymap | None, str | None]:
     if recorded is not None:
         for km in keymaps:
             if km.name == recorded:
-                return km, "conversion_report.json"
+                return km, REPORT_NAME
     first = keymap_for_folder(folder, keymaps)
     if first is None:
         return None, None
@@ -266,7 +266,7 @@ def folder_keymap(folder: Path) -> tuple[Keymap | None, str | None]:
 
 def _recorded_keymap(folder: Path) -> str | None:
     try:
-        report = json.loads((folder / "conversion_report.json").read_text(encoding="utf-8"))
+        report = json.loads((folder / REPORT_NAME).read_text(encoding="utf-8"))
         name = report["keymap"]["name"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -277,9 +277,7 @@ def _weight_names(folder: Path) -> list[str]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         return list(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
-    with open(folder / "model.safetensors", "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return [k for k in json.loads(f.read(n)) if k != "__metadata__"]
+    return tensor_names(folder / "model.safetensors")
 
 
 def _shard_files(folder: Path) -> list[str]:
@@ -289,167 +287,5 @@ def _shard_files(folder: Path) -> list[str]:
     return ["model.safetensors"]
 
 
-# ---------------------------------------------------------------- rendering for the CLI
-
-
-def summary_line(rt: dict[str, Any]) -> str:
-    """One line about a round trip: where it ran, whether the model said [SEG] itself, what the
-    forced [SEG] gave, the video, and the time."""
-    versions = rt.get("versions") or {}
-    mapped = rt.get("cuda_mapped") or {}
-    where = f"loaded on {rt.get('device')}"
-    if mapped:
-        where += f" (CUDA calls mapped to CPU: {sum(mapped.values())})"
-    parts = [f"{where} in {rt.get('dtype')} (transformers {versions.get('transformers')}, "
-             f"torch {versions.get('torch')})"]
-    runs = {r.get("name"): r for r in rt.get("runs", [])}
-    own = runs.get("image")
-    if own is not None:
-        said = "yes" if own.get("seg_count") else "no"
-        parts.append(f"answered with [SEG]: {said}" + (f", {_masks(own)}" if own.get("seg_count") else
-                                                        f" ({own.get('prediction', '')[:40]!r})"))
-    for r in rt.get("runs", []):
-        if r.get("forced"):
-            parts.append(f"forced [SEG]: {_masks(r)}")
-        elif r.get("name") not in ("image",):
-            parts.append(f"{r.get('name')}: {_masks(r)}")
-    return "; ".join(parts) + f"; {rt.get('seconds', 0):.1f}s"
-
-
-def _masks(run: dict[str, Any]) -> str:
-    n = run.get("n_masks") or 0
-    shapes = sorted({"(" + ", ".join(map(str, m["shape"])) + ")" for m in run.get("masks", [])})
-    return f"{n} mask{'s' if n != 1 else ''}" + (f" {' '.join(shapes)}" if shapes else "")
-
-
-def render_verify(report: dict[str, Any], echo: Callable[[str], None] = print) -> None:
-    """Plain lines (the CLI passes rich's console.print or click.echo)."""
-    s = report.get("structural") or {}
-    source = report.get("keymap_source") or ""
-    how = "" if source == "conversion_report.json" else ", a guess: no conversion report" if source else ""
-    echo(f"verified {report['folder']}" + (f" ({report['keymap']}{how})" if report.get("keymap") else ""))
-    echo(f"  files: {s.get('tensors')} tensors in {s.get('shards')} shard(s), vocabulary {s.get('vocab_rows')}, "
-         f"tokenizer {s.get('tokenizer_length')}, values read back: {s.get('checked_values')}")
-    echo(f"  remote code: {', '.join(report.get('code_files') or []) or '-'}")
-    cs = report.get("checksums") or {}
-    echo(f"  checksums: {cs.get('status')}" + (f" ({cs['checked']} shard(s))" if cs.get("checked") else ""))
-    if report.get("roundtrip"):
-        echo(f"  round trip: {summary_line(report['roundtrip'])}")
-    for note in report.get("notes") or []:
-        echo(f"  note: {note}")
-
-
-def render_predict(report: dict[str, Any], echo: Callable[[str], None] = print) -> None:
-    echo(f"prediction: {report['prediction']}")
-    echo(f"masks: {report['n_masks']}" + (f" {report['mask_shapes']}" if report.get("mask_shapes") else ""))
-    for path in report.get("mask_files") or []:
-        echo(f"  saved {path}")
-    if report.get("overlay_file"):
-        echo(f"  overlay {report['overlay_file']}")
-    for note in report.get("notes") or []:
-        echo(f"note: {note}")
-
-
-# ---------------------------------------------------------------- CLI commands
-
-
-def register_cli(main: Any) -> None:
-    """Add ``verify`` and ``predict`` to the ``sa2va-convert`` click group.
-
-    Called at the bottom of ``cli.py`` (after ``handle_errors`` and ``_emit_json`` exist), so the
-    commands reuse its error handling: one ``error:`` line and exit 7 on failure, ``--json``,
-    ``--debug`` (which also prints the child process's traceback).
-    """
-    import click
-
-    from .. import cli
-    from ..cli_render import make_progress
-    from ..predict import predict as run_predict
-
-    def debug_dump(err: BaseException, debug: bool) -> None:
-        details = getattr(err, "details", None)
-        if debug and details:
-            click.echo(details, err=True)
-
-    common = [
-        click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
-                     help="Where the model runs. The upstream Sa2VA code calls .cuda(): it needs a GPU."),
-        click.option("--python", "python", metavar="PATH",
-                     help="Interpreter that loads the model (default: this one), e.g. a CUDA environment or one with "
-                          "the transformers version the remote code needs."),
-        click.option("--timeout", type=float, default=DEFAULT_TIMEOUT, show_default=True,
-                     help="Seconds before the model process is killed."),
-        click.option("--quiet", "-q", is_flag=True, help="No progress or notes on stderr; errors still print."),
-        click.option("--verbose", "-v", is_flag=True,
-                     help="More detail on stderr; on failure, the model process's traceback (as --debug)."),
-        click.option("--json", "json_out", is_flag=True, help="Print a JSON report on stdout."),
-        click.option("--debug", is_flag=True, help="On failure, show the model process's traceback."),
-    ]
-
-    def with_common(fn: Callable) -> Callable:
-        for opt in reversed(common):
-            fn = opt(fn)
-        return fn
-
-    @main.command("verify", epilog=cli.EXIT_HELP)
-    @click.argument("folder", type=click.Path(path_type=Path, readable=False))
-    @click.option("--no-roundtrip", is_flag=True, help="Only check the files; do not load the model.")
-    @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Cap on generated tokens.")
-    @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="Prompt of the round trip.")
-    @click.option("--no-video", is_flag=True, help="Skip the 2-frame video run.")
-    @click.option("--expect-mask", is_flag=True,
-                  help="Fail when the model's own answer has no [SEG] (for CI on a real fine-tune).")
-    @with_common
-    @cli.handle_errors
-    def verify_cmd(folder: Path, no_roundtrip: bool, max_new_tokens: int, prompt: str, no_video: bool,
-                   expect_mask: bool, device: str, python: str | None, timeout: float, quiet: bool, verbose: bool,
-                   json_out: bool,
-                   debug: bool) -> None:
-        """Check a converted FOLDER: files (shards, index, vocab, tokenizer, remote code, checksums), then load
-        it with transformers and run predict_forward on a test image and video, in a separate process."""
-        progress = make_progress(json_out, quiet or json_out, verbose)
-        try:
-            report = verify_folder(folder, roundtrip=not no_roundtrip, device=device, python=python,
-                                   max_new_tokens=max_new_tokens, prompt=prompt, timeout=timeout, video=not no_video,
-                                   expect_mask=expect_mask, on_stage=progress.stage)
-        except VerifyError as e:
-            debug_dump(e, debug or verbose)
-            raise
-        if json_out:
-            cli._emit_json(report.to_dict())
-        else:
-            render_verify(report.to_dict(), echo=click.echo)
-
-    @main.command("predict", epilog=cli.EXIT_HELP)
-    @click.argument("folder", type=click.Path(path_type=Path, readable=False))
-    @click.argument("image", type=click.Path(path_type=Path, readable=False))
-    @click.argument("prompt")
-    @click.option("--save", type=click.Path(path_type=Path, readable=False), default=Path("mask.png"), show_default=True,
-                  help="Mask PNG (white on black); more [SEG] give mask_1.png, mask_2.png, ...")
-    @click.option("--overlay", type=click.Path(path_type=Path, readable=False), default=Path("overlay.png"), show_default=True,
-                  help="The image with the masks tinted over it.")
-    @click.option("--no-save", is_flag=True, help="Write no files; only print the prediction.")
-    @click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Cap on generated tokens.")
-    @with_common
-    @cli.handle_errors
-    def predict_cmd(folder: Path, image: Path, prompt: str, save: Path, overlay: Path, no_save: bool,
-                    max_new_tokens: int, device: str, python: str | None, timeout: float, quiet: bool,
-                    verbose: bool, json_out: bool, debug: bool) -> None:
-        """Segment IMAGE with the converted FOLDER's own predict_forward. PROMPT names the object
-        ("red car" becomes "<image>Please segment the red car."); a PROMPT with <image> is used as it is."""
-        progress = make_progress(json_out, quiet or json_out, verbose)
-        try:
-            report = run_predict(folder, image, prompt, device=device, python=python,
-                                 save=None if no_save else save, overlay=None if no_save else overlay,
-                                 max_new_tokens=max_new_tokens, timeout=timeout, on_stage=progress.stage)
-        except VerifyError as e:
-            debug_dump(e, debug or verbose)
-            raise
-        if json_out:
-            cli._emit_json(report.to_dict())
-        else:
-            render_predict(report.to_dict(), echo=click.echo)
-
-
-__all__ = ["VerifyReport", "verify_folder", "register_cli", "check_remote_code", "check_checksums", "shard_checksums",
-           "render_verify", "render_predict", "summary_line", "CHECKSUM_KEY"]
+__all__ = ["VerifyReport", "verify_folder", "check_remote_code", "check_checksums", "shard_checksums",
+           "folder_keymap", "CHECKSUM_KEY", "REPORT_NAME"]

@@ -1,7 +1,8 @@
 """The ``sa2va-convert eval`` command (click), registered from ``cli.py`` by ``register_eval``.
 
-Kept in its own module, like ``verify``/``predict``, so the command stays a thin layer over
-``evaluate.run.evaluate`` and ``cli.py`` only gains one registration line.
+Kept in its own module, like ``verify``/``predict`` (``cli_verify.py``), so the command stays a
+thin layer over ``evaluate.run.evaluate`` and ``cli.py`` only gains one registration line. The
+group is passed in, so this module never imports ``cli``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import ConvertError, EvalFailuresError
+import click
+
+from .cli_common import EXIT_HELP, emit_json, handle_errors, verbosity_options
+from .errors import ConvertError, EvalFailuresError
 
 COLUMNS = ["model", "images", "mean Dice", "gIoU", "cIoU", "precision", "recall", "no [SEG]", "failed", "img/s"]
 
@@ -34,7 +38,7 @@ def render_eval(report: dict[str, Any], *, rich: bool, echo: Callable[[str], Non
     """A comparison table (rich at a terminal, aligned plain text in a pipe), the best model, the files."""
     rows = table_rows(report)
     if rich:
-        from ..cli_render import out_console, table
+        from .cli_render import out_console, table
 
         out_console.print(table(f"eval on {report['images']} image(s) of {report['data']}", COLUMNS, rows))
     else:
@@ -60,14 +64,11 @@ def render_eval(report: dict[str, Any], *, rich: bool, echo: Callable[[str], Non
 _IMAGE_TIMEOUT = 600.0  # run.DEFAULT_IMAGE_TIMEOUT; here so registering `eval` imports no numpy
 
 
-def register_eval(main: Any) -> None:
+def register_eval(main: click.Group) -> None:
     """Add ``eval`` to the ``sa2va-convert`` click group (called at the bottom of ``cli.py``)."""
-    import click
+    from .cli_render import make_progress
 
-    from .. import cli
-    from ..cli_render import make_progress
-
-    @main.command("eval", epilog=cli.EXIT_HELP)
+    @main.command("eval", epilog=EXIT_HELP)
     @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path, readable=False))
     @click.option("--data", required=True, type=click.Path(path_type=Path, readable=False),
                   help="A folder with images/ and masks/ (paired by file stem), or a .jsonl/.csv manifest "
@@ -88,8 +89,8 @@ def register_eval(main: Any) -> None:
     @click.option("--timeout", type=float, default=_IMAGE_TIMEOUT, show_default=True,
                   help="Seconds allowed per image (and as much again for loading) before the model process is killed.")
     @click.option("--json", "json_out", is_flag=True, help="Print the summary as JSON on stdout.")
-    @cli.verbosity_options
-    @cli.handle_errors
+    @verbosity_options
+    @handle_errors
     def eval_cmd(models: tuple[Path, ...], data: Path, prompt: str | None, out: Path, device: str, dtype: str | None,
                  python: str | None, limit: int | None, overlays: bool, resume: bool, force: bool,
                  max_new_tokens: int, timeout: float, quiet: bool, verbose: bool, json_out: bool,
@@ -102,12 +103,12 @@ def register_eval(main: Any) -> None:
         OUT/predictions/<model>/<stem>.png. Under `torchrun --nproc_per_node N` the images are split
         over the ranks and rank 0 writes the report.
         """
-        from .run import Dist
+        from .evaluate.run import Dist
 
         rank0 = Dist.from_env().rank == 0
         progress = make_progress(json_out, quiet or json_out or not rank0)
         try:
-            from .run import check_failures, evaluate
+            from .evaluate.run import check_failures, evaluate
 
             report = evaluate(list(models), data, out=out, prompt=prompt, device=device, dtype=dtype, python=python,
                               limit=limit, overlays=overlays, resume=resume, force=force,
@@ -120,7 +121,7 @@ def register_eval(main: Any) -> None:
             return
         d = report.to_dict()
         if json_out:
-            cli._emit_json(d)  # ok: false and the failures when some images failed; one JSON document
+            emit_json(d)  # ok: false and the failures when some images failed; one JSON document
         else:
             render_eval(d, rich=sys.stdout.isatty(), echo=click.echo)
         try:

@@ -1,0 +1,76 @@
+"""What every ``sa2va-convert`` command shares: one ``error:`` line and an exit code, ``--json``.
+
+Kept apart from ``cli.py`` so that command modules beside it (``cli_verify.py``) can use the
+same error handling without importing the group that registers them: imports run one way.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from typing import Any, Callable
+
+import click
+
+from .errors import EXIT_CODES, EXIT_INTERRUPTED, FROM_CLI, ConvertError
+
+EXIT_HELP = "\n\b\nExit codes:\n" + "\n".join(f"  {k:<4} {v}" for k, v in sorted(EXIT_CODES.items()))
+
+
+# Version of every ``--json`` document's layout; bump when a key is renamed or removed (adding keys is
+# compatible). Scripts can check it before they read the rest.
+SCHEMA_VERSION = 1
+
+
+def emit_json(data: Any) -> None:
+    """Every ``--json`` document is an object carrying ``schema_version`` (and ``ok``, set by its producer)."""
+    if isinstance(data, dict):
+        data = {"schema_version": SCHEMA_VERSION, **data}
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn anticipated failures into one line + exit code; Ctrl-C into 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        json_mode = kwargs.get("json_out", False)
+        debug = kwargs.get("debug", False) or kwargs.get("verbose", False)
+        FROM_CLI.set(True)  # hints keep their --flags (the API rewrites them for Python callers)
+        try:
+            return fn(*args, **kwargs)
+        except ConvertError as e:
+            if json_mode:
+                emit_json({"ok": False, "error": e.to_dict()})
+            click.echo(f"error: {e.one_line()}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException:  # a usage error: click prints it with the usage line, exit 2
+            raise
+        except KeyboardInterrupt:
+            # Commands that write say precisely what was left (they raise Interrupted); here only
+            # what is true of every command: it stopped.
+            where = kwargs.get("out") or kwargs.get("folder") or kwargs.get("checkpoint") or "sa2va-convert"
+            click.echo(f"error: {where}: interrupted (fix: run the same command again)", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except Exception as e:  # a bug: say so, keep it one line unless --debug
+            if debug:
+                traceback.print_exc()
+            click.echo(f"error: internal error: {type(e).__name__}: {e} (run with --debug for the traceback "
+                       "and please report it)", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def verbosity_options(fn: Callable) -> Callable:
+    """``-q/--quiet``, ``-v/--verbose`` and ``--debug``: the same pair on every command."""
+    fn = click.option("--debug", is_flag=True, help="Show tracebacks for internal errors.")(fn)
+    fn = click.option("--verbose", "-v", is_flag=True,
+                      help="More detail on stderr: every tensor as it is written; tracebacks as with --debug.")(fn)
+    fn = click.option("--quiet", "-q", is_flag=True, help="No progress or notes on stderr; errors still print.")(fn)
+    return fn
+
+
+__all__ = ["EXIT_HELP", "SCHEMA_VERSION", "emit_json", "handle_errors", "verbosity_options"]

@@ -1,0 +1,480 @@
+"""One checkpoint through the pipeline: read -> plan -> transform -> write -> verify.
+
+The stages meet here and nowhere else: this module opens the inputs, builds the plan, hands the
+plan and a tensor producer to the writer, and runs the round trip. ``batch.py`` drives it once
+per checkpoint of a work_dir; ``api.py`` is the public face of both. Results are plain
+dataclasses with ``to_dict()`` for JSON; failures raise ``ConvertError`` subclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ._version import __version__
+from .errors import InputError, Interrupted, PlanError, UsageError, VerifyError, api_errors
+from .progress import Progress, Silent
+from .sizes import parse_size
+# the stages, in pipeline order: read -> plan -> transform -> write -> verify
+from .read.checkpoint import TrainingCheckpoint, open_checkpoint
+from .read.hf_folder import HFFolder, open_hf_folder
+from .read.layered import RenamedSource, UnionSource, open_sam2_checkpoint
+from .read.work_dir import resolve_checkpoint
+from .plan.base_discovery import discover_base, resolve_base
+from .plan.family import Detection, detect_family, match_family, require_family
+from .plan.keymap import Keymap, load_all_builtin, resolve_keymap
+from .plan.planner import build_plan, check_raw_base
+from .plan.raw_recipe import check_key_families, merge_raw_config, read_code_folder
+from .plan.types import ConversionPlan, PlanOptions
+from .plan.vocab import read_tokenizer_state
+from .transform.produce import TensorProducer, TransformReport
+from .write import guard
+from .write.folder import WriteResult, write_folder
+from .write.model_card import conversion_report, model_card
+from .write.peak_ram import estimate_peak_ram, resident_layers
+from .write.safetensors_writer import SAFETENSORS
+from .verify.structural import READ_BACK_CHUNK_BYTES, StructuralReport, check_against_plan
+
+
+@dataclass
+class ConvertOptions:
+    """Everything ``sa2va-convert convert`` takes, with the same defaults as the CLI.
+
+    ``base`` is a folder or a Hub repo id (``org/name``) resolved offline from the local HF cache.
+    ``roundtrip`` defaults to True, as the CLI (``--verify``) and ``verify_folder`` do: after writing,
+    OUT is loaded in a separate process and ``predict_forward`` runs. Pass ``roundtrip=False`` on
+    machines that cannot run the model (no GPU for upstream Sa2VA code)."""
+
+    base: str | Path | None = None
+    pretrained: str | Path | None = None
+    keymap: str | None = None  # built-in name or YAML path; None = detect
+    dtype: str = "bf16"
+    max_shard_bytes: int = 5 * 10**9
+    lora_alpha: float | None = None
+    rslora: bool | None = None
+    allow_unused: Sequence[str] = ()
+    template: str | None = None
+    force: bool = False
+    merge_device: str = "cpu"
+    allow_globals: Sequence[str] = ()
+    read_back: bool = False  # also read every written byte back from disk before publishing (sha256 compared)
+    sam2: str | Path | None = None  # original recipe: sam2_hiera_large.pt (base is then a raw InternVL folder)
+    code_from: str | Path | None = None  # any Sa2VA HF folder of the family: remote code + config class
+    roundtrip: bool = True  # after writing, load OUT in a separate process and run predict_forward
+    verify_device: str = "auto"
+    verify_python: str | None = None
+    expect_mask: bool = False  # the round trip fails when the model's own answer has no [SEG]
+    replace_foreign: bool = False  # replace an existing OUT this tool did not write (never an input)
+    force_keymap: bool = False  # use --keymap even when detection finds another family
+    override_lora_config: bool = False  # lora_alpha/rslora win over different embedded values
+    dry_run: bool = False  # plan only: nothing is written (batch mode too)
+
+    def plan_options(self) -> PlanOptions:
+        return PlanOptions(dtype=self.dtype, max_shard_bytes=self.max_shard_bytes, lora_alpha=self.lora_alpha,
+                           rslora=self.rslora, override_lora_config=self.override_lora_config,
+                           allow_unused=tuple(self.allow_unused), template=self.template)
+
+    def validate(self) -> "ConvertOptions":
+        """Every option checked before any work; a bad one is a UsageError (exit 2) naming it.
+
+        Normalises in place (a size string becomes bytes, an interpreter name its path)."""
+        if self.dtype not in DTYPES:
+            raise UsageError(f"unknown dtype {self.dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
+        self.max_shard_bytes = parse_size(self.max_shard_bytes, what="max shard size")
+        if self.lora_alpha is not None:
+            try:
+                alpha = float(self.lora_alpha)
+            except (TypeError, ValueError):
+                raise UsageError(f"LoRA alpha {self.lora_alpha!r} is not a number", hint="give e.g. 256") from None
+            if not math.isfinite(alpha) or alpha <= 0:
+                raise UsageError(f"LoRA alpha must be a finite number above 0, not {self.lora_alpha!r}",
+                                 hint="upstream Sa2VA configs use alpha = 2*r, e.g. 256 for r=128")
+        for pattern in self.allow_unused:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise UsageError(f"allow-unused pattern {pattern!r} is not a valid regular expression ({e})",
+                                 hint="escape special characters, e.g. 'foo\\.bar'") from None
+        self.merge_device = check_merge_device(self.merge_device)
+        if self.roundtrip and not self.dry_run:
+            from .verify.roundtrip import check_device, resolve_python
+
+            check_device(self.verify_device)
+            self.verify_python = resolve_python(self.verify_python) if self.verify_python else None
+        return self
+
+    def named_inputs(self) -> list[guard.NamedInput]:
+        """Every path option that is an input, for the never-harm-an-input check."""
+        out = []
+        for role, value in (("--base folder", self.base), ("--pretrained checkpoint", self.pretrained),
+                            ("--sam2 checkpoint", self.sam2), ("--code-from folder", self.code_from)):
+            if value:
+                out.append(guard.NamedInput(role, Path(value)))
+        if self.keymap and Path(self.keymap).exists():
+            out.append(guard.NamedInput("--keymap file", Path(self.keymap)))
+        return out
+
+
+DTYPES = ("bf16", "fp16", "fp32", "auto")
+
+
+def check_merge_device(device: str) -> str:
+    """cpu, auto, cuda or cuda:N — and CUDA only where this torch sees a GPU (asked before any work).
+
+    ``auto`` stays ``auto`` here: the transform stage resolves it (cuda when a GPU is seen)."""
+    text = str(device or "").strip()
+    if text in ("cpu", "auto"):
+        return text
+    if not re.fullmatch(r"cuda(:\d+)?", text):
+        raise UsageError(f"unknown merge device {device!r}", hint="use cpu, auto, cuda or cuda:N")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError(f"merge device {text!r} asked for, but this torch sees no GPU"
+                         f" ({'built without CUDA' if not torch.version.cuda else 'no device visible'})",
+                         hint="drop --merge-device (the CPU merge gives the same bytes)")
+    if ":" in text and int(text.split(":")[1]) >= torch.cuda.device_count():
+        raise UsageError(f"merge device {text!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible",
+                         hint="use cuda or cuda:0")
+    return text
+
+
+def checkpoint_inputs(given: Path, resolved: Path) -> list[guard.NamedInput]:
+    inputs = [guard.NamedInput("checkpoint", resolved)]
+    if Path(given) != Path(resolved):
+        inputs.append(guard.NamedInput("work_dir", Path(given)))
+    return inputs
+
+
+@dataclass
+class Inputs:
+    checkpoint: TrainingCheckpoint
+    keymap: Keymap
+    detection: Detection | None
+    base: HFFolder
+    pretrained: TrainingCheckpoint | None
+    files: dict[str, Path] | None = None  # non-weight files to copy, when not all from base.path
+    raw_base: bool = False
+    code_keys: list[str] | None = None  # the Sa2VA key set of --code-from, when it has an index
+
+
+@dataclass
+class ConversionResult:
+    plan: ConversionPlan
+    write: WriteResult | None = None
+    transform: TransformReport | None = None
+    structural: StructuralReport | None = None
+    seconds: float = 0.0
+    roundtrip: dict[str, Any] | None = None
+    checkpoint_sha256: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": True,
+            "dry_run": self.write is None,
+            "out": self.plan.out,
+            "plan": self.plan.to_dict(tensors=False),
+            "lora_deltas": self.transform.to_dict() if self.transform else None,
+            "structural": self.structural.to_dict() if self.structural else None,
+            "roundtrip": self.roundtrip,
+            "bytes_written": self.write.bytes_written if self.write else 0,
+            "seconds": round(self.seconds, 3),
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "tool_version": __version__,
+        }
+
+
+def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_path(path: Path) -> str:
+    """A file's sha256, or for a checkpoint directory the hash of its files' names and hashes."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(path)).encode() + b"\0" + sha256_file(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+def choose_keymap(ckpt: TrainingCheckpoint, spec: str | None, *, force: bool = False) -> tuple[Keymap, Detection | None]:
+    """The detected keymap, or the one asked for — which must fit the keys unless ``force``.
+
+    A forced keymap of another family converts "successfully" into a folder whose model card
+    names the wrong family (or whose tensors land in the wrong places): refuse with what
+    detection saw."""
+    text = ckpt.config.text if ckpt.config is not None else None
+    if not spec:
+        detection = detect_family(ckpt.weights.keys(), load_all_builtin(), text)
+        return require_family(detection, path=str(ckpt.path)), detection
+    km = resolve_keymap(spec)
+    if force:
+        return km, None
+    keys = sorted(ckpt.weights.keys())
+    own = match_family(km, keys, text)
+    if own.matched:
+        return km, None
+    detection = detect_family(keys, load_all_builtin(), text)
+    if detection.chosen is None or detection.chosen.name == km.name:
+        return km, None  # a keymap for a layout no built-in knows: the user's call
+    missing = [p for p, k in own.evidence.items() if k is None]
+    why = (f"lacks {missing[0]!r}" if missing else
+           f"has {next(iter(own.excluded_by.values()))!r}" if own.excluded_by else "does not fit")
+    theirs = next((m for m in detection.matches if m.keymap == detection.chosen.name), None)
+    seen = next((k for k in (theirs.evidence.values() if theirs else ()) if k), None)
+    raise PlanError(f"--keymap {km.name} does not fit this checkpoint (it {why}); its keys are "
+                    f"{detection.chosen.name} ({detection.chosen.family_label})" + (f", e.g. {seen!r}" if seen else ""),
+                    path=str(ckpt.path),
+                    hint=f"drop --keymap (detection picks {detection.chosen.name}), or pass --force-keymap if you "
+                         "really mean to convert with this keymap")
+
+
+def open_inputs(checkpoint: str | Path, options: ConvertOptions, *, base_folder: HFFolder | None = None) -> Inputs:
+    ckpt = open_checkpoint(resolve_checkpoint(Path(checkpoint)), allow_globals=tuple(options.allow_globals))
+    keymap, detection = choose_keymap(ckpt, options.keymap, force=options.force_keymap)
+    if options.sam2 or options.code_from:
+        return open_raw_recipe(ckpt, keymap, detection, options)
+    if base_folder is None:
+        base_path = resolve_base(options.base) if options.base else discover_base(keymap, ckpt.config, str(ckpt.path))
+        base_folder = open_hf_folder(base_path)
+    pretrained = None
+    if options.pretrained:
+        pretrained = open_checkpoint(options.pretrained, allow_globals=tuple(options.allow_globals))
+        pretrained.weights.label = "pretrained"
+    return Inputs(ckpt, keymap, detection, base_folder, pretrained)
+
+
+def open_raw_recipe(ckpt: TrainingCheckpoint, keymap: Keymap, detection: Detection | None,
+                    options: ConvertOptions) -> Inputs:
+    """The original recipe: raw InternVL2.5 (--base) + SAM2 (--sam2) + a Sa2VA folder for code (--code-from)."""
+    if not (options.sam2 and options.code_from and options.base):
+        raise InputError("the raw-InternVL recipe needs --base (raw InternVL2.5 folder), --sam2 "
+                         "(sam2_hiera_large.pt) and --code-from (a Sa2VA HF folder of the same family)",
+                         path=str(ckpt.path), hint="pass all three, or only --base with a Sa2VA folder")
+    raw = open_hf_folder(options.base)
+    check_raw_base(raw.config, keymap, str(raw.path))
+    sam2 = RenamedSource(open_sam2_checkpoint(options.sam2, allow_globals=tuple(options.allow_globals)),
+                         keymap.sam2_name, label="base")
+    code = read_code_folder(options.code_from)
+    config = merge_raw_config(raw.config, code.config)
+    weights = UnionSource([raw.weights, sam2], label="base")
+    files = {f: raw.path / f for f in raw.other_files if not f.endswith(".py")}
+    files.update({f: code.path / f for f in code.files if f.endswith(".py") and "/" not in f})
+    folder = HFFolder(path=raw.path, config=config, weights=weights, weight_files=raw.weight_files,
+                      other_files=sorted(files))
+    return Inputs(ckpt, keymap, detection, folder, None, files=files, raw_base=True, code_keys=code.weight_keys)
+
+
+def plan_from_inputs(inputs: Inputs, out: str | Path, options: ConvertOptions) -> ConversionPlan:
+    ckpt = inputs.checkpoint
+    plan = build_plan(
+        checkpoint=ckpt.weights, base=inputs.base.weights, base_config=inputs.base.config,
+        base_files=inputs.files if inputs.files is not None else inputs.base.other_files,
+        tokenizer=read_tokenizer_state(inputs.base.path),
+        keymap=inputs.keymap, out=Path(out).absolute(), naming=SAFETENSORS.naming, options=options.plan_options(),
+        pretrained=inputs.pretrained.weights if inputs.pretrained else None, embedded=ckpt.config,
+        checkpoint_meta=dict(ckpt.meta), raw_base=inputs.raw_base,
+    )
+    if inputs.code_keys is not None:
+        check_key_families(plan, inputs.code_keys, str(options.code_from))
+    # the write stage estimates the memory the plan will take to write (and, with --read-back, to check)
+    peak = estimate_peak_ram(plan.tensors, plan.shards, merge_device=options.merge_device,
+                             read_back_bytes=READ_BACK_CHUNK_BYTES if options.read_back else None,
+                             resident_layers=resident_layers(ckpt.weights,
+                                                             inputs.pretrained.weights if inputs.pretrained else None))
+    return dataclasses.replace(plan, peak_ram_bytes=peak)
+
+
+@api_errors
+def plan_conversion(checkpoint: str | Path, out: str | Path, options: ConvertOptions | None = None) -> ConversionPlan:
+    """The plan only (what --dry-run prints); reads headers, not tensor bytes, writes nothing."""
+    options = (options or ConvertOptions()).validate()
+    resolved = resolve_checkpoint(Path(checkpoint))
+    guard.check_out(out, checkpoint_inputs(Path(checkpoint), resolved) + options.named_inputs())
+    return plan_from_inputs(open_inputs(resolved, options), out, options)
+
+
+class _Background:
+    """``fn(*args)`` in a daemon thread; ``result()`` waits and returns it or raises what it raised.
+
+    A daemon thread, not an executor's: a conversion stopped by Ctrl-C or an error exits at once
+    instead of waiting for the job to finish at interpreter exit.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *args: Any):
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), name="sa2va-ckpt-sha", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., Any], args: tuple) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by result()
+            self._error = e
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+@api_errors
+def convert(
+    checkpoint: str | Path,
+    out: str | Path,
+    options: ConvertOptions | None = None,
+    *,
+    progress: Progress | None = None,
+    base_folder: HFFolder | None = None,
+) -> ConversionResult:
+    """Convert one checkpoint (a file, a DeepSpeed folder or a work_dir's newest) into a HF folder at ``out``.
+
+    Before any work: every option is validated, OUT is checked against every input (it may not
+    be, contain or lie inside one) and, if it exists, against what may be replaced (only a
+    folder this tool wrote, with ``force``; anything else only with ``replace_foreign``).
+    """
+    options = (options or ConvertOptions()).validate()
+    if options.dry_run:
+        return dry_run(checkpoint, out, options)
+    progress = progress or Silent()
+    started = time.perf_counter()
+    given = Path(checkpoint)
+    resolved = resolve_checkpoint(given)
+    protected = checkpoint_inputs(given, resolved) + options.named_inputs()
+    guard.check_out(out, protected)
+    guard.check_replaceable(Path(out).absolute(), force=options.force, replace_foreign=options.replace_foreign)
+    progress.stage(f"reading {resolved}")
+    inputs = open_inputs(resolved, options, base_folder=base_folder)
+    protected.append(guard.NamedInput("base folder", Path(inputs.base.path)))
+    guard.check_out(out, protected)  # the base may have been discovered from the training config
+    progress.stage(f"planning ({inputs.keymap.name}, base {inputs.base.path})")
+    plan = plan_from_inputs(inputs, out, options)
+    sources = {"base": inputs.base.weights, "checkpoint": inputs.checkpoint.weights}
+    if inputs.pretrained is not None:
+        sources["pretrained"] = inputs.pretrained.weights
+    producer = TensorProducer(sources, merge_device=options.merge_device)
+    result = ConversionResult(plan=plan, transform=producer.report)
+    # the checkpoint's sha256 (for the card and the report, needed only once the shards are written) is
+    # taken in a helper thread while the shards are written: ~1 s per GB of hashing off the critical path
+    # (hashlib and file reads release the GIL); before issue 14 it ran first, serially
+    checkpoint_sha = _Background(sha256_path, resolved)
+
+    written: dict[str, str] = {}  # {shard: sha256 of the bytes handed to the disk}, filled before check()
+
+    def check(tmp: Path) -> None:
+        result.structural = check_against_plan(tmp, plan, read_values=options.read_back, expected_sha256=written)
+
+    def extras(tmp: Path, checksums: dict[str, str]) -> dict[str, str]:
+        written.update(checksums)
+        result.checkpoint_sha256 = checkpoint_sha.result()
+        result.seconds = time.perf_counter() - started
+        deltas = result.transform.to_dict() if result.transform else None
+        return {"README.md": model_card(plan, checkpoint_sha256=result.checkpoint_sha256, lora_deltas=deltas),
+                guard.REPORT_NAME: conversion_report(plan, checkpoint_sha256=result.checkpoint_sha256,
+                                                     lora_deltas=deltas, shard_sha256=checksums)}
+
+    existed = Path(plan.out).exists()
+    try:
+        result.write = write_folder(plan, producer, base_dir=inputs.base.path, force=options.force,
+                                    replace_foreign=options.replace_foreign, protected=protected,
+                                    progress=progress, extra_files=extras, check=check)
+    except KeyboardInterrupt:
+        state = "left as it was" if existed else "not created"
+        raise Interrupted(f"interrupted while converting; nothing was published: OUT was {state} and no partial "
+                          "folder is left", path=plan.out, hint="run the same command again") from None
+    result.seconds = time.perf_counter() - started
+    if options.roundtrip:
+        try:
+            run_verify_roundtrip(result, options, progress)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted during the round trip: OUT is complete (written and checked) but not "
+                              "verified", path=plan.out,
+                              hint=f"run `sa2va-convert verify {plan.out}` to finish the check") from None
+    if producer.report.zero_b:
+        progress.stage(f"warning: {len(producer.report.zero_b)} LoRA adapter(s) have an all-zero B "
+                       "(never trained): those layers equal the base")
+    return result
+
+
+def run_verify_roundtrip(result: ConversionResult, options: ConvertOptions, progress: Progress) -> None:
+    """Load the written folder in a child process and segment a synthetic image; VerifyError on failure.
+
+    The folder stays in place either way: it is complete and structurally checked. The outcome
+    is recorded in its ``conversion_report.json`` (``roundtrip``), so batch mode re-verifies a
+    folder whose round trip failed instead of skipping it.
+    """
+    from .verify.roundtrip import run_roundtrip, summary_line
+
+    out = Path(result.plan.out)
+    progress.stage(f"verifying {out}: loading it in a separate process and running predict_forward")
+    try:
+        rt = run_roundtrip(out, device=options.verify_device, python=options.verify_python,
+                           max_new_tokens=16, expect_mask=options.expect_mask, on_stage=progress.stage)
+    except VerifyError as e:
+        record_roundtrip(out, {"ok": False, "error": e.one_line(), "exit_code": e.exit_code})
+        err = type(e)(f"converted, but the round trip failed: {e.message}", path=out,
+                      hint=(e.hint or "") + f"; the folder is written: re-check it with `sa2va-convert verify {out}`"
+                      " (pass --no-verify to convert without the round trip)")
+        err.report = getattr(e, "report", None)  # type: ignore[attr-defined]
+        raise err from None
+    result.roundtrip = {"summary": summary_line(rt.to_dict()), **rt.to_dict()}
+    record_roundtrip(out, {"ok": True, "summary": result.roundtrip["summary"]})
+
+
+def record_roundtrip(out: Path, outcome: dict[str, Any]) -> None:
+    """Add the round trip's outcome to OUT's conversion report (atomic rename, same folder)."""
+    import json
+    import os
+
+    path = Path(out) / guard.REPORT_NAME
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    report["roundtrip"] = outcome
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def recorded_roundtrip(out: Path) -> dict[str, Any] | None:
+    import json
+
+    try:
+        value = json.loads((Path(out) / guard.REPORT_NAME).read_text(encoding="utf-8")).get("roundtrip")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+@api_errors
+def dry_run(checkpoint: str | Path, out: str | Path, options: ConvertOptions | None = None) -> ConversionResult:
+    """``--dry-run`` as a result object: the plan, nothing written."""
+    options = options or ConvertOptions()
+    plan = plan_conversion(checkpoint, out, options)
+    return ConversionResult(plan=plan)
+
+
+__all__ = [
+    "ConvertOptions", "ConversionResult", "Inputs", "convert", "dry_run", "plan_conversion", "open_inputs",
+    "sha256_path", "record_roundtrip", "recorded_roundtrip",
+]

@@ -1,0 +1,86 @@
+"""The peak-RAM estimate of a conversion, beside what it estimates: the writer's pipeline window.
+
+``--dry-run`` prints it and the plan carries it (``ConversionPlan.peak_ram_bytes``), but the
+figures it adds up belong to the stages that spend the memory: the pipeline's budget and
+look-ahead (``write.pipeline``), the transform's streamed blocks (``transform.produce``), and
+the read-back's buffers (``verify.structural``, passed in by the caller). The plan owns none of
+them; the conversion fills the estimate in once the plan is built.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from .. import dtypes
+from ..plan.types import PlannedTensor, ShardPlan
+from ..read.tensor_source import TensorInfo, TensorSource
+from ..transform.produce import DEVICE_BLOCK_ELEMS, STREAM_BLOCK_BYTES, resolve_merge_device, streamable
+from . import pipeline
+
+# Bytes the converter holds before any tensor is touched: interpreter, torch, tokenizers, the plan
+# (measured: ~290 MiB after imports, ~330 MiB once the tokenizer and plan are loaded).
+INTERPRETER_BASELINE_BYTES = 330 * 1024 * 1024
+CUDA_CONTEXT_BYTES = 330 * 1024 * 1024  # host RSS of torch's CUDA runtime + cuBLAS once a GPU merge ran
+PER_MERGE_THREAD_BYTES = 40 * 1024 * 1024  # per torch thread of the merge beyond the first (see estimate_peak_ram)
+
+__all__ = ["estimate_peak_ram", "resident_layers", "INTERPRETER_BASELINE_BYTES", "CUDA_CONTEXT_BYTES",
+           "PER_MERGE_THREAD_BYTES"]
+
+
+def resident_layers(checkpoint: TensorSource, pretrained: TensorSource | None) -> frozenset[str]:
+    """Layers whose mapped pages stay in RSS: sources that do not declare ``releases_pages`` (see read.mapped_pages)."""
+    layers = {"checkpoint": checkpoint, "pretrained": pretrained}
+    return frozenset(name for name, src in layers.items() if src is not None and not src.abilities.releases_pages)
+
+
+def estimate_peak_ram(tensors: Sequence[PlannedTensor], shards: Sequence[ShardPlan] = (), *,
+                      read_back_bytes: int | None = None, resident_layers: frozenset[str] = frozenset(),
+                      merge_device: str = "cpu") -> int:
+    """Peak RSS of a conversion (what ``ru_maxrss``/``top`` show, mapped file pages included).
+
+    Two phases, the larger wins (calibrated on Sa2VA-1B/4B/8B-shaped runs, bench/bench_convert.py):
+
+    * writing: interpreter + the writer pipeline's window (``write.pipeline``: up
+      to its byte budget of tensors in flight, plus its pool of reusable buffers;
+      a tensor bigger than the budget is streamed in row blocks, or, where it
+      cannot be, held alone) + the tensors of ``resident_layers``: sources that
+      cannot give back the pages of a memory-mapped file once a tensor is
+      written (a DeepSpeed partition set), whose pages, once read, stay in RSS;
+      + ~40 MiB per merge thread beyond the first (allocator arenas, MKL buffers:
+      0 on 2 cores, ~0.55 GiB with 15 threads) + the CUDA runtime's host memory
+      for a GPU merge (``auto`` resolved as the conversion will);
+    * reading back (``read_back_bytes``, the buffers of ``verify.structural``'s read-back,
+      ``READ_BACK_CHUNK_BYTES``; None without ``--read-back``): interpreter + those pages + that
+      chunk (it streams values; nothing maps a shard).
+    """
+    merge_device = resolve_merge_device(merge_device)
+    on_gpu = merge_device != "cpu"
+
+    resident: dict[tuple[str, str], int] = {}
+    costs: list[tuple[PlannedTensor, int]] = []
+    for t in tensors:
+        refs = [t.value] + ([t.lora.a, t.lora.b] if t.lora is not None else [])
+        for r in refs:
+            if r.layer in resident_layers:
+                resident[(r.layer, r.key)] = TensorInfo(r.shape, r.dtype).nbytes
+        costs.append((t, sum(pipeline.inflight_bytes(t))))
+    largest_item = max((c for _, c in costs), default=0)
+    budget = min(pipeline.DEFAULT_BUDGET_BYTES, pipeline.AHEAD * largest_item)
+    held = max((c for t, c in costs if c <= budget or not streamable(t, merge_device)), default=0)
+    streams = any(c > budget and streamable(t, merge_device) for t, c in costs)
+    stream_block = STREAM_BLOCK_BYTES
+    if streams and on_gpu:  # host side of a GPU-merged streamed tensor: a block of input rows and one of output
+        stream_block = max(stream_block, max(min(t.nbytes, 2 * DEVICE_BLOCK_ELEMS * dtypes.itemsize(t.dtype))
+                                             for t, c in costs if c > budget and streamable(t, merge_device)))
+    window = max(budget, held, stream_block if streams else 0) + budget // 2  # + free pooled buffers
+    mapped = sum(resident.values())
+    # a GPU merge maps the CUDA runtime and cuBLAS into the process: +0.32 GiB at 4B on the H100 machine
+    # (2.03 against 1.71 GiB, issue 14)
+    # each torch thread of the merge adds its own allocator arena and MKL packing buffers: on the 16-core H100
+    # machine (15 merge threads) the same 4B/8B runs peaked 0.37-0.64 GiB above this 2-core VM's (issue 14)
+    threads = (PER_MERGE_THREAD_BYTES * max(0, pipeline.default_merge_threads() - 1))
+    writing = INTERPRETER_BASELINE_BYTES + mapped + window + threads + (CUDA_CONTEXT_BYTES if on_gpu else 0)
+    if read_back_bytes is None or not shards:
+        return writing
+    checking = INTERPRETER_BASELINE_BYTES + mapped + read_back_bytes + (CUDA_CONTEXT_BYTES if on_gpu else 0)
+    return max(writing, checking)

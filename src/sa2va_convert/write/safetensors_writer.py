@@ -1,0 +1,41 @@
+"""Safetensors, the output format: HF's shard names and index, each shard streamed header first.
+
+The streaming itself (header from the plan, tensor bytes as they come, direct IO where the
+filesystem allows) is ``safetensors_stream.py``; this module is the ``ShardWriter`` over it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from ..plan.types import ShardNaming, ShardPlan
+from ..read.tensor_source import TensorInfo
+from .safetensors_stream import StreamEntry, write_streamed
+
+SHARD_METADATA = {"format": "pt"}  # what transformers' save_pretrained writes; from_pretrained accepts it
+
+
+class SafetensorsWriter:
+    """The ``ShardWriter`` for safetensors (``model-00001-of-00002.safetensors`` + ``model.safetensors.index.json``)."""
+
+    naming = ShardNaming(shard_pattern="model-{index:05d}-of-{count:05d}.safetensors",
+                         index_file="model.safetensors.index.json")
+
+    def write_shard(self, path: Path, tensors: Sequence[tuple[str, TensorInfo]],
+                    get: Callable[[str], torch.Tensor | Iterable[torch.Tensor]], *,
+                    on_tensor: Callable[[str], None], digest: Any = None) -> int:
+        entries = [StreamEntry(name, info) for name, info in tensors]
+        return write_streamed(path, entries, lambda e: get(e.name), metadata=SHARD_METADATA,
+                              on_tensor=lambda e: on_tensor(e.name), digest=digest)
+
+    def index_document(self, shards: Sequence[ShardPlan], total_bytes: int) -> dict[str, Any]:
+        weight_map = {name: shard.filename for shard in shards for name in shard.tensors}
+        return {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+
+
+SAFETENSORS = SafetensorsWriter()
+
+__all__ = ["SAFETENSORS", "SafetensorsWriter", "SHARD_METADATA"]
