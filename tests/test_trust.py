@@ -216,7 +216,9 @@ def test_ctrl_c_while_starting_prints_one_line(run, tmp_path, delay):
     out, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
         pytest.skip("finished before the signal")
-    assert proc.returncode == 130, err
+    # 130, or killed by SIGINT itself (-2), which a shell reports as the same $? = 130; either way
+    # one line and no traceback is the promise
+    assert proc.returncode in (130, -signal.SIGINT), err
     assert "Traceback" not in err and len([ln for ln in err.splitlines() if ln.strip()]) <= 2, err
     assert "interrupted" in err
 
