@@ -213,7 +213,9 @@ class TreeSampler(threading.Thread):
 def measure(cmd: list[str], *, log: Path, env: dict | None = None, cwd: Path | None = None) -> dict:
     """Run ``cmd`` in a fresh child; wall (incl. a final sync), ru_maxrss, sampled anon/file peaks."""
     load = loadavg()
-    with open(log.with_suffix(".out"), "wb") as out, open(log.with_suffix(".err"), "wb") as err:
+    # log.name + suffix, not with_suffix: the slugs hold dots ("....a.0.cpu") that with_suffix would eat
+    out_log, err_log = log.parent / f"{log.name}.out", log.parent / f"{log.name}.err"
+    with open(out_log, "wb") as out, open(err_log, "wb") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd)
         sampler = TreeSampler(proc.pid)
@@ -244,7 +246,7 @@ def measure(cmd: list[str], *, log: Path, env: dict | None = None, cwd: Path | N
         "log": str(log),
     }
     if proc.returncode != 0:
-        res["stderr_tail"] = log.with_suffix(".err").read_text(errors="replace")[-2000:]
+        res["stderr_tail"] = err_log.read_text(errors="replace")[-2000:]
     return res
 
 
@@ -268,7 +270,9 @@ def generate(model: str, work: Path, base_dtype: str, log: Path) -> dict:
     cmd = [sys.executable, "-m", "sa2va_convert.testing", "generate", "--preset", model, "--sizes", "real",
            "--out", str(d), "--fill", "fast", "--dtype", base_dtype]
     t0 = time.perf_counter()
-    with open(log.with_suffix(".out"), "wb") as out, open(log.with_suffix(".err"), "wb") as err:
+    # log.name + suffix, not with_suffix: the slugs hold dots ("....a.0.cpu") that with_suffix would eat
+    out_log, err_log = log.parent / f"{log.name}.out", log.parent / f"{log.name}.err"
+    with open(out_log, "wb") as out, open(err_log, "wb") as err:
         subprocess.run(cmd, check=True, stdout=out, stderr=err)
     ckpt = d / "work_dirs" / "exp" / "iter_100.pth"
     probe = ("import json, sys; from sa2va_convert.testing.layouts import Sizes, get_preset, hf_layout, param_count\n"
@@ -419,6 +423,13 @@ def dry_run(gen: dict, out: Path, extra: list[str]) -> dict:
             "shards": len(plan.get("shards", []))}
 
 
+def stage_line(s: dict) -> str:
+    """The tool's per-thread seconds, short (keys: sa2va_convert.write.stage_times.STAGE_KEYS)."""
+    keys = ["total", "read.busy", "read.wait_budget", "merge.busy", "merge.wait_input", "write.wait_tensor",
+            "write.stream", "write.copy", "write.wait_io", "io.write", "sha256.busy", "write.fsync"]
+    return "stages: " + ", ".join(f"{k} {s.get(k, 0):.1f}" for k in keys)
+
+
 def fmt_gib(n: float) -> str:
     return f"{n / GIB:.2f}"
 
@@ -506,6 +517,14 @@ def run_model(model: str, args, work: Path, drops: list[bool], logs: Path, res: 
                 if kind == "a" and not extra.get("rev"):
                     m["estimate"] = estimate_for(["--merge-device", extra["merge_device"],
                                                   *(["--read-back"] if extra.get("read_back") else [])])
+                if kind == "a" and m["rc"] == 0:  # the tool's own account of its threads (--json: stage_seconds)
+                    try:
+                        m["stage_seconds"] = json.loads(
+                            (logs / f"{slug}.out").read_text()).get("stage_seconds")
+                    except (OSError, ValueError):
+                        m["stage_seconds"] = None
+                    if m["stage_seconds"]:
+                        print("      " + stage_line(m["stage_seconds"]), file=sys.stderr, flush=True)
                 if m["rc"] == 0:
                     m["out_bytes"] = tree_bytes(out)
                     m["out_weight_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))

@@ -57,6 +57,21 @@ def test_help_and_version_do_not_import_torch(argv):
     assert "HEAVY=\n" in p.stdout or p.stdout.rstrip().endswith("HEAVY="), p.stdout[-300:]
 
 
+def test_a_conversion_imports_no_transformers_unless_a_size_is_typed(make_family, tmp_path):
+    """transformers costs ~1.5 s of start-up (issue 14); a conversion needs it only to parse a typed size."""
+    fam = make_family("sa2va-1b")
+    code = ("import sys\nfrom sa2va_convert.cli import main\n"
+            "try:\n    main(sys.argv[1:], prog_name='sa2va-convert')\nexcept SystemExit as e:\n    rc = e.code\n"
+            "print('RC=%s TRANSFORMERS=%s' % (rc, 'transformers' in sys.modules))")
+    base = [PY, "-c", code, str(fam.ckpt.path), "--base", str(fam.base), "--no-verify", "-q"]
+    p = subprocess.run([*base, str(tmp_path / "a")], capture_output=True, text=True, timeout=300)
+    assert "RC=0 TRANSFORMERS=False" in p.stdout, p.stdout[-300:] + p.stderr[-1000:]
+    typed = subprocess.run([*base, str(tmp_path / "b"), "--max-shard-size", "50KB"], capture_output=True, text=True,
+                           timeout=300)
+    assert "RC=0 TRANSFORMERS=True" in typed.stdout, typed.stdout[-300:] + typed.stderr[-1000:]
+    assert len(list((tmp_path / "b").glob("model-*.safetensors"))) > len(list((tmp_path / "a").glob("model-*.safetensors")))
+
+
 def test_shell_completion_completes_keymap_names_without_torch():
     code = ("import sys\nfrom sa2va_convert.cli import main\n"
             "try:\n    main(prog_name='sa2va-convert')\nexcept SystemExit:\n    pass\n"

@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -160,8 +162,9 @@ def _planned(n: int, rows: int = 64) -> list[PlannedTensor]:
             for i in range(n)]
 
 
-def _alive(name: str) -> bool:
-    return any(t.name == name and t.is_alive() for t in threading.enumerate())
+def _alive(prefix: str) -> bool:
+    """Any live thread whose name starts with ``prefix`` (the merge workers are sa2va-merge-0, -1, ...)."""
+    return any(t.name.startswith(prefix) and t.is_alive() for t in threading.enumerate())
 
 
 def test_pipeline_hands_tensors_over_in_plan_order():
@@ -195,6 +198,64 @@ def test_pipeline_raises_the_producers_error_in_the_writer_and_stops():
     assert not _alive("sa2va-read") and not _alive("sa2va-merge")
 
 
+def _jittered(fn):
+    """A producer whose tensors take random times, so parallel workers finish out of order."""
+    import random
+
+    rng = random.Random(7)
+    delays = {}
+
+    def produce(pt: PlannedTensor) -> torch.Tensor:
+        time.sleep(delays.setdefault(pt.name, rng.uniform(0, 0.01)))
+        return fn(pt)
+
+    return produce
+
+
+class _Parallel(FunctionProducer):
+    """A thread-safe function run by several workers, as ``TensorProducer`` is."""
+
+    def parallelism(self) -> tuple[int, int]:
+        return 4, 1
+
+
+def test_parallel_workers_hand_tensors_over_in_plan_order():
+    plan = _planned(60)
+    seen_threads = set()
+
+    def produce(pt: PlannedTensor) -> torch.Tensor:
+        seen_threads.add(threading.current_thread().name)
+        return torch.full(pt.shape, float(pt.name[1:]))
+
+    with TensorPipeline(_Parallel(_jittered(produce)), plan, budget_bytes=8 * 64 * 32 * 4) as p:
+        for pt in plan:
+            assert float(p.get(pt.name)[0, 0]) == float(pt.name[1:])
+            p.done(pt.name)
+    assert len(seen_threads) > 1  # the work really was spread over workers
+    assert not _alive("sa2va-read") and not _alive("sa2va-merge")
+
+
+def test_parallel_workers_raise_an_error_when_the_writer_reaches_that_tensor():
+    class Broken(ValueError):
+        pass
+
+    def produce(pt: PlannedTensor) -> torch.Tensor:
+        if pt.name == "t5":
+            raise Broken("tensor t5 is damaged")
+        return torch.zeros(pt.shape)
+
+    plan = _planned(30)
+    got = []
+    with pytest.raises(Broken, match="t5 is damaged"):
+        with TensorPipeline(_Parallel(_jittered(produce)), plan, budget_bytes=8 * 64 * 32 * 4) as p:
+            for pt in plan:
+                p.get(pt.name)
+                got.append(pt.name)
+                p.done(pt.name)
+    assert got == [f"t{i}" for i in range(5)]  # later tensors finished first, yet t0-t4 came, in order
+    assert not _alive("sa2va-read") and not _alive("sa2va-merge")
+
+
 def test_pipeline_closed_early_stops_its_threads():
     plan = _planned(200, rows=4096)  # 512 KiB each: the budget blocks the reader long before the end
     with TensorPipeline(FunctionProducer(lambda pt: torch.zeros(pt.shape)), plan, budget_bytes=2 << 20) as p:
@@ -219,12 +280,61 @@ def test_estimate_counts_merge_threads_and_the_cuda_runtime(monkeypatch):
     from sa2va_convert.write.peak_ram import CUDA_CONTEXT_BYTES, PER_MERGE_THREAD_BYTES, estimate_peak_ram
     from sa2va_convert.transform.produce import resolve_merge_device
 
+    monkeypatch.setenv("SA2VA_MERGE_WORKERS", "1")
     monkeypatch.setenv("SA2VA_MERGE_THREADS", "1")
     one = estimate_peak_ram([], [])
     assert estimate_peak_ram([], [], merge_device="cuda") - one == CUDA_CONTEXT_BYTES
-    monkeypatch.setenv("SA2VA_MERGE_THREADS", "9")
+    monkeypatch.setenv("SA2VA_MERGE_WORKERS", "3")
+    monkeypatch.setenv("SA2VA_MERGE_THREADS", "3")  # 3 workers x 3 torch threads: 8 beyond the first
     assert estimate_peak_ram([], []) - one == 8 * PER_MERGE_THREAD_BYTES
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_merge_device("auto") == "cpu" and resolve_merge_device("cuda:1") == "cuda:1"
+    monkeypatch.setenv("SA2VA_MERGE_WORKERS", "1")
     monkeypatch.setenv("SA2VA_MERGE_THREADS", "1")
     assert estimate_peak_ram([], [], merge_device="auto") == one
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+def test_parallel_merge_workers_write_what_one_worker_writes(make_family, tmp_path):
+    """Issue 14: merges run in several workers; files, checksums and the delta report stay those of one."""
+    from _cli import run_cli
+
+    fam = make_family("sa2va-1b")
+    outs = {}
+    for workers in ("1", "4"):
+        out = tmp_path / f"w{workers}"
+        r = run_cli(fam.ckpt.path, out, "--base", fam.base, "--json", env={"SA2VA_MERGE_WORKERS": workers})
+        assert r.returncode == 0, r.stderr
+        outs[workers] = (out, json.loads(r.stdout))
+    (one, one_res), (four, four_res) = outs["1"], outs["4"]
+    shards = sorted(p.name for p in one.glob("*.safetensors"))
+    assert shards == sorted(p.name for p in four.glob("*.safetensors")) and shards
+    for name in shards:
+        assert (one / name).read_bytes() == (four / name).read_bytes(), name
+    assert one_res["lora_deltas"] == four_res["lora_deltas"] and one_res["lora_deltas"]["lora_pairs"] > 0
+    report = lambda p: {k: v for k, v in json.loads((p / "conversion_report.json").read_text()).items()
+                        if k not in ("created", "out", "seconds")}
+    assert report(one)["lora_deltas"] == report(four)["lora_deltas"]
+    assert report(one)["shard_sha256"] == report(four)["shard_sha256"]
+
+
+def test_json_says_where_the_write_stage_spent_its_time(make_family, tmp_path):
+    """``stage_seconds``: every thread's busy and waiting seconds, from real work (a bigger --dtype fp32 write)."""
+    from _cli import run_cli
+    from sa2va_convert.write.stage_times import STAGE_KEYS
+
+    fam = make_family("sa2va-1b")
+    r = run_cli(fam.ckpt.path, tmp_path / "o", "--base", fam.base, "--json", "--dtype", "fp32")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    s = res["stage_seconds"]
+    assert sorted(s) == sorted(STAGE_KEYS)
+    assert 0 < s["total"] <= res["seconds"]
+    for busy in ("read.busy", "merge.busy", "io.write", "sha256.busy"):  # each of these threads did real work
+        assert s[busy] > 0, (busy, s)
+    for writer_side in ("write.wait_tensor", "write.copy", "write.wait_io", "write.fsync", "write.stream"):
+        assert 0 <= s[writer_side] <= s["total"], (writer_side, s)  # the writer thread's parts fit its wall
+    v = run_cli(fam.ckpt.path, tmp_path / "v", "--base", fam.base, "-v")
+    assert v.returncode == 0 and "write stage " in v.stdout and "disk writes " in v.stdout, v.stdout[-500:]

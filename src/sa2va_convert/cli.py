@@ -62,9 +62,14 @@ def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
     raise KeyboardInterrupt
 
 
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # = ConvertOptions.max_shard_bytes (5 * 10**9), as save_pretrained's default
+
+
 def parse_size(text: str) -> int:
     """``--max-shard-size`` exactly as ``save_pretrained(max_shard_size=...)`` reads it (see
-    ``sizes.parse_size``); a bad size is a usage error (exit 2)."""
+    ``sizes.parse_size``); a bad size is a usage error (exit 2). Only called for a size the user typed:
+    the default is ``ConvertOptions``', so a conversion does not import transformers for its parser
+    (1.5 s of every start-up, issue 14)."""
     from .sizes import parse_size as parse
 
     return parse(text, what="--max-shard-size")
@@ -116,7 +121,8 @@ def common_options(fn: Callable) -> Callable:
               help="Original recipe: any Sa2VA HF folder of the family (remote code, config class, key check).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32", "auto"]), default="bf16", show_default=True,
               help="Output dtype for floating tensors; auto keeps the base's dtype.")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard file (e.g. 5GB, 500MB, 2GiB).")
+@click.option("--max-shard-size", default=None, show_default=DEFAULT_MAX_SHARD_SIZE,
+              help="Largest shard file (e.g. 5GB, 500MB, 2GiB).")
 @click.option("--lora-alpha", type=float, help="LoRA alpha, when the checkpoint's config lacks it (upstream: 2*r). "
               "A different value in the config is an error unless --override-lora-config.")
 @click.option("--rslora/--no-rslora", default=None, help="Scale LoRA by alpha/sqrt(r) (default: from the config).")
@@ -177,7 +183,8 @@ def _convert(checkpoint, out, base, pretrained, keymap, force_keymap, sam2, code
     from .cli_render import make_progress, render_batch, render_plan, render_result
 
     options = api.ConvertOptions(
-        base=base, pretrained=pretrained, keymap=keymap, dtype=dtype, max_shard_bytes=parse_size(max_shard_size),
+        base=base, pretrained=pretrained, keymap=keymap, dtype=dtype,
+        **({"max_shard_bytes": parse_size(max_shard_size)} if max_shard_size is not None else {}),
         lora_alpha=lora_alpha, rslora=rslora, allow_unused=allow_unused, template=template, force=force,
         merge_device=merge_device, allow_globals=allow_globals, read_back=read_back, sam2=sam2,
         code_from=code_from, roundtrip=roundtrip, verify_device=verify_device, verify_python=verify_python,
@@ -208,7 +215,7 @@ def _convert(checkpoint, out, base, pretrained, keymap, force_keymap, sam2, code
     if json_out:
         emit_json(result.to_dict())
     else:
-        render_result(result.to_dict())
+        render_result(result.to_dict(), verbose=verbose and not quiet)
 
 
 @main.command(epilog=EXIT_HELP, short_help="Show what is inside a checkpoint, executing nothing from it.")

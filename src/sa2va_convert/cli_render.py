@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .verify.roundtrip import summary_line
+from .write.stage_times import summarize as stage_summary
 
 # Piped stdout (a file, `grep`, CI logs) gets whole lines: rich would otherwise wrap at 80 columns
 # and cut paths and tensor names in two. A terminal keeps its width; tables fold long cells there
@@ -208,7 +209,7 @@ def render_plan(plan: dict, *, tensors: list[dict] | None = None) -> None:
                       [[t["name"], "x".join(map(str, t["shape"])), t["dtype"], t["origin"]] for t in tensors]))
 
 
-def render_result(result: dict) -> None:
+def render_result(result: dict, verbose: bool = False) -> None:
     c = out_console
     plan = result["plan"]
     c.print(f"[bold green]converted[/] {plan['checkpoint']} -> [bold]{result['out']}[/] "
@@ -226,6 +227,8 @@ def render_result(result: dict) -> None:
     rt = result.get("roundtrip")
     if rt:
         c.print(f"round-trip: {rt.get('summary', rt)}")
+    if verbose and result.get("stage_seconds"):
+        c.print(stage_summary(result["stage_seconds"]), soft_wrap=True, markup=False)
 
 
 def render_batch(result: dict) -> None:

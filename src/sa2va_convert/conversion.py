@@ -186,6 +186,7 @@ class ConversionResult:
             "roundtrip": self.roundtrip,
             "bytes_written": self.write.bytes_written if self.write else 0,
             "seconds": round(self.seconds, 3),
+            "stage_seconds": self.write.stage_seconds if self.write else None,
             "checkpoint_sha256": self.checkpoint_sha256,
             "tool_version": __version__,
         }

@@ -9,7 +9,9 @@ never trained: the "converted model is just the base" report).
 
 from __future__ import annotations
 
+import bisect
 import math
+import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -48,7 +50,21 @@ class DeltaStats:
 
 @dataclass
 class TransformReport:
-    deltas: list[DeltaStats] = field(default_factory=list)
+    """Delta statistics in plan order, whatever order parallel merge workers finish in (see ``add``)."""
+
+    _entries: list[tuple[int, DeltaStats]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, order: int, stats: DeltaStats) -> None:
+        """``order``: the tensor's position in the plan, so the report (and its float sums) never depend
+        on which worker finished first."""
+        with self._lock:
+            bisect.insort(self._entries, (order, stats), key=lambda e: e[0])
+
+    @property
+    def deltas(self) -> list[DeltaStats]:
+        with self._lock:
+            return [d for _, d in self._entries]
 
     def groups(self) -> dict[str, dict]:
         """Aggregate per module kind (q_proj, wqkv, output, ...): mean/max relative delta, zero-B count."""
@@ -173,6 +189,44 @@ class _BufferPool:
                 self._free_bytes += n
 
 
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _env_int(name: str) -> int | None:
+    env = os.environ.get(name, "").strip()
+    return int(env) if env.isdigit() and int(env) > 0 else None
+
+
+MAX_MERGE_WORKERS = 8  # beyond this the budget, not the workers, bounds how many tensors are in flight
+
+
+def merge_workers(merge_device: str = "cpu") -> tuple[int, int]:
+    """(merge worker threads, torch threads each) for this machine.
+
+    CPU merges: one worker per core (at most ``MAX_MERGE_WORKERS``), one torch thread each.
+    Workers never wait for each other, so unlike torch's OpenMP threads (which stall at a
+    barrier whenever the writer takes a core: elementwise ops 20-70x slower on the 2-core VM)
+    they share the cores with the reader and the writer without losing them. GPU merges: two
+    workers (one copies to or from the GPU while the other computes). ``SA2VA_MERGE_WORKERS``
+    and ``SA2VA_MERGE_THREADS`` (torch threads per worker) override, for benchmarking.
+    """
+    cores = _cores()
+    on_gpu = not str(merge_device).startswith("cpu")
+    workers = _env_int("SA2VA_MERGE_WORKERS") or (2 if on_gpu else min(cores, MAX_MERGE_WORKERS))
+    threads = _env_int("SA2VA_MERGE_THREADS") or 1
+    return workers, threads
+
+
+def merge_threads(merge_device: str = "cpu") -> int:
+    """All torch threads of the merge (workers x threads each): what the memory estimate counts."""
+    workers, threads = merge_workers(merge_device)
+    return workers * threads
+
+
 def resolve_merge_device(name: str) -> str:
     """``auto`` is ``cuda`` when torch sees a GPU, else ``cpu``; any other name is returned as given."""
     if str(name).strip().lower() == "auto":
@@ -229,6 +283,21 @@ class TensorProducer:
         self.block_elems = max(1, int(block_elems))
         self.report = TransformReport()
         self._pool: _BufferPool | None = None
+        self._order: dict[str, int] = {}  # plan position of each tensor, taken when its work starts
+        self._order_lock = threading.Lock()
+
+    def parallelism(self) -> tuple[int, int]:
+        """(merge workers, torch threads each) for this merge device: :func:`merge_workers`.
+
+        ``finish`` is safe in several threads at once: it touches only its own tensors, the
+        locked buffer pool and the locked report."""
+        return merge_workers(self.merge_device.type)
+
+    def _note_order(self, name: str) -> None:
+        """Tensors start in plan order: ``prepare`` runs in one reader thread, in plan order, and a streamed
+        tensor starts only when nothing else is in flight (the pipeline admits it alone)."""
+        with self._order_lock:
+            self._order.setdefault(name, len(self._order))
 
     # ------------------------------------------------------------- buffer reuse (pipeline)
 
@@ -282,6 +351,7 @@ class TensorProducer:
 
     def prepare(self, pt: PlannedTensor) -> Prepared:
         """Read the inputs of ``pt`` (value, and LoRA factors if any); no arithmetic."""
+        self._note_order(pt.name)
         value = self._load_pooled(pt.value.layer, pt.value.key,
                                   TensorInfo(pt.value.shape, pt.value.dtype).nbytes)
         if pt.lora is None:
@@ -404,8 +474,9 @@ class TensorProducer:
                 self._check_block(o, pt, path, start)
             yield start, stop
         del d_buf, w_buf, a, b
-        self.report.deltas.append(DeltaStats(pt.name, module_group(pt.name), pt.lora.rank,
-                                             math.sqrt(float(base_sq)), math.sqrt(float(delta_sq)), zero_b))
+        self.report.add(self._order.get(pt.name, len(self._order)),
+                        DeltaStats(pt.name, module_group(pt.name), pt.lora.rank,
+                                   math.sqrt(float(base_sq)), math.sqrt(float(delta_sq)), zero_b))
 
     # ------------------------------------------------------------- row-block streaming (huge tensors)
 
@@ -421,6 +492,7 @@ class TensorProducer:
         exists whole, so memory is a few blocks whatever the tensor's size. The
         checks and the arithmetic are those of :meth:`finish`.
         """
+        self._note_order(pt.name)
         rows, cols = pt.shape
         target = dtypes.to_torch(pt.dtype)
         src = self.sources[pt.value.layer]

@@ -23,6 +23,7 @@ from . import atomic, guard
 from .pipeline import DEFAULT_BUDGET_BYTES, Producer, TensorPipeline
 from .safetensors_writer import SAFETENSORS
 from .shard_writer import ShardWriter
+from .stage_times import StageTimes
 from .tokenizer import apply_additions
 
 PIPELINE_BUDGET_BYTES = DEFAULT_BUDGET_BYTES  # tensors read/merged ahead of the writer (bytes in flight)
@@ -35,6 +36,7 @@ class WriteResult:
     bytes_written: int = 0
     seconds: float = 0.0
     shard_sha256: dict[str, str] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # see stage_times.STAGE_KEYS
 
 
 def dump_json(path: Path, data: dict) -> None:
@@ -42,14 +44,17 @@ def dump_json(path: Path, data: dict) -> None:
 
 
 def write_shards(plan: ConversionPlan, produce: Producer, folder: Path, progress: Progress,
-                 checksums: dict[str, str] | None = None, writer: ShardWriter = SAFETENSORS) -> int:
+                 checksums: dict[str, str] | None = None, writer: ShardWriter = SAFETENSORS,
+                 times: StageTimes | None = None) -> int:
     """Write every shard in ``writer``'s format; ``checksums`` (if given) receives each file's sha256,
-    computed while writing."""
+    computed while writing; ``times`` each thread's busy and waiting seconds."""
     by_name = plan.by_name()
     total = 0
     order = [by_name[n] for shard in plan.shards for n in shard.tensors]
+    times = times if times is not None else StageTimes()
+    started = time.perf_counter()
     # reading, merging and writing overlap in three threads, in plan order, memory-bounded (see pipeline)
-    with TensorPipeline(produce, order, budget_bytes=PIPELINE_BUDGET_BYTES) as pipe:
+    with TensorPipeline(produce, order, budget_bytes=PIPELINE_BUDGET_BYTES, times=times) as pipe:
         for shard in plan.shards:
             def written(name: str) -> None:
                 pipe.done(name)
@@ -57,9 +62,10 @@ def write_shards(plan: ConversionPlan, produce: Producer, folder: Path, progress
 
             digest = hashlib.sha256() if checksums is not None else None
             total += writer.write_shard(folder / shard.filename, [(n, by_name[n].info) for n in shard.tensors],
-                                        pipe.get, on_tensor=written, digest=digest)
+                                        pipe.get, on_tensor=written, digest=digest, times=times)
             if checksums is not None:
                 checksums[shard.filename] = digest.hexdigest()
+    times.add("total", time.perf_counter() - started)
     return total
 
 
@@ -98,6 +104,7 @@ def write_folder(
     guard.check_replaceable(out, force=force, replace_foreign=replace_foreign)
     atomic.check_destination(out, force or replace_foreign)
     started = time.perf_counter()
+    times = StageTimes()
     with atomic.output_lock(out):
         atomic.clear_stale_partials(out)
         tmp = atomic.make_partial(out)
@@ -106,7 +113,7 @@ def write_folder(
             progress.start(plan.tensor_bytes, len(plan.tensors))
             try:
                 checksums: dict[str, str] = {}
-                written = write_shards(plan, produce, tmp, progress, checksums, writer)
+                written = write_shards(plan, produce, tmp, progress, checksums, writer, times)
                 progress.finish()
                 dump_json(tmp / writer.naming.index_file, writer.index_document(plan.shards, plan.tensor_bytes))
                 dump_json(tmp / "config.json", plan.config)
@@ -128,4 +135,4 @@ def write_folder(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    return WriteResult(out, files, written, time.perf_counter() - started, checksums)
+    return WriteResult(out, files, written, time.perf_counter() - started, checksums, times.to_dict())

@@ -14,7 +14,8 @@ from typing import Sequence
 from .. import dtypes
 from ..plan.types import PlannedTensor, ShardPlan
 from ..read.tensor_source import TensorInfo, TensorSource
-from ..transform.produce import DEVICE_BLOCK_ELEMS, STREAM_BLOCK_BYTES, resolve_merge_device, streamable
+from ..transform.produce import (DEVICE_BLOCK_ELEMS, STREAM_BLOCK_BYTES, merge_threads, resolve_merge_device,
+                                 streamable)
 from . import pipeline
 
 # Bytes the converter holds before any tensor is touched: interpreter, torch, tokenizers, the plan
@@ -78,7 +79,7 @@ def estimate_peak_ram(tensors: Sequence[PlannedTensor], shards: Sequence[ShardPl
     # (2.03 against 1.71 GiB, issue 14)
     # each torch thread of the merge adds its own allocator arena and MKL packing buffers: on the 16-core H100
     # machine (15 merge threads) the same 4B/8B runs peaked 0.37-0.64 GiB above this 2-core VM's (issue 14)
-    threads = (PER_MERGE_THREAD_BYTES * max(0, pipeline.default_merge_threads() - 1))
+    threads = (PER_MERGE_THREAD_BYTES * max(0, merge_threads(merge_device) - 1))
     writing = INTERPRETER_BASELINE_BYTES + mapped + window + threads + (CUDA_CONTEXT_BYTES if on_gpu else 0)
     if read_back_bytes is None or not shards:
         return writing

@@ -15,27 +15,33 @@ merged and tensor i+2 is read. Two rules keep this safe:
   ``max(budget, largest tensor's inputs + output)`` plus up to one budget of
   free recycled buffers, whatever the model size (512 MiB budget: ~1 GiB).
 
-Threads: the merging thread gets all cores but one for torch (thread-local
-setting), the reader and the writer share the remaining one; see
-:func:`default_merge_threads` for why this beats letting torch use every core.
+Merging runs in several worker threads (``Producer.parallelism``: for the transform stage's
+producer, ``transform.produce.merge_workers``), each on its own tensors with
+few torch threads, rather than one thread whose every operation is split over all cores: a
+model's tensors are many and mid-sized, and one torch op on a 2 MiB block split 15 ways spends
+more in OpenMP barriers than in arithmetic (issue 14: 554 CPU-s for the 8B merge on 32 cores,
+and the merge bound the 2-core VM's wall). Results are handed to the writer strictly in plan
+order, and a worker's failure is raised when the writer reaches that tensor, as before.
 
 What the pipeline drives is declared by :class:`Producer` (the transform stage's
 ``TensorProducer`` is one): ``prepare`` reads in the reader thread, ``finish`` computes in
-the merging thread, and the streaming and buffer-pool methods say what it can do. A plain
-``PlannedTensor -> tensor`` function becomes one through :class:`FunctionProducer`.
+a merge worker (several may run at once, on different tensors), and the streaming and
+buffer-pool methods say what it can do. A plain ``PlannedTensor -> tensor`` function becomes
+one through :class:`FunctionProducer`.
 """
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
+import time
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 
 from .. import dtypes
 from ..plan.types import PlannedTensor
+from .stage_times import StageTimes
 
 DEFAULT_BUDGET_BYTES = 512 << 20  # cap on the bytes of tensors in flight (inputs + outputs)
 AHEAD = 4  # ... and at most about this many of the model's largest tensors
@@ -61,21 +67,6 @@ def inflight_bytes(pt: PlannedTensor) -> tuple[int, int]:
     if pt.value.dtype != pt.dtype:
         return inputs, pt.nbytes
     return inputs, 0
-
-
-def default_merge_threads() -> int:
-    """torch threads for the merging thread: all but one core, which is left to reading and writing.
-
-    On a small machine this matters more than it seems: with torch's two OpenMP
-    threads on two cores, every time the writer takes a core the merge kernels
-    stall at their barriers (measured: elementwise ops 20-70x slower), so one
-    compute thread beside one IO thread beats two compute threads fighting it.
-    ``SA2VA_MERGE_THREADS`` overrides (benchmarking).
-    """
-    env = os.environ.get("SA2VA_MERGE_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return max(1, torch.get_num_threads() - 1)
 
 
 class _Failed:
@@ -113,6 +104,11 @@ class Producer(Protocol):
         """``pt``'s output as consecutive row blocks; each valid until the next is asked for."""
         ...
 
+    def parallelism(self) -> tuple[int, int]:
+        """(merge workers, torch threads each) that suit this producer on this machine; ``finish`` must
+        then be safe to call from that many threads at once, on different tensors."""
+        ...
+
     def enable_pool(self, max_bytes: int) -> None:
         """Reuse output buffers handed back with ``recycle`` (up to ``max_bytes`` kept free)."""
         ...
@@ -147,6 +143,9 @@ class FunctionProducer:
     def stream(self, pt: PlannedTensor) -> Iterator[torch.Tensor]:
         raise NotImplementedError("a FunctionProducer produces tensors whole")
 
+    def parallelism(self) -> tuple[int, int]:
+        return 1, max(1, torch.get_num_threads())  # one worker: the function need not be thread-safe
+
     def enable_pool(self, max_bytes: int) -> None:
         return None
 
@@ -160,6 +159,20 @@ class FunctionProducer:
         return None
 
 
+def _timed_blocks(blocks: Iterator[torch.Tensor], times: StageTimes) -> Iterator[torch.Tensor]:
+    """A streamed tensor's blocks are read and merged lazily, in the writer's thread: time that as such."""
+    while True:
+        start = time.perf_counter()
+        try:
+            block = next(blocks)
+        except StopIteration:
+            times.add("write.stream", time.perf_counter() - start)
+            return
+        times.add("write.stream", time.perf_counter() - start)
+        yield block
+        del block
+
+
 class TensorPipeline:
     """``get(name)`` returns the next planned tensor; ``done(name)`` after it is written frees its budget.
 
@@ -170,8 +183,10 @@ class TensorPipeline:
     """
 
     def __init__(self, produce: Producer, tensors: Sequence[PlannedTensor], *,
-                 budget_bytes: int = DEFAULT_BUDGET_BYTES, merge_threads: int | None = None):
-        self._merge_threads = merge_threads if merge_threads is not None else default_merge_threads()
+                 budget_bytes: int = DEFAULT_BUDGET_BYTES, workers: tuple[int, int] | None = None,
+                 times: StageTimes | None = None):
+        self.times = times if times is not None else StageTimes()
+        self._workers, self._worker_threads = workers if workers is not None else produce.parallelism()
         self._produce = produce
         self._tensors = list(tensors)
         self._cost = {pt.name: inflight_bytes(pt) for pt in self._tensors}
@@ -190,15 +205,18 @@ class TensorPipeline:
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._read_q: queue.Queue = queue.Queue()
-        self._out_q: queue.Queue = queue.Queue()
+        # merged results by plan position; the writer takes them in order (workers finish in any order)
+        self._results: dict[int, Any] = {}
+        self._results_cond = threading.Condition()
+        self._running = 0  # merge workers still running (to tell "not yet" from "never")
         self._handed: dict[str, Any] = {}
         self._next = 0
         self._by_name = {pt.name: pt for pt in self._tensors}
         produce.enable_pool(self._budget)  # free buffers kept; in flight + free stays ~ the budget in steady state
-        self._threads = [
-            threading.Thread(target=self._read_loop, name="sa2va-read", daemon=True),
-            threading.Thread(target=self._merge_loop, name="sa2va-merge", daemon=True),
-        ]
+        self._threads = [threading.Thread(target=self._read_loop, name="sa2va-read", daemon=True)]
+        self._threads += [threading.Thread(target=self._merge_loop, name=f"sa2va-merge-{i}", daemon=True)
+                          for i in range(max(1, self._workers))]
+        self._running = len(self._threads) - 1
         try:
             for t in self._threads:
                 t.start()
@@ -209,9 +227,11 @@ class TensorPipeline:
     # ---------------------------------------------------------------- background threads
 
     def _admit(self, cost: int) -> bool:
+        start = time.perf_counter()
         with self._cond:
             while not self._stop.is_set() and self._inflight > 0 and self._inflight + cost > self._budget:
                 self._cond.wait()
+            self.times.add("read.wait_budget", time.perf_counter() - start)
             if self._stop.is_set():
                 return False
             self._inflight += cost
@@ -224,44 +244,56 @@ class TensorPipeline:
                 self._cond.notify_all()
 
     def _read_loop(self) -> None:
-        try:
-            for pt in self._tensors:
+        for seq, pt in enumerate(self._tensors):
+            try:
                 if not self._admit(sum(self._cost[pt.name])):
                     break
                 if pt.name in self._streamed:
-                    self._read_q.put((pt.name, _Streamed(pt)))  # read block by block by the writer
+                    self._read_q.put((seq, pt.name, _Streamed(pt)))  # read block by block by the writer
                 else:
-                    self._read_q.put((pt.name, self._produce.prepare(pt)))
-        except BaseException as e:  # noqa: BLE001 - handed to the writer thread, which raises it
-            self._read_q.put(_Failed(e))
-            return
-        self._read_q.put(_END)
+                    with self.times.span("read.busy"):
+                        prepared = self._produce.prepare(pt)
+                    self._read_q.put((seq, pt.name, prepared))
+                    del prepared
+            except BaseException as e:  # noqa: BLE001 - raised by the writer when it reaches this tensor
+                self._deliver(seq, _Failed(e))
+                break
+        for _ in range(max(1, self._workers)):
+            self._read_q.put(_END)
+
+    def _deliver(self, seq: int, item: Any) -> None:
+        with self._results_cond:
+            self._results[seq] = item
+            self._results_cond.notify_all()
 
     def _merge_loop(self) -> None:
         # thread-local in torch's OpenMP/MKL builds: the writer's and the caller's threads keep theirs
-        torch.set_num_threads(self._merge_threads)
-        while True:
-            item = self._read_q.get()
-            if item is _END or isinstance(item, _Failed):
-                self._out_q.put(item)
-                return
-            if self._stop.is_set():
-                self._out_q.put(_END)
-                return
-            name, prepared = item
-            del item
-            try:
-                out = (self._produce.stream(prepared.pt) if isinstance(prepared, _Streamed)
-                       else self._produce.finish(prepared))
-            except BaseException as e:  # noqa: BLE001 - handed to the writer thread, which raises it
-                self._out_q.put(_Failed(e))
-                return
-            del prepared
-            inputs, new_output = self._cost[name]
-            if new_output:  # the inputs are garbage now; the output is held until written
-                self._release(inputs)
-            self._out_q.put(out)
-            del out
+        torch.set_num_threads(self._worker_threads)
+        try:
+            while True:
+                with self.times.span("merge.wait_input"):
+                    item = self._read_q.get()
+                if item is _END or self._stop.is_set():
+                    return
+                seq, name, prepared = item
+                del item
+                try:
+                    with self.times.span("merge.busy"):
+                        out = (_timed_blocks(self._produce.stream(prepared.pt), self.times)
+                               if isinstance(prepared, _Streamed) else self._produce.finish(prepared))
+                except BaseException as e:  # noqa: BLE001 - raised by the writer when it reaches this tensor
+                    self._deliver(seq, _Failed(e))
+                    continue
+                del prepared
+                inputs, new_output = self._cost[name]
+                if new_output:  # the inputs are garbage now; the output is held until written
+                    self._release(inputs)
+                self._deliver(seq, out)
+                del out
+        finally:
+            with self._results_cond:
+                self._running -= 1
+                self._results_cond.notify_all()
 
     # ---------------------------------------------------------------- writer side
 
@@ -270,7 +302,11 @@ class TensorPipeline:
         expected = self._tensors[self._next].name if self._next < len(self._tensors) else None
         if name != expected:
             raise RuntimeError(f"writer asked for {name}, the pipeline's next tensor is {expected}")
-        item = self._out_q.get()
+        seq = self._next
+        with self.times.span("write.wait_tensor"), self._results_cond:
+            while seq not in self._results and self._running > 0:
+                self._results_cond.wait()
+            item = self._results.pop(seq, _END)
         if isinstance(item, _Failed):
             self._stop.set()
             raise item.exc
@@ -296,16 +332,18 @@ class TensorPipeline:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        self._read_q.put(_END)  # unblock a merge thread waiting for input
+        for _ in range(max(1, self._workers)):
+            self._read_q.put(_END)  # unblock merge workers waiting for input
         for t in self._threads:
             if t.is_alive():
                 t.join(_JOIN_SECONDS)
-        for q in (self._read_q, self._out_q):
-            while True:
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    break
+        while True:
+            try:
+                self._read_q.get_nowait()
+            except queue.Empty:
+                break
+        with self._results_cond:
+            self._results.clear()
         self._handed.clear()
         self._produce.disable_pool()
 

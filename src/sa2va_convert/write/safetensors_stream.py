@@ -17,6 +17,7 @@ import json
 import mmap
 import os
 import struct
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 
 from .. import dtypes
 from ..read.tensor_source import TensorInfo
+from .stage_times import StageTimes
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,10 @@ class _DirectFile:
 
     ALIGN = 4096
 
-    def __init__(self, fd: int, chunk: int = 16 << 20, *, direct: bool = True, digest=None):
+    def __init__(self, fd: int, chunk: int = 16 << 20, *, direct: bool = True, digest=None,
+                 times: StageTimes | None = None):
         self.fd = fd
+        self.times = times if times is not None else StageTimes()
         self.direct = direct  # False: the fd is an ordinary one and the stage is just a write buffer
         self._bufs = [mmap.mmap(-1, chunk), mmap.mmap(-1, chunk)]  # anonymous mappings are page-aligned
         self._mvs = [memoryview(b) for b in self._bufs]
@@ -125,7 +129,9 @@ class _DirectFile:
             n, off = len(src), 0
             while off < n:
                 k = min(n - off, self._chunk - self._fill)
+                start = time.perf_counter()
                 self._mv[self._fill:self._fill + k] = src[off:off + k]
+                self.times.add("write.copy", time.perf_counter() - start)
                 self._fill += k
                 off += k
                 if self._fill == self._chunk:
@@ -135,8 +141,9 @@ class _DirectFile:
     def _wait(self) -> None:
         """Wait for the jobs on the other stage; the first error (disk full, EIO) is raised here."""
         pending, self._pending = self._pending, []
-        for fut in pending:
-            fut.result()
+        with self.times.span("write.wait_io"):
+            for fut in pending:
+                fut.result()
 
     def _submit(self, length: int, logical: int) -> None:
         """Hand the current stage (``length`` bytes to write, ``logical`` of them data) to the helpers."""
@@ -144,12 +151,20 @@ class _DirectFile:
         mv = self._mv
         self._pending.append(self._io.submit(self._drain, mv, length))
         if self._hasher is not None:
-            self._pending.append(self._hasher.submit(self._digest.update, mv[:logical]))
+            self._pending.append(self._hasher.submit(self._hash, mv[:logical]))
         self._cur ^= 1
         self._mv = self._mvs[self._cur]
         self._fill = 0
 
+    def _hash(self, data: memoryview) -> None:
+        with self.times.span("sha256.busy"):
+            self._digest.update(data)
+
     def _drain(self, stage: memoryview, length: int) -> None:
+        with self.times.span("io.write"):
+            self._drain_untimed(stage, length)
+
+    def _drain_untimed(self, stage: memoryview, length: int) -> None:
         """Write ``stage[:length]`` (``length`` aligned unless buffered); runs in the IO thread."""
         done = 0
         with stage[:length] as view:  # released even if a write raises (the buffer can then close)
@@ -185,7 +200,8 @@ class _DirectFile:
             self._wait()
             if padded > tail:
                 os.ftruncate(self.fd, self._size)
-        os.fsync(self.fd)
+        with self.times.span("write.fsync"):
+            os.fsync(self.fd)
 
     def release(self) -> None:
         """Stop the helpers (after their current job: they use the stages) and unmap the stages."""
@@ -224,6 +240,7 @@ def write_streamed(
     on_tensor: Callable[[StreamEntry], None] | None = None,
     mode: int = 0o644,
     digest=None,
+    times: StageTimes | None = None,
 ) -> int:
     """Write ``entries`` to ``path``; ``produce`` returns each tensor exactly as planned.
 
@@ -231,12 +248,13 @@ def write_streamed(
     the writer, so it raises rather than writing a file whose header lies.
     Returns the number of bytes written. The file is fsync'ed before return.
     ``digest`` (a hashlib object) sees exactly the bytes written, so the
-    checksum recorded for ``verify`` costs no second read of the file.
+    checksum recorded for ``verify`` costs no second read of the file. ``times`` receives the
+    writer's, the disk's and the hash's seconds (``stage_times``).
     """
     header = build_header(entries, metadata)
     written = 0
     fd, direct = _open_output(path, mode)  # the umask applies to ``mode``, as with a plain open
-    f = _DirectFile(fd, direct=direct, digest=digest)
+    f = _DirectFile(fd, direct=direct, digest=digest, times=times)
     ok = False
     try:
         f.write(header)

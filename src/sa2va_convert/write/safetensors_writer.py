@@ -14,6 +14,7 @@ import torch
 from ..plan.types import ShardNaming, ShardPlan
 from ..read.tensor_source import TensorInfo
 from .safetensors_stream import StreamEntry, write_streamed
+from .stage_times import StageTimes
 
 SHARD_METADATA = {"format": "pt"}  # what transformers' save_pretrained writes; from_pretrained accepts it
 
@@ -26,10 +27,10 @@ class SafetensorsWriter:
 
     def write_shard(self, path: Path, tensors: Sequence[tuple[str, TensorInfo]],
                     get: Callable[[str], torch.Tensor | Iterable[torch.Tensor]], *,
-                    on_tensor: Callable[[str], None], digest: Any = None) -> int:
+                    on_tensor: Callable[[str], None], digest: Any = None, times: StageTimes | None = None) -> int:
         entries = [StreamEntry(name, info) for name, info in tensors]
         return write_streamed(path, entries, lambda e: get(e.name), metadata=SHARD_METADATA,
-                              on_tensor=lambda e: on_tensor(e.name), digest=digest)
+                              on_tensor=lambda e: on_tensor(e.name), digest=digest, times=times)
 
     def index_document(self, shards: Sequence[ShardPlan], total_bytes: int) -> dict[str, Any]:
         weight_map = {name: shard.filename for shard in shards for name in shard.tensors}

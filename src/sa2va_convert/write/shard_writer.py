@@ -16,6 +16,7 @@ import torch
 
 from ..plan.types import ShardNaming, ShardPlan
 from ..read.tensor_source import TensorInfo
+from .stage_times import StageTimes
 
 class ShardWriter(Protocol):
     """One output format."""
@@ -24,11 +25,11 @@ class ShardWriter(Protocol):
 
     def write_shard(self, path: Path, tensors: Sequence[tuple[str, TensorInfo]],
                     get: Callable[[str], torch.Tensor | Iterable[torch.Tensor]], *,
-                    on_tensor: Callable[[str], None], digest: Any = None) -> int:
+                    on_tensor: Callable[[str], None], digest: Any = None, times: StageTimes | None = None) -> int:
         """Write ``tensors`` (name, planned shape and dtype), in order, to ``path``; ``get(name)`` hands each
         over (whole, or as row blocks), ``on_tensor(name)`` is called once it is written. ``digest`` (a
         hashlib object) sees exactly the bytes written. Returns the bytes written; the file is on disk
-        (fsync'ed) at return."""
+        (fsync'ed) at return. ``times`` receives the writer's seconds (``stage_times``)."""
         ...
 
     def index_document(self, shards: Sequence[ShardPlan], total_bytes: int) -> dict[str, Any]:
