@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # The issue-14 device run (BENCHMARKS.md, "Device run"): the conversion bench on the H100 machine of the
-# device tool, from the repository root. mmengine-lite and its pure-Python deps (and a py-spy binary for
-# the optional profile) travel in .devdeps (git-ignored, `carry: [".devdeps"]`).
-#   bench/device_convert.sh MODELS CACHES [PROFILE]   e.g. bench/device_convert.sh sa2va-4b drop,warm profile
+# device tool, from the repository root, in one call (<= 10 min). mmengine-lite and its pure-Python deps
+# travel in .devdeps (git-ignored, `carry: [".devdeps"]`).
+#   8B: cache dropped with (c), (b), (a) x {cpu, auto} and the bit-for-bit check; then warm, (c) and (a)
+#   4B: dropped and warm, (c) and (a) x {cpu, auto}; then (a) cpu warm with shards written one at a time
 set -uo pipefail
-models=${1:-sa2va-4b}; caches=${2:-drop,warm}; profile=${3:-}
 export PYTHONPATH=$PWD/src:$PWD/.devdeps PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/out}; mkdir -p "$out"
+bench() { python3 bench/bench_convert.py --work /tmp/sb "$@" 2>&1 | grep -v "^{"; }
 nproc; free -g | head -2; df -h /tmp | tail -1; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 bench/bench_convert.py --models "$models" --merge-devices cpu,auto --runs c,b,a --check-equal \
-  --cache "$caches" --work /tmp/sb --keep --json "$out/bench.json" --md "$out/bench.md" 2>&1 | tee "$out/log" | grep -v "^{"
-if [ -n "$profile" ]; then  # one warm default run under py-spy, every thread, native frames
-  m=${models%%,*}; d=/tmp/sb/$m
-  cat "$d/base"/*.safetensors "$d/work_dirs/exp/iter_100.pth" > /dev/null
-  timeout 150 .devdeps/bin/py-spy record --threads --native --idle -r 100 -f raw -o "$out/profile.txt" -- \
-    python3 -m sa2va_convert "$d/work_dirs/exp/iter_100.pth" /tmp/sb/prof_out --base "$d/base" --no-verify \
-    --force --json > "$out/profile_run.json" 2> "$out/profile_run.err"
-  echo "py-spy rc $?"; tail -3 "$out/profile_run.err"
-fi
+sync; echo 3 > /proc/sys/vm/drop_caches
+/usr/bin/time -f "import torch, cache dropped: %e s" python3 -c "import torch"
+/usr/bin/time -f "import torch, warm: %e s" python3 -c "import torch"
+/usr/bin/time -f "import torch + sa2va_convert.conversion, warm: %e s" python3 -c "import sa2va_convert.conversion"
+bench --models sa2va-8b --merge-devices cpu,auto --runs c,b,a --check-equal --cache drop --keep \
+  --json "$out/8b_drop.json" --md "$out/8b_drop.md" | tee "$out/log_8b_drop"
+bench --models sa2va-8b --merge-devices cpu,auto --runs c,a --cache warm \
+  --json "$out/8b_warm.json" --md "$out/8b_warm.md" | tee "$out/log_8b_warm"
+rm -rf /tmp/sb/sa2va-8b
+bench --models sa2va-4b --merge-devices cpu,auto --runs c,a --cache drop,warm --keep \
+  --json "$out/4b.json" --md "$out/4b.md" | tee "$out/log_4b"
+SA2VA_PARALLEL_SHARDS=1 bench --models sa2va-4b --merge-devices cpu --runs a --cache warm \
+  --json "$out/4b_one_shard_at_a_time.json" --md "$out/4b_one_shard_at_a_time.md" | tee "$out/log_4b_one"

@@ -338,3 +338,39 @@ def test_json_says_where_the_write_stage_spent_its_time(make_family, tmp_path):
         assert 0 <= s[writer_side] <= s["total"], (writer_side, s)  # the writer thread's parts fit its wall
     v = run_cli(fam.ckpt.path, tmp_path / "v", "--base", fam.base, "-v")
     assert v.returncode == 0 and "write stage " in v.stdout and "disk writes " in v.stdout, v.stdout[-500:]
+
+
+def test_interleave_advances_shards_together_and_keeps_each_shards_order():
+    from sa2va_convert.write.folder import interleave
+
+    shards = [[("a0", 50), ("a1", 50), ("a2", 50), ("a3", 50)], [("b0", 10), ("b1", 90)], []]
+    order = interleave(shards)
+    assert sorted(order) == sorted((i, n) for i, s in enumerate(shards) for n, _ in s)
+    for i, shard in enumerate(shards):  # each file's own order is kept
+        assert [n for k, n in order if k == i] == [n for n, _ in shard]
+    assert order == [(0, "a0"), (1, "b0"), (1, "b1"), (0, "a1"), (0, "a2"), (0, "a3")]
+    assert interleave([[("x", 5)]]) == [(0, "x")] and interleave([]) == []
+
+
+def test_shards_written_side_by_side_are_the_files_written_one_at_a_time(make_family, tmp_path):
+    """Issue 14: shards are written in parallel (their sha256 in parallel); bytes, checksums, report unchanged."""
+    from _cli import run_cli
+
+    fam = make_family("sa2va-1b")
+    res = {}
+    for width in ("1", "3"):
+        out = tmp_path / f"p{width}"
+        r = run_cli(fam.ckpt.path, out, "--base", fam.base, "--json", "--max-shard-size", "60KB",
+                    env={"SA2VA_PARALLEL_SHARDS": width})
+        assert r.returncode == 0, r.stderr
+        res[width] = (out, json.loads(r.stdout))
+    (one, one_res), (three, three_res) = res["1"], res["3"]
+    shards = sorted(p.name for p in one.glob("*.safetensors"))
+    assert len(shards) >= 4 and shards == sorted(p.name for p in three.glob("*.safetensors"))
+    for name in [*shards, "model.safetensors.index.json"]:
+        assert (one / name).read_bytes() == (three / name).read_bytes(), name
+    report = lambda p: json.loads((p / "conversion_report.json").read_text())
+    assert report(one)["shard_sha256"] == report(three)["shard_sha256"]
+    assert one_res["lora_deltas"] == three_res["lora_deltas"]
+    for name in shards:  # each checksum taken while its shard was written beside others is the file's own
+        assert report(three)["shard_sha256"][name] == hashlib.sha256((three / name).read_bytes()).hexdigest()

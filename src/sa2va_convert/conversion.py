@@ -371,7 +371,7 @@ def convert(
     sources = {"base": inputs.base.weights, "checkpoint": inputs.checkpoint.weights}
     if inputs.pretrained is not None:
         sources["pretrained"] = inputs.pretrained.weights
-    producer = TensorProducer(sources, merge_device=options.merge_device)
+    producer = TensorProducer(sources, merge_device=options.merge_device, plan_order=[t.name for t in plan.tensors])
     result = ConversionResult(plan=plan, transform=producer.report)
     # the checkpoint's sha256 (for the card and the report, needed only once the shards are written) is
     # taken in a helper thread while the shards are written: ~1 s per GB of hashing off the critical path

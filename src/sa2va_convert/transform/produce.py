@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import bisect
 import math
-import os
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, cast
+from typing import Callable, Iterator, Mapping, Sequence, cast
 
 import torch
 
 from .. import dtypes
 from ..errors import PlanError
+from ..machine import env_count, usable_cores
 from ..plan.types import PlannedTensor
 from ..read.tensor_source import BufferedLoad, TensorInfo, TensorSource
 
@@ -189,18 +189,6 @@ class _BufferPool:
                 self._free_bytes += n
 
 
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def _env_int(name: str) -> int | None:
-    env = os.environ.get(name, "").strip()
-    return int(env) if env.isdigit() and int(env) > 0 else None
-
-
 MAX_MERGE_WORKERS = 8  # beyond this the budget, not the workers, bounds how many tensors are in flight
 
 
@@ -214,10 +202,10 @@ def merge_workers(merge_device: str = "cpu") -> tuple[int, int]:
     workers (one copies to or from the GPU while the other computes). ``SA2VA_MERGE_WORKERS``
     and ``SA2VA_MERGE_THREADS`` (torch threads per worker) override, for benchmarking.
     """
-    cores = _cores()
+    cores = usable_cores()
     on_gpu = not str(merge_device).startswith("cpu")
-    workers = _env_int("SA2VA_MERGE_WORKERS") or (2 if on_gpu else min(cores, MAX_MERGE_WORKERS))
-    threads = _env_int("SA2VA_MERGE_THREADS") or 1
+    workers = env_count("SA2VA_MERGE_WORKERS") or (2 if on_gpu else min(cores, MAX_MERGE_WORKERS))
+    threads = env_count("SA2VA_MERGE_THREADS") or 1
     return workers, threads
 
 
@@ -276,14 +264,16 @@ class TensorProducer:
     """
 
     def __init__(self, sources: Mapping[str, TensorSource], *, merge_device: str = "cpu",
-                 check_finite: bool = True, block_elems: int = _BLOCK_ELEMS):
+                 check_finite: bool = True, block_elems: int = _BLOCK_ELEMS, plan_order: Sequence[str] = ()):
         self.sources = dict(sources)
         self.merge_device = torch.device(resolve_merge_device(merge_device))
         self.check_finite = check_finite
         self.block_elems = max(1, int(block_elems))
         self.report = TransformReport()
         self._pool: _BufferPool | None = None
-        self._order: dict[str, int] = {}  # plan position of each tensor, taken when its work starts
+        # each tensor's place in the report: its plan position when known (``plan_order``), so the report is
+        # the same whatever order the writer asks for tensors in (shards side by side) or workers finish in
+        self._order: dict[str, int] = {name: i for i, name in enumerate(plan_order)}
         self._order_lock = threading.Lock()
 
     def parallelism(self) -> tuple[int, int]:
@@ -294,8 +284,8 @@ class TensorProducer:
         return merge_workers(self.merge_device.type)
 
     def _note_order(self, name: str) -> None:
-        """Tensors start in plan order: ``prepare`` runs in one reader thread, in plan order, and a streamed
-        tensor starts only when nothing else is in flight (the pipeline admits it alone)."""
+        """Without ``plan_order``, the order tensors start in: ``prepare`` runs in one reader thread, in the
+        pipeline's order, and a streamed tensor starts only when nothing else is in flight."""
         with self._order_lock:
             self._order.setdefault(name, len(self._order))
 

@@ -20,9 +20,9 @@ from typing import Callable, Sequence
 from ..plan.types import ConversionPlan
 from ..progress import Progress, Silent
 from . import atomic, guard
-from .pipeline import DEFAULT_BUDGET_BYTES, Producer, TensorPipeline
+from .pipeline import DEFAULT_BUDGET_BYTES, Producer, TensorPipeline, parallel_shards
 from .safetensors_writer import SAFETENSORS
-from .shard_writer import ShardWriter
+from .shard_writer import ShardSink, ShardWriter
 from .stage_times import StageTimes
 from .tokenizer import apply_additions
 
@@ -43,28 +43,71 @@ def dump_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def interleave(shards: Sequence[Sequence[tuple[str, int]]]) -> list[tuple[int, str]]:
+    """(shard index, tensor) in the order to write shards side by side: always the shard least far
+    along (bytes written / its bytes; ties to the lower index), so they advance together and end
+    together, and their checksums run in parallel for the whole write. Each shard's own order is
+    kept, so every file's bytes are what writing it alone gives."""
+    totals = [max(1, sum(n for _, n in shard)) for shard in shards]
+    done = [0] * len(shards)
+    pos = [0] * len(shards)
+    order: list[tuple[int, str]] = []
+    while True:
+        open_ = [i for i, shard in enumerate(shards) if pos[i] < len(shard)]
+        if not open_:
+            return order
+        i = min(open_, key=lambda k: (done[k] / totals[k], k))
+        name, nbytes = shards[i][pos[i]]
+        order.append((i, name))
+        pos[i] += 1
+        done[i] += nbytes
+
+
 def write_shards(plan: ConversionPlan, produce: Producer, folder: Path, progress: Progress,
                  checksums: dict[str, str] | None = None, writer: ShardWriter = SAFETENSORS,
                  times: StageTimes | None = None) -> int:
     """Write every shard in ``writer``'s format; ``checksums`` (if given) receives each file's sha256,
-    computed while writing; ``times`` each thread's busy and waiting seconds."""
+    computed while writing; ``times`` each thread's busy and waiting seconds.
+
+    Shards are written ``parallel_shards`` at a time, side by side (see :func:`interleave`); the
+    pipeline reads and merges in that same order, so memory stays one window whatever the count."""
     by_name = plan.by_name()
-    total = 0
-    order = [by_name[n] for shard in plan.shards for n in shard.tensors]
+    shards = list(plan.shards)
+    width = parallel_shards(len(shards))
+    groups = [shards[i:i + width] for i in range(0, len(shards), width)]
+    schedule = [[(group[i], name) for i, name in interleave([[(n, by_name[n].info.nbytes) for n in s.tensors]
+                                                            for s in group])]
+                for group in groups]
     times = times if times is not None else StageTimes()
     started = time.perf_counter()
-    # reading, merging and writing overlap in three threads, in plan order, memory-bounded (see pipeline)
+    total = 0
+    order = [by_name[name] for steps in schedule for _, name in steps]
+    # reading, merging and writing overlap in threads, in this order, memory-bounded (see pipeline)
     with TensorPipeline(produce, order, budget_bytes=PIPELINE_BUDGET_BYTES, times=times) as pipe:
-        for shard in plan.shards:
-            def written(name: str) -> None:
-                pipe.done(name)
-                progress.advance(name, by_name[name].info.nbytes)
-
-            digest = hashlib.sha256() if checksums is not None else None
-            total += writer.write_shard(folder / shard.filename, [(n, by_name[n].info) for n in shard.tensors],
-                                        pipe.get, on_tensor=written, digest=digest, times=times)
-            if checksums is not None:
-                checksums[shard.filename] = digest.hexdigest()
+        for group, steps in zip(groups, schedule):
+            digests = {s.filename: hashlib.sha256() for s in group} if checksums is not None else {}
+            sinks: dict[str, ShardSink] = {}
+            try:
+                for s in group:
+                    sinks[s.filename] = writer.open_shard(folder / s.filename,
+                                                          [(n, by_name[n].info) for n in s.tensors],
+                                                          digest=digests.get(s.filename), times=times)
+                left = {s.filename: len(s.tensors) for s in group}
+                for shard, name in steps:
+                    sinks[shard.filename].write(name, pipe.get(name))
+                    pipe.done(name)
+                    progress.advance(name, by_name[name].info.nbytes)
+                    left[shard.filename] -= 1
+                    if not left[shard.filename]:
+                        total += sinks.pop(shard.filename).close()
+                for filename, sink in list(sinks.items()):  # shards planned with no tensors
+                    total += sink.close()
+                    del sinks[filename]
+            finally:
+                for sink in sinks.values():
+                    sink.abort()
+            for filename, digest in digests.items():
+                checksums[filename] = digest.hexdigest()
     times.add("total", time.perf_counter() - started)
     return total
 

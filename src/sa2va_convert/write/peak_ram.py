@@ -49,7 +49,8 @@ def estimate_peak_ram(tensors: Sequence[PlannedTensor], shards: Sequence[ShardPl
       written (a DeepSpeed partition set), whose pages, once read, stay in RSS;
       + ~40 MiB per merge thread beyond the first (allocator arenas, MKL buffers:
       0 on 2 cores, ~0.55 GiB with 15 threads) + the CUDA runtime's host memory
-      for a GPU merge (``auto`` resolved as the conversion will);
+      for a GPU merge (``auto`` resolved as the conversion will) + 32 MiB of staging buffers per
+      shard written beside the first (``pipeline.parallel_shards``);
     * reading back (``read_back_bytes``, the buffers of ``verify.structural``'s read-back,
       ``READ_BACK_CHUNK_BYTES``; None without ``--read-back``): interpreter + those pages + that
       chunk (it streams values; nothing maps a shard).
@@ -80,7 +81,10 @@ def estimate_peak_ram(tensors: Sequence[PlannedTensor], shards: Sequence[ShardPl
     # each torch thread of the merge adds its own allocator arena and MKL packing buffers: on the 16-core H100
     # machine (15 merge threads) the same 4B/8B runs peaked 0.37-0.64 GiB above this 2-core VM's (issue 14)
     threads = (PER_MERGE_THREAD_BYTES * max(0, merge_threads(merge_device) - 1))
-    writing = INTERPRETER_BASELINE_BYTES + mapped + window + threads + (CUDA_CONTEXT_BYTES if on_gpu else 0)
+    # every shard open beside the first has its own staging buffers (write.folder writes shards side by side)
+    open_shards = pipeline.SHARD_STAGE_BYTES * max(0, pipeline.parallel_shards(len(shards)) - 1)
+    writing = (INTERPRETER_BASELINE_BYTES + mapped + window + threads + open_shards
+               + (CUDA_CONTEXT_BYTES if on_gpu else 0))
     if read_back_bytes is None or not shards:
         return writing
     checking = INTERPRETER_BASELINE_BYTES + mapped + read_back_bytes + (CUDA_CONTEXT_BYTES if on_gpu else 0)

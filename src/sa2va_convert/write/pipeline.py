@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 
 from .. import dtypes
+from ..machine import env_count, usable_cores
 from ..plan.types import PlannedTensor
 from .stage_times import StageTimes
 
@@ -67,6 +68,25 @@ def inflight_bytes(pt: PlannedTensor) -> tuple[int, int]:
     if pt.value.dtype != pt.dtype:
         return inputs, pt.nbytes
     return inputs, 0
+
+
+MAX_PARALLEL_SHARDS = 4  # shards written side by side at most (each: two 16 MiB stages, an IO and a hash thread)
+SHARD_STAGE_BYTES = 2 * (16 << 20)  # the staging buffers of one open shard (safetensors_stream._DirectFile)
+
+
+def parallel_shards(count: int) -> int:
+    """How many of ``count`` shards the writer keeps open at once.
+
+    One shard's sha256 runs in one thread (~1.2 GB/s on the H100 machine's Xeon), slower than
+    that machine's disk: with one shard at a time the hash bounded the 4B write (6.3 s of
+    hashing against 5.1 s of disk writes, issue 14). Shards written side by side hash in
+    parallel. On two cores or fewer there is no idle core to hash on, so one at a time.
+    ``SA2VA_PARALLEL_SHARDS`` overrides (benchmarking).
+    """
+    if count <= 1:
+        return max(0, count)
+    wanted = env_count("SA2VA_PARALLEL_SHARDS") or (1 if usable_cores() <= 2 else MAX_PARALLEL_SHARDS)
+    return max(1, min(count, wanted))
 
 
 class _Failed:

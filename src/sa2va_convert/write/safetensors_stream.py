@@ -231,6 +231,81 @@ def _open_output(path: Path, mode: int) -> tuple[int, bool]:
     return os.open(path, flags, mode), False
 
 
+class StreamedShard:
+    """One safetensors file being written: the header at open, then each tensor in header order.
+
+    A writer may keep several open at once (``write.folder`` writes shards side by side so that
+    their checksums and disk writes run in parallel); each has its own staging buffers, IO
+    thread and hash thread. ``close`` checks that every planned tensor came, writes the tail and
+    fsyncs; ``abort`` gives the file descriptor and the helpers back after an error (the caller
+    removes the partial folder).
+    """
+
+    def __init__(self, path: Path, entries: Sequence[StreamEntry], *, metadata: dict[str, str] | None = None,
+                 mode: int = 0o644, digest=None, times: StageTimes | None = None):
+        self.path = path
+        self._entries = list(entries)
+        self._next = 0
+        header = build_header(self._entries, metadata)
+        self.fd, direct = _open_output(path, mode)  # the umask applies to ``mode``, as with a plain open
+        self._file = _DirectFile(self.fd, direct=direct, digest=digest, times=times)
+        self._open = True
+        try:
+            self._file.write(header)
+        except BaseException:
+            self.abort()
+            raise
+        self.written = len(header)
+
+    @property
+    def next_name(self) -> str | None:
+        return self._entries[self._next].name if self._next < len(self._entries) else None
+
+    def write(self, name: str, t: "torch.Tensor | Iterable[torch.Tensor]") -> StreamEntry:
+        """Write the next planned tensor, whole or as consecutive row blocks; returns its entry.
+
+        A tensor whose name, shape or dtype differs from its entry is a bug upstream of the writer,
+        so it raises rather than writing a file whose header lies."""
+        if name != self.next_name:
+            raise RuntimeError(f"{self.path.name}: asked to write {name}, the next planned tensor is {self.next_name}")
+        e = self._entries[self._next]
+        if isinstance(t, torch.Tensor):
+            got = TensorInfo(tuple(t.shape), dtypes.from_torch(t.dtype))
+            if got != e.info:
+                raise RuntimeError(f"tensor {e.name}: planned {e.info}, produced {got}")
+            _write_tensor(self._file, t)
+        else:  # consecutive blocks of rows (a tensor too big to hold whole, see TensorProducer.stream)
+            _write_blocks(self._file, e, t)
+        self.written += e.info.nbytes
+        self._next += 1
+        return e
+
+    def close(self) -> int:
+        """Tail, true size, fsync; the bytes written. Every planned tensor must have been written."""
+        if self.next_name is not None:
+            raise RuntimeError(f"{self.path.name}: closed before {self.next_name} was written")
+        try:
+            self._file.close()
+        finally:
+            self._release(raise_errors=True)
+        return self.written
+
+    def abort(self) -> None:
+        self._release(raise_errors=False)
+
+    def _release(self, raise_errors: bool) -> None:
+        if not self._open:
+            return
+        self._open = False
+        self._file.release()
+        try:
+            os.close(self.fd)
+        except OSError:
+            if raise_errors:
+                raise
+            # otherwise the error being raised already says what went wrong
+
+
 def write_streamed(
     path: Path,
     entries: Sequence[StreamEntry],
@@ -244,42 +319,19 @@ def write_streamed(
 ) -> int:
     """Write ``entries`` to ``path``; ``produce`` returns each tensor exactly as planned.
 
-    A tensor whose shape or dtype differs from its entry is a bug upstream of
-    the writer, so it raises rather than writing a file whose header lies.
     Returns the number of bytes written. The file is fsync'ed before return.
     ``digest`` (a hashlib object) sees exactly the bytes written, so the
     checksum recorded for ``verify`` costs no second read of the file. ``times`` receives the
     writer's, the disk's and the hash's seconds (``stage_times``).
     """
-    header = build_header(entries, metadata)
-    written = 0
-    fd, direct = _open_output(path, mode)  # the umask applies to ``mode``, as with a plain open
-    f = _DirectFile(fd, direct=direct, digest=digest, times=times)
-    ok = False
+    shard = StreamedShard(path, entries, metadata=metadata, mode=mode, digest=digest, times=times)
     try:
-        f.write(header)
-        written += len(header)
         for e in entries:
             t = produce(e)
-            if isinstance(t, torch.Tensor):
-                got = TensorInfo(tuple(t.shape), dtypes.from_torch(t.dtype))
-                if got != e.info:
-                    raise RuntimeError(f"tensor {e.name}: planned {e.info}, produced {got}")
-                _write_tensor(f, t)
-            else:  # consecutive blocks of rows (a tensor too big to hold whole, see TensorProducer.stream)
-                _write_blocks(f, e, t)
-            written += e.info.nbytes
+            shard.write(e.name, t)
             del t
             if on_tensor is not None:
                 on_tensor(e)
-        f.close()  # tail, true size, fsync
-        ok = True
+        return shard.close()
     finally:
-        f.release()
-        try:
-            os.close(fd)
-        except OSError:
-            if ok:
-                raise
-            # otherwise the error being raised already says what went wrong
-    return written
+        shard.abort()  # a no-op after close

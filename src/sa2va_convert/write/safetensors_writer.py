@@ -7,13 +7,11 @@ filesystem allows) is ``safetensors_stream.py``; this module is the ``ShardWrite
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
-
-import torch
+from typing import Any, Sequence
 
 from ..plan.types import ShardNaming, ShardPlan
 from ..read.tensor_source import TensorInfo
-from .safetensors_stream import StreamEntry, write_streamed
+from .safetensors_stream import StreamedShard, StreamEntry
 from .stage_times import StageTimes
 
 SHARD_METADATA = {"format": "pt"}  # what transformers' save_pretrained writes; from_pretrained accepts it
@@ -25,12 +23,10 @@ class SafetensorsWriter:
     naming = ShardNaming(shard_pattern="model-{index:05d}-of-{count:05d}.safetensors",
                          index_file="model.safetensors.index.json")
 
-    def write_shard(self, path: Path, tensors: Sequence[tuple[str, TensorInfo]],
-                    get: Callable[[str], torch.Tensor | Iterable[torch.Tensor]], *,
-                    on_tensor: Callable[[str], None], digest: Any = None, times: StageTimes | None = None) -> int:
-        entries = [StreamEntry(name, info) for name, info in tensors]
-        return write_streamed(path, entries, lambda e: get(e.name), metadata=SHARD_METADATA,
-                              on_tensor=lambda e: on_tensor(e.name), digest=digest, times=times)
+    def open_shard(self, path: Path, tensors: Sequence[tuple[str, TensorInfo]], *, digest: Any = None,
+                   times: StageTimes | None = None) -> StreamedShard:
+        return StreamedShard(path, [StreamEntry(name, info) for name, info in tensors], metadata=SHARD_METADATA,
+                             digest=digest, times=times)
 
     def index_document(self, shards: Sequence[ShardPlan], total_bytes: int) -> dict[str, Any]:
         weight_map = {name: shard.filename for shard in shards for name in shard.tensors}
