@@ -270,6 +270,23 @@ def test_api_hints_name_python_options_not_cli_flags(make_family, tmp_path):
     assert "--force" not in e.value.hint and "ConvertOptions.force" in e.value.hint
 
 
+def test_api_hints_are_python_worded_again_after_a_cli_command_in_the_same_process(make_family, tmp_path):
+    from click.testing import CliRunner
+
+    from sa2va_convert import ConvertOptions, OutputError, convert
+
+    # a CLI command run in this process (as a notebook or a wrapper script may) that ends in a usage error
+    r = CliRunner().invoke(cli_module.main, ["keymaps", "show", "no-such-keymap"])
+    assert r.exit_code == 2, r.output
+    fam = make_family("sa2va-1b")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(OutputError) as e:
+        convert(fam.ckpt.path, out, ConvertOptions(base=fam.base, roundtrip=False))
+    assert "--" not in e.value.hint and "ConvertOptions.replace_foreign" in e.value.hint
+
+
 def test_public_api_is_exported_and_typed():
     import sa2va_convert
 

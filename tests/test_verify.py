@@ -33,6 +33,8 @@ from sa2va_convert.testing import make_tiny_example  # noqa: E402
 from sa2va_convert.verify import roundtrip as rt  # noqa: E402
 from sa2va_convert.verify.folder import (  # noqa: E402
     CHECKSUM_KEY,
+    REPORT_NAME,
+    check_checksums,
     check_remote_code,
     shard_checksums,
     verify_folder,
@@ -199,6 +201,13 @@ def test_flipped_bytes_that_stay_finite_are_caught_by_the_recorded_checksums(con
         verify_folder(folder, device="cpu")
     text = assert_one_line(e.value)
     assert shard.name in text and "checksum" in text
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[]", b"\xff\xfe not utf-8"])
+def test_an_unreadable_conversion_report_is_named_not_a_crash(tmp_path, content):
+    (tmp_path / REPORT_NAME).write_bytes(content)
+    with pytest.raises(VerifyError, match="is unreadable"):
+        check_checksums(tmp_path, ["model.safetensors"])
 
 
 def test_bytes_flipped_to_nan_are_caught_without_checksums(converted, tmp_path):

@@ -10,7 +10,6 @@ already converted from the same bytes (the sha256 recorded in each output's
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from .read.work_dir import (  # noqa: F401  (re-exported: batch mode's vocabular
     list_checkpoints,
     resolve_checkpoint,
 )
+from .write.guard import read_report
 
 @dataclass
 class BatchItem:
@@ -61,11 +61,9 @@ class BatchResult:
 
 
 def recorded_sha256(out: Path) -> str | None:
-    try:
-        report = json.loads((out / "conversion_report.json").read_text(encoding="utf-8"))
-        return report["source"]["checkpoint_sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    report = read_report(out)
+    source = report.get("source") if report is not None else None
+    return source.get("checkpoint_sha256") if isinstance(source, dict) else None
 
 
 def convert_all(work_dir: Path, out_root: Path, options, *, progress: Progress | None = None) -> BatchResult:

@@ -38,7 +38,9 @@ def handle_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         json_mode = kwargs.get("json_out", False)
         debug = kwargs.get("debug", False) or kwargs.get("verbose", False)
-        FROM_CLI.set(True)  # hints keep their --flags (the API rewrites them for Python callers)
+        # hints keep their --flags while the command runs (the API rewrites them for Python callers);
+        # reset afterwards, so an API call later in the same process gets Python wording again
+        from_cli = FROM_CLI.set(True)
         try:
             return fn(*args, **kwargs)
         except ConvertError as e:
@@ -60,6 +62,8 @@ def handle_errors(fn: Callable) -> Callable:
             click.echo(f"error: internal error: {type(e).__name__}: {e} (run with --debug for the traceback "
                        "and please report it)", err=True)
             sys.exit(1)
+        finally:
+            FROM_CLI.reset(from_cli)
 
     return wrapper
 

@@ -15,6 +15,7 @@ import click
 
 from .cli_common import EXIT_HELP, emit_json, handle_errors, verbosity_options
 from .errors import ConvertError, EvalFailuresError
+from .evaluate.defaults import DEFAULT_IMAGE_TIMEOUT  # not .evaluate.run: registering `eval` imports no numpy
 
 COLUMNS = ["model", "images", "mean Dice", "gIoU", "cIoU", "precision", "recall", "no [SEG]", "failed", "img/s"]
 
@@ -61,9 +62,6 @@ def render_eval(report: dict[str, Any], *, rich: bool, echo: Callable[[str], Non
              f"{files.get('predictions')}")
 
 
-_IMAGE_TIMEOUT = 600.0  # run.DEFAULT_IMAGE_TIMEOUT; here so registering `eval` imports no numpy
-
-
 def register_eval(main: click.Group) -> None:
     """Add ``eval`` to the ``sa2va-convert`` click group (called at the bottom of ``cli.py``)."""
     from .cli_render import make_progress
@@ -86,7 +84,7 @@ def register_eval(main: click.Group) -> None:
     @click.option("--resume", is_flag=True, help="Keep the images an earlier run in --out finished; do the rest.")
     @click.option("--force", is_flag=True, help="Replace the report already in --out.")
     @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Cap on generated tokens.")
-    @click.option("--timeout", type=float, default=_IMAGE_TIMEOUT, show_default=True,
+    @click.option("--timeout", type=float, default=DEFAULT_IMAGE_TIMEOUT, show_default=True,
                   help="Seconds allowed per image (and as much again for loading) before the model process is killed.")
     @click.option("--json", "json_out", is_flag=True, help="Print the summary as JSON on stdout.")
     @verbosity_options

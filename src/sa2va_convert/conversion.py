@@ -458,12 +458,8 @@ def record_roundtrip(out: Path, outcome: dict[str, Any]) -> None:
 
 
 def recorded_roundtrip(out: Path) -> dict[str, Any] | None:
-    import json
-
-    try:
-        value = json.loads((Path(out) / guard.REPORT_NAME).read_text(encoding="utf-8")).get("roundtrip")
-    except (OSError, ValueError, AttributeError):
-        return None
+    report = guard.read_report(out)
+    value = report.get("roundtrip") if report is not None else None
     return value if isinstance(value, dict) else None
 
 

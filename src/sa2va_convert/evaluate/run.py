@@ -43,12 +43,12 @@ from ..verify.roundtrip import (
     run_child,
 )
 from .data import Sample, load_dataset
+from .defaults import DEFAULT_IMAGE_TIMEOUT
 from .metrics import ModelSummary, best_model, scores, summarise
 from .report import METRICS, PLOT, SUMMARY, plot_report, read_metrics, write_metrics, write_summary
 
 WORK = ".work"  # per-model, per-rank item lists and streamed results; removed when the run completes
 OURS = (METRICS, SUMMARY, PLOT, "predictions", "overlays", WORK)
-DEFAULT_IMAGE_TIMEOUT = 600.0  # cli_eval._IMAGE_TIMEOUT repeats it (the CLI must not import this module)
 DTYPES = ("bf16", "fp16", "fp32")
 _ITER = re.compile(r"^iter_(\d+)$")
 

@@ -128,8 +128,8 @@ def write_base_folder(
     else:
         code = None if raw_internvl else find_remote_code(p)
     if code is not None and copy_remote_code:
-        # A model folder's code is self-contained: the family's files plus the ones both families
-        # share (tests/remote_code/shared: sam2.py, templates.py), copied side by side.
+        # A model folder's code is self-contained: the family's files plus the ones the families
+        # share (tests/remote_code/shared: sam2.py, templates.py, qwen_vl*.py), copied side by side.
         shared = code.parent / "shared"
         for f in sorted(code.glob("*.py")) + (sorted(shared.glob("*.py")) if shared.is_dir() else []):
             if f.name != "__init__.py":

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 from ..errors import VerifyError
 from ..plan.keymap import Keymap, load_all_builtin
 from ..read.safetensors_header import tensor_names
-from ..write.guard import REPORT_NAME  # the files and keys verify reads are the ones the write stage wrote
+from ..write.guard import REPORT_NAME, TOOL_NAME, read_report  # the files and keys verify reads are the ones the write stage wrote
 from ..write.model_card import CHECKSUM_KEY
 from .roundtrip import DEFAULT_PROMPT, DEFAULT_TIMEOUT, RoundTripReport, run_roundtrip
 
@@ -149,11 +149,11 @@ def check_checksums(folder: str | Path, shard_files: Iterable[str],
     report_path = folder / REPORT_NAME
     recorded: dict[str, str] = {}
     if report_path.is_file():
-        try:
-            recorded = json.loads(report_path.read_text(encoding="utf-8")).get(CHECKSUM_KEY) or {}
-        except (OSError, json.JSONDecodeError, AttributeError):
+        report = read_report(folder)
+        if report is None:
             raise VerifyError(f"{REPORT_NAME} is unreadable", path=report_path,
-                              hint="restore it, or delete it to skip the checksum check") from None
+                              hint="restore it, or delete it to skip the checksum check")
+        recorded = report.get(CHECKSUM_KEY) or {}
     if not recorded:
         return {"checked": 0, "status": "not recorded"}
     files = sorted(shard_files)
@@ -265,12 +265,10 @@ def folder_keymap(folder: Path) -> tuple[Keymap | None, str | None]:
 
 
 def _recorded_keymap(folder: Path) -> str | None:
-    try:
-        report = json.loads((folder / REPORT_NAME).read_text(encoding="utf-8"))
-        name = report["keymap"]["name"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return name if isinstance(name, str) and report.get("tool") == "sa2va-convert" else None
+    report = read_report(folder)
+    keymap = report.get("keymap") if report is not None else None
+    name = keymap.get("name") if isinstance(keymap, dict) else None
+    return name if isinstance(name, str) and report.get("tool") == TOOL_NAME else None
 
 
 def _weight_names(folder: Path) -> list[str]:

@@ -70,13 +70,22 @@ def check_out(out: str | os.PathLike, inputs: Iterable[NamedInput], *, what: str
                               path=out, hint=f"choose an {what} outside every input, e.g. a new folder beside them")
 
 
-def written_by_us(folder: Path) -> bool:
-    """True when ``folder`` holds a conversion report this tool wrote (the only folders --force replaces)."""
+def read_report(folder: str | os.PathLike) -> dict | None:
+    """``folder``'s conversion report as a dict; None when it is missing, unreadable, not JSON or not an object.
+
+    The one reader of ``REPORT_NAME``: each caller decides what a missing or damaged report means.
+    """
     try:
         report = json.loads((Path(folder) / REPORT_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(report, dict) and report.get("tool") == TOOL_NAME
+        return None
+    return report if isinstance(report, dict) else None
+
+
+def written_by_us(folder: Path) -> bool:
+    """True when ``folder`` holds a conversion report this tool wrote (the only folders --force replaces)."""
+    report = read_report(folder)
+    return report is not None and report.get("tool") == TOOL_NAME
 
 
 def check_replaceable(out: Path, *, force: bool, replace_foreign: bool) -> None:
@@ -97,4 +106,5 @@ def check_replaceable(out: Path, *, force: bool, replace_foreign: bool) -> None:
                           hint="choose another OUT, or pass --replace-foreign to replace this folder anyway")
 
 
-__all__ = ["NamedInput", "check_out", "check_replaceable", "written_by_us", "REPORT_NAME", "TOOL_NAME"]
+__all__ = ["NamedInput", "check_out", "check_replaceable", "read_report", "written_by_us", "REPORT_NAME",
+           "TOOL_NAME"]

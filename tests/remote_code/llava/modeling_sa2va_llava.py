@@ -27,7 +27,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_sa2va_chat import Sa2VAChatConfigLlava
 from .sam2 import SAM2, image_to_tensor
-from .templates import build_prompt, get_template, greedy_generate, stop_token_ids, token_id
+from .templates import build_prompt, generate_with_masks, get_template, token_id
 
 IMAGE_TOKENS = ("<image>", "<IMG_CONTEXT>")  # LLaVA's, else the fixture tokenizer's image token
 SEG_TOKEN = "[SEG]"
@@ -253,14 +253,6 @@ class Sa2VAChatModelLlava(PreTrainedModel):
             size = self.config.vision_config.image_size
             pixel_values = torch.stack([image_to_tensor(f, size, CLIP_MEAN, CLIP_STD) for f in llm_frames]).to(device)
 
-        body = self.model.model.language_model
-        ids, seg_states = greedy_generate(body, self.model.lm_head, body.get_input_embeddings(),
-                                          self.embed(input_ids, pixel_values), self.max_new_tokens,
-                                          stop_token_ids(tok, template), seg_id)
-        prediction = tok.decode(ids, skip_special_tokens=False).strip()
-        masks = []
-        if seg_states and frames:
-            fcs = param_of(self.text_hidden_fcs)
-            seg_embeds = self.text_hidden_fcs(torch.stack(seg_states).to(fcs.device, fcs.dtype))
-            masks = self.grounding_encoder.predict_masks(frames, seg_embeds, frames[0].size)
-        return {"prediction": prediction, "prediction_masks": masks}
+        ids, masks = generate_with_masks(self, self.model.model.language_model, self.model.lm_head,
+                                         self.embed(input_ids, pixel_values), tok, template, seg_id, frames)
+        return {"prediction": tok.decode(ids, skip_special_tokens=False).strip(), "prediction_masks": masks}

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sam2 import FuserLayer, MaskDecoder, PromptEncoder, image_to_tensor
+from .sam2 import Fuser, MaskDecoder, MemoryAttention, PromptEncoder, frame_mask_logits, image_to_tensor
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -133,12 +133,6 @@ class Backbone(nn.Module):
         self.vision_backbone = VisionBackbone(cfg)
 
 
-class Fuser(nn.Module):
-    def __init__(self, ds):
-        super().__init__()
-        self.layers = nn.ModuleList(FuserLayer(ds) for _ in range(2))
-
-
 class MaskMemBackbone(nn.Module):
     """Memory of the previous frame: its features gated by its mask, then the two fuser blocks."""
 
@@ -155,32 +149,13 @@ class MaskMemBackbone(nn.Module):
         return x
 
 
-class MemSelfAttention(nn.Module):
-    def __init__(self, ds):
-        super().__init__()
-        self.q_proj = nn.Linear(ds, ds)
-
-
-class MemLayer(nn.Module):
-    def __init__(self, ds):
-        super().__init__()
-        self.self_attn = MemSelfAttention(ds)
-
-
-class MemEncoder(nn.Module):
-    def __init__(self, ds):
-        super().__init__()
-        self.layers = nn.ModuleList([MemLayer(ds)])
-
-
 class MemTransformer(nn.Module):
     def __init__(self, ds):
         super().__init__()
-        self.encoder = MemEncoder(ds)
+        self.encoder = MemoryAttention(ds)  # SAM2's memory attention, here under transformer.encoder
 
     def forward(self, feats, memory):
-        proj = self.encoder.layers[0].self_attn.q_proj(memory.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return feats + proj
+        return self.encoder(feats, memory)
 
 
 class Sam3Tracker(nn.Module):
@@ -218,19 +193,8 @@ class SAM3(nn.Module):
             pixels = torch.stack([image_to_tensor(f, self.image_size, IMAGENET_MEAN, IMAGENET_STD)
                                   for f in frames]).to(weight.device, weight.dtype)
             feats = sam.backbone.vision_backbone(pixels).to(weight.dtype)  # [F, Ds, h, w]
-            n, ds, (h, w) = seg_embeds.shape[0], feats.shape[1], feats.shape[-2:]
-            sparse = seg_embeds.to(weight.device, weight.dtype).unsqueeze(1)
-            dense = sam.sam_prompt_encoder.no_mask_embed.weight.view(1, ds, 1, 1).expand(n, ds, h, w)
-            logits, prev = [], None
-            for t in range(feats.shape[0]):
-                cur = feats[t : t + 1].expand(n, -1, -1, -1)
-                if prev is None:
-                    cur = cur + sam.no_mem_embed.view(1, ds, 1, 1)
-                else:
-                    memory = sam.maskmem_backbone(feats[t - 1 : t].expand(n, -1, -1, -1), prev)
-                    cur = sam.transformer(cur, memory)
-                prev, _ = sam.sam_mask_decoder(cur, dense, sparse)
-                logits.append(prev)
+            logits = frame_mask_logits(sam, feats, seg_embeds, lambda cur, prev_feats, prev_logits: sam.transformer(
+                cur, sam.maskmem_backbone(prev_feats, prev_logits)))
         logits = torch.cat(logits, dim=1).float()
         masks = F.interpolate(logits, size=(size[1], size[0]), mode="bilinear", align_corners=False) > 0
         return [m.cpu().numpy() for m in masks]

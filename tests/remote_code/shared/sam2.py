@@ -1,6 +1,7 @@
 """A tiny SAM2-shaped grounding model (test model, written for sa2va-convert; no SAM2 code in it).
 
-The same file is shipped with both test families (internvl/ and qwen/); keep the two copies identical.
+The same file is shipped with every test family (it lives once, in shared/); the SAM3 stand-in
+(qwen_sam3/sam3.py) builds on its parts.
 
 It keeps the parameter names of SAM2 that a Sa2VA checkpoint and HF folder carry (see
 docs/DESIGN.md, "SAM2 stand-in"), with sizes from ``config.sam2_test_config``:
@@ -277,6 +278,28 @@ class SAM2Model(nn.Module):
         self.sam_mask_decoder = MaskDecoder(ds)
 
 
+def frame_mask_logits(sam, feats, seg_embeds, with_memory):
+    """Mask logits of each frame, [n, 1, 4h, 4w], for n [SEG] embeddings [n, Ds] over frame features [F, Ds, h, w].
+
+    Frame 0 adds ``no_mem_embed``; a later frame's features go through ``with_memory(features, previous
+    frame's features, previous frame's logits)`` (the tracker's memory). Then the mask decoder, with the
+    [SEG] embedding as the sparse prompt and ``no_mask_embed`` as the dense one."""
+    weight = sam.no_mem_embed
+    n, ds, (h, w) = seg_embeds.shape[0], feats.shape[1], feats.shape[-2:]
+    sparse = seg_embeds.to(weight.device, weight.dtype).unsqueeze(1)  # [n, 1, Ds]
+    dense = sam.sam_prompt_encoder.no_mask_embed.weight.view(1, ds, 1, 1).expand(n, ds, h, w)
+    logits, prev = [], None
+    for t in range(feats.shape[0]):
+        cur = feats[t : t + 1].expand(n, -1, -1, -1)
+        if prev is None:
+            cur = cur + sam.no_mem_embed.view(1, ds, 1, 1)
+        else:
+            cur = with_memory(cur, feats[t - 1 : t].expand(n, -1, -1, -1), prev)
+        prev, _ = sam.sam_mask_decoder(cur, dense, sparse)
+        logits.append(prev)
+    return logits
+
+
 class SAM2(nn.Module):
     """``grounding_encoder``: holds ``sam2_model`` and turns [SEG] embeddings into masks."""
 
@@ -301,18 +324,8 @@ class SAM2(nn.Module):
     def _predict_masks(self, sam, frames, seg_embeds, size, weight):
         pixels = torch.stack([image_to_tensor(f, sam.image_size) for f in frames]).to(weight.device, weight.dtype)
         feats = sam.image_encoder(pixels)  # [F, Ds, h, w]
-        n, ds, (h, w) = seg_embeds.shape[0], feats.shape[1], feats.shape[-2:]
-        sparse = seg_embeds.to(weight.device, weight.dtype).unsqueeze(1)  # [n, 1, Ds]
-        dense = sam.sam_prompt_encoder.no_mask_embed.weight.view(1, ds, 1, 1).expand(n, ds, h, w)
-        logits, prev = [], None
-        for t in range(feats.shape[0]):
-            cur = feats[t : t + 1].expand(n, -1, -1, -1)
-            if prev is None:
-                cur = cur + sam.no_mem_embed.view(1, ds, 1, 1)
-            else:
-                cur = sam.memory_attention(cur, sam.memory_encoder(feats[t - 1 : t].expand(n, -1, -1, -1), prev))
-            prev, _ = sam.sam_mask_decoder(cur, dense, sparse)
-            logits.append(prev)
+        logits = frame_mask_logits(sam, feats, seg_embeds, lambda cur, prev_feats, prev_logits: sam.memory_attention(
+            cur, sam.memory_encoder(prev_feats, prev_logits)))
         logits = torch.cat(logits, dim=1).float()  # [n, F, 4h, 4w]
         masks = F.interpolate(logits, size=(size[1], size[0]), mode="bilinear", align_corners=False) > 0
         return [m.cpu().numpy() for m in masks]

@@ -1,4 +1,5 @@
-"""Chat templates and the text side of ``predict_forward`` (test model, written for sa2va-convert).
+"""Chat templates and the text side of ``predict_forward`` (test model, written for sa2va-convert):
+the prompt, greedy decoding, and the step from each generated ``[SEG]`` to its mask.
 
 The same file is shipped with every test family (it lives once, in shared/).
 
@@ -100,3 +101,18 @@ def greedy_generate(body, head, embed_tokens, inputs_embeds, max_new_tokens, sto
         weight = embed_tokens.weight
         embeds = embed_tokens(torch.tensor([[nxt]], device=weight.device))
     return ids, seg_states
+
+
+def generate_with_masks(model, body, head, inputs_embeds, tokenizer, template, seg_id, frames):
+    """Greedy decoding (above) of ``model``'s answer, then one mask per generated ``[SEG]``: its hidden
+    state through ``model.text_hidden_fcs`` into ``model.grounding_encoder.predict_masks``.
+
+    Returns the generated ids and the masks (none without frames)."""
+    ids, seg_states = greedy_generate(body, head, body.get_input_embeddings(), inputs_embeds, model.max_new_tokens,
+                                      stop_token_ids(tokenizer, template), seg_id)
+    masks = []
+    if seg_states and frames:
+        fcs = next(model.text_hidden_fcs.parameters())
+        seg_embeds = model.text_hidden_fcs(torch.stack(seg_states).to(fcs.device, fcs.dtype))
+        masks = model.grounding_encoder.predict_masks(frames, seg_embeds, frames[0].size)
+    return ids, masks
