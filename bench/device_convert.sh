@@ -22,3 +22,5 @@ bench --models sa2va-4b --merge-devices cpu,auto --runs c,a --cache drop,warm --
   --json "$out/4b.json" --md "$out/4b.md" | tee "$out/log_4b"
 SA2VA_PARALLEL_SHARDS=1 bench --models sa2va-4b --merge-devices cpu --runs a --cache warm \
   --json "$out/4b_one_shard_at_a_time.json" --md "$out/4b_one_shard_at_a_time.md" | tee "$out/log_4b_one"
+SA2VA_PREFETCH=0 bench --models sa2va-4b --merge-devices cpu --runs a --cache drop \
+  --json "$out/4b_no_prefetch.json" --md "$out/4b_no_prefetch.md" | tee "$out/log_4b_noprefetch"

@@ -179,6 +179,10 @@ def _convert(checkpoint, out, base, pretrained, keymap, force_keymap, sam2, code
              rslora, override_lora_config, allow_unused, template, force, replace_foreign, dry_run, show_tensors,
              merge_device, read_back, roundtrip, verify_device, verify_python, expect_mask, all_checkpoints, quiet,
              verbose, json_out, allow_globals) -> None:
+    if not dry_run and not all_checkpoints:  # the disk starts on the inputs while torch is imported (issue 14)
+        from .read.prefetch import input_files, prefetch, prefetch_budget
+
+        prefetch(input_files(checkpoint, base), prefetch_budget())
     from . import api, batch
     from .cli_render import make_progress, render_batch, render_plan, render_result
 
