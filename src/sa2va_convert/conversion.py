@@ -38,7 +38,7 @@ from .transform.produce import TensorProducer, TransformReport
 from .write import guard
 from .write.folder import WriteResult, write_folder
 from .write.model_card import conversion_report, model_card
-from .write.peak_ram import estimate_peak_ram, resident_layers
+from .write.peak_ram import estimate_peak_ram, process_baseline, resident_layers
 from .write.safetensors_writer import SAFETENSORS
 from .verify.structural import READ_BACK_CHUNK_BYTES, StructuralReport, check_against_plan
 
@@ -296,7 +296,7 @@ def plan_from_inputs(inputs: Inputs, out: str | Path, options: ConvertOptions) -
         check_key_families(plan, inputs.code_keys, str(options.code_from))
     # the write stage estimates the memory the plan will take to write (and, with --read-back, to check)
     peak = estimate_peak_ram(plan.tensors, plan.shards, merge_device=options.merge_device,
-                             read_back_bytes=READ_BACK_CHUNK_BYTES if options.read_back else None,
+                             baseline_bytes=process_baseline(), read_back_bytes=READ_BACK_CHUNK_BYTES if options.read_back else None,
                              resident_layers=resident_layers(ckpt.weights,
                                                              inputs.pretrained.weights if inputs.pretrained else None))
     return dataclasses.replace(plan, peak_ram_bytes=peak)

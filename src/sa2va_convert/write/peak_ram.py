@@ -24,8 +24,23 @@ INTERPRETER_BASELINE_BYTES = 330 * 1024 * 1024
 CUDA_CONTEXT_BYTES = 330 * 1024 * 1024  # host RSS of torch's CUDA runtime + cuBLAS once a GPU merge ran
 PER_MERGE_THREAD_BYTES = 40 * 1024 * 1024  # per torch thread of the merge beyond the first (see estimate_peak_ram)
 
-__all__ = ["estimate_peak_ram", "resident_layers", "INTERPRETER_BASELINE_BYTES", "CUDA_CONTEXT_BYTES",
+__all__ = ["estimate_peak_ram", "process_baseline", "resident_layers", "INTERPRETER_BASELINE_BYTES", "CUDA_CONTEXT_BYTES",
            "PER_MERGE_THREAD_BYTES"]
+
+
+def process_baseline() -> int:
+    """This process's resident bytes now (``VmRSS``: interpreter, torch, tokenizer, plan), or the VM-measured
+    constant where that cannot be read or is smaller."""
+    rss = 0
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    return max(INTERPRETER_BASELINE_BYTES, rss)
 
 
 def resident_layers(checkpoint: TensorSource, pretrained: TensorSource | None) -> frozenset[str]:
@@ -36,8 +51,12 @@ def resident_layers(checkpoint: TensorSource, pretrained: TensorSource | None) -
 
 def estimate_peak_ram(tensors: Sequence[PlannedTensor], shards: Sequence[ShardPlan] = (), *,
                       read_back_bytes: int | None = None, resident_layers: frozenset[str] = frozenset(),
-                      merge_device: str = "cpu") -> int:
+                      merge_device: str = "cpu", baseline_bytes: int = INTERPRETER_BASELINE_BYTES) -> int:
     """Peak RSS of a conversion (what ``ru_maxrss``/``top`` show, mapped file pages included).
+
+    ``baseline_bytes``: what the process holds before any tensor is touched; a conversion passes
+    :func:`process_baseline` (this process's own RSS, measured), because it differs by machine: a
+    CUDA build of torch maps several hundred MiB more than the CPU build (issue 14).
 
     Two phases, the larger wins (calibrated on Sa2VA-1B/4B/8B-shaped runs, bench/bench_convert.py):
 
@@ -83,9 +102,9 @@ def estimate_peak_ram(tensors: Sequence[PlannedTensor], shards: Sequence[ShardPl
     threads = (PER_MERGE_THREAD_BYTES * max(0, merge_threads(merge_device) - 1))
     # every shard open beside the first has its own staging buffers (write.folder writes shards side by side)
     open_shards = pipeline.SHARD_STAGE_BYTES * max(0, pipeline.parallel_shards(len(shards)) - 1)
-    writing = (INTERPRETER_BASELINE_BYTES + mapped + window + threads + open_shards
+    writing = (baseline_bytes + mapped + window + threads + open_shards
                + (CUDA_CONTEXT_BYTES if on_gpu else 0))
     if read_back_bytes is None or not shards:
         return writing
-    checking = INTERPRETER_BASELINE_BYTES + mapped + read_back_bytes + (CUDA_CONTEXT_BYTES if on_gpu else 0)
+    checking = baseline_bytes + mapped + read_back_bytes + (CUDA_CONTEXT_BYTES if on_gpu else 0)
     return max(writing, checking)
