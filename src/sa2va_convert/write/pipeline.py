@@ -2,12 +2,13 @@
 
 Writing a shard is three kinds of work: reading inputs (file IO), merging (torch
 arithmetic) and writing (file IO). All three release the GIL, so running them in
-three threads overlaps them: while the writer writes tensor i, tensor i+1 is
-merged and tensor i+2 is read. Two rules keep this safe:
+threads overlaps them: while the writer writes tensor i, tensors i+1.. are merged
+and the next one is read. Two rules keep this safe:
 
-* **order**: one reader thread and one merging thread each walk the plan in
-  order, and the writer takes tensors in that same order, so files, reports and
-  the delta statistics are identical to a sequential run;
+* **order**: one reader thread walks the tensors in the order given, merge workers
+  take them as they come, and the writer receives them strictly in that order
+  (a worker's result waits until its turn), so files and reports are identical to
+  a sequential run;
 * **memory**: a tensor is admitted only while the bytes of everything in flight
   (inputs read, outputs not yet written) stay under the budget:
   ``min(budget_bytes, AHEAD x the largest tensor's inputs + output)``; a tensor
@@ -113,7 +114,7 @@ class Producer(Protocol):
         ...
 
     def finish(self, prepared: Any) -> torch.Tensor:
-        """The exact tensor to store, from what ``prepare`` returned (in the merging thread, in plan order)."""
+        """The exact tensor to store, from what ``prepare`` returned (in a merge worker; see ``parallelism``)."""
         ...
 
     def can_stream(self, pt: PlannedTensor) -> bool:

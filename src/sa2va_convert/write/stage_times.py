@@ -20,15 +20,15 @@ from typing import Iterator
 STAGE_KEYS: dict[str, str] = {
     "read.busy": "reader thread: reading inputs (checkpoint, base) into memory",
     "read.wait_budget": "reader thread: waiting for room in the in-flight memory budget (downstream is slower)",
-    "merge.busy": "merge thread: LoRA merges, casts and NaN/Inf checks",
-    "merge.wait_input": "merge thread: waiting for the reader",
+    "merge.busy": "merge workers (summed): LoRA merges, casts and NaN/Inf checks",
+    "merge.wait_input": "merge workers (summed): waiting for the reader",
     "write.wait_tensor": "writer thread: waiting for the next tensor (upstream is slower)",
     "write.stream": "writer thread: producing row blocks of tensors too big for the window (read + merge)",
     "write.copy": "writer thread: copying bytes into the direct-IO staging buffers",
     "write.wait_io": "writer thread: waiting for the disk or the checksum to free a staging buffer",
     "write.fsync": "writer thread: fsync at the end of each shard",
-    "io.write": "IO thread: os.write of staged chunks (the disk)",
-    "sha256.busy": "hash thread: sha256 of the bytes written",
+    "io.write": "IO threads (summed over shards written side by side): os.write of staged chunks (the disk)",
+    "sha256.busy": "hash threads (summed over shards written side by side): sha256 of the bytes written",
     "total": "the whole write of the shards (wall)",
 }
 
