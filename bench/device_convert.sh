@@ -4,10 +4,17 @@
 # travel in .devdeps (git-ignored, `carry: [".devdeps"]`).
 #   8B: cache dropped with (c), (b), (a) x {cpu, auto} and the bit-for-bit check; then warm, (c) and (a)
 #   4B: dropped and warm, (c) and (a) x {cpu, auto}; then (a) cpu warm with shards written one at a time
+#   `bench/device_convert.sh short`: only 4B, warm then dropped, (c) and (a) x {cpu, auto}
 set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD/.devdeps PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 bench() { python3 bench/bench_convert.py --work /tmp/sb "$@" 2>&1 | grep -v "^{"; }
+if [ "${1:-}" = short ]; then  # what fits a few minutes: 4B warm then dropped, (c) and (a) x {cpu, auto}
+  nproc; nvidia-smi --query-gpu=name --format=csv,noheader
+  bench --models sa2va-4b --merge-devices cpu,auto --runs c,a --cache warm,drop \
+    --json "$out/4b_short.json" --md "$out/4b_short.md" | tee "$out/log_4b_short"
+  exit 0
+fi
 nproc; free -g | head -2; df -h /tmp | tail -1; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 sync; echo 3 > /proc/sys/vm/drop_caches
 /usr/bin/time -f "import torch, cache dropped: %e s" python3 -c "import torch"
