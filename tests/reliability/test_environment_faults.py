@@ -67,6 +67,14 @@ def test_disk_full_on_a_small_file_system(sa2va, tiny, small_fs):
     assert_refused(r, 6, guard, out, "disk full", "free space")
 
 
+def test_disk_full_with_shards_written_side_by_side(sa2va, tiny, small_fs):
+    """Several shards open at once (issue 14): the first ENOSPC still ends the run cleanly, nothing left."""
+    out = small_fs("256k") / "out"
+    guard = Guard((tiny.ckpt.path, tiny.base), out)
+    r = sa2va(tiny.ckpt.path, out, "--base", tiny.base, "--max-shard-size", "60KB", env=SIDE_BY_SIDE)
+    assert_refused(r, 6, guard, out, "disk full", "free space")
+
+
 def test_disk_full_while_replacing_a_previous_out(sa2va, tiny, small_fs):
     """Room for one output but not two: the --force rerun fails and the first OUT stays exactly as it was."""
     out = small_fs("1m") / "out"
@@ -125,11 +133,15 @@ def test_out_is_an_existing_file_even_with_force(sa2va, tiny):
 # ------------------------------------------------------------------ kill -9, Ctrl-C, SIGTERM
 
 
-def _signal_mid_write(fam, sig: int, *extra: str, when: str = "shards") -> CliResult:
+# the write stage as it runs on a many-core machine (issue 14): several merge workers, shards side by side
+SIDE_BY_SIDE = {"SA2VA_PARALLEL_SHARDS": "3", "SA2VA_MERGE_WORKERS": "4"}
+
+
+def _signal_mid_write(fam, sig: int, *extra: str, when: str = "shards", env: dict | None = None) -> CliResult:
     """Start a conversion, send ``sig`` once its hidden partial folder exists (``when="partial"``: the very
     start of the write, while the writer is setting up) or holds a first shard (``"shards"``: mid-write)."""
     before = set(partials(fam.out))
-    p = spawn_cli(fam.ckpt.path, fam.out, "--base", fam.base, *fam.shard_args, *NO_VERIFY, *extra)
+    p = spawn_cli(fam.ckpt.path, fam.out, "--base", fam.base, *fam.shard_args, *NO_VERIFY, *extra, env=env)
 
     def ready() -> bool:
         new = set(partials(fam.out)) - before
@@ -146,8 +158,8 @@ def _signal_mid_write(fam, sig: int, *extra: str, when: str = "shards") -> CliRe
     return CliResult(p.returncode, out, err, ("<signal>",))
 
 
-def _convert(sa2va, fam, *extra: str) -> None:
-    r = sa2va(fam.ckpt.path, fam.out, "--base", fam.base, *fam.shard_args, *NO_VERIFY, *extra)
+def _convert(sa2va, fam, *extra: str, env: dict | None = None) -> None:
+    r = sa2va(fam.ckpt.path, fam.out, "--base", fam.base, *fam.shard_args, *NO_VERIFY, *extra, env=env)
     assert r.returncode == 0, r
     assert_complete_output(fam.out)
     assert leftovers(fam.out) == [], "a successful run left hidden partial/old/lock entries"
@@ -180,10 +192,11 @@ def test_sigint_as_the_write_starts_leaves_nothing(medium):
     _assert_interrupted(r)
 
 
-def test_sigterm_mid_force_rewrite_keeps_the_previous_out(sa2va, medium):
-    _convert(sa2va, medium)
+@pytest.mark.parametrize("env", [None, SIDE_BY_SIDE], ids=["defaults", "side-by-side-shards"])
+def test_sigterm_mid_force_rewrite_keeps_the_previous_out(sa2va, medium, env):
+    _convert(sa2va, medium, env=env)
     guard = Guard((medium.ckpt.path, medium.base), medium.out)
-    r = _signal_mid_write(medium, signal.SIGTERM, "--force")
+    r = _signal_mid_write(medium, signal.SIGTERM, "--force", env=env)
     guard.check()  # previous OUT byte-identical, nothing hidden left
     _assert_interrupted(r)
 
