@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from sa2va_convert.testing.training_checkpoint import deepspeed_parts
+
 # --------------------------------------------------------------------------------------------
 # Audit hook: proves nothing was executed or imported through pickle's default machinery
 # --------------------------------------------------------------------------------------------
@@ -386,22 +388,8 @@ def deepspeed_files(folder: Path, state_dict: dict) -> tuple[Path, Path]:
     names = list(state_dict)
     with fake_deepspeed_modules() as ds:
         model_states = {
-            "module": state_dict,
-            "buffer_names": [],
-            "optimizer": None,
-            "param_shapes": [OrderedDict((n, t.shape) for n, t in state_dict.items())],
-            "frozen_param_shapes": None,
-            "shared_params": {},
-            "frozen_param_fragments": None,
-            "lr_scheduler": None,
-            "data_sampler": None,
-            "random_ltd": None,
-            "sparse_tensor_module_names": set(),
-            "skipped_steps": 0,
-            "global_steps": 500,
-            "global_samples": 4000,
+            **deepspeed_parts(OrderedDict(state_dict), 500),  # the keys next to ``module`` (FORMATS.md §2)
             "dp_world_size": 2,
-            "mp_world_size": 1,
             "ds_config": {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}},
             "ds_version": "0.19.8",
             "meta": mmengine_meta(),

@@ -250,17 +250,25 @@ def test_api_accepts_a_work_dir_and_shares_the_cli_defaults(make_family, tmp_pat
     assert ConvertOptions().roundtrip is cli_default is True
 
 
+def _api_hint_for_a_foreign_out(fam, out: Path) -> str:
+    """The hint the API gives when OUT is a folder this tool did not write."""
+    from sa2va_convert import ConvertOptions, OutputError, convert
+
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(OutputError) as e:
+        convert(fam.ckpt.path, out, ConvertOptions(base=fam.base, roundtrip=False))
+    return e.value.hint
+
+
 def test_api_hints_name_python_options_not_cli_flags(make_family, tmp_path):
     from sa2va_convert import ConvertOptions, OutputError, convert
 
     fam = make_family("sa2va-1b")
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "keep.txt").write_text("x")
-    with pytest.raises(OutputError) as e:
-        convert(fam.ckpt.path, out, ConvertOptions(base=fam.base, roundtrip=False))
+    hint = _api_hint_for_a_foreign_out(fam, out)
     # a folder this tool did not write: the hint names the explicit option, in Python terms
-    assert "--" not in e.value.hint and "ConvertOptions.replace_foreign" in e.value.hint
+    assert "--" not in hint and "ConvertOptions.replace_foreign" in hint
     r = run_cli(fam.ckpt.path, out, "--base", fam.base)
     assert r.returncode == 6 and "--replace-foreign" in r.error_lines[0]
     ours = tmp_path / "ours"
@@ -273,18 +281,11 @@ def test_api_hints_name_python_options_not_cli_flags(make_family, tmp_path):
 def test_api_hints_are_python_worded_again_after_a_cli_command_in_the_same_process(make_family, tmp_path):
     from click.testing import CliRunner
 
-    from sa2va_convert import ConvertOptions, OutputError, convert
-
     # a CLI command run in this process (as a notebook or a wrapper script may) that ends in a usage error
     r = CliRunner().invoke(cli_module.main, ["keymaps", "show", "no-such-keymap"])
     assert r.exit_code == 2, r.output
-    fam = make_family("sa2va-1b")
-    out = tmp_path / "o"
-    out.mkdir()
-    (out / "keep.txt").write_text("x")
-    with pytest.raises(OutputError) as e:
-        convert(fam.ckpt.path, out, ConvertOptions(base=fam.base, roundtrip=False))
-    assert "--" not in e.value.hint and "ConvertOptions.replace_foreign" in e.value.hint
+    hint = _api_hint_for_a_foreign_out(make_family("sa2va-1b"), tmp_path / "o")
+    assert "--" not in hint and "ConvertOptions.replace_foreign" in hint
 
 
 def test_public_api_is_exported_and_typed():
@@ -305,6 +306,10 @@ def test_size_parser_is_the_one_save_pretrained_uses():
     for text in ("5GB", "500MB", "2GiB", "10KiB"):
         assert cli_module.parse_size(text) == convert_file_size_to_int(text)
     assert cli_module.parse_size("5GB") == 5 * 10**9 and cli_module.parse_size("2GiB") == 2 * 2**30
+    # the default --help shows is the API's default (the CLI does not parse it, to skip importing transformers)
+    from sa2va_convert import ConvertOptions
+
+    assert cli_module.parse_size(cli_module.DEFAULT_MAX_SHARD_SIZE) == ConvertOptions().max_shard_bytes
     assert cli_module.parse_size("123456") == 123456
     with pytest.raises(UsageError) as e:  # a usage error, exit 2, found before any work
         cli_module.parse_size("five gigs")

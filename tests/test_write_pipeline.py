@@ -177,27 +177,6 @@ def test_pipeline_hands_tensors_over_in_plan_order():
     assert not _alive("sa2va-read") and not _alive("sa2va-merge")
 
 
-def test_pipeline_raises_the_producers_error_in_the_writer_and_stops():
-    class Broken(ValueError):
-        pass
-
-    def produce(pt: PlannedTensor) -> torch.Tensor:
-        if pt.name == "t5":
-            raise Broken("tensor t5 is damaged")
-        return torch.zeros(pt.shape)
-
-    plan = _planned(20)
-    got = []
-    with pytest.raises(Broken, match="t5 is damaged"):
-        with TensorPipeline(FunctionProducer(produce), plan) as p:
-            for pt in plan:
-                p.get(pt.name)
-                got.append(pt.name)
-                p.done(pt.name)
-    assert got == [f"t{i}" for i in range(5)]  # everything before the failure, in order, then the error
-    assert not _alive("sa2va-read") and not _alive("sa2va-merge")
-
-
 def _jittered(fn):
     """A producer whose tensors take random times, so parallel workers finish out of order."""
     import random
@@ -235,7 +214,10 @@ def test_parallel_workers_hand_tensors_over_in_plan_order():
     assert not _alive("sa2va-read") and not _alive("sa2va-merge")
 
 
-def test_parallel_workers_raise_an_error_when_the_writer_reaches_that_tensor():
+@pytest.mark.parametrize("workers", ["one", "several"])
+def test_a_producers_error_is_raised_when_the_writer_reaches_that_tensor(workers):
+    """Everything before the failing tensor comes, in order, then its error; the threads stop. With
+    several workers later tensors finish first, and still only t0-t4 come before the error."""
     class Broken(ValueError):
         pass
 
@@ -244,15 +226,16 @@ def test_parallel_workers_raise_an_error_when_the_writer_reaches_that_tensor():
             raise Broken("tensor t5 is damaged")
         return torch.zeros(pt.shape)
 
+    producer = FunctionProducer(produce) if workers == "one" else _Parallel(_jittered(produce))
     plan = _planned(30)
     got = []
     with pytest.raises(Broken, match="t5 is damaged"):
-        with TensorPipeline(_Parallel(_jittered(produce)), plan, budget_bytes=8 * 64 * 32 * 4) as p:
+        with TensorPipeline(producer, plan, budget_bytes=8 * 64 * 32 * 4) as p:
             for pt in plan:
                 p.get(pt.name)
                 got.append(pt.name)
                 p.done(pt.name)
-    assert got == [f"t{i}" for i in range(5)]  # later tensors finished first, yet t0-t4 came, in order
+    assert got == [f"t{i}" for i in range(5)]
     assert not _alive("sa2va-read") and not _alive("sa2va-merge")
 
 
