@@ -423,13 +423,6 @@ def dry_run(gen: dict, out: Path, extra: list[str]) -> dict:
             "shards": len(plan.get("shards", []))}
 
 
-def stage_line(s: dict) -> str:
-    """The tool's per-thread seconds, short (keys: sa2va_convert.write.stage_times.STAGE_KEYS)."""
-    keys = ["total", "read.busy", "read.wait_budget", "merge.busy", "merge.wait_input", "write.wait_tensor",
-            "write.stream", "write.copy", "write.wait_io", "io.write", "sha256.busy", "write.fsync"]
-    return "stages: " + ", ".join(f"{k} {s.get(k, 0):.1f}" for k in keys)
-
-
 def fmt_gib(n: float) -> str:
     return f"{n / GIB:.2f}"
 
@@ -524,7 +517,9 @@ def run_model(model: str, args, work: Path, drops: list[bool], logs: Path, res: 
                     except (OSError, ValueError):
                         m["stage_seconds"] = None
                     if m["stage_seconds"]:
-                        print("      " + stage_line(m["stage_seconds"]), file=sys.stderr, flush=True)
+                        from sa2va_convert.write.stage_times import summarize  # stdlib only: no torch here
+
+                        print("      " + summarize(m["stage_seconds"]), file=sys.stderr, flush=True)
                 if m["rc"] == 0:
                     m["out_bytes"] = tree_bytes(out)
                     m["out_weight_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))

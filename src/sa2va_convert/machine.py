@@ -1,8 +1,11 @@
-"""Facts about the machine the conversion runs on, for sizing its threads."""
+"""Facts about the machine and this process, for sizing threads and checking memory."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+RAM_LIMIT_ENV = "SA2VA_CONVERT_RAM_LIMIT"
 
 
 def usable_cores() -> int:
@@ -19,4 +22,46 @@ def env_count(name: str) -> int | None:
     return int(env) if env.isdigit() and int(env) > 0 else None
 
 
-__all__ = ["env_count", "usable_cores"]
+def process_rss() -> int | None:
+    """This process's resident bytes now (``VmRSS``), or None where ``/proc`` cannot tell."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def available_ram() -> tuple[int | None, str]:
+    """Bytes this process tree may still use, and where the figure comes from.
+
+    The smallest of: MemAvailable, the cgroup's memory.max minus its usage (containers, Slurm),
+    and ``SA2VA_CONVERT_RAM_LIMIT`` (a size such as ``8GB``, for a machine shared with others)."""
+    figures: list[tuple[int, str]] = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    figures.append((int(line.split()[1]) * 1024, "MemAvailable"))
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            figures.append((max(int(limit) - used, 0), "cgroup memory.max"))
+    except (OSError, ValueError):
+        pass
+    env = os.environ.get(RAM_LIMIT_ENV)
+    if env:
+        from .sizes import parse_size
+
+        figures.append((parse_size(env, what=RAM_LIMIT_ENV), RAM_LIMIT_ENV))
+    if not figures:
+        return None, "unknown"
+    return min(figures)
+
+
+__all__ = ["RAM_LIMIT_ENV", "available_ram", "env_count", "process_rss", "usable_cores"]

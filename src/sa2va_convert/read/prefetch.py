@@ -4,7 +4,7 @@ A conversion's first seconds are torch's import (1.5 s warm on the 2-core VM, mo
 disk), during which the disk has nothing of ours to do. ``POSIX_FADV_WILLNEED`` starts
 asynchronous readahead of a file range and returns at once; the pages land in the page cache,
 where the reader then finds them. It is a hint, not a read: nothing is held in our memory, errors
-are ignored, and the amount is bounded (a quarter of MemAvailable, at most 2 GiB) so it never
+are ignored, and the amount is bounded (a quarter of the available RAM, at most 2 GiB) so it never
 pushes out more of the cache than it can bring in. Only plain files the user named are advised
 (the checkpoint file, the base folder's safetensors shards); nothing is opened for writing.
 """
@@ -15,24 +15,18 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from ..machine import available_ram
+
 MAX_PREFETCH_BYTES = 2 << 30
 
 
-def _mem_available() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
 def prefetch_budget() -> int:
-    """A quarter of MemAvailable, at most 2 GiB; ``SA2VA_PREFETCH=0`` turns prefetching off (benchmarking)."""
+    """A quarter of the RAM this process may use (``machine.available_ram``: MemAvailable, the cgroup's
+    limit, ``SA2VA_CONVERT_RAM_LIMIT``), at most 2 GiB; ``SA2VA_PREFETCH=0`` turns prefetching off."""
     if os.environ.get("SA2VA_PREFETCH", "").strip() == "0":
         return 0
-    return min(MAX_PREFETCH_BYTES, _mem_available() // 4)
+    have, _ = available_ram()
+    return min(MAX_PREFETCH_BYTES, (have or 0) // 4)
 
 
 def input_files(checkpoint: Path, base: str | os.PathLike | None) -> list[Path]:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import UsageError, VerifyEnvironmentError, VerifyError
+from ..machine import available_ram
 
 CHILD_SCRIPT = Path(__file__).with_name("_child.py")
 DEFAULT_PROMPT = "<image>Please segment the object."
@@ -324,40 +325,9 @@ def _memory_hint(what: str) -> str:
 
 # ---------------------------------------------------------------- will it fit?
 
-RAM_LIMIT_ENV = "SA2VA_CONVERT_RAM_LIMIT"
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _LOAD_OVERHEAD = 1.15           # loader bookkeeping, a shard's worth of mapped pages, activations
 _PROCESS_BASE = 1 << 30         # torch + transformers + the remote code, imported
-
-
-def available_ram() -> tuple[int | None, str]:
-    """Bytes this process tree may still use, and where the figure comes from.
-
-    The smallest of: MemAvailable, the cgroup's memory.max minus its usage (containers, Slurm),
-    and ``SA2VA_CONVERT_RAM_LIMIT`` (a size such as ``8GB``, for a machine shared with others)."""
-    figures: list[tuple[int, str]] = []
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    figures.append((int(line.split()[1]) * 1024, "MemAvailable"))
-    except OSError:
-        pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
-            figures.append((max(int(limit) - used, 0), "cgroup memory.max"))
-    except (OSError, ValueError):
-        pass
-    env = os.environ.get(RAM_LIMIT_ENV)
-    if env:
-        from ..sizes import parse_size
-
-        figures.append((parse_size(env, what=RAM_LIMIT_ENV), RAM_LIMIT_ENV))
-    if not figures:
-        return None, "unknown"
-    return min(figures)
 
 
 def estimate_roundtrip_ram(folder: Path, load_dtype: str | None = None) -> int:

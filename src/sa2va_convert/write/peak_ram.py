@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .. import dtypes
+from ..machine import process_rss
 from ..plan.types import PlannedTensor, ShardPlan
 from ..read.tensor_source import TensorInfo, TensorSource
 from ..transform.produce import (DEVICE_BLOCK_ELEMS, STREAM_BLOCK_BYTES, merge_threads, resolve_merge_device,
@@ -29,18 +30,9 @@ __all__ = ["estimate_peak_ram", "process_baseline", "resident_layers", "INTERPRE
 
 
 def process_baseline() -> int:
-    """This process's resident bytes now (``VmRSS``: interpreter, torch, tokenizer, plan), or the VM-measured
+    """This process's resident bytes now (interpreter, torch, tokenizer, plan), or the VM-measured
     constant where that cannot be read or is smaller."""
-    rss = 0
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
-    return max(INTERPRETER_BASELINE_BYTES, rss)
+    return max(INTERPRETER_BASELINE_BYTES, process_rss() or 0)
 
 
 def resident_layers(checkpoint: TensorSource, pretrained: TensorSource | None) -> frozenset[str]:

@@ -229,7 +229,6 @@ class TensorPipeline:
         # merged results by plan position; the writer takes them in order (workers finish in any order)
         self._results: dict[int, Any] = {}
         self._results_cond = threading.Condition()
-        self._running = 0  # merge workers still running (to tell "not yet" from "never")
         self._handed: dict[str, Any] = {}
         self._next = 0
         self._by_name = {pt.name: pt for pt in self._tensors}
@@ -237,7 +236,7 @@ class TensorPipeline:
         self._threads = [threading.Thread(target=self._read_loop, name="sa2va-read", daemon=True)]
         self._threads += [threading.Thread(target=self._merge_loop, name=f"sa2va-merge-{i}", daemon=True)
                           for i in range(max(1, self._workers))]
-        self._running = len(self._threads) - 1
+        self._running = len(self._threads) - 1  # merge workers still running (to tell "not yet" from "never")
         try:
             for t in self._threads:
                 t.start()
