@@ -53,9 +53,13 @@ class StageTimes:
             self.add(key, time.perf_counter() - start)
 
     def to_dict(self) -> dict[str, float]:
-        """Every known key (0.0 when a thread never did that), rounded to milliseconds."""
+        """Every known key, rounded to microseconds.
+
+        Exactly 0.0 means the thread never did that; microseconds (not milliseconds) so that a thread
+        that did run on a small model (a few kB hashed) never reads as 0.0 and "never ran".
+        """
         with self._lock:
-            return {k: round(self._seconds.get(k, 0.0), 3) for k in STAGE_KEYS}
+            return {k: round(self._seconds.get(k, 0.0), 6) for k in STAGE_KEYS}
 
 
 def summarize(s: dict[str, float]) -> str:
