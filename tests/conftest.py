@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# transformers copies a folder's remote code into HF_MODULES_CACHE under the folder's base name
+# ("out", "o", ...), so two test processes loading different folders of the same name would
+# overwrite each other's modules. The suite runs in several worker processes (pytest-xdist, see
+# pyproject's addopts): each gets a private modules cache, set before transformers is imported and
+# inherited by every CLI subprocess it starts.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix=f"hf-modules-{os.environ['PYTEST_XDIST_WORKER']}-")
 
 from sa2va_convert.testing.fixtures import FixtureCheckpoint, write_base_folder, write_training_checkpoint
 
