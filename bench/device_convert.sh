@@ -4,6 +4,7 @@
 # travel in .devdeps (git-ignored, `carry: [".devdeps"]`).
 #   8B: cache dropped with (c), (b), (a) x {cpu, auto} and the bit-for-bit check; then warm, (c) and (a)
 #   4B: dropped and warm, (c) and (a) x {cpu, auto}; then (a) cpu warm with shards written one at a time
+#   then: bench_merge_ops.py (the merge per block) and estimate_sparse.py (the 26B --dry-run estimate)
 #   `bench/device_convert.sh short`: only 4B, warm then dropped, (c) and (a) x {cpu, auto}
 set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD/.devdeps PYTHONUNBUFFERED=1
@@ -31,3 +32,8 @@ SA2VA_PARALLEL_SHARDS=1 bench --models sa2va-4b --merge-devices cpu --runs a --c
   --json "$out/4b_one_shard_at_a_time.json" --md "$out/4b_one_shard_at_a_time.md" | tee "$out/log_4b_one"
 SA2VA_PREFETCH=0 bench --models sa2va-4b --merge-devices cpu --runs a --cache drop \
   --json "$out/4b_no_prefetch.json" --md "$out/4b_no_prefetch.md" | tee "$out/log_4b_noprefetch"
+# the merge's ops per block on this machine's cores (one torch thread), and the 26B estimate with this
+# machine's own counts and CUDA-torch baseline (a sparse base: no disk), both seconds
+python3 bench/bench_merge_ops.py --json > "$out/merge_ops.json"; python3 bench/bench_merge_ops.py
+python3 bench/estimate_sparse.py --models sa2va-8b,sa2va-26b --work /tmp/sparse > "$out/estimate_26b.log" 2>&1
+grep "^sa2va" "$out/estimate_26b.log"
