@@ -75,11 +75,14 @@ def world(tmp_path_factory) -> SimpleNamespace:
     models = root / "models"
     models.mkdir()
     folders = {"finetune": models / "finetune"}
-    convert(ex.checkpoint_path, folders["finetune"], ConvertOptions(base=ex.base_dir))
+    # no round trip here: eval itself loads each model and segments with it (the round trip is
+    # tested in test_verify); it would cost ~5 s per model on the suite's critical path
+    opts = ConvertOptions(base=ex.base_dir, roundtrip=False)
+    convert(ex.checkpoint_path, folders["finetune"], opts)
     for dropped in ("lora", "head"):
         twin = drop_from_checkpoint(ex.checkpoint.path, root / f"no_{dropped}" / "iter_100.pth", [dropped])
         folders[f"no_{dropped}"] = models / f"no_{dropped}"
-        convert(twin, folders[f"no_{dropped}"], ConvertOptions(base=ex.base_dir))
+        convert(twin, folders[f"no_{dropped}"], opts)
     data = root / "data"
     (data / "images").mkdir(parents=True)
     (data / "masks").mkdir()
