@@ -47,13 +47,14 @@ def main() -> None:
     ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for the CLI's environment")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
-    env = dict(os.environ, **dict(kv.split("=", 1) for kv in args.env))
+    overrides = dict(kv.split("=", 1) for kv in args.env)
+    env = dict(os.environ, **overrides)
     cli = [sys.executable, "-m", "sa2va_convert"]
+    fixtures.write_streamed = write_sparse_shard  # this process only: the bases' bytes are holes
     rows = []
     for model in args.models.split(","):
         work = Path(args.work) / model
         shutil.rmtree(work, ignore_errors=True)
-        fixtures.write_streamed = write_sparse_shard  # this process only: the base's bytes are holes
         base = write_base_folder(work / "base", model, Sizes.real(model), fill="fast")
         ckpt = write_training_checkpoint(work / "work_dirs" / "exp" / "iter_100.pth", model, Sizes.real(model),
                                          base_dir=base, fill="fast")
@@ -72,7 +73,7 @@ def main() -> None:
               "on disk)", flush=True)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps({"env": dict(kv.split("=", 1) for kv in args.env), "rows": rows}, indent=2))
+    print(json.dumps({"env": overrides, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 # inherited by every CLI subprocess it starts.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix=f"hf-modules-{os.environ['PYTEST_XDIST_WORKER']}-")
+    atexit.register(shutil.rmtree, os.environ["HF_MODULES_CACHE"], True)
 
 from sa2va_convert.testing.fixtures import FixtureCheckpoint, write_base_folder, write_training_checkpoint
 
