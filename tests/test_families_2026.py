@@ -132,7 +132,16 @@ def sam3_fp32(tmp_path_factory) -> Path:
 def test_sam3_folder_loads_with_no_missing_key_and_requires_a_processor(sam3_fp32):
     from transformers import AutoModel, AutoProcessor, AutoTokenizer
 
-    model, info = AutoModel.from_pretrained(str(sam3_fp32), trust_remote_code=True, output_loading_info=True)
+    from sa2va_convert.verify._child import nested_code_importable
+
+    # sam3.py imports sam3pkg_*.py files that the modeling file does not: plain transformers copies one
+    # import deep for a local folder and fails, as with upstream's SAM3 code (FORMATS.md §9) ...
+    with pytest.raises(FileNotFoundError, match=r"sam3pkg_\w+\.py"):
+        AutoModel.from_pretrained(str(sam3_fp32), trust_remote_code=True)
+    # ... and loads once every file of the closure is made importable, as the round trip's child does
+    with nested_code_importable(sam3_fp32) as made:
+        model, info = AutoModel.from_pretrained(str(sam3_fp32), trust_remote_code=True, output_loading_info=True)
+    assert made["nested_imports"] == ["sam3pkg_build_sam3_tracker.py", "sam3pkg_model_vitdet.py"]
     assert {k: v for k, v in info.items() if v} == {}
     tok = AutoTokenizer.from_pretrained(str(sam3_fp32))
     model.preparing_for_generation(tok, max_new_tokens=2)

@@ -150,13 +150,16 @@ def common_options(fn: Callable) -> Callable:
               help="Interpreter for the round trip (e.g. your Sa2VA environment with its pinned transformers).")
 @click.option("--expect-mask", is_flag=True,
               help="Round trip fails when the model's own answer has no [SEG] (for CI on a real fine-tune).")
+@click.option("--allow-unresolved-imports", is_flag=True,
+              help="Convert even though the base's remote code imports a module that is not the standard library, "
+                   "not installed and not a file beside it (the output then loads only where that module exists).")
 @click.option("--all", "all_checkpoints", is_flag=True,
               help="CHECKPOINT is a work_dir: convert every iter_N.pth into OUT/iter_N (skips ones already converted).")
 @common_options
 @handle_errors
 def convert(checkpoint: Path, out: Path, base, pretrained, keymap, force_keymap, sam2, code_from, dtype, max_shard_size,
             lora_alpha, rslora, override_lora_config, allow_unused, template, force, replace_foreign, dry_run,
-            show_tensors, merge_device, read_back, roundtrip, verify_device, verify_python, expect_mask,
+            show_tensors, merge_device, read_back, roundtrip, verify_device, verify_python, expect_mask, allow_unresolved_imports,
             all_checkpoints, quiet, verbose, json_out, debug, allow_globals) -> None:
     """Convert CHECKPOINT (iter_N.pth, a DeepSpeed iter_N.pth/ folder, or a work_dir) into a HuggingFace folder OUT.
 
@@ -168,7 +171,7 @@ def convert(checkpoint: Path, out: Path, base, pretrained, keymap, force_keymap,
     try:
         _convert(checkpoint, out, base, pretrained, keymap, force_keymap, sam2, code_from, dtype, max_shard_size,
                  lora_alpha, rslora, override_lora_config, allow_unused, template, force, replace_foreign, dry_run,
-                 show_tensors, merge_device, read_back, roundtrip, verify_device, verify_python, expect_mask,
+                 show_tensors, merge_device, read_back, roundtrip, verify_device, verify_python, expect_mask, allow_unresolved_imports,
                  all_checkpoints, quiet, verbose, json_out, allow_globals)
     except KeyboardInterrupt:  # the API says more where it knows more (while writing, during the round trip)
         raise Interrupted("interrupted before anything was written", path=out,
@@ -177,7 +180,7 @@ def convert(checkpoint: Path, out: Path, base, pretrained, keymap, force_keymap,
 
 def _convert(checkpoint, out, base, pretrained, keymap, force_keymap, sam2, code_from, dtype, max_shard_size, lora_alpha,
              rslora, override_lora_config, allow_unused, template, force, replace_foreign, dry_run, show_tensors,
-             merge_device, read_back, roundtrip, verify_device, verify_python, expect_mask, all_checkpoints, quiet,
+             merge_device, read_back, roundtrip, verify_device, verify_python, expect_mask, allow_unresolved_imports, all_checkpoints, quiet,
              verbose, json_out, allow_globals) -> None:
     if not dry_run and not all_checkpoints:  # the disk starts on the inputs while torch is imported (issue 14)
         from .read.prefetch import input_files, prefetch, prefetch_budget
@@ -193,7 +196,7 @@ def _convert(checkpoint, out, base, pretrained, keymap, force_keymap, sam2, code
         merge_device=merge_device, allow_globals=allow_globals, read_back=read_back, sam2=sam2,
         code_from=code_from, roundtrip=roundtrip, verify_device=verify_device, verify_python=verify_python,
         expect_mask=expect_mask, replace_foreign=replace_foreign, force_keymap=force_keymap,
-        override_lora_config=override_lora_config, dry_run=dry_run,
+        override_lora_config=override_lora_config, dry_run=dry_run, allow_unresolved_imports=allow_unresolved_imports,
     ).validate()
     progress = make_progress(json_out, quiet, verbose)
     if all_checkpoints:

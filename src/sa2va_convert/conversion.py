@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ._version import __version__
-from .errors import InputError, Interrupted, PlanError, UsageError, VerifyError, api_errors
+from .errors import InputError, Interrupted, PlanError, UsageError, VerifyEnvironmentError, VerifyError, api_errors
 from .progress import Progress, Silent
 from .sizes import parse_size
 # the stages, in pipeline order: read -> plan -> transform -> write -> verify
 from .read.checkpoint import TrainingCheckpoint, open_checkpoint
 from .read.hf_folder import HFFolder, open_hf_folder
 from .read.layered import RenamedSource, UnionSource, open_sam2_checkpoint
+from .read.remote_code import ImportCheck, check_imports, install_hint, pip_name, require_self_contained
 from .read.work_dir import resolve_checkpoint
 from .plan.base_discovery import discover_base, resolve_base
 from .plan.family import Detection, detect_family, match_family, require_family
@@ -75,6 +76,7 @@ class ConvertOptions:
     force_keymap: bool = False  # use --keymap even when detection finds another family
     override_lora_config: bool = False  # lora_alpha/rslora win over different embedded values
     dry_run: bool = False  # plan only: nothing is written (batch mode too)
+    allow_unresolved_imports: bool = False  # copy remote code that imports a module found nowhere (exit 3 otherwise)
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(dtype=self.dtype, max_shard_bytes=self.max_shard_bytes, lora_alpha=self.lora_alpha,
@@ -282,6 +284,46 @@ def open_raw_recipe(ckpt: TrainingCheckpoint, keymap: Keymap, detection: Detecti
     return Inputs(ckpt, keymap, detection, folder, None, files=files, raw_base=True, code_keys=code.weight_keys)
 
 
+def check_base_code(inputs: Inputs, options: ConvertOptions, progress: Progress | None = None) -> ImportCheck:
+    """Before any work: the remote code that goes into OUT must be self-contained, and importable
+    where the round trip will run it.
+
+    An import that resolves nowhere (not the standard library, not installed, not a file beside
+    it) would make OUT fail to load wherever the base does: refused (exit 3) unless
+    ``allow_unresolved_imports``. A known package missing from the round trip's interpreter
+    (torchvision, timm, ...) would fail the round trip after the whole conversion: stopped now
+    (exit 9, nothing written), or only noted when there is no round trip."""
+    folder = Path(options.code_from) if options.code_from else Path(inputs.base.path)
+    config = inputs.base.config
+    if options.code_from:
+        import json
+
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    import sys
+
+    runs_here = options.roundtrip and not options.dry_run
+    python = (options.verify_python or sys.executable) if runs_here else None
+    check = check_imports(folder, config, python=python)
+    require_self_contained(check, python_label=python or sys.executable, allow=options.allow_unresolved_imports)
+    if check.nowhere and progress is not None:
+        r = check.nowhere[0]
+        progress.stage(f"warning: --allow-unresolved-imports: {r.file}:{r.line} imports {r.module!r}, found nowhere; "
+                       "OUT loads only where it exists")
+    if check.missing_packages:
+        names = sorted({pip_name(r.module) for r in check.missing_packages})
+        first = check.missing_packages[0]
+        if runs_here:
+            raise VerifyEnvironmentError(
+                f"the round trip cannot run in {python}: the base's remote code imports {', '.join(names)}, not "
+                f"installed there (e.g. {first.file}:{first.line}); nothing was written", path=folder,
+                hint=f"{install_hint(names)}, or pass --python with an environment that has them, or --no-verify "
+                     "to convert without the round trip")
+        if progress is not None:
+            progress.stage(f"note: loading OUT will need {', '.join(names)} (its remote code imports them), not "
+                           "installed here")
+    return check
+
+
 def plan_from_inputs(inputs: Inputs, out: str | Path, options: ConvertOptions) -> ConversionPlan:
     ckpt = inputs.checkpoint
     plan = build_plan(
@@ -308,7 +350,9 @@ def plan_conversion(checkpoint: str | Path, out: str | Path, options: ConvertOpt
     options = (options or ConvertOptions()).validate()
     resolved = resolve_checkpoint(Path(checkpoint))
     guard.check_out(out, checkpoint_inputs(Path(checkpoint), resolved) + options.named_inputs())
-    return plan_from_inputs(open_inputs(resolved, options), out, options)
+    inputs = open_inputs(resolved, options)
+    check_base_code(inputs, options)
+    return plan_from_inputs(inputs, out, options)
 
 
 class _Background:
@@ -366,6 +410,7 @@ def convert(
     inputs = open_inputs(resolved, options, base_folder=base_folder)
     protected.append(guard.NamedInput("base folder", Path(inputs.base.path)))
     guard.check_out(out, protected)  # the base may have been discovered from the training config
+    check_base_code(inputs, options, progress)
     progress.stage(f"planning ({inputs.keymap.name}, base {inputs.base.path})")
     plan = plan_from_inputs(inputs, out, options)
     sources = {"base": inputs.base.weights, "checkpoint": inputs.checkpoint.weights}

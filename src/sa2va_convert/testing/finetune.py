@@ -50,6 +50,7 @@ import contextlib
 import inspect
 import io
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -222,7 +223,11 @@ def _load_model(base_dir: Path):
 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # "Loading checkpoint shards" would land in the CLI's output
-    with contextlib.redirect_stdout(io.StringIO()):
+    from ..verify._child import nested_code_importable  # the SAM3 family's code is nested, as upstream's
+
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), nested_code_importable(base_dir):
+        # our InternViT imports timm.models.layers as upstream's does, which newer timm flags as deprecated
+        warnings.simplefilter("ignore", FutureWarning)
         model = AutoModel.from_pretrained(str(base_dir), trust_remote_code=True, **{dtype_kw: torch.float32})
         tok = AutoTokenizer.from_pretrained(str(base_dir), trust_remote_code=True)
     if bar:
@@ -250,34 +255,42 @@ def _predict(model, tok, ctx: dict[str, Any], max_new_tokens: int) -> dict:
 
 def _record(model, tok, names: _Names, contexts: list[dict], seg_id: int) -> dict[str, torch.Tensor]:
     """x (last down-projection input), r (residual before the final norm) and h (final hidden
-    state) at P (last prompt position) and S (a fed-back [SEG]) for every context, fp32."""
+    state) at P (last prompt position) and S (a fed-back [SEG]) for every context, fp32.
+
+    Two new tokens make two forward steps, the prompt and the forced [SEG] fed back (the last token
+    is never fed back: transformers' ``generate``, which the InternVL test model uses as upstream
+    does, and the other families' greedy loop alike)."""
     down, norm, head = (model.get_submodule(n) for n in (names.down, names.norm, names.head))
     rec: dict[str, list[torch.Tensor]] = {"x": [], "r": [], "h": []}
+    steps: dict[str, list[torch.Tensor]] = {"x": [], "r": [], "h": []}
 
     def last(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, t.shape[-1])[-1].detach().float().clone()
 
-    def force_seg(module, args, out):  # greedy decoding then feeds [SEG] back: S is recorded
+    def force_seg(module, args, out):  # the model then feeds [SEG] back: S is recorded
         out = out.clone()
         out[..., seg_id] = out.max() + 1e4
         return out
 
-    hooks = [down.register_forward_pre_hook(lambda m, a: rec["x"].append(last(a[0]))),
-             norm.register_forward_pre_hook(lambda m, a: rec["r"].append(last(a[0]))),
-             norm.register_forward_hook(lambda m, a, o: rec["h"].append(last(o))),
+    hooks = [down.register_forward_pre_hook(lambda m, a: steps["x"].append(last(a[0]))),
+             norm.register_forward_pre_hook(lambda m, a: steps["r"].append(last(a[0]))),
+             norm.register_forward_hook(lambda m, a, o: steps["h"].append(last(o))),
              head.register_forward_hook(force_seg)]
     sam = model.grounding_encoder
     sam.predict_masks = lambda frames, seg_embeds, size: []  # masks are not needed here: skip SAM
     try:
         for ctx in contexts:
-            _predict(model, tok, ctx, max_new_tokens=1)
+            for v in steps.values():
+                v.clear()
+            _predict(model, tok, ctx, max_new_tokens=2)
+            if any(len(v) != 2 for v in steps.values()):
+                raise RuntimeError(f"expected 2 forward steps per context, recorded {[len(v) for v in steps.values()]}")
+            for k, v in steps.items():
+                rec[k] += v
     finally:
         del sam.predict_masks
         for h in hooks:
             h.remove()
-    n = len(contexts)
-    if any(len(v) != 2 * n for v in rec.values()):
-        raise RuntimeError(f"expected 2 forward steps per context, recorded {[len(v) for v in rec.values()]}")
     return {f"{k}_{pos}": torch.stack(v[i::2]) for k, v in rec.items() for i, pos in ((0, "P"), (1, "S"))}
 
 

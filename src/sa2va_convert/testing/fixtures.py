@@ -44,7 +44,11 @@ from .training_checkpoint import (  # noqa: F401  (re-exported: the fixture writ
 from .values import make_tensor
 
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # HF's default "5GB"
+# config.json's transformers_version, as save_pretrained writes it: upstream's `latest` pin, and for the
+# InternLM2 families (Sa2VA-8B / 26B style) its `legacy` pin, the newest their code generates with
+# (FORMATS.md §9). The round trip quotes it when the installed transformers cannot run the code.
 TRANSFORMERS_VERSION = "4.57.0"
+LEGACY_TRANSFORMERS_VERSION = "4.49.0"
 
 _REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -270,7 +274,7 @@ def base_config(p: Preset, s: Sizes, *, dtype: str = "bf16", raw_internvl: bool 
         "ps_version": "v2", "dynamic_image_size": False, "use_thumbnail": False,
         "max_dynamic_patch": 1, "min_dynamic_patch": 1, "use_backbone_lora": 0,
         "use_llm_lora": 0, "tie_word_embeddings": False, "torch_dtype": torch_dtype,
-        "transformers_version": TRANSFORMERS_VERSION,
+        "transformers_version": LEGACY_TRANSFORMERS_VERSION if p.llm == "internlm2" else TRANSFORMERS_VERSION,
     })
     return cfg
 

@@ -143,6 +143,81 @@ def filter_flash_attn(result: dict) -> None:
     result["flash_attn"]["filtered"] = True
 
 
+def relative_modules(path: str) -> list:
+    """Sibling modules a remote-code file imports relatively: ``from .x import y`` and ``from . import x``
+    (read with ``ast``, never imported). A standalone twin of ``read/remote_code.py``'s scan."""
+    import ast
+
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=path)
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                out.append(node.module.split(".")[0])
+            else:
+                out.extend(alias.name for alias in node.names)
+    return out
+
+
+def make_nested_code_importable(folder: str, result: dict):
+    """Let transformers copy every file the folder's remote code imports, however deep.
+
+    For a local folder transformers copies into its module cache only the files the config or
+    modeling file imports directly (``check_imports`` returns the direct relative imports), not
+    the files those import in turn. Upstream's SAM3 code is laid out that way (the modeling file
+    imports ``sam3.py``, which imports sibling ``sam3pkg_*.py`` files: FORMATS.md §9), so a correct
+    folder fails with ``FileNotFoundError`` — upstream's own ``from_pretrained`` included. Here
+    ``check_imports`` returns the whole closure of sibling files, which transformers then copies
+    (and checks for missing packages) like direct imports; the extra files are reported. Returns a
+    function that puts transformers back."""
+    import transformers.dynamic_module_utils as dmu
+
+    original = dmu.check_imports
+    here = os.path.realpath(folder)
+    copied: set = set()  # what transformers copies anyway: each module file and its direct relative imports
+    extra: set = set()
+
+    def check_imports(filename):
+        direct = list(original(filename))
+        if os.path.dirname(os.path.realpath(filename)) != here:
+            return direct
+        copied.update(direct + [os.path.splitext(os.path.basename(filename))[0]])
+        seen, todo = set(direct), list(direct)
+        while todo:
+            path = os.path.join(here, todo.pop() + ".py")
+            if not os.path.isfile(path):
+                continue  # transformers names the missing file itself
+            for dep in relative_modules(path):
+                if dep not in seen:
+                    seen.add(dep)
+                    todo.append(dep)
+                    if os.path.isfile(os.path.join(here, dep + ".py")):
+                        original(os.path.join(here, dep + ".py"))  # its packages are checked too
+                    extra.add(dep)
+        result["nested_imports"] = sorted(f + ".py" for f in extra - copied)
+        return direct + [d for d in sorted(seen) if d not in direct]
+
+    dmu.check_imports = check_imports
+
+    def restore() -> None:
+        dmu.check_imports = original
+
+    return restore
+
+
+@contextlib.contextmanager
+def nested_code_importable(folder: str):
+    """``make_nested_code_importable`` for a block of code in this process (tests, the fixture
+    generator); yields the list of files it had to add, and puts transformers back afterwards."""
+    result: dict = {"nested_imports": []}
+    restore = make_nested_code_importable(str(folder), result)
+    try:
+        yield result
+    finally:
+        restore()
+
+
 def disable_flash_attn_in_config(config) -> None:
     """Switch off flash attention wherever the (remote) config offers a switch."""
     for cfg in (config, getattr(config, "vision_config", None), getattr(config, "llm_config", None),
@@ -181,6 +256,80 @@ def model_class(folder: str, raw_config: dict):
     return get_class_from_dynamic_module(ref, folder)
 
 
+# ---------------------------------------------------------------- facts for the parent's diagnosis
+
+PACKAGES = ("torch", "torchvision", "timm", "transformers", "peft", "accelerate", "tokenizers", "sentencepiece",
+            "einops", "qwen-vl-utils", "flash-attn", "numpy", "pillow", "safetensors")
+
+
+def package_versions() -> dict:
+    """Installed versions from the packages' metadata (nothing imported: a torchvision built for
+    another torch fails on import, and its version is exactly what the parent must name)."""
+    from importlib import metadata
+
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+        except Exception:  # a broken install: the import will tell
+            out[name] = None
+    return out
+
+
+def calls_post_init(cls) -> bool | None:
+    """Whether the model class's own ``__init__`` calls ``self.post_init()`` (read from its source).
+
+    transformers 5 sets attributes ``from_pretrained`` needs in ``post_init``; upstream
+    ``Sa2VAChatModel.__init__`` never calls it (FORMATS.md §9), so its code loads on 4.x only."""
+    for klass in getattr(cls, "__mro__", ()):
+        init = klass.__dict__.get("__init__")
+        if init is None or klass.__module__.startswith(("transformers.", "torch.")):
+            continue
+        try:
+            return "post_init(" in inspect.getsource(init)
+        except (OSError, TypeError):
+            return None
+    return None
+
+
+def generation_facts(model) -> list:
+    """For each sub-model that has ``generate``: does transformers think it can generate?
+
+    transformers >= 4.50 asks ``can_generate()``, which looks for ``GenerationMixin`` among a
+    class's direct bases or in bases whose name does not contain "PreTrainedModel"; upstream's
+    ``InternLM2ForCausalLM`` gets it only through ``InternLM2PreTrainedModel`` (FORMATS.md §9), so
+    it is left without a ``generation_config`` and ``generate`` fails."""
+    facts = []
+    for name, module in [("", model)] + list(model.named_children()):
+        if not hasattr(module, "generate") or not hasattr(module, "can_generate"):
+            continue
+        try:
+            can = bool(module.can_generate())
+        except Exception:
+            can = None
+        mro = [k.__name__ for k in type(module).__mro__]
+        facts.append({"module": name or "(model)", "class": type(module).__name__, "can_generate": can,
+                      "generation_config": getattr(module, "generation_config", None) is not None,
+                      "mixin_via": next((k.__name__ for k in type(module).__mro__[1:]
+                                         if "GenerationMixin" in [b.__name__ for b in k.__bases__]), None),
+                      "mro": mro[:6]})
+    return facts
+
+
+def error_chain(e: BaseException) -> list:
+    """"Type: first line" of the exception and every cause/context under it, outermost first: the
+    cause of a transformers lazy-import error (e.g. ``operator torchvision::nms does not exist``)
+    sits at the start of a long traceback, where a cut tail would lose it."""
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen and len(chain) < 8:
+        seen.add(id(e))
+        chain.append(f"{type(e).__name__}: {first_line(e)}")
+        e = e.__cause__ or e.__context__
+    return chain
+
+
 # ---------------------------------------------------------------- device
 
 
@@ -209,25 +358,58 @@ def resolve_device(requested: str, result: dict):
     return "cpu"
 
 
-def map_cuda_to_cpu(result: dict):
-    """Let the model's own CUDA calls run on the CPU: ``.cuda()`` and ``torch.autocast('cuda')``.
-
-    The upstream Sa2VA code moves its inputs with ``.cuda()`` and wraps SAM2 in
-    ``torch.autocast('cuda')`` inside ``predict_forward`` (FORMATS.md §8); nothing else on that
-    path needs a GPU. Mapping just those calls lets the real code run on a CPU-only machine
-    instead of failing. Installed before the remote code is imported (``from torch import
-    autocast`` in it then gets the mapped one), counted, and reported, so nobody mistakes a CPU
-    run for a GPU run. Any other CUDA use (``device='cuda'``, ``.to('cuda')``) still fails,
-    with the model's own error.
-    """
+def _is_cuda_device(value, *, ints: bool = False) -> bool:
+    """A ``device`` argument that names a GPU: ``"cuda"``, ``"cuda:0"``, ``torch.device("cuda")`` (and,
+    as ``.to(0)`` means, an int where only a device can stand)."""
     import torch
 
-    counts = {"tensor.cuda": 0, "module.cuda": 0, "autocast": 0}
+    if isinstance(value, torch.device):
+        return value.type == "cuda"
+    if isinstance(value, str):
+        return value == "cuda" or value.startswith("cuda:")
+    return ints and isinstance(value, int) and not isinstance(value, bool)
+
+
+def map_cuda_to_cpu(result: dict):
+    """Let the model's own CUDA uses run on the CPU, and count them.
+
+    The upstream Sa2VA code reaches CUDA on the way to a mask in several ways (FORMATS.md §8, §9):
+    ``.cuda()`` on input ids and pixel values, ``torch.autocast('cuda')`` around SAM2, and in
+    SAM2's video-state init (``sam2.py`` ``init_state``) ``torch.device("cuda")`` as the state's
+    device, which later reaches ``torch.zeros(..., device=...)`` and ``.to(device, non_blocking=True)``
+    (and ``.cuda(non_blocking=True)`` on memory features). A ``TorchFunctionMode`` sees every
+    torch call with its arguments, so each of those forms is rewritten at the call (a ``device``
+    argument naming a GPU becomes the CPU; ``.cuda()`` becomes ``.to("cpu")``; ``pin_memory()``,
+    which needs an accelerator, is a no-op), and ``torch.autocast``, which is no torch call, is
+    replaced by a class that maps its device type. Installed before the remote code is imported
+    (``from torch import autocast`` in it then gets the mapped one), only in this child and only
+    when it runs on the CPU; every mapping is counted and reported, so nobody mistakes a CPU run
+    for a GPU run. Returns a function that puts torch back.
+    """
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    counts = {"tensor.cuda": 0, "module.cuda": 0, "to(cuda)": 0, "device=cuda": 0, "autocast": 0,
+              "pin_memory": 0}
     result["cuda_mapped"] = counts
 
-    def tensor_cuda(self, device=None, non_blocking=False, **kwargs):
-        counts["tensor.cuda"] += 1
-        return self.to("cpu", non_blocking=non_blocking)
+    class CpuForCuda(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = dict(kwargs or {})
+            name = getattr(func, "__name__", "")
+            if name == "cuda" and args and isinstance(args[0], torch.Tensor):
+                counts["tensor.cuda"] += 1
+                return args[0].to("cpu", non_blocking=bool(kwargs.get("non_blocking", False)))
+            if name == "pin_memory" and args and isinstance(args[0], torch.Tensor):
+                counts["pin_memory"] += 1
+                return args[0]
+            if "device" in kwargs and _is_cuda_device(kwargs["device"], ints=name == "to"):
+                counts["to(cuda)" if name == "to" else "device=cuda"] += 1
+                kwargs["device"] = "cpu"
+            if name == "to" and len(args) > 1 and _is_cuda_device(args[1], ints=True):
+                counts["to(cuda)"] += 1
+                args = (args[0], "cpu", *args[2:])
+            return func(*args, **kwargs)
 
     def module_cuda(self, device=None):
         counts["module.cuda"] += 1
@@ -245,17 +427,19 @@ def map_cuda_to_cpu(result: dict):
     def cuda_amp_autocast(enabled=True, dtype=torch.float16, cache_enabled=True):
         return autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
 
-    saved = [(torch.Tensor, "cuda", torch.Tensor.cuda), (torch.nn.Module, "cuda", torch.nn.Module.cuda),
-             (torch, "autocast", torch.autocast), (torch.amp, "autocast", torch.amp.autocast)]
-    torch.Tensor.cuda = tensor_cuda
+    saved = [(torch.nn.Module, "cuda", torch.nn.Module.cuda), (torch, "autocast", torch.autocast),
+             (torch.amp, "autocast", torch.amp.autocast)]
     torch.nn.Module.cuda = module_cuda
     torch.autocast = autocast
     torch.amp.autocast = autocast
     if hasattr(torch.cuda, "amp"):
         saved.append((torch.cuda.amp, "autocast", torch.cuda.amp.autocast))
         torch.cuda.amp.autocast = cuda_amp_autocast
+    mode = CpuForCuda()
+    mode.__enter__()
 
     def restore() -> None:
+        mode.__exit__(None, None, None)
         for owner, name, value in saved:
             setattr(owner, name, value)
 
@@ -477,12 +661,15 @@ def load_model(args: dict, result: dict) -> Loaded:
     result["dtype"] = dtype_name
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
                    "fp64": torch.float64}[dtype_name]
+    result["config_transformers_version"] = raw_config.get("transformers_version")
     filter_flash_attn(result)
+    make_nested_code_importable(folder, result)
     config = load_config(folder, result)
     if not result["flash_attn"]["installed"]:
         disable_flash_attn_in_config(config)
     cls = model_class(folder, raw_config)
     result["model_class"] = cls.__name__ if cls is not None else None
+    result["model_calls_post_init"] = calls_post_init(cls) if cls is not None else None
     timings["config"] = round(time.perf_counter() - t, 3)
 
     stage(result, "load")
@@ -502,6 +689,7 @@ def load_model(args: dict, result: dict) -> Loaded:
     if not multi:
         model = model.to(device)
     model.eval()
+    result["generation"] = generation_facts(model)
     result["loading_info"] = {k: sorted(str(x) for x in (v or ())) for k, v in dict(info).items()}
     timings["load"] = round(time.perf_counter() - t, 3)
 
@@ -733,6 +921,7 @@ def main(argv: list) -> int:
     os.dup2(2, 1)
     started = time.perf_counter()
     try:
+        result["packages"] = package_versions()
         args = json.loads(argv[1])
         result["mode"] = args.get("mode")
         run(args, result)
@@ -741,7 +930,7 @@ def main(argv: list) -> int:
         tb = traceback.format_exc()
         result["error"] = {
             "stage": result["stage"], "type": type(e).__name__, "message": first_line(e) or type(e).__name__,
-            "own": isinstance(e, StageError), "traceback": tb[-6000:],
+            "own": isinstance(e, StageError), "traceback": tb[-6000:], "chain": error_chain(e),
         }
     result["timings"]["total"] = round(time.perf_counter() - started, 3)
     sys.stdout.flush()

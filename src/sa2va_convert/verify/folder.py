@@ -15,20 +15,21 @@ Plain data only: the ``verify`` command (``cli_verify.py``) renders the report f
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-from ..errors import VerifyError
+from ..errors import ConvertError, VerifyEnvironmentError, VerifyError
 from ..plan.keymap import Keymap, load_all_builtin
+from ..read.remote_code import ImportCheck, check_imports, install_hint, pip_name
 from ..read.safetensors_header import tensor_names
 from ..write.guard import REPORT_NAME, TOOL_NAME, read_report  # the files and keys verify reads are the ones the write stage wrote
 from ..write.model_card import CHECKSUM_KEY
-from .roundtrip import DEFAULT_PROMPT, DEFAULT_TIMEOUT, RoundTripReport, run_roundtrip
+from .roundtrip import DEFAULT_PROMPT, DEFAULT_TIMEOUT, RoundTripReport, resolve_python, run_roundtrip
 
 if TYPE_CHECKING:  # structural imports torch: loaded only when a folder is checked, so `--help` stays fast
     from .structural import StructuralReport
@@ -64,63 +65,35 @@ class VerifyReport:
 # ---------------------------------------------------------------- remote code
 
 
-def _relative_imports(path: Path) -> list[str]:
-    """Modules a file imports relatively (``from .x import y`` -> ``x.py``), inside try blocks too.
+def check_remote_code(folder: str | Path, config: dict | None = None, *, python: str | None = None,
+                      need_packages: bool = False) -> ImportCheck:
+    """Every remote-code file the folder's auto_map modules need, to any depth, and where their imports resolve.
 
-    transformers' own check (``get_relative_import_files``) requires every such file before
-    loading, whether or not the import would run, so a missing one fails ``from_pretrained``."""
-    try:
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    except SyntaxError as e:
-        raise VerifyError(f"remote-code file is not valid Python (line {e.lineno}: {e.msg})", path=path,
-                          hint="copy it again from the base Sa2VA folder") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise VerifyError(f"remote-code file cannot be read ({e})", path=path,
-                          hint="copy it again from the base Sa2VA folder") from None
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
-            out.append(node.module.replace(".", "/") + ".py")
-    return out
-
-
-def _entry_modules(folder: Path, config: dict) -> list[tuple[str, str]]:
-    """(file, named by) for the modules auto_map entries point at, config and tokenizer."""
-    entries: list[tuple[str, str]] = []
-    for cls, ref in (config.get("auto_map") or {}).items():
-        entries.append((str(ref).split("--")[-1].split(".")[0] + ".py", f"config.json auto_map.{cls}"))
-    tok_cfg = folder / "tokenizer_config.json"
-    if tok_cfg.is_file():
-        try:
-            amap = (json.loads(tok_cfg.read_text(encoding="utf-8")).get("auto_map") or {})
-        except (OSError, json.JSONDecodeError):
-            amap = {}
-        for cls, refs in amap.items():
-            for ref in refs if isinstance(refs, list) else [refs]:
-                if ref:
-                    entries.append((str(ref).split("--")[-1].split(".")[0] + ".py",
-                                    f"tokenizer_config.json auto_map.{cls}"))
-    return entries
-
-
-def check_remote_code(folder: str | Path, config: dict | None = None) -> list[str]:
-    """Every remote-code file the folder's auto_map modules need, transitively; raises if one is missing."""
+    A missing file or an import that exists nowhere is the folder's fault (VerifyError, exit 7);
+    a known package missing from ``python`` is the environment's (exit 9), and only matters when
+    the round trip is to run there (``need_packages``)."""
     folder = Path(folder)
-    if config is None:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    todo = _entry_modules(folder, config)
-    seen: dict[str, str] = {}
-    while todo:
-        fname, by = todo.pop()
-        if fname in seen:
-            continue
-        seen[fname] = by
-        path = folder / fname
-        if not path.is_file():
-            raise VerifyError(f"remote-code file {fname} is missing (needed by {by})", path=path,
-                              hint="copy it from the base Sa2VA folder (or re-run the conversion)")
-        todo.extend((dep, fname) for dep in _relative_imports(path))
-    return sorted(seen)
+    try:
+        check = check_imports(folder, config, python=python)
+    except ConvertError as e:  # a file that is not valid Python: the folder is broken
+        raise VerifyError(e.message, path=e.path, hint=e.hint) from None
+    for fname, by in check.code.missing:
+        raise VerifyError(f"remote-code file {fname} is missing (needed by {by})", path=folder / fname,
+                          hint="copy it from the base Sa2VA folder (or re-run the conversion)")
+    if check.nowhere:
+        r = check.nowhere[0]
+        raise VerifyError(f"remote code line {r.line} imports {r.module!r}, which is not the standard library, "
+                          "not an installed package and not a file beside it: the folder loads only where that "
+                          "module exists", path=folder / r.file,
+                          hint="convert again from a self-contained Sa2VA folder")
+    if need_packages and check.missing_packages:
+        names = sorted({pip_name(r.module) for r in check.missing_packages})
+        first = check.missing_packages[0]
+        raise VerifyEnvironmentError(
+            f"the round trip cannot run in {python or sys.executable}: the folder's remote code imports "
+            f"{', '.join(names)}, not installed there (e.g. {first.file}:{first.line})", path=folder,
+            hint=f"{install_hint(names)}, or pass --python with an environment that has them")
+    return check
 
 
 # ---------------------------------------------------------------- checksums
@@ -210,7 +183,13 @@ def verify_folder(
             report.notes.append("config.json architectures match no built-in keymap: vocabulary sizes not checked")
         report.structural = check_folder(folder, keymap, read_values=read_values)
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        report.code_files = check_remote_code(folder, config)
+        child_python = resolve_python(python) if roundtrip else None
+        code = check_remote_code(folder, config, python=child_python, need_packages=roundtrip)
+        report.code_files = sorted(code.code.files)
+        if code.missing_packages and not roundtrip:
+            report.notes.append("loading this folder needs " + ", ".join(sorted({pip_name(r.module) for r in
+                                                                                code.missing_packages}))
+                                + ", not installed here")
         report.checksums = check_checksums(folder, _shard_files(folder), report.structural.sha256)
         if report.checksums["status"] == "not recorded":
             report.notes.append("no shard checksums recorded: corruption that still decodes as finite numbers "

@@ -30,9 +30,11 @@ from typing import Any, Callable
 
 from ..errors import UsageError, VerifyEnvironmentError, VerifyError
 from ..machine import available_ram
+from .environment import diagnose
 
 CHILD_SCRIPT = Path(__file__).with_name("_child.py")
 DEFAULT_PROMPT = "<image>Please segment the object."
+SEG_TOKEN = "[SEG]"
 DEFAULT_TIMEOUT = 1800.0
 DEVICES = ("auto", "cpu", "cuda")
 STAGE_PREFIX = "@@stage "
@@ -56,7 +58,6 @@ _KNOWN_BREAKAGE = (
      "transformers<4.53 (upstream v1 pins 4.42.3)"),
 )
 INSTALL_HINT = "pip install 'sa2va-convert[verify]'"
-_MISSING_PACKAGES = re.compile(r"requires the following packages that were not found in your environment: ([^.]+)")
 _CUDA_WORDS = re.compile(r"cuda|nvidia|gpu", re.I)
 _CUDA_CALLS = re.compile(r"\.cuda\(|autocast\(\s*['\"]cuda|device_type\s*=\s*['\"]cuda|['\"]cuda['\"]")
 
@@ -89,6 +90,8 @@ class RoundTripReport:
         d["parameters"] = self.raw.get("parameters")
         d["saved"] = self.raw.get("saved")
         d["cuda_mapped"] = self.raw.get("cuda_mapped")
+        d["nested_imports"] = self.raw.get("nested_imports")
+        d["packages"] = self.raw.get("packages")
         d["memory"] = self.raw.get("memory")
         if d["error"]:
             d["error"] = {k: v for k, v in d["error"].items() if k != "traceback"}
@@ -222,7 +225,10 @@ def _kill(proc: subprocess.Popen) -> None:
 # ---------------------------------------------------------------- judging the result
 
 
-_UNMAPPED_CUDA = re.compile(r"device\s*=\s*['\"]cuda|\.to\(\s*['\"]cuda|torch\.device\(\s*['\"]cuda")
+# What the child's CPU mapping (``_child.map_cuda_to_cpu``) cannot rewrite: calls into torch.cuda itself,
+# CUDA generators, and kernels compiled for CUDA.
+_UNMAPPED_CUDA = re.compile(r"torch\.cuda\.(?!is_available|amp\b|empty_cache|device_count)\w+\(|"
+                            r"Generator\([^)]*cuda|extra_cuda_cflags|load_inline\(")
 
 
 def cuda_calls(folder: Path, limit: int = 3, *, mapped: bool = False) -> list[str]:
@@ -268,6 +274,10 @@ def child_failure(run: ChildRun, *, folder: Path, python: str, device: str, time
     gpu = run.result.get("gpu") or {}
     text = f"{etype}: {msg}"
     used = run.result.get("device") or device
+    env = diagnose(run.result, folder=folder, python=python, what=what,
+                   sibling_modules={p.stem for p in Path(folder).glob("*.py")})
+    if env is not None:
+        return env
     if stage_name == "import":
         return VerifyEnvironmentError(f"{python} cannot run the {what}: {text}", path=python,
                                       hint=f"{INSTALL_HINT}, or pass --python with an environment that has torch, "
@@ -280,12 +290,6 @@ def child_failure(run: ChildRun, *, folder: Path, python: str, device: str, time
     if etype == "MemoryError" or "DefaultCPUAllocator: can't allocate memory" in msg or "out of memory" in msg.lower():
         return VerifyEnvironmentError(f"{what} ran out of memory while {where}: {text}", path=folder,
                                       hint=_memory_hint(what))
-    missing = _MISSING_PACKAGES.search(msg)
-    if missing:
-        pkgs = " ".join(p.strip() for p in missing.group(1).split(","))
-        return VerifyEnvironmentError(f"the folder's remote code needs packages missing from {python}: {pkgs}",
-                                      path=folder, hint=f"{INSTALL_HINT} (or pip install {pkgs} into that "
-                                                        "environment), or pass --python with one that has them")
     tb = err.get("traceback", "")
     if _CUDA_WORDS.search(text) or (not gpu.get("cuda_available") and ".cuda(" in tb):
         if str(used).startswith("cpu"):
@@ -382,6 +386,15 @@ def _last_line(text: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
+def masks_expected(run: dict[str, Any]) -> set[int]:
+    """How many masks an answer's [SEG] tokens give: one each, but a [SEG] that ends the answer (the
+    generation cap cut it) may give none, since upstream reads each [SEG]'s hidden state from the
+    token fed back after it (``sequences[0][:-1]`` in modeling_sa2va_chat.py)."""
+    n = int(run.get("seg_count") or 0)
+    ends_with_seg = str(run.get("prediction") or "").rstrip().endswith(SEG_TOKEN)
+    return {n, n - 1} if ends_with_seg and n else {n}
+
+
 def judge_runs(report: RoundTripReport, folder: Path, *, expect_mask: bool = False) -> list[str]:
     """Contract checks on predict_forward's output (FORMATS.md §5); returns warnings, raises on breaches."""
     warnings: list[str] = []
@@ -400,12 +413,12 @@ def judge_runs(report: RoundTripReport, folder: Path, *, expect_mask: bool = Fal
                 raise VerifyError(f"predict_forward ({name}) mask {i} is {m.get('dtype')} {m.get('shape')}; "
                                   f"expected bool {expected} (n_frames, height, width) for a {w}x{h} input",
                                   path=folder, hint="check the folder's remote code and the SAM2 weights")
-        if run.get("forced") and run.get("n_masks") != run.get("seg_count"):
+        if run.get("forced") and run.get("n_masks") not in masks_expected(run):
             raise VerifyError(f"with [SEG] forced through generation, predict_forward returned {run.get('n_masks')} "
                               f"mask(s) for {run.get('seg_count')} [SEG]: the mask path (text_hidden_fcs -> SAM2) "
                               "does not work", path=folder, hint="check the SAM2 and text_hidden_fcs weights and the "
                                                                  "remote code")
-        if run.get("seg_count") is not None and run.get("n_masks") != run["seg_count"]:
+        if run.get("seg_count") is not None and run.get("n_masks") not in masks_expected(run):
             warnings.append(f"{name}: {run['seg_count']} [SEG] in the answer but {run.get('n_masks')} mask(s)")
     if expect_mask:
         own = next((r for r in report.runs if r.get("name") == "image"), None)
@@ -504,7 +517,12 @@ def summary_line(rt: dict[str, Any]) -> str:
     mapped = rt.get("cuda_mapped") or {}
     where = f"loaded on {rt.get('device')}"
     if mapped:
-        where += f" (CUDA calls mapped to CPU: {sum(mapped.values())})"
+        kinds = ", ".join(f"{_MAPPED_WORDS.get(k, k)} {n}" for k, n in mapped.items() if n)
+        where += f" (CUDA calls mapped to CPU: {sum(mapped.values())}" + (f": {kinds}" if kinds else "") + ")"
+    nested = rt.get("nested_imports") or []
+    if nested:
+        where += (f" (remote code imports {len(nested)} file(s) deeper than transformers copies for a local folder: "
+                  f"{', '.join(nested[:3])}{' ...' if len(nested) > 3 else ''}; made importable)")
     parts = [f"{where} in {rt.get('dtype')} (transformers {versions.get('transformers')}, "
              f"torch {versions.get('torch')})"]
     runs = {r.get("name"): r for r in rt.get("runs", [])}
@@ -519,6 +537,10 @@ def summary_line(rt: dict[str, Any]) -> str:
         elif r.get("name") not in ("image",):
             parts.append(f"{r.get('name')}: {_masks(r)}")
     return "; ".join(parts) + f"; {rt.get('seconds', 0):.1f}s"
+
+
+_MAPPED_WORDS = {"tensor.cuda": ".cuda()", "module.cuda": "module.cuda()", "to(cuda)": ".to('cuda')",
+                 "device=cuda": "device='cuda'", "autocast": "autocast('cuda')", "pin_memory": "pin_memory()"}
 
 
 def _masks(run: dict[str, Any]) -> str:

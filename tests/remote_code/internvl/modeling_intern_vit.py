@@ -2,10 +2,15 @@
 
 Keys (under ``vision_model.``): ``embeddings.{class_embedding, patch_embedding, position_embedding}``,
 ``encoder.layers.{j}.{attn.qkv, attn.proj, mlp.fc1, mlp.fc2, norm1, norm2, ls1, ls2}``.
+
+Like upstream's ``projects/sa2va/hf/models/modeling_intern_vit.py`` (bytedance/Sa2VA 9832e1a, line 13)
+it imports timm's ``DropPath`` at module level: timm must be installed and import (it imports
+torchvision, which fails beside a torch it was not built for), as users' environments need.
 """
 
 import torch
 import torch.nn.functional as F
+from timm.models.layers import DropPath
 from torch import nn
 
 
@@ -64,10 +69,12 @@ class InternVisionEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.ls1 = nn.Parameter(torch.ones(d))  # layer scale
         self.ls2 = nn.Parameter(torch.ones(d))
+        self.drop_path1 = DropPath(0.0)  # no parameters; identity at inference, as upstream's drop_path_rate 0
+        self.drop_path2 = DropPath(0.0)
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x)) * self.ls1
-        return x + self.mlp(self.norm2(x)) * self.ls2
+        x = x + self.drop_path1(self.attn(self.norm1(x)) * self.ls1)
+        return x + self.drop_path2(self.mlp(self.norm2(x)) * self.ls2)
 
 
 class InternVisionEncoder(nn.Module):

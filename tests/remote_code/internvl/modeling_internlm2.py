@@ -6,12 +6,26 @@ Keys (under ``language_model.``): ``model.tok_embeddings``, ``model.layers.{i}.a
 
 ``wqkv`` is packed as InternLM2 packs it: for each of the ``nkv`` key/value groups, the group's
 ``nh/nkv`` query heads, then its key head, then its value head; rows ``(nh + 2*nkv) * hd``.
-The KV cache is a tuple of per-layer ``(k, v)`` pairs, passed as ``past_key_values``; outputs are dicts.
+The KV cache is a tuple of per-layer ``(k, v)`` pairs (the legacy cache format), passed as
+``past_key_values``.
+
+Like upstream's InternLM2 code, where users get hurt (FORMATS.md §9):
+``InternLM2PreTrainedModel(PreTrainedModel, GenerationMixin)`` and
+``InternLM2ForCausalLM(InternLM2PreTrainedModel)`` with its own ``prepare_inputs_for_generation``
+(upstream ``projects/sa2va/hf/models/modeling_internlm2.py`` lines 721, 1003 and 1127 at
+bytedance/Sa2VA 9832e1a). transformers >= 4.50's ``can_generate()`` does not look through a base
+whose name contains "PreTrainedModel", so the causal LM gets no ``generation_config`` and
+``generate`` fails with "'NoneType' object has no attribute 'transformers_version'"; with
+transformers 4.49 (upstream's ``legacy`` pin) it generates.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_internlm2 import InternLM2Config
 
 
 class InternLM2RMSNorm(nn.Module):
@@ -89,32 +103,58 @@ class InternLM2DecoderLayer(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x)), present
 
 
-class InternLM2Model(nn.Module):
+class InternLM2PreTrainedModel(PreTrainedModel, GenerationMixin):
+    """GenerationMixin comes in here, as in upstream (modeling_internlm2.py:721), not in the causal LM."""
+
+    config_class = InternLM2Config
+    base_model_prefix = "model"
+    _no_split_modules = ["InternLM2DecoderLayer"]
+    _skip_keys_device_placement = "past_key_values"
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(mean=0.0, std=self.config.initializer_range)
+            if getattr(module, "bias", None) is not None:
+                module.bias.data.zero_()
+
+
+class InternLM2Model(InternLM2PreTrainedModel):
     def __init__(self, config):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(InternLM2DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = InternLM2RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
 
-    def forward(self, input_ids=None, inputs_embeds=None, past_key_values=None, use_cache=True, **kwargs):
+    def get_input_embeddings(self):
+        return self.tok_embeddings
+
+    def forward(self, input_ids=None, inputs_embeds=None, past_key_values=None, use_cache=True,
+                output_hidden_states=False, return_dict=True, **kwargs):
         x = self.tok_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        presents = []
+        presents, hidden = [], [x] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
-            past = None if past_key_values is None else past_key_values[i]
+            past = None if not past_key_values else past_key_values[i]
             x, present = layer(x.to(layer.ffn_norm.weight.device), past)
             presents.append(present)
+            if output_hidden_states and i < len(self.layers) - 1:
+                hidden.append(x)
         x = self.norm(x.to(self.norm.weight.device))
-        # a plain dict: transformers 5.x output classes rename `past_key_values` to `cache`
-        return {"last_hidden_state": x, "past_key_values": tuple(presents) if use_cache else None}
+        if output_hidden_states:
+            hidden.append(x)
+        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=tuple(presents) if use_cache else None,
+                                       hidden_states=tuple(hidden) if hidden is not None else None)
 
 
-class InternLM2ForCausalLM(nn.Module):
+class InternLM2ForCausalLM(InternLM2PreTrainedModel):
+    """No GenerationMixin among its own bases: upstream modeling_internlm2.py:1003."""
+
     def __init__(self, config):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.model = InternLM2Model(config)
+        self.vocab_size = config.vocab_size
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
 
     def get_input_embeddings(self):
         return self.model.tok_embeddings
@@ -122,8 +162,29 @@ class InternLM2ForCausalLM(nn.Module):
     def get_output_embeddings(self):
         return self.output
 
-    def forward(self, input_ids=None, inputs_embeds=None, past_key_values=None, use_cache=True, **kwargs):
+    def forward(self, input_ids=None, inputs_embeds=None, past_key_values=None, use_cache=True, attention_mask=None,
+                position_ids=None, output_hidden_states=False, return_dict=True, **kwargs):
         out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=past_key_values,
-                         use_cache=use_cache)
-        out["logits"] = self.output(out.last_hidden_state.to(self.output.weight.device))
-        return out
+                         use_cache=use_cache, output_hidden_states=output_hidden_states)
+        logits = self.output(out.last_hidden_state.to(self.output.weight.device)).float()
+        return CausalLMOutputWithPast(logits=logits, past_key_values=out.past_key_values,
+                                      hidden_states=out.hidden_states)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
+                                      **kwargs):
+        """Defined here, as upstream does (modeling_internlm2.py:1127): with a legacy tuple cache, feed only
+        the ids not in the cache; the prompt's embeddings only on the first step."""
+        if past_key_values:
+            input_ids = input_ids[:, past_key_values[0][0].shape[2]:] if input_ids.shape[1] > \
+                past_key_values[0][0].shape[2] else input_ids[:, -1:]
+        if inputs_embeds is not None and not past_key_values:
+            inputs = {"inputs_embeds": inputs_embeds}
+        else:
+            inputs = {"input_ids": input_ids}
+        inputs.update(past_key_values=past_key_values, use_cache=kwargs.get("use_cache"),
+                      attention_mask=attention_mask)
+        return inputs
+
+    @staticmethod
+    def _reorder_cache(past_key_values, beam_idx):
+        return tuple(tuple(t.index_select(0, beam_idx.to(t.device)) for t in layer) for layer in past_key_values)

@@ -12,18 +12,35 @@ Qwen2ForCausalLM, or modeling_internlm2.py for InternLM2), ``grounding_encoder.s
 
 ``video=[frames...]`` instead of ``image`` gives (n_frames, H, W) masks. Decoding is greedy, so the
 output is a deterministic function of the weights. Runs on whatever device the weights are on.
+
+Where users get hurt, it behaves like upstream's ``projects/sa2va/hf/models/modeling_sa2va_chat.py``
+(bytedance/Sa2VA 9832e1a; FORMATS.md §9), so that CI meets the same failures:
+
+- ``Sa2VAChatModel.__init__`` never calls ``self.post_init()`` (upstream lines 98-172): transformers 5
+  cannot load it (``all_tied_weights_keys`` is set in ``post_init``);
+- it imports torchvision at module level (upstream lines 10-11) and builds its image transform
+  with it (upstream ``preparing_for_generation``, lines 571-576), and peft (line 18): a torchvision
+  built for another torch fails the import;
+- the answer comes from ``self.language_model.generate(inputs_embeds=..., output_hidden_states=True,
+  return_dict_in_generate=True)`` (upstream ``generate``, line 515, called from ``predict_forward`` at line 735),
+  and each ``[SEG]``'s hidden state is read from the generated steps as upstream does (lines 751-756):
+  with the InternLM2 LM this fails on transformers >= 4.50 (modeling_internlm2.py);
+- input ids and pixel values move with ``.cuda()`` (upstream lines 610, 720).
 """
 
 import torch
+import torchvision.transforms as T  # noqa: N812 - upstream's spelling (modeling_sa2va_chat.py:10)
+from peft import LoraConfig  # noqa: F401 - imported at module level, as upstream does (line 18)
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen2ForCausalLM
+from torchvision.transforms.functional import InterpolationMode
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel, Qwen2ForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_sa2va_chat import Sa2VAChatConfig
 from .modeling_intern_vit import InternVisionModel
 from .modeling_internlm2 import InternLM2ForCausalLM
-from .sam2 import SAM2, image_to_tensor
-from .templates import build_prompt, get_template, greedy_generate, stop_token_ids, token_id
+from .sam2 import IMAGENET_MEAN, IMAGENET_STD, SAM2
+from .templates import build_prompt, get_template, stop_token_ids, token_id
 
 IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN, SEG_TOKEN = "<img>", "</img>", "<IMG_CONTEXT>", "[SEG]"
 MAX_LLM_FRAMES = 5  # video: frames shown to the LLM (masks are made for every frame)
@@ -73,20 +90,13 @@ class Sa2VAChatModel(PreTrainedModel):
                                              nn.Linear(lc.hidden_size, ds), nn.Dropout(0.0))
         self.max_new_tokens = 2048
         self.img_context_token_id = None  # set by predict_forward from its tokenizer
-        self.post_init()
-
-    def _init_weights(self, module):
-        """Called per module (own parameters only); small random weights, ones for norms and scales."""
-        with torch.no_grad():
-            for name, p in module.named_parameters(recurse=False):
-                if "Norm" in type(module).__name__:
-                    p.fill_(1.0 if name == "weight" else 0.0)
-                elif name == "bias":
-                    p.zero_()
-                elif name in ("ls1", "ls2", "g_weight"):
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0.0, 0.02)
+        self.transform = T.Compose([
+            T.Lambda(lambda img: img.convert("RGB")),
+            T.Resize((config.force_image_size, config.force_image_size), interpolation=InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        ])
+        # no self.post_init(): upstream's __init__ has none (see the module docstring)
 
     # ------------------------------------------------------------------ embeddings
     def get_input_embeddings(self):
@@ -130,6 +140,13 @@ class Sa2VAChatModel(PreTrainedModel):
         """Cap generation at ``max_new_tokens``. ``torch_dtype`` is accepted and ignored: inputs follow the weights."""
         self.max_new_tokens = max_new_tokens
 
+    def generation_config_for(self, tokenizer, template):
+        """Greedy, capped, stopping at the template's stop tokens (upstream: its gen_config + stop words)."""
+        stops = sorted(stop_token_ids(tokenizer, template))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+        return GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=False, eos_token_id=stops,
+                                pad_token_id=pad)
+
     def image_token_string(self, n_frames, video):
         block = IMG_START_TOKEN + IMG_CONTEXT_TOKEN * self.num_image_token + IMG_END_TOKEN
         if not video:
@@ -152,22 +169,37 @@ class Sa2VAChatModel(PreTrainedModel):
             step = len(frames) / MAX_LLM_FRAMES
             llm_frames = [frames[int(i * step)] for i in range(MAX_LLM_FRAMES)]
         image_tokens = self.image_token_string(len(llm_frames), video is not None) if frames else ""
-        # Upstream moves its inputs with .cuda() (FORMATS.md §8); so do we, so that CI exercises the
-        # CPU round trip's mapping of these calls.
+        # Upstream moves its inputs with .cuda() (modeling_sa2va_chat.py:610, 720; FORMATS.md §8); so do we, so
+        # that CI exercises the CPU round trip's mapping of these calls.
         input_ids = tokenizer(build_prompt(template, text or "", image_tokens), return_tensors="pt").input_ids.cuda()
         pixel_values = None
         if frames:
-            size = self.config.force_image_size
-            pixel_values = torch.stack([image_to_tensor(f, size) for f in llm_frames]).cuda()
+            pixel_values = torch.stack([self.transform(f) for f in llm_frames]).cuda()
 
-        lm = self.language_model
-        ids, seg_states = greedy_generate(lm.model, lm.get_output_embeddings(), lm.get_input_embeddings(),
-                                          self.embed(input_ids, pixel_values), self.max_new_tokens,
-                                          stop_token_ids(tokenizer, template), seg_id)
+        embeds = self.embed(input_ids, pixel_values)
+        out = self.language_model.generate(
+            inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids, dtype=torch.bool).to(embeds.device),
+            generation_config=self.generation_config_for(tokenizer, template), output_hidden_states=True,
+            return_dict_in_generate=True, use_cache=True)
+        ids = out.sequences[0]
         prediction = tokenizer.decode(ids, skip_special_tokens=False)
         masks = []
-        if seg_states and frames:
+        seg_states = seg_hidden_states(out.hidden_states, ids, seg_id)
+        if len(seg_states) and frames:
             fcs = param_of(self.text_hidden_fcs)
-            seg_embeds = self.text_hidden_fcs(torch.stack(seg_states).to(fcs.device, fcs.dtype))
+            seg_embeds = self.text_hidden_fcs(seg_states.to(fcs.device, fcs.dtype))
             masks = self.grounding_encoder.predict_masks(frames, seg_embeds, frames[0].size)
         return {"prediction": prediction, "prediction_masks": masks}
+
+
+def seg_hidden_states(step_hidden_states, ids, seg_id):
+    """The last layer's hidden state at each generated ``[SEG]`` fed back into the model.
+
+    ``generate`` returns, per step, the hidden states of that step's inputs: the prompt, then each
+    generated token but the last. So a ``[SEG]`` gets a mask only when another token follows it,
+    as in upstream (``get_seg_hidden_states`` over ``sequences[0][:-1]``, lines 751-756 and 774)."""
+    last = torch.cat([step[-1][0] for step in step_hidden_states], dim=0)  # [prompt + generated - 1, H]
+    fed = ids[:-1].to(last.device)
+    if seg_id is None or not len(fed):
+        return last[:0]
+    return last[-len(fed):][fed == seg_id]

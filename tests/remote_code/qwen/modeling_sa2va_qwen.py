@@ -12,12 +12,17 @@ Qwen-VL + SAM3 family (qwen_vl.py).
 """
 
 import torch
+from qwen_vl_utils import process_vision_info  # noqa: F401 - imported at module level, as upstream does
+from torchvision.transforms.functional import to_pil_image  # noqa: F401 - likewise (see below)
 
 from .configuration_sa2va_chat import Sa2VAChatConfigQwen
 from .qwen_vl import Sa2VAQwenVLBase
 from .sam2 import SAM2
 from .templates import token_id  # noqa: F401  (for qwen_vl.py: see below)
 
+# Upstream's modeling_sa2va_qwen.py imports torchvision and qwen_vl_utils at module level (lines 12 and 16 of
+# projects/sa2va/hf/models_qwen2_5_vl/modeling_sa2va_qwen.py, bytedance/Sa2VA 9832e1a): loading the folder needs
+# both installed, and a torchvision built for another torch fails right there.
 # transformers copies a local folder's remote code into its module cache one import deep: the files that
 # the auto_map module imports itself, not the files those import in turn. So every file qwen_vl.py
 # imports (sam2.py, templates.py) is imported here too, or loading the folder fails.

@@ -170,7 +170,9 @@ class Sa2VAQwenVLBase(PreTrainedModel):
                                              nn.Linear(hidden, ds), nn.Dropout(0.0))
         self.max_new_tokens = 2048
         self.image_pad_token_id = None  # set by predict_forward from its tokenizer
-        self.post_init()
+        # no self.post_init(): upstream's Sa2VAChatModelQwen.__init__ has none (projects/sa2va/hf/
+        # models_qwen2_5_vl/modeling_sa2va_qwen.py lines 41-65, bytedance/Sa2VA 9832e1a), so, like it,
+        # this model loads on transformers 4.x only (FORMATS.md §9)
 
     def make_grounding_encoder(self, config):
         """The family's ``grounding_encoder`` (holding ``sam2_model``)."""

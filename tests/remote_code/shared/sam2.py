@@ -309,6 +309,14 @@ class SAM2(nn.Module):
         dims = cfg.get("C", 16), cfg.get("Ds", 32), cfg.get("blocks", 1), cfg.get("image_size", 64)
         self.sam2_model = SAM2Model(*dims)
 
+    def init_state(self, images):
+        """The tracking state, made as upstream's ``SAM2VideoPredictor.init_state`` makes it
+        (``projects/sa2va/hf/models/sam2.py`` lines 3699-3719, bytedance/Sa2VA 9832e1a): its device and
+        storage device are ``torch.device("cuda")`` whatever device the weights are on, so on a machine
+        without a GPU the mask path needs the round trip's CPU mapping of every CUDA use (FORMATS.md §9)."""
+        return {"images": images, "num_frames": len(images), "device": torch.device("cuda"),
+                "storage_device": torch.device("cuda"), "outputs": {}}
+
     @torch.no_grad()
     def predict_masks(self, frames, seg_embeds, size):
         """frames: list of PIL images; seg_embeds [n, Ds]; size (W, H).
@@ -316,16 +324,27 @@ class SAM2(nn.Module):
         Returns n bool arrays of shape (n_frames, H, W): one per [SEG]."""
         sam = self.sam2_model
         weight = sam.no_mem_embed
-        # Upstream runs SAM2 under torch.autocast('cuda', bfloat16); enabled only for bf16 weights here so
-        # that fp32 tests keep fp32 numerics, but the call is made either way.
+        state = self.init_state(torch.stack([image_to_tensor(f, sam.image_size) for f in frames]).to(weight.dtype))
+        # Upstream runs SAM2 under torch.autocast('cuda', bfloat16) (sam2.py:336); enabled only for bf16 weights
+        # here so that fp32 tests keep fp32 numerics, but the call is made either way.
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=weight.dtype == torch.bfloat16):
-            return self._predict_masks(sam, frames, seg_embeds, size, weight)
+            return self._predict_masks(sam, state, seg_embeds, size)
 
-    def _predict_masks(self, sam, frames, seg_embeds, size, weight):
-        pixels = torch.stack([image_to_tensor(f, sam.image_size) for f in frames]).to(weight.device, weight.dtype)
-        feats = sam.image_encoder(pixels)  # [F, Ds, h, w]
-        logits = frame_mask_logits(sam, feats, seg_embeds, lambda cur, prev_feats, prev_logits: sam.memory_attention(
-            cur, sam.memory_encoder(prev_feats, prev_logits)))
-        logits = torch.cat(logits, dim=1).float()  # [n, F, 4h, 4w]
-        masks = F.interpolate(logits, size=(size[1], size[0]), mode="bilinear", align_corners=False) > 0
+    def _predict_masks(self, sam, state, seg_embeds, size):
+        # each frame goes to the GPU as upstream's _get_image_feature sends it (sam2.py:3463: .cuda())
+        feats = torch.cat([sam.image_encoder(state["images"][t].cuda().unsqueeze(0))
+                           for t in range(state["num_frames"])])  # [F, Ds, h, w]
+
+        def with_memory(cur, prev_feats, prev_logits):
+            # a frame's output is kept on the storage device (sam2.py:3543: .to(storage_device, non_blocking=True))
+            # and read back with .cuda(non_blocking=True) (sam2.py:2825, 3788)
+            stored = prev_logits.to(state["storage_device"], non_blocking=True)
+            return sam.memory_attention(cur, sam.memory_encoder(prev_feats, stored.cuda(non_blocking=True)))
+
+        logits = frame_mask_logits(sam, feats, seg_embeds, with_memory)
+        n, (h4, w4) = seg_embeds.shape[0], logits[0].shape[-2:]
+        video = torch.zeros(n, state["num_frames"], h4, w4, device=state["device"])  # as upstream's consolidated outputs
+        for t, frame_logits in enumerate(logits):
+            video[:, t] = frame_logits[:, 0].float()
+        masks = F.interpolate(video, size=(size[1], size[0]), mode="bilinear", align_corners=False) > 0
         return [m.cpu().numpy() for m in masks]

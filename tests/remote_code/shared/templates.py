@@ -85,8 +85,11 @@ def greedy_generate(body, head, embed_tokens, inputs_embeds, max_new_tokens, sto
     """Greedy decoding (deterministic) with a KV cache.
 
     Returns the generated ids (the stop token included when met) and, for every generated
-    ``[SEG]``, the last hidden state at the position of that ``[SEG]`` (the state the model
-    computes when the ``[SEG]`` token is fed back in)."""
+    ``[SEG]`` followed by another token, the last hidden state at the position of that ``[SEG]``
+    (the state the model computes when the ``[SEG]`` token is fed back in). The last token is
+    never fed back, as in transformers' ``generate``, so a ``[SEG]`` that ends a capped answer
+    gets no mask: upstream reads the states over ``sequences[0][:-1]``
+    (``projects/sa2va/hf/models/modeling_sa2va_chat.py`` lines 751-756, bytedance/Sa2VA 9832e1a)."""
     ids, seg_states, cache, embeds = [], [], None, inputs_embeds
     while True:
         logits, hidden, cache = _step(body, head, embeds, cache)
@@ -96,8 +99,8 @@ def greedy_generate(body, head, embed_tokens, inputs_embeds, max_new_tokens, sto
             break
         nxt = int(logits.argmax())
         ids.append(nxt)
-        if (len(ids) >= max_new_tokens or nxt in stop_ids) and nxt != seg_id:
-            break  # no [SEG] to read back: skip the last forward
+        if len(ids) >= max_new_tokens or nxt in stop_ids:
+            break  # the last token is not fed back (see above)
         weight = embed_tokens.weight
         embeds = embed_tokens(torch.tensor([[nxt]], device=weight.device))
     return ids, seg_states
