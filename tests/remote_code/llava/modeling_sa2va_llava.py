@@ -12,6 +12,10 @@ Key layout, as in a real Sa2VA-LLaVA-1.5-7B folder (docs/FAMILIES.md): the whole
 patch (CLS dropped, features of ``vision_feature_layer``), and the video path gives the LLM at most 5
 frames while every frame gets a mask. Inputs move with ``.to(device)``, as upstream's LLaVA file does.
 
+Like upstream's ``projects/sa2va/hf/models_llava/modeling_sa2va_llava.py`` (fork cjhcjh123-666/EvoSeg@4a21e99;
+FORMATS.md §9): it imports torchvision at module level (lines 6-7 and 15 there) and its ``__init__`` never
+calls ``self.post_init()`` (lines 44-83 there), so it loads on transformers 4.x only.
+
 CLIP keys under ``model.model.vision_tower.vision_model.`` (Dv hidden, Iv intermediate, P patch, n patches):
   embeddings.class_embedding [Dv], embeddings.patch_embedding.weight [Dv,3,P,P] (no bias),
   embeddings.position_embedding.weight [n+1, Dv], pre_layrnorm.{weight,bias},
@@ -21,7 +25,9 @@ CLIP keys under ``model.model.vision_tower.vision_model.`` (Dv hidden, Iv interm
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms as T  # noqa: F401,N812 - imported at module level, as upstream does
 from torch import nn
+from torchvision.transforms.functional import InterpolationMode  # noqa: F401 - likewise
 from transformers import LlamaModel, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -177,7 +183,7 @@ class Sa2VAChatModelLlava(PreTrainedModel):
         self.tokenizer = None
         self.max_new_tokens = 2048
         self.image_token_id = None
-        self.post_init()
+        # no self.post_init(): upstream's __init__ has none (see the module docstring)
 
     def _init_weights(self, module):
         """Called per module (own parameters only); small random weights, ones for norms and scales."""
