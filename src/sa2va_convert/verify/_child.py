@@ -283,14 +283,19 @@ def calls_post_init(cls) -> bool | None:
 
     transformers 5 sets attributes ``from_pretrained`` needs in ``post_init``; upstream
     ``Sa2VAChatModel.__init__`` never calls it (FORMATS.md §9), so its code loads on 4.x only."""
+    import ast
+    import textwrap
+
     for klass in getattr(cls, "__mro__", ()):
         init = klass.__dict__.get("__init__")
         if init is None or klass.__module__.startswith(("transformers.", "torch.")):
             continue
         try:
-            return "post_init(" in inspect.getsource(init)
-        except (OSError, TypeError):
+            tree = ast.parse(textwrap.dedent(inspect.getsource(init)))
+        except (OSError, TypeError, SyntaxError):
             return None
+        return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "post_init"
+                   for n in ast.walk(tree))
     return None
 
 

@@ -74,8 +74,8 @@ def diagnose(result: dict[str, Any], *, folder: Path, python: str, what: str = "
             f"torchvision {tv} in {python} was built for another torch than the installed torch {torch_v}{via}: "
             "it fails on import ('operator torchvision::nms does not exist'), and the model's code imports it",
             path=python, hint=f"install the torchvision made for torch {torch_v}: pip install "
-                              f"'sa2va-convert[verify]' torch=={torch_v} lets pip pick it; or pass --python with an "
-                              "environment where torch and torchvision match")
+                              f"'sa2va-convert[verify]' torch=={str(torch_v).split('+')[0]} lets pip pick it; or "
+                              "pass --python with an environment where torch and torchvision match")
 
     if _major(tf_v) is not None and _major(tf_v) >= 5 and stage in ("config", "load") and (
             result.get("model_calls_post_init") is False or _search(re.compile(r"all_tied_weights_keys"), texts)):
