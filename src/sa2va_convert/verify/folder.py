@@ -5,8 +5,9 @@
 rows vs tokenizer, NaN/Inf, auto_map files) it checks two things a user's ``from_pretrained``
 would otherwise trip over much later:
 
-- every remote-code file the folder's code imports relatively (``from .sam2 import ...``), found
-  by parsing the files (never importing them) the way transformers does before it loads them;
+- every remote-code file the folder's code imports relatively (``from .sam2 import ...``), to any
+  depth, and where every import resolves, found by parsing the files (never importing them) the
+  way transformers does before it loads them (``read/remote_code.py``);
 - shard checksums, when the conversion recorded them (``conversion_report.json`` key
   ``shard_sha256``): flipped bytes that still decode as finite numbers are invisible otherwise.
 
