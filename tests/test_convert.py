@@ -9,6 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from safetensors import safe_open
 
 from sa2va_convert.api import ConvertOptions, convert
@@ -196,7 +198,12 @@ def test_deepspeed_directory_without_optimizer_files_converts(base_cache, tmp_pa
     assert_matches_reference(out, SimpleNamespace(base=base, ckpt=SimpleNamespace(path=ckdir, scale=ck.scale)))
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+# the InternLM2 family's code generates only on transformers < 4.50, as upstream's: elsewhere its round trip
+# is the exit 9 of tests/test_environments.py
+ROUND_TRIP = [p for p in PRESETS if p != "sa2va-8b" or Version(transformers.__version__) < Version("4.50")]
+
+
+@pytest.mark.parametrize("preset", ROUND_TRIP)
 def test_every_family_loads_and_runs_predict_forward_after_conversion(preset, make_family, tmp_path):
     """The round trip per family: our remote-code models load the output with no missing keys and segment."""
     from sa2va_convert.verify.roundtrip import run_roundtrip

@@ -29,7 +29,9 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 Image = pytest.importorskip("PIL.Image")
 
+import transformers  # noqa: E402
 from _cli import run_cli  # noqa: E402
+from packaging.version import Version  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from sa2va_convert.read.checkpoint import open_checkpoint  # noqa: E402
@@ -44,6 +46,8 @@ from sa2va_convert.testing.finetune import (  # noqa: E402
 )
 from sa2va_convert.testing.reference import load_checkpoint_state_dict  # noqa: E402
 from sa2va_convert.verify._child import cuda_on_cpu  # noqa: E402
+
+INTERNLM2_GENERATES = Version(transformers.__version__) < Version("4.50")
 
 SYNTH_W, SYNTH_H = 80, 60  # the round trip's synthetic picture (verify/_child.py)
 HEAD = "language_model.lm_head.weight"
@@ -206,7 +210,7 @@ def lm_logits(model, tok) -> tuple[torch.Tensor, list[str]]:
     model.img_context_token_id = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
     prompt = code.build_prompt(code.get_template(model.template), PROMPT, model.image_token_string(1, False))
     ids = tok(prompt + SEG_TOKEN, return_tensors="pt").input_ids
-    pixels = code.image_to_tensor(synthetic_picture(), model.config.force_image_size)[None]
+    pixels = model.transform(synthetic_picture())[None]  # the model's own (torchvision) transform
     with torch.no_grad():
         logits = model(ids, pixel_values=pixels.to(next(model.parameters()).dtype)).logits[0].float()
     return logits, tok.convert_ids_to_tokens(ids[0].tolist())
@@ -255,7 +259,12 @@ def test_fp32_output_logits_equal_the_reference(demo, cli, reference_logits, tmp
 # ------------------------------------------------------------------ every family
 
 
-@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "sa2va-1b"])
+# The fit runs the family's own predict_forward; the InternLM2 family's code generates only on
+# transformers < 4.50, as upstream's (tests/test_environments.py checks the exit 9 it gives elsewhere).
+FITTABLE = [p for p in PRESETS if p != "sa2va-1b" and (p != "sa2va-8b" or INTERNLM2_GENERATES)]
+
+
+@pytest.mark.parametrize("preset", FITTABLE)
 def test_every_family_gets_a_segmenting_fine_tune(preset, base_cache, tmp_path):
     """The fit holds for each LLM and layout (checked in-process on held-out inputs in bf16)."""
     ck = write_segmenting_finetune(tmp_path / "iter_100.pth", base_cache(preset), preset)

@@ -489,7 +489,7 @@ def test_fast_fill_is_deterministic_and_varied():
 
 
 def test_tiny_example_tree(tmp_path):
-    ex = make_tiny_example(tmp_path / "demo", "sa2va-8b")
+    ex = make_tiny_example(tmp_path / "demo", "sa2va-4b")
     assert ex.base_dir == (tmp_path / "demo" / "base").resolve()
     assert ex.checkpoint.path == ex.work_dir / "iter_100.pth"
     last = ex.last_checkpoint.read_text().strip()

@@ -351,8 +351,9 @@ def plan_conversion(checkpoint: str | Path, out: str | Path, options: ConvertOpt
     resolved = resolve_checkpoint(Path(checkpoint))
     guard.check_out(out, checkpoint_inputs(Path(checkpoint), resolved) + options.named_inputs())
     inputs = open_inputs(resolved, options)
+    plan = plan_from_inputs(inputs, out, options)
     check_base_code(inputs, options)
-    return plan_from_inputs(inputs, out, options)
+    return plan
 
 
 class _Background:
@@ -410,9 +411,9 @@ def convert(
     inputs = open_inputs(resolved, options, base_folder=base_folder)
     protected.append(guard.NamedInput("base folder", Path(inputs.base.path)))
     guard.check_out(out, protected)  # the base may have been discovered from the training config
-    check_base_code(inputs, options, progress)
     progress.stage(f"planning ({inputs.keymap.name}, base {inputs.base.path})")
     plan = plan_from_inputs(inputs, out, options)
+    check_base_code(inputs, options, progress)  # after the plan: a raw MLLM base is refused there (exit 5) first
     sources = {"base": inputs.base.weights, "checkpoint": inputs.checkpoint.weights}
     if inputs.pretrained is not None:
         sources["pretrained"] = inputs.pretrained.weights
