@@ -20,6 +20,24 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix=f"hf-modules-{os.environ['PYTEST_XDIST_WORKER']}-")
     atexit.register(shutil.rmtree, os.environ["HF_MODULES_CACHE"], True)
 
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Warm yapf's grammar cache once, in the controlling process, before any worker starts.
+
+    mmengine (the checkpoint helpers' real MessageHub) imports yapf, which on its first import on a
+    machine writes a pickled grammar under ~/.cache/YAPF and reads it back; two workers importing it
+    at once on a fresh CI machine raced, and one read the half-written pickle ("EOFError: Ran out of
+    input" while collecting test_checkpoint_reader.py).
+    """
+    if hasattr(config, "workerinput"):
+        return
+    try:
+        import yapf  # noqa: F401
+    except ImportError:
+        pass
+
+
 from sa2va_convert.testing.fixtures import FixtureCheckpoint, write_base_folder, write_training_checkpoint
 
 from _cli import run_cli

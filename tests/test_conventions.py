@@ -337,7 +337,9 @@ def test_base_as_hub_repo_id_resolves_through_refs_main(make_family, base_cache,
     good = tmp_path / "good"
     shutil.copytree(fam.base, good)
     (good / "README.md").write_text("---\nlicense: apache-2.0\nbase_model: OpenGVLab/InternVL2_5-1B\n---\n# base\n")
-    hub = tmp_path / "hf" / "hub"
+    # where huggingface_hub keeps it by default (~/.cache/huggingface/hub): a base under a ".cache" folder once
+    # lost every non-weight file (remote code, tokenizer) to a filter meant for a .cache folder inside it
+    hub = tmp_path / ".cache" / "huggingface" / "hub"
     main_snap, newer = _fake_hub_cache(hub, "acme/Sa2VA-1B", good, base_cache("sa2va-qwen2_5-vl"))
     env = {"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
 

@@ -210,8 +210,11 @@ def open_hf_folder(path: str | Path, *, label: str = "base") -> HFFolder:
             if key not in weights:
                 raise InputError(f"index names tensor {key!r} in {fname}, but the shard does not hold it",
                                  path=index_path, hint="restore the folder from the original model")
+    # ".cache" inside the folder (huggingface_hub's download metadata) is not the model's; the folder itself
+    # may well lie under a .cache (the Hugging Face cache: ~/.cache/huggingface/hub/...), so only the path
+    # below it counts
     other = sorted(
         str(p.relative_to(root)) for p in root.rglob("*")
-        if p.is_file() and p.name not in files and p.name != INDEX_NAME and ".cache" not in p.parts
+        if p.is_file() and p.name not in files and p.name != INDEX_NAME and ".cache" not in p.relative_to(root).parts
     )
     return HFFolder(path=root, config=config, weights=weights, weight_files=sorted(files), other_files=other)
