@@ -149,7 +149,8 @@ def write_folder(
     started = time.perf_counter()
     times = StageTimes()
     with atomic.output_lock(out):
-        atomic.clear_stale_partials(out)
+        for stale in atomic.clear_stale_partials(out):  # a kill -9 leaves one; say what went, not silently
+            progress.stage(f"note: {stale.describe()}")
         tmp = atomic.make_partial(out)
         try:
             progress.stage(f"writing {len(plan.shards)} shard(s) to {out}")
