@@ -17,7 +17,7 @@ import torch
 
 from .. import dtypes
 from ..errors import InputError
-from .safetensors_header import header_length, read_safetensors_header
+from .safetensors_header import header_length, library_check, read_safetensors_header
 from .tensor_source import SourceAbilities, SourceDefaults, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -55,7 +55,8 @@ class SafetensorsSource(SourceDefaults):
         self._info: dict[str, TensorInfo] = {}
         self._offsets: dict[str, tuple[int, int]] = {}
         for fpath in files.values():
-            header = read_safetensors_header(fpath)
+            header = read_safetensors_header(fpath)  # every rule of the safetensors library, ours to name
+            library_check(fpath, (k for k in header if k != "__metadata__"))  # and the library's own verdict
             data_start = 8 + header_length(fpath)
             for key, entry in header.items():
                 if key == "__metadata__":
