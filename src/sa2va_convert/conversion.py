@@ -26,7 +26,7 @@ from .sizes import parse_size
 from .read.checkpoint import TrainingCheckpoint, open_checkpoint
 from .read.hf_folder import HFFolder, open_hf_folder
 from .read.layered import RenamedSource, UnionSource, open_sam2_checkpoint
-from .read.work_dir import resolve_checkpoint
+from .read.work_dir import checkpoint_note, resolve_checkpoint
 from .plan.base_discovery import discover_base, resolve_base
 from .plan.family import Detection, detect_family, match_family, require_family
 from .plan.keymap import Keymap, load_all_builtin, resolve_keymap
@@ -104,10 +104,12 @@ class ConvertOptions:
                                  hint="escape special characters, e.g. 'foo\\.bar'") from None
         self.merge_device = check_merge_device(self.merge_device)
         if self.roundtrip and not self.dry_run:
+            from .verify.device_check import check_roundtrip_device
             from .verify.roundtrip import check_device, resolve_python
 
             check_device(self.verify_device)
             self.verify_python = resolve_python(self.verify_python) if self.verify_python else None
+            check_roundtrip_device(self.verify_device, self.verify_python)  # not after the conversion (issue 23)
         return self
 
     def named_inputs(self) -> list[guard.NamedInput]:
@@ -362,6 +364,9 @@ def convert(
     protected = checkpoint_inputs(given, resolved) + options.named_inputs()
     guard.check_out(out, protected)
     guard.check_replaceable(Path(out).absolute(), force=options.force, replace_foreign=options.replace_foreign)
+    note = checkpoint_note(given)
+    if note:  # a copied work_dir's last_checkpoint names the original run's file: say which one is converted
+        progress.stage(f"note: {note}")
     progress.stage(f"reading {resolved}")
     inputs = open_inputs(resolved, options, base_folder=base_folder)
     protected.append(guard.NamedInput("base folder", Path(inputs.base.path)))

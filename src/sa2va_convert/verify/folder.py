@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-from ..errors import VerifyError
+from ..errors import InputError, VerifyError
 from ..plan.keymap import Keymap, load_all_builtin
 from ..read.safetensors_header import tensor_names
 from ..write.guard import REPORT_NAME, TOOL_NAME, read_report  # the files and keys verify reads are the ones the write stage wrote
 from ..write.model_card import CHECKSUM_KEY
+from .device_check import check_roundtrip_device
 from .roundtrip import DEFAULT_PROMPT, DEFAULT_TIMEOUT, RoundTripReport, run_roundtrip
 
 if TYPE_CHECKING:  # structural imports torch: loaded only when a folder is checked, so `--help` stays fast
@@ -198,9 +199,11 @@ def verify_folder(
     report = VerifyReport(folder=str(folder.resolve()))
     say = on_stage or (lambda _msg: None)
     try:
-        if not folder.is_dir():
-            raise VerifyError("folder does not exist" if not folder.exists() else "not a folder", path=folder,
-                              hint="pass the converted HuggingFace folder")
+        if not folder.is_dir():  # nothing to judge: a missing input (exit 3), not a failed verification (7)
+            raise InputError("folder does not exist" if not folder.exists() else "not a folder", path=folder,
+                             hint="pass the converted HuggingFace folder")
+        if roundtrip:  # a GPU asked for where the round trip's interpreter sees none: say so before any work
+            check_roundtrip_device(device, python, skip="--no-roundtrip to check the files only")
         say("checking files")
         from .structural import check_folder
 
