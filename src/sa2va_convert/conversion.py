@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 from ._version import __version__
 from .errors import InputError, Interrupted, PlanError, UsageError, VerifyError, api_errors
 from .progress import Progress, Silent
+from .recipe import build_recipe, keymap_identity
 from .sizes import parse_size
 # the stages, in pipeline order: read -> plan -> transform -> write -> verify
 from .read.checkpoint import TrainingCheckpoint, open_checkpoint
@@ -393,9 +394,11 @@ def convert(
         result.checkpoint_sha256 = checkpoint_sha.result()
         result.seconds = time.perf_counter() - started
         deltas = result.transform.to_dict() if result.transform else None
+        made_from = build_recipe(options, checkpoint_sha256=result.checkpoint_sha256, base=inputs.base.path,
+                                 keymap=keymap_identity(inputs.keymap.name, inputs.keymap.source))
         return {"README.md": model_card(plan, checkpoint_sha256=result.checkpoint_sha256, lora_deltas=deltas),
                 guard.REPORT_NAME: conversion_report(plan, checkpoint_sha256=result.checkpoint_sha256,
-                                                     lora_deltas=deltas, shard_sha256=checksums)}
+                                                     lora_deltas=deltas, shard_sha256=checksums, recipe=made_from)}
 
     existed = Path(plan.out).exists()
     try:
