@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import run_state
 from .errors import BatchError, ConvertError, InputError, Interrupted, OutputError
 from .progress import Progress, Silent
 from .read.work_dir import (  # noqa: F401  (re-exported: batch mode's vocabulary)
@@ -158,13 +159,15 @@ def convert_all(work_dir: Path, out_root: Path, options, *, progress: Progress |
                                           time.perf_counter() - started, differences=diffs))
         except ConvertError as e:
             if isinstance(e, Interrupted):
-                raise Interrupted(f"{ckpt.name}: {e.message}; {_done(result)}", path=e.path, hint=e.hint) from None
+                raise Interrupted(f"{ckpt.name}: {e.message}; {_done(result, out)}", path=e.path,
+                                  hint=_RERUN_HINT) from None
             progress.stage(f"{ckpt.name}: failed: {e.one_line()}")
             result.items.append(BatchItem(str(ckpt), str(out), "failed", time.perf_counter() - started, e.to_dict(),
                                           differences=diffs))
-        except KeyboardInterrupt:
-            raise Interrupted(f"interrupted at {ckpt.name} before anything of it was written; {_done(result)}",
-                              path=out, hint="run the same command again (finished ones are skipped)") from None
+        except KeyboardInterrupt:  # the message says what is on disk for this checkpoint's folder (issue 23)
+            e = run_state.interrupted(out, during=f"at {ckpt.name}", otherwise=f"nothing of {ckpt.name} was written")
+            raise Interrupted(f"{ckpt.name}: {e.message}; {_done(result, out)}", path=e.path or out,
+                              hint=_RERUN_HINT) from None
     if result.failed:
         err = BatchError(f"{len(result.failed)} of {len(result.items)} checkpoint(s) failed: "
                          + ", ".join(Path(i.checkpoint).name for i in result.failed), path=work_dir,
@@ -174,8 +177,12 @@ def convert_all(work_dir: Path, out_root: Path, options, *, progress: Progress |
     return result
 
 
-def _done(result: BatchResult) -> str:
+_RERUN_HINT = "run the same command again (finished folders are skipped)"
+
+
+def _done(result: BatchResult, current: Path) -> str:
     done = [Path(i.out).name for i in result.items if i.status in ("converted", "reconverted", "skipped", "reverified")]
+    done += [t.out.name for t in run_state.published() if t.out.name not in done and t.out.name != current.name]
     return f"finished before it: {', '.join(done)}" if done else "none finished before it"
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ._version import __version__
-from .errors import InputError, Interrupted, PlanError, UsageError, VerifyError, api_errors
+from . import run_state
+from .errors import InputError, PlanError, UsageError, VerifyError, api_errors
 from .progress import Progress, Silent
 from .recipe import build_recipe, keymap_identity
 from .sizes import parse_size
@@ -365,6 +366,7 @@ def convert(
     protected = checkpoint_inputs(given, resolved) + options.named_inputs()
     guard.check_out(out, protected)
     guard.check_replaceable(Path(out).absolute(), force=options.force, replace_foreign=options.replace_foreign)
+    run_state.note_target(Path(out).absolute(), Path(out).exists(), roundtrip=options.roundtrip)
     note = checkpoint_note(given)
     if note:  # a copied work_dir's last_checkpoint names the original run's file: say which one is converted
         progress.stage(f"note: {note}")
@@ -400,26 +402,18 @@ def convert(
                 guard.REPORT_NAME: conversion_report(plan, checkpoint_sha256=result.checkpoint_sha256,
                                                      lora_deltas=deltas, shard_sha256=checksums, recipe=made_from)}
 
-    existed = Path(plan.out).exists()
     try:
         result.write = write_folder(plan, producer, base_dir=inputs.base.path, force=options.force,
                                     replace_foreign=options.replace_foreign, protected=protected,
                                     progress=progress, extra_files=extras, check=check)
-    except KeyboardInterrupt:
-        state = "left as it was" if existed else "not created"
-        raise Interrupted(f"interrupted while converting; nothing was published: OUT was {state} and no partial "
-                          "folder is left", path=plan.out, hint="run the same command again") from None
-    result.seconds = time.perf_counter() - started
-    if options.roundtrip:
-        try:
+        result.seconds = time.perf_counter() - started
+        if options.roundtrip:
             run_verify_roundtrip(result, options, progress)
-        except KeyboardInterrupt:
-            raise Interrupted("interrupted during the round trip: OUT is complete (written and checked) but not "
-                              "verified", path=plan.out,
-                              hint=f"run `sa2va-convert verify {plan.out}` to finish the check") from None
-    if producer.report.zero_b:
-        progress.stage(f"warning: {len(producer.report.zero_b)} LoRA adapter(s) have an all-zero B "
-                       "(never trained): those layers equal the base")
+        if producer.report.zero_b:
+            progress.stage(f"warning: {len(producer.report.zero_b)} LoRA adapter(s) have an all-zero B "
+                           "(never trained): those layers equal the base")
+    except KeyboardInterrupt:  # what is on disk decides the message: before, while or after publishing (issue 23)
+        raise run_state.interrupted(plan.out, during="while converting") from None
     return result
 
 
@@ -434,10 +428,12 @@ def run_verify_roundtrip(result: ConversionResult, options: ConvertOptions, prog
 
     out = Path(result.plan.out)
     progress.stage(f"verifying {out}: loading it in a separate process and running predict_forward")
+    run_state.set_roundtrip(out, "running")
     try:
         rt = run_roundtrip(out, device=options.verify_device, python=options.verify_python,
                            max_new_tokens=16, expect_mask=options.expect_mask, on_stage=progress.stage)
     except VerifyError as e:
+        run_state.set_roundtrip(out, "failed")
         record_roundtrip(out, {"ok": False, "error": e.one_line(), "exit_code": e.exit_code})
         err = type(e)(f"converted, but the round trip failed: {e.message}", path=out,
                       hint=(e.hint or "") + f"; the folder is written: re-check it with `sa2va-convert verify {out}`"
@@ -445,6 +441,7 @@ def run_verify_roundtrip(result: ConversionResult, options: ConvertOptions, prog
         err.report = getattr(e, "report", None)  # type: ignore[attr-defined]
         raise err from None
     result.roundtrip = {"summary": summary_line(rt.to_dict()), **rt.to_dict()}
+    run_state.set_roundtrip(out, "passed")
     record_roundtrip(out, {"ok": True, "summary": result.roundtrip["summary"]})
 
 
@@ -460,9 +457,13 @@ def record_roundtrip(out: Path, outcome: dict[str, Any]) -> None:
         return
     report["roundtrip"] = outcome
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:  # an interrupt or a full disk: no stray temporary file in a published OUT
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def recorded_roundtrip(out: Path) -> dict[str, Any] | None:

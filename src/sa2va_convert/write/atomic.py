@@ -15,13 +15,13 @@ import errno
 import fcntl
 import os
 import shutil
-import signal
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from .. import run_state
 from ..errors import OutputError
 
 
@@ -194,7 +194,9 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
     Replacing an existing OUT is one atomic ``renameat2(RENAME_EXCHANGE)`` where the
     file system supports it, so no signal or kill can ever leave OUT missing; elsewhere
     the two renames run with SIGINT/SIGTERM deferred and the old folder is put back if
-    the second rename fails.
+    the second rename fails. Either way the rename and ``run_state.mark_published`` happen
+    in one interrupt-deferred block: an interrupt is raised before both or after both, so
+    the message it ends in says what is on disk (issue 23).
     """
     _fsync_dir(tmp)
     old = None
@@ -202,12 +204,16 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
         if not force:
             raise OutputError("output folder appeared while converting", path=out,
                               hint="pass --force to replace it")
-        if _exchange(tmp, out):  # OUT is the new folder now; tmp holds the old one
+        with run_state.interrupts_deferred():
+            swapped = _exchange(tmp, out)  # OUT is the new folder now; tmp holds the old one
+            if swapped:
+                run_state.mark_published(out, replaced=True)
+        if swapped:
             _fsync_dir(out.parent)
             shutil.rmtree(tmp, ignore_errors=True)
             return
         old = out.parent / f".{out.name}.old-{os.getpid()}"
-    with _signals_deferred():
+    with run_state.interrupts_deferred():
         if old is not None:
             os.rename(out, old)
         try:
@@ -216,9 +222,14 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
             if old is not None:
                 os.rename(old, out)
             raise
+        run_state.mark_published(out, replaced=old is not None)
     _fsync_dir(out.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:  # an interrupt mid-removal: finish it, the new OUT is in place
+            shutil.rmtree(old, ignore_errors=True)
+            raise
 
 
 _AT_FDCWD = -100
@@ -242,20 +253,6 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
         return False
     raise OSError(err, os.strerror(err), str(b))
-
-
-@contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM until the block is done (they are delivered right after)."""
-    try:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    except (AttributeError, OSError, ValueError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _fsync_dir(path: Path) -> None:
