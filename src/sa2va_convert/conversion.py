@@ -427,7 +427,9 @@ def run_verify_roundtrip(result: ConversionResult, options: ConvertOptions, prog
     from .verify.roundtrip import run_roundtrip, summary_line
 
     out = Path(result.plan.out)
-    progress.stage(f"verifying {out}: loading it in a separate process and running predict_forward")
+    # said before it happens: this runs foreign code with the user's rights (README "Safety"; --no-verify skips it)
+    progress.stage(f"verifying {out}: running the model's own code from {result.plan.base} in a child process "
+                   "(from_pretrained(trust_remote_code=True) + predict_forward)")
     run_state.set_roundtrip(out, "running")
     try:
         rt = run_roundtrip(out, device=options.verify_device, python=options.verify_python,

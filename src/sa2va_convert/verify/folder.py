@@ -219,7 +219,8 @@ def verify_folder(
             report.notes.append("no shard checksums recorded: corruption that still decodes as finite numbers "
                                 "would go unseen by the file checks")
         if roundtrip:
-            say("round trip: from_pretrained + predict_forward in a separate process")
+            say(f"round trip: running the model's own code from {folder} in a child process "
+                "(from_pretrained(trust_remote_code=True) + predict_forward)")
             report.roundtrip = run_roundtrip(folder, device=device, python=python, max_new_tokens=max_new_tokens,
                                              prompt=prompt, timeout=timeout, video=video, expect_mask=expect_mask,
                                              on_stage=lambda s: say(f"round trip: {s}"))
