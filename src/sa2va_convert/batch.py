@@ -181,8 +181,11 @@ _RERUN_HINT = "run the same command again (finished folders are skipped)"
 
 
 def _done(result: BatchResult, current: Path) -> str:
-    done = [Path(i.out).name for i in result.items if i.status in ("converted", "reconverted", "skipped", "reverified")]
-    done += [t.out.name for t in run_state.published() if t.out.name not in done and t.out.name != current.name]
+    finished = ("converted", "reconverted", "skipped", "reverified")
+    done = [Path(i.out).name for i in result.items if i.status in finished]
+    root = current.resolve().parent
+    done += [t.out.name for t in run_state.published()  # published, then interrupted before it was listed
+             if t.out.resolve().parent == root and t.out.name not in done and t.out.name != current.name]
     return f"finished before it: {', '.join(done)}" if done else "none finished before it"
 
 

@@ -443,8 +443,8 @@ def run_verify_roundtrip(result: ConversionResult, options: ConvertOptions, prog
         err.report = getattr(e, "report", None)  # type: ignore[attr-defined]
         raise err from None
     result.roundtrip = {"summary": summary_line(rt.to_dict()), **rt.to_dict()}
-    run_state.set_roundtrip(out, "passed")
     record_roundtrip(out, {"ok": True, "summary": result.roundtrip["summary"]})
+    run_state.set_roundtrip(out, "passed")  # after the report says so: "verified" is then true on disk too
 
 
 def record_roundtrip(out: Path, outcome: dict[str, Any]) -> None:

@@ -58,7 +58,8 @@ def check_roundtrip_device(device: str, python: str | None, *, skip: str = "--no
     if count == 0:
         why = "built without CUDA" if not built else "no GPU visible"
         raise UsageError(f"--device {device} asked for the round trip, but {who} sees no GPU ({why})",
-                         path=interpreter, hint="use --device auto or cpu (the model's .cuda() calls are mapped to the CPU), pass "
+                         path=interpreter,
+                         hint="use --device auto or cpu (the model's .cuda() calls are mapped to the CPU), pass "
                               f"--python with a CUDA environment, or {skip}")
     if m.group(1) is not None and int(m.group(1)) >= count:
         raise UsageError(f"--device {device} asked for the round trip, but {who} sees only {count} GPU(s)",
