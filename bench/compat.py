@@ -162,6 +162,7 @@ def env_row(e: Env, fixtures: dict[str, Path], cache: Path, keep: bool) -> Row:
         row.reader_tests = last_line(r.stdout) or last_line(r.stderr)
         exe = venv / "bin" / "sa2va-convert"
         shutil.rmtree(cache / "out" / e.name, ignore_errors=True)
+        (cache / "out" / e.name).mkdir(parents=True)
         for fam, d in fixtures.items():
             out = cache / "out" / e.name / fam
             t = time.perf_counter()
@@ -207,6 +208,14 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def earlier_rows(out: Path, rerun: set[str]) -> list[dict]:
+    """Rows of the same day's file for environments not run again now (``--only`` adds to a table)."""
+    try:
+        return [r for r in json.loads(out.read_text())["rows"] if r.get("env") not in rerun]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("SA2VA_COMPAT_CACHE",
@@ -222,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     chosen = [e for e in ENVS if not args.only or e.name in args.only]
     fixtures = make_fixtures(args.cache / "fixtures")
-    rows = []
+    rows: list[Row] = []
+    kept = earlier_rows(args.out, {e.name for e in chosen})
     for e in chosen:
         print(f"== {e.name}: {e.what}", file=sys.stderr, flush=True)
         row = env_row(e, fixtures, args.cache, args.keep)
@@ -230,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row.__dict__, default=str), file=sys.stderr, flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"date": str(datetime.date.today()), "machine": os.uname().nodename,
-                                        "rows": [r.__dict__ for r in rows]}, indent=1, default=str) + "\n")
-    print(table(rows))
+                                        "rows": kept + [r.__dict__ for r in rows]}, indent=1, default=str) + "\n")
+    print(table([Row(**d) for d in kept] + rows))
     return 0
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sa2va_convert.errors import VerifyError
+from sa2va_convert.errors import InputError, VerifyError
 from sa2va_convert.read.checkpoint import open_checkpoint
 from sa2va_convert.read.hf_folder import SafetensorsSource, open_hf_folder
 from sa2va_convert.read.mapped_pages import MappedFilePages
@@ -86,8 +86,9 @@ def test_read_back_finds_nan_in_any_chunk(tmp_path, monkeypatch, where):
     assert f"tensor {key} holds NaN/Inf" in e.value.message and "model.safetensors" in str(e.value.path)
 
 
-def test_read_back_refuses_a_shard_the_library_cannot_open(tmp_path):
-    """Our parser accepts this header; safetensors does not (overlapping data offsets), so verify fails."""
+def test_a_shard_the_library_cannot_open_is_refused_by_our_reader_and_by_verify(tmp_path):
+    """Both tensors claim the same bytes: safetensors refuses the file, and our own reader does too (it used
+    to accept it, leaving the refusal to the read-back's ``safe_open``; issue 23)."""
     folder = _folder_with(tmp_path, {"a": torch.ones(4), "b": torch.ones(4)})
     shard = folder / "model.safetensors"
     data = bytearray(shard.read_bytes())
@@ -99,10 +100,12 @@ def test_read_back_refuses_a_shard_the_library_cannot_open(tmp_path):
     assert len(raw) == n
     data[8:8 + n] = raw
     shard.write_bytes(bytes(data))
-    hf = open_hf_folder(folder, label="output")  # our own reader opens it
-    with pytest.raises(VerifyError) as e:
-        structural._read_all_values(hf)
-    assert "cannot be read back" in e.value.message
+    with pytest.raises(InputError) as e:
+        open_hf_folder(folder, label="output")
+    assert "'a' and 'b' overlap" in e.value.message and e.value.path == str(shard)
+    with pytest.raises(VerifyError) as v:
+        structural.check_folder(folder, read_values=False)
+    assert "overlap" in v.value.message and v.value.path == str(shard)
 
 
 def _resident_bytes_of(path: Path) -> int:

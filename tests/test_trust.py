@@ -193,6 +193,8 @@ def test_ctrl_c_during_the_round_trip_says_out_is_complete_but_not_verified(run,
     for line in proc.stderr:  # plain progress lines; interrupt once the round trip has started
         seen.append(line)
         if "round trip" in line or "verifying" in line:
+            # said before it happens (issue 23): whose code runs, and where
+            assert f"running the model's own code from {fam.base} in a child process" in line, line
             time.sleep(0.5)
             proc.send_signal(signal.SIGINT)
             break

@@ -261,8 +261,11 @@ def test_remote_code_closure_follows_imports_inside_try_blocks(tmp_path):
 
 
 def test_not_a_folder(tmp_path):
-    with pytest.raises(VerifyError, match="does not exist"):
+    from sa2va_convert.errors import InputError
+
+    with pytest.raises(InputError, match="does not exist") as e:  # a missing input: exit 3, not a failed verify
         verify_folder(tmp_path / "nope")
+    assert e.value.exit_code == 3
 
 
 # ------------------------------------------------------------------ the round trip (real child processes)

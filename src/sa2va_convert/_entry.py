@@ -1,8 +1,11 @@
-"""The console script's entry point: a thin shell around ``cli.main`` that owns Ctrl-C.
+"""The console script's entry point: a thin shell around ``cli.main`` that owns Ctrl-C and SIGTERM.
 
 Ctrl-C can land before any command runs (while Python imports the CLI, or while click parses
 the arguments); click would print "Aborted!" and exit 1, Python a traceback. Here every
-interrupt becomes one line and exit 130, and only an interrupt exits 130.
+interrupt becomes one line and exit 130, and only an interrupt exits 130. Both signals go through
+``run_state`` from the first line of ``main``: it can hold them while OUT is renamed into place,
+and once a command's outcome is decided, until the exit, so that the one line printed says what is
+on disk (issue 23).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import os
 import sys
 import threading
 
-EXIT_INTERRUPTED = 130  # errors.EXIT_INTERRUPTED, repeated so this module imports nothing
+EXIT_INTERRUPTED = 130  # errors.EXIT_INTERRUPTED, repeated so this module imports nothing at its top
 
 
 def _exit(code: int) -> None:
@@ -39,8 +42,26 @@ def _interrupted(when: str) -> None:
     sys.exit(EXIT_INTERRUPTED)
 
 
+def _interrupted_late() -> None:
+    """An interrupt that escaped the command's own handlers (it landed inside one of them, or while click
+    parsed the arguments): the message comes from what this process has done (``run_state``)."""
+    from . import run_state
+
+    run_state.finishing()
+    if not run_state.started():
+        _interrupted("before the command started")
+        return
+    e = run_state.interrupted(None)
+    sys.stderr.write(f"error: {e.one_line()}\n")
+    _exit(EXIT_INTERRUPTED)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
+        from . import run_state  # light (errors only); SIGINT and SIGTERM are routed through it from here on
+
+        run_state.reset()
+        run_state.install_handlers()
         import click
 
         from .cli import main as group
@@ -48,13 +69,17 @@ def main(argv: list[str] | None = None) -> None:
         _interrupted("while starting")
         return
     try:
-        code = group.main(args=argv, prog_name="sa2va-convert", standalone_mode=False)
+        try:
+            code = group.main(args=argv, prog_name="sa2va-convert", standalone_mode=False)
+        finally:
+            run_state.finishing()  # the outcome is decided: from here to the exit, hold further interrupts
     except (KeyboardInterrupt, click.exceptions.Abort):
-        _interrupted("before the command started")
+        _interrupted_late()
         return
     except click.exceptions.ClickException as e:
         e.show()
-        sys.exit(e.exit_code)
+        _exit(e.exit_code)
+        return
     except SystemExit as e:  # a command's documented exit code (errors are printed already)
         if not isinstance(e.code, int):
             raise

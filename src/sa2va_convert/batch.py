@@ -4,8 +4,10 @@
 folders) and ``last_checkpoint``, a text file with the ABSOLUTE path of the
 newest one, which is stale once the folder has moved; its basename beside the
 file is the fallback. Batch mode opens the base model once, skips checkpoints
-already converted from the same bytes (the sha256 recorded in each output's
-``conversion_report.json``), carries on past a failure and reports them all.
+already converted from the same inputs with the same options (the recipe recorded
+in each output's ``conversion_report.json``, see ``recipe.py``), reconverts those
+that differ only with ``--force`` (otherwise each is a failure that says what
+differs), carries on past a failure and reports them all.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import BatchError, ConvertError, InputError, Interrupted
+from . import run_state
+from .errors import BatchError, ConvertError, InputError, Interrupted, OutputError
 from .progress import Progress, Silent
 from .read.work_dir import (  # noqa: F401  (re-exported: batch mode's vocabulary)
     is_deepspeed_dir,
@@ -24,21 +27,24 @@ from .read.work_dir import (  # noqa: F401  (re-exported: batch mode's vocabular
     list_checkpoints,
     resolve_checkpoint,
 )
+from .recipe import RECIPE_KEY, differences
 from .write.guard import read_report
 
 @dataclass
 class BatchItem:
     checkpoint: str
     out: str
-    status: str  # converted | skipped | reverified | planned (dry run) | failed
+    status: str  # converted | reconverted | skipped | reverified | planned (dry run) | failed
     seconds: float = 0.0
     error: dict[str, Any] | None = None
     plan: dict[str, Any] | None = None
+    differences: list[str] | None = None  # how an existing folder's recipe differs from this run's
 
     def to_dict(self) -> dict[str, Any]:
         d = self.__dict__.copy()
-        if d["plan"] is None:
-            del d["plan"]
+        for key in ("plan", "differences"):
+            if d[key] is None:
+                del d[key]
         return d
 
 
@@ -60,18 +66,40 @@ class BatchResult:
                 "items": [i.to_dict() for i in self.items]}
 
 
-def recorded_sha256(out: Path) -> str | None:
-    report = read_report(out)
-    source = report.get("source") if report is not None else None
-    return source.get("checkpoint_sha256") if isinstance(source, dict) else None
+def current_recipe(options, digest: str, report: dict, base_folder) -> dict[str, Any]:
+    """The recipe this run would record for a checkpoint of sha256 ``digest``, computed without opening it.
+
+    Base and keymap are the ones this run uses when the user named them; otherwise they are found from
+    the checkpoint (the same bytes give the same discovery and detection), so the folder's recorded base
+    path and keymap name are taken, with their files as they are now."""
+    from .plan.keymap import load_builtin, resolve_keymap
+    from .recipe import build_recipe, keymap_identity
+
+    recorded = report.get(RECIPE_KEY) if isinstance(report.get(RECIPE_KEY), dict) else {}
+    base = (base_folder.path if base_folder is not None else
+            (recorded.get("base") or {}).get("path") or (report.get("source") or {}).get("base"))
+    if options.keymap:
+        km = resolve_keymap(options.keymap)
+        keymap = keymap_identity(km.name, km.source)
+    else:
+        name = (recorded.get("keymap") or {}).get("name") or (report.get("keymap") or {}).get("name")
+        try:
+            km = load_builtin(str(name))
+            keymap = keymap_identity(km.name, km.source)
+        except ConvertError:
+            keymap = {"name": name, "sha256": None}
+    return build_recipe(options, checkpoint_sha256=digest, base=base, keymap=keymap) if base else \
+        {"version": None}
 
 
 def convert_all(work_dir: Path, out_root: Path, options, *, progress: Progress | None = None) -> BatchResult:
     """Convert every iter_N of ``work_dir`` into ``out_root/iter_N``; raise BatchError at the end if any failed.
 
-    A folder already converted from the same bytes is skipped — unless its round trip is asked
-    for and did not pass last time: then only the round trip runs again (status ``reverified``).
-    With ``options.dry_run`` every checkpoint is planned and nothing at all is written.
+    A folder already converted from the same inputs with the same options (its recorded recipe) is
+    skipped — unless its round trip is asked for and did not pass last time: then only the round trip
+    runs again (status ``reverified``). A folder made from other inputs or options is reconverted with
+    ``options.force`` (status ``reconverted``), else it fails, saying what differs. With
+    ``options.dry_run`` every checkpoint is planned and nothing at all is written.
     """
     from . import conversion
     from .plan.base_discovery import resolve_base
@@ -100,31 +128,46 @@ def convert_all(work_dir: Path, out_root: Path, options, *, progress: Progress |
         name = ckpt.name.removesuffix(".pth")
         out = out_root / name
         started = time.perf_counter()
+        diffs: list[str] | None = None
         try:
             digest = conversion.sha256_path(ckpt)
-            if out.exists() and recorded_sha256(out) == digest:
-                previous = conversion.recorded_roundtrip(out)
-                if not options.roundtrip or (previous or {}).get("ok"):
-                    progress.stage(f"{ckpt.name}: already converted from the same bytes, skipped")
-                    result.items.append(BatchItem(str(ckpt), str(out), "skipped"))
+            report = read_report(out) if out.exists() else None
+            if report is not None and report.get("tool") == guard.TOOL_NAME:
+                diffs = differences(report.get(RECIPE_KEY), current_recipe(options, digest, report, base_folder))
+                if not diffs:
+                    previous = conversion.recorded_roundtrip(out)
+                    if not options.roundtrip or (previous or {}).get("ok"):
+                        progress.stage(f"{ckpt.name}: already converted from the same inputs and options, skipped")
+                        result.items.append(BatchItem(str(ckpt), str(out), "skipped"))
+                        continue
+                    progress.stage(f"{ckpt.name}: converted earlier but its round trip did not pass; verifying again")
+                    reverify(out, options, progress)
+                    result.items.append(BatchItem(str(ckpt), str(out), "reverified", time.perf_counter() - started))
                     continue
-                progress.stage(f"{ckpt.name}: converted earlier but its round trip did not pass; verifying again")
-                reverify(out, options, progress)
-                result.items.append(BatchItem(str(ckpt), str(out), "reverified", time.perf_counter() - started))
-                continue
-            progress.stage(f"{ckpt.name}: converting")
+                if not options.force:
+                    raise OutputError(f"was converted from other inputs or with other options: {'; '.join(diffs)}",
+                                      path=out, hint="pass --force to reconvert it with this run's inputs and options "
+                                                     "(the old folder is kept until the new one is complete), or "
+                                                     "choose another OUT")
+                progress.stage(f"{ckpt.name}: {'; '.join(diffs)}: reconverting (--force)")
+            else:
+                progress.stage(f"{ckpt.name}: converting")
             res = conversion.convert(ckpt, out, options, progress=progress, base_folder=base_folder)
             if base_folder is None:  # discovered from the first checkpoint's config; reuse it
                 base_folder = open_hf_folder(res.plan.base)
-            result.items.append(BatchItem(str(ckpt), str(out), "converted", time.perf_counter() - started))
+            result.items.append(BatchItem(str(ckpt), str(out), "reconverted" if diffs else "converted",
+                                          time.perf_counter() - started, differences=diffs))
         except ConvertError as e:
             if isinstance(e, Interrupted):
-                raise Interrupted(f"{ckpt.name}: {e.message}; {_done(result)}", path=e.path, hint=e.hint) from None
+                raise Interrupted(f"{ckpt.name}: {e.message}; {_done(result, out)}", path=e.path,
+                                  hint=_RERUN_HINT) from None
             progress.stage(f"{ckpt.name}: failed: {e.one_line()}")
-            result.items.append(BatchItem(str(ckpt), str(out), "failed", time.perf_counter() - started, e.to_dict()))
-        except KeyboardInterrupt:
-            raise Interrupted(f"interrupted at {ckpt.name} before anything of it was written; {_done(result)}",
-                              path=out, hint="run the same command again (finished ones are skipped)") from None
+            result.items.append(BatchItem(str(ckpt), str(out), "failed", time.perf_counter() - started, e.to_dict(),
+                                          differences=diffs))
+        except KeyboardInterrupt:  # the message says what is on disk for this checkpoint's folder (issue 23)
+            e = run_state.interrupted(out, during=f"at {ckpt.name}", otherwise=f"nothing of {ckpt.name} was written")
+            raise Interrupted(f"{ckpt.name}: {e.message}; {_done(result, out)}", path=e.path or out,
+                              hint=_RERUN_HINT) from None
     if result.failed:
         err = BatchError(f"{len(result.failed)} of {len(result.items)} checkpoint(s) failed: "
                          + ", ".join(Path(i.checkpoint).name for i in result.failed), path=work_dir,
@@ -134,8 +177,15 @@ def convert_all(work_dir: Path, out_root: Path, options, *, progress: Progress |
     return result
 
 
-def _done(result: BatchResult) -> str:
-    done = [Path(i.out).name for i in result.items if i.status in ("converted", "skipped", "reverified")]
+_RERUN_HINT = "run the same command again (finished folders are skipped)"
+
+
+def _done(result: BatchResult, current: Path) -> str:
+    finished = ("converted", "reconverted", "skipped", "reverified")
+    done = [Path(i.out).name for i in result.items if i.status in finished]
+    root = current.resolve().parent
+    done += [t.out.name for t in run_state.published()  # published, then interrupted before it was listed
+             if t.out.resolve().parent == root and t.out.name not in done and t.out.name != current.name]
     return f"finished before it: {', '.join(done)}" if done else "none finished before it"
 
 

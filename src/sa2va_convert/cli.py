@@ -19,7 +19,8 @@ from ._version import __version__
 from .cli_common import EXIT_HELP, SCHEMA_VERSION, emit_json, handle_errors, verbosity_options  # noqa: F401
 from .cli_eval import register_eval
 from .cli_verify import register_verify_commands
-from .errors import ConvertError, Interrupted
+from . import run_state
+from .errors import ConvertError
 
 EXAMPLES = """
 \b
@@ -62,6 +63,12 @@ def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
     raise KeyboardInterrupt
 
 
+def _route_sigterm() -> None:
+    """SIGTERM as Ctrl-C, unless the console script routes both through ``run_state`` (which can hold them)."""
+    if signal.getsignal(signal.SIGTERM) is not run_state.on_signal:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # = ConvertOptions.max_shard_bytes (5 * 10**9), as save_pretrained's default
 
 
@@ -94,7 +101,7 @@ def main() -> None:
     base Sa2VA weights tensor by tensor, writes sharded safetensors atomically, and
     checks the result.
     """
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    _route_sigterm()
 
 
 def common_options(fn: Callable) -> Callable:
@@ -173,9 +180,9 @@ def convert(checkpoint: Path, out: Path, base, pretrained, keymap, force_keymap,
                  lora_alpha, rslora, override_lora_config, allow_unused, template, force, replace_foreign, dry_run,
                  show_tensors, merge_device, read_back, roundtrip, verify_device, verify_python, expect_mask, allow_unresolved_imports,
                  all_checkpoints, quiet, verbose, json_out, allow_globals)
-    except KeyboardInterrupt:  # the API says more where it knows more (while writing, during the round trip)
-        raise Interrupted("interrupted before anything was written", path=out,
-                          hint="run the same command again") from None
+    except KeyboardInterrupt:  # what is on disk decides the message, also after publishing (issue 23)
+        raise run_state.interrupted(None if all_checkpoints or dry_run else out,
+                                    otherwise="nothing was written") from None
 
 
 def _convert(checkpoint, out, base, pretrained, keymap, force_keymap, sam2, code_from, dtype, max_shard_size, lora_alpha,

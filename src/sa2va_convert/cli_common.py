@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import click
 
+from . import run_state
 from .errors import EXIT_CODES, EXIT_INTERRUPTED, FROM_CLI, ConvertError
 
 EXIT_HELP = "\n\b\nExit codes:\n" + "\n".join(f"  {k:<4} {v}" for k, v in sorted(EXIT_CODES.items()))
@@ -41,9 +42,15 @@ def handle_errors(fn: Callable) -> Callable:
         # hints keep their --flags while the command runs (the API rewrites them for Python callers);
         # reset afterwards, so an API call later in the same process gets Python wording again
         from_cli = FROM_CLI.set(True)
+        # Once the outcome is decided (returned, or an error to print), run_state.finishing() holds further
+        # interrupts until the process exits (only under the console script): a second Ctrl-C must not turn a
+        # printed result into a traceback or a second, contradicting line (issue 23).
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            run_state.finishing()
+            return result
         except ConvertError as e:
+            run_state.finishing()
             if json_mode:
                 emit_json({"ok": False, "error": e.to_dict()})
             click.echo(f"error: {e.one_line()}", err=True)
@@ -51,12 +58,18 @@ def handle_errors(fn: Callable) -> Callable:
         except click.ClickException:  # a usage error: click prints it with the usage line, exit 2
             raise
         except KeyboardInterrupt:
-            # Commands that write say precisely what was left (they raise Interrupted); here only
-            # what is true of every command: it stopped.
-            where = kwargs.get("out") or kwargs.get("folder") or kwargs.get("checkpoint") or "sa2va-convert"
-            click.echo(f"error: {where}: interrupted (fix: run the same command again)", err=True)
+            run_state.finishing()
+            # Commands that write raise Interrupted with what was left; an interrupt that reaches here says
+            # what run_state knows (what this process published, if anything), else only that it stopped.
+            e = run_state.interrupted(None)
+            if e.path is None:
+                e.path = str(kwargs.get("out") or kwargs.get("folder") or kwargs.get("checkpoint") or "sa2va-convert")
+            if json_mode:
+                emit_json({"ok": False, "error": e.to_dict()})
+            click.echo(f"error: {e.one_line()}", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except Exception as e:  # a bug: say so, keep it one line unless --debug
+            run_state.finishing()
             if debug:
                 traceback.print_exc()
             click.echo(f"error: internal error: {type(e).__name__}: {e} (run with --debug for the traceback "

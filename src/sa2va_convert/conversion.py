@@ -19,15 +19,17 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ._version import __version__
-from .errors import InputError, Interrupted, PlanError, UsageError, VerifyEnvironmentError, VerifyError, api_errors
+from . import run_state
+from .errors import InputError, PlanError, UsageError, VerifyEnvironmentError, VerifyError, api_errors
 from .progress import Progress, Silent
+from .recipe import build_recipe, keymap_identity
 from .sizes import parse_size
 # the stages, in pipeline order: read -> plan -> transform -> write -> verify
 from .read.checkpoint import TrainingCheckpoint, open_checkpoint
 from .read.hf_folder import HFFolder, open_hf_folder
 from .read.layered import RenamedSource, UnionSource, open_sam2_checkpoint
 from .read.remote_code import ImportCheck, check_imports, install_hint, pip_name, require_self_contained
-from .read.work_dir import resolve_checkpoint
+from .read.work_dir import checkpoint_note, resolve_checkpoint
 from .plan.base_discovery import discover_base, resolve_base
 from .plan.family import Detection, detect_family, match_family, require_family
 from .plan.keymap import Keymap, load_all_builtin, resolve_keymap
@@ -106,10 +108,12 @@ class ConvertOptions:
                                  hint="escape special characters, e.g. 'foo\\.bar'") from None
         self.merge_device = check_merge_device(self.merge_device)
         if self.roundtrip and not self.dry_run:
+            from .verify.device_check import check_roundtrip_device
             from .verify.roundtrip import check_device, resolve_python
 
             check_device(self.verify_device)
             self.verify_python = resolve_python(self.verify_python) if self.verify_python else None
+            check_roundtrip_device(self.verify_device, self.verify_python)  # not after the conversion (issue 23)
         return self
 
     def named_inputs(self) -> list[guard.NamedInput]:
@@ -407,6 +411,10 @@ def convert(
     protected = checkpoint_inputs(given, resolved) + options.named_inputs()
     guard.check_out(out, protected)
     guard.check_replaceable(Path(out).absolute(), force=options.force, replace_foreign=options.replace_foreign)
+    run_state.note_target(Path(out).absolute(), Path(out).exists(), roundtrip=options.roundtrip)
+    note = checkpoint_note(given)
+    if note:  # a copied work_dir's last_checkpoint names the original run's file: say which one is converted
+        progress.stage(f"note: {note}")
     progress.stage(f"reading {resolved}")
     inputs = open_inputs(resolved, options, base_folder=base_folder)
     protected.append(guard.NamedInput("base folder", Path(inputs.base.path)))
@@ -434,30 +442,24 @@ def convert(
         result.checkpoint_sha256 = checkpoint_sha.result()
         result.seconds = time.perf_counter() - started
         deltas = result.transform.to_dict() if result.transform else None
+        made_from = build_recipe(options, checkpoint_sha256=result.checkpoint_sha256, base=inputs.base.path,
+                                 keymap=keymap_identity(inputs.keymap.name, inputs.keymap.source))
         return {"README.md": model_card(plan, checkpoint_sha256=result.checkpoint_sha256, lora_deltas=deltas),
                 guard.REPORT_NAME: conversion_report(plan, checkpoint_sha256=result.checkpoint_sha256,
-                                                     lora_deltas=deltas, shard_sha256=checksums)}
+                                                     lora_deltas=deltas, shard_sha256=checksums, recipe=made_from)}
 
-    existed = Path(plan.out).exists()
     try:
         result.write = write_folder(plan, producer, base_dir=inputs.base.path, force=options.force,
                                     replace_foreign=options.replace_foreign, protected=protected,
                                     progress=progress, extra_files=extras, check=check)
-    except KeyboardInterrupt:
-        state = "left as it was" if existed else "not created"
-        raise Interrupted(f"interrupted while converting; nothing was published: OUT was {state} and no partial "
-                          "folder is left", path=plan.out, hint="run the same command again") from None
-    result.seconds = time.perf_counter() - started
-    if options.roundtrip:
-        try:
+        result.seconds = time.perf_counter() - started
+        if options.roundtrip:
             run_verify_roundtrip(result, options, progress)
-        except KeyboardInterrupt:
-            raise Interrupted("interrupted during the round trip: OUT is complete (written and checked) but not "
-                              "verified", path=plan.out,
-                              hint=f"run `sa2va-convert verify {plan.out}` to finish the check") from None
-    if producer.report.zero_b:
-        progress.stage(f"warning: {len(producer.report.zero_b)} LoRA adapter(s) have an all-zero B "
-                       "(never trained): those layers equal the base")
+        if producer.report.zero_b:
+            progress.stage(f"warning: {len(producer.report.zero_b)} LoRA adapter(s) have an all-zero B "
+                           "(never trained): those layers equal the base")
+    except KeyboardInterrupt:  # what is on disk decides the message: before, while or after publishing (issue 23)
+        raise run_state.interrupted(plan.out, during="while converting") from None
     return result
 
 
@@ -471,11 +473,15 @@ def run_verify_roundtrip(result: ConversionResult, options: ConvertOptions, prog
     from .verify.roundtrip import run_roundtrip, summary_line
 
     out = Path(result.plan.out)
-    progress.stage(f"verifying {out}: loading it in a separate process and running predict_forward")
+    # said before it happens: this runs foreign code with the user's rights (README "Safety"; --no-verify skips it)
+    progress.stage(f"verifying {out}: running the model's own code from {result.plan.base} in a child process "
+                   "(from_pretrained(trust_remote_code=True) + predict_forward)")
+    run_state.set_roundtrip(out, "running")
     try:
         rt = run_roundtrip(out, device=options.verify_device, python=options.verify_python,
                            max_new_tokens=16, expect_mask=options.expect_mask, on_stage=progress.stage)
     except VerifyError as e:
+        run_state.set_roundtrip(out, "failed")
         record_roundtrip(out, {"ok": False, "error": e.one_line(), "exit_code": e.exit_code})
         err = type(e)(f"converted, but the round trip failed: {e.message}", path=out,
                       hint=(e.hint or "") + f"; the folder is written: re-check it with `sa2va-convert verify {out}`"
@@ -484,6 +490,7 @@ def run_verify_roundtrip(result: ConversionResult, options: ConvertOptions, prog
         raise err from None
     result.roundtrip = {"summary": summary_line(rt.to_dict()), **rt.to_dict()}
     record_roundtrip(out, {"ok": True, "summary": result.roundtrip["summary"]})
+    run_state.set_roundtrip(out, "passed")  # after the report says so: "verified" is then true on disk too
 
 
 def record_roundtrip(out: Path, outcome: dict[str, Any]) -> None:
@@ -498,9 +505,13 @@ def record_roundtrip(out: Path, outcome: dict[str, Any]) -> None:
         return
     report["roundtrip"] = outcome
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:  # an interrupt or a full disk: no stray temporary file in a published OUT
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def recorded_roundtrip(out: Path) -> dict[str, Any] | None:

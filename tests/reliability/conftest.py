@@ -38,17 +38,21 @@ class Zygote:
         if json.loads(ready or "{}").get("ready") is not True:
             raise RuntimeError(f"the CLI launcher did not start: {(logdir / 'zygote.log').read_text()[-2000:]}")
 
-    def run(self, args: list[str], *, env: dict, cwd: Path, timeout: int) -> CliResult:
+    def run(self, args: list[str], *, env: dict, cwd: Path, timeout: int, **extra) -> CliResult:
+        """One child; ``extra`` are the optional request fields of ``_zygote.py`` (the interrupt sweep's)."""
         self.count += 1
         so, se = self.logdir / f"{self.count}.out", self.logdir / f"{self.count}.err"
-        req = {"args": args, "env": env, "cwd": str(cwd), "stdout": str(so), "stderr": str(se), "timeout": timeout}
+        req = {"args": args, "env": env, "cwd": str(cwd), "stdout": str(so), "stderr": str(se), "timeout": timeout,
+               **extra}
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
         reply = self.proc.stdout.readline()
         if not reply:
             raise RuntimeError("the CLI launcher died")
-        rc = json.loads(reply)["rc"]
-        return CliResult(rc, so.read_text(errors="replace"), se.read_text(errors="replace"), tuple(args))
+        answer = json.loads(reply)
+        r = CliResult(answer["rc"], so.read_text(errors="replace"), se.read_text(errors="replace"), tuple(args))
+        r.seconds, r.signalled = answer.get("seconds"), answer.get("signalled")  # type: ignore[attr-defined]
+        return r
 
     def close(self) -> None:
         self.proc.stdin.close()

@@ -158,11 +158,12 @@ def _signal_mid_write(fam, sig: int, *extra: str, when: str = "shards", env: dic
     return CliResult(p.returncode, out, err, ("<signal>",))
 
 
-def _convert(sa2va, fam, *extra: str, env: dict | None = None) -> None:
+def _convert(sa2va, fam, *extra: str, env: dict | None = None) -> CliResult:
     r = sa2va(fam.ckpt.path, fam.out, "--base", fam.base, *fam.shard_args, *NO_VERIFY, *extra, env=env)
     assert r.returncode == 0, r
     assert_complete_output(fam.out)
     assert leftovers(fam.out) == [], "a successful run left hidden partial/old/lock entries"
+    return r
 
 
 def test_kill_9_mid_write_then_rerun_succeeds(sa2va, medium):
@@ -171,8 +172,11 @@ def test_kill_9_mid_write_then_rerun_succeeds(sa2va, medium):
     assert r.returncode == -signal.SIGKILL
     assert not os.path.lexists(medium.out), "a killed run published OUT"
     assert all(p.name.startswith(".") for p in partials(medium.out)), "a partial folder is visible"
+    debris = [p.name for p in partials(medium.out)]
     guard.check(ignore_leftovers=leftovers(medium.out))  # inputs untouched; only hidden debris so far
-    _convert(sa2va, medium)  # the rerun clears the dead run's partial folder and stale lock
+    rerun = _convert(sa2va, medium)  # the rerun clears the dead run's partial folder and stale lock
+    for name in debris:  # and says so (issue 23: it used to be removed silently)
+        assert f"removed {name} (" in rerun.stderr and "a run that did not finish" in rerun.stderr, rerun
 
 
 def test_kill_9_mid_force_rewrite_keeps_the_previous_out(sa2va, medium):

@@ -263,7 +263,7 @@ def _finished_rows(out: Path, specs: list[ModelSpec], samples: list[Sample]) -> 
     done: dict[tuple[str, str], dict] = {}
     rows: list[dict[str, Any]] = read_metrics(out / METRICS) if (out / METRICS).is_file() else []
     for spec in specs:
-        for path in sorted((out / WORK).glob(f"{spec.name}.rank*.results.jsonl")):
+        for path in _rank_results(out / WORK, spec.name):
             for r in _read_jsonl(path):
                 if r.get("stem") in by_stem:
                     rows.append(_complete(r, spec, by_stem[r["stem"]], out))
@@ -273,6 +273,18 @@ def _finished_rows(out: Path, specs: list[ModelSpec], samples: list[Sample]) -> 
                 and Path(r["prediction_file"]).is_file():
             done[key] = r  # type: ignore[index]
     return done
+
+
+def _rank_results(folder: Path, model: str) -> list[Path]:
+    """``{model}.rank{N}.results.jsonl`` files in ``folder``, matched as plain strings: a model name is the
+    user's folder name and may hold glob characters (``run[1]``), so it is never used as a pattern."""
+    prefix, suffix = f"{model}.rank", ".results.jsonl"
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    return sorted(folder / n for n in names
+                  if n.startswith(prefix) and n.endswith(suffix) and n[len(prefix):-len(suffix)].isdigit())
 
 
 def _pred_path(out: Path, model: str, stem: str) -> Path:

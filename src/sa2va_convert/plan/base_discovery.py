@@ -43,14 +43,15 @@ def cached_snapshot(repo_id: str) -> Path | None:
 
 def resolve_base(spec: str | Path) -> Path:
     """``--base``: a folder, or else a Hub repo id (``org/name[@rev]``) found in the offline HF cache."""
-    path = Path(spec).expanduser()
-    if path.exists() or not _REPO_ID.match(str(spec)):
+    text = str(spec)  # the CLI hands a Path: its repr would print PosixPath('org/name')
+    path = Path(text).expanduser()
+    if path.exists() or not _REPO_ID.match(text):
         return path  # open_hf_folder reports a missing or wrong folder with its own message
-    snap = cached_snapshot(str(spec))
+    snap = cached_snapshot(text)
     if snap is None:
-        raise InputError(f"no folder {spec!r} here, and the Hub repo {spec!r} is not in the local Hugging Face cache",
-                         path=str(spec), hint=f"download it first (`hf download {str(spec).partition('@')[0]}`), "
-                                              "or pass --base DIR with the base Sa2VA folder")
+        raise InputError(f"no folder '{text}' here, and the Hub repo '{text}' is not in the local Hugging Face cache",
+                         path=text, hint=f"download it first (`hf download {text.partition('@')[0]}`), "
+                                         "or pass --base DIR with the base Sa2VA folder")
     return snap
 
 

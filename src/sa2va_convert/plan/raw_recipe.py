@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError, PlanError
+from ..read.folder_files import list_model_files
 from .planner import ConversionPlan
 
 # Size-specific sub-configs always come from the raw base: they describe the fine-tuned model.
@@ -37,12 +38,12 @@ def read_code_folder(path: str | Path) -> CodeFolder:
     if not root.is_dir():
         raise InputError("--code-from must be a Sa2VA HF folder", path=root,
                          hint="pass any Sa2VA model folder of this family (only its code and config are used)")
+    files = list_model_files(root, role="--code-from folder")  # its .py files are copied into OUT
     try:
         config = json.loads((root / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise InputError(f"cannot read config.json ({e})", path=root / "config.json",
                          hint="pass a complete Sa2VA model folder") from None
-    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
     keys = None
     index = root / "model.safetensors.index.json"
     if index.is_file():

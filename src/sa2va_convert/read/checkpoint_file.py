@@ -48,7 +48,8 @@ def checkpoint_from_loaded(path: Path, loaded: SafeLoad, *, kind: CheckpointKind
             hint="pass the iter_N.pth from the training work_dir",
         )
     found_kind, state_dict = _find_state_dict(path, top)
-    weights = StateDictSource(_validated_tensors(path, state_dict), label="checkpoint", path=path)
+    weights = StateDictSource(_validated_tensors(path, state_dict), label="checkpoint", path=path,
+                              records=loaded.records)
     meta = plain_meta(top) if found_kind != "state_dict" else {}
     cfg_text = meta.get("cfg")
     config = parse_embedded_config(cfg_text) if isinstance(cfg_text, str) else None

@@ -80,6 +80,7 @@ from .embedded_config import parse_embedded_config
 from .safe_pickle import SafeLoad, is_placeholder, safe_torch_load
 from .safe_pickle.allow_lists import SafeCallable
 from .tensor_source import SourceDefaults, TensorInfo
+from .zip_records import RecordCheck
 
 __all__ = ["open_deepspeed_dir", "DeepSpeedSource", "WeightsChoice"]
 
@@ -157,12 +158,20 @@ class DeepSpeedSource(SourceDefaults):
     own size. Either way peak memory is about one parameter.
     """
 
-    def __init__(self, path: Path, entries: dict[str, _Entry], stores: dict[str, _Store], saved_file: str):
+    def __init__(self, path: Path, entries: dict[str, _Entry], stores: dict[str, _Store], saved_file: Path,
+                 records: Mapping[Path, RecordCheck] | None = None):
         self.label = "checkpoint"
         self.path = Path(path)
         self._entries = entries
         self._stores = stores
-        self._saved_file = saved_file  # the model-states file that "saved" entries come from
+        self._saved_path = Path(saved_file)
+        self._saved_file = self._saved_path.name  # the model-states file that "saved" entries come from
+        self._records = dict(records or {})  # file -> its zip records' CRC-32 checks, run as tensors are read
+
+    def _verify(self, file: Path, key: str, tensor: torch.Tensor, what: str) -> None:
+        check = self._records.get(file)
+        if check is not None:
+            check.verify_tensor(key, tensor, what=what)
 
     def keys(self) -> Iterable[str]:
         return self._entries.keys()
@@ -179,11 +188,14 @@ class DeepSpeedSource(SourceDefaults):
     def load(self, key: str) -> torch.Tensor:
         entry = self._entries[key]
         if entry.tensor is not None:
+            self._verify(self._saved_path, key, entry.tensor, "tensor")
             return entry.tensor
         shape, dtype = entry.info.shape, dtypes.to_torch(entry.info.dtype)
         if not entry.pieces:  # zero-element parameter
             return torch.empty(shape, dtype=dtype)
         store = self._stores[entry.store]
+        for p in entry.pieces:  # each rank's flat partition is one record, checked whole at its first use
+            self._verify(store.files[p.rank], key, store.tensors[p.rank][p.slot], "part of tensor")
         parts = [store.piece(p) for p in entry.pieces]
         flat = parts[0] if len(parts) == 1 else torch.cat(parts)
         return flat.view(shape)
@@ -232,11 +244,12 @@ def open_deepspeed_dir(
     """
     path = Path(path)
     files = _scan(path)
-    rank0 = _load(files.model_states[0], allow_globals)
+    records: dict[Path, RecordCheck] = {}
+    rank0 = _load(files.model_states[0], allow_globals, records)
     top = _mapping(rank0.obj, files.model_states[0], "the model-states file")
     model = _ModelStates.read(files.model_states[0], top)
     placeholders: Counter[str] = Counter(rank0.placeholders)
-    optim = _read_optimizer_files(files, allow_globals, placeholders) if files.optim else None
+    optim = _read_optimizer_files(files, allow_globals, placeholders, records) if files.optim else None
     stage = _check_stages(files, model, optim)
     notes: list[str] = []
     use_master = _choose_weights(path, files, stage, optim, weights, notes)
@@ -245,13 +258,14 @@ def open_deepspeed_dir(
     entries, stores = _weight_entries(files, model, module, optim if use_master else None, stage, notes)
     frozen = _frozen_names(model, module)
     if include_frozen:
-        frozen_entries, frozen_store = _frozen_entries(files, model, module, stage, allow_globals, placeholders)
+        frozen_entries, frozen_store = _frozen_entries(files, model, module, stage, allow_globals, placeholders,
+                                                       records)
         entries.update({k: v for k, v in frozen_entries.items() if k not in entries})
         if frozen_store is not None:
             stores["frozen"] = frozen_store
     _add_shared(entries, model.shared_params)
 
-    source = DeepSpeedSource(path, entries, stores, files.model_states[0].name)
+    source = DeepSpeedSource(path, entries, stores, files.model_states[0], records)
     meta = plain_meta(top)
     meta["deepspeed"] = _summary(files, model, optim, stage, use_master, entries, frozen, include_frozen, notes)
     cfg_text = meta.get("cfg")
@@ -367,8 +381,11 @@ def _refuse_unsupported(path: Path, names: list[str]) -> None:
             )
 
 
-def _load(file: Path, allow_globals: Sequence[str]) -> SafeLoad:
-    return safe_torch_load(file, allow_globals=tuple(allow_globals) + _TYPED_TENSOR_GLOBALS)
+def _load(file: Path, allow_globals: Sequence[str], records: dict[Path, RecordCheck]) -> SafeLoad:
+    loaded = safe_torch_load(file, allow_globals=tuple(allow_globals) + _TYPED_TENSOR_GLOBALS)
+    if loaded.records is not None:
+        records[file] = loaded.records
+    return loaded
 
 
 def _mapping(obj: Any, file: Path, what: str) -> Mapping:
@@ -484,11 +501,12 @@ class _Optim:
     paddings: list[list[int]] | None  # ZeRO-1/2 param_alignment_paddings (rank 0)
 
 
-def _read_optimizer_files(files: _Files, allow_globals: Sequence[str], placeholders: Counter) -> _Optim:
+def _read_optimizer_files(files: _Files, allow_globals: Sequence[str], placeholders: Counter,
+                          records: dict[Path, RecordCheck]) -> _Optim:
     """Unpickle each rank's optimizer file (memory-mapped) and keep only its flat master groups."""
     per_rank: dict[int, tuple[int | None, int, list[torch.Tensor], Any]] = {}
     for rank, file in files.optim.items():
-        loaded = _load(file, allow_globals)
+        loaded = _load(file, allow_globals, records)
         placeholders.update(loaded.placeholders)
         osd = _mapping(_mapping(loaded.obj, file, "optimizer-states file").get("optimizer_state_dict"), file,
                        "optimizer-states file (no 'optimizer_state_dict')")
@@ -813,10 +831,11 @@ def _frozen_names(model: _ModelStates, module: Mapping[str, torch.Tensor]) -> li
 
 
 def _frozen_entries(files: _Files, model: _ModelStates, module: dict[str, torch.Tensor], stage: int,
-                    allow_globals: Sequence[str], placeholders: Counter) -> tuple[dict[str, _Entry], _Store | None]:
+                    allow_globals: Sequence[str], placeholders: Counter,
+                    records: dict[Path, RecordCheck]) -> tuple[dict[str, _Entry], _Store | None]:
     """Frozen parameters: whole in ``frozen_param_fragments``/``module`` (ZeRO-1/2), per rank (ZeRO-3)."""
     if stage == 3:
-        return _zero3_frozen(files, model, allow_globals, placeholders)
+        return _zero3_frozen(files, model, allow_globals, placeholders, records)
     entries = {}
     for name in _frozen_names(model, module):
         tensor = model.frozen_fragments.get(name, module.get(name))
@@ -834,7 +853,7 @@ def _fragments(top: Mapping) -> dict[str, torch.Tensor]:
 
 
 def _zero3_frozen(files: _Files, model: _ModelStates, allow_globals: Sequence[str],
-                  placeholders: Counter) -> tuple[dict[str, _Entry], _Store | None]:
+                  placeholders: Counter, records: dict[Path, RecordCheck]) -> tuple[dict[str, _Entry], _Store | None]:
     shapes = model.frozen_shapes or {}
     if not shapes:
         return {}, None
@@ -854,7 +873,7 @@ def _zero3_frozen(files: _Files, model: _ModelStates, allow_globals: Sequence[st
         if rank == 0:
             fragments = model.frozen_fragments
         else:
-            loaded = _load(file, allow_globals)
+            loaded = _load(file, allow_globals, records)
             placeholders.update(loaded.placeholders)
             fragments = _fragments(_mapping(loaded.obj, file, "model-states file"))
         row = []

@@ -17,7 +17,8 @@ import torch
 
 from .. import dtypes
 from ..errors import InputError
-from .safetensors_header import header_length, read_safetensors_header
+from .folder_files import list_model_files
+from .safetensors_header import header_length, library_check, read_safetensors_header
 from .tensor_source import SourceAbilities, SourceDefaults, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -55,7 +56,8 @@ class SafetensorsSource(SourceDefaults):
         self._info: dict[str, TensorInfo] = {}
         self._offsets: dict[str, tuple[int, int]] = {}
         for fpath in files.values():
-            header = read_safetensors_header(fpath)
+            header = read_safetensors_header(fpath)  # every rule of the safetensors library, ours to name
+            library_check(fpath, (k for k in header if k != "__metadata__"))  # and the library's own verdict
             data_start = 8 + header_length(fpath)
             for key, entry in header.items():
                 if key == "__metadata__":
@@ -182,6 +184,7 @@ def open_hf_folder(path: str | Path, *, label: str = "base") -> HFFolder:
         raise InputError("base model folder does not exist", path=root, hint="pass --base with the Sa2VA HF folder the fine-tune started from")
     if not root.is_dir():
         raise InputError("expected a HuggingFace model folder, got a file", path=root, hint="pass the folder that holds config.json")
+    listed = list_model_files(root, role=f"{label} folder")  # before anything is opened: a FIFO would block
     config = _load_json(root / "config.json", "config.json")
     index_path = root / INDEX_NAME
     files: dict[str, Path] = {}
@@ -210,11 +213,7 @@ def open_hf_folder(path: str | Path, *, label: str = "base") -> HFFolder:
             if key not in weights:
                 raise InputError(f"index names tensor {key!r} in {fname}, but the shard does not hold it",
                                  path=index_path, hint="restore the folder from the original model")
-    # ".cache" inside the folder (huggingface_hub's download metadata) is not the model's; the folder itself
-    # may well lie under a .cache (the Hugging Face cache: ~/.cache/huggingface/hub/...), so only the path
-    # below it counts
-    other = sorted(
-        str(p.relative_to(root)) for p in root.rglob("*")
-        if p.is_file() and p.name not in files and p.name != INDEX_NAME and ".cache" not in p.relative_to(root).parts
-    )
+    # list_model_files skips only a ".cache" inside the folder (huggingface_hub's download metadata): the
+    # folder itself may well lie under one (the Hugging Face cache: ~/.cache/huggingface/hub/...)
+    other = [f for f in listed if f not in files and f != INDEX_NAME]
     return HFFolder(path=root, config=config, weights=weights, weight_files=sorted(files), other_files=other)

@@ -107,4 +107,4 @@ def open_sam2_checkpoint(path: str | Path, *, allow_globals: Sequence[str] = ())
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise InputError("not a SAM2 checkpoint (expected {'model': state_dict} as in sam2_hiera_large.pt)",
                          path=path, hint="pass the original sam2_hiera_large.pt from the SAM2 release")
-    return StateDictSource(sd, label="sam2", path=path)
+    return StateDictSource(sd, label="sam2", path=path, records=loaded.records)

@@ -43,6 +43,33 @@ def _madvise():
     return fn
 
 
+def file_mappings(path: str | Path) -> list[tuple[int, int, int]]:
+    """(first address, end address, file offset of the first address) of every mapping of ``path`` in this
+    process, from ``/proc/self/maps``; empty where that cannot be read (not Linux).
+
+    Also how the checkpoint reader finds which zip record a memory-mapped tensor's bytes came from
+    (``zip_records``): address - first address + file offset is the byte's place in the file."""
+    found: list[tuple[int, int, int]] = []
+    try:
+        target = os.stat(path)
+        name = str(Path(path).resolve())
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) < 6:
+                    continue
+                dev, inode = parts[3], int(parts[4])
+                major, minor = (int(x, 16) for x in dev.split(":"))
+                same_file = inode == target.st_ino and os.makedev(major, minor) == target.st_dev
+                if not same_file and parts[5].rstrip("\n") != name:  # overlayfs shows other numbers
+                    continue
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                found.append((lo, hi, int(parts[2], 16)))
+    except (OSError, ValueError):
+        return []
+    return found
+
+
 class MappedFilePages:
     """Release the pages of tensors that live in the mapping(s) of one file."""
 
@@ -55,25 +82,7 @@ class MappedFilePages:
     def _file_ranges(self) -> list[tuple[int, int]]:
         """Address ranges mapped from our file; read once, after torch.load has made the mapping."""
         if self._ranges is None:
-            found: list[tuple[int, int]] = []
-            try:
-                target = os.stat(self.path)
-                name = str(self.path.resolve())
-                with open("/proc/self/maps") as f:
-                    for line in f:
-                        parts = line.split(maxsplit=5)
-                        if len(parts) < 6:
-                            continue
-                        dev, inode = parts[3], int(parts[4])
-                        major, minor = (int(x, 16) for x in dev.split(":"))
-                        same_file = inode == target.st_ino and os.makedev(major, minor) == target.st_dev
-                        if not same_file and parts[5].rstrip("\n") != name:  # overlayfs shows other numbers
-                            continue
-                        lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                        found.append((lo, hi))
-            except (OSError, ValueError):
-                found = []
-            self._ranges = found
+            self._ranges = [(lo, hi) for lo, hi, _offset in file_mappings(self.path)]
         return self._ranges
 
     def release(self, t: torch.Tensor) -> bool:

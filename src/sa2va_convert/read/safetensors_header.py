@@ -2,23 +2,22 @@
 
 A safetensors file is an 8-byte little-endian header length, a JSON header (name -> dtype,
 shape, data_offsets; optional ``__metadata__``) and the tensor bytes. The base folder's reader,
-file sniffing and the verify stage all read headers here. (The round-trip child,
-``verify/_child.py``, keeps a copy of its own: it runs under the user's interpreter, which may
-not have this package.)
+file sniffing and the verify stage all read headers here; the rules a header must keep are in
+``safetensors_check`` (standard library only, so the round-trip child, ``verify/_child.py``, which runs
+under the user's interpreter without this package, can load that one file and apply them too).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterable
 
 from ..errors import InputError
-
-PREFIX_BYTES = 8
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+from .safetensors_check import MAX_HEADER_BYTES, PREFIX_BYTES, HeaderProblem, read_and_validate
 
 __all__ = ["PREFIX_BYTES", "MAX_HEADER_BYTES", "length_prefix", "header_length", "looks_like_safetensors",
-           "tensor_names", "read_safetensors_header"]
+           "tensor_names", "read_safetensors_header", "library_check"]
 
 
 def length_prefix(raw: bytes) -> int:
@@ -48,37 +47,40 @@ def tensor_names(path: Path) -> list[str]:
 
 
 def read_safetensors_header(path: Path) -> dict:
-    """Parse a safetensors header without mapping the file, with errors that name the file."""
+    """Parse a safetensors header without mapping the file, every rule of the safetensors library
+    checked (``safetensors_check``), with errors that name the file, the tensor and the rule.
+
+    A header that lies while staying inside its file (a span that is not shape x dtype size,
+    overlapping spans, a span ending before it begins, a negative dimension) is refused here: read
+    as it claimed, it gave a wrong tensor and exit 0 (issue 23)."""
+    path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(PREFIX_BYTES)
-            if len(raw) < PREFIX_BYTES:
-                raise InputError("file is too short to be a safetensors file", path=path,
-                                 hint="re-copy or re-download this shard")
-            n = length_prefix(raw)
-            if n > MAX_HEADER_BYTES or PREFIX_BYTES + n > size:
-                raise InputError("safetensors header length is impossible (truncated or not a safetensors file)",
-                                 path=path, hint="re-copy or re-download this shard")
-            header = json.loads(f.read(n))
+        _n, header, _spans = read_and_validate(path)
+    except HeaderProblem as e:
+        raise InputError(f"bad safetensors header: {e.message}", path=path,
+                         hint="re-copy or re-download this shard (its header does not describe its bytes)") from None
     except PermissionError:
         raise InputError("permission denied", path=path, hint="make the file readable") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InputError("safetensors header is not valid JSON", path=path,
-                         hint="re-copy or re-download this shard") from None
-    if not isinstance(header, dict):
-        raise InputError("safetensors header is not a JSON object", path=path, hint="re-copy this shard")
-    end = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, stop = entry["data_offsets"]
-            end = max(end, stop)
-        except (KeyError, TypeError, ValueError):
-            raise InputError(f"safetensors entry {name!r} has no valid data_offsets", path=path,
-                             hint="re-copy this shard") from None
-    if PREFIX_BYTES + n + end > size:
-        raise InputError(f"file is truncated: header promises {PREFIX_BYTES + n + end} bytes, file has {size}",
-                         path=path, hint="re-copy or re-download this shard")
+    except IsADirectoryError:
+        raise InputError("is a directory, expected a safetensors file", path=path,
+                         hint="restore the shard from the original model") from None
+    except OSError as e:
+        raise InputError(f"cannot read ({e.strerror or e})", path=path, hint="re-copy or re-download this shard") from None
     return header
+
+
+def library_check(path: Path, names: Iterable[str]) -> None:
+    """The safetensors library's own verdict on a header we accepted: it must open the file and name the
+    same tensors. A backstop behind ``safetensors_check`` (which copies its rules): if a later library
+    version adds a rule, this finds the file before a user's ``from_pretrained`` does."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            theirs = set(f.keys())
+    except Exception as e:  # noqa: BLE001 - safetensors' own error types
+        raise InputError(f"the safetensors library refuses this file ({str(e).splitlines()[0] if str(e) else e})",
+                         path=path, hint="re-copy or re-download this shard") from None
+    if theirs != set(names):
+        raise InputError("the safetensors library and sa2va-convert read different tensors from this file",
+                         path=path, hint="re-copy or re-download this shard")

@@ -17,6 +17,7 @@ import torch
 
 from .. import dtypes
 from .mapped_pages import MappedFilePages
+from .zip_records import RecordCheck
 
 
 @dataclass(frozen=True)
@@ -110,11 +111,13 @@ class StateDictSource(SourceDefaults):
 
     abilities = SourceAbilities(reads_rows=True, releases_pages=True)
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], *, label: str, path: Path):
+    def __init__(self, tensors: Mapping[str, torch.Tensor], *, label: str, path: Path,
+                 records: RecordCheck | None = None):
         self._tensors = tensors
         self.label = label
         self.path = Path(path)
         self._pages: MappedFilePages | bool | None = None
+        self._records = records  # a torch.save zip's CRC-32 checks: each tensor's record checked as it is read
 
     def keys(self) -> Iterable[str]:
         return self._tensors.keys()
@@ -130,10 +133,16 @@ class StateDictSource(SourceDefaults):
         return TensorInfo(tuple(t.shape), dtypes.from_torch(t.dtype))
 
     def load(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
+        t = self._tensors[key]
+        if self._records is not None:
+            self._records.verify_tensor(key, t)
+        return t
 
     def load_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        return self._tensors[key][start:stop]  # a view: memory-mapped rows are read only when used
+        t = self._tensors[key]
+        if self._records is not None:
+            self._records.verify_tensor(key, t)  # the whole record once, before its first rows are used
+        return t[start:stop]  # a view: memory-mapped rows are read only when used
 
     def release_rows(self, key: str, start: int = 0, stop: int | None = None) -> None:
         """Rows [start, stop) of ``key`` (default: all) are used: drop their pages from RSS if they live

@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-from ..errors import ConvertError, VerifyEnvironmentError, VerifyError
+from ..errors import ConvertError, InputError, VerifyEnvironmentError, VerifyError
 from ..plan.keymap import Keymap, load_all_builtin
 from ..read.remote_code import ImportCheck, check_imports, install_hint, pip_name
 from ..read.safetensors_header import tensor_names
 from ..write.guard import REPORT_NAME, TOOL_NAME, read_report  # the files and keys verify reads are the ones the write stage wrote
 from ..write.model_card import CHECKSUM_KEY
+from .device_check import check_roundtrip_device
 from .roundtrip import DEFAULT_PROMPT, DEFAULT_TIMEOUT, RoundTripReport, resolve_python, run_roundtrip
 
 if TYPE_CHECKING:  # structural imports torch: loaded only when a folder is checked, so `--help` stays fast
@@ -172,9 +173,11 @@ def verify_folder(
     report = VerifyReport(folder=str(folder.resolve()))
     say = on_stage or (lambda _msg: None)
     try:
-        if not folder.is_dir():
-            raise VerifyError("folder does not exist" if not folder.exists() else "not a folder", path=folder,
-                              hint="pass the converted HuggingFace folder")
+        if not folder.is_dir():  # nothing to judge: a missing input (exit 3), not a failed verification (7)
+            raise InputError("folder does not exist" if not folder.exists() else "not a folder", path=folder,
+                             hint="pass the converted HuggingFace folder")
+        if roundtrip:  # a GPU asked for where the round trip's interpreter sees none: say so before any work
+            check_roundtrip_device(device, python, skip="--no-roundtrip to check the files only")
         say("checking files")
         from .structural import check_folder
 
@@ -196,7 +199,8 @@ def verify_folder(
             report.notes.append("no shard checksums recorded: corruption that still decodes as finite numbers "
                                 "would go unseen by the file checks")
         if roundtrip:
-            say("round trip: from_pretrained + predict_forward in a separate process")
+            say(f"round trip: running the model's own code from {folder} in a child process "
+                "(from_pretrained(trust_remote_code=True) + predict_forward)")
             report.roundtrip = run_roundtrip(folder, device=device, python=python, max_new_tokens=max_new_tokens,
                                              prompt=prompt, timeout=timeout, video=video, expect_mask=expect_mask,
                                              on_stage=lambda s: say(f"round trip: {s}"))

@@ -15,12 +15,13 @@ import errno
 import fcntl
 import os
 import shutil
-import signal
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from .. import run_state
 from ..errors import OutputError
 
 
@@ -96,20 +97,85 @@ def check_destination(out: Path, force: bool) -> None:
                           hint="choose a writable location or fix its permissions")
 
 
-def clear_stale_partials(out: Path) -> list[str]:
-    """Remove partial folders of runs that died; safe because we hold the lock.
+@dataclass(frozen=True)
+class StaleFolder:
+    """A hidden folder a dead run left beside OUT, removed by the next run that holds OUT's lock."""
+
+    name: str
+    kind: str  # "partial" (a conversion that never published) or "old" (a replaced OUT not yet deleted)
+    pid: int
+    nbytes: int
+
+    def describe(self) -> str:
+        what = ("a partial folder of a run that did not finish (killed or crashed)" if self.kind == "partial"
+                else "a replaced previous OUT whose removal did not finish")
+        return f"removed {self.name} ({_size(self.nbytes)}): {what}, pid {self.pid}"
+
+
+def _owned_by(out: Path, name: str, kind: str) -> int | None:
+    """The pid in ``name`` if it is exactly ``.{OUT}.{kind}-{pid}``, else None.
+
+    Compared as plain strings, never as a pattern: an OUT named ``run[1]`` or ``a*`` must not
+    match another OUT's folders (issue 23). The pid part is digits only, so a name belongs to
+    exactly one OUT: ``.a.partial-1.partial-7`` is OUT ``a.partial-1``'s, never OUT ``a``'s."""
+    prefix = f".{out.name}.{kind}-"
+    if not name.startswith(prefix):
+        return None
+    rest = name[len(prefix):]
+    return int(rest) if rest.isascii() and rest.isdigit() else None
+
+
+def hidden_folders(out: Path, kind: str) -> list[tuple[Path, int]]:
+    """OUT's own ``.{OUT}.{kind}-{pid}`` entries beside it (kind ``partial`` or ``old``), by exact name."""
+    found = []
+    try:
+        with os.scandir(out.parent) as entries:
+            for entry in entries:
+                pid = _owned_by(out, entry.name, kind)
+                if pid is not None:
+                    found.append((out.parent / entry.name, pid))
+    except OSError:
+        return []
+    return sorted(found)
+
+
+def clear_stale_partials(out: Path) -> list[StaleFolder]:
+    """Remove partial folders of runs that died; safe because we hold the lock. Returns what was removed,
+    so the caller can say so (a kill -9 leaves up to a shard's worth of bytes until this runs).
 
     A ``.OUT.old-*`` folder is removed only while OUT exists (then it is a replaced
     folder whose removal was interrupted); without OUT it may be the only copy left.
     """
     removed = []
-    stale = list(out.parent.glob(partial_prefix(out) + "*"))
+    stale = [(p, pid, "partial") for p, pid in hidden_folders(out, "partial")]
     if out.is_dir():
-        stale += out.parent.glob(f".{out.name}.old-*")
-    for p in stale:
+        stale += [(p, pid, "old") for p, pid in hidden_folders(out, "old")]
+    for p, pid, kind in stale:
+        if pid == os.getpid():
+            continue  # ours (never the case under the lock; kept for safety)
+        nbytes = _tree_bytes(p)
         shutil.rmtree(p, ignore_errors=True)
-        removed.append(p.name)
+        removed.append(StaleFolder(p.name, kind, pid, nbytes))
     return removed
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
 
 
 def make_partial(out: Path) -> Path:
@@ -128,7 +194,9 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
     Replacing an existing OUT is one atomic ``renameat2(RENAME_EXCHANGE)`` where the
     file system supports it, so no signal or kill can ever leave OUT missing; elsewhere
     the two renames run with SIGINT/SIGTERM deferred and the old folder is put back if
-    the second rename fails.
+    the second rename fails. Either way the rename and ``run_state.mark_published`` happen
+    in one interrupt-deferred block: an interrupt is raised before both or after both, so
+    the message it ends in says what is on disk (issue 23).
     """
     _fsync_dir(tmp)
     old = None
@@ -136,12 +204,16 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
         if not force:
             raise OutputError("output folder appeared while converting", path=out,
                               hint="pass --force to replace it")
-        if _exchange(tmp, out):  # OUT is the new folder now; tmp holds the old one
+        with run_state.interrupts_deferred():
+            swapped = _exchange(tmp, out)  # OUT is the new folder now; tmp holds the old one
+            if swapped:
+                run_state.mark_published(out, replaced=True)
+        if swapped:
             _fsync_dir(out.parent)
             shutil.rmtree(tmp, ignore_errors=True)
             return
         old = out.parent / f".{out.name}.old-{os.getpid()}"
-    with _signals_deferred():
+    with run_state.interrupts_deferred():
         if old is not None:
             os.rename(out, old)
         try:
@@ -150,9 +222,14 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
             if old is not None:
                 os.rename(old, out)
             raise
+        run_state.mark_published(out, replaced=old is not None)
     _fsync_dir(out.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:  # an interrupt mid-removal: finish it, the new OUT is in place
+            shutil.rmtree(old, ignore_errors=True)
+            raise
 
 
 _AT_FDCWD = -100
@@ -176,20 +253,6 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
         return False
     raise OSError(err, os.strerror(err), str(b))
-
-
-@contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM until the block is done (they are delivered right after)."""
-    try:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    except (AttributeError, OSError, ValueError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .. import run_state
 from ..plan.types import ConversionPlan
 from ..progress import Progress, Silent
 from . import atomic, guard
@@ -148,8 +149,29 @@ def write_folder(
     atomic.check_destination(out, force or replace_foreign)
     started = time.perf_counter()
     times = StageTimes()
+    holding: list[bool] = []  # set by _write_locked when it holds interrupts for publishing
+    try:
+        written, checksums = _write_locked(plan, produce, out, base_dir=base_dir, force=force, progress=progress,
+                                           extra_files=extra_files, check=check, replace_foreign=replace_foreign,
+                                           protected=protected, writer=writer, times=times, holding=holding)
+    finally:
+        if holding:  # OUT is published and the lock released: an interrupt that waited is raised now
+            run_state.release()
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    return WriteResult(out, files, written, time.perf_counter() - started, checksums, times.to_dict())
+
+
+def _write_locked(plan: ConversionPlan, produce: Producer, out: Path, *, base_dir: Path, force: bool,
+                  progress: Progress, extra_files, check, replace_foreign: bool,
+                  protected: Sequence[guard.NamedInput], writer: ShardWriter, times: StageTimes,
+                  holding: list[bool]) -> tuple[int, dict[str, str]]:
+    """Everything under OUT's lock: (bytes written, {shard: sha256}). Right before publishing it calls
+    ``run_state.hold()`` and appends to ``holding``: from the rename to the lock's release no interrupt is
+    raised (the lock file and any old folder are removed first), so the caller's ``release()`` raises it
+    with OUT and its siblings settled, and the message then says OUT is published (issue 23)."""
     with atomic.output_lock(out):
-        atomic.clear_stale_partials(out)
+        for stale in atomic.clear_stale_partials(out):  # a kill -9 leaves one; say what went, not silently
+            progress.stage(f"note: {stale.describe()}")
         tmp = atomic.make_partial(out)
         try:
             progress.stage(f"writing {len(plan.shards)} shard(s) to {out}")
@@ -173,9 +195,13 @@ def write_folder(
             if out.exists():  # it may have appeared, or changed, while we were writing
                 guard.check_out(out, protected)
                 guard.check_replaceable(out, force=force, replace_foreign=replace_foreign)
+            run_state.hold()
+            holding.append(True)
             atomic.publish(tmp, out, force or replace_foreign)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            if holding and not run_state.published(out):  # publishing failed: nothing to wait for
+                holding.clear()
+                run_state.release()
             raise
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    return WriteResult(out, files, written, time.perf_counter() - started, checksums, times.to_dict())
+    return written, checksums

@@ -108,14 +108,18 @@ def _report_dict(plan: "ConversionPlan", checkpoint_sha256: str | None,
 
 
 def conversion_report(plan: "ConversionPlan", *, checkpoint_sha256: str | None,
-                      lora_deltas: dict[str, Any] | None, shard_sha256: dict[str, str] | None = None) -> str:
-    """JSON provenance; ``shard_sha256`` lets ``verify`` detect bit rot that still decodes as numbers.
+                      lora_deltas: dict[str, Any] | None, shard_sha256: dict[str, str] | None = None,
+                      recipe: dict[str, Any] | None = None) -> str:
+    """JSON provenance; ``shard_sha256`` lets ``verify`` detect bit rot that still decodes as numbers;
+    ``recipe`` (``sa2va_convert.recipe``) is what ``--all`` compares before it skips a finished folder.
 
     Takes plain data (the checkpoint's sha256, ``TransformReport.to_dict()``), not the API's result
     object, so the write stage knows nothing of the layer that drives it."""
     report = _report_dict(plan, checkpoint_sha256, lora_deltas)
     if shard_sha256:
         report[CHECKSUM_KEY] = dict(sorted(shard_sha256.items()))
+    if recipe is not None:
+        report["recipe"] = recipe
     return json.dumps(report, indent=2, sort_keys=True) + "\n"
 
 

@@ -20,6 +20,7 @@ import torch
 
 from ...errors import ConvertError, InputError
 from ..safetensors_header import looks_like_safetensors
+from ..zip_records import RecordCheck
 from .policy import SafeUnpicklerPolicy, printable
 
 
@@ -29,6 +30,7 @@ class SafeLoad:
     placeholders: dict[str, int]
     mmapped: bool  # tensors are views of a private read-only file mapping
     format: str  # "zip" (torch>=1.6 default) | "legacy" (_use_new_zipfile_serialization=False)
+    records: RecordCheck | None = None  # zip files: the CRC-32 check of each tensor record, run as it is read
 
 
 def loads(data: bytes, *, allow_globals: Iterable[str] = (), source: str | None = None) -> tuple[Any, dict[str, int]]:
@@ -80,8 +82,11 @@ def safe_torch_load(path: str | os.PathLike, *, allow_globals: Iterable[str] = (
     kind = sniff_file(path)
     if kind != "zip" and kind != "pickle":
         raise _wrong_kind(path, kind)
+    records = None
     if kind == "zip":
         _check_torch_zip(path)
+        records = _record_check(path)
+        records.verify_metadata()  # data.pkl & co. before the pickle is read: a damaged one can lie about shapes
     if os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in ("1", "y", "yes", "true"):
         raise InputError(
             "TORCH_FORCE_WEIGHTS_ONLY_LOAD is set, which makes torch refuse sa2va-convert's restricted loader",
@@ -99,7 +104,16 @@ def safe_torch_load(path: str | os.PathLike, *, allow_globals: Iterable[str] = (
             weights_only=False,
             mmap=use_mmap,
         )
-    return SafeLoad(obj, dict(policy.placeholders), mmapped=use_mmap, format="zip" if use_mmap else "legacy")
+    return SafeLoad(obj, dict(policy.placeholders), mmapped=use_mmap, format="zip" if use_mmap else "legacy",
+                    records=records)
+
+
+def _record_check(path: Path) -> RecordCheck:
+    try:
+        return RecordCheck(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise InputError(f"is a damaged zip archive ({_first_line(e)})", path=path,
+                         hint="copy it again, or use an earlier checkpoint") from None
 
 
 def _check_readable_file(path: Path) -> None:
