@@ -90,7 +90,12 @@ def test_child_finds_whether_the_model_calls_post_init(tmp_path):
 
     from sa2va_convert.verify._child import calls_post_init
 
-    base = write_base_folder(tmp_path / "base", "sa2va-1b")
+    # a name of its own: transformers imports remote code as transformers_modules.<folder name>, and this
+    # worker process may already hold another test's "base" under that name
+    base = write_base_folder(tmp_path / f"postinit-{tmp_path.name}", "sa2va-1b")
+    # the config class first, as from_pretrained does: for a local folder transformers copies only each
+    # file's direct relative imports, and configuration_intern_vit.py arrives as the config's
+    get_class_from_dynamic_module("configuration_sa2va_chat.Sa2VAChatConfig", str(base))
     cls = get_class_from_dynamic_module("modeling_sa2va_chat.Sa2VAChatModel", str(base))
     lm = get_class_from_dynamic_module("modeling_internlm2.InternLM2ForCausalLM", str(base))
     assert calls_post_init(cls) is False and calls_post_init(lm) is True
