@@ -268,3 +268,42 @@ def test_diagnosis_tells_a_module_found_nowhere_from_a_missing_package(tmp_path)
     nowhere = diagnose({**base, "error": {"stage": "load", "type": "ModuleNotFoundError",
                                           "message": "No module named 'third_parts'"}}, folder=tmp_path, python="py")
     assert nowhere is None  # the folder's code is not self-contained: exit 7, judged by the caller
+
+
+# ------------------------------------------------------------------ Qwen-VL: the length written into the call
+
+
+def test_qwen_vl_answers_are_capped_by_wrapping_generate_as_upstream_code_needs(tmp_path):
+    """Upstream's Qwen-VL classes have no preparing_for_generation() and ask generate for 2048 tokens
+    (modeling_sa2va_qwen.py lines 214-220): the test model does the same, and the child's cap reaches it."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from sa2va_convert.verify._child import cap_generation, cuda_on_cpu
+
+    base = write_base_folder(tmp_path / f"qwencap-{tmp_path.name}", "sa2va-qwen2_5-vl")
+    model = AutoModel.from_pretrained(str(base), trust_remote_code=True, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(base), trust_remote_code=True)
+    assert not hasattr(model, "preparing_for_generation")
+    asked: list = []
+    made: list = []
+    inner = model.model.generate
+
+    def spy(*a, **kw):  # records what generate is asked for; the real one runs (at most 8 tokens, for time)
+        asked.append(kw.get("max_new_tokens"))
+        ids, seg_states = inner(*a, **{**kw, "max_new_tokens": min(kw["max_new_tokens"], 8)})
+        made.append(len(ids))
+        return ids, seg_states
+
+    model.model.generate = spy
+    from sa2va_convert.testing.finetune import synthetic_picture
+
+    with torch.no_grad(), cuda_on_cpu():
+        model.predict_forward(image=synthetic_picture(), text="<image>Please segment it.", tokenizer=tok)
+        assert asked == [2048]  # the number written into the call, like upstream
+        assert cap_generation(model, tok, 3) == "model.generate(max_new_tokens<=3)"
+        model.predict_forward(image=synthetic_picture(), text="<image>Please segment it.", tokenizer=tok)
+        assert cap_generation(model, tok, 5) == "model.generate(max_new_tokens<=5)"  # a new cap replaces the old
+        model.predict_forward(image=synthetic_picture(), text="<image>Please segment it.", tokenizer=tok)
+    assert asked == [2048, 3, 5]
+    assert made[1] <= 3 and made[2] <= 5

@@ -132,7 +132,7 @@ def sam3_fp32(tmp_path_factory) -> Path:
 def test_sam3_folder_loads_with_no_missing_key_and_requires_a_processor(sam3_fp32):
     from transformers import AutoModel, AutoProcessor, AutoTokenizer
 
-    from sa2va_convert.verify._child import nested_code_importable
+    from sa2va_convert.verify._child import cap_generation, nested_code_importable
 
     # sam3.py imports sam3pkg_*.py files that the modeling file does not: plain transformers copies one
     # import deep for a local folder and fails, as with upstream's SAM3 code (FORMATS.md §9) ...
@@ -144,7 +144,7 @@ def test_sam3_folder_loads_with_no_missing_key_and_requires_a_processor(sam3_fp3
     assert made["nested_imports"] == ["sam3pkg_build_sam3_tracker.py", "sam3pkg_model_vitdet.py"]
     assert {k: v for k, v in info.items() if v} == {}
     tok = AutoTokenizer.from_pretrained(str(sam3_fp32))
-    model.preparing_for_generation(tok, max_new_tokens=2)
+    cap_generation(model, tok, 2)  # as upstream's Qwen-VL classes, this one has no preparing_for_generation
     with pytest.raises(ValueError, match="processor="):
         model.predict_forward(image=synthetic_picture(), text="<image>Segment it.", tokenizer=tok)
     processor = AutoProcessor.from_pretrained(str(sam3_fp32), trust_remote_code=True)

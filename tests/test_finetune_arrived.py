@@ -45,7 +45,7 @@ from sa2va_convert.testing.finetune import (  # noqa: E402
     write_segmenting_finetune,
 )
 from sa2va_convert.testing.reference import load_checkpoint_state_dict  # noqa: E402
-from sa2va_convert.verify._child import cuda_on_cpu  # noqa: E402
+from sa2va_convert.verify._child import cap_generation, cuda_on_cpu  # noqa: E402
 
 INTERNLM2_GENERATES = Version(transformers.__version__) < Version("4.50")
 
@@ -90,7 +90,7 @@ def tokenizer(path: Path):
 
 
 def predict(model, tok, max_new_tokens: int = 16, **inputs) -> dict:
-    model.preparing_for_generation(tok, max_new_tokens=max_new_tokens)
+    cap_generation(model, tok, max_new_tokens)
     inputs.setdefault("text", PROMPT)
     with torch.no_grad(), cuda_on_cpu():
         return model.predict_forward(tokenizer=tok, **inputs)

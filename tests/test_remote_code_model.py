@@ -26,7 +26,7 @@ from packaging.version import Version  # noqa: E402
 from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: E402
 
 from sa2va_convert.testing import PRESETS, Sizes, get_preset, hf_layout, write_base_folder  # noqa: E402
-from sa2va_convert.verify._child import cuda_on_cpu, nested_code_importable  # noqa: E402
+from sa2va_convert.verify._child import cap_generation, cuda_on_cpu, nested_code_importable  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +94,7 @@ def steer(model, default: int, chain: dict[int, int] | None = None, c: float = 1
 
 
 def predict(model, tok, **kw):
-    model.preparing_for_generation(tok, max_new_tokens=kw.pop("max_new_tokens", 4))
+    cap_generation(model, tok, kw.pop("max_new_tokens", 4))
     kw.setdefault("text", "<image>Please segment the cat.")
     if "video" not in kw:
         kw.setdefault("image", image())
@@ -292,7 +292,7 @@ def test_qwen_family_takes_a_processor_or_none(folder):
         tokenizer = tok
 
     a = predict(model, tok, processor=None)
-    model.preparing_for_generation(tok, max_new_tokens=4)
+    cap_generation(model, tok, 4)
     b = model.predict_forward(image=image(), text="<image>Please segment the cat.", tokenizer=None,
                               processor=Processor())
     check_contract(a)

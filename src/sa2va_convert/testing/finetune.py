@@ -244,9 +244,9 @@ def _load_values(model, values: dict[str, torch.Tensor], dtype: torch.dtype) -> 
 
 
 def _predict(model, tok, ctx: dict[str, Any], max_new_tokens: int) -> dict:
-    from ..verify._child import cuda_on_cpu  # the test models call .cuda() like upstream
+    from ..verify._child import cap_generation, cuda_on_cpu  # the test models call .cuda() like upstream
 
-    model.preparing_for_generation(tok, max_new_tokens=max_new_tokens)
+    cap_generation(model, tok, max_new_tokens)  # as the round trip does: Qwen-VL code has no preparing_for_generation
     # A family that requires processor= (Qwen-VL + SAM3) reads only its tokenizer in our test models
     extra = {"processor": tok} if "processor" in inspect.signature(model.predict_forward).parameters else {}
     with torch.no_grad(), cuda_on_cpu():

@@ -735,15 +735,51 @@ def load_model(args: dict, result: dict) -> Loaded:
 
     stage(result, "prepare")
     max_new = int(args.get("max_new_tokens") or 32)
+    how = cap_generation(model, tokenizer, max_new, torch_dtype)
+    if how:
+        result["max_new_tokens"] = max_new
+        result["generation_cap"] = how
+    else:
+        result["warnings"].append("model has no preparing_for_generation() and no generate() of its own to cap: "
+                                  "generation length is not capped")
+    return Loaded(model, tokenizer, processor, device, torch_dtype, seg_id)
+
+
+def cap_generation(model, tokenizer, max_new: int, torch_dtype=None) -> str:
+    """Cap the answer at ``max_new`` tokens, the way the model's code allows; returns how (empty: no way).
+
+    Upstream's InternVL class offers ``preparing_for_generation(tokenizer, max_new_tokens)``. Its Qwen-VL
+    classes have none and call ``self.model.generate(**inputs, max_new_tokens=2048, ...)`` with the number
+    written into ``predict_forward`` (projects/sa2va/hf/models_qwen2_5_vl/modeling_sa2va_qwen.py lines
+    214-220, bytedance/Sa2VA 9832e1a): on a CPU 2048 tokens of a real model take hours, so the round trip
+    would time out. There the sub-model's ``generate`` is wrapped (on this instance only) to lower a larger
+    ``max_new_tokens`` to the cap."""
     if hasattr(model, "preparing_for_generation"):
         params = inspect.signature(model.preparing_for_generation).parameters
-        extra = {"torch_dtype": torch_dtype} if "torch_dtype" in params else {}
+        extra = {"torch_dtype": torch_dtype} if "torch_dtype" in params and torch_dtype is not None else {}
         with contextlib.redirect_stdout(io.StringIO()):
             model.preparing_for_generation(tokenizer, max_new_tokens=max_new, **extra)
-        result["max_new_tokens"] = max_new
-    else:
-        result["warnings"].append("model has no preparing_for_generation(): generation length is not capped")
-    return Loaded(model, tokenizer, processor, device, torch_dtype, seg_id)
+        return "preparing_for_generation"
+    wrapped = []
+    for name in ("model", "language_model"):
+        sub = getattr(model, name, None)
+        generate = getattr(sub, "generate", None) if sub is not None else None
+        if callable(generate):
+            generate = getattr(generate, "uncapped", generate)  # capped again: replace the earlier cap
+            sub.generate = _capped(generate, max_new)
+            wrapped.append(f"{name}.generate")
+    return " and ".join(f"{w}(max_new_tokens<={max_new})" for w in wrapped)
+
+
+def _capped(generate, max_new: int):
+    def capped_generate(*args, **kwargs):
+        asked = kwargs.get("max_new_tokens")
+        if asked is None or asked > max_new:
+            kwargs["max_new_tokens"] = max_new
+        return generate(*args, **kwargs)
+
+    capped_generate.uncapped = generate  # type: ignore[attr-defined]
+    return capped_generate
 
 
 def run_predict(args: dict, result: dict) -> None:

@@ -91,6 +91,8 @@ class RoundTripReport:
         d["saved"] = self.raw.get("saved")
         d["cuda_mapped"] = self.raw.get("cuda_mapped")
         d["nested_imports"] = self.raw.get("nested_imports")
+        d["max_new_tokens"] = self.raw.get("max_new_tokens")
+        d["generation_cap"] = self.raw.get("generation_cap")
         d["packages"] = self.raw.get("packages")
         d["memory"] = self.raw.get("memory")
         if d["error"]:
@@ -523,6 +525,9 @@ def summary_line(rt: dict[str, Any]) -> str:
     if nested:
         where += (f" (remote code imports {len(nested)} file(s) deeper than transformers copies for a local folder: "
                   f"{', '.join(nested[:3])}{' ...' if len(nested) > 3 else ''}; made importable)")
+    cap = rt.get("generation_cap") or ""
+    if cap and cap != "preparing_for_generation":  # the code writes its length into the call (Qwen-VL)
+        where += f" (no preparing_for_generation(): answers capped by wrapping {cap})"
     parts = [f"{where} in {rt.get('dtype')} (transformers {versions.get('transformers')}, "
              f"torch {versions.get('torch')})"]
     runs = {r.get("name"): r for r in rt.get("runs", [])}

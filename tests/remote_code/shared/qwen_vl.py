@@ -30,7 +30,8 @@ from transformers import PreTrainedModel, Qwen2Model
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .sam2 import image_to_tensor
-from .templates import build_prompt, generate_with_masks, get_template, token_id
+from .templates import (build_prompt, get_template, greedy_generate, masks_from_seg_states, stop_token_ids,
+                        token_id)
 
 # image tokens: Qwen-VL's when the tokenizer has them, else InternVL's
 IMAGE_TOKENS = (("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"), ("<img>", "<IMG_CONTEXT>", "</img>"))
@@ -145,6 +146,13 @@ class QwenVLForGeneration(nn.Module):
         tc = config.text_config
         self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
 
+    def generate(self, inputs_embeds, max_new_tokens, stop_ids, seg_id):
+        """Greedy decoding; the generated ids and each fed-back ``[SEG]``'s last hidden state. What
+        upstream's ``predict_forward`` takes from Qwen-VL's ``generate`` (sequences, hidden states)."""
+        body = self.model.language_model
+        return greedy_generate(body, self.lm_head, body.get_input_embeddings(), inputs_embeds, max_new_tokens,
+                               stop_ids, seg_id)
+
 
 def param_of(module):
     return next(module.parameters())
@@ -168,7 +176,6 @@ class Sa2VAQwenVLBase(PreTrainedModel):
         ds = self.grounding_encoder.sam2_model.no_mem_embed.shape[-1]
         self.text_hidden_fcs = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
                                              nn.Linear(hidden, ds), nn.Dropout(0.0))
-        self.max_new_tokens = 2048
         self.image_pad_token_id = None  # set by predict_forward from its tokenizer
         # no self.post_init(): upstream's Sa2VAChatModelQwen.__init__ has none (projects/sa2va/hf/
         # models_qwen2_5_vl/modeling_sa2va_qwen.py lines 41-65, bytedance/Sa2VA 9832e1a), so, like it,
@@ -218,10 +225,6 @@ class Sa2VAQwenVLBase(PreTrainedModel):
         hidden = body(inputs_embeds=self.embed(input_ids, pixel_values), use_cache=False)["last_hidden_state"]
         return CausalLMOutputWithPast(logits=self.model.lm_head(hidden))
 
-    def preparing_for_generation(self, tokenizer=None, max_new_tokens=2048, torch_dtype=None, **kwargs):
-        """Cap generation at ``max_new_tokens``. ``torch_dtype`` is accepted and ignored: inputs follow the weights."""
-        self.max_new_tokens = max_new_tokens
-
     def answer(self, tokenizer, image=None, video=None, text=None, move=None):
         """The rest of ``predict_forward`` once the family has its tokenizer; ``move`` (if given) is applied
         to the input ids and pixel values, as the family's upstream moves its inputs."""
@@ -248,6 +251,11 @@ class Sa2VAQwenVLBase(PreTrainedModel):
             size = self.config.vision_config.image_size
             pixel_values = move(torch.stack([image_to_tensor(f, size, CLIP_MEAN, CLIP_STD) for f in llm_frames]))
 
-        ids, masks = generate_with_masks(self, self.model.model.language_model, self.model.lm_head,
-                                         self.embed(input_ids, pixel_values), tokenizer, template, seg_id, frames)
+        # Like upstream, no preparing_for_generation() and the length written into the call:
+        # self.model.generate(**mm_inputs, max_new_tokens=2048, ...) in projects/sa2va/hf/models_qwen2_5_vl/
+        # modeling_sa2va_qwen.py lines 214-220 (and models_qwen3vl/, same lines), bytedance/Sa2VA 9832e1a.
+        # A caller that wants a shorter answer wraps self.model.generate (the round trip's child does).
+        ids, seg_states = self.model.generate(inputs_embeds=self.embed(input_ids, pixel_values), max_new_tokens=2048,
+                                              stop_ids=stop_token_ids(tokenizer, template), seg_id=seg_id)
+        masks = masks_from_seg_states(self, seg_states, frames)
         return {"prediction": tokenizer.decode(ids, skip_special_tokens=False), "prediction_masks": masks}

@@ -113,9 +113,14 @@ def generate_with_masks(model, body, head, inputs_embeds, tokenizer, template, s
     Returns the generated ids and the masks (none without frames)."""
     ids, seg_states = greedy_generate(body, head, body.get_input_embeddings(), inputs_embeds, model.max_new_tokens,
                                       stop_token_ids(tokenizer, template), seg_id)
-    masks = []
-    if seg_states and frames:
-        fcs = next(model.text_hidden_fcs.parameters())
-        seg_embeds = model.text_hidden_fcs(torch.stack(seg_states).to(fcs.device, fcs.dtype))
-        masks = model.grounding_encoder.predict_masks(frames, seg_embeds, frames[0].size)
-    return ids, masks
+    return ids, masks_from_seg_states(model, seg_states, frames)
+
+
+def masks_from_seg_states(model, seg_states, frames):
+    """One mask per ``[SEG]`` hidden state: through ``model.text_hidden_fcs`` into
+    ``model.grounding_encoder.predict_masks`` (none without frames)."""
+    if not (seg_states and frames):
+        return []
+    fcs = next(model.text_hidden_fcs.parameters())
+    seg_embeds = model.text_hidden_fcs(torch.stack(seg_states).to(fcs.device, fcs.dtype))
+    return model.grounding_encoder.predict_masks(frames, seg_embeds, frames[0].size)
