@@ -81,3 +81,22 @@ def make_family(base_cache, tmp_path):
         return Family(preset, base, ckpt)
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _signals_left_as_found():
+    """Every CLI run a test starts inherits this process's signal mask and ignored signals: a test (or
+    the in-process API) that left SIGINT blocked or ignored would make later Ctrl-C tests pass or fail
+    by order. So each test must leave them as it found them."""
+    import signal
+
+    before = (signal.pthread_sigmask(signal.SIG_BLOCK, []), signal.getsignal(signal.SIGINT),
+              signal.getsignal(signal.SIGTERM))
+    yield
+    after = (signal.pthread_sigmask(signal.SIG_BLOCK, []), signal.getsignal(signal.SIGINT),
+             signal.getsignal(signal.SIGTERM))
+    if after != before:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before[0])
+        signal.signal(signal.SIGINT, before[1])
+        signal.signal(signal.SIGTERM, before[2])
+        pytest.fail(f"the test changed this process's signal state: {before} -> {after}")
