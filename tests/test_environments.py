@@ -202,14 +202,14 @@ def test_internlm2_code_under_new_transformers_is_exit_9_with_the_fix(family, tm
     assert (out / "config.json").is_file()  # written; only the round trip could not run here
 
 
-def _overlay_with(tmp_path_factory, requirement: str) -> Path:
-    """A folder with ``requirement`` installed (no dependencies), for a PYTHONPATH overlay; skipped when
-    the package registry cannot give it."""
+def _overlay_with(tmp_path_factory, *requirements: str) -> Path:
+    """A folder with ``requirements`` installed (no dependencies), for a PYTHONPATH overlay; skipped when
+    the package registry cannot give them."""
     root = tmp_path_factory.mktemp("overlay")
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(root), requirement],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(root),
+                        *requirements], capture_output=True, text=True, timeout=300)
     if r.returncode != 0:
-        pytest.skip(f"cannot install {requirement} from the package registry here: {r.stderr.strip()[-200:]}")
+        pytest.skip(f"cannot install {requirements} from the package registry here: {r.stderr.strip()[-200:]}")
     return root
 
 
@@ -307,3 +307,28 @@ def test_qwen_vl_answers_are_capped_by_wrapping_generate_as_upstream_code_needs(
         model.predict_forward(image=synthetic_picture(), text="<image>Please segment it.", tokenizer=tok)
     assert asked == [2048, 3, 5]
     assert made[1] <= 3 and made[2] <= 5
+
+
+# ------------------------------------------------------------------ a '.' in the folder's name, transformers < 4.57
+
+
+def test_a_folder_named_with_a_dot_loads_under_transformers_4_49(family, tmp_path, tmp_path_factory):
+    """transformers before 4.57 imports a local folder's code as transformers_modules.<name> unchanged, so
+    "out-1.5" fails (No module named 'transformers_modules.out-1'); the child loads it through a link
+    named out-1_5 and says so. Run under upstream's `legacy` transformers (4.49.0, with its tokenizers)
+    put in front of this environment's packages."""
+    overlay = _overlay_with(tmp_path_factory, "transformers==4.49.0", "tokenizers>=0.21,<0.22")
+    python = tmp_path / "python-tf449"
+    python.write_text(f"#!/bin/sh\nPYTHONPATH={overlay} exec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    base, ckpt = family("sa2va-1b")
+    out = tmp_path / "out-1.5"
+    assert run_cli(ckpt, out, "--base", base).returncode == 0
+    r = run_cli("verify", out, "--device", "cpu", "--python", python, "--json")
+    assert r.returncode == 0, r.stderr
+    rt = json.loads(r.stdout)["roundtrip"]
+    assert rt["versions"]["transformers"] == "4.49.0" and rt["loaded_as"] == "out-1_5"
+    from sa2va_convert.verify.roundtrip import summary_line
+
+    assert "through a link named out-1_5" in summary_line(rt)  # the line convert and verify print
+    assert sorted(p.name for p in tmp_path.iterdir() if "out" in p.name) == ["out-1.5"]  # nothing beside it

@@ -236,6 +236,32 @@ def disable_flash_attn_in_config(config) -> None:
                 pass
 
 
+def importable_folder_name(folder: str, result: dict) -> str:
+    """The path to load ``folder`` from, under a name its remote code can be imported by.
+
+    transformers imports a local folder's remote code as the package ``transformers_modules.<folder
+    name>``; before 4.57 the name is used as it is (later ones replace ``.`` and ``-``:
+    ``_sanitize_module_name`` in dynamic_module_utils.py), so a folder named ``sa2va-1.5`` fails with
+    ``ModuleNotFoundError: No module named 'transformers_modules.sa2va-1'`` as soon as one of its files
+    imports another. There the folder is loaded through a link whose name has ``_`` for each ``.``, in a
+    directory of its own that this process removes at exit; the folder itself is not touched."""
+    import transformers.dynamic_module_utils as dmu
+
+    name = os.path.basename(os.path.normpath(folder))
+    if "." not in name or hasattr(dmu, "_sanitize_module_name"):
+        return folder
+    import atexit
+    import shutil
+    import tempfile
+
+    holder = tempfile.mkdtemp(prefix="sa2va-load-")
+    atexit.register(shutil.rmtree, holder, True)
+    link = os.path.join(holder, name.replace(".", "_"))
+    os.symlink(os.path.realpath(folder), link)
+    result["loaded_as"] = os.path.basename(link)
+    return link
+
+
 def load_config(folder: str, result: dict):
     """AutoConfig with its debug prints swallowed (the upstream config class prints on every build)."""
     from transformers import AutoConfig
@@ -648,7 +674,7 @@ def load_model(args: dict, result: dict) -> Loaded:
     result["versions"].update(torch=torch.__version__, transformers=transformers.__version__,
                               numpy=numpy.__version__, pillow=PIL.__version__)
     timings["import"] = round(time.perf_counter() - t0, 3)
-    folder = args["folder"]
+    folder = importable_folder_name(args["folder"], result)
 
     stage(result, "device")
     device = resolve_device(args.get("device") or "auto", result)

@@ -93,6 +93,7 @@ class RoundTripReport:
         d["nested_imports"] = self.raw.get("nested_imports")
         d["max_new_tokens"] = self.raw.get("max_new_tokens")
         d["generation_cap"] = self.raw.get("generation_cap")
+        d["loaded_as"] = self.raw.get("loaded_as")
         d["packages"] = self.raw.get("packages")
         d["memory"] = self.raw.get("memory")
         if d["error"]:
@@ -525,6 +526,9 @@ def summary_line(rt: dict[str, Any]) -> str:
     if nested:
         where += (f" (remote code imports {len(nested)} file(s) deeper than transformers copies for a local folder: "
                   f"{', '.join(nested[:3])}{' ...' if len(nested) > 3 else ''}; made importable)")
+    if rt.get("loaded_as"):  # a '.' in the folder's name, under transformers < 4.57
+        where += (f" (through a link named {rt['loaded_as']}: this transformers cannot import remote code from a "
+                  "folder whose name has a '.')")
     cap = rt.get("generation_cap") or ""
     if cap and cap != "preparing_for_generation":  # the code writes its length into the call (Qwen-VL)
         where += f" (no preparing_for_generation(): answers capped by wrapping {cap})"
