@@ -30,6 +30,7 @@ from .read.work_dir import (  # noqa: F401  (re-exported: batch mode's vocabular
 from .recipe import RECIPE_KEY, differences
 from .write.guard import read_report
 
+
 @dataclass
 class BatchItem:
     checkpoint: str

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import click
 
+from . import run_state
 from ._version import __version__
 from .cli_common import EXIT_HELP, SCHEMA_VERSION, emit_json, handle_errors, verbosity_options  # noqa: F401
 from .cli_eval import register_eval
 from .cli_verify import register_verify_commands
-from . import run_state
 from .errors import ConvertError
 
 EXAMPLES = """

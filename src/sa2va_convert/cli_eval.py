@@ -8,8 +8,9 @@ group is passed in, so this module never imports ``cli``.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -46,7 +47,7 @@ def render_eval(report: dict[str, Any], *, rich: bool, echo: Callable[[str], Non
         echo(f"eval on {report['images']} image(s) of {report['data']}")
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
         for r in [COLUMNS, *rows]:
-            echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+            echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
     if report.get("best"):
         best = next(m for m in report["models"] if m["model"] == report["best"])
         echo(f"best: {report['best']} (mean Dice {_f(best['mean_dice'])}, cIoU {_f(best['ciou'])})")

@@ -5,8 +5,9 @@ Only parsing and rendering live here; what is checked, and how, is the verify st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 

@@ -14,22 +14,14 @@ import math
 import re
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from ._version import __version__
 from . import run_state
+from ._version import __version__
 from .errors import InputError, PlanError, UsageError, VerifyEnvironmentError, VerifyError, api_errors
-from .progress import Progress, Silent
-from .recipe import build_recipe, keymap_identity
-from .sizes import parse_size
-# the stages, in pipeline order: read -> plan -> transform -> write -> verify
-from .read.checkpoint import TrainingCheckpoint, open_checkpoint
-from .read.hf_folder import HFFolder, open_hf_folder
-from .read.layered import RenamedSource, UnionSource, open_sam2_checkpoint
-from .read.remote_code import ImportCheck, check_imports, install_hint, pip_name, require_self_contained
-from .read.work_dir import checkpoint_note, resolve_checkpoint
 from .plan.base_discovery import discover_base, resolve_base
 from .plan.family import Detection, detect_family, match_family, require_family
 from .plan.keymap import Keymap, load_all_builtin, resolve_keymap
@@ -37,13 +29,21 @@ from .plan.planner import build_plan, check_raw_base
 from .plan.raw_recipe import check_key_families, merge_raw_config, read_code_folder
 from .plan.types import ConversionPlan, PlanOptions
 from .plan.vocab import read_tokenizer_state
+from .progress import Progress, Silent
+from .read.checkpoint import TrainingCheckpoint, open_checkpoint
+from .read.hf_folder import HFFolder, open_hf_folder
+from .read.layered import RenamedSource, UnionSource, open_sam2_checkpoint
+from .read.remote_code import ImportCheck, check_imports, install_hint, pip_name, require_self_contained
+from .read.work_dir import checkpoint_note, resolve_checkpoint
+from .recipe import build_recipe, keymap_identity
+from .sizes import parse_size
 from .transform.produce import TensorProducer, TransformReport
+from .verify.structural import READ_BACK_CHUNK_BYTES, StructuralReport, check_against_plan
 from .write import guard
 from .write.folder import WriteResult, write_folder
 from .write.model_card import conversion_report, model_card
 from .write.peak_ram import estimate_peak_ram, process_baseline, resident_layers
 from .write.safetensors_writer import SAFETENSORS
-from .verify.structural import READ_BACK_CHUNK_BYTES, StructuralReport, check_against_plan
 
 
 @dataclass
@@ -85,7 +85,7 @@ class ConvertOptions:
                            rslora=self.rslora, override_lora_config=self.override_lora_config,
                            allow_unused=tuple(self.allow_unused), template=self.template)
 
-    def validate(self) -> "ConvertOptions":
+    def validate(self) -> ConvertOptions:
         """Every option checked before any work; a bad one is a UsageError (exit 2) naming it.
 
         Normalises in place (a size string becomes bytes, an interpreter name its path)."""

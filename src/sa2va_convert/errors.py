@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 
 class ConvertError(Exception):

@@ -8,9 +8,10 @@ think about a Sa2VA fine-tune, and says where each LoRA setting came from.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import api_errors
 from .plan.family import Detection, detect_family

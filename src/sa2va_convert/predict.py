@@ -11,9 +11,10 @@ masks tinted over the image).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import InputError, OutputError
 from .verify.roundtrip import (

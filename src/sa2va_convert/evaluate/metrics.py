@@ -11,8 +11,9 @@ image whose object is present scores Dice 0, precision 0, recall 0 -- it is neve
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 

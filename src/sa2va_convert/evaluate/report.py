@@ -18,8 +18,9 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..errors import OutputError
 from .metrics import ModelSummary, scores
@@ -118,7 +119,7 @@ def plot_report(path: Path, summaries: list[ModelSummary], dice_by_model: dict[s
         bars = ax1.bar(range(len(names)), np.nan_to_num(means), color=colours)
         ax1.set_xticks(range(len(names)), names, rotation=30 if len(names) > 3 else 0, ha="right" if len(names) > 3
                        else "center", fontsize=8)
-        for b, v in zip(bars, means):
+        for b, v in zip(bars, means, strict=True):
             ax1.text(b.get_x() + b.get_width() / 2, (0 if np.isnan(v) else v) + 0.02,
                      "n/a" if np.isnan(v) else f"{v:.3f}", ha="center", fontsize=8)
     ax1.set_ylim(0, 1.08)

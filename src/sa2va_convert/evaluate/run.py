@@ -26,10 +26,11 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from ..errors import ConvertError, EvalFailuresError, InputError, OutputError, UsageError
 from ..verify.roundtrip import (
@@ -82,8 +83,8 @@ def resolve_models(paths: list[str | os.PathLike]) -> list[ModelSpec]:
         if not p.is_dir():
             raise InputError("model folder not found" if not p.exists() else "not a model folder", path=p,
                              hint="pass a converted HuggingFace folder (with config.json), or a folder of iter_N ones")
-        iters = sorted(((int(_ITER.match(c.name).group(1)), c) for c in p.iterdir()  # type: ignore[union-attr]
-                        if c.is_dir() and _ITER.match(c.name) and (c / "config.json").is_file()))
+        iters = sorted((int(_ITER.match(c.name).group(1)), c) for c in p.iterdir()  # type: ignore[union-attr]
+                        if c.is_dir() and _ITER.match(c.name) and (c / "config.json").is_file())
         if not iters:
             raise InputError("not a model folder (no config.json) and no iter_N model folders inside", path=p,
                              hint="pass a converted folder (sa2va-convert CKPT OUT writes one), or the OUT of "
@@ -113,7 +114,7 @@ class Dist:
     group: bool = False
 
     @classmethod
-    def from_env(cls) -> "Dist":
+    def from_env(cls) -> Dist:
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if world <= 1:
             return cls()

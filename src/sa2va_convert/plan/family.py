@@ -9,12 +9,11 @@ this family" is the first question when a conversion looks wrong.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 from ..errors import PlanError
 from .keymap import Keymap, first_match
-
 
 #: Projects built on the Sa2VA code with model classes of their own (docs/FAMILIES.md). Their
 #: checkpoints can carry exactly the keys of a Sa2VA family (SaSaSa2VA subclasses Sa2VAModel and
@@ -99,7 +98,7 @@ def detect_family(keys: Iterable[str], keymaps: Sequence[Keymap], config_text: s
     foreign = unsupported_project(config_text)
     if foreign is not None:  # whatever keymap the keys fit, it is a near miss
         return Detection(None, matches, (), "unsupported: " + foreign)
-    fitting = [(km, m) for km, m in zip(keymaps, matches) if m.matched]
+    fitting = [(km, m) for km, m in zip(keymaps, matches, strict=True) if m.matched]
     note = None
     if len(fitting) > 1:
         agreeing = [(km, m) for km, m in fitting if m.config_agrees]
@@ -110,7 +109,7 @@ def detect_family(keys: Iterable[str], keymaps: Sequence[Keymap], config_text: s
     if chosen is not None and note is None:
         m = fitting[0][1]
         if m.config_agrees is False:
-            others = [km.name for km, mm in zip(keymaps, matches) if mm.config_agrees]
+            others = [km.name for km, mm in zip(keymaps, matches, strict=True) if mm.config_agrees]
             if others:
                 note = (f"the keys say {chosen.name}, but the embedded config looks like {', '.join(others)}; "
                         "going by the keys")
@@ -139,5 +138,6 @@ def require_family(detection: Detection, *, path: str) -> Keymap:
     raise PlanError(
         f"not a recognised Sa2VA training checkpoint: its keys fit no known family (e.g. {sample})",
         path=path,
-        hint="check this is an iter_N.pth from Sa2VA training, or write a keymap for this layout and pass --keymap FILE",
+        hint="check this is an iter_N.pth from Sa2VA training, "
+        "or write a keymap for this layout and pass --keymap FILE",
     )

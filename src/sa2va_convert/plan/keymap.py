@@ -17,10 +17,11 @@ Every error names ``file:line`` so a broken user keymap is fixed in one edit.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 

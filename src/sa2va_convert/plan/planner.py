@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .. import dtypes
 from ..errors import PlanError
@@ -118,8 +119,8 @@ def _lora_settings(mapped: _Mapped, options: PlanOptions, cfg_lora: LoraSettings
         alpha, alpha_src = float(cfg_alpha), "embedded config (llm_lora.lora_alpha)"
     else:
         raise PlanError(
-            f"LoRA alpha is unknown: the checkpoint has {len(mapped.lora)} LoRA pairs (rank {', '.join(map(str, ranks))}) "
-            "but no readable training config with lora_alpha",
+            f"LoRA alpha is unknown: the checkpoint has {len(mapped.lora)} LoRA pairs "
+            f"(rank {', '.join(map(str, ranks))}) but no readable training config with lora_alpha",
             path=ckpt_path,
             hint=f"pass --lora-alpha (upstream Sa2VA configs use alpha = 2*r, i.e. --lora-alpha {2 * ranks[0]})",
         )
@@ -195,7 +196,8 @@ def check_base(base_keys: Sequence[str], base_config: dict, keymap: Keymap, base
         raise PlanError(
             f"base folder does not fit {keymap.name}: no tensors match {', '.join(missing[:4])}; {why}",
             path=base_path,
-            hint="pass --base with the Sa2VA HF folder the fine-tune started from (e.g. the released Sa2VA model of this family)",
+            hint="pass --base with the Sa2VA HF folder the fine-tune started from "
+            "(e.g. the released Sa2VA model of this family)",
         )
     if archs and not set(archs) & set(keymap.architectures):
         raise PlanError(
@@ -203,6 +205,9 @@ def check_base(base_keys: Sequence[str], base_config: dict, keymap: Keymap, base
             f"({', '.join(keymap.architectures)})",
             path=base_path, hint="pass --base with a Sa2VA folder of the same family as the fine-tune",
         )
+
+
+_DEFAULT_OPTIONS = PlanOptions()  # frozen: one shared default is safe
 
 
 def build_plan(
@@ -215,7 +220,7 @@ def build_plan(
     keymap: Keymap,
     out: Path,
     naming: ShardNaming,
-    options: PlanOptions = PlanOptions(),
+    options: PlanOptions = _DEFAULT_OPTIONS,
     pretrained: TensorSource | None = None,
     embedded: EmbeddedConfig | None = None,
     checkpoint_meta: dict | None = None,
@@ -332,7 +337,8 @@ def _check_every_tensor_has_a_place(names: set[str], layers: Sequence[_Mapped | 
         raise PlanError(
             f"{len(unused)} checkpoint tensor(s) have no place in the base model: {shown}{more}",
             path=ckpt_path,
-            hint="use the base the fine-tune started from, fix the keymap, or pass --allow-unused REGEX to drop them knowingly",
+            hint="use the base the fine-tune started from, fix the keymap, "
+            "or pass --allow-unused REGEX to drop them knowingly",
         )
     return allowed
 

@@ -79,5 +79,5 @@ def check_key_families(plan: ConversionPlan, code_keys: list[str], code_path: st
     if missing or extra:
         raise PlanError(
             f"the assembled model differs from the Sa2VA architecture of --code-from: missing {missing[:5]}"
-            f"{' (+%d more)' % (len(missing) - 5) if len(missing) > 5 else ''}, unexpected {extra[:5]}",
+            f"{f' (+{len(missing) - 5} more)' if len(missing) > 5 else ''}, unexpected {extra[:5]}",
             path=code_path, hint="check --sam2 is the SAM2 release file and --code-from is a Sa2VA folder of the same family")

@@ -19,8 +19,8 @@ can be wrong becomes one InputError line that names the file and the fix.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import InputError
 from .checkpoint_file import TrainingCheckpoint, checkpoint_from_loaded

@@ -9,9 +9,10 @@ checkpoint from the same pieces (``plain_meta``); ``checkpoint.py`` chooses whic
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 

@@ -67,9 +67,11 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -282,8 +284,8 @@ def open_deepspeed_dir(
     )
 
 
-def _weight_entries(files: "_Files", model: "_ModelStates", module: dict[str, torch.Tensor],
-                    master: "_Optim | None", stage: int,
+def _weight_entries(files: _Files, model: _ModelStates, module: dict[str, torch.Tensor],
+                    master: _Optim | None, stage: int,
                     notes: list[str]) -> tuple[dict[str, _Entry], dict[str, _Store]]:
     """Trainable parameters (fp32 master pieces, or the saved 16-bit module) plus persistent buffers."""
     entries: dict[str, _Entry] = {}
@@ -329,7 +331,8 @@ def _scan(path: Path) -> _Files:
             optim_by_prefix.setdefault(m.group(1) or "", {})[int(m.group(2))] = path / n
     if has_z12 and z3_states:
         raise InputError(
-            f"mixed ZeRO stages: both {_MODEL_STATES_Z12} (ZeRO-1/2) and {min(z3_states.values()).name} (ZeRO-3) are here",
+            f"mixed ZeRO stages: both {_MODEL_STATES_Z12} (ZeRO-1/2) "
+            f"and {min(z3_states.values()).name} (ZeRO-3) are here",
             path=path,
             hint="two saves went into one folder; keep the files of one training run only",
         )
@@ -415,7 +418,7 @@ class _ModelStates:
     dp_world_size: int | None
 
     @classmethod
-    def read(cls, file: Path, top: Mapping) -> "_ModelStates":
+    def read(cls, file: Path, top: Mapping) -> _ModelStates:
         if "module" not in top or not isinstance(top["module"], Mapping):
             raise InputError(
                 "has no 'module' state dict; it is not a DeepSpeed model-states file",
@@ -630,7 +633,8 @@ def _choose_weights(path: Path, files: _Files, stage: int, optim: _Optim | None,
                 "ZeRO-3 folder without usable optimizer partitions: the model-states files hold only empty "
                 "placeholders, the weights are in the *_optim_states.pt files"
                 if optim is None else
-                "ZeRO-3 saves no 16-bit weights in the model-states files; only the fp32 master weights can be read",
+                "ZeRO-3 saves no 16-bit weights in the model-states files; "
+                "only the fp32 master weights can be read",
                 path=path,
                 hint="copy the *_optim_states.pt files too" if optim is None else "use the fp32 master weights",
             )
@@ -667,7 +671,7 @@ def _zero12_master(files: _Files, model: _ModelStates, optim: _Optim) -> dict[st
         lengths = [store.tensors[r][g].numel() for r in range(world)]
         starts = [sum(lengths[:r]) for r in range(world)]
         offset = 0
-        for (name, shape), pad in zip(group.items(), pads):
+        for (name, shape), pad in zip(group.items(), pads, strict=True):
             numel = math.prod(shape)
             pieces = _split(offset, numel, starts, lengths, slot=g)
             entries[name] = _Entry(TensorInfo(shape, _dtype_of(store, g)), "master", pieces)
@@ -692,7 +696,7 @@ def _split(offset: int, numel: int, starts: list[int], lengths: list[int], slot:
     """Cut ``[offset, offset+numel)`` of a concatenation of per-rank runs into per-rank pieces."""
     pieces = []
     end = offset + numel
-    for rank, (start, length) in enumerate(zip(starts, lengths)):
+    for rank, (start, length) in enumerate(zip(starts, lengths, strict=True)):
         lo, hi = max(offset, start), min(end, start + length)
         if lo < hi:
             pieces.append(_Piece(rank, slot, lo - start, hi - lo))
@@ -708,7 +712,7 @@ def _check_zero12_sizes(files: _Files, model: _ModelStates, g: int, needed: int,
     """
     total = sum(lengths)
     slack = _DP_ALIGNMENT_FACTOR * world
-    ordered = all(a >= b for a, b in zip(lengths, lengths[1:])) and all(
+    ordered = all(a >= b for a, b in pairwise(lengths)) and all(
         lengths[r] == lengths[0] for r in range(world - 1) if lengths[r + 1] > 0)
     if needed <= total < needed + slack and ordered:
         return
@@ -733,7 +737,7 @@ def _zero3_master(files: _Files, model: _ModelStates, optim: _Optim) -> dict[str
     slot_lengths = [t.numel() for t in store.tensors[0]]
     entries: dict[str, _Entry] = {}
     offset = 0
-    for (name, shape), part in zip(params, local):
+    for (name, shape), part in zip(params, local, strict=True):
         numel = math.prod(shape)
         pieces: list[_Piece] = []
         for rank in range(world):
@@ -751,7 +755,7 @@ def _split_slots(rank: int, offset: int, length: int, slot_lengths: list[int]) -
     """A run of one rank's concatenated sub-groups, cut at sub-group boundaries."""
     starts = [sum(slot_lengths[:i]) for i in range(len(slot_lengths))]
     out = []
-    for slot, (start, size) in enumerate(zip(starts, slot_lengths)):
+    for slot, (start, size) in enumerate(zip(starts, slot_lengths, strict=True)):
         lo, hi = max(offset, start), min(offset + length, start + size)
         if lo < hi:
             out.append(_Piece(rank, slot, lo - start, hi - lo))

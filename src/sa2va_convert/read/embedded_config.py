@@ -19,8 +19,9 @@ import ast
 import math
 import operator
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 __all__ = ["Unparsed", "LoraSettings", "EmbeddedConfig", "parse_embedded_config"]
 
@@ -128,7 +129,7 @@ class _Evaluator:
         if any(k is None for k in node.keys):  # {**other}
             return self.unparsed(node)
         out = {}
-        for k, v in zip(node.keys, node.values):
+        for k, v in zip(node.keys, node.values, strict=True):
             key = self.eval(k)
             try:
                 out[key] = self.eval(v)

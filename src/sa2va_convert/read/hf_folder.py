@@ -9,9 +9,9 @@ the verify stage, in a separate process.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -203,7 +203,8 @@ def open_hf_folder(path: str | Path, *, label: str = "base") -> HFFolder:
         files[SINGLE_NAME] = root / SINGLE_NAME
     else:
         bins = sorted(p.name for p in root.glob("*.bin"))
-        hint = ("convert the folder to safetensors first (load it with transformers and save_pretrained(..., safe_serialization=True))"
+        hint = ("convert the folder to safetensors first "
+                "(load it with transformers and save_pretrained(..., safe_serialization=True))"
                 if bins else "pass the complete base model folder")
         raise InputError("no model.safetensors or model.safetensors.index.json found", path=root, hint=hint)
     weights = SafetensorsSource(files, label=label, path=root)

@@ -8,15 +8,14 @@ any other base.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 
 from ..errors import InputError, PlanError
 from .safe_pickle import safe_torch_load
 from .tensor_source import SourceAbilities, SourceDefaults, StateDictSource, TensorInfo, TensorSource
-
 
 # A composed source hands row reads and releases to the source that holds the tensor (which falls back where
 # it cannot): it declares both, as it always did, but never reads into a caller's buffer.

@@ -10,8 +10,8 @@ under the user's interpreter without this package, can load that one file and ap
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from ..errors import InputError
 from .safetensors_check import MAX_HEADER_BYTES, PREFIX_BYTES, HeaderProblem, read_and_validate

@@ -60,6 +60,8 @@ from typing import Any
 import torch
 
 from .. import dtypes
+from .layouts import Preset, Sizes, get_preset, training_layout
+from .reference import load_base_folder, training_name_to_hf
 from .training_checkpoint import (
     CHECKPOINT_FORMATS,
     FixtureCheckpoint,
@@ -67,8 +69,6 @@ from .training_checkpoint import (
     deepspeed_parts,
     mmengine_parts,
 )
-from .layouts import Preset, Sizes, get_preset, training_layout
-from .reference import load_base_folder, training_name_to_hf
 from .values import key_seed, make_tensor
 
 SEG_TOKEN = "[SEG]"

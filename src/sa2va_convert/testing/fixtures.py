@@ -321,7 +321,7 @@ def write_sam2_checkpoint(
     hf = sam2_layout(s)
     train = sam2_layout(s, training_names=True)
     sd: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for (hf_name, shape), name in zip(hf.items(), train):
+    for (hf_name, shape), name in zip(hf.items(), train, strict=True):
         sd[name] = make_tensor(SAM2_PREFIX + hf_name, shape, dtype, seed=seed, fill=fill)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

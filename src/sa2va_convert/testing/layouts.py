@@ -398,7 +398,7 @@ def _qwen2_body(s: Sizes, prefix: str, vocab: int, *, qkv_bias: bool = True) -> 
     """embed_tokens, layers, norm of a Qwen2 decoder under ``prefix`` (e.g. 'language_model.model').
 
     ``qkv_bias=False`` gives a Llama decoder (same names, no q/k/v bias)."""
-    H, I, hd = s.hidden, s.intermediate, s.head_dim
+    H, FF, hd = s.hidden, s.intermediate, s.head_dim
     out: Layout = {f"{prefix}.embed_tokens.weight": (vocab, H)}
     for i in range(s.layers):
         p = f"{prefix}.layers.{i}"
@@ -406,9 +406,9 @@ def _qwen2_body(s: Sizes, prefix: str, vocab: int, *, qkv_bias: bool = True) -> 
         _add(out, f"{p}.self_attn.k_proj", _lin(s.kv_heads * hd, H, bias=qkv_bias))
         _add(out, f"{p}.self_attn.v_proj", _lin(s.kv_heads * hd, H, bias=qkv_bias))
         _add(out, f"{p}.self_attn.o_proj", _lin(H, s.heads * hd, bias=False))
-        _add(out, f"{p}.mlp.gate_proj", _lin(I, H, bias=False))
-        _add(out, f"{p}.mlp.up_proj", _lin(I, H, bias=False))
-        _add(out, f"{p}.mlp.down_proj", _lin(H, I, bias=False))
+        _add(out, f"{p}.mlp.gate_proj", _lin(FF, H, bias=False))
+        _add(out, f"{p}.mlp.up_proj", _lin(FF, H, bias=False))
+        _add(out, f"{p}.mlp.down_proj", _lin(H, FF, bias=False))
         out[f"{p}.input_layernorm.weight"] = (H,)
         out[f"{p}.post_attention_layernorm.weight"] = (H,)
     out[f"{prefix}.norm.weight"] = (H,)
@@ -416,15 +416,15 @@ def _qwen2_body(s: Sizes, prefix: str, vocab: int, *, qkv_bias: bool = True) -> 
 
 
 def _internlm2(s: Sizes, vocab: int) -> Layout:
-    H, I, hd = s.hidden, s.intermediate, s.head_dim
+    H, FF, hd = s.hidden, s.intermediate, s.head_dim
     out: Layout = {"language_model.model.tok_embeddings.weight": (vocab, H)}
     for i in range(s.layers):
         p = f"language_model.model.layers.{i}"
         out[f"{p}.attention.wqkv.weight"] = ((s.heads + 2 * s.kv_heads) * hd, H)
         out[f"{p}.attention.wo.weight"] = (H, s.heads * hd)
-        out[f"{p}.feed_forward.w1.weight"] = (I, H)
-        out[f"{p}.feed_forward.w3.weight"] = (I, H)
-        out[f"{p}.feed_forward.w2.weight"] = (H, I)
+        out[f"{p}.feed_forward.w1.weight"] = (FF, H)
+        out[f"{p}.feed_forward.w3.weight"] = (FF, H)
+        out[f"{p}.feed_forward.w2.weight"] = (H, FF)
         out[f"{p}.attention_norm.weight"] = (H,)
         out[f"{p}.ffn_norm.weight"] = (H,)
     out["language_model.model.norm.weight"] = (H,)
@@ -536,14 +536,14 @@ _INTERNLM2_TARGETS = (
 
 def _io(kind: str, s: Sizes) -> tuple[int, int]:
     """(out, in) features of a LoRA-wrapped Linear."""
-    H, I, hd = s.hidden, s.intermediate, s.head_dim
+    H, FF, hd = s.hidden, s.intermediate, s.head_dim
     return {
         "q": (s.heads * hd, H),
         "kv": (s.kv_heads * hd, H),
         "qkv": ((s.heads + 2 * s.kv_heads) * hd, H),
         "o": (H, s.heads * hd),
-        "up": (I, H),
-        "down": (H, I),
+        "up": (FF, H),
+        "down": (H, FF),
     }[kind]
 
 

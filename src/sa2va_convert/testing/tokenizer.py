@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path
 
 from .layouts import INTERNVL_TOKENS, SA2VA_TOKENS
@@ -95,7 +96,7 @@ def learn_merges(max_merges: int) -> tuple[tuple[str, str], ...]:
     while len(merges) < max_merges:
         pairs: Counter[tuple[str, str]] = Counter()
         for word, n in words.items():
-            for a, b in zip(word, word[1:]):
+            for a, b in pairwise(word):
                 pairs[(a, b)] += n
         if not pairs:
             break

@@ -13,8 +13,9 @@ import bisect
 import math
 import re
 import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence, cast
+from typing import cast
 
 import torch
 

@@ -640,10 +640,10 @@ def load_model(args: dict, result: dict) -> Loaded:
     timings = result["timings"]
     t0 = time.perf_counter()
     stage(result, "import")
-    import torch
-    import transformers
     import numpy  # noqa: F401 - fail early, at a clear stage, if missing
     import PIL  # noqa: F401
+    import torch
+    import transformers
 
     result["versions"].update(torch=torch.__version__, transformers=transformers.__version__,
                               numpy=numpy.__version__, pillow=PIL.__version__)

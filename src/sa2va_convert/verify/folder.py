@@ -20,15 +20,20 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConvertError, InputError, VerifyEnvironmentError, VerifyError
 from ..plan.keymap import Keymap, load_all_builtin
 from ..read.remote_code import ImportCheck, check_imports, install_hint, pip_name
 from ..read.safetensors_header import tensor_names
-from ..write.guard import REPORT_NAME, TOOL_NAME, read_report  # the files and keys verify reads are the ones the write stage wrote
+from ..write.guard import (  # the files and keys verify reads are the ones the write stage wrote
+    REPORT_NAME,
+    TOOL_NAME,
+    read_report,
+)
 from ..write.model_card import CHECKSUM_KEY
 from .device_check import check_roundtrip_device
 from .roundtrip import DEFAULT_PROMPT, DEFAULT_TIMEOUT, RoundTripReport, resolve_python, run_roundtrip

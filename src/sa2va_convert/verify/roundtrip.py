@@ -24,9 +24,10 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import UsageError, VerifyEnvironmentError, VerifyError
 from ..machine import available_ram

@@ -13,10 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -107,7 +107,7 @@ def _read_all_values(hf: HFFolder, expected_sha256: Mapping[str, str] | None = N
             using = [idle, idle]  # the hash job reading each buffer
             turn = [0]
 
-            def read(off: int, n: int, what: str, h=h, path=path) -> torch.Tensor:
+            def read(off: int, n: int, what: str, h=h, path=path, turn=turn, using=using) -> torch.Tensor:
                 """Bytes [off, off + n) into the free buffer, then queued for hashing (in file order)."""
                 i = turn[0]
                 using[i].result()  # the hash of the piece before last is done: its buffer is free

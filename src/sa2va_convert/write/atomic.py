@@ -16,10 +16,10 @@ import fcntl
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from .. import run_state
 from ..errors import OutputError

@@ -13,9 +13,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .. import run_state
 from ..plan.types import ConversionPlan
@@ -85,7 +85,7 @@ def write_shards(plan: ConversionPlan, produce: Producer, folder: Path, progress
     order = [by_name[name] for steps in schedule for _, name in steps]
     # reading, merging and writing overlap in threads, in this order, memory-bounded (see pipeline)
     with TensorPipeline(produce, order, budget_bytes=PIPELINE_BUDGET_BYTES, times=times) as pipe:
-        for group, steps in zip(groups, schedule):
+        for group, steps in zip(groups, schedule, strict=True):
             digests = {s.filename: hashlib.sha256() for s in group} if checksums is not None else {}
             sinks: dict[str, ShardSink] = {}
             try:

@@ -65,7 +65,7 @@ def base_repo_id(base: str | Path, card: dict[str, Any] | None = None) -> str | 
     return None
 
 
-def front_matter(plan: "ConversionPlan") -> dict[str, Any]:
+def front_matter(plan: ConversionPlan) -> dict[str, Any]:
     """Hub metadata: ``base_model`` (the Hub builds its model tree from it), ``license`` (the base's)."""
     card = base_card_metadata(plan.base)
     meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": PIPELINE_TAG, "tags": list(TAGS)}
@@ -79,7 +79,7 @@ def front_matter(plan: "ConversionPlan") -> dict[str, Any]:
     return meta
 
 
-def _report_dict(plan: "ConversionPlan", checkpoint_sha256: str | None,
+def _report_dict(plan: ConversionPlan, checkpoint_sha256: str | None,
                  lora_deltas: dict[str, Any] | None) -> dict[str, Any]:
     meta = plan.checkpoint_meta or {}
     return {
@@ -107,7 +107,7 @@ def _report_dict(plan: "ConversionPlan", checkpoint_sha256: str | None,
     }
 
 
-def conversion_report(plan: "ConversionPlan", *, checkpoint_sha256: str | None,
+def conversion_report(plan: ConversionPlan, *, checkpoint_sha256: str | None,
                       lora_deltas: dict[str, Any] | None, shard_sha256: dict[str, str] | None = None,
                       recipe: dict[str, Any] | None = None) -> str:
     """JSON provenance; ``shard_sha256`` lets ``verify`` detect bit rot that still decodes as numbers;
@@ -123,7 +123,7 @@ def conversion_report(plan: "ConversionPlan", *, checkpoint_sha256: str | None,
     return json.dumps(report, indent=2, sort_keys=True) + "\n"
 
 
-def model_card(plan: "ConversionPlan", *, checkpoint_sha256: str | None,
+def model_card(plan: ConversionPlan, *, checkpoint_sha256: str | None,
                lora_deltas: dict[str, Any] | None) -> str:
     """README.md of the output: Hub front matter, provenance, LoRA update sizes, how to load it."""
     r = _report_dict(plan, checkpoint_sha256, lora_deltas)

@@ -9,14 +9,13 @@ them; the conversion fills the estimate in once the plan is built.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .. import dtypes
 from ..machine import process_rss
 from ..plan.types import PlannedTensor, ShardPlan
 from ..read.tensor_source import TensorInfo, TensorSource
-from ..transform.produce import (DEVICE_BLOCK_ELEMS, STREAM_BLOCK_BYTES, merge_threads, resolve_merge_device,
-                                 streamable)
+from ..transform.produce import DEVICE_BLOCK_ELEMS, STREAM_BLOCK_BYTES, merge_threads, resolve_merge_device, streamable
 from . import pipeline
 
 # Bytes the converter holds before any tensor is touched: interpreter, torch, tokenizers, the plan

@@ -18,10 +18,10 @@ import mmap
 import os
 import struct
 import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -209,7 +209,7 @@ class _DirectFile:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
         self._pending = []
-        for mv, buf in zip(self._mvs, self._bufs):
+        for mv, buf in zip(self._mvs, self._bufs, strict=True):
             if not buf.closed:
                 mv.release()
                 try:
@@ -261,7 +261,7 @@ class StreamedShard:
     def next_name(self) -> str | None:
         return self._entries[self._next].name if self._next < len(self._entries) else None
 
-    def write(self, name: str, t: "torch.Tensor | Iterable[torch.Tensor]") -> StreamEntry:
+    def write(self, name: str, t: torch.Tensor | Iterable[torch.Tensor]) -> StreamEntry:
         """Write the next planned tensor, whole or as consecutive row blocks; returns its entry.
 
         A tensor whose name, shape or dtype differs from its entry is a bug upstream of the writer,
@@ -309,7 +309,7 @@ class StreamedShard:
 def write_streamed(
     path: Path,
     entries: Sequence[StreamEntry],
-    produce: Callable[[StreamEntry], "torch.Tensor | Iterable[torch.Tensor]"],
+    produce: Callable[[StreamEntry], torch.Tensor | Iterable[torch.Tensor]],
     *,
     metadata: dict[str, str] | None = None,
     on_tensor: Callable[[StreamEntry], None] | None = None,

@@ -6,8 +6,9 @@ filesystem allows) is ``safetensors_stream.py``; this module is the ``ShardWrite
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..plan.types import ShardNaming, ShardPlan
 from ..read.tensor_source import TensorInfo

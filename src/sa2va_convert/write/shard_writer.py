@@ -9,14 +9,16 @@ beside it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
 from ..plan.types import ShardNaming, ShardPlan
 from ..read.tensor_source import TensorInfo
 from .stage_times import StageTimes
+
 
 class ShardSink(Protocol):
     """One shard file being written, tensors in its planned order."""

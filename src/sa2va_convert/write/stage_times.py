@@ -13,8 +13,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 # what each key means, for the README and ``-v``; every key a thread adds must be listed here
 STAGE_KEYS: dict[str, str] = {

@@ -10,12 +10,12 @@ from __future__ import annotations
 import _compat_pickle
 import collections
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from ...errors import UnsafeInputError
-
 
 KNOWN_PLACEHOLDERS: frozenset[str] = frozenset({
     # mmengine: message_hub log_scalars; MessageHub/ConfigDict in case a hook stores one

@@ -9,7 +9,8 @@ from __future__ import annotations
 import collections
 import math
 import struct
-from typing import Any, Callable, ClassVar, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 from ...errors import UnsafeInputError
 
@@ -42,7 +43,7 @@ class Placeholder(metaclass=PlaceholderMeta):
     qualified_name: ClassVar[str] = "?"
     _counter: ClassVar[collections.Counter | None] = None
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "Placeholder":
+    def __new__(cls, *args: Any, **kwargs: Any) -> Placeholder:
         obj = object.__new__(cls)
         object.__setattr__(obj, "args", args)
         object.__setattr__(obj, "kwargs", kwargs)
