@@ -173,7 +173,7 @@ def convert_all(work_dir: Path, out_root: Path, options, *, progress: Progress |
         err = BatchError(f"{len(result.failed)} of {len(result.items)} checkpoint(s) failed: "
                          + ", ".join(Path(i.checkpoint).name for i in result.failed), path=work_dir,
                          hint="see the per-checkpoint errors above; fix them and re-run (converted ones are skipped)")
-        err.result = result  # type: ignore[attr-defined]
+        err.result = result
         raise err
     return result
 

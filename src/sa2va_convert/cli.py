@@ -20,7 +20,7 @@ from ._version import __version__
 from .cli_common import EXIT_HELP, SCHEMA_VERSION, emit_json, handle_errors, verbosity_options  # noqa: F401
 from .cli_eval import register_eval
 from .cli_verify import register_verify_commands
-from .errors import ConvertError
+from .errors import BatchError
 
 EXAMPLES = """
 \b
@@ -209,10 +209,9 @@ def _convert(checkpoint, out, base, pretrained, keymap, force_keymap, sam2, code
     if all_checkpoints:
         try:
             res = batch.convert_all(checkpoint, out, options, progress=progress)
-        except ConvertError as e:
-            res = getattr(e, "result", None)
-            if res is not None:
-                emit_json(res.to_dict()) if json_out else render_batch(res.to_dict())
+        except BatchError as e:
+            if e.result is not None:
+                emit_json(e.result.to_dict()) if json_out else render_batch(e.result.to_dict())
                 click.echo(f"error: {e.one_line()}", err=True)
                 sys.exit(e.exit_code)
             raise

@@ -113,8 +113,8 @@ def register_eval(main: click.Group) -> None:
                               limit=limit, overlays=overlays, resume=resume, force=force,
                               max_new_tokens=max_new_tokens, image_timeout=timeout, on_stage=progress.stage)
         except ConvertError as e:
-            if (debug or verbose) and getattr(e, "details", None):
-                click.echo(e.details, err=True)  # type: ignore[attr-defined]  # the model process's traceback
+            if (debug or verbose) and e.details:
+                click.echo(e.details, err=True)  # the model process's traceback
             raise
         if not rank0:  # rank 0 reports for everyone
             return

@@ -32,9 +32,8 @@ def register_verify_commands(main: click.Group) -> None:
         try:
             report = run()
         except VerifyError as e:
-            details = getattr(e, "details", None)
-            if debug and details:
-                click.echo(details, err=True)
+            if debug and e.details:
+                click.echo(e.details, err=True)
             raise
         if json_out:
             emit_json(report.to_dict())

@@ -486,7 +486,7 @@ def run_verify_roundtrip(result: ConversionResult, options: ConvertOptions, prog
         err = type(e)(f"converted, but the round trip failed: {e.message}", path=out,
                       hint=(e.hint or "") + f"; the folder is written: re-check it with `sa2va-convert verify {out}`"
                       " (pass --no-verify to convert without the round trip)")
-        err.report = getattr(e, "report", None)  # type: ignore[attr-defined]
+        err.report = e.report
         raise err from None
     result.roundtrip = {"summary": summary_line(rt.to_dict()), **rt.to_dict()}
     record_roundtrip(out, {"ok": True, "summary": result.roundtrip["summary"]})

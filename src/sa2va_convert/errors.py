@@ -14,7 +14,13 @@ import re
 from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:  # only for the attribute types: these modules import this one
+    from .batch import BatchResult
+    from .evaluate.run import EvalReport
+    from .verify.folder import VerifyReport
+    from .verify.roundtrip import RoundTripReport
 
 
 class ConvertError(Exception):
@@ -22,6 +28,8 @@ class ConvertError(Exception):
 
     exit_code = 1
     kind = "error"
+    #: the model process's traceback, when the failure happened in one (printed by ``--debug``)
+    details: str | None = None
 
     def __init__(self, message: str, *, path: str | Path | None = None, hint: str | None = None):
         super().__init__(message)
@@ -101,6 +109,8 @@ class VerifyError(ConvertError):
 
     exit_code = 7
     kind = "verify"
+    #: what was checked before the failure: the round trip's report, or (from ``verify_folder``) the folder's
+    report: RoundTripReport | VerifyReport | None = None
 
 
 class VerifyEnvironmentError(VerifyError):
@@ -116,6 +126,8 @@ class BatchError(ConvertError):
 
     exit_code = 8
     kind = "batch"
+    #: every checkpoint's outcome, the converted ones included
+    result: BatchResult | None = None
 
 
 class EvalFailuresError(ConvertError):
@@ -124,6 +136,8 @@ class EvalFailuresError(ConvertError):
 
     exit_code = 10
     kind = "eval-failures"
+    #: the whole report (already written to disk)
+    report: EvalReport | None = None
 
 
 EXIT_INTERRUPTED = 130

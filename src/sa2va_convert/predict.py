@@ -119,7 +119,7 @@ def predict(
             raise OutputError(f"cannot save the masks ({err['type']}: {err['message']})", path=save or overlay,
                               hint="choose writable --save/--overlay paths")
         failure = child_failure(run, folder=folder, python=exe, device=device, timeout=timeout, what="prediction")
-        failure.details = debug_details(run)  # type: ignore[attr-defined]
+        failure.details = debug_details(run)
         raise failure
     notes = judge_runs(report, folder)
     run0 = report.runs[0]

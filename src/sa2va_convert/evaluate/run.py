@@ -384,7 +384,7 @@ def _raise_from(d: dict[str, Any], details: str = "") -> None:
     cls = {e.kind: e for e in (VerifyError, VerifyEnvironmentError, InputError, OutputError, UsageError)}.get(
         d.get("kind"), VerifyError)
     err = cls(d["message"], path=d.get("path"), hint=d.get("hint"))
-    err.details = details  # type: ignore[attr-defined]
+    err.details = details
     raise err
 
 
@@ -526,7 +526,7 @@ def check_failures(report: EvalReport) -> None:
                                 f"{first['error']}", path=first["image"],
                                 hint=f"see the failures in {Path(report.out) / SUMMARY}; fix or remove those images, "
                                      "then --resume to retry them")
-        err.report = report  # type: ignore[attr-defined]
+        err.report = report
         raise err
 
 

@@ -213,10 +213,10 @@ def verify_folder(
         else:
             report.notes.append("round trip skipped (--no-roundtrip): the folder was not loaded")
     except VerifyError as e:
-        if getattr(e, "report", None) is not None and isinstance(e.report, RoundTripReport):
+        if isinstance(e.report, RoundTripReport):
             report.roundtrip = e.report
         report.seconds = time.perf_counter() - started
-        e.report = report  # type: ignore[attr-defined]
+        e.report = report
         raise
     report.ok = True
     report.seconds = time.perf_counter() - started

@@ -495,15 +495,15 @@ def run_roundtrip(
     report.raw["memory"] = memory
     if run.timed_out or not report.ok:
         err = child_failure(run, folder=folder, python=exe, device=device, timeout=timeout)
-        err.report = report  # type: ignore[attr-defined]
-        err.details = debug_details(run)  # type: ignore[attr-defined]
+        err.report = report
+        err.details = debug_details(run)
         raise err
     try:
         judge_loading(report, folder)
         report.warnings += judge_runs(report, folder, expect_mask=expect_mask)
     except VerifyError as e:
         report.ok = False
-        e.report = report  # type: ignore[attr-defined]
+        e.report = report
         raise
     return report
 
