@@ -151,10 +151,6 @@ class HFFolder:
     weight_files: list[str]
     other_files: list[str] = field(default_factory=list)
 
-    @property
-    def remote_code_files(self) -> list[str]:
-        return sorted(f for f in self.other_files if f.endswith(".py") and "/" not in f)
-
 
 def _load_json(path: Path, what: str) -> dict:
     try:

@@ -93,9 +93,6 @@ class UnionSource(SourceDefaults):
     def release_rows(self, key: str, start: int = 0, stop: int | None = None) -> None:
         self._owner[key].release_rows(key, start, stop)
 
-    def path_of(self, key: str) -> Path:
-        return Path(self._owner[key].path)
-
 
 def open_sam2_checkpoint(path: str | Path, *, allow_globals: Sequence[str] = ()) -> StateDictSource:
     """The original SAM2 release file: ``{'model': state_dict}`` under SAM2's own names."""

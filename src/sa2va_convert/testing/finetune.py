@@ -60,6 +60,7 @@ from typing import Any
 import torch
 
 from .. import dtypes
+from ..verify._child import synthetic_frame as synthetic_picture
 from .layouts import Preset, Sizes, get_preset, training_layout
 from .reference import load_base_folder, training_name_to_hf
 from .training_checkpoint import (
@@ -167,17 +168,8 @@ def merge(base: dict[str, torch.Tensor], train: dict[str, torch.Tensor], scale: 
 # ---------------------------------------------------------------- inputs
 
 
-def synthetic_picture(width: int = 80, height: int = 60, shift: int = 0):
-    """The round trip's test picture (gradients, checkerboard, red ellipse), rebuilt here."""
-    import numpy as np
-    from PIL import Image
-
-    y, x = np.mgrid[0:height, 0:width]
-    img = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
-                    ((x // 8 + y // 8) % 2) * 90], axis=-1).astype(np.uint8)
-    inside = ((x - (0.4 * width + shift)) / (0.2 * width)) ** 2 + ((y - 0.5 * height) / (0.25 * height)) ** 2 <= 1
-    img[inside] = (230, 40, 40)
-    return Image.fromarray(img, "RGB")
+# synthetic_picture (imported above) is the round trip's own test picture (gradients, checkerboard,
+# red ellipse): verify/_child.py's synthetic_frame, the function the round trip feeds the model.
 
 
 def _noise_picture(seed: int, width: int, height: int):

@@ -55,10 +55,6 @@ def build_header(entries: Sequence[StreamEntry], metadata: dict[str, str] | None
     return struct.pack("<Q", len(raw)) + raw
 
 
-def file_size(entries: Sequence[StreamEntry], metadata: dict[str, str] | None = None) -> int:
-    return len(build_header(entries, metadata)) + sum(e.info.nbytes for e in entries)
-
-
 def _write_blocks(f: _DirectFile, e: StreamEntry, blocks: Iterable[torch.Tensor]) -> None:
     """Write a tensor given as row blocks; their dtype and total size must be exactly the planned ones."""
     n = 0
