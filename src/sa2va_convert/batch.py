@@ -165,7 +165,7 @@ def convert_all(work_dir: Path, out_root: Path, options, *, progress: Progress |
             progress.stage(f"{ckpt.name}: failed: {e.one_line()}")
             result.items.append(BatchItem(str(ckpt), str(out), "failed", time.perf_counter() - started, e.to_dict(),
                                           differences=diffs))
-        except KeyboardInterrupt:  # the message says what is on disk for this checkpoint's folder (issue 23)
+        except KeyboardInterrupt:  # the message says what is on disk for this checkpoint's folder
             e = run_state.interrupted(out, during=f"at {ckpt.name}", otherwise=f"nothing of {ckpt.name} was written")
             raise Interrupted(f"{ckpt.name}: {e.message}; {_done(result, out)}", path=e.path or out,
                               hint=_RERUN_HINT) from None

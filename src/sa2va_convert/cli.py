@@ -76,7 +76,7 @@ def parse_size(text: str) -> int:
     """``--max-shard-size`` exactly as ``save_pretrained(max_shard_size=...)`` reads it (see
     ``sizes.parse_size``); a bad size is a usage error (exit 2). Only called for a size the user typed:
     the default is ``ConvertOptions``', so a conversion does not import transformers for its parser
-    (1.5 s of every start-up, issue 14)."""
+    (importing it costs 1.5 s at every start-up)."""
     from .sizes import parse_size as parse
 
     return parse(text, what="--max-shard-size")
@@ -180,7 +180,7 @@ def convert(checkpoint: Path, out: Path, base, pretrained, keymap, force_keymap,
                  lora_alpha, rslora, override_lora_config, allow_unused, template, force, replace_foreign, dry_run,
                  show_tensors, merge_device, read_back, roundtrip, verify_device, verify_python, expect_mask, allow_unresolved_imports,
                  all_checkpoints, quiet, verbose, json_out, allow_globals)
-    except KeyboardInterrupt:  # what is on disk decides the message, also after publishing (issue 23)
+    except KeyboardInterrupt:  # what is on disk decides the message, also after publishing
         raise run_state.interrupted(None if all_checkpoints or dry_run else out,
                                     otherwise="nothing was written") from None
 
@@ -189,7 +189,7 @@ def _convert(checkpoint, out, base, pretrained, keymap, force_keymap, sam2, code
              rslora, override_lora_config, allow_unused, template, force, replace_foreign, dry_run, show_tensors,
              merge_device, read_back, roundtrip, verify_device, verify_python, expect_mask, allow_unresolved_imports, all_checkpoints, quiet,
              verbose, json_out, allow_globals) -> None:
-    if not dry_run and not all_checkpoints:  # the disk starts on the inputs while torch is imported (issue 14)
+    if not dry_run and not all_checkpoints:  # the disk reads the inputs while torch is imported
         from .read.prefetch import input_files, prefetch, prefetch_budget
 
         prefetch(input_files(checkpoint, base), prefetch_budget())

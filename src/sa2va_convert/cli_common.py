@@ -45,7 +45,7 @@ def handle_errors(fn: Callable) -> Callable:
         from_cli = FROM_CLI.set(True)
         # Once the outcome is decided (returned, or an error to print), run_state.finishing() holds further
         # interrupts until the process exits (only under the console script): a second Ctrl-C must not turn a
-        # printed result into a traceback or a second, contradicting line (issue 23).
+        # printed result into a traceback or a second, contradicting line.
         try:
             result = fn(*args, **kwargs)
             run_state.finishing()

@@ -113,7 +113,7 @@ class ConvertOptions:
 
             check_device(self.verify_device)
             self.verify_python = resolve_python(self.verify_python) if self.verify_python else None
-            check_roundtrip_device(self.verify_device, self.verify_python)  # not after the conversion (issue 23)
+            check_roundtrip_device(self.verify_device, self.verify_python)  # now, not after the conversion
         return self
 
     def named_inputs(self) -> list[guard.NamedInput]:
@@ -429,7 +429,7 @@ def convert(
     result = ConversionResult(plan=plan, transform=producer.report)
     # the checkpoint's sha256 (for the card and the report, needed only once the shards are written) is
     # taken in a helper thread while the shards are written: ~1 s per GB of hashing off the critical path
-    # (hashlib and file reads release the GIL); before issue 14 it ran first, serially
+    # (hashlib and file reads release the GIL); it used to run first, serially, before any shard was written
     checkpoint_sha = _Background(sha256_path, resolved)
 
     written: dict[str, str] = {}  # {shard: sha256 of the bytes handed to the disk}, filled before check()
@@ -458,7 +458,7 @@ def convert(
         if producer.report.zero_b:
             progress.stage(f"warning: {len(producer.report.zero_b)} LoRA adapter(s) have an all-zero B "
                            "(never trained): those layers equal the base")
-    except KeyboardInterrupt:  # what is on disk decides the message: before, while or after publishing (issue 23)
+    except KeyboardInterrupt:  # what is on disk decides the message: before, while or after publishing
         raise run_state.interrupted(plan.out, during="while converting") from None
     return result
 

@@ -1,8 +1,8 @@
 """What a converted folder was made from, and how: recorded in its report, compared when ``--all`` runs again.
 
 ``--all`` used to skip a finished ``OUT/iter_N`` whenever the checkpoint's sha256 matched, even when the
-rerun asked for another ``--dtype``, ``--base``, keymap or shard size: exit 0 with the old folders
-(issue 23, item 4). The recipe is everything that decides the bytes of the output:
+rerun asked for another ``--dtype``, ``--base``, keymap or shard size: exit 0 with the old folders.
+The recipe is everything that decides the bytes of the output:
 
 * the checkpoint's sha256;
 * the base folder (its real path, and the size and modification time of each of its files), the

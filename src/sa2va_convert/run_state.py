@@ -4,7 +4,7 @@ Ctrl-C or SIGTERM can land between any two bytecodes. Each handler used to say w
 the code implied ("interrupted while converting; nothing was published"), and several were reached after
 OUT had been published: in the ~100-250 ms between publishing and exit (the end of a ``--no-verify``
 conversion, where a CI timeout lands) 7 of 9 interrupts said "nothing published / run the same command
-again" while a complete new OUT was in place, and the rerun then failed with exit 6 (issue 23, item 6).
+again" while a complete new OUT was in place, and the rerun then failed with exit 6.
 
 Now there is one record, written at the moment it becomes true:
 

@@ -1,4 +1,4 @@
-"""The files of a model folder, each one checked to be something we may read and copy (issue 23, item 3).
+"""The files of a model folder, each one checked to be something we may read and copy.
 
 Whatever a base folder holds besides its shards (config, tokenizer, remote code, ...) is copied into
 OUT, a folder users push to the Hub. Listing it with ``rglob`` + ``is_file`` skipped what is not a

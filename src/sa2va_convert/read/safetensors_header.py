@@ -52,7 +52,7 @@ def read_safetensors_header(path: Path) -> dict:
 
     A header that lies while staying inside its file (a span that is not shape x dtype size,
     overlapping spans, a span ending before it begins, a negative dimension) is refused here: read
-    as it claimed, it gave a wrong tensor and exit 0 (issue 23)."""
+    as it claimed, it gave a wrong tensor and exit 0."""
     path = Path(path)
     try:
         _n, header, _spans = read_and_validate(path)

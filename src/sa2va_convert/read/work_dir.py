@@ -53,7 +53,7 @@ def choose_checkpoint(work_dir: Path) -> CheckpointChoice:
     ``last_checkpoint`` holds an absolute path written by the run. In a copied or moved work_dir it
     still names the original run's file, which may exist and be another checkpoint entirely; so when
     it lies outside the work_dir the user named, the file of that name beside ``last_checkpoint`` wins,
-    and the note says which one is used (issue 23)."""
+    and the note says which one is used."""
     work_dir = Path(work_dir)
     marker = work_dir / "last_checkpoint"
     if marker.is_file():

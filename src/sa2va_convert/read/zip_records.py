@@ -1,4 +1,4 @@
-"""Check the CRC-32 of a ``torch.save`` zip's records as the checkpoint is read (issue 23, item 1).
+"""Check the CRC-32 of a ``torch.save`` zip's records as the checkpoint is read.
 
 A ``torch.save`` file is a zip archive: ``data.pkl`` (the pickle), a few small records and one
 ``data/N`` record per tensor storage, each with the CRC-32 of its bytes in the zip directory. Nothing

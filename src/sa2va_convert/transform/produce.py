@@ -227,7 +227,7 @@ def streamable(pt: PlannedTensor, merge_device: str = "cpu") -> bool:
     """Whether :meth:`TensorProducer.stream` can produce ``pt``: 2-D, and a merge's factors fit its rows.
 
     Any merge device streams: on a GPU the host holds only one block of input
-    rows and one of output (issue 14: the whole 8B head, input and output, held
+    rows and one of output (measured: the whole 8B head, input and output, held
     on the host put the cuda merge at 2.85 GiB).
     """
     if len(pt.shape) != 2 or 0 in pt.shape or tuple(pt.value.shape) != pt.shape:
@@ -370,7 +370,7 @@ class TensorProducer:
             if self.check_finite and pt.value.layer == "base":
                 # every value written is NaN/Inf-free: merged and checkpoint tensors are checked above
                 # and in the merge; this covers what passes through from the base (once a job of the
-                # read-back from disk, which is no longer the default, issue 14)
+                # read-back from disk, which is no longer the default)
                 _check_finite(out, f"written tensor {pt.name} (base tensor {pt.value.key})", str(src.path),
                               hint=_BASE_NAN_HINT)
         else:

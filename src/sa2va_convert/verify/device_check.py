@@ -1,7 +1,7 @@
 """Whether the round trip's interpreter can use the GPU ``--device cuda`` asks for: checked before any work.
 
-``--device cuda`` on a CPU-only torch used to be found by the child process, after the whole conversion
-(issue 23, item 7). The child runs under ``--python`` if given, else under this interpreter, so that is
+``--device cuda`` on a CPU-only torch used to be found by the child process, after the whole conversion.
+The child runs under ``--python`` if given, else under this interpreter, so that is
 the torch asked here: this one directly, another one by a short probe. A probe that cannot import torch
 decides nothing (the round trip reports a missing package itself, exit 9).
 """

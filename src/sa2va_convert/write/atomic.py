@@ -116,7 +116,7 @@ def _owned_by(out: Path, name: str, kind: str) -> int | None:
     """The pid in ``name`` if it is exactly ``.{OUT}.{kind}-{pid}``, else None.
 
     Compared as plain strings, never as a pattern: an OUT named ``run[1]`` or ``a*`` must not
-    match another OUT's folders (issue 23). The pid part is digits only, so a name belongs to
+    match another OUT's folders. The pid part is digits only, so a name belongs to
     exactly one OUT: ``.a.partial-1.partial-7`` is OUT ``a.partial-1``'s, never OUT ``a``'s."""
     prefix = f".{out.name}.{kind}-"
     if not name.startswith(prefix):
@@ -196,7 +196,7 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
     the two renames run with SIGINT/SIGTERM deferred and the old folder is put back if
     the second rename fails. Either way the rename and ``run_state.mark_published`` happen
     in one interrupt-deferred block: an interrupt is raised before both or after both, so
-    the message it ends in says what is on disk (issue 23).
+    the message it ends in says what is on disk.
     """
     _fsync_dir(tmp)
     old = None

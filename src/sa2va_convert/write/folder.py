@@ -168,7 +168,7 @@ def _write_locked(plan: ConversionPlan, produce: Producer, out: Path, *, base_di
     """Everything under OUT's lock: (bytes written, {shard: sha256}). Right before publishing it calls
     ``run_state.hold()`` and appends to ``holding``: from the rename to the lock's release no interrupt is
     raised (the lock file and any old folder are removed first), so the caller's ``release()`` raises it
-    with OUT and its siblings settled, and the message then says OUT is published (issue 23)."""
+    with OUT and its siblings settled, and the message then says OUT is published."""
     with atomic.output_lock(out):
         for stale in atomic.clear_stale_partials(out):  # a kill -9 leaves one; say what went, not silently
             progress.stage(f"note: {stale.describe()}")

@@ -47,7 +47,7 @@ def estimate_peak_ram(tensors: Sequence[PlannedTensor], shards: Sequence[ShardPl
 
     ``baseline_bytes``: what the process holds before any tensor is touched; a conversion passes
     :func:`process_baseline` (this process's own RSS, measured), because it differs by machine: a
-    CUDA build of torch maps several hundred MiB more than the CPU build (issue 14).
+    CUDA build of torch maps several hundred MiB more than the CPU build.
 
     Two phases, the larger wins (calibrated on Sa2VA-1B/4B/8B-shaped runs, bench/bench_convert.py):
 
@@ -87,9 +87,9 @@ def estimate_peak_ram(tensors: Sequence[PlannedTensor], shards: Sequence[ShardPl
     window = max(budget, held, stream_block if streams else 0) + budget // 2  # + free pooled buffers
     mapped = sum(resident.values())
     # a GPU merge maps the CUDA runtime and cuBLAS into the process: +0.32 GiB at 4B on the H100 machine
-    # (2.03 against 1.71 GiB, issue 14)
+    # (2.03 against 1.71 GiB, measured)
     # each torch thread of the merge adds its own allocator arena and MKL packing buffers: on the 16-core H100
-    # machine (15 merge threads) the same 4B/8B runs peaked 0.37-0.64 GiB above this 2-core VM's (issue 14)
+    # machine (15 merge threads) the same 4B/8B runs peaked 0.37-0.64 GiB above this 2-core VM's
     threads = (PER_MERGE_THREAD_BYTES * max(0, merge_threads(merge_device) - 1))
     # every shard open beside the first has its own staging buffers (write.folder writes shards side by side)
     open_shards = pipeline.SHARD_STAGE_BYTES * max(0, pipeline.parallel_shards(len(shards)) - 1)

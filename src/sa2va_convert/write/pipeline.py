@@ -20,7 +20,7 @@ Merging runs in several worker threads (``Producer.parallelism``: for the transf
 producer, ``transform.produce.merge_workers``), each on its own tensors with
 few torch threads, rather than one thread whose every operation is split over all cores: a
 model's tensors are many and mid-sized, and one torch op on a 2 MiB block split 15 ways spends
-more in OpenMP barriers than in arithmetic (issue 14: 554 CPU-s for the 8B merge on 32 cores,
+more in OpenMP barriers than in arithmetic (measured: 554 CPU-s for the 8B merge on 32 cores,
 and the merge bound the 2-core VM's wall). Results are handed to the writer strictly in plan
 order, and a worker's failure is raised when the writer reaches that tensor, as before.
 
@@ -81,7 +81,7 @@ def parallel_shards(count: int) -> int:
 
     One shard's sha256 runs in one thread (~1.2 GB/s on the H100 machine's Xeon), slower than
     that machine's disk: with one shard at a time the hash bounded the 4B write (6.3 s of
-    hashing against 5.1 s of disk writes, issue 14). Shards written side by side hash in
+    hashing against 5.1 s of disk writes). Shards written side by side hash in
     parallel. On two cores or fewer there is no idle core to hash on, so one at a time.
     ``SA2VA_PARALLEL_SHARDS`` overrides (benchmarking).
     """

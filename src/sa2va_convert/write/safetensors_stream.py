@@ -95,7 +95,7 @@ class _DirectFile:
     thread (``os.write``) and, if a ``digest`` is given, to a hashing thread
     (sha256 of exactly the file's logical bytes, padding excluded) at the same
     time, while the caller fills the other stage. All three release the GIL, so
-    the checksum, the copy and the disk overlap instead of adding up (issue 14:
+    the checksum, the copy and the disk overlap instead of adding up (measured:
     sha256 was ~4.6 CPU-s of the 4B run's writer thread, serial with the IO).
     Chunks are hashed and written strictly in order: a stage is reused only
     after both jobs on it have finished.
