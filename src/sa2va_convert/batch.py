@@ -76,7 +76,9 @@ def current_recipe(options, digest: str, report: dict, base_folder) -> dict[str,
     from .plan.keymap import load_builtin, resolve_keymap
     from .recipe import build_recipe, keymap_identity
 
-    recorded = report.get(RECIPE_KEY) if isinstance(report.get(RECIPE_KEY), dict) else {}
+    recorded = report.get(RECIPE_KEY)
+    if not isinstance(recorded, dict):
+        recorded = {}
     base = (base_folder.path if base_folder is not None else
             (recorded.get("base") or {}).get("path") or (report.get("source") or {}).get("base"))
     if options.keymap:
@@ -166,8 +168,8 @@ def convert_all(work_dir: Path, out_root: Path, options, *, progress: Progress |
             result.items.append(BatchItem(str(ckpt), str(out), "failed", time.perf_counter() - started, e.to_dict(),
                                           differences=diffs))
         except KeyboardInterrupt:  # the message says what is on disk for this checkpoint's folder
-            e = run_state.interrupted(out, during=f"at {ckpt.name}", otherwise=f"nothing of {ckpt.name} was written")
-            raise Interrupted(f"{ckpt.name}: {e.message}; {_done(result, out)}", path=e.path or out,
+            intr = run_state.interrupted(out, during=f"at {ckpt.name}", otherwise=f"nothing of {ckpt.name} was written")
+            raise Interrupted(f"{ckpt.name}: {intr.message}; {_done(result, out)}", path=intr.path or out,
                               hint=_RERUN_HINT) from None
     if result.failed:
         err = BatchError(f"{len(result.failed)} of {len(result.items)} checkpoint(s) failed: "

@@ -62,12 +62,12 @@ def handle_errors(fn: Callable) -> Callable:
             run_state.finishing()
             # Commands that write raise Interrupted with what was left; an interrupt that reaches here says
             # what run_state knows (what this process published, if anything), else only that it stopped.
-            e = run_state.interrupted(None)
-            if e.path is None:
-                e.path = str(kwargs.get("out") or kwargs.get("folder") or kwargs.get("checkpoint") or "sa2va-convert")
+            intr = run_state.interrupted(None)
+            if intr.path is None:
+                intr.path = str(kwargs.get("out") or kwargs.get("folder") or kwargs.get("checkpoint") or "sa2va-convert")
             if json_mode:
-                emit_json({"ok": False, "error": e.to_dict()})
-            click.echo(f"error: {e.one_line()}", err=True)
+                emit_json({"ok": False, "error": intr.to_dict()})
+            click.echo(f"error: {intr.one_line()}", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except Exception as e:  # a bug: say so, keep it one line unless --debug
             run_state.finishing()

@@ -19,6 +19,7 @@ from rich.progress import (
     DownloadColumn,
     Progress as RichBar,
     ProgressColumn,
+    TaskID,
     TextColumn,
     TimeRemainingColumn,
 )
@@ -106,7 +107,7 @@ class BinarySpeedColumn(ProgressColumn):
 class RichProgress:
     def __init__(self, verbose: bool = False):
         self.bar: RichBar | None = None
-        self.task = None
+        self.task: TaskID | None = None
         self.verbose = verbose
 
     def stage(self, message: str) -> None:
@@ -120,7 +121,7 @@ class RichProgress:
         self.task = self.bar.add_task(f"{total_tensors} tensors", total=total_bytes)
 
     def advance(self, name: str, nbytes: int) -> None:
-        if self.bar is not None:
+        if self.bar is not None and self.task is not None:  # both set by start()
             self.bar.update(self.task, advance=nbytes)
             if self.verbose:
                 self.bar.console.print(f"wrote {name} ({human_bytes(nbytes)})", soft_wrap=True, markup=False)

@@ -10,10 +10,10 @@ branch on them.
 from __future__ import annotations
 
 import functools
+import os
 import re
 from collections.abc import Callable
 from contextvars import ContextVar
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:  # only for the attribute types: these modules import this one
@@ -31,10 +31,10 @@ class ConvertError(Exception):
     #: the model process's traceback, when the failure happened in one (printed by ``--debug``)
     details: str | None = None
 
-    def __init__(self, message: str, *, path: str | Path | None = None, hint: str | None = None):
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None, hint: str | None = None):
         super().__init__(message)
         self.message = message
-        self.path = str(path) if path is not None else None
+        self.path = os.fspath(path) if path is not None else None
         self.hint = hint
 
     def one_line(self) -> str:

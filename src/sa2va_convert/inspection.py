@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import api_errors
-from .plan.family import Detection, detect_family
+from .plan.family import detect_family
 from .plan.keymap import Keymap, load_all_builtin, resolve_keymap
 from .read.checkpoint import open_checkpoint
 
@@ -101,12 +101,15 @@ def inspect_checkpoint(path: str | Path, *, keymap: str | None = None,
     keys = sorted(ckpt.weights.keys())
     config_text = ckpt.config.text if ckpt.config is not None else None
     km: Keymap | None
-    detection: Detection | None = None
+    family: dict[str, Any]
     if keymap:
         km = resolve_keymap(keymap)
+        family = {"keymap": km.name, "family": km.family_label, "codebase": km.codebase,
+                  "note": "keymap given by the user"}
     else:
         detection = detect_family(keys, load_all_builtin(), config_text)
         km = detection.chosen
+        family = detection.to_dict()
 
     dtype_counts: dict[str, int] = {}
     rows: dict[str, GroupRow] = {}
@@ -128,10 +131,11 @@ def inspect_checkpoint(path: str | Path, *, keymap: str | None = None,
         elif role == "drop":
             group = "dropped by keymap"
         else:
-            group = next((g for g, p in _GROUPS if p.search(name)), None)
-            if group is None:
-                group = "unrecognised"
+            found = next((g for g, p in _GROUPS if p.search(name)), None)
+            if found is None:
+                found = "unrecognised"
                 unrecognised.append(key)
+            group = found
         row = rows.setdefault(group, GroupRow(group))
         row.tensors += 1
         row.bytes += info.nbytes
@@ -159,7 +163,6 @@ def inspect_checkpoint(path: str | Path, *, keymap: str | None = None,
     return InspectReport(
         path=str(ckpt.path), kind=ckpt.kind, meta=_plain_meta(ckpt.meta), tensor_count=len(keys),
         total_bytes=total, dtypes=dtype_counts, groups=groups, lora=lora, config=_config_summary(ckpt.config),
-        family=(detection.to_dict() if detection else {"keymap": km.name, "family": km.family_label,
-                                                       "codebase": km.codebase, "note": "keymap given by the user"}),
+        family=family,
         unrecognised=unrecognised[:50], placeholders=dict(ckpt.placeholders),
     )

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,7 +223,7 @@ def _ours() -> bool:
         return False
 
 
-_masks: list[object] = []  # pthread_sigmask states saved by hold(), when our handlers are not installed
+_masks: list[Iterable[int] | None] = []  # pthread_sigmask states saved by hold(), when our handlers are not installed
 
 
 def hold() -> None:

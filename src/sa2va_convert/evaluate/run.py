@@ -242,7 +242,7 @@ def _clean_out(out: Path, *, resume: bool, force: bool) -> None:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Complete lines of a streamed results file (a line cut by a crash is ignored)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     if not path.is_file():
         return rows
     with open(path, encoding="utf-8") as f:
@@ -382,7 +382,7 @@ def _raise_from(d: dict[str, Any], details: str = "") -> None:
     from ..errors import VerifyEnvironmentError, VerifyError
 
     cls = {e.kind: e for e in (VerifyError, VerifyEnvironmentError, InputError, OutputError, UsageError)}.get(
-        d.get("kind"), VerifyError)
+        d.get("kind", ""), VerifyError)
     err = cls(d["message"], path=d.get("path"), hint=d.get("hint"))
     err.details = details
     raise err

@@ -416,11 +416,11 @@ def _self_test(r: _Reader, km: Keymap, top: dict[str, _Node]) -> None:
                          "fix the regex, or add an example key it must match")
     logical_names = [km.classify(k)[1] for k in keys if km.classify(k)[0] != "drop"]
     staged = list(logical_names)
-    for rule in km.rename:
-        if not any(rule.pattern.search(n) for n in staged):
-            raise r.fail(f"rename rule {rule.pattern.pattern!r} matches none of the example keys", rule.line,
+    for ren in km.rename:
+        if not any(ren.pattern.search(n) for n in staged):
+            raise r.fail(f"rename rule {ren.pattern.pattern!r} matches none of the example keys", ren.line,
                          "fix the regex, or add an example key it must match")
-        staged = [rule.pattern.sub(rule.to, n) for n in staged]
+        staged = [ren.pattern.sub(ren.to, n) for n in staged]
     for pat in km.detect_all:
         if not any(pat.search(k) for k in keys):
             raise r.fail(f"detect pattern {pat.pattern!r} matches none of the example keys", top["detect"].line)

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .. import dtypes
 from ..errors import PlanError
@@ -24,6 +24,7 @@ from .keymap import Keymap, assign, lookup
 from .shards import split_shards
 from .types import (
     ConversionPlan,
+    Layer,
     LoraRef,
     LoraSettingsUsed,
     PlannedTensor,
@@ -45,7 +46,8 @@ def natural_key(name: str) -> list:
 
 def _ref(source: TensorSource, key: str) -> SourceRef:
     info = source.info(key)
-    return SourceRef(source.label, key, info.shape, info.dtype)
+    # the planner's sources are labelled with their layer: "base", "pretrained", "checkpoint" (conversion.py)
+    return SourceRef(cast(Layer, source.label), key, info.shape, info.dtype)
 
 
 @dataclass
@@ -249,7 +251,7 @@ def build_plan(
     mapped = map_source(checkpoint, keymap)
     pre = map_source(pretrained, keymap) if pretrained is not None else None
     names = _output_names(base_keys, mapped, keymap, ckpt_path, raw_base=raw_base)
-    if pre is not None and pre.lora:
+    if pretrained is not None and pre is not None and pre.lora:
         raise PlanError("the --pretrained file holds LoRA tensors; it must hold full weights", path=str(pretrained.path),
                         hint="pass the full-weights .pth (the config's pretrained_pth) or leave --pretrained out")
     base_refs = {k: _ref(base, k) for k in base_keys}
@@ -320,7 +322,8 @@ def _check_every_tensor_has_a_place(names: set[str], layers: Sequence[_Mapped | 
                                     ckpt_path: str) -> list[tuple[str, str]]:
     """Refuse checkpoint tensors the output has no place for; returns the ones --allow-unused lets go."""
     allow = [re.compile(p) for p in allow_unused]
-    unused, allowed = [], []
+    unused: list[tuple[str, str]] = []
+    allowed: list[tuple[str, str]] = []
     for layer_map in layers:
         if layer_map is None:
             continue

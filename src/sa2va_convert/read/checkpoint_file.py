@@ -65,7 +65,7 @@ def checkpoint_from_loaded(path: Path, loaded: SafeLoad, *, kind: CheckpointKind
     )
 
 
-def _find_state_dict(path: Path, top: Mapping) -> tuple[str, Mapping]:
+def _find_state_dict(path: Path, top: Mapping) -> tuple[CheckpointKind, Mapping]:
     if "state_dict" in top:
         return "mmengine", _require_mapping(path, top["state_dict"], "state_dict")
     if "module" in top:

@@ -77,7 +77,7 @@ import torch
 
 from .. import dtypes
 from ..errors import InputError
-from .checkpoint_file import TrainingCheckpoint, plain_meta
+from .checkpoint_file import CheckpointKind, TrainingCheckpoint, plain_meta
 from .embedded_config import parse_embedded_config
 from .safe_pickle import SafeLoad, is_placeholder, safe_torch_load
 from .safe_pickle.allow_lists import SafeCallable
@@ -88,7 +88,7 @@ __all__ = ["open_deepspeed_dir", "DeepSpeedSource", "WeightsChoice"]
 
 WeightsChoice = Literal["auto", "master", "module"]
 
-KIND = "deepspeed-dir"
+KIND: CheckpointKind = "deepspeed-dir"
 _MODEL_STATES_Z12 = "mp_rank_00_model_states.pt"
 _MODEL_STATES_Z3 = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
 _OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
@@ -554,14 +554,15 @@ def _partition_count(file: Path, raw: Any) -> int:
     """ZeRO-1/2 write one count per param group (they differ only with expert parallelism)."""
     values = raw if isinstance(raw, (list, tuple)) else [raw]
     counts = {_as_int(v) for v in values}
-    if len(counts) != 1 or None in counts or min(counts) < 1:  # type: ignore[type-var]
+    count = counts.pop() if len(counts) == 1 else None
+    if count is None or count < 1:
         raise InputError(
             f"has partition_count {raw!r}; per-group partition counts that differ (expert parallelism) "
             "are not supported",
             path=file,
             hint="consolidate it with DeepSpeed's ds_to_universal.py, then convert the result",
         )
-    return counts.pop()  # type: ignore[return-value]
+    return count
 
 
 def _paddings(file: Path, raw: Any) -> list[list[int]] | None:
@@ -911,7 +912,7 @@ def _plain_tensor(value: Any) -> torch.Tensor | None:
         return value
     if not (is_placeholder(value) and getattr(value, "qualified_name", None) == _TYPED_TENSOR):
         return None
-    args = getattr(value, "args", ())
+    args: tuple[Any, ...] = getattr(value, "args", ())
     if len(args) != 4:
         return None
     func, new_type, rebuild_args, _state = args
@@ -932,7 +933,7 @@ def _as_int(value: Any) -> int | None:
     if isinstance(value, int):
         return value
     if is_placeholder(value):
-        args = getattr(value, "args", ())
+        args: tuple[Any, ...] = getattr(value, "args", ())
         if len(args) == 1 and isinstance(args[0], int) and not isinstance(args[0], bool):
             return args[0]
     return None

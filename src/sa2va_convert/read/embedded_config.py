@@ -110,7 +110,7 @@ class _Evaluator:
         value = self.names.get(node.id, _MISSING)
         return self.unparsed(node) if value is _MISSING or isinstance(value, Unparsed) else value
 
-    def _eval_List(self, node: ast.List) -> Any:
+    def _eval_List(self, node: ast.List | ast.Tuple | ast.Set) -> Any:
         items = [self.eval(e) for e in node.elts]
         return self.unparsed(node) if any(isinstance(e, ast.Starred) for e in node.elts) else items
 
@@ -126,10 +126,11 @@ class _Evaluator:
             return self.unparsed(node)
 
     def _eval_Dict(self, node: ast.Dict) -> Any:
-        if any(k is None for k in node.keys):  # {**other}
+        keys = [k for k in node.keys if k is not None]
+        if len(keys) != len(node.keys):  # {**other}
             return self.unparsed(node)
         out = {}
-        for k, v in zip(node.keys, node.values, strict=True):
+        for k, v in zip(keys, node.values, strict=True):
             key = self.eval(k)
             try:
                 out[key] = self.eval(v)

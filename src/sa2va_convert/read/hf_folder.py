@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import torch
 
@@ -19,7 +20,7 @@ from .. import dtypes
 from ..errors import InputError
 from .folder_files import list_model_files
 from .safetensors_header import header_length, library_check, read_safetensors_header
-from .tensor_source import SourceAbilities, SourceDefaults, TensorInfo
+from .tensor_source import SourceAbilities, SourceDefaults, TensorInfo, TensorSource
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -128,7 +129,7 @@ class SafetensorsSource(SourceDefaults):
             if out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() < n:
                 raise ValueError("out must be a contiguous CPU uint8 tensor of at least the tensor's bytes")
             buf = out[:n]
-            view = memoryview(buf.numpy())
+            view = memoryview(buf.numpy())  # type: ignore[arg-type]  # numpy's stubs give ndarray the buffer protocol only on Python >= 3.12
         else:
             if n == 0:
                 return torch.empty(shape, dtype=dtype)
@@ -143,11 +144,17 @@ class SafetensorsSource(SourceDefaults):
         pass
 
 
+W = TypeVar("W", bound=TensorSource)
+
+
 @dataclass
-class HFFolder:
+class HFFolder(Generic[W]):
+    """A model folder: config, weights and the other files. ``weights`` is a ``SafetensorsSource`` for a
+    folder on disk (``open_hf_folder``); the original recipe's base (a raw MLLM plus SAM2) joins two sources."""
+
     path: Path
     config: dict
-    weights: SafetensorsSource
+    weights: W
     weight_files: list[str]
     other_files: list[str] = field(default_factory=list)
 
@@ -173,7 +180,7 @@ def _load_json(path: Path, what: str) -> dict:
     return data
 
 
-def open_hf_folder(path: str | Path, *, label: str = "base") -> HFFolder:
+def open_hf_folder(path: str | Path, *, label: str = "base") -> HFFolder[SafetensorsSource]:
     """Open a HF model folder holding ``model.safetensors`` or an index plus shards."""
     root = Path(path)
     if not root.exists():

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -117,7 +117,7 @@ class StateDictSource(SourceDefaults):
         self._tensors = tensors
         self.label = label
         self.path = Path(path)
-        self._pages: MappedFilePages | bool | None = None
+        self._pages: MappedFilePages | Literal[False] | None = None  # False: not a file, nothing to release
         self._records = records  # a torch.save zip's CRC-32 checks: each tensor's record checked as it is read
 
     def keys(self) -> Iterable[str]:

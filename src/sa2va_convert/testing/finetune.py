@@ -398,7 +398,7 @@ def drop_from_checkpoint(src: str | Path, dst: str | Path, drop: Iterable[str]) 
     if set(drop) - set(DROPPABLE):
         raise ValueError(f"drop takes {DROPPABLE}, not {drop!r}")
     obj = torch.load(Path(src), map_location="cpu", weights_only=False)
-    sd = obj.get("state_dict", obj.get("module", obj)) if isinstance(obj, dict) else obj
+    sd: Any = obj.get("state_dict", obj.get("module", obj)) if isinstance(obj, dict) else obj  # a state dict
     heads = {"language_model.lm_head.weight", "model.lm_head.weight", "language_model.output.weight"}
     for key in list(sd):
         if ("lora" in drop and _is_lora(key)) or ("head" in drop and training_name_to_hf(key) in heads):
@@ -503,7 +503,7 @@ def segmenting_state_dict(
         head_t[seg_id] += SEG_BOOST * u
         head_t[stop_id] += SEG_BOOST * ratio * e
         sd_c[key_head] = head_t.to(tdtype)
-        design = {
+        design: dict[str, Any] = {
             "seg_token_id": int(seg_id), "stop_token_id": int(stop_id), "candidate": cand,
             "stop_boost_ratio": ratio, "signal": SIGNAL, "seg_boost": SEG_BOOST,
             "calibration_margins": margins, "calibration_contexts": len(calib),

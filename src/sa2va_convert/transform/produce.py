@@ -513,7 +513,7 @@ class TensorProducer:
                 self._rows_done(pt.value, start, stop)
             return
         step = max(1, min(rows, _STREAM_COPY_BYTES // max(1, cols * dtypes.itemsize(pt.value.dtype))))
-        out_buf = None
+        cast_buf: torch.Tensor | None = None
         for start in range(0, rows, step):
             stop = min(rows, start + step)
             block = rows_of(start, stop)
@@ -524,9 +524,9 @@ class TensorProducer:
             else:
                 if pt.dtype == "fp16" and block.dtype != torch.float16:
                     _check_fp16(block, pt.name, path)
-                if out_buf is None:
-                    out_buf = torch.empty((step, cols), dtype=target)
-                o = out_buf[: stop - start]
+                if cast_buf is None:
+                    cast_buf = torch.empty((step, cols), dtype=target)
+                o = cast_buf[: stop - start]
                 o.copy_(block)
             if self.check_finite and not check_input:  # a base tensor: check what is written (see finish)
                 _check_finite(o, f"written tensor {pt.name} (base tensor {pt.value.key})", path,

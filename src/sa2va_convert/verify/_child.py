@@ -32,6 +32,8 @@ import struct
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from typing import Any
 
 # This file's folder is sys.path[0] when run by path; the converter's own modules sit there and
 # must not shadow anything the model's code imports.
@@ -60,7 +62,7 @@ def short_dtype(dtype) -> str:
     return SHORT_DTYPES.get(str(dtype).replace("torch.", ""), str(dtype).replace("torch.", ""))
 
 
-def first_line(text: str, limit: int = 400) -> str:
+def first_line(text: object, limit: int = 400) -> str:
     lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
     line = lines[0] if lines else ""
     return line if len(line) <= limit else line[: limit - 3] + "..."
@@ -110,11 +112,11 @@ def config_dtype_name(config: dict, file_dtypes: dict) -> str:
         value = config.get(key)
         if isinstance(value, str) and short_dtype(value) in FLOATING:
             return short_dtype(value)
-    counts: dict = {}
+    counts: dict[str, int] = {}
     for d in file_dtypes.values():
         if d in FLOATING:
             counts[d] = counts.get(d, 0) + 1
-    return max(counts, key=counts.get) if counts else "fp32"
+    return max(counts, key=lambda d: counts[d]) if counts else "fp32"
 
 
 def is_qwen_family(config: dict) -> bool:
@@ -207,7 +209,7 @@ def make_nested_code_importable(folder: str, result: dict):
 
 
 @contextlib.contextmanager
-def nested_code_importable(folder: str):
+def nested_code_importable(folder: str | os.PathLike[str]):
     """``make_nested_code_importable`` for a block of code in this process (tests, the fixture
     generator); yields the list of files it had to add, and puts transformers back afterwards."""
     result: dict = {"nested_imports": []}
@@ -267,7 +269,7 @@ def package_versions() -> dict:
     another torch fails on import, and its version is exactly what the parent must name)."""
     from importlib import metadata
 
-    out = {}
+    out: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             out[name] = metadata.version(name)
@@ -323,11 +325,12 @@ def generation_facts(model) -> list:
     return facts
 
 
-def error_chain(e: BaseException) -> list:
+def error_chain(e: BaseException | None) -> list[str]:
     """"Type: first line" of the exception and every cause/context under it, outermost first: the
     cause of a transformers lazy-import error (e.g. ``operator torchvision::nms does not exist``)
     sits at the start of a long traceback, where a cut tail would lose it."""
-    chain, seen = [], set()
+    chain: list[str] = []
+    seen: set[int] = set()
     while e is not None and id(e) not in seen and len(chain) < 8:
         seen.add(id(e))
         chain.append(f"{type(e).__name__}: {first_line(e)}")
@@ -420,9 +423,7 @@ def map_cuda_to_cpu(result: dict):
         counts["module.cuda"] += 1
         return self.to("cpu")
 
-    real_autocast = torch.autocast
-
-    class autocast(real_autocast):  # noqa: N801 - replaces torch.autocast under its own name
+    class autocast(torch.autocast):  # noqa: N801 - replaces torch.autocast under its own name
         def __init__(self, device_type, dtype=None, enabled=True, cache_enabled=None):
             if str(device_type).startswith("cuda"):
                 counts["autocast"] += 1
@@ -432,14 +433,13 @@ def map_cuda_to_cpu(result: dict):
     def cuda_amp_autocast(enabled=True, dtype=torch.float16, cache_enabled=True):
         return autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
 
-    saved = [(torch.nn.Module, "cuda", torch.nn.Module.cuda), (torch, "autocast", torch.autocast),
-             (torch.amp, "autocast", torch.amp.autocast)]
-    torch.nn.Module.cuda = module_cuda
-    torch.autocast = autocast
-    torch.amp.autocast = autocast
+    patches: list[tuple[Any, str, Any]] = [(torch.nn.Module, "cuda", module_cuda), (torch, "autocast", autocast),
+                                           (torch.amp, "autocast", autocast)]
     if hasattr(torch.cuda, "amp"):
-        saved.append((torch.cuda.amp, "autocast", torch.cuda.amp.autocast))
-        torch.cuda.amp.autocast = cuda_amp_autocast
+        patches.append((torch.cuda.amp, "autocast", cuda_amp_autocast))
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, value in patches:
+        setattr(owner, name, value)
     mode = CpuForCuda()
     mode.__enter__()
 
@@ -452,7 +452,7 @@ def map_cuda_to_cpu(result: dict):
 
 
 @contextlib.contextmanager
-def cuda_on_cpu():
+def cuda_on_cpu() -> Iterator[dict]:
     """``map_cuda_to_cpu`` for a block of code in this process (tests, the fixture generator);
     yields the call counts and puts torch back afterwards."""
     result: dict = {}
@@ -541,7 +541,7 @@ def as_numpy(mask):
 
 def describe_mask(mask) -> dict:
     arr = as_numpy(mask)
-    info = {"type": type(mask).__name__, "dtype": str(arr.dtype), "shape": list(arr.shape)}
+    info: dict[str, Any] = {"type": type(mask).__name__, "dtype": str(arr.dtype), "shape": list(arr.shape)}
     if arr.size:
         info["true_fraction"] = round(float((arr > 0).mean()), 4)
     return info
@@ -567,7 +567,7 @@ def save_masks(masks, image, mask_path, overlay_path) -> dict:
     import numpy as np
     from PIL import Image
 
-    saved = {"masks": [], "overlay": None}
+    saved: dict[str, Any] = {"masks": [], "overlay": None}
     frames = [mask_frame(m) for m in masks]
     if mask_path:
         for i, m in enumerate(frames):
@@ -911,14 +911,14 @@ MODES["eval"] = run_eval
 
 
 def run(args: dict, result: dict) -> None:
-    mode = MODES.get(args.get("mode"))
+    mode = MODES.get(args.get("mode", ""))  # a missing mode is an unknown one
     if mode is None:
         raise StageError(f"unknown mode {args.get('mode')!r}")
     mode(args, result)
 
 
 def main(argv: list) -> int:
-    result = {"ok": False, "mode": None, "stage": "start", "device": None, "dtype": None, "versions": {
+    result: dict[str, Any] = {"ok": False, "mode": None, "stage": "start", "device": None, "dtype": None, "versions": {
         "python": sys.version.split()[0], "executable": sys.executable}, "timings": {}, "runs": [], "warnings": [],
         "error": None}
     # Keep stdout for the one JSON line: anything else printed (by C code too) goes to stderr.

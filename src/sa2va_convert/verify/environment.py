@@ -77,7 +77,7 @@ def diagnose(result: dict[str, Any], *, folder: Path, python: str, what: str = "
                               f"'sa2va-convert[verify]' torch=={str(torch_v).split('+')[0]} lets pip pick it; or "
                               "pass --python with an environment where torch and torchvision match")
 
-    if _major(tf_v) is not None and _major(tf_v) >= 5 and stage in ("config", "load") and (
+    if (major := _major(tf_v)) is not None and major >= 5 and stage in ("config", "load") and (
             result.get("model_calls_post_init") is False or _search(re.compile(r"all_tied_weights_keys"), texts)):
         return VerifyEnvironmentError(
             f"the model's remote code ({model}) was written for transformers 4.x ({written}) and cannot load under "

@@ -255,9 +255,11 @@ def folder_keymap(folder: Path) -> tuple[Keymap | None, str | None]:
 
 def _recorded_keymap(folder: Path) -> str | None:
     report = read_report(folder)
-    keymap = report.get("keymap") if report is not None else None
+    if report is None or report.get("tool") != TOOL_NAME:
+        return None
+    keymap = report.get("keymap")
     name = keymap.get("name") if isinstance(keymap, dict) else None
-    return name if isinstance(name, str) and report.get("tool") == TOOL_NAME else None
+    return name if isinstance(name, str) else None
 
 
 def _weight_names(folder: Path) -> list[str]:

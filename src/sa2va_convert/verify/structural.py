@@ -26,7 +26,7 @@ from ..errors import ConvertError, VerifyError
 from ..plan.keymap import Keymap, lookup
 from ..plan.types import ConversionPlan
 from ..plan.vocab import read_tokenizer_state
-from ..read.hf_folder import INDEX_NAME, HFFolder, open_hf_folder, read_range
+from ..read.hf_folder import INDEX_NAME, HFFolder, SafetensorsSource, open_hf_folder, read_range
 
 
 @dataclass
@@ -53,7 +53,7 @@ _CHECKED_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 READ_BACK_CHUNK_BYTES = 64 * 1024 * 1024  # the value read-back reads in two buffers of half this (write.peak_ram counts it)
 
 
-def _check_headers(hf: HFFolder) -> None:
+def _check_headers(hf: HFFolder[SafetensorsSource]) -> None:
     """Every shard's header as ``safetensors`` itself reads it must name exactly the tensors ours does.
 
     Reads headers only (``safe_open`` maps the file; no value page is touched),
@@ -75,7 +75,7 @@ def _check_headers(hf: HFFolder) -> None:
                         "re-run the conversion")
 
 
-def _read_all_values(hf: HFFolder, expected_sha256: Mapping[str, str] | None = None) -> dict[str, str]:
+def _read_all_values(hf: HFFolder[SafetensorsSource], expected_sha256: Mapping[str, str] | None = None) -> dict[str, str]:
     """Read every byte of every shard back from disk; {shard: sha256} of what is on disk.
 
     Catches what a header cannot show: values turned NaN/Inf (each floating

@@ -107,8 +107,9 @@ def write_shards(plan: ConversionPlan, produce: Producer, folder: Path, progress
             finally:
                 for sink in sinks.values():
                     sink.abort()
-            for filename, digest in digests.items():
-                checksums[filename] = digest.hexdigest()
+            if checksums is not None:  # digests is empty otherwise
+                for filename, digest in digests.items():
+                    checksums[filename] = digest.hexdigest()
     times.add("total", time.perf_counter() - started)
     return total
 

@@ -80,6 +80,8 @@ class SafeCallable:
     """
 
     __slots__ = ("_fn", "_name")
+    _fn: Callable
+    _name: str
 
     def __init__(self, fn: Callable, name: str):
         object.__setattr__(self, "_fn", fn)
@@ -120,6 +122,7 @@ class TensorTypeMarker:
     not be able to BUILD on them."""
 
     __slots__ = ("name",)
+    name: str
 
     def __init__(self, name: str):
         object.__setattr__(self, "name", name)

@@ -40,6 +40,12 @@ class Placeholder(metaclass=PlaceholderMeta):
     """
 
     __slots__ = ("args", "kwargs", "state", "mapping", "sequence")
+    # the slots' types (set in __new__ and below with object.__setattr__, which type checkers do not follow)
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    state: Any
+    mapping: dict[Any, Any] | None
+    sequence: list[Any] | None
     qualified_name: ClassVar[str] = "?"
     _counter: ClassVar[collections.Counter | None] = None
 
@@ -61,14 +67,18 @@ class Placeholder(metaclass=PlaceholderMeta):
         object.__setattr__(self, "state", state)
 
     def __setitem__(self, key: Any, value: Any) -> None:  # SETITEM(S) on dict subclasses
-        if self.mapping is None:
-            object.__setattr__(self, "mapping", {})
-        self.mapping[key] = value
+        mapping = self.mapping
+        if mapping is None:
+            mapping = {}
+            object.__setattr__(self, "mapping", mapping)
+        mapping[key] = value
 
     def append(self, value: Any) -> None:  # APPEND on list subclasses
-        if self.sequence is None:
-            object.__setattr__(self, "sequence", [])
-        self.sequence.append(value)
+        sequence = self.sequence
+        if sequence is None:
+            sequence = []
+            object.__setattr__(self, "sequence", sequence)
+        sequence.append(value)
 
     def extend(self, values: Iterable[Any]) -> None:  # APPENDS on list subclasses
         for v in values:
