@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 if TYPE_CHECKING:  # only for the attribute types: these modules import this one
     from .batch import BatchResult
@@ -205,14 +205,15 @@ def api_wording(hint: str | None) -> str | None:
     return _FLAG.sub(flag, hint)
 
 
-_F = TypeVar("_F", bound=Callable[..., Any])
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
-def api_errors(fn: _F) -> _F:
+def api_errors(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """Decorate a public API function: its ConvertErrors carry Python-worded hints (unless run by the CLI)."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return fn(*args, **kwargs)
         except ConvertError as e:
@@ -220,4 +221,4 @@ def api_errors(fn: _F) -> _F:
                 e.hint = api_wording(e.hint)
             raise
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper

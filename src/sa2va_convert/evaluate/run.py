@@ -83,8 +83,8 @@ def resolve_models(paths: list[str | os.PathLike]) -> list[ModelSpec]:
         if not p.is_dir():
             raise InputError("model folder not found" if not p.exists() else "not a model folder", path=p,
                              hint="pass a converted HuggingFace folder (with config.json), or a folder of iter_N ones")
-        iters = sorted((int(_ITER.match(c.name).group(1)), c) for c in p.iterdir()  # type: ignore[union-attr]
-                        if c.is_dir() and _ITER.match(c.name) and (c / "config.json").is_file())
+        iters = sorted((int(m.group(1)), c) for c in p.iterdir()
+                       if c.is_dir() and (m := _ITER.match(c.name)) and (c / "config.json").is_file())
         if not iters:
             raise InputError("not a model folder (no config.json) and no iter_N model folders inside", path=p,
                              hint="pass a converted folder (sa2va-convert CKPT OUT writes one), or the OUT of "
@@ -269,10 +269,11 @@ def _finished_rows(out: Path, specs: list[ModelSpec], samples: list[Sample]) -> 
                 if r.get("stem") in by_stem:
                     rows.append(_complete(r, spec, by_stem[r["stem"]], out))
     for r in rows:
-        key = (r.get("model"), r.get("stem"))
-        if key[0] in names and key[1] in by_stem and r.get("status") in ("ok", "no_seg") and r.get("prediction_file") \
+        model, stem = r.get("model"), r.get("stem")
+        if isinstance(model, str) and isinstance(stem, str) and model in names and stem in by_stem \
+                and r.get("status") in ("ok", "no_seg") and r.get("prediction_file") \
                 and Path(r["prediction_file"]).is_file():
-            done[key] = r  # type: ignore[index]
+            done[(model, stem)] = r
     return done
 
 

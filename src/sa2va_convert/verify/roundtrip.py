@@ -172,8 +172,11 @@ def run_child(args: dict[str, Any], *, python: str, timeout: float,
             raise VerifyError(f"cannot start {python} ({e.strerror or e})", path=python,
                               hint="pass --python with a working interpreter") from None
 
+        stderr, stdout = proc.stderr, proc.stdout
+        assert stderr is not None and stdout is not None  # both are PIPEs
+
         def read_err() -> None:
-            for line in proc.stderr:  # type: ignore[union-attr]
+            for line in stderr:
                 if line.startswith(STAGE_PREFIX):
                     state["stage"] = line[len(STAGE_PREFIX):].strip()
                     if on_stage:
@@ -182,7 +185,7 @@ def run_child(args: dict[str, Any], *, python: str, timeout: float,
                     tail.append(line.rstrip("\n"))
 
         def read_out() -> None:
-            out_chunks.append(proc.stdout.read())  # type: ignore[union-attr]
+            out_chunks.append(stdout.read())
 
         readers = [threading.Thread(target=read_err, daemon=True), threading.Thread(target=read_out, daemon=True)]
         for r in readers:
