@@ -129,7 +129,8 @@ class SafetensorsSource(SourceDefaults):
             if out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() < n:
                 raise ValueError("out must be a contiguous CPU uint8 tensor of at least the tensor's bytes")
             buf = out[:n]
-            view = memoryview(buf.numpy())  # type: ignore[arg-type]  # numpy's stubs give ndarray the buffer protocol only on Python >= 3.12
+            # numpy's stubs declare ndarray's buffer protocol only for Python >= 3.12 (hence the ignore below)
+            view = memoryview(buf.numpy())  # type: ignore[arg-type]
         else:
             if n == 0:
                 return torch.empty(shape, dtype=dtype)

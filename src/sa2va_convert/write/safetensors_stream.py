@@ -74,7 +74,8 @@ def _write_tensor(f: _DirectFile, tensor: torch.Tensor) -> None:
     t = t.contiguous()
     if t.numel() == 0:
         return
-    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]  # numpy's stubs give ndarray the buffer protocol only on Python >= 3.12
+    # numpy's stubs declare ndarray's buffer protocol only for Python >= 3.12 (hence the ignore below)
+    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]
 
 
 class _DirectFile:
