@@ -64,7 +64,9 @@ def handle_errors(fn: Callable) -> Callable:
             # what run_state knows (what this process published, if anything), else only that it stopped.
             intr = run_state.interrupted(None)
             if intr.path is None:
-                intr.path = str(kwargs.get("out") or kwargs.get("folder") or kwargs.get("checkpoint") or "sa2va-convert")
+                intr.path = str(
+                    kwargs.get("out") or kwargs.get("folder") or kwargs.get("checkpoint") or "sa2va-convert"
+                )
             if json_mode:
                 emit_json({"ok": False, "error": intr.to_dict()})
             click.echo(f"error: {intr.one_line()}", err=True)
@@ -73,8 +75,11 @@ def handle_errors(fn: Callable) -> Callable:
             run_state.finishing()
             if debug:
                 traceback.print_exc()
-            click.echo(f"error: internal error: {type(e).__name__}: {e} (run with --debug for the traceback "
-                       "and please report it)", err=True)
+            click.echo(
+                f"error: internal error: {type(e).__name__}: {e} (run with --debug for the traceback "
+                "and please report it)",
+                err=True,
+            )
             sys.exit(1)
         finally:
             FROM_CLI.reset(from_cli)
@@ -85,8 +90,12 @@ def handle_errors(fn: Callable) -> Callable:
 def verbosity_options(fn: Callable) -> Callable:
     """``-q/--quiet``, ``-v/--verbose`` and ``--debug``: the same pair on every command."""
     fn = click.option("--debug", is_flag=True, help="Show tracebacks for internal errors.")(fn)
-    fn = click.option("--verbose", "-v", is_flag=True,
-                      help="More detail on stderr: every tensor as it is written; tracebacks as with --debug.")(fn)
+    fn = click.option(
+        "--verbose",
+        "-v",
+        is_flag=True,
+        help="More detail on stderr: every tensor as it is written; tracebacks as with --debug.",
+    )(fn)
     fn = click.option("--quiet", "-q", is_flag=True, help="No progress or notes on stderr; errors still print.")(fn)
     return fn
 

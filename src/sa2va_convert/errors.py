@@ -149,6 +149,7 @@ class Interrupted(ConvertError):
     exit_code = EXIT_INTERRUPTED
     kind = "interrupted"
 
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "internal error (a bug: please report it with the traceback from --debug)",
@@ -160,11 +161,11 @@ EXIT_CODES: dict[int, str] = {
     VerifyError.exit_code: "verification of the written folder failed",
     BatchError.exit_code: "batch: at least one checkpoint failed (the others were converted)",
     VerifyEnvironmentError.exit_code: "the round trip could not run here (missing package, not enough memory, no "
-                                      "usable GPU); the folder itself was not judged",
+    "usable GPU); the folder itself was not judged",
     EvalFailuresError.exit_code: "eval: at least one image failed (recorded with its error in the report; the "
-                                 "others were scored)",
+    "others were scored)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C / SIGTERM); the message says what was left (a half-written folder is never "
-                      "published)",
+    "published)",
 }
 
 
@@ -176,12 +177,19 @@ EXIT_CODES: dict[int, str] = {
 FROM_CLI: ContextVar[bool] = ContextVar("sa2va_convert_from_cli", default=False)
 
 _API_WORDING: dict[str, str] = {
-    "--no-verify": "ConvertOptions(roundtrip=False)", "--verify": "ConvertOptions(roundtrip=True)",
-    "--no-roundtrip": "roundtrip=False", "--no-read-back": "ConvertOptions(read_back=False)",
-    "--max-shard-size": "ConvertOptions.max_shard_bytes", "--allow-global": "ConvertOptions.allow_globals",
-    "--all": "convert_all()", "--dry-run": "plan_conversion()", "--debug": "the traceback (e.__cause__)",
-    "--device": "verify_device= / device=", "--python": "verify_python= / python=",
-    "--rslora": "ConvertOptions(rslora=True)", "--no-rslora": "ConvertOptions(rslora=False)",
+    "--no-verify": "ConvertOptions(roundtrip=False)",
+    "--verify": "ConvertOptions(roundtrip=True)",
+    "--no-roundtrip": "roundtrip=False",
+    "--no-read-back": "ConvertOptions(read_back=False)",
+    "--max-shard-size": "ConvertOptions.max_shard_bytes",
+    "--allow-global": "ConvertOptions.allow_globals",
+    "--all": "convert_all()",
+    "--dry-run": "plan_conversion()",
+    "--debug": "the traceback (e.__cause__)",
+    "--device": "verify_device= / device=",
+    "--python": "verify_python= / python=",
+    "--rslora": "ConvertOptions(rslora=True)",
+    "--no-rslora": "ConvertOptions(rslora=False)",
 }
 _FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)")
 _COMMANDS = [

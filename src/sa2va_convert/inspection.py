@@ -60,9 +60,18 @@ class InspectReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "ok": True, "path": self.path, "kind": self.kind, "meta": self.meta, "tensor_count": self.tensor_count,
-            "total_bytes": self.total_bytes, "dtypes": self.dtypes, "groups": [g.to_dict() for g in self.groups],
-            "lora": self.lora, "config": self.config, "family": self.family, "unrecognised": self.unrecognised,
+            "ok": True,
+            "path": self.path,
+            "kind": self.kind,
+            "meta": self.meta,
+            "tensor_count": self.tensor_count,
+            "total_bytes": self.total_bytes,
+            "dtypes": self.dtypes,
+            "groups": [g.to_dict() for g in self.groups],
+            "lora": self.lora,
+            "config": self.config,
+            "family": self.family,
+            "unrecognised": self.unrecognised,
             "placeholders": self.placeholders,
         }
 
@@ -77,11 +86,18 @@ def _config_summary(cfg) -> dict[str, Any] | None:
         return None
     lora = getattr(cfg, "lora", None)
     out = {
-        "path": cfg.path, "pretrained_pth": cfg.pretrained_pth, "template": cfg.template,
+        "path": cfg.path,
+        "pretrained_pth": cfg.pretrained_pth,
+        "template": cfg.template,
         "special_tokens": cfg.special_tokens,
-        "lora": None if lora is None else {
-            "r": lora.r, "lora_alpha": lora.lora_alpha, "use_rslora": lora.use_rslora,
-            "modules_to_save": lora.modules_to_save, "target_modules": lora.target_modules,
+        "lora": None
+        if lora is None
+        else {
+            "r": lora.r,
+            "lora_alpha": lora.lora_alpha,
+            "use_rslora": lora.use_rslora,
+            "modules_to_save": lora.modules_to_save,
+            "target_modules": lora.target_modules,
         },
         "sources": dict(getattr(cfg, "sources", {}) or {}),
     }
@@ -92,8 +108,9 @@ def _config_summary(cfg) -> dict[str, Any] | None:
 
 
 @api_errors
-def inspect_checkpoint(path: str | Path, *, keymap: str | None = None,
-                       allow_globals: Sequence[str] = ()) -> InspectReport:
+def inspect_checkpoint(
+    path: str | Path, *, keymap: str | None = None, allow_globals: Sequence[str] = ()
+) -> InspectReport:
     """What ``sa2va-convert inspect`` shows. ``path`` may be a work_dir: its newest checkpoint, as convert picks it."""
     from .read.work_dir import resolve_checkpoint
 
@@ -104,8 +121,12 @@ def inspect_checkpoint(path: str | Path, *, keymap: str | None = None,
     family: dict[str, Any]
     if keymap:
         km = resolve_keymap(keymap)
-        family = {"keymap": km.name, "family": km.family_label, "codebase": km.codebase,
-                  "note": "keymap given by the user"}
+        family = {
+            "keymap": km.name,
+            "family": km.family_label,
+            "codebase": km.codebase,
+            "note": "keymap given by the user",
+        }
     else:
         detection = detect_family(keys, load_all_builtin(), config_text)
         km = detection.chosen
@@ -150,19 +171,31 @@ def inspect_checkpoint(path: str | Path, *, keymap: str | None = None,
         r = min(ranks)
         scale = None
         if alpha is not None:
-            scale = alpha / (r ** 0.5 if rslora else r)
+            scale = alpha / (r**0.5 if rslora else r)
         lora = {
-            "pairs": sum(lora_modules.values()), "ranks": sorted(ranks), "rank_source": "tensor shapes",
-            "alpha": alpha, "alpha_source": "embedded config" if alpha is not None else "unknown (pass --lora-alpha)",
+            "pairs": sum(lora_modules.values()),
+            "ranks": sorted(ranks),
+            "rank_source": "tensor shapes",
+            "alpha": alpha,
+            "alpha_source": "embedded config" if alpha is not None else "unknown (pass --lora-alpha)",
             "rslora": bool(rslora) if rslora is not None else False,
             "rslora_source": "embedded config" if rslora is not None else "PEFT default",
-            "scale": scale, "modules": lora_modules,
+            "scale": scale,
+            "modules": lora_modules,
         }
     order = ["LoRA adapters"] + [g for g, _ in _GROUPS] + ["dropped by keymap", "unrecognised"]
     groups = [rows[g] for g in order if g in rows]
     return InspectReport(
-        path=str(ckpt.path), kind=ckpt.kind, meta=_plain_meta(ckpt.meta), tensor_count=len(keys),
-        total_bytes=total, dtypes=dtype_counts, groups=groups, lora=lora, config=_config_summary(ckpt.config),
+        path=str(ckpt.path),
+        kind=ckpt.kind,
+        meta=_plain_meta(ckpt.meta),
+        tensor_count=len(keys),
+        total_bytes=total,
+        dtypes=dtype_counts,
+        groups=groups,
+        lora=lora,
+        config=_config_summary(ckpt.config),
         family=family,
-        unrecognised=unrecognised[:50], placeholders=dict(ckpt.placeholders),
+        unrecognised=unrecognised[:50],
+        placeholders=dict(ckpt.placeholders),
     )

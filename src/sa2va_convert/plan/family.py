@@ -21,8 +21,10 @@ from .keymap import Keymap, first_match
 #: would convert them into a folder whose code is not theirs. (name, evidence in the config text)
 #: Patterns are tried in order, so the message names a model class when the config has one.
 UNSUPPORTED_PROJECTS: tuple[tuple[str, tuple[re.Pattern, ...]], ...] = (
-    ("SaSaSa2VA (HF class SaSaSa2VAChatModel)",
-     (re.compile(r"\bSaSaSa2VA\w*"), re.compile(r"\bprojects\.sasasa2va\.[\w.]*"))),
+    (
+        "SaSaSa2VA (HF class SaSaSa2VAChatModel)",
+        (re.compile(r"\bSaSaSa2VA\w*"), re.compile(r"\bprojects\.sasasa2va\.[\w.]*")),
+    ),
     ("VRT, Visual Reasoning Tracer", (re.compile(r"\bprojects\.vrt_sa2va\.[\w.]*"),)),
     ("SAMTok", (re.compile(r"(?i)\bsamtok\w*"),)),
 )
@@ -56,8 +58,12 @@ class FamilyMatch:
 
     def to_dict(self) -> dict:
         return {
-            "keymap": self.keymap, "family": self.family, "codebase": self.codebase,
-            "matched": self.matched, "evidence": self.evidence, "excluded_by": self.excluded_by,
+            "keymap": self.keymap,
+            "family": self.family,
+            "codebase": self.codebase,
+            "matched": self.matched,
+            "evidence": self.evidence,
+            "excluded_by": self.excluded_by,
             "config_evidence": self.config_evidence,
         }
 
@@ -111,8 +117,10 @@ def detect_family(keys: Iterable[str], keymaps: Sequence[Keymap], config_text: s
         if m.config_agrees is False:
             others = [km.name for km, mm in zip(keymaps, matches, strict=True) if mm.config_agrees]
             if others:
-                note = (f"the keys say {chosen.name}, but the embedded config looks like {', '.join(others)}; "
-                        "going by the keys")
+                note = (
+                    f"the keys say {chosen.name}, but the embedded config looks like {', '.join(others)}; "
+                    "going by the keys"
+                )
     unmatched: tuple[str, ...] = ()
     if chosen is None:
         unmatched = tuple(k for k in keys if "lora_" in k or k.startswith("mllm."))[:8] or tuple(keys[:8])
@@ -127,13 +135,16 @@ def require_family(detection: Detection, *, path: str) -> Keymap:
         return detection.chosen
     if detection.note and detection.note.startswith("unsupported: "):
         raise PlanError(
-            f"not a Sa2VA checkpoint this tool converts: {detection.note[len('unsupported: '):]}",
-            path=path, hint="its HF code differs from Sa2VA's; write a keymap for it and pass --keymap FILE",
+            f"not a Sa2VA checkpoint this tool converts: {detection.note[len('unsupported: ') :]}",
+            path=path,
+            hint="its HF code differs from Sa2VA's; write a keymap for it and pass --keymap FILE",
         )
     if detection.note and detection.note.startswith("ambiguous"):
-        raise PlanError(detection.note + " (the keys are the same; the embedded config, absent or silent here, "
-                        "would tell)", path=path,
-                        hint="pass --keymap NAME (see `sa2va-convert keymaps list`) or --keymap FILE")
+        raise PlanError(
+            detection.note + " (the keys are the same; the embedded config, absent or silent here, would tell)",
+            path=path,
+            hint="pass --keymap NAME (see `sa2va-convert keymaps list`) or --keymap FILE",
+        )
     sample = ", ".join(detection.unmatched_sample[:4]) or "(no keys)"
     raise PlanError(
         f"not a recognised Sa2VA training checkpoint: its keys fit no known family (e.g. {sample})",

@@ -51,8 +51,9 @@ def is_deepspeed_dir(path: Path) -> bool:
 
     The one test for it: ``work_dir`` lists such folders as checkpoints with it too."""
     path = Path(path)
-    return path.is_dir() and (any((path / name).is_file() for name in _DS_MODEL_STATES)
-                              or any(path.glob(_DS_ZERO3_GLOB)))
+    return path.is_dir() and (
+        any((path / name).is_file() for name in _DS_MODEL_STATES) or any(path.glob(_DS_ZERO3_GLOB))
+    )
 
 
 def _open_directory(path: Path, allow_globals: Sequence[str]) -> TrainingCheckpoint:

@@ -271,7 +271,9 @@ class _Extractor:
 
     def run(self) -> None:
         cfg, values = self.config, self.config.values
-        cfg.path = self.take("path", _find_key(values, "path") or _find_key(values, "model_path", under=("model",)), _as_str)
+        cfg.path = self.take(
+            "path", _find_key(values, "path") or _find_key(values, "model_path", under=("model",)), _as_str
+        )
         cfg.pretrained_pth = self.take("pretrained_pth", _find_key(values, "pretrained_pth", under=("model",)), _as_str)
         cfg.template = self._template()
         cfg.special_tokens = self.take(

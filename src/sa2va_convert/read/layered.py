@@ -35,8 +35,11 @@ class RenamedSource(SourceDefaults):
         for key in inner.keys():
             new = rename(key)
             if new in self._to_inner:
-                raise PlanError(f"two tensors are renamed to {new!r}: {self._to_inner[new]!r} and {key!r}",
-                                path=str(inner.path), hint="fix the keymap's sam2 rename rules")
+                raise PlanError(
+                    f"two tensors are renamed to {new!r}: {self._to_inner[new]!r} and {key!r}",
+                    path=str(inner.path),
+                    hint="fix the keymap's sam2 rename rules",
+                )
             self._to_inner[new] = key
 
     def keys(self) -> Iterable[str]:
@@ -71,8 +74,11 @@ class UnionSource(SourceDefaults):
         for src in self.sources:
             for key in src.keys():
                 if key in self._owner:
-                    raise PlanError(f"tensor {key!r} is provided by both {self._owner[key].path} and {src.path}",
-                                    path=str(src.path), hint="pass sources whose weights do not overlap")
+                    raise PlanError(
+                        f"tensor {key!r} is provided by both {self._owner[key].path} and {src.path}",
+                        path=str(src.path),
+                        hint="pass sources whose weights do not overlap",
+                    )
                 self._owner[key] = src
 
     def keys(self) -> Iterable[str]:
@@ -101,6 +107,9 @@ def open_sam2_checkpoint(path: str | Path, *, allow_globals: Sequence[str] = ())
     obj = loaded.obj
     sd = obj.get("model") if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise InputError("not a SAM2 checkpoint (expected {'model': state_dict} as in sam2_hiera_large.pt)",
-                         path=path, hint="pass the original sam2_hiera_large.pt from the SAM2 release")
+        raise InputError(
+            "not a SAM2 checkpoint (expected {'model': state_dict} as in sam2_hiera_large.pt)",
+            path=path,
+            hint="pass the original sam2_hiera_large.pt from the SAM2 release",
+        )
     return StateDictSource(sd, label="sam2", path=path, records=loaded.records)

@@ -112,8 +112,9 @@ class StateDictSource(SourceDefaults):
 
     abilities = SourceAbilities(reads_rows=True, releases_pages=True)
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], *, label: str, path: Path,
-                 records: RecordCheck | None = None):
+    def __init__(
+        self, tensors: Mapping[str, torch.Tensor], *, label: str, path: Path, records: RecordCheck | None = None
+    ):
         self._tensors = tensors
         self.label = label
         self.path = Path(path)

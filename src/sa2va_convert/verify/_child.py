@@ -41,10 +41,30 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.a
     del sys.path[0]
 
 SEG_TOKEN = "[SEG]"
-SHORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int64": "int64",
-                "int32": "int32", "int16": "int16", "int8": "int8", "uint8": "uint8", "bool": "bool"}
-SAFETENSORS_DTYPES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64", "I64": "int64", "I32": "int32",
-                      "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+SHORT_DTYPES = {
+    "float32": "fp32",
+    "float16": "fp16",
+    "bfloat16": "bf16",
+    "float64": "fp64",
+    "int64": "int64",
+    "int32": "int32",
+    "int16": "int16",
+    "int8": "int8",
+    "uint8": "uint8",
+    "bool": "bool",
+}
+SAFETENSORS_DTYPES = {
+    "F32": "fp32",
+    "F16": "fp16",
+    "BF16": "bf16",
+    "F64": "fp64",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 FLOATING = {"fp32", "fp16", "bf16", "fp64"}
 PALETTE = [(255, 64, 64), (64, 160, 255), (80, 220, 100), (255, 200, 40), (200, 90, 255), (0, 220, 220)]
 
@@ -222,8 +242,12 @@ def nested_code_importable(folder: str | os.PathLike[str]):
 
 def disable_flash_attn_in_config(config) -> None:
     """Switch off flash attention wherever the (remote) config offers a switch."""
-    for cfg in (config, getattr(config, "vision_config", None), getattr(config, "llm_config", None),
-                getattr(config, "text_config", None)):
+    for cfg in (
+        config,
+        getattr(config, "vision_config", None),
+        getattr(config, "llm_config", None),
+        getattr(config, "text_config", None),
+    ):
         if cfg is None:
             continue
         if hasattr(cfg, "use_flash_attn"):
@@ -260,8 +284,22 @@ def model_class(folder: str, raw_config: dict):
 
 # ---------------------------------------------------------------- facts for the parent's diagnosis
 
-PACKAGES = ("torch", "torchvision", "timm", "transformers", "peft", "accelerate", "tokenizers", "sentencepiece",
-            "einops", "qwen-vl-utils", "flash-attn", "numpy", "pillow", "safetensors")
+PACKAGES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "transformers",
+    "peft",
+    "accelerate",
+    "tokenizers",
+    "sentencepiece",
+    "einops",
+    "qwen-vl-utils",
+    "flash-attn",
+    "numpy",
+    "pillow",
+    "safetensors",
+)
 
 
 def package_versions() -> dict:
@@ -296,8 +334,10 @@ def calls_post_init(cls) -> bool | None:
             tree = ast.parse(textwrap.dedent(inspect.getsource(init)))
         except (OSError, TypeError, SyntaxError):
             return None
-        return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "post_init"
-                   for n in ast.walk(tree))
+        return any(
+            isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "post_init"
+            for n in ast.walk(tree)
+        )
     return None
 
 
@@ -317,16 +357,28 @@ def generation_facts(model) -> list:
         except Exception:
             can = None
         mro = [k.__name__ for k in type(module).__mro__]
-        facts.append({"module": name or "(model)", "class": type(module).__name__, "can_generate": can,
-                      "generation_config": getattr(module, "generation_config", None) is not None,
-                      "mixin_via": next((k.__name__ for k in type(module).__mro__[1:]
-                                         if "GenerationMixin" in [b.__name__ for b in k.__bases__]), None),
-                      "mro": mro[:6]})
+        facts.append(
+            {
+                "module": name or "(model)",
+                "class": type(module).__name__,
+                "can_generate": can,
+                "generation_config": getattr(module, "generation_config", None) is not None,
+                "mixin_via": next(
+                    (
+                        k.__name__
+                        for k in type(module).__mro__[1:]
+                        if "GenerationMixin" in [b.__name__ for b in k.__bases__]
+                    ),
+                    None,
+                ),
+                "mro": mro[:6],
+            }
+        )
     return facts
 
 
 def error_chain(e: BaseException | None) -> list[str]:
-    """"Type: first line" of the exception and every cause/context under it, outermost first: the
+    """ "Type: first line" of the exception and every cause/context under it, outermost first: the
     cause of a transformers lazy-import error (e.g. ``operator torchvision::nms does not exist``)
     sits at the start of a long traceback, where a cut tail would lose it."""
     chain: list[str] = []
@@ -347,7 +399,8 @@ def resolve_device(requested: str, result: dict):
     cuda = torch.cuda.is_available()
     count = torch.cuda.device_count() if cuda else 0
     result["gpu"] = {
-        "cuda_available": cuda, "count": count,
+        "cuda_available": cuda,
+        "count": count,
         "names": [torch.cuda.get_device_name(i) for i in range(count)],
         "torch_cuda": getattr(torch.version, "cuda", None),
     }
@@ -397,8 +450,7 @@ def map_cuda_to_cpu(result: dict):
     import torch
     from torch.overrides import TorchFunctionMode
 
-    counts = {"tensor.cuda": 0, "module.cuda": 0, "to(cuda)": 0, "device=cuda": 0, "autocast": 0,
-              "pin_memory": 0}
+    counts = {"tensor.cuda": 0, "module.cuda": 0, "to(cuda)": 0, "device=cuda": 0, "autocast": 0, "pin_memory": 0}
     result["cuda_mapped"] = counts
 
     class CpuForCuda(TorchFunctionMode):
@@ -433,8 +485,11 @@ def map_cuda_to_cpu(result: dict):
     def cuda_amp_autocast(enabled=True, dtype=torch.float16, cache_enabled=True):
         return autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
 
-    patches: list[tuple[Any, str, Any]] = [(torch.nn.Module, "cuda", module_cuda), (torch, "autocast", autocast),
-                                           (torch.amp, "autocast", autocast)]
+    patches: list[tuple[Any, str, Any]] = [
+        (torch.nn.Module, "cuda", module_cuda),
+        (torch, "autocast", autocast),
+        (torch.amp, "autocast", autocast),
+    ]
     if hasattr(torch.cuda, "amp"):
         patches.append((torch.cuda.amp, "autocast", cuda_amp_autocast))
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
@@ -524,8 +579,9 @@ def synthetic_frame(width: int = 80, height: int = 60, shift: int = 0):
     from PIL import Image
 
     y, x = np.mgrid[0:height, 0:width]
-    img = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
-                    ((x // 8 + y // 8) % 2) * 90], axis=-1).astype(np.uint8)
+    img = np.stack(
+        [x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), ((x // 8 + y // 8) % 2) * 90], axis=-1
+    ).astype(np.uint8)
     inside = ((x - (0.4 * width + shift)) / (0.2 * width)) ** 2 + ((y - 0.5 * height) / (0.25 * height)) ** 2 <= 1
     img[inside] = (230, 40, 40)
     return Image.fromarray(img, "RGB")
@@ -611,7 +667,9 @@ def call_predict(model, tokenizer, processor, *, image=None, video=None, text: s
     masks = out.get("prediction_masks")
     frames = video if video is not None else [image]
     return {
-        "input_size": list(frames[0].size), "n_frames": len(frames), "prompt": text,
+        "input_size": list(frames[0].size),
+        "n_frames": len(frames),
+        "prompt": text,
         "keys": sorted(str(k) for k in out.keys()),
         "prediction": prediction if isinstance(prediction, str) else repr(prediction)[:2000],
         "prediction_type": type(prediction).__name__,
@@ -645,8 +703,9 @@ def load_model(args: dict, result: dict) -> Loaded:
     import torch
     import transformers
 
-    result["versions"].update(torch=torch.__version__, transformers=transformers.__version__,
-                              numpy=numpy.__version__, pillow=PIL.__version__)
+    result["versions"].update(
+        torch=torch.__version__, transformers=transformers.__version__, numpy=numpy.__version__, pillow=PIL.__version__
+    )
     timings["import"] = round(time.perf_counter() - t0, 3)
     folder = args["folder"]
 
@@ -664,8 +723,9 @@ def load_model(args: dict, result: dict) -> Loaded:
     file_dtypes = shard_dtypes(folder)
     dtype_name = args.get("dtype") or config_dtype_name(raw_config, file_dtypes)
     result["dtype"] = dtype_name
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-                   "fp64": torch.float64}[dtype_name]
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}[
+        dtype_name
+    ]
     result["config_transformers_version"] = raw_config.get("transformers_version")
     filter_flash_attn(result)
     make_nested_code_importable(folder, result)
@@ -704,11 +764,19 @@ def load_model(args: dict, result: dict) -> Loaded:
     for d in loaded.values():
         counts[d] = counts.get(d, 0) + 1
     file_float = sorted({d for d in file_dtypes.values() if d in FLOATING})
-    mismatches = [f"{k}: written {file_dtypes[k]}, loaded {loaded[k]}" for k in sorted(file_dtypes)
-                  if k in loaded and file_dtypes[k] in FLOATING and loaded[k] != file_dtypes[k]]
-    result["dtypes"] = {"config": dtype_name, "file": file_float, "loaded": counts,
-                        "compared": sum(1 for k in file_dtypes if k in loaded),
-                        "mismatches": mismatches[:10], "mismatch_count": len(mismatches)}
+    mismatches = [
+        f"{k}: written {file_dtypes[k]}, loaded {loaded[k]}"
+        for k in sorted(file_dtypes)
+        if k in loaded and file_dtypes[k] in FLOATING and loaded[k] != file_dtypes[k]
+    ]
+    result["dtypes"] = {
+        "config": dtype_name,
+        "file": file_float,
+        "loaded": counts,
+        "compared": sum(1 for k in file_dtypes if k in loaded),
+        "mismatches": mismatches[:10],
+        "mismatch_count": len(mismatches),
+    }
     result["parameters"] = int(sum(p.numel() for p in model.parameters()))
 
     stage(result, "tokenizer")
@@ -719,11 +787,16 @@ def load_model(args: dict, result: dict) -> Loaded:
     seg_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
     unk = getattr(tokenizer, "unk_token_id", None)
     seg_id = None if seg_id is None or (unk is not None and seg_id == unk) else int(seg_id)
-    result["tokenizer"] = {"class": type(tokenizer).__name__, "length": len(tokenizer), "seg_token_id": seg_id,
-                           "eos_token_id": getattr(tokenizer, "eos_token_id", None)}
+    result["tokenizer"] = {
+        "class": type(tokenizer).__name__,
+        "length": len(tokenizer),
+        "seg_token_id": seg_id,
+        "eos_token_id": getattr(tokenizer, "eos_token_id", None),
+    }
     processor = None
-    if is_qwen_family(raw_config) and any(os.path.isfile(os.path.join(folder, f)) for f in
-                                          ("preprocessor_config.json", "processor_config.json")):
+    if is_qwen_family(raw_config) and any(
+        os.path.isfile(os.path.join(folder, f)) for f in ("preprocessor_config.json", "processor_config.json")
+    ):
         from transformers import AutoProcessor
 
         try:
@@ -792,8 +865,13 @@ def run_roundtrip(args: dict, result: dict) -> None:
     if args.get("video", True):
         if "video" in inspect.signature(m.model.predict_forward).parameters:
             stage(result, "predict_video")
-            run_ = call_predict(m.model, m.tokenizer, m.processor,
-                                video=[synthetic_frame(shift=0), synthetic_frame(shift=6)], text=prompt)
+            run_ = call_predict(
+                m.model,
+                m.tokenizer,
+                m.processor,
+                video=[synthetic_frame(shift=0), synthetic_frame(shift=6)],
+                text=prompt,
+            )
             run_.pop("_masks")
             run_["name"] = "video"
             result["runs"].append(run_)
@@ -860,12 +938,21 @@ def eval_one(m: Loaded, item: dict, args: dict) -> dict:
         save_png_atomic(out.clip(0, 255).astype(np.uint8), item["overlay_path"], "RGB")
     truth = read_truth(item["mask"])
     if truth.shape != (h, w):
-        raise StageError(f"ground-truth mask {item['mask']} is {truth.shape[0]}x{truth.shape[1]}, the image is "
-                         f"{h}x{w} (H x W)")
-    return {"seg_count": run_["seg_count"] or 0, "n_masks": len(masks), "prediction": run_["prediction"][:500],
-            "intersection": int(np.count_nonzero(union & truth)), "union": int(np.count_nonzero(union | truth)),
-            "pred_area": int(np.count_nonzero(union)), "true_area": int(np.count_nonzero(truth)),
-            "height": h, "width": w, "seconds": run_["seconds"]}
+        raise StageError(
+            f"ground-truth mask {item['mask']} is {truth.shape[0]}x{truth.shape[1]}, the image is {h}x{w} (H x W)"
+        )
+    return {
+        "seg_count": run_["seg_count"] or 0,
+        "n_masks": len(masks),
+        "prediction": run_["prediction"][:500],
+        "intersection": int(np.count_nonzero(union & truth)),
+        "union": int(np.count_nonzero(union | truth)),
+        "pred_area": int(np.count_nonzero(union)),
+        "true_area": int(np.count_nonzero(truth)),
+        "height": h,
+        "width": w,
+        "seconds": run_["seconds"],
+    }
 
 
 def run_eval(args: dict, result: dict) -> None:
@@ -918,9 +1005,18 @@ def run(args: dict, result: dict) -> None:
 
 
 def main(argv: list) -> int:
-    result: dict[str, Any] = {"ok": False, "mode": None, "stage": "start", "device": None, "dtype": None, "versions": {
-        "python": sys.version.split()[0], "executable": sys.executable}, "timings": {}, "runs": [], "warnings": [],
-        "error": None}
+    result: dict[str, Any] = {
+        "ok": False,
+        "mode": None,
+        "stage": "start",
+        "device": None,
+        "dtype": None,
+        "versions": {"python": sys.version.split()[0], "executable": sys.executable},
+        "timings": {},
+        "runs": [],
+        "warnings": [],
+        "error": None,
+    }
     # Keep stdout for the one JSON line: anything else printed (by C code too) goes to stderr.
     out = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)
@@ -934,8 +1030,12 @@ def main(argv: list) -> int:
     except BaseException as e:  # report everything, KeyboardInterrupt included, as data
         tb = traceback.format_exc()
         result["error"] = {
-            "stage": result["stage"], "type": type(e).__name__, "message": first_line(e) or type(e).__name__,
-            "own": isinstance(e, StageError), "traceback": tb[-6000:], "chain": error_chain(e),
+            "stage": result["stage"],
+            "type": type(e).__name__,
+            "message": first_line(e) or type(e).__name__,
+            "own": isinstance(e, StageError),
+            "traceback": tb[-6000:],
+            "chain": error_chain(e),
         }
     result["timings"]["total"] = round(time.perf_counter() - started, 3)
     sys.stdout.flush()

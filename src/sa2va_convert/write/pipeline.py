@@ -204,9 +204,15 @@ class TensorPipeline:
     reused buffer ~12 GB/s).
     """
 
-    def __init__(self, produce: Producer, tensors: Sequence[PlannedTensor], *,
-                 budget_bytes: int = DEFAULT_BUDGET_BYTES, workers: tuple[int, int] | None = None,
-                 times: StageTimes | None = None):
+    def __init__(
+        self,
+        produce: Producer,
+        tensors: Sequence[PlannedTensor],
+        *,
+        budget_bytes: int = DEFAULT_BUDGET_BYTES,
+        workers: tuple[int, int] | None = None,
+        times: StageTimes | None = None,
+    ):
         self.times = times if times is not None else StageTimes()
         self._workers, self._worker_threads = workers if workers is not None else produce.parallelism()
         self._produce = produce
@@ -235,8 +241,10 @@ class TensorPipeline:
         self._by_name = {pt.name: pt for pt in self._tensors}
         produce.enable_pool(self._budget)  # free buffers kept; in flight + free stays ~ the budget in steady state
         self._threads = [threading.Thread(target=self._read_loop, name="sa2va-read", daemon=True)]
-        self._threads += [threading.Thread(target=self._merge_loop, name=f"sa2va-merge-{i}", daemon=True)
-                          for i in range(max(1, self._workers))]
+        self._threads += [
+            threading.Thread(target=self._merge_loop, name=f"sa2va-merge-{i}", daemon=True)
+            for i in range(max(1, self._workers))
+        ]
         self._running = len(self._threads) - 1  # merge workers still running (to tell "not yet" from "never")
         try:
             for t in self._threads:
@@ -300,8 +308,11 @@ class TensorPipeline:
                 del item
                 try:
                     with self.times.span("merge.busy"):
-                        out = (_timed_blocks(self._produce.stream(prepared.pt), self.times)
-                               if isinstance(prepared, _Streamed) else self._produce.finish(prepared))
+                        out = (
+                            _timed_blocks(self._produce.stream(prepared.pt), self.times)
+                            if isinstance(prepared, _Streamed)
+                            else self._produce.finish(prepared)
+                        )
                 except BaseException as e:  # noqa: BLE001 - raised by the writer when it reaches this tensor
                     self._deliver(seq, _Failed(e))
                     continue

@@ -104,8 +104,9 @@ class _DirectFile:
 
     ALIGN = 4096
 
-    def __init__(self, fd: int, chunk: int = 16 << 20, *, direct: bool = True, digest=None,
-                 times: StageTimes | None = None):
+    def __init__(
+        self, fd: int, chunk: int = 16 << 20, *, direct: bool = True, digest=None, times: StageTimes | None = None
+    ):
         self.fd = fd
         self.times = times if times is not None else StageTimes()
         self.direct = direct  # False: the fd is an ordinary one and the stage is just a write buffer
@@ -127,7 +128,7 @@ class _DirectFile:
             while off < n:
                 k = min(n - off, self._chunk - self._fill)
                 start = time.perf_counter()
-                self._mv[self._fill:self._fill + k] = src[off:off + k]
+                self._mv[self._fill : self._fill + k] = src[off : off + k]
                 self.times.add("write.copy", time.perf_counter() - start)
                 self._fill += k
                 off += k
@@ -238,8 +239,16 @@ class StreamedShard:
     removes the partial folder).
     """
 
-    def __init__(self, path: Path, entries: Sequence[StreamEntry], *, metadata: dict[str, str] | None = None,
-                 mode: int = 0o644, digest=None, times: StageTimes | None = None):
+    def __init__(
+        self,
+        path: Path,
+        entries: Sequence[StreamEntry],
+        *,
+        metadata: dict[str, str] | None = None,
+        mode: int = 0o644,
+        digest=None,
+        times: StageTimes | None = None,
+    ):
         self.path = path
         self._entries = list(entries)
         self._next = 0

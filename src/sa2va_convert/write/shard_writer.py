@@ -41,8 +41,14 @@ class ShardWriter(Protocol):
 
     naming: ShardNaming
 
-    def open_shard(self, path: Path, tensors: Sequence[tuple[str, TensorInfo]], *, digest: Any = None,
-                   times: StageTimes | None = None) -> ShardSink:
+    def open_shard(
+        self,
+        path: Path,
+        tensors: Sequence[tuple[str, TensorInfo]],
+        *,
+        digest: Any = None,
+        times: StageTimes | None = None,
+    ) -> ShardSink:
         """Start writing ``tensors`` (name, planned shape and dtype) to ``path``, in that order. ``digest``
         (a hashlib object) sees exactly the bytes written; ``times`` receives the writer's seconds
         (``stage_times``). Several shards may be open at once."""

@@ -127,8 +127,18 @@ class PlaceholderAttribute(Placeholder):
 
 # numpy dtype kind+size -> struct code; only plain numbers are decoded.
 _STRUCT_CODES = {
-    "b1": "?", "i1": "b", "u1": "B", "i2": "h", "u2": "H", "i4": "i", "u4": "I",
-    "i8": "q", "u8": "Q", "f2": "e", "f4": "f", "f8": "d",
+    "b1": "?",
+    "i1": "b",
+    "u1": "B",
+    "i2": "h",
+    "u2": "H",
+    "i4": "i",
+    "u4": "I",
+    "i8": "q",
+    "u8": "Q",
+    "f2": "e",
+    "f4": "f",
+    "f8": "d",
 }
 _BYTE_ORDERS = {"<": "<", ">": ">", "|": "<", "=": "=", None: "="}
 
@@ -218,7 +228,7 @@ def _nest(flat: list, shape: tuple[int, ...], fortran: bool) -> Any:
     """Row-major nested lists from a flat C- or Fortran-ordered buffer."""
     strides = []
     for k in range(len(shape)):
-        dims = shape[:k] if fortran else shape[k + 1:]
+        dims = shape[:k] if fortran else shape[k + 1 :]
         strides.append(math.prod(dims))
 
     def build(dim: int, offset: int) -> Any:
