@@ -698,10 +698,13 @@ def load_model(args: dict, result: dict) -> Loaded:
     timings = result["timings"]
     t0 = time.perf_counter()
     stage(result, "import")
-    import numpy  # noqa: F401 - fail early, at a clear stage, if missing
-    import PIL  # noqa: F401
+    # torch and transformers first: where several are missing, the error names torch (what --python is for)
     import torch
     import transformers
+
+    # isort: split
+    import numpy  # fail early, at a clear stage, if missing
+    import PIL
 
     result["versions"].update(
         torch=torch.__version__, transformers=transformers.__version__, numpy=numpy.__version__, pillow=PIL.__version__
