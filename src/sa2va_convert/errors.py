@@ -34,7 +34,7 @@ class ConvertError(Exception):
     def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None, hint: str | None = None):
         super().__init__(message)
         self.message = message
-        self.path = os.fspath(path) if path is not None else None
+        self.path = str(path) if path is not None else None
         self.hint = hint
 
     def one_line(self) -> str:
