@@ -291,6 +291,7 @@ def test_api_hints_are_python_worded_again_after_a_cli_command_in_the_same_proce
 def test_public_api_is_exported_and_typed():
     import sa2va_convert
 
+    assert sa2va_convert.__all__ == ["__version__", *sa2va_convert._EXPORTS]
     for name in sa2va_convert.__all__:
         assert getattr(sa2va_convert, name) is not None, name
     assert {"convert", "convert_all", "dry_run", "plan_conversion", "verify_folder", "predict", "inspect_checkpoint",

@@ -18,17 +18,59 @@ from ._version import __version__
 
 # name -> module that defines it
 _EXPORTS: dict[str, str] = {
-    "convert": "api", "convert_all": "api", "dry_run": "api", "plan_conversion": "api",
-    "verify_folder": "api", "predict": "api",
-    "ConvertOptions": "api", "ConversionResult": "api", "VerifyReport": "api", "PredictReport": "api",
-    "inspect_checkpoint": "inspection", "InspectReport": "inspection",
+    "convert": "api",
+    "convert_all": "api",
+    "dry_run": "api",
+    "plan_conversion": "api",
+    "verify_folder": "api",
+    "predict": "api",
+    "ConvertOptions": "api",
+    "ConversionResult": "api",
+    "VerifyReport": "api",
+    "PredictReport": "api",
+    "inspect_checkpoint": "inspection",
+    "InspectReport": "inspection",
     "BatchResult": "batch",
-    "ConvertError": "errors", "UsageError": "errors", "InputError": "errors", "UnsafeInputError": "errors",
-    "PlanError": "errors", "KeymapError": "errors", "OutputError": "errors", "VerifyError": "errors",
-    "BatchError": "errors", "EXIT_CODES": "errors",
+    "ConvertError": "errors",
+    "UsageError": "errors",
+    "InputError": "errors",
+    "UnsafeInputError": "errors",
+    "PlanError": "errors",
+    "KeymapError": "errors",
+    "OutputError": "errors",
+    "VerifyError": "errors",
+    "BatchError": "errors",
+    "EXIT_CODES": "errors",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+# Spelled out (not ``["__version__", *_EXPORTS]``) so linters and type checkers see the re-exports
+# below as public; a test checks the two lists agree.
+__all__ = [
+    "__version__",
+    "convert",
+    "convert_all",
+    "dry_run",
+    "plan_conversion",
+    "verify_folder",
+    "predict",
+    "ConvertOptions",
+    "ConversionResult",
+    "VerifyReport",
+    "PredictReport",
+    "inspect_checkpoint",
+    "InspectReport",
+    "BatchResult",
+    "ConvertError",
+    "UsageError",
+    "InputError",
+    "UnsafeInputError",
+    "PlanError",
+    "KeymapError",
+    "OutputError",
+    "VerifyError",
+    "BatchError",
+    "EXIT_CODES",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -47,9 +89,29 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs (py.typed): the same names, imported eagerly
-    from .api import (ConversionResult, ConvertOptions, PredictReport, VerifyReport, convert, convert_all, dry_run,
-                      plan_conversion, predict, verify_folder)
+    from .api import (
+        ConversionResult,
+        ConvertOptions,
+        PredictReport,
+        VerifyReport,
+        convert,
+        convert_all,
+        dry_run,
+        plan_conversion,
+        predict,
+        verify_folder,
+    )
     from .batch import BatchResult
-    from .errors import (EXIT_CODES, BatchError, ConvertError, InputError, KeymapError, OutputError, PlanError,
-                         UnsafeInputError, UsageError, VerifyError)
+    from .errors import (
+        EXIT_CODES,
+        BatchError,
+        ConvertError,
+        InputError,
+        KeymapError,
+        OutputError,
+        PlanError,
+        UnsafeInputError,
+        UsageError,
+        VerifyError,
+    )
     from .inspection import InspectReport, inspect_checkpoint

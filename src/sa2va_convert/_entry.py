@@ -5,7 +5,7 @@ the arguments); click would print "Aborted!" and exit 1, Python a traceback. Her
 interrupt becomes one line and exit 130, and only an interrupt exits 130. Both signals go through
 ``run_state`` from the first line of ``main``: it can hold them while OUT is renamed into place,
 and once a command's outcome is decided, until the exit, so that the one line printed says what is
-on disk (issue 23).
+on disk.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def _exit(code: int) -> None:
     """Exit with ``code``, skipping torch's teardown when nothing is left to finish.
 
     Once torch is loaded, its atexit finalizers and the interpreter's teardown of its modules
-    cost 0.5-1 s at the end of every conversion (py-spy, issue 14: ``torch.library``'s
+    cost 0.5-1 s at the end of every conversion (measured with py-spy: ``torch.library``'s
     ``_del_library`` alone 0.48 s on the 2-core VM) and do nothing a user needs: by the time
     a command returns, its files are closed, fsync'ed and published, its helper threads joined
     and its child processes waited for. So, with torch loaded and no other thread alive, the

@@ -43,13 +43,30 @@ verify = verify_folder = api_errors(_verify_folder)
 predict = api_errors(_predict)
 
 
-def convert_all(work_dir: str | Path, out_root: str | Path, options: ConvertOptions | None = None, *,
-                progress: Progress | None = None) -> BatchResult:
+def convert_all(
+    work_dir: str | Path,
+    out_root: str | Path,
+    options: ConvertOptions | None = None,
+    *,
+    progress: Progress | None = None,
+) -> BatchResult:
     """``--all``: every ``iter_N`` of ``work_dir`` into ``out_root/iter_N``; BatchError (exit 8) if any failed."""
     return api_errors(_convert_all)(Path(work_dir), Path(out_root), options or ConvertOptions(), progress=progress)
 
 
 __all__ = [
-    "ConvertOptions", "ConversionResult", "Inputs", "convert", "dry_run", "plan_conversion", "open_inputs",
-    "sha256_path", "verify", "verify_folder", "convert_all", "VerifyReport", "predict", "PredictReport",
+    "ConvertOptions",
+    "ConversionResult",
+    "Inputs",
+    "convert",
+    "dry_run",
+    "plan_conversion",
+    "open_inputs",
+    "sha256_path",
+    "verify",
+    "verify_folder",
+    "convert_all",
+    "VerifyReport",
+    "predict",
+    "PredictReport",
 ]

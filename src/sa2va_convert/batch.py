@@ -30,6 +30,7 @@ from .read.work_dir import (  # noqa: F401  (re-exported: batch mode's vocabular
 from .recipe import RECIPE_KEY, differences
 from .write.guard import read_report
 
+
 @dataclass
 class BatchItem:
     checkpoint: str
@@ -62,8 +63,13 @@ class BatchResult:
         counts: dict[str, int] = {}
         for i in self.items:
             counts[i.status] = counts.get(i.status, 0) + 1
-        return {"ok": not self.failed, "work_dir": self.work_dir, "out_root": self.out_root, "counts": counts,
-                "items": [i.to_dict() for i in self.items]}
+        return {
+            "ok": not self.failed,
+            "work_dir": self.work_dir,
+            "out_root": self.out_root,
+            "counts": counts,
+            "items": [i.to_dict() for i in self.items],
+        }
 
 
 def current_recipe(options, digest: str, report: dict, base_folder) -> dict[str, Any]:
@@ -75,9 +81,14 @@ def current_recipe(options, digest: str, report: dict, base_folder) -> dict[str,
     from .plan.keymap import load_builtin, resolve_keymap
     from .recipe import build_recipe, keymap_identity
 
-    recorded = report.get(RECIPE_KEY) if isinstance(report.get(RECIPE_KEY), dict) else {}
-    base = (base_folder.path if base_folder is not None else
-            (recorded.get("base") or {}).get("path") or (report.get("source") or {}).get("base"))
+    recorded = report.get(RECIPE_KEY)
+    if not isinstance(recorded, dict):
+        recorded = {}
+    base = (
+        base_folder.path
+        if base_folder is not None
+        else (recorded.get("base") or {}).get("path") or (report.get("source") or {}).get("base")
+    )
     if options.keymap:
         km = resolve_keymap(options.keymap)
         keymap = keymap_identity(km.name, km.source)
@@ -88,8 +99,7 @@ def current_recipe(options, digest: str, report: dict, base_folder) -> dict[str,
             keymap = keymap_identity(km.name, km.source)
         except ConvertError:
             keymap = {"name": name, "sha256": None}
-    return build_recipe(options, checkpoint_sha256=digest, base=base, keymap=keymap) if base else \
-        {"version": None}
+    return build_recipe(options, checkpoint_sha256=digest, base=base, keymap=keymap) if base else {"version": None}
 
 
 def convert_all(work_dir: Path, out_root: Path, options, *, progress: Progress | None = None) -> BatchResult:
@@ -113,7 +123,9 @@ def convert_all(work_dir: Path, out_root: Path, options, *, progress: Progress |
         raise InputError("work_dir does not exist", path=work_dir, hint="pass the training run's work_dir")
     ckpts = list_checkpoints(work_dir)
     if not ckpts:
-        raise InputError("work_dir holds no iter_N.pth checkpoint", path=work_dir, hint="pass the training run's work_dir")
+        raise InputError(
+            "work_dir holds no iter_N.pth checkpoint", path=work_dir, hint="pass the training run's work_dir"
+        )
     guard.check_out(out_root, [guard.NamedInput("work_dir", work_dir)] + options.named_inputs())
     result = BatchResult(str(work_dir), str(out_root))
     if options.dry_run:
@@ -145,34 +157,50 @@ def convert_all(work_dir: Path, out_root: Path, options, *, progress: Progress |
                     result.items.append(BatchItem(str(ckpt), str(out), "reverified", time.perf_counter() - started))
                     continue
                 if not options.force:
-                    raise OutputError(f"was converted from other inputs or with other options: {'; '.join(diffs)}",
-                                      path=out, hint="pass --force to reconvert it with this run's inputs and options "
-                                                     "(the old folder is kept until the new one is complete), or "
-                                                     "choose another OUT")
+                    raise OutputError(
+                        f"was converted from other inputs or with other options: {'; '.join(diffs)}",
+                        path=out,
+                        hint="pass --force to reconvert it with this run's inputs and options "
+                        "(the old folder is kept until the new one is complete), or "
+                        "choose another OUT",
+                    )
                 progress.stage(f"{ckpt.name}: {'; '.join(diffs)}: reconverting (--force)")
             else:
                 progress.stage(f"{ckpt.name}: converting")
             res = conversion.convert(ckpt, out, options, progress=progress, base_folder=base_folder)
             if base_folder is None:  # discovered from the first checkpoint's config; reuse it
                 base_folder = open_hf_folder(res.plan.base)
-            result.items.append(BatchItem(str(ckpt), str(out), "reconverted" if diffs else "converted",
-                                          time.perf_counter() - started, differences=diffs))
+            result.items.append(
+                BatchItem(
+                    str(ckpt),
+                    str(out),
+                    "reconverted" if diffs else "converted",
+                    time.perf_counter() - started,
+                    differences=diffs,
+                )
+            )
         except ConvertError as e:
             if isinstance(e, Interrupted):
-                raise Interrupted(f"{ckpt.name}: {e.message}; {_done(result, out)}", path=e.path,
-                                  hint=_RERUN_HINT) from None
+                raise Interrupted(
+                    f"{ckpt.name}: {e.message}; {_done(result, out)}", path=e.path, hint=_RERUN_HINT
+                ) from None
             progress.stage(f"{ckpt.name}: failed: {e.one_line()}")
-            result.items.append(BatchItem(str(ckpt), str(out), "failed", time.perf_counter() - started, e.to_dict(),
-                                          differences=diffs))
-        except KeyboardInterrupt:  # the message says what is on disk for this checkpoint's folder (issue 23)
-            e = run_state.interrupted(out, during=f"at {ckpt.name}", otherwise=f"nothing of {ckpt.name} was written")
-            raise Interrupted(f"{ckpt.name}: {e.message}; {_done(result, out)}", path=e.path or out,
-                              hint=_RERUN_HINT) from None
+            result.items.append(
+                BatchItem(str(ckpt), str(out), "failed", time.perf_counter() - started, e.to_dict(), differences=diffs)
+            )
+        except KeyboardInterrupt:  # the message says what is on disk for this checkpoint's folder
+            intr = run_state.interrupted(out, during=f"at {ckpt.name}", otherwise=f"nothing of {ckpt.name} was written")
+            raise Interrupted(
+                f"{ckpt.name}: {intr.message}; {_done(result, out)}", path=intr.path or out, hint=_RERUN_HINT
+            ) from None
     if result.failed:
-        err = BatchError(f"{len(result.failed)} of {len(result.items)} checkpoint(s) failed: "
-                         + ", ".join(Path(i.checkpoint).name for i in result.failed), path=work_dir,
-                         hint="see the per-checkpoint errors above; fix them and re-run (converted ones are skipped)")
-        err.result = result  # type: ignore[attr-defined]
+        err = BatchError(
+            f"{len(result.failed)} of {len(result.items)} checkpoint(s) failed: "
+            + ", ".join(Path(i.checkpoint).name for i in result.failed),
+            path=work_dir,
+            hint="see the per-checkpoint errors above; fix them and re-run (converted ones are skipped)",
+        )
+        err.result = result
         raise err
     return result
 
@@ -184,8 +212,11 @@ def _done(result: BatchResult, current: Path) -> str:
     finished = ("converted", "reconverted", "skipped", "reverified")
     done = [Path(i.out).name for i in result.items if i.status in finished]
     root = current.resolve().parent
-    done += [t.out.name for t in run_state.published()  # published, then interrupted before it was listed
-             if t.out.resolve().parent == root and t.out.name not in done and t.out.name != current.name]
+    done += [
+        t.out.name
+        for t in run_state.published()  # published, then interrupted before it was listed
+        if t.out.resolve().parent == root and t.out.name not in done and t.out.name != current.name
+    ]
     return f"finished before it: {', '.join(done)}" if done else "none finished before it"
 
 
@@ -195,8 +226,14 @@ def reverify(out: Path, options, progress: Progress) -> None:
     from .verify.roundtrip import run_roundtrip, summary_line
 
     try:
-        rt = run_roundtrip(out, device=options.verify_device, python=options.verify_python, max_new_tokens=16,
-                           expect_mask=options.expect_mask, on_stage=progress.stage)
+        rt = run_roundtrip(
+            out,
+            device=options.verify_device,
+            python=options.verify_python,
+            max_new_tokens=16,
+            expect_mask=options.expect_mask,
+            on_stage=progress.stage,
+        )
     except ConvertError as e:
         conversion.record_roundtrip(out, {"ok": False, "error": e.one_line(), "exit_code": e.exit_code})
         raise

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import click
 
+from . import run_state
 from ._version import __version__
 from .cli_common import EXIT_HELP, SCHEMA_VERSION, emit_json, handle_errors, verbosity_options  # noqa: F401
 from .cli_eval import register_eval
 from .cli_verify import register_verify_commands
-from . import run_state
-from .errors import ConvertError
+from .errors import BatchError
 
 EXAMPLES = """
 \b
@@ -31,6 +31,7 @@ Examples:
   sa2va-convert iter_12192.pth out/ --base Sa2VA-4B/ --json > report.json
   sa2va-convert keymaps list
 """
+
 
 class DefaultToConvert(click.Group):
     """Treat ``sa2va-convert CKPT OUT`` as ``sa2va-convert convert CKPT OUT``."""
@@ -55,8 +56,9 @@ class DefaultToConvert(click.Group):
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
                 formatter.write_paragraph()
-                formatter.write_text(f"* default: `sa2va-convert CKPT OUT` runs `sa2va-convert {self.default_command} "
-                                     "CKPT OUT`.")
+                formatter.write_text(
+                    f"* default: `sa2va-convert CKPT OUT` runs `sa2va-convert {self.default_command} CKPT OUT`."
+                )
 
 
 def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -76,7 +78,7 @@ def parse_size(text: str) -> int:
     """``--max-shard-size`` exactly as ``save_pretrained(max_shard_size=...)`` reads it (see
     ``sizes.parse_size``); a bad size is a usage error (exit 2). Only called for a size the user typed:
     the default is ``ConvertOptions``', so a conversion does not import transformers for its parser
-    (1.5 s of every start-up, issue 14)."""
+    (importing it costs 1.5 s at every start-up)."""
     from .sizes import parse_size as parse
 
     return parse(text, what="--max-shard-size")
@@ -92,7 +94,9 @@ def _complete_keymap(ctx: click.Context, param: click.Parameter, incomplete: str
     return names or [CompletionItem(incomplete, type="file")]
 
 
-@click.group(cls=DefaultToConvert, epilog=EXAMPLES + EXIT_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=DefaultToConvert, epilog=EXAMPLES + EXIT_HELP, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.version_option(__version__, prog_name="sa2va-convert")
 def main() -> None:
     """Convert Sa2VA training checkpoints (iter_N.pth) into HuggingFace folders.
@@ -105,69 +109,191 @@ def main() -> None:
 
 
 def common_options(fn: Callable) -> Callable:
-    fn = click.option("--json", "json_out", is_flag=True, help="Print a JSON report on stdout (progress stays on stderr).")(fn)
+    fn = click.option(
+        "--json", "json_out", is_flag=True, help="Print a JSON report on stdout (progress stays on stderr)."
+    )(fn)
     fn = verbosity_options(fn)
-    fn = click.option("--allow-global", "allow_globals", multiple=True, metavar="MODULE.NAME",
-                      help="Admit this pickled global as an inert placeholder (never imported or called).")(fn)
+    fn = click.option(
+        "--allow-global",
+        "allow_globals",
+        multiple=True,
+        metavar="MODULE.NAME",
+        help="Admit this pickled global as an inert placeholder (never imported or called).",
+    )(fn)
     return fn
 
 
-@main.command(epilog=EXAMPLES + EXIT_HELP,
-              short_help="Convert a checkpoint (iter_N.pth, DeepSpeed folder or work_dir) into a HF folder.")
+@main.command(
+    epilog=EXAMPLES + EXIT_HELP,
+    short_help="Convert a checkpoint (iter_N.pth, DeepSpeed folder or work_dir) into a HF folder.",
+)
 @click.argument("checkpoint", type=click.Path(path_type=Path, readable=False))
 @click.argument("out", type=click.Path(path_type=Path, readable=False))
-@click.option("--base", type=click.Path(path_type=Path, readable=False), help="Base Sa2VA HF folder the fine-tune started from (default: found from the training config).")
-@click.option("--pretrained", type=click.Path(path_type=Path, readable=False), help="Full-weights training .pth laid over the base (v2 pretrained_pth).")
-@click.option("--keymap", shell_complete=_complete_keymap,
-              help="Built-in keymap name or YAML file (default: detected from the keys). It must fit the "
-                   "checkpoint's keys unless --force-keymap.")
+@click.option(
+    "--base",
+    type=click.Path(path_type=Path, readable=False),
+    help="Base Sa2VA HF folder the fine-tune started from (default: found from the training config).",
+)
+@click.option(
+    "--pretrained",
+    type=click.Path(path_type=Path, readable=False),
+    help="Full-weights training .pth laid over the base (v2 pretrained_pth).",
+)
+@click.option(
+    "--keymap",
+    shell_complete=_complete_keymap,
+    help="Built-in keymap name or YAML file (default: detected from the keys). It must fit the "
+    "checkpoint's keys unless --force-keymap.",
+)
 @click.option("--force-keymap", is_flag=True, help="Use --keymap even where detection finds another family.")
-@click.option("--sam2", type=click.Path(path_type=Path, readable=False),
-              help="Original recipe: sam2_hiera_large.pt; --base is then the raw InternVL2.5 folder.")
-@click.option("--code-from", type=click.Path(path_type=Path, readable=False),
-              help="Original recipe: any Sa2VA HF folder of the family (remote code, config class, key check).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32", "auto"]), default="bf16", show_default=True,
-              help="Output dtype for floating tensors; auto keeps the base's dtype.")
-@click.option("--max-shard-size", default=None, show_default=DEFAULT_MAX_SHARD_SIZE,
-              help="Largest shard file (e.g. 5GB, 500MB, 2GiB).")
-@click.option("--lora-alpha", type=float, help="LoRA alpha, when the checkpoint's config lacks it (upstream: 2*r). "
-              "A different value in the config is an error unless --override-lora-config.")
+@click.option(
+    "--sam2",
+    type=click.Path(path_type=Path, readable=False),
+    help="Original recipe: sam2_hiera_large.pt; --base is then the raw InternVL2.5 folder.",
+)
+@click.option(
+    "--code-from",
+    type=click.Path(path_type=Path, readable=False),
+    help="Original recipe: any Sa2VA HF folder of the family (remote code, config class, key check).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["bf16", "fp16", "fp32", "auto"]),
+    default="bf16",
+    show_default=True,
+    help="Output dtype for floating tensors; auto keeps the base's dtype.",
+)
+@click.option(
+    "--max-shard-size",
+    default=None,
+    show_default=DEFAULT_MAX_SHARD_SIZE,
+    help="Largest shard file (e.g. 5GB, 500MB, 2GiB).",
+)
+@click.option(
+    "--lora-alpha",
+    type=float,
+    help="LoRA alpha, when the checkpoint's config lacks it (upstream: 2*r). "
+    "A different value in the config is an error unless --override-lora-config.",
+)
 @click.option("--rslora/--no-rslora", default=None, help="Scale LoRA by alpha/sqrt(r) (default: from the config).")
-@click.option("--override-lora-config", is_flag=True,
-              help="Let --lora-alpha/--rslora replace different values from the checkpoint's training config.")
-@click.option("--allow-unused", multiple=True, metavar="REGEX", help="Checkpoint keys matching REGEX may be left out of the output.")
+@click.option(
+    "--override-lora-config",
+    is_flag=True,
+    help="Let --lora-alpha/--rslora replace different values from the checkpoint's training config.",
+)
+@click.option(
+    "--allow-unused",
+    multiple=True,
+    metavar="REGEX",
+    help="Checkpoint keys matching REGEX may be left out of the output.",
+)
 @click.option("--template", help="Override the chat template name written to config.json.")
-@click.option("--force", is_flag=True, help="Replace an existing OUT that sa2va-convert wrote (it has our "
-              "conversion_report.json), only after the new one is complete. Never an input.")
-@click.option("--replace-foreign", is_flag=True, help="Replace an existing OUT even though sa2va-convert did not "
-              "write it. Never an input, nor a folder holding one.")
-@click.option("--dry-run", is_flag=True, help="Print the plan (tensors, bytes, peak RAM, disk) and write nothing "
-              "(with --all: for every checkpoint).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing OUT that sa2va-convert wrote (it has our "
+    "conversion_report.json), only after the new one is complete. Never an input.",
+)
+@click.option(
+    "--replace-foreign",
+    is_flag=True,
+    help="Replace an existing OUT even though sa2va-convert did not "
+    "write it. Never an input, nor a folder holding one.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the plan (tensors, bytes, peak RAM, disk) and write nothing (with --all: for every checkpoint).",
+)
 @click.option("--show-tensors", is_flag=True, help="With --dry-run: list every planned tensor (an error without it).")
-@click.option("--merge-device", default="cpu", show_default=True,
-              help="Device for LoRA merges (cpu, cuda, cuda:1, auto = cuda if available).")
-@click.option("--read-back/--no-read-back", "read_back", default=False, show_default=True,
-              help="Also read every written byte back from disk before publishing: values scanned, each shard's "
-                   "sha256 compared with the bytes written.")
-@click.option("--verify/--no-verify", "roundtrip", default=True, show_default=True,
-              help="After writing, load OUT in a separate process and run predict_forward on a synthetic image.")
-@click.option("--device", "verify_device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
-              help="Device of the verification round trip (the upstream Sa2VA code needs a GPU).")
-@click.option("--python", "verify_python", metavar="PATH",
-              help="Interpreter for the round trip (e.g. your Sa2VA environment with its pinned transformers).")
-@click.option("--expect-mask", is_flag=True,
-              help="Round trip fails when the model's own answer has no [SEG] (for CI on a real fine-tune).")
-@click.option("--allow-unresolved-imports", is_flag=True,
-              help="Convert even though the base's remote code imports a module that is not the standard library, "
-                   "not installed and not a file beside it (the output then loads only where that module exists).")
-@click.option("--all", "all_checkpoints", is_flag=True,
-              help="CHECKPOINT is a work_dir: convert every iter_N.pth into OUT/iter_N (skips ones already converted).")
+@click.option(
+    "--merge-device",
+    default="cpu",
+    show_default=True,
+    help="Device for LoRA merges (cpu, cuda, cuda:1, auto = cuda if available).",
+)
+@click.option(
+    "--read-back/--no-read-back",
+    "read_back",
+    default=False,
+    show_default=True,
+    help="Also read every written byte back from disk before publishing: values scanned, each shard's "
+    "sha256 compared with the bytes written.",
+)
+@click.option(
+    "--verify/--no-verify",
+    "roundtrip",
+    default=True,
+    show_default=True,
+    help="After writing, load OUT in a separate process and run predict_forward on a synthetic image.",
+)
+@click.option(
+    "--device",
+    "verify_device",
+    default="auto",
+    show_default=True,
+    metavar="auto|cpu|cuda|cuda:N",
+    help="Device of the verification round trip (the upstream Sa2VA code needs a GPU).",
+)
+@click.option(
+    "--python",
+    "verify_python",
+    metavar="PATH",
+    help="Interpreter for the round trip (e.g. your Sa2VA environment with its pinned transformers).",
+)
+@click.option(
+    "--expect-mask",
+    is_flag=True,
+    help="Round trip fails when the model's own answer has no [SEG] (for CI on a real fine-tune).",
+)
+@click.option(
+    "--allow-unresolved-imports",
+    is_flag=True,
+    help="Convert even though the base's remote code imports a module that is not the standard library, "
+    "not installed and not a file beside it (the output then loads only where that module exists).",
+)
+@click.option(
+    "--all",
+    "all_checkpoints",
+    is_flag=True,
+    help="CHECKPOINT is a work_dir: convert every iter_N.pth into OUT/iter_N (skips ones already converted).",
+)
 @common_options
 @handle_errors
-def convert(checkpoint: Path, out: Path, base, pretrained, keymap, force_keymap, sam2, code_from, dtype, max_shard_size,
-            lora_alpha, rslora, override_lora_config, allow_unused, template, force, replace_foreign, dry_run,
-            show_tensors, merge_device, read_back, roundtrip, verify_device, verify_python, expect_mask, allow_unresolved_imports,
-            all_checkpoints, quiet, verbose, json_out, debug, allow_globals) -> None:
+def convert(
+    checkpoint: Path,
+    out: Path,
+    base,
+    pretrained,
+    keymap,
+    force_keymap,
+    sam2,
+    code_from,
+    dtype,
+    max_shard_size,
+    lora_alpha,
+    rslora,
+    override_lora_config,
+    allow_unused,
+    template,
+    force,
+    replace_foreign,
+    dry_run,
+    show_tensors,
+    merge_device,
+    read_back,
+    roundtrip,
+    verify_device,
+    verify_python,
+    expect_mask,
+    allow_unresolved_imports,
+    all_checkpoints,
+    quiet,
+    verbose,
+    json_out,
+    debug,
+    allow_globals,
+) -> None:
     """Convert CHECKPOINT (iter_N.pth, a DeepSpeed iter_N.pth/ folder, or a work_dir) into a HuggingFace folder OUT.
 
     Given a work_dir, the checkpoint named in its last_checkpoint file (else the
@@ -176,20 +302,79 @@ def convert(checkpoint: Path, out: Path, base, pretrained, keymap, force_keymap,
     if show_tensors and not dry_run:
         raise click.UsageError("--show-tensors lists the plan of a dry run: add --dry-run (nothing is written then)")
     try:
-        _convert(checkpoint, out, base, pretrained, keymap, force_keymap, sam2, code_from, dtype, max_shard_size,
-                 lora_alpha, rslora, override_lora_config, allow_unused, template, force, replace_foreign, dry_run,
-                 show_tensors, merge_device, read_back, roundtrip, verify_device, verify_python, expect_mask, allow_unresolved_imports,
-                 all_checkpoints, quiet, verbose, json_out, allow_globals)
-    except KeyboardInterrupt:  # what is on disk decides the message, also after publishing (issue 23)
-        raise run_state.interrupted(None if all_checkpoints or dry_run else out,
-                                    otherwise="nothing was written") from None
+        _convert(
+            checkpoint,
+            out,
+            base,
+            pretrained,
+            keymap,
+            force_keymap,
+            sam2,
+            code_from,
+            dtype,
+            max_shard_size,
+            lora_alpha,
+            rslora,
+            override_lora_config,
+            allow_unused,
+            template,
+            force,
+            replace_foreign,
+            dry_run,
+            show_tensors,
+            merge_device,
+            read_back,
+            roundtrip,
+            verify_device,
+            verify_python,
+            expect_mask,
+            allow_unresolved_imports,
+            all_checkpoints,
+            quiet,
+            verbose,
+            json_out,
+            allow_globals,
+        )
+    except KeyboardInterrupt:  # what is on disk decides the message, also after publishing
+        raise run_state.interrupted(
+            None if all_checkpoints or dry_run else out, otherwise="nothing was written"
+        ) from None
 
 
-def _convert(checkpoint, out, base, pretrained, keymap, force_keymap, sam2, code_from, dtype, max_shard_size, lora_alpha,
-             rslora, override_lora_config, allow_unused, template, force, replace_foreign, dry_run, show_tensors,
-             merge_device, read_back, roundtrip, verify_device, verify_python, expect_mask, allow_unresolved_imports, all_checkpoints, quiet,
-             verbose, json_out, allow_globals) -> None:
-    if not dry_run and not all_checkpoints:  # the disk starts on the inputs while torch is imported (issue 14)
+def _convert(
+    checkpoint,
+    out,
+    base,
+    pretrained,
+    keymap,
+    force_keymap,
+    sam2,
+    code_from,
+    dtype,
+    max_shard_size,
+    lora_alpha,
+    rslora,
+    override_lora_config,
+    allow_unused,
+    template,
+    force,
+    replace_foreign,
+    dry_run,
+    show_tensors,
+    merge_device,
+    read_back,
+    roundtrip,
+    verify_device,
+    verify_python,
+    expect_mask,
+    allow_unresolved_imports,
+    all_checkpoints,
+    quiet,
+    verbose,
+    json_out,
+    allow_globals,
+) -> None:
+    if not dry_run and not all_checkpoints:  # the disk reads the inputs while torch is imported
         from .read.prefetch import input_files, prefetch, prefetch_budget
 
         prefetch(input_files(checkpoint, base), prefetch_budget())
@@ -197,22 +382,38 @@ def _convert(checkpoint, out, base, pretrained, keymap, force_keymap, sam2, code
     from .cli_render import make_progress, render_batch, render_plan, render_result
 
     options = api.ConvertOptions(
-        base=base, pretrained=pretrained, keymap=keymap, dtype=dtype,
+        base=base,
+        pretrained=pretrained,
+        keymap=keymap,
+        dtype=dtype,
         **({"max_shard_bytes": parse_size(max_shard_size)} if max_shard_size is not None else {}),
-        lora_alpha=lora_alpha, rslora=rslora, allow_unused=allow_unused, template=template, force=force,
-        merge_device=merge_device, allow_globals=allow_globals, read_back=read_back, sam2=sam2,
-        code_from=code_from, roundtrip=roundtrip, verify_device=verify_device, verify_python=verify_python,
-        expect_mask=expect_mask, replace_foreign=replace_foreign, force_keymap=force_keymap,
-        override_lora_config=override_lora_config, dry_run=dry_run, allow_unresolved_imports=allow_unresolved_imports,
+        lora_alpha=lora_alpha,
+        rslora=rslora,
+        allow_unused=allow_unused,
+        template=template,
+        force=force,
+        merge_device=merge_device,
+        allow_globals=allow_globals,
+        read_back=read_back,
+        sam2=sam2,
+        code_from=code_from,
+        roundtrip=roundtrip,
+        verify_device=verify_device,
+        verify_python=verify_python,
+        expect_mask=expect_mask,
+        replace_foreign=replace_foreign,
+        force_keymap=force_keymap,
+        override_lora_config=override_lora_config,
+        dry_run=dry_run,
+        allow_unresolved_imports=allow_unresolved_imports,
     ).validate()
     progress = make_progress(json_out, quiet, verbose)
     if all_checkpoints:
         try:
             res = batch.convert_all(checkpoint, out, options, progress=progress)
-        except ConvertError as e:
-            res = getattr(e, "result", None)
-            if res is not None:
-                emit_json(res.to_dict()) if json_out else render_batch(res.to_dict())
+        except BatchError as e:
+            if e.result is not None:
+                emit_json(e.result.to_dict()) if json_out else render_batch(e.result.to_dict())
                 click.echo(f"error: {e.one_line()}", err=True)
                 sys.exit(e.exit_code)
             raise
@@ -269,10 +470,23 @@ def keymaps_list(json_out, quiet, verbose, debug) -> None:
     if json_out:
         emit_json({"ok": True, "keymaps": [km.summary() for km in kms]})
         return
-    out_console.print(table("Built-in keymaps", ["name", "family", "models", "detected by"], [
-        [km.name, km.family_label, ", ".join(km.models),
-         "; ".join([f"has {p.pattern}" for p in km.detect_all] + [f"lacks {p.pattern}" for p in km.detect_none])]
-        for km in kms]))
+    out_console.print(
+        table(
+            "Built-in keymaps",
+            ["name", "family", "models", "detected by"],
+            [
+                [
+                    km.name,
+                    km.family_label,
+                    ", ".join(km.models),
+                    "; ".join(
+                        [f"has {p.pattern}" for p in km.detect_all] + [f"lacks {p.pattern}" for p in km.detect_none]
+                    ),
+                ]
+                for km in kms
+            ],
+        )
+    )
 
 
 @keymaps.command("show")
@@ -300,8 +514,10 @@ def keymaps_lint(file, json_out, quiet, verbose, debug) -> None:
     if json_out:
         emit_json({"ok": True, "keymap": km.summary()})
     else:
-        click.echo(f"ok: {file}: keymap {km.name} ({len(km.roles)} role rules, {len(km.rename)} rename rules, "
-                   f"{len(km.examples)} examples)")
+        click.echo(
+            f"ok: {file}: keymap {km.name} ({len(km.roles)} role rules, {len(km.rename)} rename rules, "
+            f"{len(km.examples)} examples)"
+        )
 
 
 register_verify_commands(main)  # adds `verify` and `predict`

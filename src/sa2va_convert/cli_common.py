@@ -10,7 +10,8 @@ import functools
 import json
 import sys
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -44,7 +45,7 @@ def handle_errors(fn: Callable) -> Callable:
         from_cli = FROM_CLI.set(True)
         # Once the outcome is decided (returned, or an error to print), run_state.finishing() holds further
         # interrupts until the process exits (only under the console script): a second Ctrl-C must not turn a
-        # printed result into a traceback or a second, contradicting line (issue 23).
+        # printed result into a traceback or a second, contradicting line.
         try:
             result = fn(*args, **kwargs)
             run_state.finishing()
@@ -61,19 +62,24 @@ def handle_errors(fn: Callable) -> Callable:
             run_state.finishing()
             # Commands that write raise Interrupted with what was left; an interrupt that reaches here says
             # what run_state knows (what this process published, if anything), else only that it stopped.
-            e = run_state.interrupted(None)
-            if e.path is None:
-                e.path = str(kwargs.get("out") or kwargs.get("folder") or kwargs.get("checkpoint") or "sa2va-convert")
+            intr = run_state.interrupted(None)
+            if intr.path is None:
+                intr.path = str(
+                    kwargs.get("out") or kwargs.get("folder") or kwargs.get("checkpoint") or "sa2va-convert"
+                )
             if json_mode:
-                emit_json({"ok": False, "error": e.to_dict()})
-            click.echo(f"error: {e.one_line()}", err=True)
+                emit_json({"ok": False, "error": intr.to_dict()})
+            click.echo(f"error: {intr.one_line()}", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except Exception as e:  # a bug: say so, keep it one line unless --debug
             run_state.finishing()
             if debug:
                 traceback.print_exc()
-            click.echo(f"error: internal error: {type(e).__name__}: {e} (run with --debug for the traceback "
-                       "and please report it)", err=True)
+            click.echo(
+                f"error: internal error: {type(e).__name__}: {e} (run with --debug for the traceback "
+                "and please report it)",
+                err=True,
+            )
             sys.exit(1)
         finally:
             FROM_CLI.reset(from_cli)
@@ -84,8 +90,12 @@ def handle_errors(fn: Callable) -> Callable:
 def verbosity_options(fn: Callable) -> Callable:
     """``-q/--quiet``, ``-v/--verbose`` and ``--debug``: the same pair on every command."""
     fn = click.option("--debug", is_flag=True, help="Show tracebacks for internal errors.")(fn)
-    fn = click.option("--verbose", "-v", is_flag=True,
-                      help="More detail on stderr: every tensor as it is written; tracebacks as with --debug.")(fn)
+    fn = click.option(
+        "--verbose",
+        "-v",
+        is_flag=True,
+        help="More detail on stderr: every tensor as it is written; tracebacks as with --debug.",
+    )(fn)
     fn = click.option("--quiet", "-q", is_flag=True, help="No progress or notes on stderr; errors still print.")(fn)
     return fn
 

@@ -8,8 +8,9 @@ group is passed in, so this module never imports ``cli``.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -28,10 +29,20 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
     rows = []
     for m in report["models"]:
         name = m["model"] + (" *" if m["model"] == report.get("best") else "")
-        rows.append([name, str(m["images"]), _f(m["mean_dice"]), _f(m["giou"]), _f(m["ciou"]),
-                     _f(m["mean_precision"]), _f(m["mean_recall"]),
-                     f"{m['no_seg']} ({_f(m['no_seg_rate'], 2)})" if m["no_seg_rate"] is not None else "-",
-                     str(m["failures"]), _f(m["images_per_s"], 2)])
+        rows.append(
+            [
+                name,
+                str(m["images"]),
+                _f(m["mean_dice"]),
+                _f(m["giou"]),
+                _f(m["ciou"]),
+                _f(m["mean_precision"]),
+                _f(m["mean_recall"]),
+                f"{m['no_seg']} ({_f(m['no_seg_rate'], 2)})" if m["no_seg_rate"] is not None else "-",
+                str(m["failures"]),
+                _f(m["images_per_s"], 2),
+            ]
+        )
     return rows
 
 
@@ -46,7 +57,7 @@ def render_eval(report: dict[str, Any], *, rich: bool, echo: Callable[[str], Non
         echo(f"eval on {report['images']} image(s) of {report['data']}")
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
         for r in [COLUMNS, *rows]:
-            echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+            echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
     if report.get("best"):
         best = next(m for m in report["models"] if m["model"] == report["best"])
         echo(f"best: {report['best']} (mean Dice {_f(best['mean_dice'])}, cIoU {_f(best['ciou'])})")
@@ -58,8 +69,10 @@ def render_eval(report: dict[str, Any], *, rich: bool, echo: Callable[[str], Non
         echo(f"note: {note}")
     files = report.get("files") or {}
     if files:
-        echo(f"report: {files.get('summary')}, {files.get('metrics')}, {files.get('plot')}; masks under "
-             f"{files.get('predictions')}")
+        echo(
+            f"report: {files.get('summary')}, {files.get('metrics')}, {files.get('plot')}; masks under "
+            f"{files.get('predictions')}"
+        )
 
 
 def register_eval(main: click.Group) -> None:
@@ -68,31 +81,70 @@ def register_eval(main: click.Group) -> None:
 
     @main.command("eval", epilog=EXIT_HELP)
     @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path, readable=False))
-    @click.option("--data", required=True, type=click.Path(path_type=Path, readable=False),
-                  help="A folder with images/ and masks/ (paired by file stem), or a .jsonl/.csv manifest "
-                       "(image, mask, optional prompt; paths relative to it).")
-    @click.option("--prompt", help='What to segment, e.g. "blood vessel" -> "<image>Please segment the blood '
-                                   'vessel." (a manifest row\'s prompt wins).')
-    @click.option("--out", type=click.Path(path_type=Path, readable=False), default=Path("eval_report"),
-                  show_default=True, help="Report folder: predictions/, metrics.csv, summary.json, report.png.")
-    @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
-                  help="Where the models run (under torchrun: each rank's own GPU).")
+    @click.option(
+        "--data",
+        required=True,
+        type=click.Path(path_type=Path, readable=False),
+        help="A folder with images/ and masks/ (paired by file stem), or a .jsonl/.csv manifest "
+        "(image, mask, optional prompt; paths relative to it).",
+    )
+    @click.option(
+        "--prompt",
+        help='What to segment, e.g. "blood vessel" -> "<image>Please segment the blood '
+        "vessel.\" (a manifest row's prompt wins).",
+    )
+    @click.option(
+        "--out",
+        type=click.Path(path_type=Path, readable=False),
+        default=Path("eval_report"),
+        show_default=True,
+        help="Report folder: predictions/, metrics.csv, summary.json, report.png.",
+    )
+    @click.option(
+        "--device",
+        default="auto",
+        show_default=True,
+        metavar="auto|cpu|cuda|cuda:N",
+        help="Where the models run (under torchrun: each rank's own GPU).",
+    )
     @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Load dtype (default: the folder's).")
     @click.option("--python", "python", metavar="PATH", help="Interpreter that loads the models (default: this one).")
     @click.option("--limit", type=int, help="Evaluate only the first N images.")
-    @click.option("--overlays", is_flag=True, help="Also write overlays/<model>/<stem>.png (mask tinted over the image).")
+    @click.option(
+        "--overlays", is_flag=True, help="Also write overlays/<model>/<stem>.png (mask tinted over the image)."
+    )
     @click.option("--resume", is_flag=True, help="Keep the images an earlier run in --out finished; do the rest.")
     @click.option("--force", is_flag=True, help="Replace the report already in --out.")
     @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Cap on generated tokens.")
-    @click.option("--timeout", type=float, default=DEFAULT_IMAGE_TIMEOUT, show_default=True,
-                  help="Seconds allowed per image (and as much again for loading) before the model process is killed.")
+    @click.option(
+        "--timeout",
+        type=float,
+        default=DEFAULT_IMAGE_TIMEOUT,
+        show_default=True,
+        help="Seconds allowed per image (and as much again for loading) before the model process is killed.",
+    )
     @click.option("--json", "json_out", is_flag=True, help="Print the summary as JSON on stdout.")
     @verbosity_options
     @handle_errors
-    def eval_cmd(models: tuple[Path, ...], data: Path, prompt: str | None, out: Path, device: str, dtype: str | None,
-                 python: str | None, limit: int | None, overlays: bool, resume: bool, force: bool,
-                 max_new_tokens: int, timeout: float, quiet: bool, verbose: bool, json_out: bool,
-                 debug: bool) -> None:
+    def eval_cmd(
+        models: tuple[Path, ...],
+        data: Path,
+        prompt: str | None,
+        out: Path,
+        device: str,
+        dtype: str | None,
+        python: str | None,
+        limit: int | None,
+        overlays: bool,
+        resume: bool,
+        force: bool,
+        max_new_tokens: int,
+        timeout: float,
+        quiet: bool,
+        verbose: bool,
+        json_out: bool,
+        debug: bool,
+    ) -> None:
         """Score converted MODEL folders on your own images: Dice, IoU, cIoU, per image and per model.
 
         Each MODEL is a converted folder, or a folder of iter_N folders (convert --all), evaluated
@@ -108,12 +160,25 @@ def register_eval(main: click.Group) -> None:
         try:
             from .evaluate.run import check_failures, evaluate
 
-            report = evaluate(list(models), data, out=out, prompt=prompt, device=device, dtype=dtype, python=python,
-                              limit=limit, overlays=overlays, resume=resume, force=force,
-                              max_new_tokens=max_new_tokens, image_timeout=timeout, on_stage=progress.stage)
+            report = evaluate(
+                list(models),
+                data,
+                out=out,
+                prompt=prompt,
+                device=device,
+                dtype=dtype,
+                python=python,
+                limit=limit,
+                overlays=overlays,
+                resume=resume,
+                force=force,
+                max_new_tokens=max_new_tokens,
+                image_timeout=timeout,
+                on_stage=progress.stage,
+            )
         except ConvertError as e:
-            if (debug or verbose) and getattr(e, "details", None):
-                click.echo(e.details, err=True)  # type: ignore[attr-defined]  # the model process's traceback
+            if (debug or verbose) and e.details:
+                click.echo(e.details, err=True)  # the model process's traceback
             raise
         if not rank0:  # rank 0 reports for everyone
             return

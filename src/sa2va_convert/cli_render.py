@@ -9,11 +9,20 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress as RichBar, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress as RichBar,
+    ProgressColumn,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -25,8 +34,9 @@ from .write.stage_times import summarize as stage_summary
 # (never "…"), so every identifier a user may paste back (keymap names, tensor names) stays whole.
 _PIPE_WIDTH = 100_000
 err_console = Console(stderr=True, highlight=False)
-out_console = (Console(highlight=False) if sys.stdout.isatty()
-               else Console(highlight=False, soft_wrap=True, width=_PIPE_WIDTH))
+out_console = (
+    Console(highlight=False) if sys.stdout.isatty() else Console(highlight=False, soft_wrap=True, width=_PIPE_WIDTH)
+)
 
 
 def interactive() -> bool:
@@ -98,21 +108,27 @@ class BinarySpeedColumn(ProgressColumn):
 class RichProgress:
     def __init__(self, verbose: bool = False):
         self.bar: RichBar | None = None
-        self.task = None
+        self.task: TaskID | None = None
         self.verbose = verbose
 
     def stage(self, message: str) -> None:
         err_console.print(f"[bold cyan]•[/] {message}")
 
     def start(self, total_bytes: int, total_tensors: int) -> None:
-        self.bar = RichBar(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                           DownloadColumn(binary_units=True), BinarySpeedColumn(), TimeRemainingColumn(),
-                           console=err_console, transient=False)
+        self.bar = RichBar(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            BinarySpeedColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+            transient=False,
+        )
         self.bar.start()
         self.task = self.bar.add_task(f"{total_tensors} tensors", total=total_bytes)
 
     def advance(self, name: str, nbytes: int) -> None:
-        if self.bar is not None:
+        if self.bar is not None and self.task is not None:  # both set by start()
             self.bar.update(self.task, advance=nbytes)
             if self.verbose:
                 self.bar.console.print(f"wrote {name} ({human_bytes(nbytes)})", soft_wrap=True, markup=False)
@@ -145,27 +161,50 @@ def render_inspect(report: dict) -> None:
     fam = report.get("family") or {}
     meta = report.get("meta") or {}
     c.print(f"[bold]{report['path']}[/]  ({report['kind']})")
-    c.print(f"family: [bold]{fam.get('family') or 'unknown'}[/]  keymap: {fam.get('keymap') or '-'}  "
-            f"iteration: {meta.get('iter', '-')}  epoch: {meta.get('epoch', '-')}")
+    c.print(
+        f"family: [bold]{fam.get('family') or 'unknown'}[/]  keymap: {fam.get('keymap') or '-'}  "
+        f"iteration: {meta.get('iter', '-')}  epoch: {meta.get('epoch', '-')}"
+    )
     if fam.get("note"):
         c.print(f"note: {fam['note']}")
-    c.print(f"tensors: {report['tensor_count']}  size: {human_bytes(report['total_bytes'])}  dtypes: "
-            + ", ".join(f"{k}×{v}" for k, v in sorted(report["dtypes"].items())))
-    c.print(table("Parameter groups", ["group", "tensors", "size", "detail"],
-                  [[g["group"], g["tensors"], human_bytes(g["bytes"]), g["detail"]] for g in report["groups"]]))
+    c.print(
+        f"tensors: {report['tensor_count']}  size: {human_bytes(report['total_bytes'])}  dtypes: "
+        + ", ".join(f"{k}×{v}" for k, v in sorted(report["dtypes"].items()))
+    )
+    c.print(
+        table(
+            "Parameter groups",
+            ["group", "tensors", "size", "detail"],
+            [[g["group"], g["tensors"], human_bytes(g["bytes"]), g["detail"]] for g in report["groups"]],
+        )
+    )
     lora = report.get("lora")
     if lora:
-        c.print(table("LoRA", ["setting", "value", "from"], [
-            ["pairs", lora["pairs"], "tensor names"],
-            ["rank", ", ".join(map(str, lora["ranks"])), lora["rank_source"]],
-            ["alpha", lora["alpha"] if lora["alpha"] is not None else "?", lora["alpha_source"]],
-            ["rsLoRA", lora["rslora"], lora["rslora_source"]],
-            ["scale", f"{lora['scale']:g}" if lora["scale"] is not None else "?", "alpha / r" + (" (sqrt)" if lora["rslora"] else "")],
-        ]))
+        c.print(
+            table(
+                "LoRA",
+                ["setting", "value", "from"],
+                [
+                    ["pairs", lora["pairs"], "tensor names"],
+                    ["rank", ", ".join(map(str, lora["ranks"])), lora["rank_source"]],
+                    ["alpha", lora["alpha"] if lora["alpha"] is not None else "?", lora["alpha_source"]],
+                    ["rsLoRA", lora["rslora"], lora["rslora_source"]],
+                    [
+                        "scale",
+                        f"{lora['scale']:g}" if lora["scale"] is not None else "?",
+                        "alpha / r" + (" (sqrt)" if lora["rslora"] else ""),
+                    ],
+                ],
+            )
+        )
     cfg = report.get("config")
     if cfg:
-        rows = [["path", cfg.get("path")], ["pretrained_pth", cfg.get("pretrained_pth")],
-                ["template", cfg.get("template")], ["special_tokens", cfg.get("special_tokens")]]
+        rows = [
+            ["path", cfg.get("path")],
+            ["pretrained_pth", cfg.get("pretrained_pth")],
+            ["template", cfg.get("template")],
+            ["special_tokens", cfg.get("special_tokens")],
+        ]
         if cfg.get("lora"):
             rows += [[f"llm_lora.{k}", v] for k, v in cfg["lora"].items()]
         if cfg.get("error"):
@@ -180,7 +219,9 @@ def render_inspect(report: dict) -> None:
             rows.append([cand["keymap"], "yes" if cand["matched"] else "no", ev])
         c.print(table("Family evidence", ["keymap", "fits", "evidence"], rows))
     if report.get("unrecognised"):
-        c.print(f"[yellow]unrecognised keys ({len(report['unrecognised'])}):[/] " + ", ".join(report["unrecognised"][:10]))
+        c.print(
+            f"[yellow]unrecognised keys ({len(report['unrecognised'])}):[/] " + ", ".join(report["unrecognised"][:10])
+        )
     if report.get("placeholders"):
         c.print("inert objects met (not executed): " + ", ".join(f"{k}×{v}" for k, v in report["placeholders"].items()))
 
@@ -188,16 +229,28 @@ def render_inspect(report: dict) -> None:
 def render_plan(plan: dict, *, tensors: list[dict] | None = None) -> None:
     c = out_console
     c.print(f"[bold]plan[/]: {plan['checkpoint']} -> {plan['out']}")
-    c.print(f"family: {plan['family']} ({plan['keymap']})  base: {plan['base']}  dtype: {plan['dtype']}  "
-            f"template: {plan['template']}  vocab: {plan['vocab_rows']}")
+    c.print(
+        f"family: {plan['family']} ({plan['keymap']})  base: {plan['base']}  dtype: {plan['dtype']}  "
+        f"template: {plan['template']}  vocab: {plan['vocab_rows']}"
+    )
     if plan.get("lora"):
         lo = plan["lora"]
-        c.print(f"LoRA: {lo['pairs']} pairs, rank {', '.join(map(str, lo['ranks']))}, alpha {lo['alpha']:g} "
-                f"({lo['alpha_source']}), rsLoRA {lo['rslora']} ({lo['rslora_source']})")
-    c.print("tensors: " + ", ".join(f"{k}: {v}" for k, v in sorted(plan["counts"].items()))
-            + f"  total {human_bytes(plan['tensor_bytes'])}")
-    c.print(table("Shards", ["file", "tensors", "size"],
-                  [[s["file"], s["tensors"], human_bytes(s["bytes"])] for s in plan["shards"]]))
+        c.print(
+            f"LoRA: {lo['pairs']} pairs, rank {', '.join(map(str, lo['ranks']))}, alpha {lo['alpha']:g} "
+            f"({lo['alpha_source']}), rsLoRA {lo['rslora']} ({lo['rslora_source']})"
+        )
+    c.print(
+        "tensors: "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(plan["counts"].items()))
+        + f"  total {human_bytes(plan['tensor_bytes'])}"
+    )
+    c.print(
+        table(
+            "Shards",
+            ["file", "tensors", "size"],
+            [[s["file"], s["tensors"], human_bytes(s["bytes"])] for s in plan["shards"]],
+        )
+    )
     est = plan["estimates"]
     c.print(f"estimated peak RAM: {human_bytes(est['peak_ram_bytes'])}  disk: {human_bytes(est['disk_bytes'])}")
     if plan["tokenizer_additions"]:
@@ -205,23 +258,39 @@ def render_plan(plan: dict, *, tensors: list[dict] | None = None) -> None:
     for w in plan["warnings"]:
         c.print(f"[yellow]note:[/] {w}")
     if tensors:
-        c.print(table("Tensors", ["name", "shape", "dtype", "from"],
-                      [[t["name"], "x".join(map(str, t["shape"])), t["dtype"], t["origin"]] for t in tensors]))
+        c.print(
+            table(
+                "Tensors",
+                ["name", "shape", "dtype", "from"],
+                [[t["name"], "x".join(map(str, t["shape"])), t["dtype"], t["origin"]] for t in tensors],
+            )
+        )
 
 
 def render_result(result: dict, verbose: bool = False) -> None:
     c = out_console
     plan = result["plan"]
-    c.print(f"[bold green]converted[/] {plan['checkpoint']} -> [bold]{result['out']}[/] "
-            f"({human_bytes(result['bytes_written'])} in {result['seconds']:.1f}s)")
+    c.print(
+        f"[bold green]converted[/] {plan['checkpoint']} -> [bold]{result['out']}[/] "
+        f"({human_bytes(result['bytes_written'])} in {result['seconds']:.1f}s)"
+    )
     deltas = result.get("lora_deltas")
     if deltas and deltas["groups"]:
-        c.print(table("LoRA update size |scale·B·A| / |W|", ["module", "tensors", "mean", "max", "zero B"],
-                      [[g, s["tensors"], f"{s['mean_relative_delta']:.3g}", f"{s['max_relative_delta']:.3g}", s["zero_b"]]
-                       for g, s in deltas["groups"].items()]))
+        c.print(
+            table(
+                "LoRA update size |scale·B·A| / |W|",
+                ["module", "tensors", "mean", "max", "zero B"],
+                [
+                    [g, s["tensors"], f"{s['mean_relative_delta']:.3g}", f"{s['max_relative_delta']:.3g}", s["zero_b"]]
+                    for g, s in deltas["groups"].items()
+                ],
+            )
+        )
         if deltas["zero_b_count"]:
-            c.print(f"[bold yellow]warning:[/] {deltas['zero_b_count']} LoRA adapter(s) have an all-zero B (never "
-                    "trained); those layers are identical to the base")
+            c.print(
+                f"[bold yellow]warning:[/] {deltas['zero_b_count']} LoRA adapter(s) have an all-zero B (never "
+                "trained); those layers are identical to the base"
+            )
     for w in plan["warnings"]:
         c.print(f"[yellow]note:[/] {w}")
     rt = result.get("roundtrip")
@@ -233,9 +302,16 @@ def render_result(result: dict, verbose: bool = False) -> None:
 
 def render_batch(result: dict) -> None:
     c = out_console
-    c.print(table(f"Batch: {result['work_dir']} -> {result['out_root']}", ["checkpoint", "status", "seconds", "detail"],
-                  [[Path(i["checkpoint"]).name, i["status"], f"{i['seconds']:.1f}", _batch_detail(i)]
-                   for i in result["items"]]))
+    c.print(
+        table(
+            f"Batch: {result['work_dir']} -> {result['out_root']}",
+            ["checkpoint", "status", "seconds", "detail"],
+            [
+                [Path(i["checkpoint"]).name, i["status"], f"{i['seconds']:.1f}", _batch_detail(i)]
+                for i in result["items"]
+            ],
+        )
+    )
     if any(i.get("plan") for i in result["items"]):
         c.print("dry run: nothing was written")
 
@@ -245,8 +321,10 @@ def _batch_detail(item: dict) -> str:
         return item["error"].get("message", "")
     plan = item.get("plan")
     if plan:
-        return (f"{item['out']} would get {plan.get('tensor_count', len(plan.get('tensors') or []) or '?')} tensors, "
-                f"{plan.get('keymap')}")
+        return (
+            f"{item['out']} would get {plan.get('tensor_count', len(plan.get('tensors') or []) or '?')} tensors, "
+            f"{plan.get('keymap')}"
+        )
     return item["out"]
 
 
@@ -256,8 +334,10 @@ def render_verify(report: dict[str, Any], echo: Callable[[str], None] = print) -
     source = report.get("keymap_source") or ""
     how = "" if source == "conversion_report.json" else ", a guess: no conversion report" if source else ""
     echo(f"verified {report['folder']}" + (f" ({report['keymap']}{how})" if report.get("keymap") else ""))
-    echo(f"  files: {s.get('tensors')} tensors in {s.get('shards')} shard(s), vocabulary {s.get('vocab_rows')}, "
-         f"tokenizer {s.get('tokenizer_length')}, values read back: {s.get('checked_values')}")
+    echo(
+        f"  files: {s.get('tensors')} tensors in {s.get('shards')} shard(s), vocabulary {s.get('vocab_rows')}, "
+        f"tokenizer {s.get('tokenizer_length')}, values read back: {s.get('checked_values')}"
+    )
     echo(f"  remote code: {', '.join(report.get('code_files') or []) or '-'}")
     cs = report.get("checksums") or {}
     echo(f"  checksums: {cs.get('status')}" + (f" ({cs['checked']} shard(s))" if cs.get("checked") else ""))

@@ -5,8 +5,9 @@ Only parsing and rendering live here; what is checked, and how, is the verify st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -31,9 +32,8 @@ def register_verify_commands(main: click.Group) -> None:
         try:
             report = run()
         except VerifyError as e:
-            details = getattr(e, "details", None)
-            if debug and details:
-                click.echo(details, err=True)
+            if debug and e.details:
+                click.echo(e.details, err=True)
             raise
         if json_out:
             emit_json(report.to_dict())
@@ -41,16 +41,34 @@ def register_verify_commands(main: click.Group) -> None:
             render(report.to_dict(), echo=click.echo)
 
     common = [
-        click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
-                     help="Where the model runs. The upstream Sa2VA code calls .cuda(): it needs a GPU."),
-        click.option("--python", "python", metavar="PATH",
-                     help="Interpreter that loads the model (default: this one), e.g. a CUDA environment or one with "
-                          "the transformers version the remote code needs."),
-        click.option("--timeout", type=float, default=DEFAULT_TIMEOUT, show_default=True,
-                     help="Seconds before the model process is killed."),
+        click.option(
+            "--device",
+            default="auto",
+            show_default=True,
+            metavar="auto|cpu|cuda|cuda:N",
+            help="Where the model runs. The upstream Sa2VA code calls .cuda(): it needs a GPU.",
+        ),
+        click.option(
+            "--python",
+            "python",
+            metavar="PATH",
+            help="Interpreter that loads the model (default: this one), e.g. a CUDA environment or one with "
+            "the transformers version the remote code needs.",
+        ),
+        click.option(
+            "--timeout",
+            type=float,
+            default=DEFAULT_TIMEOUT,
+            show_default=True,
+            help="Seconds before the model process is killed.",
+        ),
         click.option("--quiet", "-q", is_flag=True, help="No progress or notes on stderr; errors still print."),
-        click.option("--verbose", "-v", is_flag=True,
-                     help="More detail on stderr; on failure, the model process's traceback (as --debug)."),
+        click.option(
+            "--verbose",
+            "-v",
+            is_flag=True,
+            help="More detail on stderr; on failure, the model process's traceback (as --debug).",
+        ),
         click.option("--json", "json_out", is_flag=True, help="Print a JSON report on stdout."),
         click.option("--debug", is_flag=True, help="On failure, show the model process's traceback."),
     ]
@@ -66,44 +84,107 @@ def register_verify_commands(main: click.Group) -> None:
     @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Cap on generated tokens.")
     @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="Prompt of the round trip.")
     @click.option("--no-video", is_flag=True, help="Skip the 2-frame video run.")
-    @click.option("--expect-mask", is_flag=True,
-                  help="Fail when the model's own answer has no [SEG] (for CI on a real fine-tune).")
+    @click.option(
+        "--expect-mask",
+        is_flag=True,
+        help="Fail when the model's own answer has no [SEG] (for CI on a real fine-tune).",
+    )
     @with_common
     @handle_errors
-    def verify_cmd(folder: Path, no_roundtrip: bool, max_new_tokens: int, prompt: str, no_video: bool,
-                   expect_mask: bool, device: str, python: str | None, timeout: float, quiet: bool, verbose: bool,
-                   json_out: bool,
-                   debug: bool) -> None:
+    def verify_cmd(
+        folder: Path,
+        no_roundtrip: bool,
+        max_new_tokens: int,
+        prompt: str,
+        no_video: bool,
+        expect_mask: bool,
+        device: str,
+        python: str | None,
+        timeout: float,
+        quiet: bool,
+        verbose: bool,
+        json_out: bool,
+        debug: bool,
+    ) -> None:
         """Check a converted FOLDER: files (shards, index, vocab, tokenizer, remote code, checksums), then load
         it with transformers and run predict_forward on a test image and video, in a separate process."""
         progress = make_progress(json_out, quiet or json_out, verbose)
-        run_and_show(lambda: verify_folder(folder, roundtrip=not no_roundtrip, device=device, python=python,
-                                           max_new_tokens=max_new_tokens, prompt=prompt, timeout=timeout,
-                                           video=not no_video, expect_mask=expect_mask, on_stage=progress.stage),
-                     render_verify, json_out=json_out, debug=debug or verbose)
+        run_and_show(
+            lambda: verify_folder(
+                folder,
+                roundtrip=not no_roundtrip,
+                device=device,
+                python=python,
+                max_new_tokens=max_new_tokens,
+                prompt=prompt,
+                timeout=timeout,
+                video=not no_video,
+                expect_mask=expect_mask,
+                on_stage=progress.stage,
+            ),
+            render_verify,
+            json_out=json_out,
+            debug=debug or verbose,
+        )
 
     @main.command("predict", epilog=EXIT_HELP)
     @click.argument("folder", type=click.Path(path_type=Path, readable=False))
     @click.argument("image", type=click.Path(path_type=Path, readable=False))
     @click.argument("prompt")
-    @click.option("--save", type=click.Path(path_type=Path, readable=False), default=Path("mask.png"), show_default=True,
-                  help="Mask PNG (white on black); more [SEG] give mask_1.png, mask_2.png, ...")
-    @click.option("--overlay", type=click.Path(path_type=Path, readable=False), default=Path("overlay.png"), show_default=True,
-                  help="The image with the masks tinted over it.")
+    @click.option(
+        "--save",
+        type=click.Path(path_type=Path, readable=False),
+        default=Path("mask.png"),
+        show_default=True,
+        help="Mask PNG (white on black); more [SEG] give mask_1.png, mask_2.png, ...",
+    )
+    @click.option(
+        "--overlay",
+        type=click.Path(path_type=Path, readable=False),
+        default=Path("overlay.png"),
+        show_default=True,
+        help="The image with the masks tinted over it.",
+    )
     @click.option("--no-save", is_flag=True, help="Write no files; only print the prediction.")
     @click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Cap on generated tokens.")
     @with_common
     @handle_errors
-    def predict_cmd(folder: Path, image: Path, prompt: str, save: Path, overlay: Path, no_save: bool,
-                    max_new_tokens: int, device: str, python: str | None, timeout: float, quiet: bool,
-                    verbose: bool, json_out: bool, debug: bool) -> None:
+    def predict_cmd(
+        folder: Path,
+        image: Path,
+        prompt: str,
+        save: Path,
+        overlay: Path,
+        no_save: bool,
+        max_new_tokens: int,
+        device: str,
+        python: str | None,
+        timeout: float,
+        quiet: bool,
+        verbose: bool,
+        json_out: bool,
+        debug: bool,
+    ) -> None:
         """Segment IMAGE with the converted FOLDER's own predict_forward. PROMPT names the object
         ("red car" becomes "<image>Please segment the red car."); a PROMPT with <image> is used as it is."""
         progress = make_progress(json_out, quiet or json_out, verbose)
-        run_and_show(lambda: run_predict(folder, image, prompt, device=device, python=python,
-                                         save=None if no_save else save, overlay=None if no_save else overlay,
-                                         max_new_tokens=max_new_tokens, timeout=timeout, on_stage=progress.stage),
-                     render_predict, json_out=json_out, debug=debug or verbose)
+        run_and_show(
+            lambda: run_predict(
+                folder,
+                image,
+                prompt,
+                device=device,
+                python=python,
+                save=None if no_save else save,
+                overlay=None if no_save else overlay,
+                max_new_tokens=max_new_tokens,
+                timeout=timeout,
+                on_stage=progress.stage,
+            ),
+            render_predict,
+            json_out=json_out,
+            debug=debug or verbose,
+        )
 
 
 __all__ = ["register_verify_commands"]

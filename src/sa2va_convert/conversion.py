@@ -14,22 +14,14 @@ import math
 import re
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from ._version import __version__
 from . import run_state
+from ._version import __version__
 from .errors import InputError, PlanError, UsageError, VerifyEnvironmentError, VerifyError, api_errors
-from .progress import Progress, Silent
-from .recipe import build_recipe, keymap_identity
-from .sizes import parse_size
-# the stages, in pipeline order: read -> plan -> transform -> write -> verify
-from .read.checkpoint import TrainingCheckpoint, open_checkpoint
-from .read.hf_folder import HFFolder, open_hf_folder
-from .read.layered import RenamedSource, UnionSource, open_sam2_checkpoint
-from .read.remote_code import ImportCheck, check_imports, install_hint, pip_name, require_self_contained
-from .read.work_dir import checkpoint_note, resolve_checkpoint
 from .plan.base_discovery import discover_base, resolve_base
 from .plan.family import Detection, detect_family, match_family, require_family
 from .plan.keymap import Keymap, load_all_builtin, resolve_keymap
@@ -37,13 +29,21 @@ from .plan.planner import build_plan, check_raw_base
 from .plan.raw_recipe import check_key_families, merge_raw_config, read_code_folder
 from .plan.types import ConversionPlan, PlanOptions
 from .plan.vocab import read_tokenizer_state
+from .progress import Progress, Silent
+from .read.checkpoint import TrainingCheckpoint, open_checkpoint
+from .read.hf_folder import HFFolder, open_hf_folder
+from .read.layered import RenamedSource, UnionSource, open_sam2_checkpoint
+from .read.remote_code import ImportCheck, check_imports, install_hint, pip_name, require_self_contained
+from .read.work_dir import checkpoint_note, resolve_checkpoint
+from .recipe import build_recipe, keymap_identity
+from .sizes import parse_size
 from .transform.produce import TensorProducer, TransformReport
+from .verify.structural import READ_BACK_CHUNK_BYTES, StructuralReport, check_against_plan
 from .write import guard
 from .write.folder import WriteResult, write_folder
 from .write.model_card import conversion_report, model_card
 from .write.peak_ram import estimate_peak_ram, process_baseline, resident_layers
 from .write.safetensors_writer import SAFETENSORS
-from .verify.structural import READ_BACK_CHUNK_BYTES, StructuralReport, check_against_plan
 
 
 @dataclass
@@ -81,11 +81,17 @@ class ConvertOptions:
     allow_unresolved_imports: bool = False  # copy remote code that imports a module found nowhere (exit 3 otherwise)
 
     def plan_options(self) -> PlanOptions:
-        return PlanOptions(dtype=self.dtype, max_shard_bytes=self.max_shard_bytes, lora_alpha=self.lora_alpha,
-                           rslora=self.rslora, override_lora_config=self.override_lora_config,
-                           allow_unused=tuple(self.allow_unused), template=self.template)
+        return PlanOptions(
+            dtype=self.dtype,
+            max_shard_bytes=self.max_shard_bytes,
+            lora_alpha=self.lora_alpha,
+            rslora=self.rslora,
+            override_lora_config=self.override_lora_config,
+            allow_unused=tuple(self.allow_unused),
+            template=self.template,
+        )
 
-    def validate(self) -> "ConvertOptions":
+    def validate(self) -> ConvertOptions:
         """Every option checked before any work; a bad one is a UsageError (exit 2) naming it.
 
         Normalises in place (a size string becomes bytes, an interpreter name its path)."""
@@ -98,14 +104,18 @@ class ConvertOptions:
             except (TypeError, ValueError):
                 raise UsageError(f"LoRA alpha {self.lora_alpha!r} is not a number", hint="give e.g. 256") from None
             if not math.isfinite(alpha) or alpha <= 0:
-                raise UsageError(f"LoRA alpha must be a finite number above 0, not {self.lora_alpha!r}",
-                                 hint="upstream Sa2VA configs use alpha = 2*r, e.g. 256 for r=128")
+                raise UsageError(
+                    f"LoRA alpha must be a finite number above 0, not {self.lora_alpha!r}",
+                    hint="upstream Sa2VA configs use alpha = 2*r, e.g. 256 for r=128",
+                )
         for pattern in self.allow_unused:
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise UsageError(f"allow-unused pattern {pattern!r} is not a valid regular expression ({e})",
-                                 hint="escape special characters, e.g. 'foo\\.bar'") from None
+                raise UsageError(
+                    f"allow-unused pattern {pattern!r} is not a valid regular expression ({e})",
+                    hint="escape special characters, e.g. 'foo\\.bar'",
+                ) from None
         self.merge_device = check_merge_device(self.merge_device)
         if self.roundtrip and not self.dry_run:
             from .verify.device_check import check_roundtrip_device
@@ -113,14 +123,18 @@ class ConvertOptions:
 
             check_device(self.verify_device)
             self.verify_python = resolve_python(self.verify_python) if self.verify_python else None
-            check_roundtrip_device(self.verify_device, self.verify_python)  # not after the conversion (issue 23)
+            check_roundtrip_device(self.verify_device, self.verify_python)  # now, not after the conversion
         return self
 
     def named_inputs(self) -> list[guard.NamedInput]:
         """Every path option that is an input, for the never-harm-an-input check."""
         out = []
-        for role, value in (("--base folder", self.base), ("--pretrained checkpoint", self.pretrained),
-                            ("--sam2 checkpoint", self.sam2), ("--code-from folder", self.code_from)):
+        for role, value in (
+            ("--base folder", self.base),
+            ("--pretrained checkpoint", self.pretrained),
+            ("--sam2 checkpoint", self.sam2),
+            ("--code-from folder", self.code_from),
+        ):
             if value:
                 out.append(guard.NamedInput(role, Path(value)))
         if self.keymap and Path(self.keymap).exists():
@@ -143,12 +157,16 @@ def check_merge_device(device: str) -> str:
     import torch
 
     if not torch.cuda.is_available():
-        raise UsageError(f"merge device {text!r} asked for, but this torch sees no GPU"
-                         f" ({'built without CUDA' if not torch.version.cuda else 'no device visible'})",
-                         hint="drop --merge-device (the CPU merge gives the same bytes)")
+        raise UsageError(
+            f"merge device {text!r} asked for, but this torch sees no GPU"
+            f" ({'built without CUDA' if not torch.version.cuda else 'no device visible'})",
+            hint="drop --merge-device (the CPU merge gives the same bytes)",
+        )
     if ":" in text and int(text.split(":")[1]) >= torch.cuda.device_count():
-        raise UsageError(f"merge device {text!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible",
-                         hint="use cuda or cuda:0")
+        raise UsageError(
+            f"merge device {text!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible",
+            hint="use cuda or cuda:0",
+        )
     return text
 
 
@@ -220,7 +238,9 @@ def sha256_path(path: Path) -> str:
     return h.hexdigest()
 
 
-def choose_keymap(ckpt: TrainingCheckpoint, spec: str | None, *, force: bool = False) -> tuple[Keymap, Detection | None]:
+def choose_keymap(
+    ckpt: TrainingCheckpoint, spec: str | None, *, force: bool = False
+) -> tuple[Keymap, Detection | None]:
     """The detected keymap, or the one asked for — which must fit the keys unless ``force``.
 
     A forced keymap of another family converts "successfully" into a folder whose model card
@@ -241,15 +261,22 @@ def choose_keymap(ckpt: TrainingCheckpoint, spec: str | None, *, force: bool = F
     if detection.chosen is None or detection.chosen.name == km.name:
         return km, None  # a keymap for a layout no built-in knows: the user's call
     missing = [p for p, k in own.evidence.items() if k is None]
-    why = (f"lacks {missing[0]!r}" if missing else
-           f"has {next(iter(own.excluded_by.values()))!r}" if own.excluded_by else "does not fit")
+    why = (
+        f"lacks {missing[0]!r}"
+        if missing
+        else f"has {next(iter(own.excluded_by.values()))!r}"
+        if own.excluded_by
+        else "does not fit"
+    )
     theirs = next((m for m in detection.matches if m.keymap == detection.chosen.name), None)
     seen = next((k for k in (theirs.evidence.values() if theirs else ()) if k), None)
-    raise PlanError(f"--keymap {km.name} does not fit this checkpoint (it {why}); its keys are "
-                    f"{detection.chosen.name} ({detection.chosen.family_label})" + (f", e.g. {seen!r}" if seen else ""),
-                    path=str(ckpt.path),
-                    hint=f"drop --keymap (detection picks {detection.chosen.name}), or pass --force-keymap if you "
-                         "really mean to convert with this keymap")
+    raise PlanError(
+        f"--keymap {km.name} does not fit this checkpoint (it {why}); its keys are "
+        f"{detection.chosen.name} ({detection.chosen.family_label})" + (f", e.g. {seen!r}" if seen else ""),
+        path=str(ckpt.path),
+        hint=f"drop --keymap (detection picks {detection.chosen.name}), or pass --force-keymap if you "
+        "really mean to convert with this keymap",
+    )
 
 
 def open_inputs(checkpoint: str | Path, options: ConvertOptions, *, base_folder: HFFolder | None = None) -> Inputs:
@@ -267,24 +294,30 @@ def open_inputs(checkpoint: str | Path, options: ConvertOptions, *, base_folder:
     return Inputs(ckpt, keymap, detection, base_folder, pretrained)
 
 
-def open_raw_recipe(ckpt: TrainingCheckpoint, keymap: Keymap, detection: Detection | None,
-                    options: ConvertOptions) -> Inputs:
+def open_raw_recipe(
+    ckpt: TrainingCheckpoint, keymap: Keymap, detection: Detection | None, options: ConvertOptions
+) -> Inputs:
     """The original recipe: raw InternVL2.5 (--base) + SAM2 (--sam2) + a Sa2VA folder for code (--code-from)."""
     if not (options.sam2 and options.code_from and options.base):
-        raise InputError("the raw-InternVL recipe needs --base (raw InternVL2.5 folder), --sam2 "
-                         "(sam2_hiera_large.pt) and --code-from (a Sa2VA HF folder of the same family)",
-                         path=str(ckpt.path), hint="pass all three, or only --base with a Sa2VA folder")
+        raise InputError(
+            "the raw-InternVL recipe needs --base (raw InternVL2.5 folder), --sam2 "
+            "(sam2_hiera_large.pt) and --code-from (a Sa2VA HF folder of the same family)",
+            path=str(ckpt.path),
+            hint="pass all three, or only --base with a Sa2VA folder",
+        )
     raw = open_hf_folder(options.base)
     check_raw_base(raw.config, keymap, str(raw.path))
-    sam2 = RenamedSource(open_sam2_checkpoint(options.sam2, allow_globals=tuple(options.allow_globals)),
-                         keymap.sam2_name, label="base")
+    sam2 = RenamedSource(
+        open_sam2_checkpoint(options.sam2, allow_globals=tuple(options.allow_globals)), keymap.sam2_name, label="base"
+    )
     code = read_code_folder(options.code_from)
     config = merge_raw_config(raw.config, code.config)
     weights = UnionSource([raw.weights, sam2], label="base")
     files = {f: raw.path / f for f in raw.other_files if not f.endswith(".py")}
     files.update({f: code.path / f for f in code.files if f.endswith(".py") and "/" not in f})
-    folder = HFFolder(path=raw.path, config=config, weights=weights, weight_files=raw.weight_files,
-                      other_files=sorted(files))
+    folder = HFFolder(
+        path=raw.path, config=config, weights=weights, weight_files=raw.weight_files, other_files=sorted(files)
+    )
     return Inputs(ckpt, keymap, detection, folder, None, files=files, raw_base=True, code_keys=code.weight_keys)
 
 
@@ -311,40 +344,56 @@ def check_base_code(inputs: Inputs, options: ConvertOptions, progress: Progress 
     require_self_contained(check, python_label=python or sys.executable, allow=options.allow_unresolved_imports)
     if check.nowhere and progress is not None:
         r = check.nowhere[0]
-        progress.stage(f"warning: --allow-unresolved-imports: {r.file}:{r.line} imports {r.module!r}, found nowhere; "
-                       "OUT loads only where it exists")
+        progress.stage(
+            f"warning: --allow-unresolved-imports: {r.file}:{r.line} imports {r.module!r}, found nowhere; "
+            "OUT loads only where it exists"
+        )
     if check.missing_packages:
         names = sorted({pip_name(r.module) for r in check.missing_packages})
         first = check.missing_packages[0]
         if runs_here:
             raise VerifyEnvironmentError(
                 f"the round trip cannot run in {python}: the base's remote code imports {', '.join(names)}, not "
-                f"installed there (e.g. {first.file}:{first.line}); nothing was written", path=folder,
+                f"installed there (e.g. {first.file}:{first.line}); nothing was written",
+                path=folder,
                 hint=f"{install_hint(names)}, or pass --python with an environment that has them, or --no-verify "
-                     "to convert without the round trip")
+                "to convert without the round trip",
+            )
         if progress is not None:
-            progress.stage(f"note: loading OUT will need {', '.join(names)} (its remote code imports them), not "
-                           "installed here")
+            progress.stage(
+                f"note: loading OUT will need {', '.join(names)} (its remote code imports them), not installed here"
+            )
     return check
 
 
 def plan_from_inputs(inputs: Inputs, out: str | Path, options: ConvertOptions) -> ConversionPlan:
     ckpt = inputs.checkpoint
     plan = build_plan(
-        checkpoint=ckpt.weights, base=inputs.base.weights, base_config=inputs.base.config,
+        checkpoint=ckpt.weights,
+        base=inputs.base.weights,
+        base_config=inputs.base.config,
         base_files=inputs.files if inputs.files is not None else inputs.base.other_files,
         tokenizer=read_tokenizer_state(inputs.base.path),
-        keymap=inputs.keymap, out=Path(out).absolute(), naming=SAFETENSORS.naming, options=options.plan_options(),
-        pretrained=inputs.pretrained.weights if inputs.pretrained else None, embedded=ckpt.config,
-        checkpoint_meta=dict(ckpt.meta), raw_base=inputs.raw_base,
+        keymap=inputs.keymap,
+        out=Path(out).absolute(),
+        naming=SAFETENSORS.naming,
+        options=options.plan_options(),
+        pretrained=inputs.pretrained.weights if inputs.pretrained else None,
+        embedded=ckpt.config,
+        checkpoint_meta=dict(ckpt.meta),
+        raw_base=inputs.raw_base,
     )
     if inputs.code_keys is not None:
         check_key_families(plan, inputs.code_keys, str(options.code_from))
     # the write stage estimates the memory the plan will take to write (and, with --read-back, to check)
-    peak = estimate_peak_ram(plan.tensors, plan.shards, merge_device=options.merge_device,
-                             baseline_bytes=process_baseline(), read_back_bytes=READ_BACK_CHUNK_BYTES if options.read_back else None,
-                             resident_layers=resident_layers(ckpt.weights,
-                                                             inputs.pretrained.weights if inputs.pretrained else None))
+    peak = estimate_peak_ram(
+        plan.tensors,
+        plan.shards,
+        merge_device=options.merge_device,
+        baseline_bytes=process_baseline(),
+        read_back_bytes=READ_BACK_CHUNK_BYTES if options.read_back else None,
+        resident_layers=resident_layers(ckpt.weights, inputs.pretrained.weights if inputs.pretrained else None),
+    )
     return dataclasses.replace(plan, peak_ram_bytes=peak)
 
 
@@ -429,7 +478,7 @@ def convert(
     result = ConversionResult(plan=plan, transform=producer.report)
     # the checkpoint's sha256 (for the card and the report, needed only once the shards are written) is
     # taken in a helper thread while the shards are written: ~1 s per GB of hashing off the critical path
-    # (hashlib and file reads release the GIL); before issue 14 it ran first, serially
+    # (hashlib and file reads release the GIL); it used to run first, serially, before any shard was written
     checkpoint_sha = _Background(sha256_path, resolved)
 
     written: dict[str, str] = {}  # {shard: sha256 of the bytes handed to the disk}, filled before check()
@@ -442,23 +491,44 @@ def convert(
         result.checkpoint_sha256 = checkpoint_sha.result()
         result.seconds = time.perf_counter() - started
         deltas = result.transform.to_dict() if result.transform else None
-        made_from = build_recipe(options, checkpoint_sha256=result.checkpoint_sha256, base=inputs.base.path,
-                                 keymap=keymap_identity(inputs.keymap.name, inputs.keymap.source))
-        return {"README.md": model_card(plan, checkpoint_sha256=result.checkpoint_sha256, lora_deltas=deltas),
-                guard.REPORT_NAME: conversion_report(plan, checkpoint_sha256=result.checkpoint_sha256,
-                                                     lora_deltas=deltas, shard_sha256=checksums, recipe=made_from)}
+        made_from = build_recipe(
+            options,
+            checkpoint_sha256=result.checkpoint_sha256,
+            base=inputs.base.path,
+            keymap=keymap_identity(inputs.keymap.name, inputs.keymap.source),
+        )
+        return {
+            "README.md": model_card(plan, checkpoint_sha256=result.checkpoint_sha256, lora_deltas=deltas),
+            guard.REPORT_NAME: conversion_report(
+                plan,
+                checkpoint_sha256=result.checkpoint_sha256,
+                lora_deltas=deltas,
+                shard_sha256=checksums,
+                recipe=made_from,
+            ),
+        }
 
     try:
-        result.write = write_folder(plan, producer, base_dir=inputs.base.path, force=options.force,
-                                    replace_foreign=options.replace_foreign, protected=protected,
-                                    progress=progress, extra_files=extras, check=check)
+        result.write = write_folder(
+            plan,
+            producer,
+            base_dir=inputs.base.path,
+            force=options.force,
+            replace_foreign=options.replace_foreign,
+            protected=protected,
+            progress=progress,
+            extra_files=extras,
+            check=check,
+        )
         result.seconds = time.perf_counter() - started
         if options.roundtrip:
             run_verify_roundtrip(result, options, progress)
         if producer.report.zero_b:
-            progress.stage(f"warning: {len(producer.report.zero_b)} LoRA adapter(s) have an all-zero B "
-                           "(never trained): those layers equal the base")
-    except KeyboardInterrupt:  # what is on disk decides the message: before, while or after publishing (issue 23)
+            progress.stage(
+                f"warning: {len(producer.report.zero_b)} LoRA adapter(s) have an all-zero B "
+                "(never trained): those layers equal the base"
+            )
+    except KeyboardInterrupt:  # what is on disk decides the message: before, while or after publishing
         raise run_state.interrupted(plan.out, during="while converting") from None
     return result
 
@@ -474,19 +544,30 @@ def run_verify_roundtrip(result: ConversionResult, options: ConvertOptions, prog
 
     out = Path(result.plan.out)
     # said before it happens: this runs foreign code with the user's rights (README "Safety"; --no-verify skips it)
-    progress.stage(f"verifying {out}: running the model's own code from {result.plan.base} in a child process "
-                   "(from_pretrained(trust_remote_code=True) + predict_forward)")
+    progress.stage(
+        f"verifying {out}: running the model's own code from {result.plan.base} in a child process "
+        "(from_pretrained(trust_remote_code=True) + predict_forward)"
+    )
     run_state.set_roundtrip(out, "running")
     try:
-        rt = run_roundtrip(out, device=options.verify_device, python=options.verify_python,
-                           max_new_tokens=16, expect_mask=options.expect_mask, on_stage=progress.stage)
+        rt = run_roundtrip(
+            out,
+            device=options.verify_device,
+            python=options.verify_python,
+            max_new_tokens=16,
+            expect_mask=options.expect_mask,
+            on_stage=progress.stage,
+        )
     except VerifyError as e:
         run_state.set_roundtrip(out, "failed")
         record_roundtrip(out, {"ok": False, "error": e.one_line(), "exit_code": e.exit_code})
-        err = type(e)(f"converted, but the round trip failed: {e.message}", path=out,
-                      hint=(e.hint or "") + f"; the folder is written: re-check it with `sa2va-convert verify {out}`"
-                      " (pass --no-verify to convert without the round trip)")
-        err.report = getattr(e, "report", None)  # type: ignore[attr-defined]
+        err = type(e)(
+            f"converted, but the round trip failed: {e.message}",
+            path=out,
+            hint=(e.hint or "") + f"; the folder is written: re-check it with `sa2va-convert verify {out}`"
+            " (pass --no-verify to convert without the round trip)",
+        )
+        err.report = e.report
         raise err from None
     result.roundtrip = {"summary": summary_line(rt.to_dict()), **rt.to_dict()}
     record_roundtrip(out, {"ok": True, "summary": result.roundtrip["summary"]})
@@ -529,6 +610,14 @@ def dry_run(checkpoint: str | Path, out: str | Path, options: ConvertOptions | N
 
 
 __all__ = [
-    "ConvertOptions", "ConversionResult", "Inputs", "convert", "dry_run", "plan_conversion", "open_inputs",
-    "sha256_path", "record_roundtrip", "recorded_roundtrip",
+    "ConvertOptions",
+    "ConversionResult",
+    "Inputs",
+    "convert",
+    "dry_run",
+    "plan_conversion",
+    "open_inputs",
+    "sha256_path",
+    "record_roundtrip",
+    "recorded_roundtrip",
 ]

@@ -71,8 +71,16 @@ def normalise(name: str) -> str:
     """Accept the spellings users type (bfloat16, float32, torch.float16, BF16)."""
     key = name.strip().lower().removeprefix("torch.")
     aliases = {
-        "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32",
-        "float64": "fp64", "double": "fp64", "f32": "fp32", "f16": "fp16", "f64": "fp64",
+        "bfloat16": "bf16",
+        "float16": "fp16",
+        "half": "fp16",
+        "float32": "fp32",
+        "float": "fp32",
+        "float64": "fp64",
+        "double": "fp64",
+        "f32": "fp32",
+        "f16": "fp16",
+        "f64": "fp64",
     }
     key = aliases.get(key, key)
     if key not in _TABLE:

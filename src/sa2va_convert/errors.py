@@ -10,10 +10,17 @@ branch on them.
 from __future__ import annotations
 
 import functools
+import os
 import re
+from collections.abc import Callable
 from contextvars import ContextVar
-from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
+
+if TYPE_CHECKING:  # only for the attribute types: these modules import this one
+    from .batch import BatchResult
+    from .evaluate.run import EvalReport
+    from .verify.folder import VerifyReport
+    from .verify.roundtrip import RoundTripReport
 
 
 class ConvertError(Exception):
@@ -21,8 +28,10 @@ class ConvertError(Exception):
 
     exit_code = 1
     kind = "error"
+    #: the model process's traceback, when the failure happened in one (printed by ``--debug``)
+    details: str | None = None
 
-    def __init__(self, message: str, *, path: str | Path | None = None, hint: str | None = None):
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None, hint: str | None = None):
         super().__init__(message)
         self.message = message
         self.path = str(path) if path is not None else None
@@ -100,6 +109,8 @@ class VerifyError(ConvertError):
 
     exit_code = 7
     kind = "verify"
+    #: what was checked before the failure: the round trip's report, or (from ``verify_folder``) the folder's
+    report: RoundTripReport | VerifyReport | None = None
 
 
 class VerifyEnvironmentError(VerifyError):
@@ -115,6 +126,8 @@ class BatchError(ConvertError):
 
     exit_code = 8
     kind = "batch"
+    #: every checkpoint's outcome, the converted ones included
+    result: BatchResult | None = None
 
 
 class EvalFailuresError(ConvertError):
@@ -123,6 +136,8 @@ class EvalFailuresError(ConvertError):
 
     exit_code = 10
     kind = "eval-failures"
+    #: the whole report (already written to disk)
+    report: EvalReport | None = None
 
 
 EXIT_INTERRUPTED = 130
@@ -133,6 +148,7 @@ class Interrupted(ConvertError):
 
     exit_code = EXIT_INTERRUPTED
     kind = "interrupted"
+
 
 EXIT_CODES: dict[int, str] = {
     0: "success",
@@ -145,11 +161,11 @@ EXIT_CODES: dict[int, str] = {
     VerifyError.exit_code: "verification of the written folder failed",
     BatchError.exit_code: "batch: at least one checkpoint failed (the others were converted)",
     VerifyEnvironmentError.exit_code: "the round trip could not run here (missing package, not enough memory, no "
-                                      "usable GPU); the folder itself was not judged",
+    "usable GPU); the folder itself was not judged",
     EvalFailuresError.exit_code: "eval: at least one image failed (recorded with its error in the report; the "
-                                 "others were scored)",
+    "others were scored)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C / SIGTERM); the message says what was left (a half-written folder is never "
-                      "published)",
+    "published)",
 }
 
 
@@ -161,12 +177,19 @@ EXIT_CODES: dict[int, str] = {
 FROM_CLI: ContextVar[bool] = ContextVar("sa2va_convert_from_cli", default=False)
 
 _API_WORDING: dict[str, str] = {
-    "--no-verify": "ConvertOptions(roundtrip=False)", "--verify": "ConvertOptions(roundtrip=True)",
-    "--no-roundtrip": "roundtrip=False", "--no-read-back": "ConvertOptions(read_back=False)",
-    "--max-shard-size": "ConvertOptions.max_shard_bytes", "--allow-global": "ConvertOptions.allow_globals",
-    "--all": "convert_all()", "--dry-run": "plan_conversion()", "--debug": "the traceback (e.__cause__)",
-    "--device": "verify_device= / device=", "--python": "verify_python= / python=",
-    "--rslora": "ConvertOptions(rslora=True)", "--no-rslora": "ConvertOptions(rslora=False)",
+    "--no-verify": "ConvertOptions(roundtrip=False)",
+    "--verify": "ConvertOptions(roundtrip=True)",
+    "--no-roundtrip": "roundtrip=False",
+    "--no-read-back": "ConvertOptions(read_back=False)",
+    "--max-shard-size": "ConvertOptions.max_shard_bytes",
+    "--allow-global": "ConvertOptions.allow_globals",
+    "--all": "convert_all()",
+    "--dry-run": "plan_conversion()",
+    "--debug": "the traceback (e.__cause__)",
+    "--device": "verify_device= / device=",
+    "--python": "verify_python= / python=",
+    "--rslora": "ConvertOptions(rslora=True)",
+    "--no-rslora": "ConvertOptions(rslora=False)",
 }
 _FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)")
 _COMMANDS = [
@@ -190,14 +213,15 @@ def api_wording(hint: str | None) -> str | None:
     return _FLAG.sub(flag, hint)
 
 
-_F = TypeVar("_F", bound=Callable[..., Any])
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
-def api_errors(fn: _F) -> _F:
+def api_errors(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """Decorate a public API function: its ConvertErrors carry Python-worded hints (unless run by the CLI)."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return fn(*args, **kwargs)
         except ConvertError as e:
@@ -205,4 +229,4 @@ def api_errors(fn: _F) -> _F:
                 e.hint = api_wording(e.hint)
             raise
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper

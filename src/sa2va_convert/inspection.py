@@ -8,12 +8,13 @@ think about a Sa2VA fine-tune, and says where each LoRA setting came from.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import api_errors
-from .plan.family import Detection, detect_family
+from .plan.family import detect_family
 from .plan.keymap import Keymap, load_all_builtin, resolve_keymap
 from .read.checkpoint import open_checkpoint
 
@@ -59,9 +60,18 @@ class InspectReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "ok": True, "path": self.path, "kind": self.kind, "meta": self.meta, "tensor_count": self.tensor_count,
-            "total_bytes": self.total_bytes, "dtypes": self.dtypes, "groups": [g.to_dict() for g in self.groups],
-            "lora": self.lora, "config": self.config, "family": self.family, "unrecognised": self.unrecognised,
+            "ok": True,
+            "path": self.path,
+            "kind": self.kind,
+            "meta": self.meta,
+            "tensor_count": self.tensor_count,
+            "total_bytes": self.total_bytes,
+            "dtypes": self.dtypes,
+            "groups": [g.to_dict() for g in self.groups],
+            "lora": self.lora,
+            "config": self.config,
+            "family": self.family,
+            "unrecognised": self.unrecognised,
             "placeholders": self.placeholders,
         }
 
@@ -76,11 +86,18 @@ def _config_summary(cfg) -> dict[str, Any] | None:
         return None
     lora = getattr(cfg, "lora", None)
     out = {
-        "path": cfg.path, "pretrained_pth": cfg.pretrained_pth, "template": cfg.template,
+        "path": cfg.path,
+        "pretrained_pth": cfg.pretrained_pth,
+        "template": cfg.template,
         "special_tokens": cfg.special_tokens,
-        "lora": None if lora is None else {
-            "r": lora.r, "lora_alpha": lora.lora_alpha, "use_rslora": lora.use_rslora,
-            "modules_to_save": lora.modules_to_save, "target_modules": lora.target_modules,
+        "lora": None
+        if lora is None
+        else {
+            "r": lora.r,
+            "lora_alpha": lora.lora_alpha,
+            "use_rslora": lora.use_rslora,
+            "modules_to_save": lora.modules_to_save,
+            "target_modules": lora.target_modules,
         },
         "sources": dict(getattr(cfg, "sources", {}) or {}),
     }
@@ -91,8 +108,9 @@ def _config_summary(cfg) -> dict[str, Any] | None:
 
 
 @api_errors
-def inspect_checkpoint(path: str | Path, *, keymap: str | None = None,
-                       allow_globals: Sequence[str] = ()) -> InspectReport:
+def inspect_checkpoint(
+    path: str | Path, *, keymap: str | None = None, allow_globals: Sequence[str] = ()
+) -> InspectReport:
     """What ``sa2va-convert inspect`` shows. ``path`` may be a work_dir: its newest checkpoint, as convert picks it."""
     from .read.work_dir import resolve_checkpoint
 
@@ -100,12 +118,19 @@ def inspect_checkpoint(path: str | Path, *, keymap: str | None = None,
     keys = sorted(ckpt.weights.keys())
     config_text = ckpt.config.text if ckpt.config is not None else None
     km: Keymap | None
-    detection: Detection | None = None
+    family: dict[str, Any]
     if keymap:
         km = resolve_keymap(keymap)
+        family = {
+            "keymap": km.name,
+            "family": km.family_label,
+            "codebase": km.codebase,
+            "note": "keymap given by the user",
+        }
     else:
         detection = detect_family(keys, load_all_builtin(), config_text)
         km = detection.chosen
+        family = detection.to_dict()
 
     dtype_counts: dict[str, int] = {}
     rows: dict[str, GroupRow] = {}
@@ -127,10 +152,11 @@ def inspect_checkpoint(path: str | Path, *, keymap: str | None = None,
         elif role == "drop":
             group = "dropped by keymap"
         else:
-            group = next((g for g, p in _GROUPS if p.search(name)), None)
-            if group is None:
-                group = "unrecognised"
+            found = next((g for g, p in _GROUPS if p.search(name)), None)
+            if found is None:
+                found = "unrecognised"
                 unrecognised.append(key)
+            group = found
         row = rows.setdefault(group, GroupRow(group))
         row.tensors += 1
         row.bytes += info.nbytes
@@ -145,20 +171,31 @@ def inspect_checkpoint(path: str | Path, *, keymap: str | None = None,
         r = min(ranks)
         scale = None
         if alpha is not None:
-            scale = alpha / (r ** 0.5 if rslora else r)
+            scale = alpha / (r**0.5 if rslora else r)
         lora = {
-            "pairs": sum(lora_modules.values()), "ranks": sorted(ranks), "rank_source": "tensor shapes",
-            "alpha": alpha, "alpha_source": "embedded config" if alpha is not None else "unknown (pass --lora-alpha)",
+            "pairs": sum(lora_modules.values()),
+            "ranks": sorted(ranks),
+            "rank_source": "tensor shapes",
+            "alpha": alpha,
+            "alpha_source": "embedded config" if alpha is not None else "unknown (pass --lora-alpha)",
             "rslora": bool(rslora) if rslora is not None else False,
             "rslora_source": "embedded config" if rslora is not None else "PEFT default",
-            "scale": scale, "modules": lora_modules,
+            "scale": scale,
+            "modules": lora_modules,
         }
     order = ["LoRA adapters"] + [g for g, _ in _GROUPS] + ["dropped by keymap", "unrecognised"]
     groups = [rows[g] for g in order if g in rows]
     return InspectReport(
-        path=str(ckpt.path), kind=ckpt.kind, meta=_plain_meta(ckpt.meta), tensor_count=len(keys),
-        total_bytes=total, dtypes=dtype_counts, groups=groups, lora=lora, config=_config_summary(ckpt.config),
-        family=(detection.to_dict() if detection else {"keymap": km.name, "family": km.family_label,
-                                                       "codebase": km.codebase, "note": "keymap given by the user"}),
-        unrecognised=unrecognised[:50], placeholders=dict(ckpt.placeholders),
+        path=str(ckpt.path),
+        kind=ckpt.kind,
+        meta=_plain_meta(ckpt.meta),
+        tensor_count=len(keys),
+        total_bytes=total,
+        dtypes=dtype_counts,
+        groups=groups,
+        lora=lora,
+        config=_config_summary(ckpt.config),
+        family=family,
+        unrecognised=unrecognised[:50],
+        placeholders=dict(ckpt.placeholders),
     )

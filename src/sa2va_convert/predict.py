@@ -11,9 +11,10 @@ masks tinted over the image).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import InputError, OutputError
 from .verify.roundtrip import (
@@ -104,21 +105,30 @@ def predict(
             p = Path(value).resolve()
             p.parent.mkdir(parents=True, exist_ok=True)
             paths[key] = str(p)
-    args = {"mode": "predict", "folder": str(folder), "device": device, "max_new_tokens": int(max_new_tokens),
-            "prompt": text, "image": str(image), "mask_path": paths.get("mask_path"),
-            "overlay_path": paths.get("overlay_path")}
+    args = {
+        "mode": "predict",
+        "folder": str(folder),
+        "device": device,
+        "max_new_tokens": int(max_new_tokens),
+        "prompt": text,
+        "image": str(image),
+        "mask_path": paths.get("mask_path"),
+        "overlay_path": paths.get("overlay_path"),
+    }
     run = run_child(args, python=exe, timeout=timeout, on_stage=on_stage)
     report = report_from(run, folder, exe)
     if run.timed_out or not report.ok:
         err = run.result and (run.result.get("error") or {})
         if err and err.get("stage") == "image":
-            raise InputError(f"cannot read the image ({err['message']})", path=image,
-                             hint="pass a PNG or JPEG file")
+            raise InputError(f"cannot read the image ({err['message']})", path=image, hint="pass a PNG or JPEG file")
         if err and err.get("stage") == "save":
-            raise OutputError(f"cannot save the masks ({err['type']}: {err['message']})", path=save or overlay,
-                              hint="choose writable --save/--overlay paths")
+            raise OutputError(
+                f"cannot save the masks ({err['type']}: {err['message']})",
+                path=save or overlay,
+                hint="choose writable --save/--overlay paths",
+            )
         failure = child_failure(run, folder=folder, python=exe, device=device, timeout=timeout, what="prediction")
-        failure.details = debug_details(run)  # type: ignore[attr-defined]
+        failure.details = debug_details(run)
         raise failure
     notes = judge_runs(report, folder)
     run0 = report.runs[0]
@@ -126,10 +136,20 @@ def predict(
     if run0["n_masks"] == 0:
         notes.append("the model answered without [SEG]: no mask" + (" file written" if save else ""))
     return PredictReport(
-        folder=str(folder), image=str(image), prompt=text, prediction=run0["prediction"], n_masks=run0["n_masks"],
-        mask_shapes=[m["shape"] for m in run0["masks"]], mask_files=list(saved.get("masks") or []),
-        overlay_file=saved.get("overlay"), device=report.device, dtype=report.dtype, seconds=report.seconds,
-        timings=report.timings, versions=report.versions, notes=notes + report.warnings,
+        folder=str(folder),
+        image=str(image),
+        prompt=text,
+        prediction=run0["prediction"],
+        n_masks=run0["n_masks"],
+        mask_shapes=[m["shape"] for m in run0["masks"]],
+        mask_files=list(saved.get("masks") or []),
+        overlay_file=saved.get("overlay"),
+        device=report.device,
+        dtype=report.dtype,
+        seconds=report.seconds,
+        timings=report.timings,
+        versions=report.versions,
+        notes=notes + report.warnings,
     )
 
 

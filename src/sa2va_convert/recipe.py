@@ -1,8 +1,8 @@
 """What a converted folder was made from, and how: recorded in its report, compared when ``--all`` runs again.
 
 ``--all`` used to skip a finished ``OUT/iter_N`` whenever the checkpoint's sha256 matched, even when the
-rerun asked for another ``--dtype``, ``--base``, keymap or shard size: exit 0 with the old folders
-(issue 23, item 4). The recipe is everything that decides the bytes of the output:
+rerun asked for another ``--dtype``, ``--base``, keymap or shard size: exit 0 with the old folders.
+The recipe is everything that decides the bytes of the output:
 
 * the checkpoint's sha256;
 * the base folder (its real path, and the size and modification time of each of its files), the
@@ -22,16 +22,24 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .read.folder_files import list_model_files
 
 RECIPE_KEY = "recipe"
 RECIPE_VERSION = 1
 
-__all__ = ["RECIPE_KEY", "RECIPE_VERSION", "build_recipe", "file_identity", "folder_identity", "keymap_identity",
-           "differences"]
+__all__ = [
+    "RECIPE_KEY",
+    "RECIPE_VERSION",
+    "build_recipe",
+    "file_identity",
+    "folder_identity",
+    "keymap_identity",
+    "differences",
+]
 
 
 def _real(path: str | os.PathLike) -> str:
@@ -69,8 +77,9 @@ def keymap_identity(name: str, source: str | os.PathLike) -> dict[str, Any]:
     return {"name": name, "sha256": digest}
 
 
-def build_recipe(options: Any, *, checkpoint_sha256: str | None, base: str | os.PathLike,
-                 keymap: Mapping[str, Any]) -> dict[str, Any]:
+def build_recipe(
+    options: Any, *, checkpoint_sha256: str | None, base: str | os.PathLike, keymap: Mapping[str, Any]
+) -> dict[str, Any]:
     """The recipe of one conversion: ``options`` is a ``ConvertOptions``; ``base`` the base folder used
     (for the raw-InternVL recipe, the raw folder); ``keymap`` a ``keymap_identity``."""
     return {
@@ -82,10 +91,13 @@ def build_recipe(options: Any, *, checkpoint_sha256: str | None, base: str | os.
         "code_from": folder_identity(options.code_from),
         "keymap": dict(keymap),
         "options": {
-            "dtype": options.dtype, "max_shard_bytes": int(options.max_shard_bytes),
+            "dtype": options.dtype,
+            "max_shard_bytes": int(options.max_shard_bytes),
             "lora_alpha": None if options.lora_alpha is None else float(options.lora_alpha),
-            "rslora": options.rslora, "override_lora_config": bool(options.override_lora_config),
-            "allow_unused": list(options.allow_unused), "template": options.template,
+            "rslora": options.rslora,
+            "override_lora_config": bool(options.override_lora_config),
+            "allow_unused": list(options.allow_unused),
+            "template": options.template,
             "merge_device": options.merge_device,
         },
     }
@@ -101,8 +113,10 @@ def _folder_changes(what: str, old: Any, new: Any) -> list[str]:
     if old == new:
         return []
     if not isinstance(old, dict) or not isinstance(new, dict):
-        return [f"{what} {_short((old or {}).get('path') if isinstance(old, dict) else old)} -> "
-                f"{_short((new or {}).get('path') if isinstance(new, dict) else new)}"]
+        return [
+            f"{what} {_short((old or {}).get('path') if isinstance(old, dict) else old)} -> "
+            f"{_short((new or {}).get('path') if isinstance(new, dict) else new)}"
+        ]
     if old.get("path") != new.get("path"):
         return [f"{what} {old.get('path')} -> {new.get('path')}"]
     if "files" in old or "files" in new:
@@ -119,17 +133,25 @@ def differences(recorded: Any, current: Mapping[str, Any]) -> list[str]:
         return ["its inputs and options were not recorded (converted by an older sa2va-convert)"]
     out: list[str] = []
     if recorded.get("checkpoint_sha256") != current.get("checkpoint_sha256"):
-        out.append(f"checkpoint bytes changed (sha256 {_short(recorded.get('checkpoint_sha256'))} -> "
-                   f"{_short(current.get('checkpoint_sha256'))})")
-    for key, what in (("base", "base"), ("code_from", "--code-from"), ("pretrained", "--pretrained"),
-                      ("sam2", "--sam2")):
+        out.append(
+            f"checkpoint bytes changed (sha256 {_short(recorded.get('checkpoint_sha256'))} -> "
+            f"{_short(current.get('checkpoint_sha256'))})"
+        )
+    for key, what in (
+        ("base", "base"),
+        ("code_from", "--code-from"),
+        ("pretrained", "--pretrained"),
+        ("sam2", "--sam2"),
+    ):
         out += _folder_changes(what, recorded.get(key), current.get(key))
     old_km, new_km = recorded.get("keymap") or {}, current.get("keymap") or {}
     if old_km.get("name") != new_km.get("name"):
         out.append(f"keymap {old_km.get('name')} -> {new_km.get('name')}")
     elif old_km.get("sha256") != new_km.get("sha256"):
-        out.append(f"keymap {new_km.get('name')}'s rules changed since (sha256 {_short(old_km.get('sha256'))} -> "
-                   f"{_short(new_km.get('sha256'))})")
+        out.append(
+            f"keymap {new_km.get('name')}'s rules changed since (sha256 {_short(old_km.get('sha256'))} -> "
+            f"{_short(new_km.get('sha256'))})"
+        )
     old_opt, new_opt = recorded.get("options") or {}, current.get("options") or {}
     for key in sorted(set(old_opt) | set(new_opt)):
         if old_opt.get(key) != new_opt.get(key):

@@ -4,7 +4,7 @@ Ctrl-C or SIGTERM can land between any two bytecodes. Each handler used to say w
 the code implied ("interrupted while converting; nothing was published"), and several were reached after
 OUT had been published: in the ~100-250 ms between publishing and exit (the end of a ``--no-verify``
 conversion, where a CI timeout lands) 7 of 9 interrupts said "nothing published / run the same command
-again" while a complete new OUT was in place, and the rerun then failed with exit 6 (issue 23, item 6).
+again" while a complete new OUT was in place, and the rerun then failed with exit 6.
 
 Now there is one record, written at the moment it becomes true:
 
@@ -25,15 +25,29 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import Interrupted
 
-__all__ = ["note_target", "mark_published", "set_roundtrip", "published", "started", "interrupted",
-           "interrupts_deferred", "hold", "release", "install_handlers", "finishing", "reset", "on_signal"]
+__all__ = [
+    "note_target",
+    "mark_published",
+    "set_roundtrip",
+    "published",
+    "started",
+    "interrupted",
+    "interrupts_deferred",
+    "hold",
+    "release",
+    "install_handlers",
+    "finishing",
+    "reset",
+    "on_signal",
+]
 
 RoundTrip = str  # "off" | "pending" | "running" | "passed" | "failed"
 
@@ -103,19 +117,27 @@ def _one(t: Target) -> tuple[str, str]:
     out = t.out
     verify = f"run `sa2va-convert verify {out}`"
     if t.roundtrip == "passed":
-        return (f"interrupted after {out} was published and verified: it is complete",
-                "nothing to redo")
+        return (f"interrupted after {out} was published and verified: it is complete", "nothing to redo")
     if t.roundtrip == "failed":
-        return (f"interrupted after the round trip of {out} failed: OUT is complete (written and checked) but "
-                "did not pass the round trip", f"{verify} to see why")
+        return (
+            f"interrupted after the round trip of {out} failed: OUT is complete (written and checked) but "
+            "did not pass the round trip",
+            f"{verify} to see why",
+        )
     if t.roundtrip == "running":
-        return ("interrupted during the round trip: OUT is complete (written and checked) but not verified",
-                f"{verify} to finish the check")
+        return (
+            "interrupted during the round trip: OUT is complete (written and checked) but not verified",
+            f"{verify} to finish the check",
+        )
     if t.roundtrip == "pending":
-        return ("interrupted after OUT was published: it is complete (written and checked) but not verified",
-                f"{verify} to finish the check")
-    return ("interrupted after OUT was published: it is complete (written and checked)",
-            f"nothing to redo; {verify} to check it again (rerunning the conversion would need --force)")
+        return (
+            "interrupted after OUT was published: it is complete (written and checked) but not verified",
+            f"{verify} to finish the check",
+        )
+    return (
+        "interrupted after OUT was published: it is complete (written and checked)",
+        f"nothing to redo; {verify} to check it again (rerunning the conversion would need --force)",
+    )
 
 
 def interrupted(out: str | os.PathLike | None = None, *, during: str = "", otherwise: str = "") -> Interrupted:
@@ -133,18 +155,24 @@ def interrupted(out: str | os.PathLike | None = None, *, during: str = "", other
         return Interrupted(message, path=done[0].out, hint=hint)
     if out is None and done:
         names = ", ".join(str(t.out) for t in done)
-        return Interrupted(f"interrupted{during}; published complete before the interrupt: {names}; nothing else "
-                           "was published", path=done[-1].out, hint="run the same command again (finished "
-                                                                    "folders are skipped)")
+        return Interrupted(
+            f"interrupted{during}; published complete before the interrupt: {names}; nothing else was published",
+            path=done[-1].out,
+            hint="run the same command again (finished folders are skipped)",
+        )
     target = _targets.get(_key(out)) if out is not None else None
     if target is None and out is None and len(_targets) == 1:
         target = next(iter(_targets.values()))
     if target is not None:
         state = "left as it was" if target.existed else "not created"
-        return Interrupted(f"interrupted{during}; nothing was published: OUT was {state} and no partial folder is "
-                           "left", path=target.out, hint="run the same command again")
-    return Interrupted(f"interrupted{during}" + (f"; {otherwise}" if otherwise else ""), path=out,
-                       hint="run the same command again")
+        return Interrupted(
+            f"interrupted{during}; nothing was published: OUT was {state} and no partial folder is left",
+            path=target.out,
+            hint="run the same command again",
+        )
+    return Interrupted(
+        f"interrupted{during}" + (f"; {otherwise}" if otherwise else ""), path=out, hint="run the same command again"
+    )
 
 
 # ---------------------------------------------------------------- the signals
@@ -222,7 +250,7 @@ def _ours() -> bool:
         return False
 
 
-_masks: list[object] = []  # pthread_sigmask states saved by hold(), when our handlers are not installed
+_masks: list[Iterable[int] | None] = []  # pthread_sigmask states saved by hold(), when our handlers are not installed
 
 
 def hold() -> None:

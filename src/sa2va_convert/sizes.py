@@ -26,8 +26,10 @@ def parse_size(text: str | int, *, what: str = "size") -> int:
         try:
             value = int(stripped) if stripped.isdigit() else int(convert_file_size_to_int(stripped))
         except (ValueError, TypeError):
-            raise UsageError(f"{what} {text!r} is not a size like 5GB, 500MB or 2GiB",
-                             hint="write a number with one of B, KB, MB, GB, KiB, MiB, GiB (or bytes alone)") from None
+            raise UsageError(
+                f"{what} {text!r} is not a size like 5GB, 500MB or 2GiB",
+                hint="write a number with one of B, KB, MB, GB, KiB, MiB, GiB (or bytes alone)",
+            ) from None
     if value <= 0:
         raise UsageError(f"{what} {text!r} must be more than 0 bytes", hint="give a positive size such as 5GB")
     return value

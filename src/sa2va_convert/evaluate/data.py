@@ -48,8 +48,11 @@ def _files(folder: Path, exts: tuple[str, ...]) -> dict[str, Path]:
         if p.name.startswith(".") or not p.is_file() or p.suffix.lower() not in exts:
             continue
         if p.stem in out:
-            raise InputError(f"two files share the stem {p.stem!r} ({out[p.stem].name}, {p.name})", path=p,
-                             hint="keep one file per stem: images and masks are paired by stem")
+            raise InputError(
+                f"two files share the stem {p.stem!r} ({out[p.stem].name}, {p.name})",
+                path=p,
+                hint="keep one file per stem: images and masks are paired by stem",
+            )
         out[p.stem] = p
     return out
 
@@ -58,34 +61,51 @@ def _from_folder(root: Path, prompt: str | None) -> list[Sample]:
     images_dir, masks_dir = root / "images", root / "masks"
     for d in (images_dir, masks_dir):
         if not d.is_dir():
-            raise InputError(f"no {d.name}/ folder", path=root,
-                             hint="--data takes a folder with images/ and masks/ (paired by file stem), or a "
-                                  ".jsonl/.csv manifest")
+            raise InputError(
+                f"no {d.name}/ folder",
+                path=root,
+                hint="--data takes a folder with images/ and masks/ (paired by file stem), or a .jsonl/.csv manifest",
+            )
     images, masks = _files(images_dir, IMAGE_EXTS), _files(masks_dir, MASK_EXTS)
     if not images:
-        raise InputError(f"no images in {images_dir.name}/ (looked for {', '.join(IMAGE_EXTS)})", path=images_dir,
-                         hint="put the evaluation images there")
+        raise InputError(
+            f"no images in {images_dir.name}/ (looked for {', '.join(IMAGE_EXTS)})",
+            path=images_dir,
+            hint="put the evaluation images there",
+        )
     for stem, img in images.items():
         if stem not in masks:
-            raise InputError(f"image has no mask (expected masks/{stem}.png or .npy)", path=img,
-                             hint="add its ground-truth mask, or move the image out of images/")
+            raise InputError(
+                f"image has no mask (expected masks/{stem}.png or .npy)",
+                path=img,
+                hint="add its ground-truth mask, or move the image out of images/",
+            )
     for stem, m in masks.items():
         if stem not in images:
-            raise InputError(f"mask has no image (expected images/{stem}.png, .jpg, ...)", path=m,
-                             hint="add the image, or move the mask out of masks/")
+            raise InputError(
+                f"mask has no image (expected images/{stem}.png, .jpg, ...)",
+                path=m,
+                hint="add the image, or move the mask out of masks/",
+            )
     text = _wrapped(prompt, where=root)
     return [Sample(stem, images[stem].resolve(), masks[stem].resolve(), text) for stem in sorted(images)]
 
 
 def _wrapped(prompt: str | None, *, where: Path | str, row: str | None = None) -> str:
     if prompt is None:
-        raise InputError(f"no prompt for {row}" if row else "no prompt", path=where,
-                         hint="pass --prompt 'blood vessel' (what to segment), or give each manifest row a prompt")
+        raise InputError(
+            f"no prompt for {row}" if row else "no prompt",
+            path=where,
+            hint="pass --prompt 'blood vessel' (what to segment), or give each manifest row a prompt",
+        )
     try:
         return wrap_prompt(prompt)
     except InputError:
-        raise InputError("the prompt is empty" + (f" ({row})" if row else ""), path=where,
-                         hint='say what to segment, e.g. --prompt "blood vessel"') from None
+        raise InputError(
+            "the prompt is empty" + (f" ({row})" if row else ""),
+            path=where,
+            hint='say what to segment, e.g. --prompt "blood vessel"',
+        ) from None
 
 
 def _manifest_rows(path: Path) -> list[tuple[str, dict]]:
@@ -100,19 +120,28 @@ def _manifest_rows(path: Path) -> list[tuple[str, dict]]:
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise InputError(f"line {n} is not JSON ({e.msg})", path=f"{path}:{n}",
-                                         hint='one object per line: {"image": ..., "mask": ..., "prompt": ...}') from None
+                        raise InputError(
+                            f"line {n} is not JSON ({e.msg})",
+                            path=f"{path}:{n}",
+                            hint='one object per line: {"image": ..., "mask": ..., "prompt": ...}',
+                        ) from None
                     if not isinstance(row, dict):
-                        raise InputError(f"line {n} is not a JSON object", path=f"{path}:{n}",
-                                         hint='one object per line: {"image": ..., "mask": ..., "prompt": ...}')
+                        raise InputError(
+                            f"line {n} is not a JSON object",
+                            path=f"{path}:{n}",
+                            hint='one object per line: {"image": ..., "mask": ..., "prompt": ...}',
+                        )
                     rows.append((f"{path}:{n}", row))
         else:
             with open(path, encoding="utf-8", newline="") as f:
                 reader = csv.DictReader(f)
                 missing = {"image", "mask"} - set(reader.fieldnames or [])
                 if missing:
-                    raise InputError(f"the CSV header lacks {', '.join(sorted(missing))}", path=path,
-                                     hint="first line: image,mask,prompt (prompt optional)")
+                    raise InputError(
+                        f"the CSV header lacks {', '.join(sorted(missing))}",
+                        path=path,
+                        hint="first line: image,mask,prompt (prompt optional)",
+                    )
                 for n, row in enumerate(reader, 2):
                     rows.append((f"{path}:{n}", row))
     except UnicodeDecodeError:
@@ -131,21 +160,30 @@ def _from_manifest(path: Path, prompt: str | None) -> list[Sample]:
                 raise InputError(f"row has no {key!r}", path=where, hint="every row needs image and mask paths")
         image, mask = (path.parent / str(row["image"]).strip()), (path.parent / str(row["mask"]).strip())
         if not image.is_file():
-            raise InputError(f"image not found: {image}", path=where,
-                             hint="paths in a manifest are relative to the manifest's folder")
+            raise InputError(
+                f"image not found: {image}",
+                path=where,
+                hint="paths in a manifest are relative to the manifest's folder",
+            )
         if not mask.is_file():
-            raise InputError(f"mask not found: {mask}", path=where,
-                             hint="paths in a manifest are relative to the manifest's folder")
+            raise InputError(
+                f"mask not found: {mask}", path=where, hint="paths in a manifest are relative to the manifest's folder"
+            )
         own = row.get("prompt")
         if own is not None and not isinstance(own, str):
-            raise InputError(f"prompt is a {type(own).__name__}, not text", path=where, hint="write the prompt as a string")
+            raise InputError(
+                f"prompt is a {type(own).__name__}, not text", path=where, hint="write the prompt as a string"
+            )
         if own is not None and not own.strip() and path.suffix.lower() == ".csv":
             own = None  # an empty CSV cell is an absent prompt: --prompt applies
         text = _wrapped(prompt if own is None else own, where=where, row=image.name)
         stem = image.stem
         if stem in stems:
-            raise InputError(f"two rows have images named {stem!r} (also {stems[stem]})", path=where,
-                             hint="give the images distinct file names: predictions are saved as <stem>.png")
+            raise InputError(
+                f"two rows have images named {stem!r} (also {stems[stem]})",
+                path=where,
+                hint="give the images distinct file names: predictions are saved as <stem>.png",
+            )
         stems[stem] = where
         samples.append(Sample(stem, image.resolve(), mask.resolve(), text))
     if not samples:
@@ -161,8 +199,11 @@ def image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             return im.size
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputError(f"cannot read the image ({type(e).__name__}: {e})", path=path,
-                         hint="replace it with a readable PNG/JPEG, or remove it from the set") from None
+        raise InputError(
+            f"cannot read the image ({type(e).__name__}: {e})",
+            path=path,
+            hint="replace it with a readable PNG/JPEG, or remove it from the set",
+        ) from None
 
 
 def mask_size(path: Path) -> tuple[int, int]:
@@ -171,22 +212,32 @@ def mask_size(path: Path) -> tuple[int, int]:
         try:
             return image_size(path)
         except InputError as e:
-            raise InputError(e.message.replace("the image", "the mask"), path=path,
-                             hint="replace it with a readable PNG (any non-zero pixel is foreground) or .npy") from None
+            raise InputError(
+                e.message.replace("the image", "the mask"),
+                path=path,
+                hint="replace it with a readable PNG (any non-zero pixel is foreground) or .npy",
+            ) from None
     import numpy as np
 
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot read the mask ({type(e).__name__}: {e})", path=path,
-                         hint="save it with numpy.save as a bool or uint8 (H, W) array") from None
+        raise InputError(
+            f"cannot read the mask ({type(e).__name__}: {e})",
+            path=path,
+            hint="save it with numpy.save as a bool or uint8 (H, W) array",
+        ) from None
     if arr.dtype.kind not in "biu":
-        raise InputError(f"mask dtype is {arr.dtype}, not bool or integer", path=path,
-                         hint="save it as bool or uint8 (non-zero = foreground)")
+        raise InputError(
+            f"mask dtype is {arr.dtype}, not bool or integer",
+            path=path,
+            hint="save it as bool or uint8 (non-zero = foreground)",
+        )
     shape = arr.shape[1:] if arr.ndim == 3 and arr.shape[0] == 1 else arr.shape
     if len(shape) != 2:
-        raise InputError(f"mask has shape {list(arr.shape)}, not (H, W)", path=path,
-                         hint="save one (H, W) mask per image")
+        raise InputError(
+            f"mask has shape {list(arr.shape)}, not (H, W)", path=path, hint="save one (H, W) mask per image"
+        )
     return int(shape[1]), int(shape[0])
 
 
@@ -195,12 +246,16 @@ def check_sample(s: Sample) -> None:
     iw, ih = image_size(s.image)
     mw, mh = mask_size(s.mask)
     if (iw, ih) != (mw, mh):
-        raise InputError(f"mask is {mw}x{mh} but its image {s.image.name} is {iw}x{ih} (W x H)", path=s.mask,
-                         hint="masks must have their image's size: resize with nearest-neighbour, or fix the pairing")
+        raise InputError(
+            f"mask is {mw}x{mh} but its image {s.image.name} is {iw}x{ih} (W x H)",
+            path=s.mask,
+            hint="masks must have their image's size: resize with nearest-neighbour, or fix the pairing",
+        )
 
 
-def load_dataset(data: str | os.PathLike, prompt: str | None = None, *, limit: int | None = None,
-                 check: bool = True) -> list[Sample]:
+def load_dataset(
+    data: str | os.PathLike, prompt: str | None = None, *, limit: int | None = None, check: bool = True
+) -> list[Sample]:
     """The samples of ``data`` (folder or manifest) in a stable order (sorted by stem for a
     folder, file order for a manifest), the first ``limit`` of them, each checked (headers only)."""
     path = Path(data)
@@ -209,15 +264,19 @@ def load_dataset(data: str | os.PathLike, prompt: str | None = None, *, limit: i
     if prompt is not None and not prompt.strip():
         raise InputError("the prompt is empty", path=path, hint='say what to segment, e.g. --prompt "blood vessel"')
     if not path.exists():
-        raise InputError("data not found", path=path,
-                         hint="--data takes a folder with images/ and masks/, or a .jsonl/.csv manifest")
+        raise InputError(
+            "data not found", path=path, hint="--data takes a folder with images/ and masks/, or a .jsonl/.csv manifest"
+        )
     if path.is_dir():
         samples = _from_folder(path, prompt)
     elif path.suffix.lower() in MANIFEST_EXTS:
         samples = _from_manifest(path, prompt)
     else:
-        raise InputError(f"not a data folder or manifest ({path.suffix or 'no extension'})", path=path,
-                         hint="--data takes a folder with images/ and masks/, or a .jsonl/.csv manifest")
+        raise InputError(
+            f"not a data folder or manifest ({path.suffix or 'no extension'})",
+            path=path,
+            hint="--data takes a folder with images/ and masks/, or a .jsonl/.csv manifest",
+        )
     if limit is not None:
         samples = samples[:limit]
     if check:

@@ -11,8 +11,9 @@ image whose object is present scores Dice 0, precision 0, recall 0 -- it is neve
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -39,8 +40,12 @@ def counts(pred: np.ndarray, truth: np.ndarray) -> dict[str, int]:
     pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
     if pred.shape != truth.shape:
         raise ValueError(f"prediction {pred.shape} and ground truth {truth.shape} differ in shape")
-    return {"intersection": int(np.count_nonzero(pred & truth)), "union": int(np.count_nonzero(pred | truth)),
-            "pred_area": int(np.count_nonzero(pred)), "true_area": int(np.count_nonzero(truth))}
+    return {
+        "intersection": int(np.count_nonzero(pred & truth)),
+        "union": int(np.count_nonzero(pred | truth)),
+        "pred_area": int(np.count_nonzero(pred)),
+        "true_area": int(np.count_nonzero(truth)),
+    }
 
 
 @dataclass
@@ -85,11 +90,19 @@ def summarise(model: str, folder: str, iteration: int | None, rows: Iterable[dic
         return float(np.mean([p[key] for p in per])) if per else None
 
     return ModelSummary(
-        model=model, folder=folder, iteration=iteration, images=n, failures=failures, no_seg=no_seg,
-        mean_dice=mean("dice"), giou=mean("iou"),
+        model=model,
+        folder=folder,
+        iteration=iteration,
+        images=n,
+        failures=failures,
+        no_seg=no_seg,
+        mean_dice=mean("dice"),
+        giou=mean("iou"),
         ciou=(inter / union if union else (1.0 if n else None)),
-        mean_precision=mean("precision"), mean_recall=mean("recall"),
-        no_seg_rate=(no_seg / n if n else None), seconds=round(seconds, 3),
+        mean_precision=mean("precision"),
+        mean_recall=mean("recall"),
+        no_seg_rate=(no_seg / n if n else None),
+        seconds=round(seconds, 3),
         images_per_s=(n / seconds if seconds > 0 else None),
     )
 

@@ -18,15 +18,37 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..errors import OutputError
 from .metrics import ModelSummary, scores
 
-CSV_COLUMNS = ("model", "iteration", "stem", "status", "dice", "iou", "precision", "recall", "intersection", "union",
-               "pred_area", "true_area", "seg_count", "n_masks", "height", "width", "seconds", "image", "mask",
-               "prediction_file", "answer", "error")
+CSV_COLUMNS = (
+    "model",
+    "iteration",
+    "stem",
+    "status",
+    "dice",
+    "iou",
+    "precision",
+    "recall",
+    "intersection",
+    "union",
+    "pred_area",
+    "true_area",
+    "seg_count",
+    "n_masks",
+    "height",
+    "width",
+    "seconds",
+    "image",
+    "mask",
+    "prediction_file",
+    "answer",
+    "error",
+)
 METRICS = "metrics.csv"
 SUMMARY = "summary.json"
 PLOT = "report.png"
@@ -47,8 +69,9 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.unlink(tmp)
         except OSError:
             pass
-        raise OutputError(f"cannot write {path.name} ({e.strerror or e})", path=path,
-                          hint="choose a writable --out with free space") from None
+        raise OutputError(
+            f"cannot write {path.name} ({e.strerror or e})", path=path, hint="choose a writable --out with free space"
+        ) from None
 
 
 def full_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -77,20 +100,25 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         with open(path, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
             if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
-                raise OutputError("metrics.csv was not written by this version of sa2va-convert eval", path=path,
-                                  hint="choose another --out, or pass --force to start over")
+                raise OutputError(
+                    "metrics.csv was not written by this version of sa2va-convert eval",
+                    path=path,
+                    hint="choose another --out, or pass --force to start over",
+                )
             return [dict(r) for r in reader]
     except (OSError, UnicodeDecodeError) as e:
-        raise OutputError(f"cannot read metrics.csv to resume ({e})", path=path,
-                          hint="pass --force to start over") from None
+        raise OutputError(
+            f"cannot read metrics.csv to resume ({e})", path=path, hint="pass --force to start over"
+        ) from None
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
     write_atomic(path, (json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8"))
 
 
-def plot_report(path: Path, summaries: list[ModelSummary], dice_by_model: dict[str, list[float]],
-                best: str | None) -> None:
+def plot_report(
+    path: Path, summaries: list[ModelSummary], dice_by_model: dict[str, list[float]], best: str | None
+) -> None:
     """Mean Dice per model (a line over the iteration when every model is an iter_N, bars
     otherwise) beside the per-image Dice distribution of each model (box + every image as a dot)."""
     import matplotlib
@@ -109,18 +137,35 @@ def plot_report(path: Path, summaries: list[ModelSummary], dice_by_model: dict[s
         ax1.set_xlabel("training iteration")
         for s in summaries:
             if s.model == best:
-                ax1.scatter([s.iteration], [s.mean_dice], s=140, facecolors="none", edgecolors="#d62728", zorder=3,
-                            label=f"best: {s.model}")
+                ax1.scatter(
+                    [s.iteration],
+                    [s.mean_dice],
+                    s=140,
+                    facecolors="none",
+                    edgecolors="#d62728",
+                    zorder=3,
+                    label=f"best: {s.model}",
+                )
         if best:
             ax1.legend(loc="lower right", fontsize=8)
     else:
         colours = ["#d62728" if n == best else "#1f77b4" for n in names]
         bars = ax1.bar(range(len(names)), np.nan_to_num(means), color=colours)
-        ax1.set_xticks(range(len(names)), names, rotation=30 if len(names) > 3 else 0, ha="right" if len(names) > 3
-                       else "center", fontsize=8)
-        for b, v in zip(bars, means):
-            ax1.text(b.get_x() + b.get_width() / 2, (0 if np.isnan(v) else v) + 0.02,
-                     "n/a" if np.isnan(v) else f"{v:.3f}", ha="center", fontsize=8)
+        ax1.set_xticks(
+            range(len(names)),
+            names,
+            rotation=30 if len(names) > 3 else 0,
+            ha="right" if len(names) > 3 else "center",
+            fontsize=8,
+        )
+        for b, v in zip(bars, means, strict=True):
+            ax1.text(
+                b.get_x() + b.get_width() / 2,
+                (0 if np.isnan(v) else v) + 0.02,
+                "n/a" if np.isnan(v) else f"{v:.3f}",
+                ha="center",
+                fontsize=8,
+            )
     ax1.set_ylim(0, 1.08)
     ax1.set_ylabel("mean Dice")
     ax1.set_title("mean Dice per model" + (" (red: best)" if best and not by_iter else ""))
@@ -129,8 +174,13 @@ def plot_report(path: Path, summaries: list[ModelSummary], dice_by_model: dict[s
     rng = np.random.RandomState(0)
     for i, d in enumerate(data, 1):
         ax2.scatter(i + rng.uniform(-0.12, 0.12, len(d)), d, s=10, alpha=0.6, color="#333333", zorder=3)
-    ax2.set_xticks(range(1, len(names) + 1), names, rotation=30 if len(names) > 3 else 0,
-                   ha="right" if len(names) > 3 else "center", fontsize=8)
+    ax2.set_xticks(
+        range(1, len(names) + 1),
+        names,
+        rotation=30 if len(names) > 3 else 0,
+        ha="right" if len(names) > 3 else "center",
+        fontsize=8,
+    )
     ax2.set_ylim(-0.04, 1.04)
     ax2.set_ylabel("Dice per image")
     n_images = max((len(d) for d in dice_by_model.values()), default=0)
@@ -142,5 +192,15 @@ def plot_report(path: Path, summaries: list[ModelSummary], dice_by_model: dict[s
     write_atomic(path, buf.getvalue())
 
 
-__all__ = ["write_atomic", "write_metrics", "read_metrics", "write_summary", "plot_report", "full_row",
-           "CSV_COLUMNS", "METRICS", "SUMMARY", "PLOT"]
+__all__ = [
+    "write_atomic",
+    "write_metrics",
+    "read_metrics",
+    "write_summary",
+    "plot_report",
+    "full_row",
+    "CSV_COLUMNS",
+    "METRICS",
+    "SUMMARY",
+    "PLOT",
+]

@@ -26,10 +26,11 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from ..errors import ConvertError, EvalFailuresError, InputError, OutputError, UsageError
 from ..verify.roundtrip import (
@@ -80,14 +81,22 @@ def resolve_models(paths: list[str | os.PathLike]) -> list[ModelSpec]:
             found.append((p.resolve(), name, _iteration(name)))
             continue
         if not p.is_dir():
-            raise InputError("model folder not found" if not p.exists() else "not a model folder", path=p,
-                             hint="pass a converted HuggingFace folder (with config.json), or a folder of iter_N ones")
-        iters = sorted(((int(_ITER.match(c.name).group(1)), c) for c in p.iterdir()  # type: ignore[union-attr]
-                        if c.is_dir() and _ITER.match(c.name) and (c / "config.json").is_file()))
+            raise InputError(
+                "model folder not found" if not p.exists() else "not a model folder",
+                path=p,
+                hint="pass a converted HuggingFace folder (with config.json), or a folder of iter_N ones",
+            )
+        iters = sorted(
+            (int(m.group(1)), c)
+            for c in p.iterdir()
+            if c.is_dir() and (m := _ITER.match(c.name)) and (c / "config.json").is_file()
+        )
         if not iters:
-            raise InputError("not a model folder (no config.json) and no iter_N model folders inside", path=p,
-                             hint="pass a converted folder (sa2va-convert CKPT OUT writes one), or the OUT of "
-                                  "convert --all")
+            raise InputError(
+                "not a model folder (no config.json) and no iter_N model folders inside",
+                path=p,
+                hint="pass a converted folder (sa2va-convert CKPT OUT writes one), or the OUT of convert --all",
+            )
         found.extend((c.resolve(), c.name, n) for n, c in iters)
     specs: list[ModelSpec] = []
     used: set[str] = set()
@@ -113,7 +122,7 @@ class Dist:
     group: bool = False
 
     @classmethod
-    def from_env(cls) -> "Dist":
+    def from_env(cls) -> Dist:
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if world <= 1:
             return cls()
@@ -163,7 +172,9 @@ class Dist:
             return
         before = os.environ.get("CUDA_VISIBLE_DEVICES")
         visible = [v for v in (before or "").split(",") if v.strip()]
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible[self.local_rank % len(visible)] if visible else str(self.local_rank)
+        os.environ["CUDA_VISIBLE_DEVICES"] = (
+            visible[self.local_rank % len(visible)] if visible else str(self.local_rank)
+        )
         try:
             yield device
         finally:
@@ -195,17 +206,28 @@ class EvalReport:
 
     def to_dict(self) -> dict[str, Any]:
         # schema_version as in every --json document (cli_common.SCHEMA_VERSION): summary.json is one too
-        return {"schema_version": 1, "ok": not self.failures, "out": self.out, "data": self.data,
-                "images": self.images,
-                "models": [m.to_dict() for m in self.models], "best": self.best, "failures": self.failures,
-                "resumed": self.resumed, "evaluated": self.evaluated, "world_size": self.world_size,
-                "wall_seconds": round(self.wall_seconds, 3), "files": self.files, "notes": self.notes,
-                "definitions": DEFINITIONS}
+        return {
+            "schema_version": 1,
+            "ok": not self.failures,
+            "out": self.out,
+            "data": self.data,
+            "images": self.images,
+            "models": [m.to_dict() for m in self.models],
+            "best": self.best,
+            "failures": self.failures,
+            "resumed": self.resumed,
+            "evaluated": self.evaluated,
+            "world_size": self.world_size,
+            "wall_seconds": round(self.wall_seconds, 3),
+            "files": self.files,
+            "notes": self.notes,
+            "definitions": DEFINITIONS,
+        }
 
 
 DEFINITIONS = {
     "dice": "2|P∩T| / (|P|+|T|) per image, P = union of the masks of every [SEG] in the answer, T = ground truth "
-            "(any non-zero pixel); 1.0 when both are empty, 0.0 when only one is",
+    "(any non-zero pixel); 1.0 when both are empty, 0.0 when only one is",
     "mean_dice": "mean of the per-image Dice over the evaluated images (failed images are not scored; see failures)",
     "giou": "mean of the per-image IoU |P∩T| / |P∪T|",
     "ciou": "cumulative IoU: Σ|P∩T| / Σ|P∪T| over all images (upstream's RefCOCO definition; big objects weigh more)",
@@ -219,8 +241,11 @@ def _check_out(out: Path, *, resume: bool, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise OutputError("exists and is not a folder", path=out, hint="choose another --out")
     if out.is_dir() and any((out / n).exists() for n in OURS) and not (resume or force):
-        raise OutputError("already holds an eval report", path=out,
-                          hint="pass --resume to continue it, --force to start over, or choose another --out")
+        raise OutputError(
+            "already holds an eval report",
+            path=out,
+            hint="pass --resume to continue it, --force to start over, or choose another --out",
+        )
 
 
 def _clean_out(out: Path, *, resume: bool, force: bool) -> None:
@@ -241,7 +266,7 @@ def _clean_out(out: Path, *, resume: bool, force: bool) -> None:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Complete lines of a streamed results file (a line cut by a crash is ignored)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     if not path.is_file():
         return rows
     with open(path, encoding="utf-8") as f:
@@ -268,10 +293,17 @@ def _finished_rows(out: Path, specs: list[ModelSpec], samples: list[Sample]) -> 
                 if r.get("stem") in by_stem:
                     rows.append(_complete(r, spec, by_stem[r["stem"]], out))
     for r in rows:
-        key = (r.get("model"), r.get("stem"))
-        if key[0] in names and key[1] in by_stem and r.get("status") in ("ok", "no_seg") and r.get("prediction_file") \
-                and Path(r["prediction_file"]).is_file():
-            done[key] = r  # type: ignore[index]
+        model, stem = r.get("model"), r.get("stem")
+        if (
+            isinstance(model, str)
+            and isinstance(stem, str)
+            and model in names
+            and stem in by_stem
+            and r.get("status") in ("ok", "no_seg")
+            and r.get("prediction_file")
+            and Path(r["prediction_file"]).is_file()
+        ):
+            done[(model, stem)] = r
     return done
 
 
@@ -283,8 +315,11 @@ def _rank_results(folder: Path, model: str) -> list[Path]:
         names = os.listdir(folder)
     except OSError:
         return []
-    return sorted(folder / n for n in names
-                  if n.startswith(prefix) and n.endswith(suffix) and n[len(prefix):-len(suffix)].isdigit())
+    return sorted(
+        folder / n
+        for n in names
+        if n.startswith(prefix) and n.endswith(suffix) and n[len(prefix) : -len(suffix)].isdigit()
+    )
 
 
 def _pred_path(out: Path, model: str, stem: str) -> Path:
@@ -294,17 +329,34 @@ def _pred_path(out: Path, model: str, stem: str) -> Path:
 def _complete(row: dict[str, Any], spec: ModelSpec, sample: Sample, out: Path) -> dict[str, Any]:
     """A child's result line with what the child does not repeat: model, paths, prompt answer."""
     r = dict(row)
-    r.update(model=spec.name, iteration=spec.iteration, stem=sample.stem, image=str(sample.image),
-             mask=str(sample.mask), answer=row.get("prediction", row.get("answer", "")))
+    r.update(
+        model=spec.name,
+        iteration=spec.iteration,
+        stem=sample.stem,
+        image=str(sample.image),
+        mask=str(sample.mask),
+        answer=row.get("prediction", row.get("answer", "")),
+    )
     if r.get("status") == "ok" and int(r.get("seg_count") or 0) == 0:
         r["status"] = "no_seg"  # an answer without [SEG]: an empty prediction, scored as such
     r["prediction_file"] = str(_pred_path(out, spec.name, sample.stem)) if r.get("status") != "failed" else ""
     return r
 
 
-def _run_model(spec: ModelSpec, share: list[Sample], *, out: Path, dist: Dist, exe: str, device: str,
-               dtype: str | None, max_new_tokens: int, overlays: bool, image_timeout: float,
-               on_stage: Callable[[str], None]) -> dict[str, Any]:
+def _run_model(
+    spec: ModelSpec,
+    share: list[Sample],
+    *,
+    out: Path,
+    dist: Dist,
+    exe: str,
+    device: str,
+    dtype: str | None,
+    max_new_tokens: int,
+    overlays: bool,
+    image_timeout: float,
+    on_stage: Callable[[str], None],
+) -> dict[str, Any]:
     """This rank's share of one model's images in one child; returns its rows and facts (or its error)."""
     if not share:
         return {"rows": [], "child": None}
@@ -316,8 +368,11 @@ def _run_model(spec: ModelSpec, share: list[Sample], *, out: Path, dist: Dist, e
         (out / "overlays" / spec.name).mkdir(parents=True, exist_ok=True)
     lines = []
     for s in share:
-        item = {**s.to_dict(), "pred_path": str(_pred_path(out, spec.name, s.stem)),
-                "overlay_path": str(out / "overlays" / spec.name / f"{s.stem}.png") if overlays else None}
+        item = {
+            **s.to_dict(),
+            "pred_path": str(_pred_path(out, spec.name, s.stem)),
+            "overlay_path": str(out / "overlays" / spec.name / f"{s.stem}.png") if overlays else None,
+        }
         lines.append(json.dumps(item))
     items.write_text("\n".join(lines) + "\n", encoding="utf-8")
     earlier = _read_jsonl(results)  # an interrupted run's lines; a line cut by the crash is dropped here
@@ -326,13 +381,23 @@ def _run_model(spec: ModelSpec, share: list[Sample], *, out: Path, dist: Dist, e
     check_fits(spec.folder, device, what="evaluation")
     timeout = image_timeout * (len(share) + 1)
     with dist.own_gpu(device) as child_device:
-        args = {"mode": "eval", "folder": str(spec.folder), "device": child_device, "dtype": dtype,
-                "max_new_tokens": int(max_new_tokens), "items": str(items), "results": str(results)}
+        args = {
+            "mode": "eval",
+            "folder": str(spec.folder),
+            "device": child_device,
+            "dtype": dtype,
+            "max_new_tokens": int(max_new_tokens),
+            "items": str(items),
+            "results": str(results),
+        }
         run = run_child(args, python=exe, timeout=timeout, on_stage=_throttled(spec.name, on_stage))
     report = report_from(run, spec.folder, exe)
     by_stem = {s.stem: s for s in share}
-    rows = [_complete(r, spec, by_stem[r["stem"]], out) for r in _read_jsonl(results)[start_line:]
-            if r.get("stem") in by_stem]
+    rows = [
+        _complete(r, spec, by_stem[r["stem"]], out)
+        for r in _read_jsonl(results)[start_line:]
+        if r.get("stem") in by_stem
+    ]
     if run.timed_out or not report.ok:
         err = child_failure(run, folder=spec.folder, python=exe, device=device, timeout=timeout, what="evaluation")
         err.hint = _eval_hint(err.hint)
@@ -342,9 +407,15 @@ def _run_model(spec: ModelSpec, share: list[Sample], *, out: Path, dist: Dist, e
     except ConvertError as e:
         return {"rows": rows, "error": e.to_dict(), "details": ""}
     raw = report.raw
-    return {"rows": rows, "child": {"device": report.device, "dtype": report.dtype,
-                                    "cuda_max_allocated_bytes": (raw.get("cuda_memory") or {}).get(
-                                        "max_allocated_bytes"), "warnings": report.warnings}}
+    return {
+        "rows": rows,
+        "child": {
+            "device": report.device,
+            "dtype": report.dtype,
+            "cuda_max_allocated_bytes": (raw.get("cuda_memory") or {}).get("max_allocated_bytes"),
+            "warnings": report.warnings,
+        },
+    }
 
 
 def _eval_hint(hint: str | None) -> str | None:
@@ -381,9 +452,10 @@ def _raise_from(d: dict[str, Any], details: str = "") -> None:
     from ..errors import VerifyEnvironmentError, VerifyError
 
     cls = {e.kind: e for e in (VerifyError, VerifyEnvironmentError, InputError, OutputError, UsageError)}.get(
-        d.get("kind"), VerifyError)
+        d.get("kind", ""), VerifyError
+    )
     err = cls(d["message"], path=d.get("path"), hint=d.get("hint"))
-    err.details = details  # type: ignore[attr-defined]
+    err.details = details
     raise err
 
 
@@ -416,8 +488,10 @@ def evaluate(
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}", hint="use --dtype bf16, fp16 or fp32 (default: the folder's)")
     if importlib.util.find_spec("matplotlib") is None:
-        raise UsageError("eval draws report.png with matplotlib, which is not installed",
-                         hint="pip install 'sa2va-convert[eval]' (or pip install matplotlib)")
+        raise UsageError(
+            "eval draws report.png with matplotlib, which is not installed",
+            hint="pip install 'sa2va-convert[eval]' (or pip install matplotlib)",
+        )
     specs = resolve_models(list(models))
     say(f"checking {data}")
     samples = load_dataset(data, prompt, limit=limit)
@@ -431,16 +505,43 @@ def evaluate(
             _clean_out(out, resume=resume, force=force)
         dist.broadcast(None)  # a barrier: nobody writes before rank 0 has cleaned
         (out / WORK).mkdir(parents=True, exist_ok=True)
-        return _evaluate(specs, samples, out=out, data=str(data), dist=dist, exe=exe, device=device, dtype=dtype,
-                         max_new_tokens=max_new_tokens, overlays=overlays, resume=resume,
-                         image_timeout=image_timeout, say=say, started=started)
+        return _evaluate(
+            specs,
+            samples,
+            out=out,
+            data=str(data),
+            dist=dist,
+            exe=exe,
+            device=device,
+            dtype=dtype,
+            max_new_tokens=max_new_tokens,
+            overlays=overlays,
+            resume=resume,
+            image_timeout=image_timeout,
+            say=say,
+            started=started,
+        )
     finally:
         dist.close()
 
 
-def _evaluate(specs: list[ModelSpec], samples: list[Sample], *, out: Path, data: str, dist: Dist, exe: str,
-              device: str, dtype: str | None, max_new_tokens: int, overlays: bool, resume: bool,
-              image_timeout: float, say: Callable[[str], None], started: float) -> EvalReport:
+def _evaluate(
+    specs: list[ModelSpec],
+    samples: list[Sample],
+    *,
+    out: Path,
+    data: str,
+    dist: Dist,
+    exe: str,
+    device: str,
+    dtype: str | None,
+    max_new_tokens: int,
+    overlays: bool,
+    resume: bool,
+    image_timeout: float,
+    say: Callable[[str], None],
+    started: float,
+) -> EvalReport:
     done = _finished_rows(out, specs, samples) if resume else {}
     # every rank must agree on what is left: rank 0's view of the finished rows decides
     done_keys = dist.broadcast(sorted(done)) if dist.world > 1 else sorted(done)
@@ -452,14 +553,27 @@ def _evaluate(specs: list[ModelSpec], samples: list[Sample], *, out: Path, data:
     evaluated = 0
     for spec in specs:
         todo = [s for s in samples if (spec.name, s.stem) not in done_set]
-        share = todo[dist.rank::dist.world]
+        share = todo[dist.rank :: dist.world]
         if todo:
-            say(f"{spec.name}: {len(todo)} image(s)" + (f" over {dist.world} ranks" if dist.world > 1 else "")
-                + (f" ({len(samples) - len(todo)} done earlier)" if len(todo) < len(samples) else ""))
+            say(
+                f"{spec.name}: {len(todo)} image(s)"
+                + (f" over {dist.world} ranks" if dist.world > 1 else "")
+                + (f" ({len(samples) - len(todo)} done earlier)" if len(todo) < len(samples) else "")
+            )
         try:
-            part = _run_model(spec, share, out=out, dist=dist, exe=exe, device=device, dtype=dtype,
-                              max_new_tokens=max_new_tokens, overlays=overlays, image_timeout=image_timeout,
-                              on_stage=say)
+            part = _run_model(
+                spec,
+                share,
+                out=out,
+                dist=dist,
+                exe=exe,
+                device=device,
+                dtype=dtype,
+                max_new_tokens=max_new_tokens,
+                overlays=overlays,
+                image_timeout=image_timeout,
+                on_stage=say,
+            )
         except ConvertError as e:  # e.g. not enough RAM: the other ranks must hear of it too
             e.hint = _eval_hint(e.hint)
             part = {"rows": [], "error": e.to_dict(), "details": ""}
@@ -481,11 +595,14 @@ def _evaluate(specs: list[ModelSpec], samples: list[Sample], *, out: Path, data:
             err = verdict["error"]
             kept = len(rows_by_model[spec.name]) if dist.rank == 0 else 0
             if kept:
-                say(f"{spec.name}: the model process failed; the {kept} image(s) it finished are kept in {METRICS} "
-                    "(--resume continues)")
+                say(
+                    f"{spec.name}: the model process failed; the {kept} image(s) it finished are kept in {METRICS} "
+                    "(--resume continues)"
+                )
             _raise_from(err, verdict.get("details") or "")
-    report = EvalReport(out=str(out), data=data, images=len(samples), world_size=dist.world,
-                        resumed=len(done), evaluated=evaluated)
+    report = EvalReport(
+        out=str(out), data=data, images=len(samples), world_size=dist.world, resumed=len(done), evaluated=evaluated
+    )
     if dist.rank != 0:
         report.wall_seconds = time.perf_counter() - started
         return report
@@ -497,14 +614,24 @@ def _evaluate(specs: list[ModelSpec], samples: list[Sample], *, out: Path, data:
         summary.device, summary.dtype = f.get("device"), f.get("dtype")
         summary.cuda_max_allocated_bytes = f.get("cuda_max_allocated_bytes")
         report.models.append(summary)
-        dice[spec.name] = [scores(int(r["intersection"]), int(r["union"]), int(r["pred_area"]),
-                                  int(r["true_area"]))["dice"] for r in rows if r["status"] != "failed"]
-        report.failures += [{"model": spec.name, "stem": r["stem"], "image": r["image"], "error": r.get("error", "")}
-                            for r in rows if r["status"] == "failed"]
+        dice[spec.name] = [
+            scores(int(r["intersection"]), int(r["union"]), int(r["pred_area"]), int(r["true_area"]))["dice"]
+            for r in rows
+            if r["status"] != "failed"
+        ]
+        report.failures += [
+            {"model": spec.name, "stem": r["stem"], "image": r["image"], "error": r.get("error", "")}
+            for r in rows
+            if r["status"] == "failed"
+        ]
     best = best_model(report.models)
     report.best = best.model if best else None
-    report.files = {"metrics": str(out / METRICS), "summary": str(out / SUMMARY), "plot": str(out / PLOT),
-                    "predictions": str(out / "predictions")}
+    report.files = {
+        "metrics": str(out / METRICS),
+        "summary": str(out / SUMMARY),
+        "plot": str(out / PLOT),
+        "predictions": str(out / "predictions"),
+    }
     if overlays:
         report.files["overlays"] = str(out / "overlays")
     if any(m.no_seg for m in report.models):
@@ -521,11 +648,13 @@ def check_failures(report: EvalReport) -> None:
     """Raise EvalFailuresError (exit 10) when some images failed; the report is already written."""
     if report.failures:
         first = report.failures[0]
-        err = EvalFailuresError(f"{len(report.failures)} image(s) failed, e.g. {first['model']}/{first['stem']}: "
-                                f"{first['error']}", path=first["image"],
-                                hint=f"see the failures in {Path(report.out) / SUMMARY}; fix or remove those images, "
-                                     "then --resume to retry them")
-        err.report = report  # type: ignore[attr-defined]
+        err = EvalFailuresError(
+            f"{len(report.failures)} image(s) failed, e.g. {first['model']}/{first['stem']}: {first['error']}",
+            path=first["image"],
+            hint=f"see the failures in {Path(report.out) / SUMMARY}; fix or remove those images, "
+            "then --resume to retry them",
+        )
+        err.report = report
         raise err
 
 

@@ -49,9 +49,12 @@ def resolve_base(spec: str | Path) -> Path:
         return path  # open_hf_folder reports a missing or wrong folder with its own message
     snap = cached_snapshot(text)
     if snap is None:
-        raise InputError(f"no folder '{text}' here, and the Hub repo '{text}' is not in the local Hugging Face cache",
-                         path=text, hint=f"download it first (`hf download {text.partition('@')[0]}`), "
-                                         "or pass --base DIR with the base Sa2VA folder")
+        raise InputError(
+            f"no folder '{text}' here, and the Hub repo '{text}' is not in the local Hugging Face cache",
+            path=text,
+            hint=f"download it first (`hf download {text.partition('@')[0]}`), "
+            "or pass --base DIR with the base Sa2VA folder",
+        )
     return snap
 
 

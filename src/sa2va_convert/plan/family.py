@@ -9,12 +9,11 @@ this family" is the first question when a conversion looks wrong.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 from ..errors import PlanError
 from .keymap import Keymap, first_match
-
 
 #: Projects built on the Sa2VA code with model classes of their own (docs/FAMILIES.md). Their
 #: checkpoints can carry exactly the keys of a Sa2VA family (SaSaSa2VA subclasses Sa2VAModel and
@@ -22,8 +21,10 @@ from .keymap import Keymap, first_match
 #: would convert them into a folder whose code is not theirs. (name, evidence in the config text)
 #: Patterns are tried in order, so the message names a model class when the config has one.
 UNSUPPORTED_PROJECTS: tuple[tuple[str, tuple[re.Pattern, ...]], ...] = (
-    ("SaSaSa2VA (HF class SaSaSa2VAChatModel)",
-     (re.compile(r"\bSaSaSa2VA\w*"), re.compile(r"\bprojects\.sasasa2va\.[\w.]*"))),
+    (
+        "SaSaSa2VA (HF class SaSaSa2VAChatModel)",
+        (re.compile(r"\bSaSaSa2VA\w*"), re.compile(r"\bprojects\.sasasa2va\.[\w.]*")),
+    ),
     ("VRT, Visual Reasoning Tracer", (re.compile(r"\bprojects\.vrt_sa2va\.[\w.]*"),)),
     ("SAMTok", (re.compile(r"(?i)\bsamtok\w*"),)),
 )
@@ -57,8 +58,12 @@ class FamilyMatch:
 
     def to_dict(self) -> dict:
         return {
-            "keymap": self.keymap, "family": self.family, "codebase": self.codebase,
-            "matched": self.matched, "evidence": self.evidence, "excluded_by": self.excluded_by,
+            "keymap": self.keymap,
+            "family": self.family,
+            "codebase": self.codebase,
+            "matched": self.matched,
+            "evidence": self.evidence,
+            "excluded_by": self.excluded_by,
             "config_evidence": self.config_evidence,
         }
 
@@ -99,7 +104,7 @@ def detect_family(keys: Iterable[str], keymaps: Sequence[Keymap], config_text: s
     foreign = unsupported_project(config_text)
     if foreign is not None:  # whatever keymap the keys fit, it is a near miss
         return Detection(None, matches, (), "unsupported: " + foreign)
-    fitting = [(km, m) for km, m in zip(keymaps, matches) if m.matched]
+    fitting = [(km, m) for km, m in zip(keymaps, matches, strict=True) if m.matched]
     note = None
     if len(fitting) > 1:
         agreeing = [(km, m) for km, m in fitting if m.config_agrees]
@@ -110,10 +115,12 @@ def detect_family(keys: Iterable[str], keymaps: Sequence[Keymap], config_text: s
     if chosen is not None and note is None:
         m = fitting[0][1]
         if m.config_agrees is False:
-            others = [km.name for km, mm in zip(keymaps, matches) if mm.config_agrees]
+            others = [km.name for km, mm in zip(keymaps, matches, strict=True) if mm.config_agrees]
             if others:
-                note = (f"the keys say {chosen.name}, but the embedded config looks like {', '.join(others)}; "
-                        "going by the keys")
+                note = (
+                    f"the keys say {chosen.name}, but the embedded config looks like {', '.join(others)}; "
+                    "going by the keys"
+                )
     unmatched: tuple[str, ...] = ()
     if chosen is None:
         unmatched = tuple(k for k in keys if "lora_" in k or k.startswith("mllm."))[:8] or tuple(keys[:8])
@@ -128,16 +135,20 @@ def require_family(detection: Detection, *, path: str) -> Keymap:
         return detection.chosen
     if detection.note and detection.note.startswith("unsupported: "):
         raise PlanError(
-            f"not a Sa2VA checkpoint this tool converts: {detection.note[len('unsupported: '):]}",
-            path=path, hint="its HF code differs from Sa2VA's; write a keymap for it and pass --keymap FILE",
+            f"not a Sa2VA checkpoint this tool converts: {detection.note[len('unsupported: ') :]}",
+            path=path,
+            hint="its HF code differs from Sa2VA's; write a keymap for it and pass --keymap FILE",
         )
     if detection.note and detection.note.startswith("ambiguous"):
-        raise PlanError(detection.note + " (the keys are the same; the embedded config, absent or silent here, "
-                        "would tell)", path=path,
-                        hint="pass --keymap NAME (see `sa2va-convert keymaps list`) or --keymap FILE")
+        raise PlanError(
+            detection.note + " (the keys are the same; the embedded config, absent or silent here, would tell)",
+            path=path,
+            hint="pass --keymap NAME (see `sa2va-convert keymaps list`) or --keymap FILE",
+        )
     sample = ", ".join(detection.unmatched_sample[:4]) or "(no keys)"
     raise PlanError(
         f"not a recognised Sa2VA training checkpoint: its keys fit no known family (e.g. {sample})",
         path=path,
-        hint="check this is an iter_N.pth from Sa2VA training, or write a keymap for this layout and pass --keymap FILE",
+        hint="check this is an iter_N.pth from Sa2VA training, "
+        "or write a keymap for this layout and pass --keymap FILE",
     )

@@ -17,10 +17,11 @@ Every error names ``file:line`` so a broken user keymap is fixed in one edit.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -30,8 +31,17 @@ ROLES = ("lora_a", "lora_b", "full", "drop")
 SCHEMA_VERSION = 1
 
 _TOP_FIELDS = {
-    "schema": False, "name": True, "description": True, "family": True, "detect": True,
-    "roles": True, "rename": True, "require": True, "vocab": True, "hf": True, "examples": True,
+    "schema": False,
+    "name": True,
+    "description": True,
+    "family": True,
+    "detect": True,
+    "roles": True,
+    "rename": True,
+    "require": True,
+    "vocab": True,
+    "hf": True,
+    "examples": True,
     "raw_base": False,
 }
 _RAW_FIELDS = {"architectures": True, "from_checkpoint": True, "sam2_rename": True}
@@ -41,8 +51,12 @@ _ROLE_FIELDS = {"match": True, "role": True, "name": False}
 _RENAME_FIELDS = {"from": True, "to": True}
 _VOCAB_FIELDS = {"embedding": True, "head": True, "config_field": True}
 _HF_FIELDS = {
-    "architectures": True, "auto_map": True, "template_default": True, "remote_code": True,
-    "untie_fields": True, "config_class": False,
+    "architectures": True,
+    "auto_map": True,
+    "template_default": True,
+    "remote_code": True,
+    "untie_fields": True,
+    "config_class": False,
 }
 _EXAMPLE_FIELDS = {"key": True, "role": True, "hf": False}
 
@@ -149,16 +163,23 @@ class Keymap:
             "roles": [{"match": r.pattern.pattern, "role": r.role, "name": r.name} for r in self.roles],
             "rename": [{"from": r.pattern.pattern, "to": r.to} for r in self.rename],
             "require": [p.pattern for p in self.require],
-            "vocab": {"embedding": self.vocab_embedding, "head": self.vocab_head, "config_field": self.vocab_config_field},
+            "vocab": {
+                "embedding": self.vocab_embedding,
+                "head": self.vocab_head,
+                "config_field": self.vocab_config_field,
+            },
             "hf": {
-                "architectures": list(self.architectures), "auto_map": dict(self.auto_map),
-                "template_default": self.template_default, "remote_code": list(self.remote_code),
+                "architectures": list(self.architectures),
+                "auto_map": dict(self.auto_map),
+                "template_default": self.template_default,
+                "remote_code": list(self.remote_code),
                 "untie_fields": list(self.untie_fields),
             },
         }
 
 
 # ---------------------------------------------------------------- YAML with line numbers
+
 
 @dataclass
 class _Node:
@@ -215,8 +236,11 @@ class _Reader:
         self.source = source
 
     def fail(self, message: str, line: int, hint: str | None = None) -> KeymapError:
-        return KeymapError(message, path=f"{self.source}:{line}",
-                           hint=hint or "fix the keymap (see `sa2va-convert keymaps show` for a working example)")
+        return KeymapError(
+            message,
+            path=f"{self.source}:{line}",
+            hint=hint or "fix the keymap (see `sa2va-convert keymaps show` for a working example)",
+        )
 
     def mapping(self, node: _Node, fields: dict[str, bool], where: str) -> dict[str, _Node]:
         if not isinstance(node.value, dict):
@@ -258,8 +282,11 @@ def load_keymap(path: str | Path, *, text: str | None = None) -> Keymap:
         try:
             text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:  # a missing input is exit 3 like every other missing input
-            raise InputError("keymap file does not exist", path=source,
-                              hint="run `sa2va-convert keymaps list` for the built-in names") from None
+            raise InputError(
+                "keymap file does not exist",
+                path=source,
+                hint="run `sa2va-convert keymaps list` for the built-in names",
+            ) from None
         except OSError as e:
             raise InputError(f"cannot read keymap: {e}", path=source, hint="pass a readable UTF-8 YAML file") from None
         except UnicodeDecodeError as e:
@@ -288,8 +315,10 @@ def load_keymap(path: str | Path, *, text: str | None = None) -> Keymap:
 def _build(r: _Reader, root: _Node) -> Keymap:
     top = r.mapping(root, _TOP_FIELDS, "keymap")
     if "schema" in top and top["schema"].value != SCHEMA_VERSION:
-        raise r.fail(f"unsupported keymap schema {top['schema'].value!r} (this tool reads schema {SCHEMA_VERSION})",
-                     top["schema"].line)
+        raise r.fail(
+            f"unsupported keymap schema {top['schema'].value!r} (this tool reads schema {SCHEMA_VERSION})",
+            top["schema"].line,
+        )
     fam = r.mapping(top["family"], _FAMILY_FIELDS, "family")
     det = r.mapping(top["detect"], _DETECT_FIELDS, "detect")
     vocab = r.mapping(top["vocab"], _VOCAB_FIELDS, "vocab")
@@ -333,16 +362,23 @@ def _build(r: _Reader, root: _Node) -> Keymap:
         role = r.string(f["role"], "examples.role")
         if role not in ROLES:
             raise r.fail(f"unknown role {role!r}", f["role"].line)
-        examples.append(Example(r.string(f["key"], "examples.key"), role,
-                                r.string(f["hf"], "examples.hf") if "hf" in f else None, item.line))
+        examples.append(
+            Example(
+                r.string(f["key"], "examples.key"),
+                role,
+                r.string(f["hf"], "examples.hf") if "hf" in f else None,
+                item.line,
+            )
+        )
 
     codebase = r.string(fam["codebase"], "family.codebase")
     if codebase not in ("v1", "v2"):
         raise r.fail("family.codebase must be v1 or v2", fam["codebase"].line)
     lora_base = r.string(fam["lora_base"], "family.lora_base")
     if lora_base not in ("sa2va", "mllm"):
-        raise r.fail("family.lora_base must be 'sa2va' (LoRA trained on full Sa2VA weights) or 'mllm'",
-                     fam["lora_base"].line)
+        raise r.fail(
+            "family.lora_base must be 'sa2va' (LoRA trained on full Sa2VA weights) or 'mllm'", fam["lora_base"].line
+        )
 
     km = Keymap(
         name=r.string(top["name"], "name"),
@@ -369,7 +405,9 @@ def _build(r: _Reader, root: _Node) -> Keymap:
         untie_fields=tuple(t for t, _ in r.strings(hf["untie_fields"], "hf.untie_fields")),
         examples=tuple(examples),
         models=tuple(t for t, _ in r.strings(fam["models"], "family.models")) if "models" in fam else (),
-        raw_base_architectures=raw_arch, raw_base_from_checkpoint=raw_from, sam2_rename=sam2_rules,
+        raw_base_architectures=raw_arch,
+        raw_base_from_checkpoint=raw_from,
+        sam2_rename=sam2_rules,
     )
     _self_test(r, km, top)
     return km
@@ -411,15 +449,21 @@ def _self_test(r: _Reader, km: Keymap, top: dict[str, _Node]) -> None:
     keys = [e.key for e in km.examples]
     for rule in km.roles:
         if not any(rule.pattern.search(k) for k in keys):
-            raise r.fail(f"role rule {rule.pattern.pattern!r} matches none of the example keys", rule.line,
-                         "fix the regex, or add an example key it must match")
+            raise r.fail(
+                f"role rule {rule.pattern.pattern!r} matches none of the example keys",
+                rule.line,
+                "fix the regex, or add an example key it must match",
+            )
     logical_names = [km.classify(k)[1] for k in keys if km.classify(k)[0] != "drop"]
     staged = list(logical_names)
-    for rule in km.rename:
-        if not any(rule.pattern.search(n) for n in staged):
-            raise r.fail(f"rename rule {rule.pattern.pattern!r} matches none of the example keys", rule.line,
-                         "fix the regex, or add an example key it must match")
-        staged = [rule.pattern.sub(rule.to, n) for n in staged]
+    for ren in km.rename:
+        if not any(ren.pattern.search(n) for n in staged):
+            raise r.fail(
+                f"rename rule {ren.pattern.pattern!r} matches none of the example keys",
+                ren.line,
+                "fix the regex, or add an example key it must match",
+            )
+        staged = [ren.pattern.sub(ren.to, n) for n in staged]
     for pat in km.detect_all:
         if not any(pat.search(k) for k in keys):
             raise r.fail(f"detect pattern {pat.pattern!r} matches none of the example keys", top["detect"].line)
@@ -441,6 +485,7 @@ def _self_test(r: _Reader, km: Keymap, top: dict[str, _Node]) -> None:
 
 # ---------------------------------------------------------------- built-in keymaps
 
+
 def builtin_dir() -> Path:
     """Where the shipped keymaps live: inside the wheel, or the repo's keymaps/ in a checkout."""
     try:
@@ -460,8 +505,11 @@ def load_builtin(name: str) -> Keymap:
     path = builtin_dir() / f"{name}.yaml"
     if not path.is_file():
         # A usage error (exit 2), not a keymap error: nothing is wrong with any file.
-        raise UsageError(f"no built-in keymap named {name!r} (built-in: {', '.join(builtin_names())})",
-                         path=name, hint="pick a built-in name or pass a YAML file path")
+        raise UsageError(
+            f"no built-in keymap named {name!r} (built-in: {', '.join(builtin_names())})",
+            path=name,
+            hint="pick a built-in name or pass a YAML file path",
+        )
     return load_keymap(path)
 
 

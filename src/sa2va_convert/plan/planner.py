@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, cast
 
 from .. import dtypes
 from ..errors import PlanError
@@ -23,6 +24,7 @@ from .keymap import Keymap, assign, lookup
 from .shards import split_shards
 from .types import (
     ConversionPlan,
+    Layer,
     LoraRef,
     LoraSettingsUsed,
     PlannedTensor,
@@ -32,10 +34,15 @@ from .types import (
 )
 from .vocab import EDITED_TOKENIZER_FILES, TokenAddition, TokenizerState, plan_additions
 
-WRITTEN_BY_THE_WRITER = ("config.json", "README.md", "conversion_report.json")  # never copied from the base; nor the index
+WRITTEN_BY_THE_WRITER = (
+    "config.json",
+    "README.md",
+    "conversion_report.json",
+)  # never copied from the base; nor the index
 
 
 # ------------------------------------------------------------------ helpers
+
 
 def natural_key(name: str) -> list:
     """Sort layers.2 before layers.10, so shards and listings read in model order."""
@@ -44,7 +51,8 @@ def natural_key(name: str) -> list:
 
 def _ref(source: TensorSource, key: str) -> SourceRef:
     info = source.info(key)
-    return SourceRef(source.label, key, info.shape, info.dtype)
+    # the planner's sources are labelled with their layer: "base", "pretrained", "checkpoint" (conversion.py)
+    return SourceRef(cast(Layer, source.label), key, info.shape, info.dtype)
 
 
 @dataclass
@@ -66,60 +74,89 @@ def map_source(source: TensorSource, keymap: Keymap) -> _Mapped:
         if role == "full":
             prev = out.full.get(hf)
             if prev is not None:
-                raise PlanError(f"two checkpoint keys map to one target {hf!r}: {prev.key!r} and {key!r}",
-                                path=str(source.path), hint=f"fix the keymap {keymap.source} so each target has one source")
+                raise PlanError(
+                    f"two checkpoint keys map to one target {hf!r}: {prev.key!r} and {key!r}",
+                    path=str(source.path),
+                    hint=f"fix the keymap {keymap.source} so each target has one source",
+                )
             out.full[hf] = ref
         else:
             slot = out.lora.setdefault(hf, {})
             part = "a" if role == "lora_a" else "b"
             if part in slot:
-                raise PlanError(f"two LoRA {part.upper()} tensors target {hf!r}: {slot[part].key!r} and {key!r}",
-                                path=str(source.path), hint=f"fix the keymap {keymap.source}")
+                raise PlanError(
+                    f"two LoRA {part.upper()} tensors target {hf!r}: {slot[part].key!r} and {key!r}",
+                    path=str(source.path),
+                    hint=f"fix the keymap {keymap.source}",
+                )
             slot[part] = ref
     for hf, slot in out.lora.items():
         if set(slot) != {"a", "b"}:
             have = next(iter(slot.values())).key
-            raise PlanError(f"LoRA pair for {hf!r} is incomplete: only {have!r}", path=str(source.path),
-                            hint="the checkpoint is damaged or was written by a different PEFT layout")
+            raise PlanError(
+                f"LoRA pair for {hf!r} is incomplete: only {have!r}",
+                path=str(source.path),
+                hint="the checkpoint is damaged or was written by a different PEFT layout",
+            )
     return out
 
 
-def _refuse_silent_override(what: str, flag: str, given: Any, embedded: Any, field: str, override: bool,
-                            ckpt_path: str) -> None:
+def _refuse_silent_override(
+    what: str, flag: str, given: Any, embedded: Any, field: str, override: bool, ckpt_path: str
+) -> None:
     """A flag documented as the fallback for a missing config value must not silently replace a
     different one: refuse and name both, unless the user says --override-lora-config."""
     if given is None or embedded is None or override:
         return
     same = (bool(given) == bool(embedded)) if isinstance(given, bool) else float(given) == float(embedded)
     if not same:
-        raise PlanError(f"{what}: the checkpoint's training config says {field}={embedded!r} but {flag} gives "
-                        f"{given!r}", path=ckpt_path,
-                        hint=f"drop {flag} to use the training config's value (it is only a fallback), or pass "
-                             "--override-lora-config if you really mean to merge with a different value")
+        raise PlanError(
+            f"{what}: the checkpoint's training config says {field}={embedded!r} but {flag} gives {given!r}",
+            path=ckpt_path,
+            hint=f"drop {flag} to use the training config's value (it is only a fallback), or pass "
+            "--override-lora-config if you really mean to merge with a different value",
+        )
 
 
-def _lora_settings(mapped: _Mapped, options: PlanOptions, cfg_lora: LoraSettings | None, ckpt_path: str,
-                   warnings: list[str]) -> LoraSettingsUsed | None:
+def _lora_settings(
+    mapped: _Mapped, options: PlanOptions, cfg_lora: LoraSettings | None, ckpt_path: str, warnings: list[str]
+) -> LoraSettingsUsed | None:
     if not mapped.lora:
         return None
     ranks = sorted({slot["a"].shape[0] for slot in mapped.lora.values()})
     cfg_alpha = getattr(cfg_lora, "lora_alpha", None) if cfg_lora is not None else None
     cfg_rslora = getattr(cfg_lora, "use_rslora", None) if cfg_lora is not None else None
-    _refuse_silent_override("LoRA alpha", "--lora-alpha", options.lora_alpha, cfg_alpha, "llm_lora.lora_alpha",
-                            options.override_lora_config, ckpt_path)
-    _refuse_silent_override("rsLoRA", "--rslora/--no-rslora", options.rslora, cfg_rslora, "llm_lora.use_rslora",
-                            options.override_lora_config, ckpt_path)
+    _refuse_silent_override(
+        "LoRA alpha",
+        "--lora-alpha",
+        options.lora_alpha,
+        cfg_alpha,
+        "llm_lora.lora_alpha",
+        options.override_lora_config,
+        ckpt_path,
+    )
+    _refuse_silent_override(
+        "rsLoRA",
+        "--rslora/--no-rslora",
+        options.rslora,
+        cfg_rslora,
+        "llm_lora.use_rslora",
+        options.override_lora_config,
+        ckpt_path,
+    )
     if options.lora_alpha is not None and cfg_alpha is not None and float(cfg_alpha) == float(options.lora_alpha):
         alpha, alpha_src = float(cfg_alpha), "embedded config (llm_lora.lora_alpha), same as --lora-alpha"
     elif options.lora_alpha is not None:
-        alpha, alpha_src = float(options.lora_alpha), ("--lora-alpha (--override-lora-config)" if cfg_alpha is not None
-                                                       else "--lora-alpha")
+        alpha, alpha_src = (
+            float(options.lora_alpha),
+            ("--lora-alpha (--override-lora-config)" if cfg_alpha is not None else "--lora-alpha"),
+        )
     elif cfg_alpha is not None:
         alpha, alpha_src = float(cfg_alpha), "embedded config (llm_lora.lora_alpha)"
     else:
         raise PlanError(
-            f"LoRA alpha is unknown: the checkpoint has {len(mapped.lora)} LoRA pairs (rank {', '.join(map(str, ranks))}) "
-            "but no readable training config with lora_alpha",
+            f"LoRA alpha is unknown: the checkpoint has {len(mapped.lora)} LoRA pairs "
+            f"(rank {', '.join(map(str, ranks))}) but no readable training config with lora_alpha",
             path=ckpt_path,
             hint=f"pass --lora-alpha (upstream Sa2VA configs use alpha = 2*r, i.e. --lora-alpha {2 * ranks[0]})",
         )
@@ -131,8 +168,10 @@ def _lora_settings(mapped: _Mapped, options: PlanOptions, cfg_lora: LoraSettings
         rslora, rs_src = False, "PEFT default (use_rslora=False)"
     cfg_r = getattr(cfg_lora, "r", None) if cfg_lora is not None else None
     if cfg_r is not None and ranks != [int(cfg_r)]:
-        warnings.append(f"config says LoRA r={cfg_r} but the tensors have rank {', '.join(map(str, ranks))}; "
-                        "the tensors' rank is used")
+        warnings.append(
+            f"config says LoRA r={cfg_r} but the tensors have rank {', '.join(map(str, ranks))}; "
+            "the tensors' rank is used"
+        )
     return LoraSettingsUsed(alpha, alpha_src, rslora, rs_src, tuple(ranks), len(mapped.lora))
 
 
@@ -170,15 +209,22 @@ def _raise_list(problems: list[str], what: str, path: str, hint: str) -> None:
 
 # ------------------------------------------------------------------ the planner
 
+
 def check_raw_base(base_config: dict, keymap: Keymap, base_path: str) -> None:
     if not keymap.supports_raw_base:
-        raise PlanError(f"{keymap.name} has no raw-base recipe (--sam2/--code-from are for v1 fine-tunes of raw "
-                        "InternVL2.5)", path=base_path, hint="pass --base with the Sa2VA folder instead")
+        raise PlanError(
+            f"{keymap.name} has no raw-base recipe (--sam2/--code-from are for v1 fine-tunes of raw InternVL2.5)",
+            path=base_path,
+            hint="pass --base with the Sa2VA folder instead",
+        )
     archs = base_config.get("architectures") or []
     if not set(archs) & set(keymap.raw_base_architectures):
-        raise PlanError(f"--sam2/--code-from expect a raw {', '.join(keymap.raw_base_architectures)} folder as --base, "
-                        f"got {', '.join(archs) or 'no architectures'}", path=base_path,
-                        hint="pass the InternVL2.5 folder the fine-tune started from, or drop --sam2 for a Sa2VA base")
+        raise PlanError(
+            f"--sam2/--code-from expect a raw {', '.join(keymap.raw_base_architectures)} folder as --base, "
+            f"got {', '.join(archs) or 'no architectures'}",
+            path=base_path,
+            hint="pass the InternVL2.5 folder the fine-tune started from, or drop --sam2 for a Sa2VA base",
+        )
 
 
 def check_base(base_keys: Sequence[str], base_config: dict, keymap: Keymap, base_path: str) -> None:
@@ -188,21 +234,31 @@ def check_base(base_keys: Sequence[str], base_config: dict, keymap: Keymap, base
     if missing:
         has_heads = any(k.startswith(("grounding_encoder.", "text_hidden_fcs.")) for k in base_keys)
         sam_or_fcs = not has_heads and any("grounding_encoder" in m or "text_hidden_fcs" in m for m in missing)
-        why = ("it has no SAM2 / text_hidden_fcs weights, so it is a raw InternVL/Qwen-VL model, not a Sa2VA model. "
-               "The LoRA of a Sa2VA fine-tune was trained on top of the full Sa2VA weights; merging it onto the raw "
-               "model gives a folder that loads and is wrong") if sam_or_fcs else (
-            "it is a different model family (a Sa2VA folder with another grounding encoder or MLLM?)")
+        why = (
+            (
+                "it has no SAM2 / text_hidden_fcs weights, so it is a raw InternVL/Qwen-VL model, not a Sa2VA model. "
+                "The LoRA of a Sa2VA fine-tune was trained on top of the full Sa2VA weights; merging it onto the raw "
+                "model gives a folder that loads and is wrong"
+            )
+            if sam_or_fcs
+            else ("it is a different model family (a Sa2VA folder with another grounding encoder or MLLM?)")
+        )
         raise PlanError(
             f"base folder does not fit {keymap.name}: no tensors match {', '.join(missing[:4])}; {why}",
             path=base_path,
-            hint="pass --base with the Sa2VA HF folder the fine-tune started from (e.g. the released Sa2VA model of this family)",
+            hint="pass --base with the Sa2VA HF folder the fine-tune started from "
+            "(e.g. the released Sa2VA model of this family)",
         )
     if archs and not set(archs) & set(keymap.architectures):
         raise PlanError(
             f"base folder is a {', '.join(archs)} model but the checkpoint is {keymap.family_label} "
             f"({', '.join(keymap.architectures)})",
-            path=base_path, hint="pass --base with a Sa2VA folder of the same family as the fine-tune",
+            path=base_path,
+            hint="pass --base with a Sa2VA folder of the same family as the fine-tune",
         )
+
+
+_DEFAULT_OPTIONS = PlanOptions()  # frozen: one shared default is safe
 
 
 def build_plan(
@@ -215,7 +271,7 @@ def build_plan(
     keymap: Keymap,
     out: Path,
     naming: ShardNaming,
-    options: PlanOptions = PlanOptions(),
+    options: PlanOptions = _DEFAULT_OPTIONS,
     pretrained: TensorSource | None = None,
     embedded: EmbeddedConfig | None = None,
     checkpoint_meta: dict | None = None,
@@ -244,9 +300,12 @@ def build_plan(
     mapped = map_source(checkpoint, keymap)
     pre = map_source(pretrained, keymap) if pretrained is not None else None
     names = _output_names(base_keys, mapped, keymap, ckpt_path, raw_base=raw_base)
-    if pre is not None and pre.lora:
-        raise PlanError("the --pretrained file holds LoRA tensors; it must hold full weights", path=str(pretrained.path),
-                        hint="pass the full-weights .pth (the config's pretrained_pth) or leave --pretrained out")
+    if pretrained is not None and pre is not None and pre.lora:
+        raise PlanError(
+            "the --pretrained file holds LoRA tensors; it must hold full weights",
+            path=str(pretrained.path),
+            hint="pass the full-weights .pth (the config's pretrained_pth) or leave --pretrained out",
+        )
     base_refs = {k: _ref(base, k) for k in base_keys}
     _add_untied_head(names, keymap, warnings)
     allowed = _check_every_tensor_has_a_place(names, [mapped, pre], options.allow_unused, ckpt_path)
@@ -264,12 +323,26 @@ def build_plan(
     copy_files = _files_to_copy(base_files, additions, naming)
     disk = sum(s.nbytes for s in shards) + 64 * 1024 * len(shards)
     return ConversionPlan(
-        checkpoint=ckpt_path, base=base_path, pretrained=str(pretrained.path) if pretrained else None, out=str(out),
-        keymap=keymap.name, keymap_source=keymap.source, family=keymap.family_label, codebase=keymap.codebase,
-        dtype_policy=options.dtype, template=template, tensors=tuple(planned), shards=shards, config=config,
-        vocab_rows=rows, tokenizer_additions=additions, copy_files=copy_files, lora=lora,
+        checkpoint=ckpt_path,
+        base=base_path,
+        pretrained=str(pretrained.path) if pretrained else None,
+        out=str(out),
+        keymap=keymap.name,
+        keymap_source=keymap.source,
+        family=keymap.family_label,
+        codebase=keymap.codebase,
+        dtype_policy=options.dtype,
+        template=template,
+        tensors=tuple(planned),
+        shards=shards,
+        config=config,
+        vocab_rows=rows,
+        tokenizer_additions=additions,
+        copy_files=copy_files,
+        lora=lora,
         dropped=tuple(mapped.dropped + (pre.dropped if pre else [])),
-        allowed_unused=tuple(k for k, _ in allowed), warnings=tuple(warnings),
+        allowed_unused=tuple(k for k, _ in allowed),
+        warnings=tuple(warnings),
         peak_ram_bytes=0,  # the write stage estimates it (write.peak_ram), from constants the plan does not own
         disk_bytes=disk,
         checkpoint_meta=dict(checkpoint_meta or {}),
@@ -279,28 +352,40 @@ def build_plan(
 # ------------------------------------------------------------------ the planner's steps
 
 
-def _check_base_folder(base_keys: list[str], base_config: dict, base_files: Mapping[str, Path], keymap: Keymap,
-                       base_path: str, *, raw_base: bool) -> None:
+def _check_base_folder(
+    base_keys: list[str],
+    base_config: dict,
+    base_files: Mapping[str, Path],
+    keymap: Keymap,
+    base_path: str,
+    *,
+    raw_base: bool,
+) -> None:
     """The base is a model of the keymap's family and carries the remote code the output needs."""
     if not raw_base:  # a raw base's config was checked by check_raw_base before Sa2VA fields were merged in
         check_base(base_keys, base_config, keymap, base_path)
     missing_code = [f for f in keymap.remote_code if f not in base_files]
     if missing_code:
-        raise PlanError(f"base folder lacks the remote-code file(s) {', '.join(missing_code)}", path=base_path,
-                        hint="copy them from the original Sa2VA model folder (the converter copies, never writes, model code)")
+        raise PlanError(
+            f"base folder lacks the remote-code file(s) {', '.join(missing_code)}",
+            path=base_path,
+            hint="copy them from the original Sa2VA model folder (the converter copies, never writes, model code)",
+        )
 
 
-def _output_names(base_keys: list[str], mapped: _Mapped, keymap: Keymap, ckpt_path: str, *,
-                  raw_base: bool) -> set[str]:
+def _output_names(base_keys: list[str], mapped: _Mapped, keymap: Keymap, ckpt_path: str, *, raw_base: bool) -> set[str]:
     """Every output tensor's name: the base's, plus (raw recipe) the parts only the checkpoint has."""
     names = set(base_keys)
     if raw_base:
         names |= {hf for hf in mapped.full if any(p.search(hf) for p in keymap.raw_base_from_checkpoint)}
         missing = [p.pattern for p in keymap.require if not any(p.search(n) for n in names)]
         if missing:
-            raise PlanError(f"even with SAM2 and the checkpoint, no tensors match {', '.join(missing)}",
-                            path=ckpt_path, hint="pass the raw InternVL folder, --sam2 sam2_hiera_large.pt and the "
-                            "checkpoint of the same fine-tune")
+            raise PlanError(
+                f"even with SAM2 and the checkpoint, no tensors match {', '.join(missing)}",
+                path=ckpt_path,
+                hint="pass the raw InternVL folder, --sam2 sam2_hiera_large.pt and the "
+                "checkpoint of the same fine-tune",
+            )
     return names
 
 
@@ -311,11 +396,13 @@ def _add_untied_head(names: set[str], keymap: Keymap, warnings: list[str]) -> No
         warnings.append(f"base stores no {keymap.vocab_head} (tied embeddings); writing it explicitly")
 
 
-def _check_every_tensor_has_a_place(names: set[str], layers: Sequence[_Mapped | None], allow_unused: Sequence[str],
-                                    ckpt_path: str) -> list[tuple[str, str]]:
+def _check_every_tensor_has_a_place(
+    names: set[str], layers: Sequence[_Mapped | None], allow_unused: Sequence[str], ckpt_path: str
+) -> list[tuple[str, str]]:
     """Refuse checkpoint tensors the output has no place for; returns the ones --allow-unused lets go."""
     allow = [re.compile(p) for p in allow_unused]
-    unused, allowed = [], []
+    unused: list[tuple[str, str]] = []
+    allowed: list[tuple[str, str]] = []
     for layer_map in layers:
         if layer_map is None:
             continue
@@ -332,14 +419,23 @@ def _check_every_tensor_has_a_place(names: set[str], layers: Sequence[_Mapped | 
         raise PlanError(
             f"{len(unused)} checkpoint tensor(s) have no place in the base model: {shown}{more}",
             path=ckpt_path,
-            hint="use the base the fine-tune started from, fix the keymap, or pass --allow-unused REGEX to drop them knowingly",
+            hint="use the base the fine-tune started from, fix the keymap, "
+            "or pass --allow-unused REGEX to drop them knowingly",
         )
     return allowed
 
 
-def _plan_tensors(names: set[str], mapped: _Mapped, pre: _Mapped | None, base_refs: dict[str, SourceRef],
-                  keymap: Keymap, lora: LoraSettingsUsed | None, dtype_policy: str, ckpt_path: str,
-                  base_path: str) -> list[PlannedTensor]:
+def _plan_tensors(
+    names: set[str],
+    mapped: _Mapped,
+    pre: _Mapped | None,
+    base_refs: dict[str, SourceRef],
+    keymap: Keymap,
+    lora: LoraSettingsUsed | None,
+    dtype_policy: str,
+    ckpt_path: str,
+    base_path: str,
+) -> list[PlannedTensor]:
     """Each output tensor in model order: checkpoint over pretrained over base, LoRA laid on top."""
     vocab_names = {keymap.vocab_embedding, keymap.vocab_head}
     planned: list[PlannedTensor] = []
@@ -348,8 +444,11 @@ def _plan_tensors(names: set[str], mapped: _Mapped, pre: _Mapped | None, base_re
         base_ref = base_refs.get(name)
         value = mapped.full.get(name) or (pre.full.get(name) if pre else None) or base_ref
         if value is None:  # untied head with nothing to fill it: copy the embedding
-            value = mapped.full.get(keymap.vocab_embedding) or (pre.full.get(keymap.vocab_embedding) if pre else None) \
+            value = (
+                mapped.full.get(keymap.vocab_embedding)
+                or (pre.full.get(keymap.vocab_embedding) if pre else None)
                 or base_refs.get(keymap.vocab_embedding)
+            )
             if value is None:
                 raise PlanError(f"nothing provides {name}", path=base_path, hint="pass a complete base folder")
         problem = _shape_problems(name, value, base_ref, vocab_names)
@@ -366,8 +465,12 @@ def _plan_tensors(names: set[str], mapped: _Mapped, pre: _Mapped | None, base_re
             rank = slot["a"].shape[0]
             lref = LoraRef(slot["a"], slot["b"], rank, lora.scale_for(rank))
         planned.append(PlannedTensor(name, value.shape, _out_dtype(dtype_policy, value, base_ref), value, lref))
-    _raise_list(shape_problems, "shape mismatch(es) between the checkpoint and the base", ckpt_path,
-                "pass --base with the Sa2VA folder of the same size the fine-tune started from")
+    _raise_list(
+        shape_problems,
+        "shape mismatch(es) between the checkpoint and the base",
+        ckpt_path,
+        "pass --base with the Sa2VA folder of the same size the fine-tune started from",
+    )
     return planned
 
 
@@ -377,24 +480,31 @@ def _vocab_rows(planned: Sequence[PlannedTensor], keymap: Keymap, ckpt_path: str
     rows = by_name[keymap.vocab_embedding].shape[0]
     head_rows = by_name[keymap.vocab_head].shape[0]
     if rows != head_rows:
-        raise PlanError(f"embedding has {rows} rows but the head has {head_rows}", path=ckpt_path,
-                        hint="the checkpoint's vocabulary tensors disagree; it cannot be converted as is")
+        raise PlanError(
+            f"embedding has {rows} rows but the head has {head_rows}",
+            path=ckpt_path,
+            hint="the checkpoint's vocabulary tensors disagree; it cannot be converted as is",
+        )
     return rows
 
 
-def _template(options: PlanOptions, embedded: EmbeddedConfig | None, base_config: dict, keymap: Keymap,
-              warnings: list[str]) -> str:
+def _template(
+    options: PlanOptions, embedded: EmbeddedConfig | None, base_config: dict, keymap: Keymap, warnings: list[str]
+) -> str:
     """The chat template written to config.json: --template, else training's, else the base's, else the keymap's."""
     trained = embedded.template if embedded is not None else None
     template = options.template or trained or base_config.get("template") or keymap.template_default
     if trained and base_config.get("template") and trained != base_config.get("template") and not options.template:
-        warnings.append(f"training used template {trained!r}, the base config says "
-                        f"{base_config.get('template')!r}; writing the training one")
+        warnings.append(
+            f"training used template {trained!r}, the base config says "
+            f"{base_config.get('template')!r}; writing the training one"
+        )
     return template
 
 
-def _files_to_copy(base_files: Mapping[str, Path], additions: TokenAddition,
-                   naming: ShardNaming) -> tuple[tuple[str, str], ...]:
+def _files_to_copy(
+    base_files: Mapping[str, Path], additions: TokenAddition, naming: ShardNaming
+) -> tuple[tuple[str, str], ...]:
     """The base's non-weight files, less those the writer writes itself (config, index, edited tokenizer)."""
     rewritten = set(EDITED_TOKENIZER_FILES) if additions.tokens else set()
     not_copied = {*WRITTEN_BY_THE_WRITER, naming.index_file}

@@ -36,21 +36,27 @@ class CodeFolder:
 def read_code_folder(path: str | Path) -> CodeFolder:
     root = Path(path)
     if not root.is_dir():
-        raise InputError("--code-from must be a Sa2VA HF folder", path=root,
-                         hint="pass any Sa2VA model folder of this family (only its code and config are used)")
+        raise InputError(
+            "--code-from must be a Sa2VA HF folder",
+            path=root,
+            hint="pass any Sa2VA model folder of this family (only its code and config are used)",
+        )
     files = list_model_files(root, role="--code-from folder")  # its .py files are copied into OUT
     try:
         config = json.loads((root / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot read config.json ({e})", path=root / "config.json",
-                         hint="pass a complete Sa2VA model folder") from None
+        raise InputError(
+            f"cannot read config.json ({e})", path=root / "config.json", hint="pass a complete Sa2VA model folder"
+        ) from None
     keys = None
     index = root / "model.safetensors.index.json"
     if index.is_file():
         try:
             keys = sorted(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
         except (OSError, ValueError, KeyError) as e:
-            raise InputError(f"cannot read the index ({e})", path=index, hint="pass a complete Sa2VA model folder") from None
+            raise InputError(
+                f"cannot read the index ({e})", path=index, hint="pass a complete Sa2VA model folder"
+            ) from None
     return CodeFolder(root, config, files, keys)
 
 
@@ -79,5 +85,7 @@ def check_key_families(plan: ConversionPlan, code_keys: list[str], code_path: st
     if missing or extra:
         raise PlanError(
             f"the assembled model differs from the Sa2VA architecture of --code-from: missing {missing[:5]}"
-            f"{' (+%d more)' % (len(missing) - 5) if len(missing) > 5 else ''}, unexpected {extra[:5]}",
-            path=code_path, hint="check --sam2 is the SAM2 release file and --code-from is a Sa2VA folder of the same family")
+            f"{f' (+{len(missing) - 5} more)' if len(missing) > 5 else ''}, unexpected {extra[:5]}",
+            path=code_path,
+            hint="check --sam2 is the SAM2 release file and --code-from is a Sa2VA folder of the same family",
+        )

@@ -6,7 +6,7 @@ decide the groups, the output format only names the files (``ShardNaming``).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .types import PlannedTensor, ShardNaming, ShardPlan
 

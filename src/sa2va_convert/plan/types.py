@@ -18,8 +18,17 @@ Layer = Literal["base", "pretrained", "checkpoint"]
 """The source layers an output tensor can come from (``TensorSource.label``), last wins: a checkpoint
 tensor over a pretrained one over the base's."""
 
-__all__ = ["Layer", "SourceRef", "LoraRef", "PlannedTensor", "ShardNaming", "ShardPlan", "LoraSettingsUsed", "PlanOptions",
-           "ConversionPlan"]
+__all__ = [
+    "Layer",
+    "SourceRef",
+    "LoraRef",
+    "PlannedTensor",
+    "ShardNaming",
+    "ShardPlan",
+    "LoraSettingsUsed",
+    "PlanOptions",
+    "ConversionPlan",
+]
 
 
 @dataclass(frozen=True)
@@ -158,24 +167,44 @@ class ConversionPlan:
 
     def to_dict(self, *, tensors: bool = True) -> dict[str, Any]:
         d = {
-            "checkpoint": self.checkpoint, "base": self.base, "pretrained": self.pretrained, "out": self.out,
-            "keymap": self.keymap, "keymap_source": self.keymap_source, "family": self.family,
-            "codebase": self.codebase, "dtype": self.dtype_policy, "template": self.template,
-            "vocab_rows": self.vocab_rows, "tokenizer_additions": self.tokenizer_additions.to_dict(),
+            "checkpoint": self.checkpoint,
+            "base": self.base,
+            "pretrained": self.pretrained,
+            "out": self.out,
+            "keymap": self.keymap,
+            "keymap_source": self.keymap_source,
+            "family": self.family,
+            "codebase": self.codebase,
+            "dtype": self.dtype_policy,
+            "template": self.template,
+            "vocab_rows": self.vocab_rows,
+            "tokenizer_additions": self.tokenizer_additions.to_dict(),
             "lora": asdict(self.lora) if self.lora else None,
-            "counts": self.counts(), "tensor_count": len(self.tensors), "tensor_bytes": self.tensor_bytes,
+            "counts": self.counts(),
+            "tensor_count": len(self.tensors),
+            "tensor_bytes": self.tensor_bytes,
             "shards": [{"file": s.filename, "tensors": len(s.tensors), "bytes": s.nbytes} for s in self.shards],
-            "copy_files": [rel for rel, _ in self.copy_files], "dropped": list(self.dropped),
-            "allowed_unused": list(self.allowed_unused), "warnings": list(self.warnings),
+            "copy_files": [rel for rel, _ in self.copy_files],
+            "dropped": list(self.dropped),
+            "allowed_unused": list(self.allowed_unused),
+            "warnings": list(self.warnings),
             "estimates": {"peak_ram_bytes": self.peak_ram_bytes, "disk_bytes": self.disk_bytes},
             "tool_version": self.tool_version,
         }
         if tensors:
             d["tensors"] = [
-                {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "origin": t.origin,
-                 "source": f"{t.value.layer}:{t.value.key}",
-                 **({"lora": {"a": t.lora.a.key, "b": t.lora.b.key, "rank": t.lora.rank, "scale": t.lora.scale}}
-                    if t.lora else {})}
+                {
+                    "name": t.name,
+                    "shape": list(t.shape),
+                    "dtype": t.dtype,
+                    "origin": t.origin,
+                    "source": f"{t.value.layer}:{t.value.key}",
+                    **(
+                        {"lora": {"a": t.lora.a.key, "b": t.lora.b.key, "rank": t.lora.rank, "scale": t.lora.scale}}
+                        if t.lora
+                        else {}
+                    ),
+                }
                 for t in self.tensors
             ]
         return d

@@ -19,8 +19,13 @@ from pathlib import Path
 from ..errors import InputError
 
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "tokenizer.model", "vocab.json", "merges.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
 )
 # The files write.tokenizer.apply_additions() rewrites when tokens are added (the rest are copied as they are).
 EDITED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
@@ -51,11 +56,13 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read tokenizer file ({e})", path=path,
-                         hint="restore the tokenizer files from the original model") from None
+        raise InputError(
+            f"cannot read tokenizer file ({e})", path=path, hint="restore the tokenizer files from the original model"
+        ) from None
     if not isinstance(data, dict):
-        raise InputError("tokenizer file is not a JSON object", path=path,
-                         hint="restore the tokenizer files from the original model")
+        raise InputError(
+            "tokenizer file is not a JSON object", path=path, hint="restore the tokenizer files from the original model"
+        )
     return data
 
 
@@ -69,8 +76,11 @@ def _sentencepiece_piece_count(path: Path) -> int:
         shift = result = 0
         while True:
             if pos >= len(data):
-                raise InputError("tokenizer.model is truncated", path=path,
-                                 hint="restore the tokenizer files from the original model")
+                raise InputError(
+                    "tokenizer.model is truncated",
+                    path=path,
+                    hint="restore the tokenizer files from the original model",
+                )
             b = data[pos]
             pos += 1
             result |= (b & 0x7F) << shift
@@ -90,8 +100,11 @@ def _sentencepiece_piece_count(path: Path) -> int:
         elif wire == 5:
             pos += 4
         else:
-            raise InputError("tokenizer.model is not a SentencePiece model", path=path,
-                             hint="restore the tokenizer files from the original model")
+            raise InputError(
+                "tokenizer.model is not a SentencePiece model",
+                path=path,
+                hint="restore the tokenizer files from the original model",
+            )
         if fieldno == 1 and wire == 2:
             count += 1
     return count
@@ -118,8 +131,11 @@ def read_tokenizer_state(folder: Path) -> TokenizerState:
         try:
             tok = Tokenizer.from_file(str(tj))
         except Exception as e:  # tokenizers raises its own exception type
-            raise InputError(f"cannot parse tokenizer.json ({e})", path=tj,
-                             hint="restore the tokenizer files from the original model") from None
+            raise InputError(
+                f"cannot parse tokenizer.json ({e})",
+                path=tj,
+                hint="restore the tokenizer files from the original model",
+            ) from None
         vocab = tok.get_vocab(with_added_tokens=True)
         for content in list(tokens):
             if content not in vocab:
@@ -139,18 +155,21 @@ def read_tokenizer_state(folder: Path) -> TokenizerState:
         vocab = _read_json(vj)
         ids = set(vocab.values()) | set(tokens.values())
         return TokenizerState(max(ids, default=-1) + 1, tokens, files, "vocab.json + added tokens")
-    raise InputError("no tokenizer found (tokenizer.json, tokenizer.model or vocab.json)", path=folder,
-                     hint="the base folder must include the tokenizer files of the model")
+    raise InputError(
+        "no tokenizer found (tokenizer.json, tokenizer.model or vocab.json)",
+        path=folder,
+        hint="the base folder must include the tokenizer files of the model",
+    )
 
 
-def plan_additions(state: TokenizerState, rows: int, special_tokens: list[str] | None, *,
-                   where: str) -> TokenAddition:
+def plan_additions(state: TokenizerState, rows: int, special_tokens: list[str] | None, *, where: str) -> TokenAddition:
     """Decide which tokens make the tokenizer exactly ``rows`` long, or explain why none can."""
     if rows == state.length:
         return TokenAddition()
     if rows < state.length:
-        raise _mismatch(f"the checkpoint's embedding has {rows} rows but the base tokenizer has "
-                        f"{state.length} tokens", where)
+        raise _mismatch(
+            f"the checkpoint's embedding has {rows} rows but the base tokenizer has {state.length} tokens", where
+        )
     missing = [t for t in (special_tokens or []) if not state.has(t)]
     need = rows - state.length
     if len(missing) != need:
@@ -158,12 +177,14 @@ def plan_additions(state: TokenizerState, rows: int, special_tokens: list[str] |
         raise _mismatch(
             f"the checkpoint's embedding has {rows} rows, {need} more than the base tokenizer's {state.length}, "
             f"but the training config's special_tokens missing from the base are {len(missing)} ({listed})",
-            where)
+            where,
+        )
     return TokenAddition(tuple((t, state.length + i) for i, t in enumerate(missing)))
 
 
 def _mismatch(message: str, where: str):
     from ..errors import PlanError
 
-    return PlanError(message, path=where,
-                     hint="pass --base with the folder whose tokenizer the fine-tune was trained with")
+    return PlanError(
+        message, path=where, hint="pass --base with the folder whose tokenizer the fine-tune was trained with"
+    )

@@ -19,8 +19,8 @@ can be wrong becomes one InputError line that names the file and the fix.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import InputError
 from .checkpoint_file import TrainingCheckpoint, checkpoint_from_loaded
@@ -51,8 +51,9 @@ def is_deepspeed_dir(path: Path) -> bool:
 
     The one test for it: ``work_dir`` lists such folders as checkpoints with it too."""
     path = Path(path)
-    return path.is_dir() and (any((path / name).is_file() for name in _DS_MODEL_STATES)
-                              or any(path.glob(_DS_ZERO3_GLOB)))
+    return path.is_dir() and (
+        any((path / name).is_file() for name in _DS_MODEL_STATES) or any(path.glob(_DS_ZERO3_GLOB))
+    )
 
 
 def _open_directory(path: Path, allow_globals: Sequence[str]) -> TrainingCheckpoint:

@@ -9,9 +9,10 @@ checkpoint from the same pieces (``plain_meta``); ``checkpoint.py`` chooses whic
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 
@@ -48,8 +49,9 @@ def checkpoint_from_loaded(path: Path, loaded: SafeLoad, *, kind: CheckpointKind
             hint="pass the iter_N.pth from the training work_dir",
         )
     found_kind, state_dict = _find_state_dict(path, top)
-    weights = StateDictSource(_validated_tensors(path, state_dict), label="checkpoint", path=path,
-                              records=loaded.records)
+    weights = StateDictSource(
+        _validated_tensors(path, state_dict), label="checkpoint", path=path, records=loaded.records
+    )
     meta = plain_meta(top) if found_kind != "state_dict" else {}
     cfg_text = meta.get("cfg")
     config = parse_embedded_config(cfg_text) if isinstance(cfg_text, str) else None
@@ -64,7 +66,7 @@ def checkpoint_from_loaded(path: Path, loaded: SafeLoad, *, kind: CheckpointKind
     )
 
 
-def _find_state_dict(path: Path, top: Mapping) -> tuple[str, Mapping]:
+def _find_state_dict(path: Path, top: Mapping) -> tuple[CheckpointKind, Mapping]:
     if "state_dict" in top:
         return "mmengine", _require_mapping(path, top["state_dict"], "state_dict")
     if "module" in top:
@@ -116,8 +118,9 @@ def _validated_tensors(path: Path, state_dict: Mapping) -> dict[str, torch.Tenso
         elif not dtypes.is_supported_torch(value.dtype):
             problems.append(f"{shown} has dtype {str(value.dtype).removeprefix('torch.')}, which is not supported")
         elif _overlapping(value):
-            problems.append(f"{shown} claims shape {tuple(value.shape)} but its storage holds fewer elements "
-                            "(an expanded view)")
+            problems.append(
+                f"{shown} claims shape {tuple(value.shape)} but its storage holds fewer elements (an expanded view)"
+            )
         else:
             # Tensor.detach on the class, not the instance: a Parameter pickled with state can
             # carry instance attributes; the detached view shares the mapped storage, drops them.

@@ -67,15 +67,17 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 
 from .. import dtypes
 from ..errors import InputError
-from .checkpoint_file import TrainingCheckpoint, plain_meta
+from .checkpoint_file import CheckpointKind, TrainingCheckpoint, plain_meta
 from .embedded_config import parse_embedded_config
 from .safe_pickle import SafeLoad, is_placeholder, safe_torch_load
 from .safe_pickle.allow_lists import SafeCallable
@@ -86,7 +88,7 @@ __all__ = ["open_deepspeed_dir", "DeepSpeedSource", "WeightsChoice"]
 
 WeightsChoice = Literal["auto", "master", "module"]
 
-KIND = "deepspeed-dir"
+KIND: CheckpointKind = "deepspeed-dir"
 _MODEL_STATES_Z12 = "mp_rank_00_model_states.pt"
 _MODEL_STATES_Z3 = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
 _OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
@@ -106,7 +108,9 @@ _REBUILD_FUNCTIONS = ("torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_
 
 # DeepSpeed aligns each ZeRO-1/2 group to nccl_start_alignment_factor (2) x world size.
 _DP_ALIGNMENT_FACTOR = 2
-_COPY_HINT = "the folder is incomplete or mixes two saves; copy the whole iter_N.pth folder again or use another checkpoint"
+_COPY_HINT = (
+    "the folder is incomplete or mixes two saves; copy the whole iter_N.pth folder again or use another checkpoint"
+)
 _TRUNCATED_HINT = "the file is truncated or comes from another save; copy it again or use another checkpoint"
 
 
@@ -158,8 +162,14 @@ class DeepSpeedSource(SourceDefaults):
     own size. Either way peak memory is about one parameter.
     """
 
-    def __init__(self, path: Path, entries: dict[str, _Entry], stores: dict[str, _Store], saved_file: Path,
-                 records: Mapping[Path, RecordCheck] | None = None):
+    def __init__(
+        self,
+        path: Path,
+        entries: dict[str, _Entry],
+        stores: dict[str, _Store],
+        saved_file: Path,
+        records: Mapping[Path, RecordCheck] | None = None,
+    ):
         self.label = "checkpoint"
         self.path = Path(path)
         self._entries = entries
@@ -258,8 +268,9 @@ def open_deepspeed_dir(
     entries, stores = _weight_entries(files, model, module, optim if use_master else None, stage, notes)
     frozen = _frozen_names(model, module)
     if include_frozen:
-        frozen_entries, frozen_store = _frozen_entries(files, model, module, stage, allow_globals, placeholders,
-                                                       records)
+        frozen_entries, frozen_store = _frozen_entries(
+            files, model, module, stage, allow_globals, placeholders, records
+        )
         entries.update({k: v for k, v in frozen_entries.items() if k not in entries})
         if frozen_store is not None:
             stores["frozen"] = frozen_store
@@ -282,9 +293,14 @@ def open_deepspeed_dir(
     )
 
 
-def _weight_entries(files: "_Files", model: "_ModelStates", module: dict[str, torch.Tensor],
-                    master: "_Optim | None", stage: int,
-                    notes: list[str]) -> tuple[dict[str, _Entry], dict[str, _Store]]:
+def _weight_entries(
+    files: _Files,
+    model: _ModelStates,
+    module: dict[str, torch.Tensor],
+    master: _Optim | None,
+    stage: int,
+    notes: list[str],
+) -> tuple[dict[str, _Entry], dict[str, _Store]]:
     """Trainable parameters (fp32 master pieces, or the saved 16-bit module) plus persistent buffers."""
     entries: dict[str, _Entry] = {}
     stores: dict[str, _Store] = {}
@@ -329,7 +345,8 @@ def _scan(path: Path) -> _Files:
             optim_by_prefix.setdefault(m.group(1) or "", {})[int(m.group(2))] = path / n
     if has_z12 and z3_states:
         raise InputError(
-            f"mixed ZeRO stages: both {_MODEL_STATES_Z12} (ZeRO-1/2) and {min(z3_states.values()).name} (ZeRO-3) are here",
+            f"mixed ZeRO stages: both {_MODEL_STATES_Z12} (ZeRO-1/2) "
+            f"and {min(z3_states.values()).name} (ZeRO-3) are here",
             path=path,
             hint="two saves went into one folder; keep the files of one training run only",
         )
@@ -415,7 +432,7 @@ class _ModelStates:
     dp_world_size: int | None
 
     @classmethod
-    def read(cls, file: Path, top: Mapping) -> "_ModelStates":
+    def read(cls, file: Path, top: Mapping) -> _ModelStates:
         if "module" not in top or not isinstance(top["module"], Mapping):
             raise InputError(
                 "has no 'module' state dict; it is not a DeepSpeed model-states file",
@@ -445,8 +462,9 @@ def _group_shapes(file: Path, raw: Any) -> list[dict[str, tuple[int, ...]]]:
     """``param_shapes``: a list (one per param group) of {name: shape}; older saves wrote one dict."""
     groups = [raw] if isinstance(raw, Mapping) else raw
     if not isinstance(groups, (list, tuple)):
-        raise InputError(f"has param_shapes of type {type(raw).__name__}, expected a list of dicts", path=file,
-                         hint=_COPY_HINT)
+        raise InputError(
+            f"has param_shapes of type {type(raw).__name__}, expected a list of dicts", path=file, hint=_COPY_HINT
+        )
     out = [_shape_map(file, g, "param_shapes") or {} for g in groups]
     seen: set[str] = set()
     for group in out:
@@ -501,36 +519,53 @@ class _Optim:
     paddings: list[list[int]] | None  # ZeRO-1/2 param_alignment_paddings (rank 0)
 
 
-def _read_optimizer_files(files: _Files, allow_globals: Sequence[str], placeholders: Counter,
-                          records: dict[Path, RecordCheck]) -> _Optim:
+def _read_optimizer_files(
+    files: _Files, allow_globals: Sequence[str], placeholders: Counter, records: dict[Path, RecordCheck]
+) -> _Optim:
     """Unpickle each rank's optimizer file (memory-mapped) and keep only its flat master groups."""
     per_rank: dict[int, tuple[int | None, int, list[torch.Tensor], Any]] = {}
     for rank, file in files.optim.items():
         loaded = _load(file, allow_globals, records)
         placeholders.update(loaded.placeholders)
-        osd = _mapping(_mapping(loaded.obj, file, "optimizer-states file").get("optimizer_state_dict"), file,
-                       "optimizer-states file (no 'optimizer_state_dict')")
+        osd = _mapping(
+            _mapping(loaded.obj, file, "optimizer-states file").get("optimizer_state_dict"),
+            file,
+            "optimizer-states file (no 'optimizer_state_dict')",
+        )
         stage = _as_int(osd.get("zero_stage"))
         key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
         groups = _flat_groups(file, osd.get(key), key)
-        per_rank[rank] = (stage, _partition_count(file, osd.get("partition_count")), groups,
-                          osd.get("param_alignment_paddings"))
+        per_rank[rank] = (
+            stage,
+            _partition_count(file, osd.get("partition_count")),
+            groups,
+            osd.get("param_alignment_paddings"),
+        )
         del loaded, osd
     first = next(iter(per_rank))
     stages = {r: v[0] for r, v in per_rank.items()}
     if len(set(stages.values())) > 1:
         listing = ", ".join(f"{files.optim[r].name}: {_stage_name(s)}" for r, s in stages.items())
-        raise InputError(f"mixed ZeRO stages among the optimizer files ({listing})", path=files.folder,
-                         hint="two saves went into one folder; keep the files of one training run only")
+        raise InputError(
+            f"mixed ZeRO stages among the optimizer files ({listing})",
+            path=files.folder,
+            hint="two saves went into one folder; keep the files of one training run only",
+        )
     counts = {r: v[1] for r, v in per_rank.items()}
     if len(set(counts.values())) > 1:
-        raise InputError(f"the optimizer files disagree on partition_count ({counts})", path=files.folder,
-                         hint=_COPY_HINT)
+        raise InputError(
+            f"the optimizer files disagree on partition_count ({counts})", path=files.folder, hint=_COPY_HINT
+        )
     world = counts[first]
     _check_ranks(files, world)
     stage = stages[first]
-    flavour = ("DeepSpeedZeroOptimizer_Stage3" if stage == 3
-               else "BF16_Optimizer" if stage is None else "DeepSpeedZeroOptimizer")
+    flavour = (
+        "DeepSpeedZeroOptimizer_Stage3"
+        if stage == 3
+        else "BF16_Optimizer"
+        if stage is None
+        else "DeepSpeedZeroOptimizer"
+    )
     store = _Store([files.optim[r] for r in range(world)], [per_rank[r][2] for r in range(world)])
     return _Optim(stage, world, store, flavour, _paddings(files.optim[0], per_rank[0][3]))
 
@@ -551,14 +586,15 @@ def _partition_count(file: Path, raw: Any) -> int:
     """ZeRO-1/2 write one count per param group (they differ only with expert parallelism)."""
     values = raw if isinstance(raw, (list, tuple)) else [raw]
     counts = {_as_int(v) for v in values}
-    if len(counts) != 1 or None in counts or min(counts) < 1:  # type: ignore[type-var]
+    count = counts.pop() if len(counts) == 1 else None
+    if count is None or count < 1:
         raise InputError(
             f"has partition_count {raw!r}; per-group partition counts that differ (expert parallelism) "
             "are not supported",
             path=file,
             hint="consolidate it with DeepSpeed's ds_to_universal.py, then convert the result",
         )
-    return counts.pop()  # type: ignore[return-value]
+    return count
 
 
 def _paddings(file: Path, raw: Any) -> list[list[int]] | None:
@@ -619,8 +655,9 @@ def _check_stages(files: _Files, model: _ModelStates, optim: _Optim | None) -> i
     return stage
 
 
-def _choose_weights(path: Path, files: _Files, stage: int, optim: _Optim | None, weights: str,
-                    notes: list[str]) -> bool:
+def _choose_weights(
+    path: Path, files: _Files, stage: int, optim: _Optim | None, weights: str, notes: list[str]
+) -> bool:
     """True: read fp32 master weights from the optimizer partitions; False: the saved module."""
     if weights not in ("auto", "master", "module"):
         raise ValueError(f"weights must be 'auto', 'master' or 'module', not {weights!r}")
@@ -629,18 +666,24 @@ def _choose_weights(path: Path, files: _Files, stage: int, optim: _Optim | None,
             raise InputError(
                 "ZeRO-3 folder without usable optimizer partitions: the model-states files hold only empty "
                 "placeholders, the weights are in the *_optim_states.pt files"
-                if optim is None else
-                "ZeRO-3 saves no 16-bit weights in the model-states files; only the fp32 master weights can be read",
+                if optim is None
+                else "ZeRO-3 saves no 16-bit weights in the model-states files; "
+                "only the fp32 master weights can be read",
                 path=path,
                 hint="copy the *_optim_states.pt files too" if optim is None else "use the fp32 master weights",
             )
         if optim is None and stage != 0:
-            notes.append("no optimizer partition files: using the 16-bit weights saved in 'module' "
-                         "(the fp32 master weights were not kept)")
+            notes.append(
+                "no optimizer partition files: using the 16-bit weights saved in 'module' "
+                "(the fp32 master weights were not kept)"
+            )
         return False
     if optim is None:
-        raise InputError("has no *_optim_states.pt files, so there are no fp32 master weights", path=path,
-                         hint="copy the optimizer files too, or read the 16-bit module weights instead")
+        raise InputError(
+            "has no *_optim_states.pt files, so there are no fp32 master weights",
+            path=path,
+            hint="copy the optimizer files too, or read the 16-bit module weights instead",
+        )
     return True
 
 
@@ -667,7 +710,7 @@ def _zero12_master(files: _Files, model: _ModelStates, optim: _Optim) -> dict[st
         lengths = [store.tensors[r][g].numel() for r in range(world)]
         starts = [sum(lengths[:r]) for r in range(world)]
         offset = 0
-        for (name, shape), pad in zip(group.items(), pads):
+        for (name, shape), pad in zip(group.items(), pads, strict=True):
             numel = math.prod(shape)
             pieces = _split(offset, numel, starts, lengths, slot=g)
             entries[name] = _Entry(TensorInfo(shape, _dtype_of(store, g)), "master", pieces)
@@ -692,15 +735,16 @@ def _split(offset: int, numel: int, starts: list[int], lengths: list[int], slot:
     """Cut ``[offset, offset+numel)`` of a concatenation of per-rank runs into per-rank pieces."""
     pieces = []
     end = offset + numel
-    for rank, (start, length) in enumerate(zip(starts, lengths)):
+    for rank, (start, length) in enumerate(zip(starts, lengths, strict=True)):
         lo, hi = max(offset, start), min(end, start + length)
         if lo < hi:
             pieces.append(_Piece(rank, slot, lo - start, hi - lo))
     return tuple(pieces)
 
 
-def _check_zero12_sizes(files: _Files, model: _ModelStates, g: int, needed: int, lengths: list[int],
-                        world: int) -> None:
+def _check_zero12_sizes(
+    files: _Files, model: _ModelStates, g: int, needed: int, lengths: list[int], world: int
+) -> None:
     """Saved partitions must cover the group, with at most DeepSpeed's alignment slack beyond it.
 
     Valid sets look like [P, P, ..., P, tail, 0, ...] (tail padding stripped)
@@ -708,8 +752,9 @@ def _check_zero12_sizes(files: _Files, model: _ModelStates, g: int, needed: int,
     """
     total = sum(lengths)
     slack = _DP_ALIGNMENT_FACTOR * world
-    ordered = all(a >= b for a, b in zip(lengths, lengths[1:])) and all(
-        lengths[r] == lengths[0] for r in range(world - 1) if lengths[r + 1] > 0)
+    ordered = all(a >= b for a, b in pairwise(lengths)) and all(
+        lengths[r] == lengths[0] for r in range(world - 1) if lengths[r + 1] > 0
+    )
     if needed <= total < needed + slack and ordered:
         return
     part = 2 * math.ceil(needed / (_DP_ALIGNMENT_FACTOR * world))  # DeepSpeed >= 0.10 partition size
@@ -733,7 +778,7 @@ def _zero3_master(files: _Files, model: _ModelStates, optim: _Optim) -> dict[str
     slot_lengths = [t.numel() for t in store.tensors[0]]
     entries: dict[str, _Entry] = {}
     offset = 0
-    for (name, shape), part in zip(params, local):
+    for (name, shape), part in zip(params, local, strict=True):
         numel = math.prod(shape)
         pieces: list[_Piece] = []
         for rank in range(world):
@@ -751,7 +796,7 @@ def _split_slots(rank: int, offset: int, length: int, slot_lengths: list[int]) -
     """A run of one rank's concatenated sub-groups, cut at sub-group boundaries."""
     starts = [sum(slot_lengths[:i]) for i in range(len(slot_lengths))]
     out = []
-    for slot, (start, size) in enumerate(zip(starts, slot_lengths)):
+    for slot, (start, size) in enumerate(zip(starts, slot_lengths, strict=True)):
         lo, hi = max(offset, start), min(offset + length, start + size)
         if lo < hi:
             out.append(_Piece(rank, slot, lo - start, hi - lo))
@@ -780,8 +825,9 @@ def _dtype_of(store: _Store, slot: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _module_entries(file: Path, model: _ModelStates, module: dict[str, torch.Tensor],
-                    notes: list[str]) -> dict[str, _Entry]:
+def _module_entries(
+    file: Path, model: _ModelStates, module: dict[str, torch.Tensor], notes: list[str]
+) -> dict[str, _Entry]:
     """Trainable parameters as saved in ``module``; without param_shapes (no ZeRO), all of module."""
     if model.param_shapes is None:
         return {k: _saved(t) for k, t in module.items()}
@@ -800,8 +846,9 @@ def _module_entries(file: Path, model: _ModelStates, module: dict[str, torch.Ten
             )
         entries[name] = _saved(tensor)
     if missing:
-        notes.append(f"{len(missing)} trainable parameter(s) are not in 'module' and have no 16-bit copy, "
-                     f"e.g. {missing[0]}")
+        notes.append(
+            f"{len(missing)} trainable parameter(s) are not in 'module' and have no 16-bit copy, e.g. {missing[0]}"
+        )
     return entries
 
 
@@ -830,9 +877,15 @@ def _frozen_names(model: _ModelStates, module: Mapping[str, torch.Tensor]) -> li
     return [k for k, t in module.items() if k not in known and t.numel() > 0] if model.param_shapes else []
 
 
-def _frozen_entries(files: _Files, model: _ModelStates, module: dict[str, torch.Tensor], stage: int,
-                    allow_globals: Sequence[str], placeholders: Counter,
-                    records: dict[Path, RecordCheck]) -> tuple[dict[str, _Entry], _Store | None]:
+def _frozen_entries(
+    files: _Files,
+    model: _ModelStates,
+    module: dict[str, torch.Tensor],
+    stage: int,
+    allow_globals: Sequence[str],
+    placeholders: Counter,
+    records: dict[Path, RecordCheck],
+) -> tuple[dict[str, _Entry], _Store | None]:
     """Frozen parameters: whole in ``frozen_param_fragments``/``module`` (ZeRO-1/2), per rank (ZeRO-3)."""
     if stage == 3:
         return _zero3_frozen(files, model, allow_globals, placeholders, records)
@@ -848,12 +901,20 @@ def _fragments(top: Mapping) -> dict[str, torch.Tensor]:
     raw = top.get("frozen_param_fragments")
     if not isinstance(raw, Mapping):
         return {}
-    return {k: torch.Tensor.detach(t) for k, v in raw.items()
-            if isinstance(k, str) and (t := _plain_tensor(v)) is not None and dtypes.is_supported_torch(t.dtype)}
+    return {
+        k: torch.Tensor.detach(t)
+        for k, v in raw.items()
+        if isinstance(k, str) and (t := _plain_tensor(v)) is not None and dtypes.is_supported_torch(t.dtype)
+    }
 
 
-def _zero3_frozen(files: _Files, model: _ModelStates, allow_globals: Sequence[str],
-                  placeholders: Counter, records: dict[Path, RecordCheck]) -> tuple[dict[str, _Entry], _Store | None]:
+def _zero3_frozen(
+    files: _Files,
+    model: _ModelStates,
+    allow_globals: Sequence[str],
+    placeholders: Counter,
+    records: dict[Path, RecordCheck],
+) -> tuple[dict[str, _Entry], _Store | None]:
     shapes = model.frozen_shapes or {}
     if not shapes:
         return {}, None
@@ -882,8 +943,9 @@ def _zero3_frozen(files: _Files, model: _ModelStates, allow_globals: Sequence[st
             tensor = fragments.get(name)
             if tensor is None or tensor.numel() != part:
                 got = "missing" if tensor is None else f"{tensor.numel()} elements"
-                raise InputError(f"frozen_param_fragments[{name!r}] is {got}, expected {part}", path=file,
-                                 hint=_TRUNCATED_HINT)
+                raise InputError(
+                    f"frozen_param_fragments[{name!r}] is {got}, expected {part}", path=file, hint=_TRUNCATED_HINT
+                )
             row.append(tensor.reshape(-1))
         per_rank.append(row)
     store = _Store([files.model_states[r] for r in range(world)], per_rank)
@@ -907,7 +969,7 @@ def _plain_tensor(value: Any) -> torch.Tensor | None:
         return value
     if not (is_placeholder(value) and getattr(value, "qualified_name", None) == _TYPED_TENSOR):
         return None
-    args = getattr(value, "args", ())
+    args: tuple[Any, ...] = getattr(value, "args", ())
     if len(args) != 4:
         return None
     func, new_type, rebuild_args, _state = args
@@ -928,7 +990,7 @@ def _as_int(value: Any) -> int | None:
     if isinstance(value, int):
         return value
     if is_placeholder(value):
-        args = getattr(value, "args", ())
+        args: tuple[Any, ...] = getattr(value, "args", ())
         if len(args) == 1 and isinstance(args[0], int) and not isinstance(args[0], bool):
             return args[0]
     return None
@@ -938,8 +1000,17 @@ def _stage_name(stage: int | None) -> str:
     return "ZeRO-1 (BF16_Optimizer)" if stage is None else f"ZeRO-{stage}"
 
 
-def _summary(files: _Files, model: _ModelStates, optim: _Optim | None, stage: int, use_master: bool,
-             entries: dict[str, _Entry], frozen: list[str], include_frozen: bool, notes: list[str]) -> dict:
+def _summary(
+    files: _Files,
+    model: _ModelStates,
+    optim: _Optim | None,
+    stage: int,
+    use_master: bool,
+    entries: dict[str, _Entry],
+    frozen: list[str],
+    include_frozen: bool,
+    notes: list[str],
+) -> dict:
     """Plain data for ``meta['deepspeed']``: what was read and from where (shown by inspect)."""
     trainable = [n for n, _ in model.trainable()]
     weight_dtypes = sorted({entries[n].info.dtype for n in trainable if n in entries})

@@ -19,8 +19,9 @@ import ast
 import math
 import operator
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 __all__ = ["Unparsed", "LoraSettings", "EmbeddedConfig", "parse_embedded_config"]
 
@@ -109,7 +110,7 @@ class _Evaluator:
         value = self.names.get(node.id, _MISSING)
         return self.unparsed(node) if value is _MISSING or isinstance(value, Unparsed) else value
 
-    def _eval_List(self, node: ast.List) -> Any:
+    def _eval_List(self, node: ast.List | ast.Tuple | ast.Set) -> Any:
         items = [self.eval(e) for e in node.elts]
         return self.unparsed(node) if any(isinstance(e, ast.Starred) for e in node.elts) else items
 
@@ -125,10 +126,11 @@ class _Evaluator:
             return self.unparsed(node)
 
     def _eval_Dict(self, node: ast.Dict) -> Any:
-        if any(k is None for k in node.keys):  # {**other}
+        keys = [k for k in node.keys if k is not None]
+        if len(keys) != len(node.keys):  # {**other}
             return self.unparsed(node)
         out = {}
-        for k, v in zip(node.keys, node.values):
+        for k, v in zip(keys, node.values, strict=True):
             key = self.eval(k)
             try:
                 out[key] = self.eval(v)
@@ -269,7 +271,9 @@ class _Extractor:
 
     def run(self) -> None:
         cfg, values = self.config, self.config.values
-        cfg.path = self.take("path", _find_key(values, "path") or _find_key(values, "model_path", under=("model",)), _as_str)
+        cfg.path = self.take(
+            "path", _find_key(values, "path") or _find_key(values, "model_path", under=("model",)), _as_str
+        )
         cfg.pretrained_pth = self.take("pretrained_pth", _find_key(values, "pretrained_pth", under=("model",)), _as_str)
         cfg.template = self._template()
         cfg.special_tokens = self.take(

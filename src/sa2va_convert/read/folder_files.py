@@ -1,4 +1,4 @@
-"""The files of a model folder, each one checked to be something we may read and copy (issue 23, item 3).
+"""The files of a model folder, each one checked to be something we may read and copy.
 
 Whatever a base folder holds besides its shards (config, tokenizer, remote code, ...) is copied into
 OUT, a folder users push to the Hub. Listing it with ``rglob`` + ``is_file`` skipped what is not a
@@ -27,8 +27,12 @@ from ..errors import InputError
 __all__ = ["list_model_files", "hf_cache_blobs"]
 
 _SKIPPED_DIRS = {".cache"}
-_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
-          stat.S_IFBLK: "a block device"}
+_KINDS = {
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
 
 
 def hf_cache_blobs(real_root: Path) -> Path | None:
@@ -74,25 +78,39 @@ def _check_entry(path: Path, rel: str, root: Path, real_root: Path, blobs: Path 
         return
     if not stat.S_ISLNK(st.st_mode):
         kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
-        raise InputError(f"is {kind}, not a regular file; the {role} would be published without it", path=path,
-                         hint=f"replace it with the regular file from the original model, or remove it from the {role}")
+        raise InputError(
+            f"is {kind}, not a regular file; the {role} would be published without it",
+            path=path,
+            hint=f"replace it with the regular file from the original model, or remove it from the {role}",
+        )
     target = Path(os.path.realpath(path))
     try:
         tst = os.stat(path)
     except OSError as e:
         what = "part of a symbolic link loop" if e.errno == errno.ELOOP else "a dangling symbolic link"
-        raise InputError(f"is {what} (to {os.readlink(path)}); the {role} would be published without it",
-                         path=path, hint="restore the file it points to, or replace the link by the file itself") from None
+        raise InputError(
+            f"is {what} (to {os.readlink(path)}); the {role} would be published without it",
+            path=path,
+            hint="restore the file it points to, or replace the link by the file itself",
+        ) from None
     if stat.S_ISDIR(tst.st_mode):
-        raise InputError(f"is a symbolic link to a directory ({target}); only files and real folders are read",
-                         path=path, hint=f"replace the link by a copy of the folder inside the {role}")
+        raise InputError(
+            f"is a symbolic link to a directory ({target}); only files and real folders are read",
+            path=path,
+            hint=f"replace the link by a copy of the folder inside the {role}",
+        )
     if not stat.S_ISREG(tst.st_mode):
         kind = _KINDS.get(stat.S_IFMT(tst.st_mode), "not a regular file")
-        raise InputError(f"is a symbolic link to {kind} ({target}), not to a regular file", path=path,
-                         hint="replace it with the regular file from the original model")
+        raise InputError(
+            f"is a symbolic link to {kind} ({target}), not to a regular file",
+            path=path,
+            hint="replace it with the regular file from the original model",
+        )
     if _inside(target, real_root) or (blobs is not None and target.parent == blobs):
         return
-    raise InputError(f"is a symbolic link to a file outside the {role} ({target}); its content would be copied "
-                     "into OUT", path=path,
-                     hint=f"copy the file into the {role} (cp --remove-destination {target} {path}) if it belongs "
-                          "to the model, or remove the link")
+    raise InputError(
+        f"is a symbolic link to a file outside the {role} ({target}); its content would be copied into OUT",
+        path=path,
+        hint=f"copy the file into the {role} (cp --remove-destination {target} {path}) if it belongs "
+        "to the model, or remove the link",
+    )

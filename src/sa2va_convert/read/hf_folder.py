@@ -9,9 +9,10 @@ the verify stage, in a separate process.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Generic, TypeVar
 
 import torch
 
@@ -19,7 +20,7 @@ from .. import dtypes
 from ..errors import InputError
 from .folder_files import list_model_files
 from .safetensors_header import header_length, library_check, read_safetensors_header
-from .tensor_source import SourceAbilities, SourceDefaults, TensorInfo
+from .tensor_source import SourceAbilities, SourceDefaults, TensorInfo, TensorSource
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -34,8 +35,9 @@ def read_range(fpath: Path, begin: int, view: memoryview, key: str) -> None:
             while got < len(view):
                 n = f.readinto(view[got:])
                 if not n:
-                    raise InputError(f"file ended while reading tensor {key!r}", path=fpath,
-                                     hint="re-copy or re-download this shard")
+                    raise InputError(
+                        f"file ended while reading tensor {key!r}", path=fpath, hint="re-copy or re-download this shard"
+                    )
                 got += n
     except PermissionError:
         raise InputError("permission denied", path=fpath, hint="make the file readable") from None
@@ -63,8 +65,11 @@ class SafetensorsSource(SourceDefaults):
                 if key == "__metadata__":
                     continue
                 if key in self._key_file:
-                    raise InputError(f"tensor {key!r} is stored in two shards", path=fpath,
-                                     hint="the folder is inconsistent; re-download it")
+                    raise InputError(
+                        f"tensor {key!r} is stored in two shards",
+                        path=fpath,
+                        hint="the folder is inconsistent; re-download it",
+                    )
                 try:
                     info = TensorInfo(tuple(entry["shape"]), dtypes.from_safetensors(entry["dtype"]))
                 except ValueError as e:
@@ -128,7 +133,8 @@ class SafetensorsSource(SourceDefaults):
             if out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() < n:
                 raise ValueError("out must be a contiguous CPU uint8 tensor of at least the tensor's bytes")
             buf = out[:n]
-            view = memoryview(buf.numpy())
+            # numpy's stubs declare ndarray's buffer protocol only for Python >= 3.12 (hence the ignore below)
+            view = memoryview(buf.numpy())  # type: ignore[arg-type]
         else:
             if n == 0:
                 return torch.empty(shape, dtype=dtype)
@@ -143,17 +149,19 @@ class SafetensorsSource(SourceDefaults):
         pass
 
 
+W = TypeVar("W", bound=TensorSource)
+
+
 @dataclass
-class HFFolder:
+class HFFolder(Generic[W]):
+    """A model folder: config, weights and the other files. ``weights`` is a ``SafetensorsSource`` for a
+    folder on disk (``open_hf_folder``); the original recipe's base (a raw MLLM plus SAM2) joins two sources."""
+
     path: Path
     config: dict
-    weights: SafetensorsSource
+    weights: W
     weight_files: list[str]
     other_files: list[str] = field(default_factory=list)
-
-    @property
-    def remote_code_files(self) -> list[str]:
-        return sorted(f for f in self.other_files if f.endswith(".py") and "/" not in f)
 
 
 def _load_json(path: Path, what: str) -> dict:
@@ -165,25 +173,37 @@ def _load_json(path: Path, what: str) -> dict:
     except PermissionError:
         raise InputError("permission denied", path=path, hint="make the file readable") from None
     except IsADirectoryError:
-        raise InputError(f"{what} is a directory, expected a file", path=path,
-                         hint="restore the file from the original model") from None
+        raise InputError(
+            f"{what} is a directory, expected a file", path=path, hint="restore the file from the original model"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{what} is not valid JSON ({e})", path=path, hint="restore the file from the original model") from None
+        raise InputError(
+            f"{what} is not valid JSON ({e})", path=path, hint="restore the file from the original model"
+        ) from None
     except (OSError, RecursionError, ValueError) as e:  # symlink loop, I/O error, absurdly nested JSON
-        raise InputError(f"cannot read {what} ({type(e).__name__}: {e})".replace("\n", " "), path=path,
-                         hint="restore the file from the original model") from None
+        raise InputError(
+            f"cannot read {what} ({type(e).__name__}: {e})".replace("\n", " "),
+            path=path,
+            hint="restore the file from the original model",
+        ) from None
     if not isinstance(data, dict):
         raise InputError(f"{what} is not a JSON object", path=path, hint="restore the file from the original model")
     return data
 
 
-def open_hf_folder(path: str | Path, *, label: str = "base") -> HFFolder:
+def open_hf_folder(path: str | Path, *, label: str = "base") -> HFFolder[SafetensorsSource]:
     """Open a HF model folder holding ``model.safetensors`` or an index plus shards."""
     root = Path(path)
     if not root.exists():
-        raise InputError("base model folder does not exist", path=root, hint="pass --base with the Sa2VA HF folder the fine-tune started from")
+        raise InputError(
+            "base model folder does not exist",
+            path=root,
+            hint="pass --base with the Sa2VA HF folder the fine-tune started from",
+        )
     if not root.is_dir():
-        raise InputError("expected a HuggingFace model folder, got a file", path=root, hint="pass the folder that holds config.json")
+        raise InputError(
+            "expected a HuggingFace model folder, got a file", path=root, hint="pass the folder that holds config.json"
+        )
     listed = list_model_files(root, role=f"{label} folder")  # before anything is opened: a FIFO would block
     config = _load_json(root / "config.json", "config.json")
     index_path = root / INDEX_NAME
@@ -192,27 +212,39 @@ def open_hf_folder(path: str | Path, *, label: str = "base") -> HFFolder:
         index = _load_json(index_path, INDEX_NAME)
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise InputError("index has no weight_map", path=index_path, hint="restore the index from the original model")
+            raise InputError(
+                "index has no weight_map", path=index_path, hint="restore the index from the original model"
+            )
         for fname in sorted(set(weight_map.values())):
             fpath = root / fname
             if not fpath.is_file():
-                raise InputError(f"shard {fname} named in the index is missing", path=fpath,
-                                 hint="copy the missing shard from the original model folder")
+                raise InputError(
+                    f"shard {fname} named in the index is missing",
+                    path=fpath,
+                    hint="copy the missing shard from the original model folder",
+                )
             files[fname] = fpath
     elif (root / SINGLE_NAME).is_file():
         files[SINGLE_NAME] = root / SINGLE_NAME
     else:
         bins = sorted(p.name for p in root.glob("*.bin"))
-        hint = ("convert the folder to safetensors first (load it with transformers and save_pretrained(..., safe_serialization=True))"
-                if bins else "pass the complete base model folder")
+        hint = (
+            "convert the folder to safetensors first "
+            "(load it with transformers and save_pretrained(..., safe_serialization=True))"
+            if bins
+            else "pass the complete base model folder"
+        )
         raise InputError("no model.safetensors or model.safetensors.index.json found", path=root, hint=hint)
     weights = SafetensorsSource(files, label=label, path=root)
     if index_path.exists():
         index = _load_json(index_path, INDEX_NAME)
         for key, fname in index["weight_map"].items():
             if key not in weights:
-                raise InputError(f"index names tensor {key!r} in {fname}, but the shard does not hold it",
-                                 path=index_path, hint="restore the folder from the original model")
+                raise InputError(
+                    f"index names tensor {key!r} in {fname}, but the shard does not hold it",
+                    path=index_path,
+                    hint="restore the folder from the original model",
+                )
     # list_model_files skips only a ".cache" inside the folder (huggingface_hub's download metadata): the
     # folder itself may well lie under one (the Hugging Face cache: ~/.cache/huggingface/hub/...)
     other = [f for f in listed if f not in files and f != INDEX_NAME]

@@ -8,15 +8,14 @@ any other base.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 
 from ..errors import InputError, PlanError
 from .safe_pickle import safe_torch_load
 from .tensor_source import SourceAbilities, SourceDefaults, StateDictSource, TensorInfo, TensorSource
-
 
 # A composed source hands row reads and releases to the source that holds the tensor (which falls back where
 # it cannot): it declares both, as it always did, but never reads into a caller's buffer.
@@ -36,8 +35,11 @@ class RenamedSource(SourceDefaults):
         for key in inner.keys():
             new = rename(key)
             if new in self._to_inner:
-                raise PlanError(f"two tensors are renamed to {new!r}: {self._to_inner[new]!r} and {key!r}",
-                                path=str(inner.path), hint="fix the keymap's sam2 rename rules")
+                raise PlanError(
+                    f"two tensors are renamed to {new!r}: {self._to_inner[new]!r} and {key!r}",
+                    path=str(inner.path),
+                    hint="fix the keymap's sam2 rename rules",
+                )
             self._to_inner[new] = key
 
     def keys(self) -> Iterable[str]:
@@ -72,8 +74,11 @@ class UnionSource(SourceDefaults):
         for src in self.sources:
             for key in src.keys():
                 if key in self._owner:
-                    raise PlanError(f"tensor {key!r} is provided by both {self._owner[key].path} and {src.path}",
-                                    path=str(src.path), hint="pass sources whose weights do not overlap")
+                    raise PlanError(
+                        f"tensor {key!r} is provided by both {self._owner[key].path} and {src.path}",
+                        path=str(src.path),
+                        hint="pass sources whose weights do not overlap",
+                    )
                 self._owner[key] = src
 
     def keys(self) -> Iterable[str]:
@@ -94,9 +99,6 @@ class UnionSource(SourceDefaults):
     def release_rows(self, key: str, start: int = 0, stop: int | None = None) -> None:
         self._owner[key].release_rows(key, start, stop)
 
-    def path_of(self, key: str) -> Path:
-        return Path(self._owner[key].path)
-
 
 def open_sam2_checkpoint(path: str | Path, *, allow_globals: Sequence[str] = ()) -> StateDictSource:
     """The original SAM2 release file: ``{'model': state_dict}`` under SAM2's own names."""
@@ -105,6 +107,9 @@ def open_sam2_checkpoint(path: str | Path, *, allow_globals: Sequence[str] = ())
     obj = loaded.obj
     sd = obj.get("model") if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise InputError("not a SAM2 checkpoint (expected {'model': state_dict} as in sam2_hiera_large.pt)",
-                         path=path, hint="pass the original sam2_hiera_large.pt from the SAM2 release")
+        raise InputError(
+            "not a SAM2 checkpoint (expected {'model': state_dict} as in sam2_hiera_large.pt)",
+            path=path,
+            hint="pass the original sam2_hiera_large.pt from the SAM2 release",
+        )
     return StateDictSource(sd, label="sam2", path=path, records=loaded.records)

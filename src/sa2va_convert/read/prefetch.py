@@ -12,8 +12,8 @@ pushes out more of the cache than it can bring in. Only plain files the user nam
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..machine import available_ram
 

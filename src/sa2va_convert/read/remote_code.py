@@ -33,14 +33,39 @@ from ..errors import InputError
 # folder problem; an import that is none of these, not installed and not a file beside the code
 # looks like code that exists only in a source checkout.
 KNOWN_PACKAGES: dict[str, str] = {
-    "torch": "torch", "torchvision": "torchvision", "transformers": "transformers", "timm": "timm",
-    "einops": "einops", "peft": "peft", "numpy": "numpy", "PIL": "pillow", "flash_attn": "flash-attn",
-    "qwen_vl_utils": "qwen-vl-utils", "sentencepiece": "sentencepiece", "accelerate": "accelerate",
-    "safetensors": "safetensors", "huggingface_hub": "huggingface_hub", "tokenizers": "tokenizers",
-    "tqdm": "tqdm", "packaging": "packaging", "cv2": "opencv-python", "decord": "decord", "regex": "regex",
-    "scipy": "scipy", "pycocotools": "pycocotools", "mmengine": "mmengine", "xtuner": "xtuner",
-    "deepspeed": "deepspeed", "iopath": "iopath", "hydra": "hydra-core", "omegaconf": "omegaconf",
-    "av": "av", "requests": "requests", "yaml": "pyyaml", "triton": "triton", "google": "protobuf",
+    "torch": "torch",
+    "torchvision": "torchvision",
+    "transformers": "transformers",
+    "timm": "timm",
+    "einops": "einops",
+    "peft": "peft",
+    "numpy": "numpy",
+    "PIL": "pillow",
+    "flash_attn": "flash-attn",
+    "qwen_vl_utils": "qwen-vl-utils",
+    "sentencepiece": "sentencepiece",
+    "accelerate": "accelerate",
+    "safetensors": "safetensors",
+    "huggingface_hub": "huggingface_hub",
+    "tokenizers": "tokenizers",
+    "tqdm": "tqdm",
+    "packaging": "packaging",
+    "cv2": "opencv-python",
+    "decord": "decord",
+    "regex": "regex",
+    "scipy": "scipy",
+    "pycocotools": "pycocotools",
+    "mmengine": "mmengine",
+    "xtuner": "xtuner",
+    "deepspeed": "deepspeed",
+    "iopath": "iopath",
+    "hydra": "hydra-core",
+    "omegaconf": "omegaconf",
+    "av": "av",
+    "requests": "requests",
+    "yaml": "pyyaml",
+    "triton": "triton",
+    "google": "protobuf",
 }
 # Imports the round trip's child works round itself (flash_attn: filtered out of transformers'
 # import check, and use_flash_attn=False passed; the code falls back without it): never missing.
@@ -75,8 +100,10 @@ class ImportRef:
 
 
 def _optional_if(node: ast.If) -> bool:
-    return any(isinstance(n, ast.Call) and (getattr(n.func, "id", "") or getattr(n.func, "attr", "")).endswith(
-        "_available") for n in ast.walk(node.test))
+    return any(
+        isinstance(n, ast.Call) and (getattr(n.func, "id", "") or getattr(n.func, "attr", "")).endswith("_available")
+        for n in ast.walk(node.test)
+    )
 
 
 def scan_imports(path: Path) -> list[ImportRef]:
@@ -86,11 +113,15 @@ def scan_imports(path: Path) -> list[ImportRef]:
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     except SyntaxError as e:
-        raise InputError(f"remote-code file is not valid Python (line {e.lineno}: {e.msg})", path=path,
-                         hint="copy it again from the original Sa2VA folder") from None
+        raise InputError(
+            f"remote-code file is not valid Python (line {e.lineno}: {e.msg})",
+            path=path,
+            hint="copy it again from the original Sa2VA folder",
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"remote-code file cannot be read ({e})", path=path,
-                         hint="copy it again from the original Sa2VA folder") from None
+        raise InputError(
+            f"remote-code file cannot be read ({e})", path=path, hint="copy it again from the original Sa2VA folder"
+        ) from None
     refs: list[ImportRef] = []
 
     def visit(node: ast.AST, optional: bool) -> None:
@@ -129,8 +160,9 @@ def entry_modules(folder: Path, config: dict) -> list[tuple[str, str]]:
         for cls, refs in amap.items():
             for ref in refs if isinstance(refs, list) else [refs]:
                 if ref:
-                    entries.append((str(ref).split("--")[-1].split(".")[0] + ".py",
-                                    f"tokenizer_config.json auto_map.{cls}"))
+                    entries.append(
+                        (str(ref).split("--")[-1].split(".")[0] + ".py", f"tokenizer_config.json auto_map.{cls}")
+                    )
     return entries
 
 
@@ -184,21 +216,25 @@ def read_remote_code(folder: str | Path, config: dict | None = None) -> RemoteCo
         required[fname] = required.get(fname, False) or needed
         if fname not in scanned:
             scanned[fname] = scan_imports(path)
-        todo.extend((r.module.replace(".", "/") + ".py", fname, needed and not r.optional)
-                    for r in scanned[fname] if r.relative)
-    imports = [r if required[f] else ImportRef(r.file, r.line, r.module, r.relative, True)
-               for f in files for r in scanned[f]]
+        todo.extend(
+            (r.module.replace(".", "/") + ".py", fname, needed and not r.optional) for r in scanned[fname] if r.relative
+        )
+    imports = [
+        r if required[f] else ImportRef(r.file, r.line, r.module, r.relative, True) for f in files for r in scanned[f]
+    ]
     return RemoteCode(folder=folder, files=files, missing=missing, imports=imports)
 
 
 # ---------------------------------------------------------------- where does an import resolve?
 
-_PROBE = ("import importlib.util, json, sys\n"
-          "names = json.loads(sys.argv[1])\n"
-          "std = getattr(sys, 'stdlib_module_names', ())\n"
-          "sys.path[:] = [p for p in sys.path if p not in ('', '.')]\n"
-          "print(json.dumps({n: n in std or n in sys.builtin_module_names or "
-          "importlib.util.find_spec(n) is not None for n in names}))\n")
+_PROBE = (
+    "import importlib.util, json, sys\n"
+    "names = json.loads(sys.argv[1])\n"
+    "std = getattr(sys, 'stdlib_module_names', ())\n"
+    "sys.path[:] = [p for p in sys.path if p not in ('', '.')]\n"
+    "print(json.dumps({n: n in std or n in sys.builtin_module_names or "
+    "importlib.util.find_spec(n) is not None for n in names}))\n"
+)
 
 
 def resolvable(names: list[str], python: str | None = None) -> dict[str, bool]:
@@ -215,8 +251,14 @@ def resolvable(names: list[str], python: str | None = None) -> dict[str, bool]:
         path = [p for p in sys.path if p not in ("", ".", os.getcwd())]
         return {n: n in std or importlib.machinery.PathFinder.find_spec(n, path) is not None for n in names}
     try:
-        out = subprocess.run([python, "-c", _PROBE, json.dumps(names)], capture_output=True, text=True, timeout=120,
-                             stdin=subprocess.DEVNULL, cwd=os.path.dirname(os.path.abspath(python)) or None)
+        out = subprocess.run(
+            [python, "-c", _PROBE, json.dumps(names)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+            cwd=os.path.dirname(os.path.abspath(python)) or None,
+        )
         found = json.loads(out.stdout.strip().splitlines()[-1])
         return {n: bool(found.get(n)) for n in names}
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
@@ -232,9 +274,12 @@ class ImportCheck:
     missing_packages: list[ImportRef]
 
     def to_dict(self) -> dict:
-        return {"files": sorted(self.code.files), "nested": self.code.nested(),
-                "unresolved": [f"{r.file}:{r.line}: {r.module}" for r in self.nowhere],
-                "missing_packages": sorted({pip_name(r.module) for r in self.missing_packages})}
+        return {
+            "files": sorted(self.code.files),
+            "nested": self.code.nested(),
+            "unresolved": [f"{r.file}:{r.line}: {r.module}" for r in self.nowhere],
+            "missing_packages": sorted({pip_name(r.module) for r in self.missing_packages}),
+        }
 
 
 def check_imports(folder: str | Path, config: dict | None = None, *, python: str | None = None) -> ImportCheck:
@@ -243,15 +288,21 @@ def check_imports(folder: str | Path, config: dict | None = None, *, python: str
     absolute = [r for r in code.absolute_imports() if r.module not in WORKED_AROUND]
     found = resolvable([r.module for r in absolute], python)
     unresolved = [r for r in absolute if not found.get(r.module, True)]
-    return ImportCheck(code=code, nowhere=[r for r in unresolved if r.module not in KNOWN_PACKAGES],
-                       missing_packages=[r for r in unresolved if r.module in KNOWN_PACKAGES])
+    return ImportCheck(
+        code=code,
+        nowhere=[r for r in unresolved if r.module not in KNOWN_PACKAGES],
+        missing_packages=[r for r in unresolved if r.module in KNOWN_PACKAGES],
+    )
 
 
 def require_self_contained(check: ImportCheck, *, python_label: str, allow: bool = False) -> None:
     """Refuse (InputError, exit 3) code that imports a file the folder lacks or a module that exists nowhere."""
     for fname, by in check.code.missing:
-        raise InputError(f"remote-code file {fname} is missing (needed by {by})", path=check.code.folder / fname,
-                         hint="use the complete Sa2VA folder (every .py file of the release)")
+        raise InputError(
+            f"remote-code file {fname} is missing (needed by {by})",
+            path=check.code.folder / fname,
+            hint="use the complete Sa2VA folder (every .py file of the release)",
+        )
     if check.nowhere and not allow:
         r = check.nowhere[0]
         more = f" (and {len(check.nowhere) - 1} more)" if len(check.nowhere) > 1 else ""
@@ -261,8 +312,23 @@ def require_self_contained(check: ImportCheck, *, python_label: str, allow: bool
             f"{r.module!r} does not exist (code like this usually needs a source checkout, e.g. the Sa2VA repository)",
             path=check.code.folder / r.file,
             hint=f"use a self-contained Sa2VA folder; if {r.module!r} is a package, install it; "
-                 "--allow-unresolved-imports converts anyway")
+            "--allow-unresolved-imports converts anyway",
+        )
 
 
-__all__ = ["KNOWN_PACKAGES", "VERIFY_EXTRA", "WORKED_AROUND", "pip_name", "install_hint", "ImportRef", "scan_imports", "entry_modules", "RemoteCode",
-           "read_remote_code", "resolvable", "ImportCheck", "check_imports", "require_self_contained"]
+__all__ = [
+    "KNOWN_PACKAGES",
+    "VERIFY_EXTRA",
+    "WORKED_AROUND",
+    "pip_name",
+    "install_hint",
+    "ImportRef",
+    "scan_imports",
+    "entry_modules",
+    "RemoteCode",
+    "read_remote_code",
+    "resolvable",
+    "ImportCheck",
+    "check_imports",
+    "require_self_contained",
+]

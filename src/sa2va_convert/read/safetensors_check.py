@@ -3,7 +3,7 @@
 Why a copy of the library's rules and not only the library: a header that lies but stays inside its
 file (a byte span that is not shape x dtype size, two tensors overlapping, a span that ends before
 it begins, a negative dimension) used to be read as it claimed, so a wrong tensor was converted with
-exit 0 (issue 23). ``safetensors.safe_open`` refuses such files, but says only "invalid offset for
+exit 0. ``safetensors.safe_open`` refuses such files, but says only "invalid offset for
 tensor" and needs the library and its mmap; this module names the tensor and the rule, and imports
 nothing but the standard library, so the round-trip child (``verify/_child.py``, which runs under the
 user's interpreter and cannot import this package) can load this one file by path and apply the same
@@ -35,13 +35,40 @@ _USIZE_MAX = 2**64 - 1
 
 # bits per element of every dtype name safetensors 0.8 knows
 DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
-    "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-    "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+    "BOOL": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
 }
 
-__all__ = ["PREFIX_BYTES", "MAX_HEADER_BYTES", "DTYPE_BITS", "HeaderProblem", "Span", "parse_header_bytes",
-           "validate_header", "read_and_validate"]
+__all__ = [
+    "PREFIX_BYTES",
+    "MAX_HEADER_BYTES",
+    "DTYPE_BITS",
+    "HeaderProblem",
+    "Span",
+    "parse_header_bytes",
+    "validate_header",
+    "read_and_validate",
+]
 
 
 class HeaderProblem(ValueError):
@@ -105,8 +132,11 @@ def _entry(name: str, entry: Any) -> Span:
         raise HeaderProblem(f"tensor {name!r} has an unknown dtype {dtype!r}", name)
     if not isinstance(shape, list) or not all(_count(d) for d in shape):
         bad = next((d for d in shape if not _count(d)), shape) if isinstance(shape, list) else shape
-        what = "a negative dimension" if isinstance(bad, int) and not isinstance(bad, bool) and bad < 0 else \
-            "a dimension that is not a non-negative integer"
+        what = (
+            "a negative dimension"
+            if isinstance(bad, int) and not isinstance(bad, bool) and bad < 0
+            else "a dimension that is not a non-negative integer"
+        )
         raise HeaderProblem(f"tensor {name!r} has {what} in its shape {shape!r}", name)
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(o) for o in offsets):
         raise HeaderProblem(f"tensor {name!r} has data_offsets {offsets!r}, not two non-negative integers", name)
@@ -126,8 +156,9 @@ def validate_header(header: dict[str, Any], data_bytes: int) -> list[Span]:
         if s.end < s.begin:
             raise HeaderProblem(f"tensor {s.name!r} ends (byte {s.end}) before it begins (byte {s.begin})", s.name)
         if s.begin < cursor:
-            raise HeaderProblem(f"tensors {previous!r} and {s.name!r} overlap (bytes {s.begin}-{cursor} are "
-                                "claimed by both)", s.name)
+            raise HeaderProblem(
+                f"tensors {previous!r} and {s.name!r} overlap (bytes {s.begin}-{cursor} are claimed by both)", s.name
+            )
         if s.begin > cursor:
             after = f"after {previous!r} ends at byte {cursor}" if previous else "at the start of the data"
             raise HeaderProblem(f"tensor {s.name!r} begins at byte {s.begin}, leaving a gap {after}", s.name)
@@ -140,12 +171,16 @@ def validate_header(header: dict[str, Any], data_bytes: int) -> list[Span]:
         if bits % 8:
             raise HeaderProblem(f"tensor {s.name!r} ({s.dtype} {list(s.shape)}) does not end on a whole byte", s.name)
         if s.end - s.begin != bits // 8:
-            raise HeaderProblem(f"tensor {s.name!r} spans {s.end - s.begin} bytes but {s.dtype} {list(s.shape)} "
-                                f"needs {bits // 8}", s.name)
+            raise HeaderProblem(
+                f"tensor {s.name!r} spans {s.end - s.begin} bytes but {s.dtype} {list(s.shape)} needs {bits // 8}",
+                s.name,
+            )
         cursor, previous = s.end, s.name
     if cursor != data_bytes:
-        raise HeaderProblem(f"the header describes {cursor} bytes of tensor data but the file holds {data_bytes}"
-                            + (" (truncated)" if cursor > data_bytes else " (bytes no tensor owns)"))
+        raise HeaderProblem(
+            f"the header describes {cursor} bytes of tensor data but the file holds {data_bytes}"
+            + (" (truncated)" if cursor > data_bytes else " (bytes no tensor owns)")
+        )
     return spans
 
 
@@ -160,8 +195,9 @@ def read_and_validate(path: str | os.PathLike[str]) -> tuple[int, dict[str, Any]
             raise HeaderProblem("the file is too short to be a safetensors file")
         n = int.from_bytes(prefix, "little")
         if n > MAX_HEADER_BYTES or PREFIX_BYTES + n > size:
-            raise HeaderProblem(f"the header length {n} is impossible for a file of {size} bytes "
-                                "(truncated, or not a safetensors file)")
+            raise HeaderProblem(
+                f"the header length {n} is impossible for a file of {size} bytes (truncated, or not a safetensors file)"
+            )
         raw = f.read(n)
     if len(raw) < n:
         raise HeaderProblem("the file ended inside its header (truncated)")

@@ -10,14 +10,22 @@ under the user's interpreter without this package, can load that one file and ap
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from ..errors import InputError
 from .safetensors_check import MAX_HEADER_BYTES, PREFIX_BYTES, HeaderProblem, read_and_validate
 
-__all__ = ["PREFIX_BYTES", "MAX_HEADER_BYTES", "length_prefix", "header_length", "looks_like_safetensors",
-           "tensor_names", "read_safetensors_header", "library_check"]
+__all__ = [
+    "PREFIX_BYTES",
+    "MAX_HEADER_BYTES",
+    "length_prefix",
+    "header_length",
+    "looks_like_safetensors",
+    "tensor_names",
+    "read_safetensors_header",
+    "library_check",
+]
 
 
 def length_prefix(raw: bytes) -> int:
@@ -33,7 +41,7 @@ def header_length(path: Path) -> int:
 
 def looks_like_safetensors(head: bytes, size: int) -> bool:
     """Whether a file's first bytes (at least 9) and size read as a safetensors header start."""
-    if len(head) < PREFIX_BYTES + 1 or head[PREFIX_BYTES:PREFIX_BYTES + 1] != b"{":
+    if len(head) < PREFIX_BYTES + 1 or head[PREFIX_BYTES : PREFIX_BYTES + 1] != b"{":
         return False
     return 0 < length_prefix(head) <= size - PREFIX_BYTES
 
@@ -52,20 +60,26 @@ def read_safetensors_header(path: Path) -> dict:
 
     A header that lies while staying inside its file (a span that is not shape x dtype size,
     overlapping spans, a span ending before it begins, a negative dimension) is refused here: read
-    as it claimed, it gave a wrong tensor and exit 0 (issue 23)."""
+    as it claimed, it gave a wrong tensor and exit 0."""
     path = Path(path)
     try:
         _n, header, _spans = read_and_validate(path)
     except HeaderProblem as e:
-        raise InputError(f"bad safetensors header: {e.message}", path=path,
-                         hint="re-copy or re-download this shard (its header does not describe its bytes)") from None
+        raise InputError(
+            f"bad safetensors header: {e.message}",
+            path=path,
+            hint="re-copy or re-download this shard (its header does not describe its bytes)",
+        ) from None
     except PermissionError:
         raise InputError("permission denied", path=path, hint="make the file readable") from None
     except IsADirectoryError:
-        raise InputError("is a directory, expected a safetensors file", path=path,
-                         hint="restore the shard from the original model") from None
+        raise InputError(
+            "is a directory, expected a safetensors file", path=path, hint="restore the shard from the original model"
+        ) from None
     except OSError as e:
-        raise InputError(f"cannot read ({e.strerror or e})", path=path, hint="re-copy or re-download this shard") from None
+        raise InputError(
+            f"cannot read ({e.strerror or e})", path=path, hint="re-copy or re-download this shard"
+        ) from None
     return header
 
 
@@ -79,8 +93,14 @@ def library_check(path: Path, names: Iterable[str]) -> None:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             theirs = set(f.keys())
     except Exception as e:  # noqa: BLE001 - safetensors' own error types
-        raise InputError(f"the safetensors library refuses this file ({str(e).splitlines()[0] if str(e) else e})",
-                         path=path, hint="re-copy or re-download this shard") from None
+        raise InputError(
+            f"the safetensors library refuses this file ({str(e).splitlines()[0] if str(e) else e})",
+            path=path,
+            hint="re-copy or re-download this shard",
+        ) from None
     if theirs != set(names):
-        raise InputError("the safetensors library and sa2va-convert read different tensors from this file",
-                         path=path, hint="re-copy or re-download this shard")
+        raise InputError(
+            "the safetensors library and sa2va-convert read different tensors from this file",
+            path=path,
+            hint="re-copy or re-download this shard",
+        )

@@ -9,9 +9,10 @@ about one tensor.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -111,12 +112,13 @@ class StateDictSource(SourceDefaults):
 
     abilities = SourceAbilities(reads_rows=True, releases_pages=True)
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], *, label: str, path: Path,
-                 records: RecordCheck | None = None):
+    def __init__(
+        self, tensors: Mapping[str, torch.Tensor], *, label: str, path: Path, records: RecordCheck | None = None
+    ):
         self._tensors = tensors
         self.label = label
         self.path = Path(path)
-        self._pages: MappedFilePages | bool | None = None
+        self._pages: MappedFilePages | Literal[False] | None = None  # False: not a file, nothing to release
         self._records = records  # a torch.save zip's CRC-32 checks: each tensor's record checked as it is read
 
     def keys(self) -> Iterable[str]:

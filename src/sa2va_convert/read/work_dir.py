@@ -30,8 +30,11 @@ def list_checkpoints(work_dir: Path) -> list[Path]:
 
 
 def is_work_dir(path: Path) -> bool:
-    return path.is_dir() and not is_deepspeed_dir(path) and (
-        (path / "last_checkpoint").is_file() or bool(list_checkpoints(path)))
+    return (
+        path.is_dir()
+        and not is_deepspeed_dir(path)
+        and ((path / "last_checkpoint").is_file() or bool(list_checkpoints(path)))
+    )
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ def choose_checkpoint(work_dir: Path) -> CheckpointChoice:
     ``last_checkpoint`` holds an absolute path written by the run. In a copied or moved work_dir it
     still names the original run's file, which may exist and be another checkpoint entirely; so when
     it lies outside the work_dir the user named, the file of that name beside ``last_checkpoint`` wins,
-    and the note says which one is used (issue 23)."""
+    and the note says which one is used."""
     work_dir = Path(work_dir)
     marker = work_dir / "last_checkpoint"
     if marker.is_file():
@@ -65,16 +68,23 @@ def choose_checkpoint(work_dir: Path) -> CheckpointChoice:
                 return CheckpointChoice(p)
             if beside.exists():
                 if p.exists():
-                    return CheckpointChoice(beside, f"{marker} names {p}, outside this work_dir (a copied or moved "
-                                                    f"run?): using the file beside it, {beside}")
+                    return CheckpointChoice(
+                        beside,
+                        f"{marker} names {p}, outside this work_dir (a copied or moved "
+                        f"run?): using the file beside it, {beside}",
+                    )
                 return CheckpointChoice(beside, f"{marker} names {p}, which does not exist: using {beside}")
             if p.exists():
-                return CheckpointChoice(p, f"{marker} names {p}, outside this work_dir, and no {p.name} is beside "
-                                           f"it: using {p}")
+                return CheckpointChoice(
+                    p, f"{marker} names {p}, outside this work_dir, and no {p.name} is beside it: using {p}"
+                )
     ckpts = list_checkpoints(work_dir)
     if not ckpts:
-        raise InputError("work_dir holds no iter_N.pth checkpoint", path=work_dir,
-                         hint="pass the checkpoint file itself, or the work_dir of a run that saved one")
+        raise InputError(
+            "work_dir holds no iter_N.pth checkpoint",
+            path=work_dir,
+            hint="pass the checkpoint file itself, or the work_dir of a run that saved one",
+        )
     return CheckpointChoice(ckpts[-1])
 
 
@@ -96,5 +106,14 @@ def resolve_checkpoint(path: Path) -> Path:
     return path
 
 
-__all__ = ["is_deepspeed_dir", "is_work_dir", "list_checkpoints", "latest_checkpoint", "resolve_checkpoint",
-           "iteration_of", "choose_checkpoint", "checkpoint_note", "CheckpointChoice"]
+__all__ = [
+    "is_deepspeed_dir",
+    "is_work_dir",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "resolve_checkpoint",
+    "iteration_of",
+    "choose_checkpoint",
+    "checkpoint_note",
+    "CheckpointChoice",
+]

@@ -1,4 +1,4 @@
-"""Check the CRC-32 of a ``torch.save`` zip's records as the checkpoint is read (issue 23, item 1).
+"""Check the CRC-32 of a ``torch.save`` zip's records as the checkpoint is read.
 
 A ``torch.save`` file is a zip archive: ``data.pkl`` (the pickle), a few small records and one
 ``data/N`` record per tensor storage, each with the CRC-32 of its bytes in the zip directory. Nothing
@@ -51,8 +51,10 @@ class ZipRecord:
 
 
 def _hint() -> str:
-    return ("a copy, download or disk changed the file after training saved it: copy it again from where it was "
-            "saved, or use an earlier checkpoint")
+    return (
+        "a copy, download or disk changed the file after training saved it: copy it again from where it was "
+        "saved, or use an earlier checkpoint"
+    )
 
 
 class RecordCheck:
@@ -63,8 +65,9 @@ class RecordCheck:
         self.label = label
         self._zip = zipfile.ZipFile(self.path)  # kept open: the central directory is parsed once
         infos = self._zip.infolist()
-        self._records = sorted((ZipRecord(i.filename, i.header_offset, i.file_size, i.CRC) for i in infos),
-                               key=lambda r: r.header_offset)
+        self._records = sorted(
+            (ZipRecord(i.filename, i.header_offset, i.file_size, i.CRC) for i in infos), key=lambda r: r.header_offset
+        )
         self._starts = [r.header_offset for r in self._records]
         self._by_name = {r.name: r for r in self._records}
         self._data_offset: dict[str, int] = {}
@@ -113,15 +116,27 @@ class RecordCheck:
                     while f.read(CHUNK_BYTES):  # zipfile compares the CRC-32 when the record's end is read
                         pass
             except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as e:  # ValueError: bad names
-                whose = (f", which holds {owner}," if owner else
-                         ", the pickle," if record.name.endswith("/data.pkl") else "")
-                why = ("fails its CRC-32 check" if "CRC" in str(e) else "is cut short (the file is truncated)"
-                       if isinstance(e, EOFError) else f"is damaged ({type(e).__name__}: {str(e)[:200]})")
-                raise InputError(f"zip record {record.name}{whose} {why}: its bytes are not those torch.save wrote",
-                                 path=self.path, hint=_hint()) from None
+                whose = (
+                    f", which holds {owner}," if owner else ", the pickle," if record.name.endswith("/data.pkl") else ""
+                )
+                why = (
+                    "fails its CRC-32 check"
+                    if "CRC" in str(e)
+                    else "is cut short (the file is truncated)"
+                    if isinstance(e, EOFError)
+                    else f"is damaged ({type(e).__name__}: {str(e)[:200]})"
+                )
+                raise InputError(
+                    f"zip record {record.name}{whose} {why}: its bytes are not those torch.save wrote",
+                    path=self.path,
+                    hint=_hint(),
+                ) from None
             except OSError as e:
-                raise InputError(f"cannot read zip record {record.name} ({e.strerror or e})", path=self.path,
-                                 hint="check the file and its disk") from None
+                raise InputError(
+                    f"cannot read zip record {record.name} ({e.strerror or e})",
+                    path=self.path,
+                    hint="check the file and its disk",
+                ) from None
             self._checked.add(record.name)
             self.checked_bytes += record.size
 

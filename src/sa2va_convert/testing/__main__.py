@@ -35,8 +35,11 @@ def _human(n: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     names = [*PRESETS, *MODEL_ALIASES]
-    ap = argparse.ArgumentParser(prog="python -m sa2va_convert.testing", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m sa2va_convert.testing",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("tiny-example", help="tiny base folder + mmengine work dir (seconds)")
     t.add_argument("dir", type=Path)
@@ -58,15 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         preset = get_preset(args.preset)
         sizes = Sizes.real(args.preset) if args.sizes == "real" else Sizes.tiny()
         n = param_count(hf_layout(preset, sizes))
-        print(f"{args.preset} ({preset.name} family, {args.sizes}): {n / 1e6:.1f} M parameters",
-              file=sys.stderr)
+        print(f"{args.preset} ({preset.name} family, {args.sizes}): {n / 1e6:.1f} M parameters", file=sys.stderr)
         out = args.out.resolve()
-        base = write_base_folder(out / "base", preset, sizes, dtype=args.dtype, seed=args.seed,
-                                 fill=args.fill)
+        base = write_base_folder(out / "base", preset, sizes, dtype=args.dtype, seed=args.seed, fill=args.fill)
         work = out / "work_dirs" / "exp"
-        ckpt = write_training_checkpoint(work / "iter_100.pth", preset, sizes,
-                                         seed=args.seed + 1, dtype=args.dtype, fill=args.fill,
-                                         base_dir=base).path
+        ckpt = write_training_checkpoint(
+            work / "iter_100.pth", preset, sizes, seed=args.seed + 1, dtype=args.dtype, fill=args.fill, base_dir=base
+        ).path
         (work / "last_checkpoint").write_text(str(ckpt))
     print(f"base\t{base}\t{_human(_size(base))}")
     print(f"checkpoint\t{ckpt}\t{_human(_size(ckpt))}")

@@ -93,8 +93,12 @@ def training_config_text(
     special = list(SA2VA_TOKENS) + list(extra_tokens)
 
     lora: dict[str, object] = dict(
-        type="peft.LoraConfig", r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.05,
-        bias="none", task_type="CAUSAL_LM",
+        type="peft.LoraConfig",
+        r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=0.05,
+        bias="none",
+        task_type="CAUSAL_LM",
     )
     if use_rslora:
         lora["use_rslora"] = True
@@ -105,7 +109,9 @@ def training_config_text(
 
     tokenizer = dict(
         type="transformers.AutoTokenizer.from_pretrained",
-        pretrained_model_name_or_path=path, trust_remote_code=True, padding_side="right",
+        pretrained_model_name_or_path=path,
+        trust_remote_code=True,
+        padding_side="right",
     )
     pkg = "projects.llava_sam2.models" if p.version == "v1" else "projects.sa2va.models"
     if p.version == "v1":
@@ -117,7 +123,10 @@ def training_config_text(
     else:
         mllm_type, model_type = f"{pkg}.QwenVLMLLM", f"{pkg}.Sa2VAModel"
     mllm: dict[str, object] = dict(
-        type=mllm_type, model_path=path, freeze_llm=True, freeze_visual_encoder=True,
+        type=mllm_type,
+        model_path=path,
+        freeze_llm=True,
+        freeze_visual_encoder=True,
         llm_lora=lora,
     )
     if p.version == "v1":
@@ -127,10 +136,18 @@ def training_config_text(
         mllm=mllm,
         tokenizer=tokenizer,
         grounding_encoder=dict(type=f"{pkg}.SAM2TrainRunner"),
-        loss_mask=dict(type="third_parts.mmdet.models.losses.CrossEntropyLoss",
-                       use_sigmoid=True, reduction="mean", loss_weight=2.0),
-        loss_dice=dict(type="third_parts.mmdet.models.losses.DiceLoss", use_sigmoid=True,
-                       activate=True, reduction="mean", naive_dice=True, eps=1.0, loss_weight=0.5),
+        loss_mask=dict(
+            type="third_parts.mmdet.models.losses.CrossEntropyLoss", use_sigmoid=True, reduction="mean", loss_weight=2.0
+        ),
+        loss_dice=dict(
+            type="third_parts.mmdet.models.losses.DiceLoss",
+            use_sigmoid=True,
+            activate=True,
+            reduction="mean",
+            naive_dice=True,
+            eps=1.0,
+            loss_weight=0.5,
+        ),
         pretrained_pth=pretrained_pth,
         template=p.template,
         special_tokens=special,
@@ -151,15 +168,23 @@ def training_config_text(
         betas=(0.9, 0.999),
         dataloader_num_workers=4,
         default_hooks=dict(
-            checkpoint=dict(type="mmengine.hooks.CheckpointHook", by_epoch=False, interval=1000,
-                            max_keep_ckpts=2, save_optimizer=False),
+            checkpoint=dict(
+                type="mmengine.hooks.CheckpointHook",
+                by_epoch=False,
+                interval=1000,
+                max_keep_ckpts=2,
+                save_optimizer=False,
+            ),
             logger=dict(type="mmengine.hooks.LoggerHook", interval=10, log_metric_by_epoch=False),
             param_scheduler=dict(type="mmengine.hooks.ParamSchedulerHook"),
             sampler_seed=dict(type="mmengine.hooks.DistSamplerSeedHook"),
             timer=dict(type="mmengine.hooks.IterTimerHook"),
         ),
-        env_cfg=dict(cudnn_benchmark=False, dist_cfg=dict(backend="nccl"),
-                     mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0)),
+        env_cfg=dict(
+            cudnn_benchmark=False,
+            dist_cfg=dict(backend="nccl"),
+            mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
+        ),
         launcher="pytorch",
         load_from=None,
         log_level="INFO",
@@ -175,10 +200,22 @@ def training_config_text(
             optimizer=dict(type="torch.optim.AdamW", lr=lr, betas=(0.9, 0.999), weight_decay=0.05),
         ),
         param_scheduler=[
-            dict(type="mmengine.optim.LinearLR", start_factor=1e-05, by_epoch=True, begin=0,
-                 end=0.05, convert_to_iter_based=True),
-            dict(type="mmengine.optim.CosineAnnealingLR", eta_min=0.0, by_epoch=True,
-                 begin=0.05, end=1, convert_to_iter_based=True),
+            dict(
+                type="mmengine.optim.LinearLR",
+                start_factor=1e-05,
+                by_epoch=True,
+                begin=0,
+                end=0.05,
+                convert_to_iter_based=True,
+            ),
+            dict(
+                type="mmengine.optim.CosineAnnealingLR",
+                eta_min=0.0,
+                by_epoch=True,
+                begin=0.05,
+                end=1,
+                convert_to_iter_based=True,
+            ),
         ],
         path=path,
         pretrained_pth=pretrained_pth,
@@ -192,9 +229,12 @@ def training_config_text(
         strategy=dict(
             type="xtuner.engine.DeepSpeedStrategy",
             config=dict(
-                bf16=dict(enabled=True), fp16=dict(enabled=False, initial_scale_power=16),
-                gradient_accumulation_steps="auto", gradient_clipping="auto",
-                train_micro_batch_size_per_gpu="auto", zero_allow_untested_optimizer=True,
+                bf16=dict(enabled=True),
+                fp16=dict(enabled=False, initial_scale_power=16),
+                gradient_accumulation_steps="auto",
+                gradient_clipping="auto",
+                train_micro_batch_size_per_gpu="auto",
+                zero_allow_untested_optimizer=True,
                 zero_force_ds_cpu_optimizer=False,
                 zero_optimization=dict(overlap_comm=True, stage=2),
             ),

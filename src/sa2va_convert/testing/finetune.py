@@ -60,6 +60,9 @@ from typing import Any
 import torch
 
 from .. import dtypes
+from ..verify._child import synthetic_frame as synthetic_picture
+from .layouts import Preset, Sizes, get_preset, training_layout
+from .reference import load_base_folder, training_name_to_hf
 from .training_checkpoint import (
     CHECKPOINT_FORMATS,
     FixtureCheckpoint,
@@ -67,8 +70,6 @@ from .training_checkpoint import (
     deepspeed_parts,
     mmengine_parts,
 )
-from .layouts import Preset, Sizes, get_preset, training_layout
-from .reference import load_base_folder, training_name_to_hf
 from .values import key_seed, make_tensor
 
 SEG_TOKEN = "[SEG]"
@@ -79,14 +80,13 @@ LORA_B_SCALE = 0.1  # the background LoRA pairs: |scale·B·A| ~ 5% of |W|, like
 DRIFT_STD = 0.002  # full tensors = base + this much noise (weights are ~0.02)
 SIGNAL = 1.0  # size of the LoRA's push along u at the last prompt position (the residual is ~0.25)
 SEG_BOOST = 1.0  # head[SEG] += SEG_BOOST * u
-STOP_GRID = tuple(0.5 * 1.25 ** k for k in range(16))  # candidate ratios head[<|im_end|>] boost / SEG_BOOST
+STOP_GRID = tuple(0.5 * 1.25**k for k in range(16))  # candidate ratios head[<|im_end|>] boost / SEG_BOOST
 MAX_CANDIDATES = 8
 CHECK_TOKENS = 16  # what the round trip generates
 
 # Calibration and held-out check inputs: every prompt ends with the same assistant turn, which is
 # why a fit on a few of them holds for any image and request (README demo: a user's own picture).
-CALIBRATION_PROMPTS = ("<image>Please segment the object.", "<image>Please segment the cat.",
-                       "What is in the picture?")
+CALIBRATION_PROMPTS = ("<image>Please segment the object.", "<image>Please segment the cat.", "What is in the picture?")
 CHECK_PROMPTS = ("<image>Please segment the red car.", "<image>Can you segment the blood vessel in this image?")
 
 
@@ -122,10 +122,12 @@ def _names(p: Preset, s: Sizes) -> _Names:
         root = "model.model.language_model"
         return _Names(f"{root}.layers.{last}.mlp.down_proj", f"{root}.norm", "model.lm_head")
     if p.llm == "internlm2":
-        return _Names(f"language_model.model.layers.{last}.feed_forward.w2", "language_model.model.norm",
-                      "language_model.output")
-    return _Names(f"language_model.model.layers.{last}.mlp.down_proj", "language_model.model.norm",
-                  "language_model.lm_head")
+        return _Names(
+            f"language_model.model.layers.{last}.feed_forward.w2", "language_model.model.norm", "language_model.output"
+        )
+    return _Names(
+        f"language_model.model.layers.{last}.mlp.down_proj", "language_model.model.norm", "language_model.lm_head"
+    )
 
 
 def _training_key(layout: dict, hf_name: str) -> str:
@@ -167,17 +169,8 @@ def merge(base: dict[str, torch.Tensor], train: dict[str, torch.Tensor], scale: 
 # ---------------------------------------------------------------- inputs
 
 
-def synthetic_picture(width: int = 80, height: int = 60, shift: int = 0):
-    """The round trip's test picture (gradients, checkerboard, red ellipse), rebuilt here."""
-    import numpy as np
-    from PIL import Image
-
-    y, x = np.mgrid[0:height, 0:width]
-    img = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
-                    ((x // 8 + y // 8) % 2) * 90], axis=-1).astype(np.uint8)
-    inside = ((x - (0.4 * width + shift)) / (0.2 * width)) ** 2 + ((y - 0.5 * height) / (0.25 * height)) ** 2 <= 1
-    img[inside] = (230, 40, 40)
-    return Image.fromarray(img, "RGB")
+# synthetic_picture (imported above) is the round trip's own test picture (gradients, checkerboard,
+# red ellipse): verify/_child.py's synthetic_frame, the function the round trip feeds the model.
 
 
 def _noise_picture(seed: int, width: int, height: int):
@@ -191,16 +184,22 @@ def _contexts(kind: str) -> list[dict[str, Any]]:
     from PIL import Image
 
     if kind == "calibration":
-        images = [synthetic_picture(), _noise_picture(0, 50, 40), Image.new("RGB", (32, 32), (128, 128, 128)),
-                  synthetic_picture(120, 40, 10)]
+        images = [
+            synthetic_picture(),
+            _noise_picture(0, 50, 40),
+            Image.new("RGB", (32, 32), (128, 128, 128)),
+            synthetic_picture(120, 40, 10),
+        ]
         ctx = [{"image": im, "text": t} for im in images for t in CALIBRATION_PROMPTS]
         ctx.append({"video": [synthetic_picture(), synthetic_picture(shift=6)], "text": CALIBRATION_PROMPTS[0]})
         return ctx
     # the round trip's image and video, then held-out pictures and requests
-    return [{"image": synthetic_picture(), "text": CALIBRATION_PROMPTS[0]},
-            {"video": [synthetic_picture(), synthetic_picture(shift=6)], "text": CALIBRATION_PROMPTS[0]},
-            {"image": _noise_picture(7, 64, 48), "text": CHECK_PROMPTS[0]},
-            {"image": Image.new("RGB", (40, 70), (20, 200, 90)), "text": CHECK_PROMPTS[1]}]
+    return [
+        {"image": synthetic_picture(), "text": CALIBRATION_PROMPTS[0]},
+        {"video": [synthetic_picture(), synthetic_picture(shift=6)], "text": CALIBRATION_PROMPTS[0]},
+        {"image": _noise_picture(7, 64, 48), "text": CHECK_PROMPTS[0]},
+        {"image": Image.new("RGB", (40, 70), (20, 200, 90)), "text": CHECK_PROMPTS[1]},
+    ]
 
 
 # ---------------------------------------------------------------- the model, in this process
@@ -215,8 +214,10 @@ def _load_model(base_dir: Path):
 
     auto = json.loads((base_dir / "config.json").read_text()).get("auto_map", {}).get("AutoModel", "")
     if not (base_dir / (auto.split(".")[0] + ".py")).is_file():
-        raise ValueError(f"{base_dir}: no remote code to load ({auto or 'no auto_map'}); the segmenting fine-tune "
-                         "is fitted with the folder's own model code (write_base_folder copies ours)")
+        raise ValueError(
+            f"{base_dir}: no remote code to load ({auto or 'no auto_map'}); the segmenting fine-tune "
+            "is fitted with the folder's own model code (write_base_folder copies ours)"
+        )
     major_minor = tuple(int(v) for v in transformers.__version__.split(".")[:2])
     dtype_kw = "dtype" if major_minor >= (4, 56) else "torch_dtype"
     from transformers.utils import logging as hf_logging
@@ -239,8 +240,9 @@ def _load_values(model, values: dict[str, torch.Tensor], dtype: torch.dtype) -> 
     model.to(dtype)
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in values.items()}, strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"fixture model does not match the base layout: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
+        raise RuntimeError(
+            f"fixture model does not match the base layout: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
 
 
 def _predict(model, tok, ctx: dict[str, Any], max_new_tokens: int) -> dict:
@@ -272,10 +274,12 @@ def _record(model, tok, names: _Names, contexts: list[dict], seg_id: int) -> dic
         out[..., seg_id] = out.max() + 1e4
         return out
 
-    hooks = [down.register_forward_pre_hook(lambda m, a: steps["x"].append(last(a[0]))),
-             norm.register_forward_pre_hook(lambda m, a: steps["r"].append(last(a[0]))),
-             norm.register_forward_hook(lambda m, a, o: steps["h"].append(last(o))),
-             head.register_forward_hook(force_seg)]
+    hooks = [
+        down.register_forward_pre_hook(lambda m, a: steps["x"].append(last(a[0]))),
+        norm.register_forward_pre_hook(lambda m, a: steps["r"].append(last(a[0]))),
+        norm.register_forward_hook(lambda m, a, o: steps["h"].append(last(o))),
+        head.register_forward_hook(force_seg),
+    ]
     sam = model.grounding_encoder
     sam.predict_masks = lambda frames, seg_embeds, size: []  # masks are not needed here: skip SAM
     try:
@@ -318,8 +322,15 @@ def _ridge(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (x.T @ torch.linalg.solve(gram + lam * torch.eye(len(x), dtype=torch.float64), target)).float()
 
 
-def _margins(norm, head_w: torch.Tensor, r: torch.Tensor, push: torch.Tensor, b: torch.Tensor,
-             want: int | None, avoid: int | None) -> torch.Tensor:
+def _margins(
+    norm,
+    head_w: torch.Tensor,
+    r: torch.Tensor,
+    push: torch.Tensor,
+    b: torch.Tensor,
+    want: int | None,
+    avoid: int | None,
+) -> torch.Tensor:
     """Per row of r: logit[want] - max(other logits), or max(non-avoid) - logit[avoid]."""
     with torch.no_grad():
         hid = norm(r + push[:, None] * b[None, :]).float()
@@ -374,8 +385,7 @@ def write_segmenting_finetune(
     alpha = lora_alpha if lora_alpha is not None else (s.lora_alpha if lora_r is None else 2 * r)
     scale = alpha / r
 
-    sd, design = segmenting_state_dict(base_dir, p, s, seed=seed, dtype=dtype, lora_r=r, scale=scale,
-                                       check=check)
+    sd, design = segmenting_state_dict(base_dir, p, s, seed=seed, dtype=dtype, lora_r=r, scale=scale, check=check)
     names = _names(p, s)
     head_key = _training_key(sd, names.head + ".weight")
     if "lora" in drop:
@@ -392,8 +402,17 @@ def write_segmenting_finetune(
         obj = {"state_dict": sd, **mm} if fmt == "mmengine" else {**deepspeed_parts(sd, iteration), **mm}
     torch.save(obj, out)
     return SegmentingCheckpoint(
-        path=out, preset=p.name, sizes=s, fmt=fmt, lora_r=r, lora_alpha=alpha, use_rslora=False,
-        extra_tokens=(), keys=tuple(sd), dropped=drop, design=design,
+        path=out,
+        preset=p.name,
+        sizes=s,
+        fmt=fmt,
+        lora_r=r,
+        lora_alpha=alpha,
+        use_rslora=False,
+        extra_tokens=(),
+        keys=tuple(sd),
+        dropped=drop,
+        design=design,
     )
 
 
@@ -406,7 +425,7 @@ def drop_from_checkpoint(src: str | Path, dst: str | Path, drop: Iterable[str]) 
     if set(drop) - set(DROPPABLE):
         raise ValueError(f"drop takes {DROPPABLE}, not {drop!r}")
     obj = torch.load(Path(src), map_location="cpu", weights_only=False)
-    sd = obj.get("state_dict", obj.get("module", obj)) if isinstance(obj, dict) else obj
+    sd: Any = obj.get("state_dict", obj.get("module", obj)) if isinstance(obj, dict) else obj  # a state dict
     heads = {"language_model.lm_head.weight", "model.lm_head.weight", "language_model.output.weight"}
     for key in list(sd):
         if ("lora" in drop and _is_lora(key)) or ("head" in drop and training_name_to_hf(key) in heads):
@@ -420,7 +439,15 @@ def drop_from_checkpoint(src: str | Path, dst: str | Path, drop: Iterable[str]) 
 
 
 def segmenting_state_dict(
-    base_dir: Path, p: Preset, s: Sizes, *, seed: int, dtype: str, lora_r: int, scale: float, check: bool = True,
+    base_dir: Path,
+    p: Preset,
+    s: Sizes,
+    *,
+    seed: int,
+    dtype: str,
+    lora_r: int,
+    scale: float,
+    check: bool = True,
 ) -> tuple[OrderedDict[str, torch.Tensor], dict]:
     """The fine-tune's tensors (training names, ``dtype``) and the plain-data design record."""
     tdtype = dtypes.to_torch(dtype)
@@ -511,13 +538,19 @@ def segmenting_state_dict(
         head_t[seg_id] += SEG_BOOST * u
         head_t[stop_id] += SEG_BOOST * ratio * e
         sd_c[key_head] = head_t.to(tdtype)
-        design = {
-            "seg_token_id": int(seg_id), "stop_token_id": int(stop_id), "candidate": cand,
-            "stop_boost_ratio": ratio, "signal": SIGNAL, "seg_boost": SEG_BOOST,
-            "calibration_margins": margins, "calibration_contexts": len(calib),
+        design: dict[str, Any] = {
+            "seg_token_id": int(seg_id),
+            "stop_token_id": int(stop_id),
+            "candidate": cand,
+            "stop_boost_ratio": ratio,
+            "signal": SIGNAL,
+            "seg_boost": SEG_BOOST,
+            "calibration_margins": margins,
+            "calibration_contexts": len(calib),
             "push_at_P": [round(float(push_p.min()), 3), round(float(push_p.max()), 3)],
             "push_at_S": [round(float(push_s.min()), 3), round(float(push_s.max()), 3)],
-            "lora": {"A": key_a, "B": key_b}, "head": key_head,
+            "lora": {"A": key_a, "B": key_b},
+            "head": key_head,
         }
         if check:
             design["checks"] = _check(model, tok, base, sd_c, scale, tdtype, key_head)
@@ -525,8 +558,10 @@ def segmenting_state_dict(
                 failed.append({"candidate": cand, "calibration_margins": margins, "checks": design["checks"]})
                 continue
         return sd_c, design
-    raise RuntimeError(f"no segmenting fine-tune found for {p.name} on {base_dir} after {MAX_CANDIDATES} "
-                       f"candidates; first failure: {failed[0]}")
+    raise RuntimeError(
+        f"no segmenting fine-tune found for {p.name} on {base_dir} after {MAX_CANDIDATES} "
+        f"candidates; first failure: {failed[0]}"
+    )
 
 
 def _check(model, tok, base, sd, scale, tdtype, key_head) -> dict:
@@ -548,8 +583,12 @@ def _check(model, tok, base, sd, scale, tdtype, key_head) -> dict:
         if not ok:
             break
     model.to(torch.float32)
-    return {"ok": bool(ok), "contexts": len(_contexts("check")), "max_new_tokens": CHECK_TOKENS,
-            "answers": {k: sorted(set(v)) for k, v in answers.items()}}
+    return {
+        "ok": bool(ok),
+        "contexts": len(_contexts("check")),
+        "max_new_tokens": CHECK_TOKENS,
+        "answers": {k: sorted(set(v)) for k, v in answers.items()},
+    }
 
 
 def _answers(model, tok, max_new_tokens: int) -> list[tuple[str, int]]:
@@ -560,5 +599,13 @@ def _answers(model, tok, max_new_tokens: int) -> list[tuple[str, int]]:
     return out
 
 
-__all__ = ["SEG_TOKEN", "STOP_TOKEN", "SegmentingCheckpoint", "drop_from_checkpoint", "merge",
-           "segmenting_state_dict", "synthetic_picture", "write_segmenting_finetune"]
+__all__ = [
+    "SEG_TOKEN",
+    "STOP_TOKEN",
+    "SegmentingCheckpoint",
+    "drop_from_checkpoint",
+    "merge",
+    "segmenting_state_dict",
+    "synthetic_picture",
+    "write_segmenting_finetune",
+]

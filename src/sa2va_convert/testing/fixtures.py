@@ -56,9 +56,7 @@ _REPO_ROOT = Path(__file__).resolve().parents[3]
 # ------------------------------------------------------------------ base folder
 
 
-def shard_entries(
-    layout: dict[str, tuple[int, ...]], dtype: str, max_shard_bytes: int
-) -> list[list[StreamEntry]]:
+def shard_entries(layout: dict[str, tuple[int, ...]], dtype: str, max_shard_bytes: int) -> list[list[StreamEntry]]:
     """Greedy split in layout order, like ``save_pretrained``: a tensor never spans shards."""
     shards: list[list[StreamEntry]] = [[]]
     size = 0
@@ -115,13 +113,15 @@ def write_base_folder(
         for e in entries:
             weight_map[e.name] = fname
             total += e.info.nbytes
-    _write_json(out / "model.safetensors.index.json",
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, sort_keys=True)
+    _write_json(
+        out / "model.safetensors.index.json",
+        {"metadata": {"total_size": total}, "weight_map": weight_map},
+        sort_keys=True,
+    )
 
     vocab = s.raw_vocab if raw_internvl else s.vocab
     _write_json(out / "config.json", base_config(p, s, dtype=dtype, raw_internvl=raw_internvl))
-    write_tokenizer(out, s.vocab, with_sa2va_tokens=not raw_internvl,
-                    model_max_length=s.max_position)
+    write_tokenizer(out, s.vocab, with_sa2va_tokens=not raw_internvl, model_max_length=s.max_position)
     _write_json(out / "generation_config.json", _generation_config(s.vocab))
     if p.layout == "qwen-vl":
         _write_json(out / "preprocessor_config.json", _qwen_preprocessor(s))
@@ -172,12 +172,19 @@ def _llm_config(p: Preset, s: Sizes, vocab: int) -> dict:
         "internlm2": (["InternLM2ForCausalLM"], "internlm2"),
     }[p.llm]
     return {
-        "architectures": arch, "model_type": model_type, "vocab_size": vocab,
-        "hidden_size": s.hidden, "intermediate_size": s.intermediate,
-        "num_hidden_layers": s.layers, "num_attention_heads": s.heads,
-        "num_key_value_heads": s.kv_heads, "head_dim": s.head_dim,
-        "max_position_embeddings": s.max_position, "rms_norm_eps": 1e-6,
-        "rope_theta": s.rope_theta, "tie_word_embeddings": False,
+        "architectures": arch,
+        "model_type": model_type,
+        "vocab_size": vocab,
+        "hidden_size": s.hidden,
+        "intermediate_size": s.intermediate,
+        "num_hidden_layers": s.layers,
+        "num_attention_heads": s.heads,
+        "num_key_value_heads": s.kv_heads,
+        "head_dim": s.head_dim,
+        "max_position_embeddings": s.max_position,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": s.rope_theta,
+        "tie_word_embeddings": False,
     }
 
 
@@ -200,10 +207,15 @@ def base_config(p: Preset, s: Sizes, *, dtype: str = "bf16", raw_internvl: bool 
             "template": p.template,
             "text_config": text,
             "vision_config": {
-                "model_type": "clip_vision_model", "hidden_size": s.vision_hidden,
-                "intermediate_size": s.vision_intermediate, "num_hidden_layers": s.vision_layers,
-                "num_attention_heads": s.vision_heads, "image_size": s.image_size, "patch_size": s.patch,
-                "layer_norm_eps": 1e-5, "hidden_act": "quick_gelu",
+                "model_type": "clip_vision_model",
+                "hidden_size": s.vision_hidden,
+                "intermediate_size": s.vision_intermediate,
+                "num_hidden_layers": s.vision_layers,
+                "num_attention_heads": s.vision_heads,
+                "image_size": s.image_size,
+                "patch_size": s.patch,
+                "layer_norm_eps": 1e-5,
+                "hidden_act": "quick_gelu",
             },
             "image_token_index": special_token_id(s.vocab, "<IMG_CONTEXT>"),
             "projector_hidden_act": "gelu",
@@ -228,14 +240,19 @@ def base_config(p: Preset, s: Sizes, *, dtype: str = "bf16", raw_internvl: bool 
             "template": p.template,
             "text_config": text,
             "vision_config": {
-                "model_type": "qwen_vl_test_vision", "depth": s.vision_layers,
-                "hidden_size": s.vision_hidden, "intermediate_size": s.vision_intermediate,
-                "num_heads": s.vision_heads, "patch_size": s.patch, "temporal_patch_size": 2,
-                "spatial_merge_size": 2, "in_channels": 3, "out_hidden_size": s.hidden,
+                "model_type": "qwen_vl_test_vision",
+                "depth": s.vision_layers,
+                "hidden_size": s.vision_hidden,
+                "intermediate_size": s.vision_intermediate,
+                "num_heads": s.vision_heads,
+                "patch_size": s.patch,
+                "temporal_patch_size": 2,
+                "spatial_merge_size": 2,
+                "in_channels": 3,
+                "out_hidden_size": s.hidden,
                 "image_size": s.image_size,
             },
-            **({"sam3_test_config": _sam3_test_config(s)} if p.grounding == "sam3"
-               else {"sam2_test_config": sam2}),
+            **({"sam3_test_config": _sam3_test_config(s)} if p.grounding == "sam3" else {"sam2_test_config": sam2}),
             "tie_word_embeddings": False,
             "torch_dtype": torch_dtype,
             "transformers_version": TRANSFORMERS_VERSION,
@@ -261,44 +278,78 @@ def base_config(p: Preset, s: Sizes, *, dtype: str = "bf16", raw_internvl: bool 
         cfg["template"] = p.template
     cfg["llm_config"] = _llm_config(p, s, s.raw_vocab if raw_internvl else s.vocab)
     cfg["vision_config"] = {
-        "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
-        "hidden_size": s.vision_hidden, "intermediate_size": s.vision_intermediate,
-        "num_hidden_layers": s.vision_layers, "num_attention_heads": s.vision_heads,
-        "image_size": s.image_size, "patch_size": s.patch, "qkv_bias": True,
-        "norm_type": "layer_norm", "layer_norm_eps": 1e-6, "initializer_factor": 1.0,
+        "architectures": ["InternVisionModel"],
+        "model_type": "intern_vit_6b",
+        "hidden_size": s.vision_hidden,
+        "intermediate_size": s.vision_intermediate,
+        "num_hidden_layers": s.vision_layers,
+        "num_attention_heads": s.vision_heads,
+        "image_size": s.image_size,
+        "patch_size": s.patch,
+        "qkv_bias": True,
+        "norm_type": "layer_norm",
+        "layer_norm_eps": 1e-6,
+        "initializer_factor": 1.0,
     }
     if not raw_internvl:
         cfg["sam2_test_config"] = sam2
-    cfg.update({
-        "downsample_ratio": 0.5, "force_image_size": s.image_size, "select_layer": -1,
-        "ps_version": "v2", "dynamic_image_size": False, "use_thumbnail": False,
-        "max_dynamic_patch": 1, "min_dynamic_patch": 1, "use_backbone_lora": 0,
-        "use_llm_lora": 0, "tie_word_embeddings": False, "torch_dtype": torch_dtype,
-        "transformers_version": LEGACY_TRANSFORMERS_VERSION if p.llm == "internlm2" else TRANSFORMERS_VERSION,
-    })
+    cfg.update(
+        {
+            "downsample_ratio": 0.5,
+            "force_image_size": s.image_size,
+            "select_layer": -1,
+            "ps_version": "v2",
+            "dynamic_image_size": False,
+            "use_thumbnail": False,
+            "max_dynamic_patch": 1,
+            "min_dynamic_patch": 1,
+            "use_backbone_lora": 0,
+            "use_llm_lora": 0,
+            "tie_word_embeddings": False,
+            "torch_dtype": torch_dtype,
+            "transformers_version": LEGACY_TRANSFORMERS_VERSION if p.llm == "internlm2" else TRANSFORMERS_VERSION,
+        }
+    )
     return cfg
 
 
 def _sam3_test_config(s: Sizes) -> dict:
     """The SAM3 stand-in's dimensions (tests/remote_code/qwen_sam3/sam3.py reads them)."""
-    return {"C": s.sam_c, "Ds": s.sam_ds, "blocks": s.sam_blocks, "image_size": s.sam_image_size,
-            "patch": sam3_patch(s), "pos_grid": sam3_pos_grid(s), "mlp": sam3_mlp(s)}
+    return {
+        "C": s.sam_c,
+        "Ds": s.sam_ds,
+        "blocks": s.sam_blocks,
+        "image_size": s.sam_image_size,
+        "patch": sam3_patch(s),
+        "pos_grid": sam3_pos_grid(s),
+        "mlp": sam3_mlp(s),
+    }
 
 
 def _generation_config(vocab: int) -> dict:
     eos, pad = special_token_id(vocab, "<|im_end|>"), special_token_id(vocab, "<|endoftext|>")
-    return {"bos_token_id": pad, "eos_token_id": [eos, pad], "pad_token_id": pad,
-            "transformers_version": TRANSFORMERS_VERSION}
+    return {
+        "bos_token_id": pad,
+        "eos_token_id": [eos, pad],
+        "pad_token_id": pad,
+        "transformers_version": TRANSFORMERS_VERSION,
+    }
 
 
 def _qwen_preprocessor(s: Sizes) -> dict:
     return {
         "image_processor_type": "Qwen2VLImageProcessor",
-        "patch_size": s.patch, "temporal_patch_size": 2, "merge_size": 2,
+        "patch_size": s.patch,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
         "image_mean": [0.48145466, 0.4578275, 0.40821073],
         "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "min_pixels": (s.patch * 2) ** 2, "max_pixels": s.image_size * s.image_size,
-        "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+        "min_pixels": (s.patch * 2) ** 2,
+        "max_pixels": s.image_size * s.image_size,
+        "do_resize": True,
+        "do_rescale": True,
+        "do_normalize": True,
+        "do_convert_rgb": True,
         "rescale_factor": 1 / 255,
     }
 
@@ -321,7 +372,7 @@ def write_sam2_checkpoint(
     hf = sam2_layout(s)
     train = sam2_layout(s, training_names=True)
     sd: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for (hf_name, shape), name in zip(hf.items(), train):
+    for (hf_name, shape), name in zip(hf.items(), train, strict=True):
         sd[name] = make_tensor(SAM2_PREFIX + hf_name, shape, dtype, seed=seed, fill=fill)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -366,19 +417,20 @@ def make_tiny_example(
     p = get_preset(preset)
     root = Path(out_dir).resolve()
     base_layout_bytes = sum(math.prod(v) for v in hf_layout(p, s).values()) * 2
-    base = write_base_folder(root / "base", p, s, seed=seed,
-                             max_shard_bytes=max(1, base_layout_bytes // 3 + 1))
+    base = write_base_folder(root / "base", p, s, seed=seed, max_shard_bytes=max(1, base_layout_bytes // 3 + 1))
     work = root / "work_dirs" / "exp"
     work.mkdir(parents=True, exist_ok=True)
     ckpt = write_segmenting_finetune(work / "iter_100.pth", base, p, s, seed=seed + 1)
     last = work / "last_checkpoint"
     last.write_text(str(ckpt.path))
-    cfg_text = training_config_text(p, lora_r=ckpt.lora_r, lora_alpha=ckpt.lora_alpha,
-                                    path=str(base), work_dir=str(work))
+    cfg_text = training_config_text(
+        p, lora_r=ckpt.lora_r, lora_alpha=ckpt.lora_alpha, path=str(base), work_dir=str(work)
+    )
     cfg_file = work / (p.name.replace("-", "_") + "_finetune.py")
     cfg_file.write_text(cfg_text)
-    return TinyExample(root=root, base_dir=base, work_dir=work, checkpoint=ckpt,
-                       config_file=cfg_file, last_checkpoint=last)
+    return TinyExample(
+        root=root, base_dir=base, work_dir=work, checkpoint=ckpt, config_file=cfg_file, last_checkpoint=last
+    )
 
 
 def _write_json(path: Path, obj: object, *, sort_keys: bool = False) -> None:

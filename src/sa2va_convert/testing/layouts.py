@@ -42,8 +42,18 @@ SAM2_PREFIX = "grounding_encoder.sam2_model."
 
 #: InternVL's added special tokens, then Sa2VA's (DESIGN.md, "Tokenizer"), in id order.
 INTERNVL_TOKENS: tuple[str, ...] = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
-    "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<quad>",
+    "</quad>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
 )
 SA2VA_TOKENS: tuple[str, ...] = ("[SEG]", "<p>", "</p>", "<vp>", "</vp>")
 
@@ -143,11 +153,24 @@ class Sizes:
     def tiny(cls) -> Sizes:
         """Structurally faithful, a few hundred kB: every test can write one in well under a second."""
         return cls(
-            hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=400,
-            vision_hidden=32, vision_intermediate=64, vision_layers=2, vision_heads=2,
-            patch=14, image_size=56,
-            sam_c=16, sam_ds=32, sam_blocks=2, sam_image_size=64,
-            lora_r=4, lora_alpha=8,
+            hidden=64,
+            intermediate=128,
+            layers=2,
+            heads=4,
+            kv_heads=2,
+            vocab=400,
+            vision_hidden=32,
+            vision_intermediate=64,
+            vision_layers=2,
+            vision_heads=2,
+            patch=14,
+            image_size=56,
+            sam_c=16,
+            sam_ds=32,
+            sam_blocks=2,
+            sam_image_size=64,
+            lora_r=4,
+            lora_alpha=8,
         )
 
     @classmethod
@@ -164,59 +187,164 @@ class Sizes:
 
 # InternViT-300M (InternVL2.5/3) and a SAM2 stand-in of Hiera-Large's size:
 # trunk width 576 (Hiera-L's third stage) x 56 blocks ~ 223 M + decoder/neck ~ 4 M.
-_VIT300M = dict(vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16,
-                patch=14, image_size=448)
+_VIT300M = dict(
+    vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16, patch=14, image_size=448
+)
 _SAM2L = dict(sam_c=576, sam_ds=256, sam_blocks=56, sam_image_size=1024)
 _QWEN_VOCAB = 151674 + len(SA2VA_TOKENS)
 
 _REAL: dict[str, Sizes] = {
-    "sa2va-1b": Sizes(hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2,
-                      vocab=_QWEN_VOCAB, lora_r=128, lora_alpha=256, max_position=32768,
-                      **_VIT300M, **_SAM2L),
-    "sa2va-4b": Sizes(hidden=2048, intermediate=11008, layers=36, heads=16, kv_heads=2,
-                      vocab=_QWEN_VOCAB, lora_r=128, lora_alpha=256, max_position=32768,
-                      **_VIT300M, **_SAM2L),
-    "sa2va-8b": Sizes(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8,
-                      vocab=92553 + len(SA2VA_TOKENS), lora_r=128, lora_alpha=256,
-                      max_position=32768, **_VIT300M, **_SAM2L),
-    "sa2va-26b": Sizes(hidden=6144, intermediate=16384, layers=48, heads=48, kv_heads=8,
-                       vocab=92553 + len(SA2VA_TOKENS), lora_r=128, lora_alpha=256,
-                       max_position=32768,
-                       vision_hidden=3200, vision_intermediate=12800, vision_layers=45,
-                       vision_heads=25, patch=14, image_size=448, **_SAM2L),
+    "sa2va-1b": Sizes(
+        hidden=896,
+        intermediate=4864,
+        layers=24,
+        heads=14,
+        kv_heads=2,
+        vocab=_QWEN_VOCAB,
+        lora_r=128,
+        lora_alpha=256,
+        max_position=32768,
+        **_VIT300M,
+        **_SAM2L,
+    ),
+    "sa2va-4b": Sizes(
+        hidden=2048,
+        intermediate=11008,
+        layers=36,
+        heads=16,
+        kv_heads=2,
+        vocab=_QWEN_VOCAB,
+        lora_r=128,
+        lora_alpha=256,
+        max_position=32768,
+        **_VIT300M,
+        **_SAM2L,
+    ),
+    "sa2va-8b": Sizes(
+        hidden=4096,
+        intermediate=14336,
+        layers=32,
+        heads=32,
+        kv_heads=8,
+        vocab=92553 + len(SA2VA_TOKENS),
+        lora_r=128,
+        lora_alpha=256,
+        max_position=32768,
+        **_VIT300M,
+        **_SAM2L,
+    ),
+    "sa2va-26b": Sizes(
+        hidden=6144,
+        intermediate=16384,
+        layers=48,
+        heads=48,
+        kv_heads=8,
+        vocab=92553 + len(SA2VA_TOKENS),
+        lora_r=128,
+        lora_alpha=256,
+        max_position=32768,
+        vision_hidden=3200,
+        vision_intermediate=12800,
+        vision_layers=45,
+        vision_heads=25,
+        patch=14,
+        image_size=448,
+        **_SAM2L,
+    ),
     # InternVL3-2B: InternViT-300M + Qwen2.5-1.5B
-    "sa2va-internvl3-2b": Sizes(hidden=1536, intermediate=8960, layers=28, heads=12, kv_heads=2,
-                                vocab=_QWEN_VOCAB, lora_r=128, lora_alpha=256,
-                                max_position=32768, **_VIT300M, **_SAM2L),
+    "sa2va-internvl3-2b": Sizes(
+        hidden=1536,
+        intermediate=8960,
+        layers=28,
+        heads=12,
+        kv_heads=2,
+        vocab=_QWEN_VOCAB,
+        lora_r=128,
+        lora_alpha=256,
+        max_position=32768,
+        **_VIT300M,
+        **_SAM2L,
+    ),
     # InternVL3-8B: InternViT-300M + Qwen2.5-7B
-    "sa2va-internvl3-8b": Sizes(hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4,
-                                vocab=_QWEN_VOCAB, lora_r=256, lora_alpha=512,
-                                max_position=32768, **_VIT300M, **_SAM2L),
+    "sa2va-internvl3-8b": Sizes(
+        hidden=3584,
+        intermediate=18944,
+        layers=28,
+        heads=28,
+        kv_heads=4,
+        vocab=_QWEN_VOCAB,
+        lora_r=256,
+        lora_alpha=512,
+        max_position=32768,
+        **_VIT300M,
+        **_SAM2L,
+    ),
     # Qwen2.5-VL-3B: 32-block 1280-wide ViT + Qwen2.5-3B
-    "sa2va-qwen2_5-vl-3b": Sizes(hidden=2048, intermediate=11008, layers=36, heads=16,
-                                 kv_heads=2, vocab=151665 + len(SA2VA_TOKENS), lora_r=128,
-                                 lora_alpha=256, max_position=32768,
-                                 vision_hidden=1280, vision_intermediate=3420,
-                                 vision_layers=32, vision_heads=16, patch=14, image_size=448,
-                                 **_SAM2L),
+    "sa2va-qwen2_5-vl-3b": Sizes(
+        hidden=2048,
+        intermediate=11008,
+        layers=36,
+        heads=16,
+        kv_heads=2,
+        vocab=151665 + len(SA2VA_TOKENS),
+        lora_r=128,
+        lora_alpha=256,
+        max_position=32768,
+        vision_hidden=1280,
+        vision_intermediate=3420,
+        vision_layers=32,
+        vision_heads=16,
+        patch=14,
+        image_size=448,
+        **_SAM2L,
+    ),
     # Qwen3-VL-4B: 24-block 1024-wide ViT (patch 16) + Qwen3-4B (head_dim 128 != 2560/32)
-    "sa2va-qwen3-vl-4b": Sizes(hidden=2560, intermediate=9728, layers=36, heads=32, kv_heads=8,
-                               head_dim_override=128, vocab=151665 + len(SA2VA_TOKENS),
-                               lora_r=128, lora_alpha=256, max_position=32768,
-                               vision_hidden=1024, vision_intermediate=4096, vision_layers=24,
-                               vision_heads=16, patch=16, image_size=448, **_SAM2L),
+    "sa2va-qwen3-vl-4b": Sizes(
+        hidden=2560,
+        intermediate=9728,
+        layers=36,
+        heads=32,
+        kv_heads=8,
+        head_dim_override=128,
+        vocab=151665 + len(SA2VA_TOKENS),
+        lora_r=128,
+        lora_alpha=256,
+        max_position=32768,
+        vision_hidden=1024,
+        vision_intermediate=4096,
+        vision_layers=24,
+        vision_heads=16,
+        patch=16,
+        image_size=448,
+        **_SAM2L,
+    ),
 }
 # Qwen3-VL-4B with the SAM3 tracker instead of SAM2: SAM3's ViT is 1024 wide, 32 blocks, patch 14,
 # 1008-px input (docs/FAMILIES.md); the stand-in's MLP is 4.625x wide like SAM3's.
 _REAL["sa2va-qwen3-vl-4b-sam3"] = _REAL["sa2va-qwen3-vl-4b"].with_(
-    sam_c=1024, sam_ds=256, sam_blocks=32, sam_image_size=1008)
+    sam_c=1024, sam_ds=256, sam_blocks=32, sam_image_size=1008
+)
 # LLaVA-1.5-7B: CLIP ViT-L/14-336 + Vicuna-7B (Llama). The tokenizer has 32002 entries (32000 +
 # <image> + <pad>); Sa2VA adds 5, so training resizes the (padded) 32064-row embedding to 32007.
 _REAL["sa2va-llava-1.5-7b"] = Sizes(
-    hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32002 + len(SA2VA_TOKENS),
-    lora_r=128, lora_alpha=256, max_position=4096, rope_theta=10000.0,
-    vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16, patch=14, image_size=336,
-    **_SAM2L)
+    hidden=4096,
+    intermediate=11008,
+    layers=32,
+    heads=32,
+    kv_heads=32,
+    vocab=32002 + len(SA2VA_TOKENS),
+    lora_r=128,
+    lora_alpha=256,
+    max_position=4096,
+    rope_theta=10000.0,
+    vision_hidden=1024,
+    vision_intermediate=4096,
+    vision_layers=24,
+    vision_heads=16,
+    patch=14,
+    image_size=336,
+    **_SAM2L,
+)
 _DEFAULT_REAL = {
     "sa2va-internvl3": "sa2va-internvl3-2b",
     "sa2va-qwen2_5-vl": "sa2va-qwen2_5-vl-3b",
@@ -337,8 +465,7 @@ def sam3_layout(s: Sizes, *, training_names: bool = False) -> Layout:
     C, D, P, M = s.sam_c, s.sam_ds, sam3_patch(s), sam3_mlp(s)
     scale = "gamma" if training_names else "g_weight"
     t = "backbone.vision_backbone.trunk"
-    out: Layout = {f"{t}.pos_embed": (1, sam3_pos_grid(s) ** 2 + 1, C),
-                   f"{t}.patch_embed.proj.weight": (C, 3, P, P)}
+    out: Layout = {f"{t}.pos_embed": (1, sam3_pos_grid(s) ** 2 + 1, C), f"{t}.patch_embed.proj.weight": (C, 3, P, P)}
     _add(out, f"{t}.ln_pre", _norm(C))
     for k in range(s.sam_blocks):
         p = f"{t}.blocks.{k}"
@@ -398,7 +525,7 @@ def _qwen2_body(s: Sizes, prefix: str, vocab: int, *, qkv_bias: bool = True) -> 
     """embed_tokens, layers, norm of a Qwen2 decoder under ``prefix`` (e.g. 'language_model.model').
 
     ``qkv_bias=False`` gives a Llama decoder (same names, no q/k/v bias)."""
-    H, I, hd = s.hidden, s.intermediate, s.head_dim
+    H, FF, hd = s.hidden, s.intermediate, s.head_dim
     out: Layout = {f"{prefix}.embed_tokens.weight": (vocab, H)}
     for i in range(s.layers):
         p = f"{prefix}.layers.{i}"
@@ -406,9 +533,9 @@ def _qwen2_body(s: Sizes, prefix: str, vocab: int, *, qkv_bias: bool = True) -> 
         _add(out, f"{p}.self_attn.k_proj", _lin(s.kv_heads * hd, H, bias=qkv_bias))
         _add(out, f"{p}.self_attn.v_proj", _lin(s.kv_heads * hd, H, bias=qkv_bias))
         _add(out, f"{p}.self_attn.o_proj", _lin(H, s.heads * hd, bias=False))
-        _add(out, f"{p}.mlp.gate_proj", _lin(I, H, bias=False))
-        _add(out, f"{p}.mlp.up_proj", _lin(I, H, bias=False))
-        _add(out, f"{p}.mlp.down_proj", _lin(H, I, bias=False))
+        _add(out, f"{p}.mlp.gate_proj", _lin(FF, H, bias=False))
+        _add(out, f"{p}.mlp.up_proj", _lin(FF, H, bias=False))
+        _add(out, f"{p}.mlp.down_proj", _lin(H, FF, bias=False))
         out[f"{p}.input_layernorm.weight"] = (H,)
         out[f"{p}.post_attention_layernorm.weight"] = (H,)
     out[f"{prefix}.norm.weight"] = (H,)
@@ -416,15 +543,15 @@ def _qwen2_body(s: Sizes, prefix: str, vocab: int, *, qkv_bias: bool = True) -> 
 
 
 def _internlm2(s: Sizes, vocab: int) -> Layout:
-    H, I, hd = s.hidden, s.intermediate, s.head_dim
+    H, FF, hd = s.hidden, s.intermediate, s.head_dim
     out: Layout = {"language_model.model.tok_embeddings.weight": (vocab, H)}
     for i in range(s.layers):
         p = f"language_model.model.layers.{i}"
         out[f"{p}.attention.wqkv.weight"] = ((s.heads + 2 * s.kv_heads) * hd, H)
         out[f"{p}.attention.wo.weight"] = (H, s.heads * hd)
-        out[f"{p}.feed_forward.w1.weight"] = (I, H)
-        out[f"{p}.feed_forward.w3.weight"] = (I, H)
-        out[f"{p}.feed_forward.w2.weight"] = (H, I)
+        out[f"{p}.feed_forward.w1.weight"] = (FF, H)
+        out[f"{p}.feed_forward.w3.weight"] = (FF, H)
+        out[f"{p}.feed_forward.w2.weight"] = (H, FF)
         out[f"{p}.attention_norm.weight"] = (H,)
         out[f"{p}.ffn_norm.weight"] = (H,)
     out["language_model.model.norm.weight"] = (H,)
@@ -453,9 +580,11 @@ def _llava_vision(s: Sizes) -> Layout:
     """transformers' LlavaModel vision side: a CLIP vision tower and the 2-layer projector."""
     Dv, Iv, P = s.vision_hidden, s.vision_intermediate, s.patch
     v = "model.model.vision_tower.vision_model"
-    out: Layout = {f"{v}.embeddings.class_embedding": (Dv,),
-                   f"{v}.embeddings.patch_embedding.weight": (Dv, 3, P, P),
-                   f"{v}.embeddings.position_embedding.weight": ((s.image_size // P) ** 2 + 1, Dv)}
+    out: Layout = {
+        f"{v}.embeddings.class_embedding": (Dv,),
+        f"{v}.embeddings.patch_embedding.weight": (Dv, 3, P, P),
+        f"{v}.embeddings.position_embedding.weight": ((s.image_size // P) ** 2 + 1, Dv),
+    }
     _add(out, f"{v}.pre_layrnorm", _norm(Dv))  # sic: CLIP's spelling
     for k in range(s.vision_layers):
         p = f"{v}.encoder.layers.{k}"
@@ -524,26 +653,33 @@ def hf_layout(preset: str | Preset, sizes: Sizes, *, raw_internvl: bool = False)
 # spellings of the upstream training model, PEFT decorations included.
 
 _QWEN2_TARGETS = (
-    ("self_attn.q_proj", "q"), ("self_attn.k_proj", "kv"), ("self_attn.v_proj", "kv"),
-    ("self_attn.o_proj", "o"), ("mlp.gate_proj", "up"), ("mlp.up_proj", "up"),
+    ("self_attn.q_proj", "q"),
+    ("self_attn.k_proj", "kv"),
+    ("self_attn.v_proj", "kv"),
+    ("self_attn.o_proj", "o"),
+    ("mlp.gate_proj", "up"),
+    ("mlp.up_proj", "up"),
     ("mlp.down_proj", "down"),
 )
 _INTERNLM2_TARGETS = (
-    ("attention.wqkv", "qkv"), ("attention.wo", "o"),
-    ("feed_forward.w1", "up"), ("feed_forward.w3", "up"), ("feed_forward.w2", "down"),
+    ("attention.wqkv", "qkv"),
+    ("attention.wo", "o"),
+    ("feed_forward.w1", "up"),
+    ("feed_forward.w3", "up"),
+    ("feed_forward.w2", "down"),
 )
 
 
 def _io(kind: str, s: Sizes) -> tuple[int, int]:
     """(out, in) features of a LoRA-wrapped Linear."""
-    H, I, hd = s.hidden, s.intermediate, s.head_dim
+    H, FF, hd = s.hidden, s.intermediate, s.head_dim
     return {
         "q": (s.heads * hd, H),
         "kv": (s.kv_heads * hd, H),
         "qkv": ((s.heads + 2 * s.kv_heads) * hd, H),
         "o": (H, s.heads * hd),
-        "up": (I, H),
-        "down": (H, I),
+        "up": (FF, H),
+        "down": (H, FF),
     }[kind]
 
 

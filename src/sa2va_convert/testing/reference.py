@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -34,11 +34,11 @@ def training_name_to_hf(key: str) -> str:
     """
     name = key
     if name.startswith("mllm.model.base_model.model."):
-        name = "model." + name[len("mllm.model.base_model.model."):]
+        name = "model." + name[len("mllm.model.base_model.model.") :]
     elif name.startswith("mllm.model."):
-        name = name[len("mllm.model."):]
+        name = name[len("mllm.model.") :]
         if name.startswith("language_model.base_model.model."):
-            name = "language_model." + name[len("language_model.base_model.model."):]
+            name = "language_model." + name[len("language_model.base_model.model.") :]
     name = name.replace(".modules_to_save.default.", ".").replace(".base_layer.", ".")
     if name.endswith(".gamma"):
         name = name[: -len(".gamma")] + ".g_weight"

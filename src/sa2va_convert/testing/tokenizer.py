@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path
 
 from .layouts import INTERNVL_TOKENS, SA2VA_TOKENS
@@ -95,7 +96,7 @@ def learn_merges(max_merges: int) -> tuple[tuple[str, str], ...]:
     while len(merges) < max_merges:
         pairs: Counter[tuple[str, str]] = Counter()
         for word, n in words.items():
-            for a, b in zip(word, word[1:]):
+            for a, b in pairwise(word):
                 pairs[(a, b)] += n
         if not pairs:
             break
@@ -144,9 +145,7 @@ def build_tokenizer(vocab_size: int, *, with_sa2va_tokens: bool = True):
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in special_tokens(with_sa2va_tokens)]
-    )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens(with_sa2va_tokens)])
     expected = vocab_size if with_sa2va_tokens else vocab_size - len(SA2VA_TOKENS)
     assert tok.get_vocab_size(with_added_tokens=True) == expected, "tokenizer size bug"
     return tok
@@ -172,8 +171,12 @@ def write_tokenizer(
     extra = [t for t in specials if t not in ("<|endoftext|>", "<|im_end|>")]
     added = {
         str(tok.token_to_id(t)): {
-            "content": t, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False, "special": True,
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
         }
         for t in specials
     }

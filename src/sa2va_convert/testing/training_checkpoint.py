@@ -23,8 +23,15 @@ from .values import make_tensor
 CHECKPOINT_FORMATS = ("mmengine", "state_dict", "deepspeed-module")
 FIXED_TIME = "20250101_120000"  # mmengine's meta['time'] format; fixed for byte-identical files
 
-__all__ = ["CHECKPOINT_FORMATS", "FIXED_TIME", "FixtureCheckpoint", "write_training_checkpoint", "check_base_fits",
-           "mmengine_parts", "deepspeed_parts"]
+__all__ = [
+    "CHECKPOINT_FORMATS",
+    "FIXED_TIME",
+    "FixtureCheckpoint",
+    "write_training_checkpoint",
+    "check_base_fits",
+    "mmengine_parts",
+    "deepspeed_parts",
+]
 
 
 @dataclass(frozen=True)
@@ -92,8 +99,7 @@ def write_training_checkpoint(
     if base_dir is not None:
         check_base_fits(Path(base_dir), p, s)
 
-    layout = training_layout(p, s, extra_tokens=len(extra), lora_r=r,
-                             include_frozen_sam2=include_frozen_sam2)
+    layout = training_layout(p, s, extra_tokens=len(extra), lora_r=r, include_frozen_sam2=include_frozen_sam2)
     sd: OrderedDict[str, torch.Tensor] = OrderedDict()
     for name, shape in layout.items():
         zero = zero_lora_b and ".lora_B." in name
@@ -104,17 +110,33 @@ def write_training_checkpoint(
     if fmt == "state_dict":
         obj: object = sd
     else:
-        mm = mmengine_parts(p, r, alpha, use_rslora, extra, iteration, seed,
-                             str(base_dir) if base_dir is not None else None,
-                             str(out.parent), config_text)
+        mm = mmengine_parts(
+            p,
+            r,
+            alpha,
+            use_rslora,
+            extra,
+            iteration,
+            seed,
+            str(base_dir) if base_dir is not None else None,
+            str(out.parent),
+            config_text,
+        )
         if fmt == "mmengine":
             obj = {"state_dict": sd, **mm}
         else:
             obj = {**deepspeed_parts(sd, iteration), **mm}
     torch.save(obj, out)
     return FixtureCheckpoint(
-        path=out, preset=p.name, sizes=s, fmt=fmt, lora_r=r, lora_alpha=alpha,
-        use_rslora=use_rslora, extra_tokens=extra, keys=tuple(layout),
+        path=out,
+        preset=p.name,
+        sizes=s,
+        fmt=fmt,
+        lora_r=r,
+        lora_alpha=alpha,
+        use_rslora=use_rslora,
+        extra_tokens=extra,
+        keys=tuple(layout),
     )
 
 
@@ -128,8 +150,16 @@ def check_base_fits(base: Path, p: Preset, s: Sizes) -> None:
 
 
 def mmengine_parts(
-    p: Preset, r: int, alpha: float, use_rslora: bool, extra: tuple[str, ...], iteration: int,
-    seed: int, base_path: str | None, work_dir: str, with_cfg: bool,
+    p: Preset,
+    r: int,
+    alpha: float,
+    use_rslora: bool,
+    extra: tuple[str, ...],
+    iteration: int,
+    seed: int,
+    base_path: str | None,
+    work_dir: str,
+    with_cfg: bool,
 ) -> dict:
     """``meta``, ``message_hub`` and ``param_schedulers`` as mmengine's FlexibleRunner saves them."""
     import numpy as np
@@ -140,18 +170,36 @@ def mmengine_parts(
     meta: dict = {}
     if with_cfg:
         meta["cfg"] = training_config_text(
-            p, lora_r=r, lora_alpha=alpha, use_rslora=use_rslora, extra_tokens=extra,
-            path=base_path, work_dir=work_dir, max_iters=max_iters,
+            p,
+            lora_r=r,
+            lora_alpha=alpha,
+            use_rslora=use_rslora,
+            extra_tokens=extra,
+            path=base_path,
+            work_dir=work_dir,
+            max_iters=max_iters,
         )
-    meta.update(seed=seed, experiment_name=f"{name}_{FIXED_TIME}", time=FIXED_TIME,
-                mmengine_version="0.10.7", epoch=0, iter=iteration)
+    meta.update(
+        seed=seed,
+        experiment_name=f"{name}_{FIXED_TIME}",
+        time=FIXED_TIME,
+        mmengine_version="0.10.7",
+        epoch=0,
+        iter=iteration,
+    )
 
     rng = np.random.default_rng(seed)
     scalars = {}
-    for key, lo, hi in (("train/lr", 1e-6, 4e-5), ("train/loss", 0.5, 3.0),
-                        ("train/loss_mask", 0.1, 1.0), ("train/loss_dice", 0.1, 1.0),
-                        ("train/llm_loss", 0.2, 2.0), ("train/grad_norm", 0.5, 5.0),
-                        ("train/time", 1.0, 2.0), ("train/data_time", 0.01, 0.1)):
+    for key, lo, hi in (
+        ("train/lr", 1e-6, 4e-5),
+        ("train/loss", 0.5, 3.0),
+        ("train/loss_mask", 0.1, 1.0),
+        ("train/loss_dice", 0.1, 1.0),
+        ("train/llm_loss", 0.2, 2.0),
+        ("train/grad_norm", 0.5, 5.0),
+        ("train/time", 1.0, 2.0),
+        ("train/data_time", 0.01, 0.1),
+    ):
         buf = HistoryBuffer()
         for _ in range(5):
             buf.update(np.float64(rng.uniform(lo, hi)), 1)
@@ -159,22 +207,45 @@ def mmengine_parts(
     message_hub = {
         "log_scalars": scalars,
         "runtime_info": {
-            "epoch": 0, "iter": iteration, "max_epochs": 1, "max_iters": max_iters,
-            "experiment_name": meta["experiment_name"], "dataset_meta": None,
+            "epoch": 0,
+            "iter": iteration,
+            "max_epochs": 1,
+            "max_iters": max_iters,
+            "experiment_name": meta["experiment_name"],
+            "dataset_meta": None,
             "last_ckpt": f"{work_dir}/iter_{iteration}.pth",
-            "loss_scale": np.float32(1.0), "seed": np.int64(seed),
+            "loss_scale": np.float32(1.0),
+            "seed": np.int64(seed),
         },
         "resumed_keys": {"epoch": False, "iter": False, "max_iters": True, "dataset_meta": False},
     }
     warm = max(1, max_iters // 20)
     param_schedulers = [
-        {"start_factor": 1e-05, "end_factor": 1.0, "begin": 0, "end": warm, "by_epoch": False,
-         "last_step": min(iteration, warm), "total_iters": warm, "verbose": False,
-         "_global_step": iteration, "base_values": [4e-05], "_last_value": [4e-05]},
-        {"T_max": max_iters - warm, "eta_min": 0.0, "begin": warm, "end": max_iters,
-         "by_epoch": False, "last_step": max(0, iteration - warm), "verbose": False,
-         "_global_step": iteration, "base_values": [4e-05],
-         "_last_value": [np.float64(3.9e-05)]},
+        {
+            "start_factor": 1e-05,
+            "end_factor": 1.0,
+            "begin": 0,
+            "end": warm,
+            "by_epoch": False,
+            "last_step": min(iteration, warm),
+            "total_iters": warm,
+            "verbose": False,
+            "_global_step": iteration,
+            "base_values": [4e-05],
+            "_last_value": [4e-05],
+        },
+        {
+            "T_max": max_iters - warm,
+            "eta_min": 0.0,
+            "begin": warm,
+            "end": max_iters,
+            "by_epoch": False,
+            "last_step": max(0, iteration - warm),
+            "verbose": False,
+            "_global_step": iteration,
+            "base_values": [4e-05],
+            "_last_value": [np.float64(3.9e-05)],
+        },
     ]
     return {"meta": meta, "message_hub": message_hub, "param_schedulers": param_schedulers}
 
@@ -200,8 +271,10 @@ def deepspeed_parts(sd: OrderedDict, iteration: int) -> dict:
         "dp_world_size": 1,
         "mp_world_size": 1,
         "ds_config": {
-            "bf16": {"enabled": True}, "fp16": {"enabled": False},
-            "gradient_accumulation_steps": 4, "gradient_clipping": 1.0,
+            "bf16": {"enabled": True},
+            "fp16": {"enabled": False},
+            "gradient_accumulation_steps": 4,
+            "gradient_clipping": 1.0,
             "train_micro_batch_size_per_gpu": 2,
             "zero_optimization": {"stage": 2, "overlap_comm": True},
         },

@@ -13,8 +13,9 @@ import bisect
 import math
 import re
 import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence, cast
+from typing import cast
 
 import torch
 
@@ -70,8 +71,9 @@ class TransformReport:
         """Aggregate per module kind (q_proj, wqkv, output, ...): mean/max relative delta, zero-B count."""
         out: dict[str, dict] = {}
         for d in self.deltas:
-            g = out.setdefault(d.group, {"tensors": 0, "mean_relative_delta": 0.0, "max_relative_delta": 0.0,
-                                         "zero_b": 0})
+            g = out.setdefault(
+                d.group, {"tensors": 0, "mean_relative_delta": 0.0, "max_relative_delta": 0.0, "zero_b": 0}
+            )
             g["tensors"] += 1
             g["mean_relative_delta"] += d.relative
             g["max_relative_delta"] = max(g["max_relative_delta"], d.relative)
@@ -85,8 +87,12 @@ class TransformReport:
         return [d.name for d in self.deltas if d.zero_b]
 
     def to_dict(self) -> dict:
-        return {"lora_pairs": len(self.deltas), "zero_b_count": len(self.zero_b), "zero_b": self.zero_b[:20],
-                "groups": self.groups()}
+        return {
+            "lora_pairs": len(self.deltas),
+            "zero_b_count": len(self.zero_b),
+            "zero_b": self.zero_b[:20],
+            "groups": self.groups(),
+        }
 
 
 def module_group(name: str) -> str:
@@ -110,15 +116,16 @@ def _finite_minmax(t: torch.Tensor) -> tuple[float, float]:
 
 def _count_nonfinite(t: torch.Tensor) -> int:
     flat = t.reshape(-1)
-    return sum(int((~torch.isfinite(flat[s:s + _CHUNK_ELEMS])).sum()) for s in range(0, flat.numel(), _CHUNK_ELEMS))
+    return sum(int((~torch.isfinite(flat[s : s + _CHUNK_ELEMS])).sum()) for s in range(0, flat.numel(), _CHUNK_ELEMS))
 
 
 _CKPT_NAN_HINT = "the training diverged or the file is damaged; use an earlier checkpoint"
 _BASE_NAN_HINT = "the base folder is damaged; download or copy it again"
 
 
-def _check_finite(t: torch.Tensor, what: str, path: str, count: Callable[[], int] | None = None,
-                  hint: str = _CKPT_NAN_HINT) -> None:
+def _check_finite(
+    t: torch.Tensor, what: str, path: str, count: Callable[[], int] | None = None, hint: str = _CKPT_NAN_HINT
+) -> None:
     """Raise if ``t`` holds NaN/Inf; ``count`` gives the exact number when ``t`` is one block of a larger tensor."""
     if not t.is_floating_point() or t.numel() == 0:
         return
@@ -131,8 +138,11 @@ def _check_finite(t: torch.Tensor, what: str, path: str, count: Callable[[], int
 def _check_fp16_range(lo: float, hi: float, name: str, path: str) -> None:
     m = max(abs(lo), abs(hi))
     if m > FP16_MAX:
-        raise PlanError(f"{name} has values up to {m:.4g}, beyond fp16's {FP16_MAX:g}", path=path,
-                        hint="use --dtype bf16 (the training dtype) or --dtype fp32")
+        raise PlanError(
+            f"{name} has values up to {m:.4g}, beyond fp16's {FP16_MAX:g}",
+            path=path,
+            hint="use --dtype bf16 (the training dtype) or --dtype fp32",
+        )
 
 
 def _check_fp16(t: torch.Tensor, name: str, path: str) -> None:
@@ -226,7 +236,7 @@ def streamable(pt: PlannedTensor, merge_device: str = "cpu") -> bool:
     """Whether :meth:`TensorProducer.stream` can produce ``pt``: 2-D, and a merge's factors fit its rows.
 
     Any merge device streams: on a GPU the host holds only one block of input
-    rows and one of output (issue 14: the whole 8B head, input and output, held
+    rows and one of output (measured: the whole 8B head, input and output, held
     on the host put the cuda merge at 2.85 GiB).
     """
     if len(pt.shape) != 2 or 0 in pt.shape or tuple(pt.value.shape) != pt.shape:
@@ -263,8 +273,15 @@ class TensorProducer:
     (same products, same roundings), element by element.
     """
 
-    def __init__(self, sources: Mapping[str, TensorSource], *, merge_device: str = "cpu",
-                 check_finite: bool = True, block_elems: int = _BLOCK_ELEMS, plan_order: Sequence[str] = ()):
+    def __init__(
+        self,
+        sources: Mapping[str, TensorSource],
+        *,
+        merge_device: str = "cpu",
+        check_finite: bool = True,
+        block_elems: int = _BLOCK_ELEMS,
+        plan_order: Sequence[str] = (),
+    ):
         self.sources = dict(sources)
         self.merge_device = torch.device(resolve_merge_device(merge_device))
         self.check_finite = check_finite
@@ -342,8 +359,7 @@ class TensorProducer:
     def prepare(self, pt: PlannedTensor) -> Prepared:
         """Read the inputs of ``pt`` (value, and LoRA factors if any); no arithmetic."""
         self._note_order(pt.name)
-        value = self._load_pooled(pt.value.layer, pt.value.key,
-                                  TensorInfo(pt.value.shape, pt.value.dtype).nbytes)
+        value = self._load_pooled(pt.value.layer, pt.value.key, TensorInfo(pt.value.shape, pt.value.dtype).nbytes)
         if pt.lora is None:
             return Prepared(pt, value)
         a = self._load(pt.lora.a.layer, pt.lora.a.key)
@@ -369,26 +385,39 @@ class TensorProducer:
             if self.check_finite and pt.value.layer == "base":
                 # every value written is NaN/Inf-free: merged and checkpoint tensors are checked above
                 # and in the merge; this covers what passes through from the base (once a job of the
-                # read-back from disk, which is no longer the default, issue 14)
-                _check_finite(out, f"written tensor {pt.name} (base tensor {pt.value.key})", str(src.path),
-                              hint=_BASE_NAN_HINT)
+                # read-back from disk, which is no longer the default)
+                _check_finite(
+                    out, f"written tensor {pt.name} (base tensor {pt.value.key})", str(src.path), hint=_BASE_NAN_HINT
+                )
         else:
             out = self._merge(pt, value, prep.a, prep.b, target)
         if out is not value:  # the input buffer (if pooled) is free again
             prep.value = None
             self.recycle(value)
         if tuple(out.shape) != pt.shape:
-            raise PlanError(f"{pt.name}: produced shape {list(out.shape)}, planned {list(pt.shape)}",
-                            path=str(src.path), hint="this is a bug; please report it")
+            raise PlanError(
+                f"{pt.name}: produced shape {list(out.shape)}, planned {list(pt.shape)}",
+                path=str(src.path),
+                hint="this is a bug; please report it",
+            )
         return out
 
-    def _merge(self, pt: PlannedTensor, value: torch.Tensor, a_in: torch.Tensor | None, b_in: torch.Tensor | None,
-               target: torch.dtype) -> torch.Tensor:
+    def _merge(
+        self,
+        pt: PlannedTensor,
+        value: torch.Tensor,
+        a_in: torch.Tensor | None,
+        b_in: torch.Tensor | None,
+        target: torch.dtype,
+    ) -> torch.Tensor:
         assert pt.lora is not None and a_in is not None and b_in is not None
         rows, cols = b_in.shape[0], a_in.shape[1]
         if value.numel() != rows * cols:
-            raise PlanError(f"{pt.name}: LoRA B@A is {[rows, cols]}, the weight is {list(value.shape)}",
-                            path=str(self.sources[pt.lora.a.layer].path), hint="this is a bug; please report it")
+            raise PlanError(
+                f"{pt.name}: LoRA B@A is {[rows, cols]}, the weight is {list(value.shape)}",
+                path=str(self.sources[pt.lora.a.layer].path),
+                hint="this is a bug; please report it",
+            )
         dev = self.merge_device
         src2d = value.reshape(rows, cols)
         if dev.type == "cpu":
@@ -406,9 +435,15 @@ class TensorProducer:
             out = host
         return out.reshape(pt.shape)
 
-    def _merge_blocks(self, pt: PlannedTensor, rows_of: Callable[[int, int], torch.Tensor], a_in: torch.Tensor,
-                      b_in: torch.Tensor, out_rows: Callable[[int, int], torch.Tensor],
-                      step: int) -> Iterator[tuple[int, int]]:
+    def _merge_blocks(
+        self,
+        pt: PlannedTensor,
+        rows_of: Callable[[int, int], torch.Tensor],
+        a_in: torch.Tensor,
+        b_in: torch.Tensor,
+        out_rows: Callable[[int, int], torch.Tensor],
+        step: int,
+    ) -> Iterator[tuple[int, int]]:
         """Merge block by block: rows [start, stop) of W go in via ``rows_of``, out via ``out_rows``.
 
         Yields each (start, stop) once its output rows are final; the delta
@@ -464,9 +499,17 @@ class TensorProducer:
                 self._check_block(o, pt, path, start)
             yield start, stop
         del d_buf, w_buf, a, b
-        self.report.add(self._order.get(pt.name, len(self._order)),
-                        DeltaStats(pt.name, module_group(pt.name), pt.lora.rank,
-                                   math.sqrt(float(base_sq)), math.sqrt(float(delta_sq)), zero_b))
+        self.report.add(
+            self._order.get(pt.name, len(self._order)),
+            DeltaStats(
+                pt.name,
+                module_group(pt.name),
+                pt.lora.rank,
+                math.sqrt(float(base_sq)),
+                math.sqrt(float(delta_sq)),
+                zero_b,
+            ),
+        )
 
     # ------------------------------------------------------------- row-block streaming (huge tensors)
 
@@ -512,7 +555,7 @@ class TensorProducer:
                 self._rows_done(pt.value, start, stop)
             return
         step = max(1, min(rows, _STREAM_COPY_BYTES // max(1, cols * dtypes.itemsize(pt.value.dtype))))
-        out_buf = None
+        cast_buf: torch.Tensor | None = None
         for start in range(0, rows, step):
             stop = min(rows, start + step)
             block = rows_of(start, stop)
@@ -523,13 +566,18 @@ class TensorProducer:
             else:
                 if pt.dtype == "fp16" and block.dtype != torch.float16:
                     _check_fp16(block, pt.name, path)
-                if out_buf is None:
-                    out_buf = torch.empty((step, cols), dtype=target)
-                o = out_buf[: stop - start]
+                if cast_buf is None:
+                    cast_buf = torch.empty((step, cols), dtype=target)
+                o = cast_buf[: stop - start]
                 o.copy_(block)
             if self.check_finite and not check_input:  # a base tensor: check what is written (see finish)
-                _check_finite(o, f"written tensor {pt.name} (base tensor {pt.value.key})", path,
-                              count_all(step), hint=_BASE_NAN_HINT)
+                _check_finite(
+                    o,
+                    f"written tensor {pt.name} (base tensor {pt.value.key})",
+                    path,
+                    count_all(step),
+                    hint=_BASE_NAN_HINT,
+                )
             yield o
             del o
             del block
@@ -554,7 +602,10 @@ class TensorProducer:
         lo, hi = _finite_minmax(t)
         if self.check_finite and not (math.isfinite(lo) and math.isfinite(hi)):
             rows = f"rows {first_row}-{first_row + t.shape[0] - 1}"
-            raise PlanError(f"merged tensor {pt.name} contains NaN/Inf ({_count_nonfinite(t)} in {rows})", path=path,
-                            hint="the training diverged or the file is damaged; use an earlier checkpoint")
+            raise PlanError(
+                f"merged tensor {pt.name} contains NaN/Inf ({_count_nonfinite(t)} in {rows})",
+                path=path,
+                hint="the training diverged or the file is damaged; use an earlier checkpoint",
+            )
         if pt.dtype == "fp16":
             _check_fp16_range(lo, hi, pt.name, path)

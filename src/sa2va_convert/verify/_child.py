@@ -32,6 +32,8 @@ import struct
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from typing import Any
 
 # This file's folder is sys.path[0] when run by path; the converter's own modules sit there and
 # must not shadow anything the model's code imports.
@@ -39,10 +41,30 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.a
     del sys.path[0]
 
 SEG_TOKEN = "[SEG]"
-SHORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int64": "int64",
-                "int32": "int32", "int16": "int16", "int8": "int8", "uint8": "uint8", "bool": "bool"}
-SAFETENSORS_DTYPES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64", "I64": "int64", "I32": "int32",
-                      "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+SHORT_DTYPES = {
+    "float32": "fp32",
+    "float16": "fp16",
+    "bfloat16": "bf16",
+    "float64": "fp64",
+    "int64": "int64",
+    "int32": "int32",
+    "int16": "int16",
+    "int8": "int8",
+    "uint8": "uint8",
+    "bool": "bool",
+}
+SAFETENSORS_DTYPES = {
+    "F32": "fp32",
+    "F16": "fp16",
+    "BF16": "bf16",
+    "F64": "fp64",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 FLOATING = {"fp32", "fp16", "bf16", "fp64"}
 PALETTE = [(255, 64, 64), (64, 160, 255), (80, 220, 100), (255, 200, 40), (200, 90, 255), (0, 220, 220)]
 
@@ -60,7 +82,7 @@ def short_dtype(dtype) -> str:
     return SHORT_DTYPES.get(str(dtype).replace("torch.", ""), str(dtype).replace("torch.", ""))
 
 
-def first_line(text: str, limit: int = 400) -> str:
+def first_line(text: object, limit: int = 400) -> str:
     lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
     line = lines[0] if lines else ""
     return line if len(line) <= limit else line[: limit - 3] + "..."
@@ -110,11 +132,11 @@ def config_dtype_name(config: dict, file_dtypes: dict) -> str:
         value = config.get(key)
         if isinstance(value, str) and short_dtype(value) in FLOATING:
             return short_dtype(value)
-    counts: dict = {}
+    counts: dict[str, int] = {}
     for d in file_dtypes.values():
         if d in FLOATING:
             counts[d] = counts.get(d, 0) + 1
-    return max(counts, key=counts.get) if counts else "fp32"
+    return max(counts, key=lambda d: counts[d]) if counts else "fp32"
 
 
 def is_qwen_family(config: dict) -> bool:
@@ -207,7 +229,7 @@ def make_nested_code_importable(folder: str, result: dict):
 
 
 @contextlib.contextmanager
-def nested_code_importable(folder: str):
+def nested_code_importable(folder: str | os.PathLike[str]):
     """``make_nested_code_importable`` for a block of code in this process (tests, the fixture
     generator); yields the list of files it had to add, and puts transformers back afterwards."""
     result: dict = {"nested_imports": []}
@@ -220,8 +242,12 @@ def nested_code_importable(folder: str):
 
 def disable_flash_attn_in_config(config) -> None:
     """Switch off flash attention wherever the (remote) config offers a switch."""
-    for cfg in (config, getattr(config, "vision_config", None), getattr(config, "llm_config", None),
-                getattr(config, "text_config", None)):
+    for cfg in (
+        config,
+        getattr(config, "vision_config", None),
+        getattr(config, "llm_config", None),
+        getattr(config, "text_config", None),
+    ):
         if cfg is None:
             continue
         if hasattr(cfg, "use_flash_attn"):
@@ -284,8 +310,22 @@ def model_class(folder: str, raw_config: dict):
 
 # ---------------------------------------------------------------- facts for the parent's diagnosis
 
-PACKAGES = ("torch", "torchvision", "timm", "transformers", "peft", "accelerate", "tokenizers", "sentencepiece",
-            "einops", "qwen-vl-utils", "flash-attn", "numpy", "pillow", "safetensors")
+PACKAGES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "transformers",
+    "peft",
+    "accelerate",
+    "tokenizers",
+    "sentencepiece",
+    "einops",
+    "qwen-vl-utils",
+    "flash-attn",
+    "numpy",
+    "pillow",
+    "safetensors",
+)
 
 
 def package_versions() -> dict:
@@ -293,7 +333,7 @@ def package_versions() -> dict:
     another torch fails on import, and its version is exactly what the parent must name)."""
     from importlib import metadata
 
-    out = {}
+    out: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             out[name] = metadata.version(name)
@@ -320,8 +360,10 @@ def calls_post_init(cls) -> bool | None:
             tree = ast.parse(textwrap.dedent(inspect.getsource(init)))
         except (OSError, TypeError, SyntaxError):
             return None
-        return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "post_init"
-                   for n in ast.walk(tree))
+        return any(
+            isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "post_init"
+            for n in ast.walk(tree)
+        )
     return None
 
 
@@ -341,19 +383,32 @@ def generation_facts(model) -> list:
         except Exception:
             can = None
         mro = [k.__name__ for k in type(module).__mro__]
-        facts.append({"module": name or "(model)", "class": type(module).__name__, "can_generate": can,
-                      "generation_config": getattr(module, "generation_config", None) is not None,
-                      "mixin_via": next((k.__name__ for k in type(module).__mro__[1:]
-                                         if "GenerationMixin" in [b.__name__ for b in k.__bases__]), None),
-                      "mro": mro[:6]})
+        facts.append(
+            {
+                "module": name or "(model)",
+                "class": type(module).__name__,
+                "can_generate": can,
+                "generation_config": getattr(module, "generation_config", None) is not None,
+                "mixin_via": next(
+                    (
+                        k.__name__
+                        for k in type(module).__mro__[1:]
+                        if "GenerationMixin" in [b.__name__ for b in k.__bases__]
+                    ),
+                    None,
+                ),
+                "mro": mro[:6],
+            }
+        )
     return facts
 
 
-def error_chain(e: BaseException) -> list:
-    """"Type: first line" of the exception and every cause/context under it, outermost first: the
+def error_chain(e: BaseException | None) -> list[str]:
+    """ "Type: first line" of the exception and every cause/context under it, outermost first: the
     cause of a transformers lazy-import error (e.g. ``operator torchvision::nms does not exist``)
     sits at the start of a long traceback, where a cut tail would lose it."""
-    chain, seen = [], set()
+    chain: list[str] = []
+    seen: set[int] = set()
     while e is not None and id(e) not in seen and len(chain) < 8:
         seen.add(id(e))
         chain.append(f"{type(e).__name__}: {first_line(e)}")
@@ -370,7 +425,8 @@ def resolve_device(requested: str, result: dict):
     cuda = torch.cuda.is_available()
     count = torch.cuda.device_count() if cuda else 0
     result["gpu"] = {
-        "cuda_available": cuda, "count": count,
+        "cuda_available": cuda,
+        "count": count,
         "names": [torch.cuda.get_device_name(i) for i in range(count)],
         "torch_cuda": getattr(torch.version, "cuda", None),
     }
@@ -420,8 +476,7 @@ def map_cuda_to_cpu(result: dict):
     import torch
     from torch.overrides import TorchFunctionMode
 
-    counts = {"tensor.cuda": 0, "module.cuda": 0, "to(cuda)": 0, "device=cuda": 0, "autocast": 0,
-              "pin_memory": 0}
+    counts = {"tensor.cuda": 0, "module.cuda": 0, "to(cuda)": 0, "device=cuda": 0, "autocast": 0, "pin_memory": 0}
     result["cuda_mapped"] = counts
 
     class CpuForCuda(TorchFunctionMode):
@@ -446,9 +501,7 @@ def map_cuda_to_cpu(result: dict):
         counts["module.cuda"] += 1
         return self.to("cpu")
 
-    real_autocast = torch.autocast
-
-    class autocast(real_autocast):  # noqa: N801 - replaces torch.autocast under its own name
+    class autocast(torch.autocast):  # noqa: N801 - replaces torch.autocast under its own name
         def __init__(self, device_type, dtype=None, enabled=True, cache_enabled=None):
             if str(device_type).startswith("cuda"):
                 counts["autocast"] += 1
@@ -458,14 +511,16 @@ def map_cuda_to_cpu(result: dict):
     def cuda_amp_autocast(enabled=True, dtype=torch.float16, cache_enabled=True):
         return autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
 
-    saved = [(torch.nn.Module, "cuda", torch.nn.Module.cuda), (torch, "autocast", torch.autocast),
-             (torch.amp, "autocast", torch.amp.autocast)]
-    torch.nn.Module.cuda = module_cuda
-    torch.autocast = autocast
-    torch.amp.autocast = autocast
+    patches: list[tuple[Any, str, Any]] = [
+        (torch.nn.Module, "cuda", module_cuda),
+        (torch, "autocast", autocast),
+        (torch.amp, "autocast", autocast),
+    ]
     if hasattr(torch.cuda, "amp"):
-        saved.append((torch.cuda.amp, "autocast", torch.cuda.amp.autocast))
-        torch.cuda.amp.autocast = cuda_amp_autocast
+        patches.append((torch.cuda.amp, "autocast", cuda_amp_autocast))
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, value in patches:
+        setattr(owner, name, value)
     mode = CpuForCuda()
     mode.__enter__()
 
@@ -478,7 +533,7 @@ def map_cuda_to_cpu(result: dict):
 
 
 @contextlib.contextmanager
-def cuda_on_cpu():
+def cuda_on_cpu() -> Iterator[dict]:
     """``map_cuda_to_cpu`` for a block of code in this process (tests, the fixture generator);
     yields the call counts and puts torch back afterwards."""
     result: dict = {}
@@ -550,8 +605,9 @@ def synthetic_frame(width: int = 80, height: int = 60, shift: int = 0):
     from PIL import Image
 
     y, x = np.mgrid[0:height, 0:width]
-    img = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
-                    ((x // 8 + y // 8) % 2) * 90], axis=-1).astype(np.uint8)
+    img = np.stack(
+        [x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), ((x // 8 + y // 8) % 2) * 90], axis=-1
+    ).astype(np.uint8)
     inside = ((x - (0.4 * width + shift)) / (0.2 * width)) ** 2 + ((y - 0.5 * height) / (0.25 * height)) ** 2 <= 1
     img[inside] = (230, 40, 40)
     return Image.fromarray(img, "RGB")
@@ -567,7 +623,7 @@ def as_numpy(mask):
 
 def describe_mask(mask) -> dict:
     arr = as_numpy(mask)
-    info = {"type": type(mask).__name__, "dtype": str(arr.dtype), "shape": list(arr.shape)}
+    info: dict[str, Any] = {"type": type(mask).__name__, "dtype": str(arr.dtype), "shape": list(arr.shape)}
     if arr.size:
         info["true_fraction"] = round(float((arr > 0).mean()), 4)
     return info
@@ -593,7 +649,7 @@ def save_masks(masks, image, mask_path, overlay_path) -> dict:
     import numpy as np
     from PIL import Image
 
-    saved = {"masks": [], "overlay": None}
+    saved: dict[str, Any] = {"masks": [], "overlay": None}
     frames = [mask_frame(m) for m in masks]
     if mask_path:
         for i, m in enumerate(frames):
@@ -637,7 +693,9 @@ def call_predict(model, tokenizer, processor, *, image=None, video=None, text: s
     masks = out.get("prediction_masks")
     frames = video if video is not None else [image]
     return {
-        "input_size": list(frames[0].size), "n_frames": len(frames), "prompt": text,
+        "input_size": list(frames[0].size),
+        "n_frames": len(frames),
+        "prompt": text,
         "keys": sorted(str(k) for k in out.keys()),
         "prediction": prediction if isinstance(prediction, str) else repr(prediction)[:2000],
         "prediction_type": type(prediction).__name__,
@@ -666,13 +724,17 @@ def load_model(args: dict, result: dict) -> Loaded:
     timings = result["timings"]
     t0 = time.perf_counter()
     stage(result, "import")
+    # torch and transformers first: where several are missing, the error names torch (what --python is for)
     import torch
     import transformers
-    import numpy  # noqa: F401 - fail early, at a clear stage, if missing
-    import PIL  # noqa: F401
 
-    result["versions"].update(torch=torch.__version__, transformers=transformers.__version__,
-                              numpy=numpy.__version__, pillow=PIL.__version__)
+    # isort: split
+    import numpy  # fail early, at a clear stage, if missing
+    import PIL
+
+    result["versions"].update(
+        torch=torch.__version__, transformers=transformers.__version__, numpy=numpy.__version__, pillow=PIL.__version__
+    )
     timings["import"] = round(time.perf_counter() - t0, 3)
     folder = importable_folder_name(args["folder"], result)
 
@@ -690,8 +752,9 @@ def load_model(args: dict, result: dict) -> Loaded:
     file_dtypes = shard_dtypes(folder)
     dtype_name = args.get("dtype") or config_dtype_name(raw_config, file_dtypes)
     result["dtype"] = dtype_name
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-                   "fp64": torch.float64}[dtype_name]
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}[
+        dtype_name
+    ]
     result["config_transformers_version"] = raw_config.get("transformers_version")
     filter_flash_attn(result)
     make_nested_code_importable(folder, result)
@@ -730,11 +793,19 @@ def load_model(args: dict, result: dict) -> Loaded:
     for d in loaded.values():
         counts[d] = counts.get(d, 0) + 1
     file_float = sorted({d for d in file_dtypes.values() if d in FLOATING})
-    mismatches = [f"{k}: written {file_dtypes[k]}, loaded {loaded[k]}" for k in sorted(file_dtypes)
-                  if k in loaded and file_dtypes[k] in FLOATING and loaded[k] != file_dtypes[k]]
-    result["dtypes"] = {"config": dtype_name, "file": file_float, "loaded": counts,
-                        "compared": sum(1 for k in file_dtypes if k in loaded),
-                        "mismatches": mismatches[:10], "mismatch_count": len(mismatches)}
+    mismatches = [
+        f"{k}: written {file_dtypes[k]}, loaded {loaded[k]}"
+        for k in sorted(file_dtypes)
+        if k in loaded and file_dtypes[k] in FLOATING and loaded[k] != file_dtypes[k]
+    ]
+    result["dtypes"] = {
+        "config": dtype_name,
+        "file": file_float,
+        "loaded": counts,
+        "compared": sum(1 for k in file_dtypes if k in loaded),
+        "mismatches": mismatches[:10],
+        "mismatch_count": len(mismatches),
+    }
     result["parameters"] = int(sum(p.numel() for p in model.parameters()))
 
     stage(result, "tokenizer")
@@ -745,11 +816,16 @@ def load_model(args: dict, result: dict) -> Loaded:
     seg_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
     unk = getattr(tokenizer, "unk_token_id", None)
     seg_id = None if seg_id is None or (unk is not None and seg_id == unk) else int(seg_id)
-    result["tokenizer"] = {"class": type(tokenizer).__name__, "length": len(tokenizer), "seg_token_id": seg_id,
-                           "eos_token_id": getattr(tokenizer, "eos_token_id", None)}
+    result["tokenizer"] = {
+        "class": type(tokenizer).__name__,
+        "length": len(tokenizer),
+        "seg_token_id": seg_id,
+        "eos_token_id": getattr(tokenizer, "eos_token_id", None),
+    }
     processor = None
-    if is_qwen_family(raw_config) and any(os.path.isfile(os.path.join(folder, f)) for f in
-                                          ("preprocessor_config.json", "processor_config.json")):
+    if is_qwen_family(raw_config) and any(
+        os.path.isfile(os.path.join(folder, f)) for f in ("preprocessor_config.json", "processor_config.json")
+    ):
         from transformers import AutoProcessor
 
         try:
@@ -766,8 +842,10 @@ def load_model(args: dict, result: dict) -> Loaded:
         result["max_new_tokens"] = max_new
         result["generation_cap"] = how
     else:
-        result["warnings"].append("model has no preparing_for_generation() and no generate() of its own to cap: "
-                                  "generation length is not capped")
+        result["warnings"].append(
+            "model has no preparing_for_generation() and no generate() of its own to cap: "
+            "generation length is not capped"
+        )
     return Loaded(model, tokenizer, processor, device, torch_dtype, seg_id)
 
 
@@ -789,8 +867,8 @@ def cap_generation(model, tokenizer, max_new: int, torch_dtype=None) -> str:
     wrapped = []
     for name in ("model", "language_model"):
         sub = getattr(model, name, None)
-        generate = getattr(sub, "generate", None) if sub is not None else None
-        if callable(generate):
+        generate = getattr(sub, "generate", None)
+        if sub is not None and callable(generate):
             generate = getattr(generate, "uncapped", generate)  # capped again: replace the earlier cap
             sub.generate = _capped(generate, max_new)
             wrapped.append(f"{name}.generate")
@@ -804,7 +882,7 @@ def _capped(generate, max_new: int):
             kwargs["max_new_tokens"] = max_new
         return generate(*args, **kwargs)
 
-    capped_generate.uncapped = generate  # type: ignore[attr-defined]
+    setattr(capped_generate, "uncapped", generate)  # noqa: B010 - read back by cap_generation to re-cap
     return capped_generate
 
 
@@ -854,8 +932,13 @@ def run_roundtrip(args: dict, result: dict) -> None:
     if args.get("video", True):
         if "video" in inspect.signature(m.model.predict_forward).parameters:
             stage(result, "predict_video")
-            run_ = call_predict(m.model, m.tokenizer, m.processor,
-                                video=[synthetic_frame(shift=0), synthetic_frame(shift=6)], text=prompt)
+            run_ = call_predict(
+                m.model,
+                m.tokenizer,
+                m.processor,
+                video=[synthetic_frame(shift=0), synthetic_frame(shift=6)],
+                text=prompt,
+            )
             run_.pop("_masks")
             run_["name"] = "video"
             result["runs"].append(run_)
@@ -922,12 +1005,21 @@ def eval_one(m: Loaded, item: dict, args: dict) -> dict:
         save_png_atomic(out.clip(0, 255).astype(np.uint8), item["overlay_path"], "RGB")
     truth = read_truth(item["mask"])
     if truth.shape != (h, w):
-        raise StageError(f"ground-truth mask {item['mask']} is {truth.shape[0]}x{truth.shape[1]}, the image is "
-                         f"{h}x{w} (H x W)")
-    return {"seg_count": run_["seg_count"] or 0, "n_masks": len(masks), "prediction": run_["prediction"][:500],
-            "intersection": int(np.count_nonzero(union & truth)), "union": int(np.count_nonzero(union | truth)),
-            "pred_area": int(np.count_nonzero(union)), "true_area": int(np.count_nonzero(truth)),
-            "height": h, "width": w, "seconds": run_["seconds"]}
+        raise StageError(
+            f"ground-truth mask {item['mask']} is {truth.shape[0]}x{truth.shape[1]}, the image is {h}x{w} (H x W)"
+        )
+    return {
+        "seg_count": run_["seg_count"] or 0,
+        "n_masks": len(masks),
+        "prediction": run_["prediction"][:500],
+        "intersection": int(np.count_nonzero(union & truth)),
+        "union": int(np.count_nonzero(union | truth)),
+        "pred_area": int(np.count_nonzero(union)),
+        "true_area": int(np.count_nonzero(truth)),
+        "height": h,
+        "width": w,
+        "seconds": run_["seconds"],
+    }
 
 
 def run_eval(args: dict, result: dict) -> None:
@@ -973,16 +1065,25 @@ MODES["eval"] = run_eval
 
 
 def run(args: dict, result: dict) -> None:
-    mode = MODES.get(args.get("mode"))
+    mode = MODES.get(args.get("mode", ""))  # a missing mode is an unknown one
     if mode is None:
         raise StageError(f"unknown mode {args.get('mode')!r}")
     mode(args, result)
 
 
 def main(argv: list) -> int:
-    result = {"ok": False, "mode": None, "stage": "start", "device": None, "dtype": None, "versions": {
-        "python": sys.version.split()[0], "executable": sys.executable}, "timings": {}, "runs": [], "warnings": [],
-        "error": None}
+    result: dict[str, Any] = {
+        "ok": False,
+        "mode": None,
+        "stage": "start",
+        "device": None,
+        "dtype": None,
+        "versions": {"python": sys.version.split()[0], "executable": sys.executable},
+        "timings": {},
+        "runs": [],
+        "warnings": [],
+        "error": None,
+    }
     # Keep stdout for the one JSON line: anything else printed (by C code too) goes to stderr.
     out = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)
@@ -996,8 +1097,12 @@ def main(argv: list) -> int:
     except BaseException as e:  # report everything, KeyboardInterrupt included, as data
         tb = traceback.format_exc()
         result["error"] = {
-            "stage": result["stage"], "type": type(e).__name__, "message": first_line(e) or type(e).__name__,
-            "own": isinstance(e, StageError), "traceback": tb[-6000:], "chain": error_chain(e),
+            "stage": result["stage"],
+            "type": type(e).__name__,
+            "message": first_line(e) or type(e).__name__,
+            "own": isinstance(e, StageError),
+            "traceback": tb[-6000:],
+            "chain": error_chain(e),
         }
     result["timings"]["total"] = round(time.perf_counter() - started, 3)
     sys.stdout.flush()

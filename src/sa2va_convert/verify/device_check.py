@@ -1,7 +1,7 @@
 """Whether the round trip's interpreter can use the GPU ``--device cuda`` asks for: checked before any work.
 
-``--device cuda`` on a CPU-only torch used to be found by the child process, after the whole conversion
-(issue 23, item 7). The child runs under ``--python`` if given, else under this interpreter, so that is
+``--device cuda`` on a CPU-only torch used to be found by the child process, after the whole conversion.
+The child runs under ``--python`` if given, else under this interpreter, so that is
 the torch asked here: this one directly, another one by a short probe. A probe that cannot import torch
 decides nothing (the round trip reports a missing package itself, exit 9).
 """
@@ -19,8 +19,10 @@ from ..errors import UsageError
 
 __all__ = ["check_roundtrip_device", "cuda_seen"]
 
-_PROBE = ("import json, torch; print(json.dumps([torch.cuda.is_available() and torch.cuda.device_count(), "
-          "torch.version.cuda]))")
+_PROBE = (
+    "import json, torch; print(json.dumps([torch.cuda.is_available() and torch.cuda.device_count(), "
+    "torch.version.cuda]))"
+)
 
 
 @functools.lru_cache(maxsize=8)
@@ -33,16 +35,18 @@ def cuda_seen(python: str | None) -> tuple[int, str | None] | None:
 
         return (torch.cuda.device_count() if torch.cuda.is_available() else 0), torch.version.cuda
     try:
-        probe = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=120,
-                               stdin=subprocess.DEVNULL)
+        probe = subprocess.run(
+            [python, "-c", _PROBE], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
+        )
         count, built = json.loads(probe.stdout.strip().splitlines()[-1])
     except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
         return None
     return int(count or 0), built
 
 
-def check_roundtrip_device(device: str, python: str | None, *, skip: str = "--no-verify to convert without the "
-                                                                           "round trip") -> None:
+def check_roundtrip_device(
+    device: str, python: str | None, *, skip: str = "--no-verify to convert without the round trip"
+) -> None:
     """A UsageError (exit 2) when ``device`` is ``cuda``/``cuda:N`` and the round trip's torch cannot use it.
 
     ``skip`` is how the caller's command goes without the round trip, for the hint."""
@@ -57,10 +61,15 @@ def check_roundtrip_device(device: str, python: str | None, *, skip: str = "--no
     who = "its torch"
     if count == 0:
         why = "built without CUDA" if not built else "no GPU visible"
-        raise UsageError(f"--device {device} asked for the round trip, but {who} sees no GPU ({why})",
-                         path=interpreter,
-                         hint="use --device auto or cpu (the model's .cuda() calls are mapped to the CPU), pass "
-                              f"--python with a CUDA environment, or {skip}")
+        raise UsageError(
+            f"--device {device} asked for the round trip, but {who} sees no GPU ({why})",
+            path=interpreter,
+            hint="use --device auto or cpu (the model's .cuda() calls are mapped to the CPU), pass "
+            f"--python with a CUDA environment, or {skip}",
+        )
     if m.group(1) is not None and int(m.group(1)) >= count:
-        raise UsageError(f"--device {device} asked for the round trip, but {who} sees only {count} GPU(s)",
-                         path=interpreter, hint="use --device cuda or cuda:0")
+        raise UsageError(
+            f"--device {device} asked for the round trip, but {who} sees only {count} GPU(s)",
+            path=interpreter,
+            hint="use --device cuda or cuda:0",
+        )

@@ -28,8 +28,10 @@ from ..read.remote_code import KNOWN_PACKAGES, install_hint, pip_name
 _NO_MODULE = re.compile(r"No module named '([\w.]+)'")
 _CANNOT_IMPORT = re.compile(r"cannot import name '(\w+)' from '(transformers[\w.]*)'")
 _MISSING_PACKAGES = re.compile(r"requires the following packages that were not found in your environment: ([^.]+)")
-_GENERATE_FAILS = re.compile(r"transformers_version|generation_config|has no attribute 'generate'|"
-                             r"GenerationMixin|can_generate")
+_GENERATE_FAILS = re.compile(
+    r"transformers_version|generation_config|has no attribute 'generate'|"
+    r"GenerationMixin|can_generate"
+)
 LEGACY_TRANSFORMERS = "4.49.0"  # upstream Sa2VA's `legacy` install (pyproject.toml of bytedance/Sa2VA)
 
 
@@ -53,8 +55,14 @@ def _search(pattern: re.Pattern[str], texts: list[str]) -> re.Match[str] | None:
     return None
 
 
-def diagnose(result: dict[str, Any], *, folder: Path, python: str, what: str = "round trip",
-             sibling_modules: set[str] | None = None) -> VerifyEnvironmentError | None:
+def diagnose(
+    result: dict[str, Any],
+    *,
+    folder: Path,
+    python: str,
+    what: str = "round trip",
+    sibling_modules: set[str] | None = None,
+) -> VerifyEnvironmentError | None:
     """The environment problem behind a failed child, or None when the failure is not one we can name."""
     err = result.get("error") or {}
     stage = str(err.get("stage") or result.get("stage") or "")
@@ -73,18 +81,26 @@ def diagnose(result: dict[str, Any], *, folder: Path, python: str, what: str = "
         return VerifyEnvironmentError(
             f"torchvision {tv} in {python} was built for another torch than the installed torch {torch_v}{via}: "
             "it fails on import ('operator torchvision::nms does not exist'), and the model's code imports it",
-            path=python, hint=f"install the torchvision made for torch {torch_v}: pip install "
-                              f"'sa2va-convert[verify]' torch=={str(torch_v).split('+')[0]} lets pip pick it; or "
-                              "pass --python with an environment where torch and torchvision match")
+            path=python,
+            hint=f"install the torchvision made for torch {torch_v}: pip install "
+            f"'sa2va-convert[verify]' torch=={str(torch_v).split('+')[0]} lets pip pick it; or "
+            "pass --python with an environment where torch and torchvision match",
+        )
 
-    if _major(tf_v) is not None and _major(tf_v) >= 5 and stage in ("config", "load") and (
-            result.get("model_calls_post_init") is False or _search(re.compile(r"all_tied_weights_keys"), texts)):
+    if (
+        (major := _major(tf_v)) is not None
+        and major >= 5
+        and stage in ("config", "load")
+        and (result.get("model_calls_post_init") is False or _search(re.compile(r"all_tied_weights_keys"), texts))
+    ):
         return VerifyEnvironmentError(
             f"the model's remote code ({model}) was written for transformers 4.x ({written}) and cannot load under "
             f"the installed transformers {tf_v}: its __init__ never calls post_init(), which transformers 5 needs "
-            f"({err.get('type')}: {err.get('message')})", path=folder,
+            f"({err.get('type')}: {err.get('message')})",
+            path=folder,
             hint="run it with transformers 4.x: pip install 'transformers>=4.49,<5' (what pip install "
-                 "'sa2va-convert[verify]' installs), or pass --python with your Sa2VA environment")
+            "'sa2va-convert[verify]' installs), or pass --python with your Sa2VA environment",
+        )
 
     stuck = [g for g in result.get("generation") or [] if g.get("can_generate") is False and g.get("mixin_via")]
     if stuck and stage.startswith("predict") and _search(_GENERATE_FAILS, texts):
@@ -94,34 +110,46 @@ def diagnose(result: dict[str, Any], *, folder: Path, python: str, what: str = "
             f"gets GenerationMixin only through {g['mixin_via']}, which transformers 4.50 and later do not count "
             f"(can_generate() is False, so it has no generation_config); this code needs transformers "
             f"{LEGACY_TRANSFORMERS} or older ({written}; error: {err.get('type')}: {err.get('message')})",
-            path=folder, hint=f"pass --python with an environment that has transformers=={LEGACY_TRANSFORMERS} "
-                              f"(upstream Sa2VA's `legacy` install: pip install transformers=={LEGACY_TRANSFORMERS} "
-                              "peft==0.11.1)")
+            path=folder,
+            hint=f"pass --python with an environment that has transformers=={LEGACY_TRANSFORMERS} "
+            f"(upstream Sa2VA's `legacy` install: pip install transformers=={LEGACY_TRANSFORMERS} "
+            "peft==0.11.1)",
+        )
 
     m = _search(_MISSING_PACKAGES, texts)
     if m:
         names = [p.strip() for p in m.group(1).split(",") if p.strip()]
         reqs = sorted({pip_name(n) for n in names})
         return VerifyEnvironmentError(
-            f"the folder's remote code imports {', '.join(names)}, not installed in {python}", path=folder,
-            hint=f"{install_hint(reqs)} into that environment, or pass --python with one that has them")
+            f"the folder's remote code imports {', '.join(names)}, not installed in {python}",
+            path=folder,
+            hint=f"{install_hint(reqs)} into that environment, or pass --python with one that has them",
+        )
 
     m = _search(_NO_MODULE, texts)
     if m:
         top = m.group(1).split(".")[0]
         if top in KNOWN_PACKAGES and top not in (sibling_modules or set()):
             return VerifyEnvironmentError(
-                f"the {what} needs {pip_name(top)}, not installed in {python} ({m.group(0)})", path=folder,
-                hint=f"{install_hint([pip_name(top)])} into that environment, or pass --python with one that has it")
+                f"the {what} needs {pip_name(top)}, not installed in {python} ({m.group(0)})",
+                path=folder,
+                hint=f"{install_hint([pip_name(top)])} into that environment, or pass --python with one that has it",
+            )
         return None  # a module that exists nowhere: the folder's code is not self-contained (exit 7)
 
     m = _search(_CANNOT_IMPORT, texts)
     if m:
         return VerifyEnvironmentError(
             f"the model's remote code needs {m.group(1)} from {m.group(2)}, which the installed transformers {tf_v} "
-            f"does not have ({written})", path=folder,
-            hint=(f"install the transformers the folder was written with: pip install 'transformers=={written_for}'"
-                  if written_for else "install a newer transformers 4.x") + ", or pass --python with such an environment")
+            f"does not have ({written})",
+            path=folder,
+            hint=(
+                f"install the transformers the folder was written with: pip install 'transformers=={written_for}'"
+                if written_for
+                else "install a newer transformers 4.x"
+            )
+            + ", or pass --python with such an environment",
+        )
     return None
 
 

@@ -20,15 +20,20 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConvertError, InputError, VerifyEnvironmentError, VerifyError
 from ..plan.keymap import Keymap, load_all_builtin
 from ..read.remote_code import ImportCheck, check_imports, install_hint, pip_name
 from ..read.safetensors_header import tensor_names
-from ..write.guard import REPORT_NAME, TOOL_NAME, read_report  # the files and keys verify reads are the ones the write stage wrote
+from ..write.guard import (  # the files and keys verify reads are the ones the write stage wrote
+    REPORT_NAME,
+    TOOL_NAME,
+    read_report,
+)
 from ..write.model_card import CHECKSUM_KEY
 from .device_check import check_roundtrip_device
 from .roundtrip import DEFAULT_PROMPT, DEFAULT_TIMEOUT, RoundTripReport, resolve_python, run_roundtrip
@@ -56,19 +61,25 @@ class VerifyReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "ok": self.ok, "folder": self.folder, "keymap": self.keymap, "keymap_source": self.keymap_source,
+            "ok": self.ok,
+            "folder": self.folder,
+            "keymap": self.keymap,
+            "keymap_source": self.keymap_source,
             "structural": self.structural.to_dict() if self.structural else None,
-            "code_files": self.code_files, "checksums": self.checksums,
+            "code_files": self.code_files,
+            "checksums": self.checksums,
             "roundtrip": self.roundtrip.to_dict() if self.roundtrip else None,
-            "notes": self.notes, "seconds": round(self.seconds, 3),
+            "notes": self.notes,
+            "seconds": round(self.seconds, 3),
         }
 
 
 # ---------------------------------------------------------------- remote code
 
 
-def check_remote_code(folder: str | Path, config: dict | None = None, *, python: str | None = None,
-                      need_packages: bool = False) -> ImportCheck:
+def check_remote_code(
+    folder: str | Path, config: dict | None = None, *, python: str | None = None, need_packages: bool = False
+) -> ImportCheck:
     """Every remote-code file the folder's auto_map modules need, to any depth, and where their imports resolve.
 
     A missing file or an import that exists nowhere is the folder's fault (VerifyError, exit 7);
@@ -80,21 +91,29 @@ def check_remote_code(folder: str | Path, config: dict | None = None, *, python:
     except ConvertError as e:  # a file that is not valid Python: the folder is broken
         raise VerifyError(e.message, path=e.path, hint=e.hint) from None
     for fname, by in check.code.missing:
-        raise VerifyError(f"remote-code file {fname} is missing (needed by {by})", path=folder / fname,
-                          hint="copy it from the base Sa2VA folder (or re-run the conversion)")
+        raise VerifyError(
+            f"remote-code file {fname} is missing (needed by {by})",
+            path=folder / fname,
+            hint="copy it from the base Sa2VA folder (or re-run the conversion)",
+        )
     if check.nowhere:
         r = check.nowhere[0]
-        raise VerifyError(f"remote code line {r.line} imports {r.module!r}, which is not the standard library, "
-                          "not an installed package and not a file beside it: the folder loads only where that "
-                          "module exists", path=folder / r.file,
-                          hint="convert again from a self-contained Sa2VA folder")
+        raise VerifyError(
+            f"remote code line {r.line} imports {r.module!r}, which is not the standard library, "
+            "not an installed package and not a file beside it: the folder loads only where that "
+            "module exists",
+            path=folder / r.file,
+            hint="convert again from a self-contained Sa2VA folder",
+        )
     if need_packages and check.missing_packages:
         names = sorted({pip_name(r.module) for r in check.missing_packages})
         first = check.missing_packages[0]
         raise VerifyEnvironmentError(
             f"the round trip cannot run in {python or sys.executable}: the folder's remote code imports "
-            f"{', '.join(names)}, not installed there (e.g. {first.file}:{first.line})", path=folder,
-            hint=f"{install_hint(names)}, or pass --python with an environment that has them")
+            f"{', '.join(names)}, not installed there (e.g. {first.file}:{first.line})",
+            path=folder,
+            hint=f"{install_hint(names)}, or pass --python with an environment that has them",
+        )
     return check
 
 
@@ -114,8 +133,9 @@ def shard_checksums(folder: str | Path, files: Iterable[str]) -> dict[str, str]:
     return {f: sha256_of(Path(folder) / f) for f in sorted(files)}
 
 
-def check_checksums(folder: str | Path, shard_files: Iterable[str],
-                    computed: Mapping[str, str] | None = None) -> dict[str, Any]:
+def check_checksums(
+    folder: str | Path, shard_files: Iterable[str], computed: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Compare shards with the checksums recorded at conversion, if any were recorded.
 
     ``computed``: digests the value read-back already took from disk, so each shard is read once.
@@ -126,23 +146,31 @@ def check_checksums(folder: str | Path, shard_files: Iterable[str],
     if report_path.is_file():
         report = read_report(folder)
         if report is None:
-            raise VerifyError(f"{REPORT_NAME} is unreadable", path=report_path,
-                              hint="restore it, or delete it to skip the checksum check")
+            raise VerifyError(
+                f"{REPORT_NAME} is unreadable",
+                path=report_path,
+                hint="restore it, or delete it to skip the checksum check",
+            )
         recorded = report.get(CHECKSUM_KEY) or {}
     if not recorded:
         return {"checked": 0, "status": "not recorded"}
     files = sorted(shard_files)
     unlisted = [f for f in files if f not in recorded]
     if unlisted:
-        raise VerifyError(f"shard {unlisted[0]} has no checksum in {REPORT_NAME}", path=folder / unlisted[0],
-                          hint="the folder was changed after conversion; re-run the conversion")
+        raise VerifyError(
+            f"shard {unlisted[0]} has no checksum in {REPORT_NAME}",
+            path=folder / unlisted[0],
+            hint="the folder was changed after conversion; re-run the conversion",
+        )
     for f in files:
         got = computed[f] if computed and f in computed else sha256_of(folder / f)
         if got != recorded[f]:
-            raise VerifyError(f"shard content differs from the checksum recorded at conversion "
-                              f"(sha256 {got[:12]}..., recorded {str(recorded[f])[:12]}...)", path=folder / f,
-                              hint="the file is corrupted: copy it again from where it was converted, or re-run the "
-                                   "conversion")
+            raise VerifyError(
+                f"shard content differs from the checksum recorded at conversion "
+                f"(sha256 {got[:12]}..., recorded {str(recorded[f])[:12]}...)",
+                path=folder / f,
+                hint="the file is corrupted: copy it again from where it was converted, or re-run the conversion",
+            )
     return {"checked": len(files), "status": "match"}
 
 
@@ -174,8 +202,11 @@ def verify_folder(
     say = on_stage or (lambda _msg: None)
     try:
         if not folder.is_dir():  # nothing to judge: a missing input (exit 3), not a failed verification (7)
-            raise InputError("folder does not exist" if not folder.exists() else "not a folder", path=folder,
-                             hint="pass the converted HuggingFace folder")
+            raise InputError(
+                "folder does not exist" if not folder.exists() else "not a folder",
+                path=folder,
+                hint="pass the converted HuggingFace folder",
+            )
         if roundtrip:  # a GPU asked for where the round trip's interpreter sees none: say so before any work
             check_roundtrip_device(device, python, skip="--no-roundtrip to check the files only")
         say("checking files")
@@ -191,27 +222,41 @@ def verify_folder(
         code = check_remote_code(folder, config, python=child_python, need_packages=roundtrip)
         report.code_files = sorted(code.code.files)
         if code.missing_packages and not roundtrip:
-            report.notes.append("loading this folder needs " + ", ".join(sorted({pip_name(r.module) for r in
-                                                                                code.missing_packages}))
-                                + ", not installed here")
+            report.notes.append(
+                "loading this folder needs "
+                + ", ".join(sorted({pip_name(r.module) for r in code.missing_packages}))
+                + ", not installed here"
+            )
         report.checksums = check_checksums(folder, _shard_files(folder), report.structural.sha256)
         if report.checksums["status"] == "not recorded":
-            report.notes.append("no shard checksums recorded: corruption that still decodes as finite numbers "
-                                "would go unseen by the file checks")
+            report.notes.append(
+                "no shard checksums recorded: corruption that still decodes as finite numbers "
+                "would go unseen by the file checks"
+            )
         if roundtrip:
-            say(f"round trip: running the model's own code from {folder} in a child process "
-                "(from_pretrained(trust_remote_code=True) + predict_forward)")
-            report.roundtrip = run_roundtrip(folder, device=device, python=python, max_new_tokens=max_new_tokens,
-                                             prompt=prompt, timeout=timeout, video=video, expect_mask=expect_mask,
-                                             on_stage=lambda s: say(f"round trip: {s}"))
+            say(
+                f"round trip: running the model's own code from {folder} in a child process "
+                "(from_pretrained(trust_remote_code=True) + predict_forward)"
+            )
+            report.roundtrip = run_roundtrip(
+                folder,
+                device=device,
+                python=python,
+                max_new_tokens=max_new_tokens,
+                prompt=prompt,
+                timeout=timeout,
+                video=video,
+                expect_mask=expect_mask,
+                on_stage=lambda s: say(f"round trip: {s}"),
+            )
             report.notes += report.roundtrip.warnings
         else:
             report.notes.append("round trip skipped (--no-roundtrip): the folder was not loaded")
     except VerifyError as e:
-        if getattr(e, "report", None) is not None and isinstance(e.report, RoundTripReport):
+        if isinstance(e.report, RoundTripReport):
             report.roundtrip = e.report
         report.seconds = time.perf_counter() - started
-        e.report = report  # type: ignore[attr-defined]
+        e.report = report
         raise
     report.ok = True
     report.seconds = time.perf_counter() - started
@@ -250,9 +295,11 @@ def folder_keymap(folder: Path) -> tuple[Keymap | None, str | None]:
 
 def _recorded_keymap(folder: Path) -> str | None:
     report = read_report(folder)
-    keymap = report.get("keymap") if report is not None else None
+    if report is None or report.get("tool") != TOOL_NAME:
+        return None
+    keymap = report.get("keymap")
     name = keymap.get("name") if isinstance(keymap, dict) else None
-    return name if isinstance(name, str) and report.get("tool") == TOOL_NAME else None
+    return name if isinstance(name, str) else None
 
 
 def _weight_names(folder: Path) -> list[str]:
@@ -269,5 +316,13 @@ def _shard_files(folder: Path) -> list[str]:
     return ["model.safetensors"]
 
 
-__all__ = ["VerifyReport", "verify_folder", "check_remote_code", "check_checksums", "shard_checksums",
-           "folder_keymap", "CHECKSUM_KEY", "REPORT_NAME"]
+__all__ = [
+    "VerifyReport",
+    "verify_folder",
+    "check_remote_code",
+    "check_checksums",
+    "shard_checksums",
+    "folder_keymap",
+    "CHECKSUM_KEY",
+    "REPORT_NAME",
+]

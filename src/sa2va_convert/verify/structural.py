@@ -13,10 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -26,7 +26,7 @@ from ..errors import ConvertError, VerifyError
 from ..plan.keymap import Keymap, lookup
 from ..plan.types import ConversionPlan
 from ..plan.vocab import read_tokenizer_state
-from ..read.hf_folder import INDEX_NAME, HFFolder, open_hf_folder, read_range
+from ..read.hf_folder import INDEX_NAME, HFFolder, SafetensorsSource, open_hf_folder, read_range
 
 
 @dataclass
@@ -50,10 +50,12 @@ def _fail(message: str, path: Path | str, hint: str) -> VerifyError:
 
 
 _CHECKED_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-READ_BACK_CHUNK_BYTES = 64 * 1024 * 1024  # the value read-back reads in two buffers of half this (write.peak_ram counts it)
+READ_BACK_CHUNK_BYTES = (
+    64 * 1024 * 1024
+)  # the value read-back reads in two buffers of half this (write.peak_ram counts it)
 
 
-def _check_headers(hf: HFFolder) -> None:
+def _check_headers(hf: HFFolder[SafetensorsSource]) -> None:
     """Every shard's header as ``safetensors`` itself reads it must name exactly the tensors ours does.
 
     Reads headers only (``safe_open`` maps the file; no value page is touched),
@@ -71,11 +73,14 @@ def _check_headers(hf: HFFolder) -> None:
             raise _fail(f"shard cannot be read back ({e})", path, "re-run the conversion") from None
         ours = {k for k in src.keys() if src.file_of(k) == path}
         if lib_keys != ours:
-            raise _fail("safetensors and sa2va-convert read different tensors from this shard", path,
-                        "re-run the conversion")
+            raise _fail(
+                "safetensors and sa2va-convert read different tensors from this shard", path, "re-run the conversion"
+            )
 
 
-def _read_all_values(hf: HFFolder, expected_sha256: Mapping[str, str] | None = None) -> dict[str, str]:
+def _read_all_values(
+    hf: HFFolder[SafetensorsSource], expected_sha256: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """Read every byte of every shard back from disk; {shard: sha256} of what is on disk.
 
     Catches what a header cannot show: values turned NaN/Inf (each floating
@@ -107,7 +112,7 @@ def _read_all_values(hf: HFFolder, expected_sha256: Mapping[str, str] | None = N
             using = [idle, idle]  # the hash job reading each buffer
             turn = [0]
 
-            def read(off: int, n: int, what: str, h=h, path=path) -> torch.Tensor:
+            def read(off: int, n: int, what: str, h=h, path=path, turn=turn, using=using) -> torch.Tensor:
                 """Bytes [off, off + n) into the free buffer, then queued for hashing (in file order)."""
                 i = turn[0]
                 using[i].result()  # the hash of the piece before last is done: its buffer is free
@@ -142,14 +147,18 @@ def _read_all_values(hf: HFFolder, expected_sha256: Mapping[str, str] | None = N
             digests[fname] = h.hexdigest()
             want = (expected_sha256 or {}).get(fname)
             if want is not None and want != digests[fname]:
-                raise _fail(f"shard on disk differs from the bytes written (sha256 {digests[fname][:12]}..., "
-                            f"written {want[:12]}...)", path,
-                            "the disk or file system corrupted it; check the disk and re-run the conversion")
+                raise _fail(
+                    f"shard on disk differs from the bytes written (sha256 {digests[fname][:12]}..., "
+                    f"written {want[:12]}...)",
+                    path,
+                    "the disk or file system corrupted it; check the disk and re-run the conversion",
+                )
     return digests
 
 
-def check_against_plan(folder: Path, plan: ConversionPlan, *, read_values: bool = True,
-                       expected_sha256: Mapping[str, str] | None = None) -> StructuralReport:
+def check_against_plan(
+    folder: Path, plan: ConversionPlan, *, read_values: bool = True, expected_sha256: Mapping[str, str] | None = None
+) -> StructuralReport:
     """The post-write check of a conversion, before publishing (see README "Guarantees").
 
     Always: headers (ours and safetensors'), names, shapes and dtypes against the
@@ -167,13 +176,19 @@ def check_against_plan(folder: Path, plan: ConversionPlan, *, read_values: bool 
     missing = sorted(set(expected) - got)
     extra = sorted(got - set(expected))
     if missing or extra:
-        raise _fail(f"written tensors differ from the plan: missing {missing[:5]}, unexpected {extra[:5]}", folder,
-                    "this is a bug; please report it")
+        raise _fail(
+            f"written tensors differ from the plan: missing {missing[:5]}, unexpected {extra[:5]}",
+            folder,
+            "this is a bug; please report it",
+        )
     for name, pt in expected.items():
         info = hf.weights.info(name)
         if info.shape != pt.shape or info.dtype != pt.dtype:
-            raise _fail(f"{name}: written {list(info.shape)} {info.dtype}, planned {list(pt.shape)} {pt.dtype}",
-                        folder, "this is a bug; please report it")
+            raise _fail(
+                f"{name}: written {list(info.shape)} {info.dtype}, planned {list(pt.shape)} {pt.dtype}",
+                folder,
+                "this is a bug; please report it",
+            )
     if read_values:
         report.sha256 = _read_all_values(hf, expected_sha256)
         report.checked_values = True
@@ -184,13 +199,17 @@ def check_against_plan(folder: Path, plan: ConversionPlan, *, read_values: bool 
     tok = read_tokenizer_state(folder)
     report.tokenizer_length, report.vocab_rows = tok.length, plan.vocab_rows
     if tok.length != plan.vocab_rows:
-        raise _fail(f"written tokenizer has {tok.length} tokens but the embedding has {plan.vocab_rows} rows", folder,
-                    "this is a bug; please report it")
+        raise _fail(
+            f"written tokenizer has {tok.length} tokens but the embedding has {plan.vocab_rows} rows",
+            folder,
+            "this is a bug; please report it",
+        )
     return report
 
 
-def check_folder(folder: Path, keymap: Keymap | None = None, *, read_values: bool = True,
-                 required_code: Sequence[str] = ()) -> StructuralReport:
+def check_folder(
+    folder: Path, keymap: Keymap | None = None, *, read_values: bool = True, required_code: Sequence[str] = ()
+) -> StructuralReport:
     """Verify a folder on its own: index vs shards, config vocab vs embedding rows vs tokenizer, code files."""
     folder = Path(folder)
     report = StructuralReport(str(folder))
@@ -205,21 +224,28 @@ def check_folder(folder: Path, keymap: Keymap | None = None, *, read_values: boo
     code = list(required_code) or [v.split(".")[0] + ".py" for v in (hf.config.get("auto_map") or {}).values()]
     for f in sorted(set(code)):
         if not (folder / f).is_file():
-            raise _fail(f"remote-code file {f} named by config.json auto_map is missing", folder / f,
-                        "copy it from the base Sa2VA folder (or re-run the conversion)")
+            raise _fail(
+                f"remote-code file {f} named by config.json auto_map is missing",
+                folder / f,
+                "copy it from the base Sa2VA folder (or re-run the conversion)",
+            )
     if keymap is not None:
         try:
             vocab = int(lookup(hf.config, keymap.vocab_config_field))
         except (KeyError, TypeError, ValueError):
-            raise _fail(f"config.json has no {keymap.vocab_config_field}", folder / "config.json",
-                        "re-run the conversion") from None
+            raise _fail(
+                f"config.json has no {keymap.vocab_config_field}", folder / "config.json", "re-run the conversion"
+            ) from None
         for name in (keymap.vocab_embedding, keymap.vocab_head):
             if name not in hf.weights:
                 raise _fail(f"tensor {name} is missing", folder, "re-run the conversion")
             rows = hf.weights.info(name).shape[0]
             if rows != vocab:
-                raise _fail(f"config.json {keymap.vocab_config_field}={vocab} but {name} has {rows} rows",
-                            folder / "config.json", "re-run the conversion")
+                raise _fail(
+                    f"config.json {keymap.vocab_config_field}={vocab} but {name} has {rows} rows",
+                    folder / "config.json",
+                    "re-run the conversion",
+                )
         report.vocab_rows = vocab
         try:
             tok = read_tokenizer_state(folder)
@@ -227,8 +253,11 @@ def check_folder(folder: Path, keymap: Keymap | None = None, *, read_values: boo
             raise _fail(e.message, e.path or folder, "re-run the conversion") from None
         report.tokenizer_length = tok.length
         if tok.length != vocab:
-            raise _fail(f"tokenizer has {tok.length} tokens but the vocabulary is {vocab}", folder,
-                        "re-run the conversion with the right --base")
+            raise _fail(
+                f"tokenizer has {tok.length} tokens but the vocabulary is {vocab}",
+                folder,
+                "re-run the conversion with the right --base",
+            )
     if read_values:
         report.sha256 = _read_all_values(hf)
         report.checked_values = True

@@ -16,10 +16,10 @@ import fcntl
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from .. import run_state
 from ..errors import OutputError
@@ -47,18 +47,27 @@ def output_lock(out: Path) -> Iterator[None]:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise OutputError(f"cannot create a lock file beside the output ({e.strerror})", path=out.parent,
-                              hint="choose an output folder in a writable directory") from None
+            raise OutputError(
+                f"cannot create a lock file beside the output ({e.strerror})",
+                path=out.parent,
+                hint="choose an output folder in a writable directory",
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)  # the lock file is the running conversion's: leave it alone
-            raise OutputError("another sa2va-convert is writing this output right now", path=out,
-                              hint="wait for it to finish, or choose another output folder") from None
+            raise OutputError(
+                "another sa2va-convert is writing this output right now",
+                path=out,
+                hint="wait for it to finish, or choose another output folder",
+            ) from None
         except OSError as e:
             os.close(fd)
-            raise OutputError(f"cannot lock the output ({e.strerror})", path=out.parent,
-                              hint="choose an output folder on a local file system") from None
+            raise OutputError(
+                f"cannot lock the output ({e.strerror})",
+                path=out.parent,
+                hint="choose an output folder on a local file system",
+            ) from None
         try:
             current = os.stat(lock)
         except FileNotFoundError:
@@ -85,16 +94,24 @@ def check_destination(out: Path, force: bool) -> None:
     """Where OUT may be written; whether an existing OUT may be replaced is ``guard``'s call."""
     if out.exists() or out.is_symlink():
         if not force:
-            raise OutputError("output folder already exists", path=out,
-                              hint="pass --force to replace it (the old folder is kept until the new one is complete)")
+            raise OutputError(
+                "output folder already exists",
+                path=out,
+                hint="pass --force to replace it (the old folder is kept until the new one is complete)",
+            )
         if not out.is_dir() or out.is_symlink():
-            raise OutputError("output path exists and is not a folder", path=out, hint="remove it or choose another path")
+            raise OutputError(
+                "output path exists and is not a folder", path=out, hint="remove it or choose another path"
+            )
     parent = out.parent
     if not parent.is_dir():
         raise OutputError("the output's parent folder does not exist", path=parent, hint="create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError("the output's parent folder is not writable", path=parent,
-                          hint="choose a writable location or fix its permissions")
+        raise OutputError(
+            "the output's parent folder is not writable",
+            path=parent,
+            hint="choose a writable location or fix its permissions",
+        )
 
 
 @dataclass(frozen=True)
@@ -107,8 +124,11 @@ class StaleFolder:
     nbytes: int
 
     def describe(self) -> str:
-        what = ("a partial folder of a run that did not finish (killed or crashed)" if self.kind == "partial"
-                else "a replaced previous OUT whose removal did not finish")
+        what = (
+            "a partial folder of a run that did not finish (killed or crashed)"
+            if self.kind == "partial"
+            else "a replaced previous OUT whose removal did not finish"
+        )
         return f"removed {self.name} ({_size(self.nbytes)}): {what}, pid {self.pid}"
 
 
@@ -116,12 +136,12 @@ def _owned_by(out: Path, name: str, kind: str) -> int | None:
     """The pid in ``name`` if it is exactly ``.{OUT}.{kind}-{pid}``, else None.
 
     Compared as plain strings, never as a pattern: an OUT named ``run[1]`` or ``a*`` must not
-    match another OUT's folders (issue 23). The pid part is digits only, so a name belongs to
+    match another OUT's folders. The pid part is digits only, so a name belongs to
     exactly one OUT: ``.a.partial-1.partial-7`` is OUT ``a.partial-1``'s, never OUT ``a``'s."""
     prefix = f".{out.name}.{kind}-"
     if not name.startswith(prefix):
         return None
-    rest = name[len(prefix):]
+    rest = name[len(prefix) :]
     return int(rest) if rest.isascii() and rest.isdigit() else None
 
 
@@ -170,7 +190,7 @@ def _tree_bytes(path: Path) -> int:
     return total
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -183,8 +203,11 @@ def make_partial(out: Path) -> Path:
     try:
         tmp.mkdir(mode=0o755)
     except OSError as e:
-        raise OutputError(f"cannot create the temporary output folder ({e.strerror})", path=tmp,
-                          hint="check free space and permissions of the output's parent folder") from None
+        raise OutputError(
+            f"cannot create the temporary output folder ({e.strerror})",
+            path=tmp,
+            hint="check free space and permissions of the output's parent folder",
+        ) from None
     return tmp
 
 
@@ -196,14 +219,13 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
     the two renames run with SIGINT/SIGTERM deferred and the old folder is put back if
     the second rename fails. Either way the rename and ``run_state.mark_published`` happen
     in one interrupt-deferred block: an interrupt is raised before both or after both, so
-    the message it ends in says what is on disk (issue 23).
+    the message it ends in says what is on disk.
     """
     _fsync_dir(tmp)
     old = None
     if out.exists():
         if not force:
-            raise OutputError("output folder appeared while converting", path=out,
-                              hint="pass --force to replace it")
+            raise OutputError("output folder appeared while converting", path=out, hint="pass --force to replace it")
         with run_state.interrupts_deferred():
             swapped = _exchange(tmp, out)  # OUT is the new folder now; tmp holds the old one
             if swapped:
@@ -270,12 +292,17 @@ def _fsync_dir(path: Path) -> None:
 
 def describe_os_error(e: OSError, path: Path) -> OutputError:
     if e.errno == errno.ENOSPC:
-        return OutputError("disk full while writing the output", path=path,
-                           hint="free space (the plan's disk estimate is in --dry-run) or write elsewhere")
+        return OutputError(
+            "disk full while writing the output",
+            path=path,
+            hint="free space (the plan's disk estimate is in --dry-run) or write elsewhere",
+        )
     if e.errno == errno.EFBIG:
-        return OutputError("file size limit reached while writing the output", path=path,
-                           hint="raise the file size limit (ulimit -f) or use a smaller --max-shard-size")
+        return OutputError(
+            "file size limit reached while writing the output",
+            path=path,
+            hint="raise the file size limit (ulimit -f) or use a smaller --max-shard-size",
+        )
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return OutputError(f"cannot write the output ({e.strerror})", path=path,
-                           hint="choose a writable location")
+        return OutputError(f"cannot write the output ({e.strerror})", path=path, hint="choose a writable location")
     return OutputError(f"cannot write the output ({e.strerror or e})", path=path, hint="check the output location")

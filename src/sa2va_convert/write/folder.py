@@ -13,9 +13,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .. import run_state
 from ..plan.types import ConversionPlan
@@ -64,9 +64,15 @@ def interleave(shards: Sequence[Sequence[tuple[str, int]]]) -> list[tuple[int, s
         done[i] += nbytes
 
 
-def write_shards(plan: ConversionPlan, produce: Producer, folder: Path, progress: Progress,
-                 checksums: dict[str, str] | None = None, writer: ShardWriter = SAFETENSORS,
-                 times: StageTimes | None = None) -> int:
+def write_shards(
+    plan: ConversionPlan,
+    produce: Producer,
+    folder: Path,
+    progress: Progress,
+    checksums: dict[str, str] | None = None,
+    writer: ShardWriter = SAFETENSORS,
+    times: StageTimes | None = None,
+) -> int:
     """Write every shard in ``writer``'s format; ``checksums`` (if given) receives each file's sha256,
     computed while writing; ``times`` each thread's busy and waiting seconds.
 
@@ -75,24 +81,28 @@ def write_shards(plan: ConversionPlan, produce: Producer, folder: Path, progress
     by_name = plan.by_name()
     shards = list(plan.shards)
     width = parallel_shards(len(shards))
-    groups = [shards[i:i + width] for i in range(0, len(shards), width)]
-    schedule = [[(group[i], name) for i, name in interleave([[(n, by_name[n].info.nbytes) for n in s.tensors]
-                                                            for s in group])]
-                for group in groups]
+    groups = [shards[i : i + width] for i in range(0, len(shards), width)]
+    schedule = [
+        [(group[i], name) for i, name in interleave([[(n, by_name[n].info.nbytes) for n in s.tensors] for s in group])]
+        for group in groups
+    ]
     times = times if times is not None else StageTimes()
     started = time.perf_counter()
     total = 0
     order = [by_name[name] for steps in schedule for _, name in steps]
     # reading, merging and writing overlap in threads, in this order, memory-bounded (see pipeline)
     with TensorPipeline(produce, order, budget_bytes=PIPELINE_BUDGET_BYTES, times=times) as pipe:
-        for group, steps in zip(groups, schedule):
+        for group, steps in zip(groups, schedule, strict=True):
             digests = {s.filename: hashlib.sha256() for s in group} if checksums is not None else {}
             sinks: dict[str, ShardSink] = {}
             try:
                 for s in group:
-                    sinks[s.filename] = writer.open_shard(folder / s.filename,
-                                                          [(n, by_name[n].info) for n in s.tensors],
-                                                          digest=digests.get(s.filename), times=times)
+                    sinks[s.filename] = writer.open_shard(
+                        folder / s.filename,
+                        [(n, by_name[n].info) for n in s.tensors],
+                        digest=digests.get(s.filename),
+                        times=times,
+                    )
                 left = {s.filename: len(s.tensors) for s in group}
                 for shard, name in steps:
                     sinks[shard.filename].write(name, pipe.get(name))
@@ -107,8 +117,9 @@ def write_shards(plan: ConversionPlan, produce: Producer, folder: Path, progress
             finally:
                 for sink in sinks.values():
                     sink.abort()
-            for filename, digest in digests.items():
-                checksums[filename] = digest.hexdigest()
+            if checksums is not None:  # digests is empty otherwise
+                for filename, digest in digests.items():
+                    checksums[filename] = digest.hexdigest()
     times.add("total", time.perf_counter() - started)
     return total
 
@@ -151,9 +162,21 @@ def write_folder(
     times = StageTimes()
     holding: list[bool] = []  # set by _write_locked when it holds interrupts for publishing
     try:
-        written, checksums = _write_locked(plan, produce, out, base_dir=base_dir, force=force, progress=progress,
-                                           extra_files=extra_files, check=check, replace_foreign=replace_foreign,
-                                           protected=protected, writer=writer, times=times, holding=holding)
+        written, checksums = _write_locked(
+            plan,
+            produce,
+            out,
+            base_dir=base_dir,
+            force=force,
+            progress=progress,
+            extra_files=extra_files,
+            check=check,
+            replace_foreign=replace_foreign,
+            protected=protected,
+            writer=writer,
+            times=times,
+            holding=holding,
+        )
     finally:
         if holding:  # OUT is published and the lock released: an interrupt that waited is raised now
             run_state.release()
@@ -161,14 +184,26 @@ def write_folder(
     return WriteResult(out, files, written, time.perf_counter() - started, checksums, times.to_dict())
 
 
-def _write_locked(plan: ConversionPlan, produce: Producer, out: Path, *, base_dir: Path, force: bool,
-                  progress: Progress, extra_files, check, replace_foreign: bool,
-                  protected: Sequence[guard.NamedInput], writer: ShardWriter, times: StageTimes,
-                  holding: list[bool]) -> tuple[int, dict[str, str]]:
+def _write_locked(
+    plan: ConversionPlan,
+    produce: Producer,
+    out: Path,
+    *,
+    base_dir: Path,
+    force: bool,
+    progress: Progress,
+    extra_files,
+    check,
+    replace_foreign: bool,
+    protected: Sequence[guard.NamedInput],
+    writer: ShardWriter,
+    times: StageTimes,
+    holding: list[bool],
+) -> tuple[int, dict[str, str]]:
     """Everything under OUT's lock: (bytes written, {shard: sha256}). Right before publishing it calls
     ``run_state.hold()`` and appends to ``holding``: from the rename to the lock's release no interrupt is
     raised (the lock file and any old folder are removed first), so the caller's ``release()`` raises it
-    with OUT and its siblings settled, and the message then says OUT is published (issue 23)."""
+    with OUT and its siblings settled, and the message then says OUT is published."""
     with atomic.output_lock(out):
         for stale in atomic.clear_stale_partials(out):  # a kill -9 leaves one; say what went, not silently
             progress.stage(f"note: {stale.describe()}")

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from ..errors import OutputError
 
@@ -60,14 +60,23 @@ def check_out(out: str | os.PathLike, inputs: Iterable[NamedInput], *, what: str
     for inp in inputs:
         real_in = _real(inp.path)
         if _same(real_out, real_in):
-            raise OutputError(f"{what} is the {inp.role} itself ({inp.path}); writing there would destroy it",
-                              path=out, hint=f"choose an {what} outside every input, e.g. a new folder beside them")
+            raise OutputError(
+                f"{what} is the {inp.role} itself ({inp.path}); writing there would destroy it",
+                path=out,
+                hint=f"choose an {what} outside every input, e.g. a new folder beside them",
+            )
         if _inside(real_in, real_out):
-            raise OutputError(f"{what} contains the {inp.role} ({inp.path}); replacing it would delete that input",
-                              path=out, hint=f"choose an {what} outside every input, e.g. a new folder beside them")
+            raise OutputError(
+                f"{what} contains the {inp.role} ({inp.path}); replacing it would delete that input",
+                path=out,
+                hint=f"choose an {what} outside every input, e.g. a new folder beside them",
+            )
         if _inside(real_out, real_in):
-            raise OutputError(f"{what} lies inside the {inp.role} ({inp.path}); this tool never writes into an input",
-                              path=out, hint=f"choose an {what} outside every input, e.g. a new folder beside them")
+            raise OutputError(
+                f"{what} lies inside the {inp.role} ({inp.path}); this tool never writes into an input",
+                path=out,
+                hint=f"choose an {what} outside every input, e.g. a new folder beside them",
+            )
 
 
 def read_report(folder: str | os.PathLike) -> dict | None:
@@ -95,16 +104,20 @@ def check_replaceable(out: Path, *, force: bool, replace_foreign: bool) -> None:
     if out.is_symlink() or not out.is_dir():
         raise OutputError("output path exists and is not a folder", path=out, hint="remove it or choose another path")
     if not (force or replace_foreign):
-        hint = ("pass --force to replace it (the old folder is kept until the new one is complete)"
-                if written_by_us(out) else
-                f"it was not written by {TOOL_NAME} (no {REPORT_NAME}): choose another OUT, or pass "
-                "--replace-foreign if you really mean to replace that folder")
+        hint = (
+            "pass --force to replace it (the old folder is kept until the new one is complete)"
+            if written_by_us(out)
+            else f"it was not written by {TOOL_NAME} (no {REPORT_NAME}): choose another OUT, or pass "
+            "--replace-foreign if you really mean to replace that folder"
+        )
         raise OutputError("output folder already exists", path=out, hint=hint)
     if not replace_foreign and not written_by_us(out):
-        raise OutputError(f"output folder exists and was not written by {TOOL_NAME} (no {REPORT_NAME}); --force "
-                          "replaces only folders this tool wrote", path=out,
-                          hint="choose another OUT, or pass --replace-foreign to replace this folder anyway")
+        raise OutputError(
+            f"output folder exists and was not written by {TOOL_NAME} (no {REPORT_NAME}); --force "
+            "replaces only folders this tool wrote",
+            path=out,
+            hint="choose another OUT, or pass --replace-foreign to replace this folder anyway",
+        )
 
 
-__all__ = ["NamedInput", "check_out", "check_replaceable", "read_report", "written_by_us", "REPORT_NAME",
-           "TOOL_NAME"]
+__all__ = ["NamedInput", "check_out", "check_replaceable", "read_report", "written_by_us", "REPORT_NAME", "TOOL_NAME"]

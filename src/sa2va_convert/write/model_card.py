@@ -65,7 +65,7 @@ def base_repo_id(base: str | Path, card: dict[str, Any] | None = None) -> str | 
     return None
 
 
-def front_matter(plan: "ConversionPlan") -> dict[str, Any]:
+def front_matter(plan: ConversionPlan) -> dict[str, Any]:
     """Hub metadata: ``base_model`` (the Hub builds its model tree from it), ``license`` (the base's)."""
     card = base_card_metadata(plan.base)
     meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": PIPELINE_TAG, "tags": list(TAGS)}
@@ -79,37 +79,55 @@ def front_matter(plan: "ConversionPlan") -> dict[str, Any]:
     return meta
 
 
-def _report_dict(plan: "ConversionPlan", checkpoint_sha256: str | None,
-                 lora_deltas: dict[str, Any] | None) -> dict[str, Any]:
+def _report_dict(
+    plan: ConversionPlan, checkpoint_sha256: str | None, lora_deltas: dict[str, Any] | None
+) -> dict[str, Any]:
     meta = plan.checkpoint_meta or {}
     return {
-        "tool": "sa2va-convert", "tool_version": __version__,
+        "tool": "sa2va-convert",
+        "tool_version": __version__,
         "source": {
-            "checkpoint": _absolute(plan.checkpoint), "checkpoint_sha256": checkpoint_sha256,
-            "iteration": meta.get("iter"), "epoch": meta.get("epoch"),
+            "checkpoint": _absolute(plan.checkpoint),
+            "checkpoint_sha256": checkpoint_sha256,
+            "iteration": meta.get("iter"),
+            "epoch": meta.get("epoch"),
             "experiment_name": meta.get("experiment_name"),
-            "base": _absolute(plan.base), "pretrained": _absolute(plan.pretrained),
+            "base": _absolute(plan.base),
+            "pretrained": _absolute(plan.pretrained),
         },
-        "keymap": {"name": plan.keymap, "source": plan.keymap_source, "family": plan.family,
-                   "codebase": plan.codebase},
-        "dtype": plan.dtype_policy, "template": plan.template, "vocab_rows": plan.vocab_rows,
+        "keymap": {"name": plan.keymap, "source": plan.keymap_source, "family": plan.family, "codebase": plan.codebase},
+        "dtype": plan.dtype_policy,
+        "template": plan.template,
+        "vocab_rows": plan.vocab_rows,
         "tokenizer_additions": plan.tokenizer_additions.to_dict(),
         "lora": {
-            "alpha": plan.lora.alpha, "alpha_source": plan.lora.alpha_source, "rslora": plan.lora.rslora,
-            "rslora_source": plan.lora.rslora_source, "ranks": list(plan.lora.ranks), "pairs": plan.lora.pairs,
+            "alpha": plan.lora.alpha,
+            "alpha_source": plan.lora.alpha_source,
+            "rslora": plan.lora.rslora,
+            "rslora_source": plan.lora.rslora_source,
+            "ranks": list(plan.lora.ranks),
+            "pairs": plan.lora.pairs,
             "scales": sorted({plan.lora.scale_for(r) for r in plan.lora.ranks}),
-        } if plan.lora else None,
+        }
+        if plan.lora
+        else None,
         "lora_deltas": lora_deltas,
         "tensors": {"count": len(plan.tensors), "bytes": plan.tensor_bytes, "by_origin": plan.counts()},
         "shards": [s.filename for s in plan.shards],
-        "dropped": list(plan.dropped), "allowed_unused": list(plan.allowed_unused),
+        "dropped": list(plan.dropped),
+        "allowed_unused": list(plan.allowed_unused),
         "warnings": list(plan.warnings),
     }
 
 
-def conversion_report(plan: "ConversionPlan", *, checkpoint_sha256: str | None,
-                      lora_deltas: dict[str, Any] | None, shard_sha256: dict[str, str] | None = None,
-                      recipe: dict[str, Any] | None = None) -> str:
+def conversion_report(
+    plan: ConversionPlan,
+    *,
+    checkpoint_sha256: str | None,
+    lora_deltas: dict[str, Any] | None,
+    shard_sha256: dict[str, str] | None = None,
+    recipe: dict[str, Any] | None = None,
+) -> str:
     """JSON provenance; ``shard_sha256`` lets ``verify`` detect bit rot that still decodes as numbers;
     ``recipe`` (``sa2va_convert.recipe``) is what ``--all`` compares before it skips a finished folder.
 
@@ -123,8 +141,7 @@ def conversion_report(plan: "ConversionPlan", *, checkpoint_sha256: str | None,
     return json.dumps(report, indent=2, sort_keys=True) + "\n"
 
 
-def model_card(plan: "ConversionPlan", *, checkpoint_sha256: str | None,
-               lora_deltas: dict[str, Any] | None) -> str:
+def model_card(plan: ConversionPlan, *, checkpoint_sha256: str | None, lora_deltas: dict[str, Any] | None) -> str:
     """README.md of the output: Hub front matter, provenance, LoRA update sizes, how to load it."""
     r = _report_dict(plan, checkpoint_sha256, lora_deltas)
     src = r["source"]
@@ -153,17 +170,26 @@ def model_card(plan: "ConversionPlan", *, checkpoint_sha256: str | None,
     ]
     if r["lora"]:
         lo = r["lora"]
-        lines.append(f"- LoRA: {lo['pairs']} pairs, rank {', '.join(map(str, lo['ranks']))}, alpha {lo['alpha']:g} "
-                     f"({lo['alpha_source']}), rsLoRA {lo['rslora']}, scale {', '.join(f'{s:g}' for s in lo['scales'])}")
+        lines.append(
+            f"- LoRA: {lo['pairs']} pairs, rank {', '.join(map(str, lo['ranks']))}, alpha {lo['alpha']:g} "
+            f"({lo['alpha_source']}), rsLoRA {lo['rslora']}, scale {', '.join(f'{s:g}' for s in lo['scales'])}"
+        )
     if r["tokenizer_additions"]:
         lines.append("- tokens added: " + ", ".join(f"`{t['token']}`={t['id']}" for t in r["tokenizer_additions"]))
     deltas = r["lora_deltas"]
     if deltas and deltas["groups"]:
-        lines += ["", "## LoRA update size (|B·A·scale| / |W|)", "", "| module | tensors | mean | max | all-zero B |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## LoRA update size (|B·A·scale| / |W|)",
+            "",
+            "| module | tensors | mean | max | all-zero B |",
+            "|---|---|---|---|---|",
+        ]
         for g, s in deltas["groups"].items():
-            lines.append(f"| {g} | {s['tensors']} | {s['mean_relative_delta']:.3g} | {s['max_relative_delta']:.3g} "
-                         f"| {s['zero_b']} |")
+            lines.append(
+                f"| {g} | {s['tensors']} | {s['mean_relative_delta']:.3g} | {s['max_relative_delta']:.3g} "
+                f"| {s['zero_b']} |"
+            )
     if plan.warnings:
         lines += ["", "## Notes", ""] + [f"- {w}" for w in plan.warnings]
     lines += [

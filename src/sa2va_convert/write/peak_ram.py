@@ -9,14 +9,13 @@ them; the conversion fills the estimate in once the plan is built.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .. import dtypes
 from ..machine import process_rss
 from ..plan.types import PlannedTensor, ShardPlan
 from ..read.tensor_source import TensorInfo, TensorSource
-from ..transform.produce import (DEVICE_BLOCK_ELEMS, STREAM_BLOCK_BYTES, merge_threads, resolve_merge_device,
-                                 streamable)
+from ..transform.produce import DEVICE_BLOCK_ELEMS, STREAM_BLOCK_BYTES, merge_threads, resolve_merge_device, streamable
 from . import pipeline
 
 # Bytes the converter holds before any tensor is touched: interpreter, torch, tokenizers, the plan
@@ -25,8 +24,14 @@ INTERPRETER_BASELINE_BYTES = 330 * 1024 * 1024
 CUDA_CONTEXT_BYTES = 330 * 1024 * 1024  # host RSS of torch's CUDA runtime + cuBLAS once a GPU merge ran
 PER_MERGE_THREAD_BYTES = 40 * 1024 * 1024  # per torch thread of the merge beyond the first (see estimate_peak_ram)
 
-__all__ = ["estimate_peak_ram", "process_baseline", "resident_layers", "INTERPRETER_BASELINE_BYTES", "CUDA_CONTEXT_BYTES",
-           "PER_MERGE_THREAD_BYTES"]
+__all__ = [
+    "estimate_peak_ram",
+    "process_baseline",
+    "resident_layers",
+    "INTERPRETER_BASELINE_BYTES",
+    "CUDA_CONTEXT_BYTES",
+    "PER_MERGE_THREAD_BYTES",
+]
 
 
 def process_baseline() -> int:
@@ -41,14 +46,20 @@ def resident_layers(checkpoint: TensorSource, pretrained: TensorSource | None) -
     return frozenset(name for name, src in layers.items() if src is not None and not src.abilities.releases_pages)
 
 
-def estimate_peak_ram(tensors: Sequence[PlannedTensor], shards: Sequence[ShardPlan] = (), *,
-                      read_back_bytes: int | None = None, resident_layers: frozenset[str] = frozenset(),
-                      merge_device: str = "cpu", baseline_bytes: int = INTERPRETER_BASELINE_BYTES) -> int:
+def estimate_peak_ram(
+    tensors: Sequence[PlannedTensor],
+    shards: Sequence[ShardPlan] = (),
+    *,
+    read_back_bytes: int | None = None,
+    resident_layers: frozenset[str] = frozenset(),
+    merge_device: str = "cpu",
+    baseline_bytes: int = INTERPRETER_BASELINE_BYTES,
+) -> int:
     """Peak RSS of a conversion (what ``ru_maxrss``/``top`` show, mapped file pages included).
 
     ``baseline_bytes``: what the process holds before any tensor is touched; a conversion passes
     :func:`process_baseline` (this process's own RSS, measured), because it differs by machine: a
-    CUDA build of torch maps several hundred MiB more than the CPU build (issue 14).
+    CUDA build of torch maps several hundred MiB more than the CPU build.
 
     Two phases, the larger wins (calibrated on Sa2VA-1B/4B/8B-shaped runs, bench/bench_convert.py):
 
@@ -83,19 +94,24 @@ def estimate_peak_ram(tensors: Sequence[PlannedTensor], shards: Sequence[ShardPl
     streams = any(c > budget and streamable(t, merge_device) for t, c in costs)
     stream_block = STREAM_BLOCK_BYTES
     if streams and on_gpu:  # host side of a GPU-merged streamed tensor: a block of input rows and one of output
-        stream_block = max(stream_block, max(min(t.nbytes, 2 * DEVICE_BLOCK_ELEMS * dtypes.itemsize(t.dtype))
-                                             for t, c in costs if c > budget and streamable(t, merge_device)))
+        stream_block = max(
+            stream_block,
+            max(
+                min(t.nbytes, 2 * DEVICE_BLOCK_ELEMS * dtypes.itemsize(t.dtype))
+                for t, c in costs
+                if c > budget and streamable(t, merge_device)
+            ),
+        )
     window = max(budget, held, stream_block if streams else 0) + budget // 2  # + free pooled buffers
     mapped = sum(resident.values())
     # a GPU merge maps the CUDA runtime and cuBLAS into the process: +0.32 GiB at 4B on the H100 machine
-    # (2.03 against 1.71 GiB, issue 14)
+    # (2.03 against 1.71 GiB, measured)
     # each torch thread of the merge adds its own allocator arena and MKL packing buffers: on the 16-core H100
-    # machine (15 merge threads) the same 4B/8B runs peaked 0.37-0.64 GiB above this 2-core VM's (issue 14)
-    threads = (PER_MERGE_THREAD_BYTES * max(0, merge_threads(merge_device) - 1))
+    # machine (15 merge threads) the same 4B/8B runs peaked 0.37-0.64 GiB above this 2-core VM's
+    threads = PER_MERGE_THREAD_BYTES * max(0, merge_threads(merge_device) - 1)
     # every shard open beside the first has its own staging buffers (write.folder writes shards side by side)
     open_shards = pipeline.SHARD_STAGE_BYTES * max(0, pipeline.parallel_shards(len(shards)) - 1)
-    writing = (baseline_bytes + mapped + window + threads + open_shards
-               + (CUDA_CONTEXT_BYTES if on_gpu else 0))
+    writing = baseline_bytes + mapped + window + threads + open_shards + (CUDA_CONTEXT_BYTES if on_gpu else 0)
     if read_back_bytes is None or not shards:
         return writing
     checking = baseline_bytes + mapped + read_back_bytes + (CUDA_CONTEXT_BYTES if on_gpu else 0)

@@ -20,7 +20,7 @@ Merging runs in several worker threads (``Producer.parallelism``: for the transf
 producer, ``transform.produce.merge_workers``), each on its own tensors with
 few torch threads, rather than one thread whose every operation is split over all cores: a
 model's tensors are many and mid-sized, and one torch op on a 2 MiB block split 15 ways spends
-more in OpenMP barriers than in arithmetic (issue 14: 554 CPU-s for the 8B merge on 32 cores,
+more in OpenMP barriers than in arithmetic (measured: 554 CPU-s for the 8B merge on 32 cores,
 and the merge bound the 2-core VM's wall). Results are handed to the writer strictly in plan
 order, and a worker's failure is raised when the writer reaches that tensor, as before.
 
@@ -36,7 +36,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -80,7 +81,7 @@ def parallel_shards(count: int) -> int:
 
     One shard's sha256 runs in one thread (~1.2 GB/s on the H100 machine's Xeon), slower than
     that machine's disk: with one shard at a time the hash bounded the 4B write (6.3 s of
-    hashing against 5.1 s of disk writes, issue 14). Shards written side by side hash in
+    hashing against 5.1 s of disk writes). Shards written side by side hash in
     parallel. On two cores or fewer there is no idle core to hash on, so one at a time.
     ``SA2VA_PARALLEL_SHARDS`` overrides (benchmarking).
     """
@@ -203,9 +204,15 @@ class TensorPipeline:
     reused buffer ~12 GB/s).
     """
 
-    def __init__(self, produce: Producer, tensors: Sequence[PlannedTensor], *,
-                 budget_bytes: int = DEFAULT_BUDGET_BYTES, workers: tuple[int, int] | None = None,
-                 times: StageTimes | None = None):
+    def __init__(
+        self,
+        produce: Producer,
+        tensors: Sequence[PlannedTensor],
+        *,
+        budget_bytes: int = DEFAULT_BUDGET_BYTES,
+        workers: tuple[int, int] | None = None,
+        times: StageTimes | None = None,
+    ):
         self.times = times if times is not None else StageTimes()
         self._workers, self._worker_threads = workers if workers is not None else produce.parallelism()
         self._produce = produce
@@ -234,8 +241,10 @@ class TensorPipeline:
         self._by_name = {pt.name: pt for pt in self._tensors}
         produce.enable_pool(self._budget)  # free buffers kept; in flight + free stays ~ the budget in steady state
         self._threads = [threading.Thread(target=self._read_loop, name="sa2va-read", daemon=True)]
-        self._threads += [threading.Thread(target=self._merge_loop, name=f"sa2va-merge-{i}", daemon=True)
-                          for i in range(max(1, self._workers))]
+        self._threads += [
+            threading.Thread(target=self._merge_loop, name=f"sa2va-merge-{i}", daemon=True)
+            for i in range(max(1, self._workers))
+        ]
         self._running = len(self._threads) - 1  # merge workers still running (to tell "not yet" from "never")
         try:
             for t in self._threads:
@@ -299,8 +308,11 @@ class TensorPipeline:
                 del item
                 try:
                     with self.times.span("merge.busy"):
-                        out = (_timed_blocks(self._produce.stream(prepared.pt), self.times)
-                               if isinstance(prepared, _Streamed) else self._produce.finish(prepared))
+                        out = (
+                            _timed_blocks(self._produce.stream(prepared.pt), self.times)
+                            if isinstance(prepared, _Streamed)
+                            else self._produce.finish(prepared)
+                        )
                 except BaseException as e:  # noqa: BLE001 - raised by the writer when it reaches this tensor
                     self._deliver(seq, _Failed(e))
                     continue

@@ -18,10 +18,10 @@ import mmap
 import os
 import struct
 import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -55,10 +55,6 @@ def build_header(entries: Sequence[StreamEntry], metadata: dict[str, str] | None
     return struct.pack("<Q", len(raw)) + raw
 
 
-def file_size(entries: Sequence[StreamEntry], metadata: dict[str, str] | None = None) -> int:
-    return len(build_header(entries, metadata)) + sum(e.info.nbytes for e in entries)
-
-
 def _write_blocks(f: _DirectFile, e: StreamEntry, blocks: Iterable[torch.Tensor]) -> None:
     """Write a tensor given as row blocks; their dtype and total size must be exactly the planned ones."""
     n = 0
@@ -78,7 +74,8 @@ def _write_tensor(f: _DirectFile, tensor: torch.Tensor) -> None:
     t = t.contiguous()
     if t.numel() == 0:
         return
-    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    # numpy's stubs declare ndarray's buffer protocol only for Python >= 3.12 (hence the ignore below)
+    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]
 
 
 class _DirectFile:
@@ -99,7 +96,7 @@ class _DirectFile:
     thread (``os.write``) and, if a ``digest`` is given, to a hashing thread
     (sha256 of exactly the file's logical bytes, padding excluded) at the same
     time, while the caller fills the other stage. All three release the GIL, so
-    the checksum, the copy and the disk overlap instead of adding up (issue 14:
+    the checksum, the copy and the disk overlap instead of adding up (measured:
     sha256 was ~4.6 CPU-s of the 4B run's writer thread, serial with the IO).
     Chunks are hashed and written strictly in order: a stage is reused only
     after both jobs on it have finished.
@@ -107,8 +104,9 @@ class _DirectFile:
 
     ALIGN = 4096
 
-    def __init__(self, fd: int, chunk: int = 16 << 20, *, direct: bool = True, digest=None,
-                 times: StageTimes | None = None):
+    def __init__(
+        self, fd: int, chunk: int = 16 << 20, *, direct: bool = True, digest=None, times: StageTimes | None = None
+    ):
         self.fd = fd
         self.times = times if times is not None else StageTimes()
         self.direct = direct  # False: the fd is an ordinary one and the stage is just a write buffer
@@ -130,7 +128,7 @@ class _DirectFile:
             while off < n:
                 k = min(n - off, self._chunk - self._fill)
                 start = time.perf_counter()
-                self._mv[self._fill:self._fill + k] = src[off:off + k]
+                self._mv[self._fill : self._fill + k] = src[off : off + k]
                 self.times.add("write.copy", time.perf_counter() - start)
                 self._fill += k
                 off += k
@@ -209,7 +207,7 @@ class _DirectFile:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
         self._pending = []
-        for mv, buf in zip(self._mvs, self._bufs):
+        for mv, buf in zip(self._mvs, self._bufs, strict=True):
             if not buf.closed:
                 mv.release()
                 try:
@@ -241,8 +239,16 @@ class StreamedShard:
     removes the partial folder).
     """
 
-    def __init__(self, path: Path, entries: Sequence[StreamEntry], *, metadata: dict[str, str] | None = None,
-                 mode: int = 0o644, digest=None, times: StageTimes | None = None):
+    def __init__(
+        self,
+        path: Path,
+        entries: Sequence[StreamEntry],
+        *,
+        metadata: dict[str, str] | None = None,
+        mode: int = 0o644,
+        digest=None,
+        times: StageTimes | None = None,
+    ):
         self.path = path
         self._entries = list(entries)
         self._next = 0
@@ -261,7 +267,7 @@ class StreamedShard:
     def next_name(self) -> str | None:
         return self._entries[self._next].name if self._next < len(self._entries) else None
 
-    def write(self, name: str, t: "torch.Tensor | Iterable[torch.Tensor]") -> StreamEntry:
+    def write(self, name: str, t: torch.Tensor | Iterable[torch.Tensor]) -> StreamEntry:
         """Write the next planned tensor, whole or as consecutive row blocks; returns its entry.
 
         A tensor whose name, shape or dtype differs from its entry is a bug upstream of the writer,
@@ -309,7 +315,7 @@ class StreamedShard:
 def write_streamed(
     path: Path,
     entries: Sequence[StreamEntry],
-    produce: Callable[[StreamEntry], "torch.Tensor | Iterable[torch.Tensor]"],
+    produce: Callable[[StreamEntry], torch.Tensor | Iterable[torch.Tensor]],
     *,
     metadata: dict[str, str] | None = None,
     on_tensor: Callable[[StreamEntry], None] | None = None,

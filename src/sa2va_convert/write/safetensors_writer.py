@@ -6,8 +6,9 @@ filesystem allows) is ``safetensors_stream.py``; this module is the ``ShardWrite
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..plan.types import ShardNaming, ShardPlan
 from ..read.tensor_source import TensorInfo
@@ -20,13 +21,25 @@ SHARD_METADATA = {"format": "pt"}  # what transformers' save_pretrained writes; 
 class SafetensorsWriter:
     """The ``ShardWriter`` for safetensors (``model-00001-of-00002.safetensors`` + ``model.safetensors.index.json``)."""
 
-    naming = ShardNaming(shard_pattern="model-{index:05d}-of-{count:05d}.safetensors",
-                         index_file="model.safetensors.index.json")
+    naming = ShardNaming(
+        shard_pattern="model-{index:05d}-of-{count:05d}.safetensors", index_file="model.safetensors.index.json"
+    )
 
-    def open_shard(self, path: Path, tensors: Sequence[tuple[str, TensorInfo]], *, digest: Any = None,
-                   times: StageTimes | None = None) -> StreamedShard:
-        return StreamedShard(path, [StreamEntry(name, info) for name, info in tensors], metadata=SHARD_METADATA,
-                             digest=digest, times=times)
+    def open_shard(
+        self,
+        path: Path,
+        tensors: Sequence[tuple[str, TensorInfo]],
+        *,
+        digest: Any = None,
+        times: StageTimes | None = None,
+    ) -> StreamedShard:
+        return StreamedShard(
+            path,
+            [StreamEntry(name, info) for name, info in tensors],
+            metadata=SHARD_METADATA,
+            digest=digest,
+            times=times,
+        )
 
     def index_document(self, shards: Sequence[ShardPlan], total_bytes: int) -> dict[str, Any]:
         weight_map = {name: shard.filename for shard in shards for name in shard.tensors}

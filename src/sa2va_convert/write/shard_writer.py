@@ -9,14 +9,16 @@ beside it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
 from ..plan.types import ShardNaming, ShardPlan
 from ..read.tensor_source import TensorInfo
 from .stage_times import StageTimes
+
 
 class ShardSink(Protocol):
     """One shard file being written, tensors in its planned order."""
@@ -39,8 +41,14 @@ class ShardWriter(Protocol):
 
     naming: ShardNaming
 
-    def open_shard(self, path: Path, tensors: Sequence[tuple[str, TensorInfo]], *, digest: Any = None,
-                   times: StageTimes | None = None) -> ShardSink:
+    def open_shard(
+        self,
+        path: Path,
+        tensors: Sequence[tuple[str, TensorInfo]],
+        *,
+        digest: Any = None,
+        times: StageTimes | None = None,
+    ) -> ShardSink:
         """Start writing ``tensors`` (name, planned shape and dtype) to ``path``, in that order. ``digest``
         (a hashlib object) sees exactly the bytes written; ``times`` receives the writer's seconds
         (``stage_times``). Several shards may be open at once."""

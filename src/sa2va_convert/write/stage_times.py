@@ -13,8 +13,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 # what each key means, for the README and ``-v``; every key a thread adds must be listed here
 STAGE_KEYS: dict[str, str] = {
@@ -64,11 +64,13 @@ class StageTimes:
 
 def summarize(s: dict[str, float]) -> str:
     """One line for ``-v`` from ``StageTimes.to_dict()``: what each thread did, and what it waited for."""
-    return (f"write stage {s['total']:.1f} s: read {s['read.busy']:.1f} s (waited for room "
-            f"{s['read.wait_budget']:.1f} s), merge {s['merge.busy']:.1f} s (waited for reads "
-            f"{s['merge.wait_input']:.1f} s), writer waited for tensors {s['write.wait_tensor']:.1f} s "
-            f"and for the disk {s['write.wait_io']:.1f} s, streamed {s['write.stream']:.1f} s, disk writes "
-            f"{s['io.write']:.1f} s, sha256 {s['sha256.busy']:.1f} s, fsync {s['write.fsync']:.1f} s")
+    return (
+        f"write stage {s['total']:.1f} s: read {s['read.busy']:.1f} s (waited for room "
+        f"{s['read.wait_budget']:.1f} s), merge {s['merge.busy']:.1f} s (waited for reads "
+        f"{s['merge.wait_input']:.1f} s), writer waited for tensors {s['write.wait_tensor']:.1f} s "
+        f"and for the disk {s['write.wait_io']:.1f} s, streamed {s['write.stream']:.1f} s, disk writes "
+        f"{s['io.write']:.1f} s, sha256 {s['sha256.busy']:.1f} s, fsync {s['write.fsync']:.1f} s"
+    )
 
 
 __all__ = ["STAGE_KEYS", "StageTimes", "summarize"]

@@ -21,8 +21,18 @@ def apply_additions(src: Path, dst: Path, addition: TokenAddition) -> list[str]:
     written: list[str] = []
     if not addition.tokens:
         return written
-    entries = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                "normalized": False, "special": True} for t, i in addition.tokens]
+    entries = [
+        {
+            "id": i,
+            "content": t,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for t, i in addition.tokens
+    ]
     tj = src / "tokenizer.json"
     if tj.is_file():
         data = json.loads(tj.read_text(encoding="utf-8"))

@@ -10,29 +10,31 @@ from __future__ import annotations
 import _compat_pickle
 import collections
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from ...errors import UnsafeInputError
 
-
-KNOWN_PLACEHOLDERS: frozenset[str] = frozenset({
-    # mmengine: message_hub log_scalars; MessageHub/ConfigDict in case a hook stores one
-    "mmengine.logging.history_buffer.HistoryBuffer",
-    "mmengine.logging.message_hub.MessageHub",
-    "mmengine.config.config.ConfigDict",
-    # numpy (1.x and 2.x module names)
-    "numpy.ndarray",
-    "numpy.dtype",
-    # DeepSpeed optimizer / model-states files
-    "deepspeed.runtime.zero.config.ZeroStageEnum",
-    "deepspeed.runtime.zero.offload_config.OffloadDeviceEnum",
-    "deepspeed.runtime.fp16.loss_scaler.LossScalerBase",
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.utils.tensor_fragment.fragment_address",
-})
+KNOWN_PLACEHOLDERS: frozenset[str] = frozenset(
+    {
+        # mmengine: message_hub log_scalars; MessageHub/ConfigDict in case a hook stores one
+        "mmengine.logging.history_buffer.HistoryBuffer",
+        "mmengine.logging.message_hub.MessageHub",
+        "mmengine.config.config.ConfigDict",
+        # numpy (1.x and 2.x module names)
+        "numpy.ndarray",
+        "numpy.dtype",
+        # DeepSpeed optimizer / model-states files
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.runtime.zero.offload_config.OffloadDeviceEnum",
+        "deepspeed.runtime.fp16.loss_scaler.LossScalerBase",
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+        "deepspeed.utils.tensor_fragment.fragment_address",
+    }
+)
 NUMPY_CORE = ("numpy.core.multiarray", "numpy._core.multiarray")
 NUMPY_NUMERIC = ("numpy.core.numeric", "numpy._core.numeric")
 NUMPY_DTYPE_CLASS = re.compile(r"^[A-Z][A-Za-z0-9]*DType$")
@@ -80,6 +82,8 @@ class SafeCallable:
     """
 
     __slots__ = ("_fn", "_name")
+    _fn: Callable
+    _name: str
 
     def __init__(self, fn: Callable, name: str):
         object.__setattr__(self, "_fn", fn)
@@ -120,6 +124,7 @@ class TensorTypeMarker:
     not be able to BUILD on them."""
 
     __slots__ = ("name",)
+    name: str
 
     def __init__(self, name: str):
         object.__setattr__(self, "name", name)

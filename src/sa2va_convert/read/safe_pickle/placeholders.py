@@ -9,7 +9,8 @@ from __future__ import annotations
 import collections
 import math
 import struct
-from typing import Any, Callable, ClassVar, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 from ...errors import UnsafeInputError
 
@@ -39,10 +40,16 @@ class Placeholder(metaclass=PlaceholderMeta):
     """
 
     __slots__ = ("args", "kwargs", "state", "mapping", "sequence")
+    # the slots' types (set in __new__ and below with object.__setattr__, which type checkers do not follow)
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    state: Any
+    mapping: dict[Any, Any] | None
+    sequence: list[Any] | None
     qualified_name: ClassVar[str] = "?"
     _counter: ClassVar[collections.Counter | None] = None
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "Placeholder":
+    def __new__(cls, *args: Any, **kwargs: Any) -> Placeholder:
         obj = object.__new__(cls)
         object.__setattr__(obj, "args", args)
         object.__setattr__(obj, "kwargs", kwargs)
@@ -60,14 +67,18 @@ class Placeholder(metaclass=PlaceholderMeta):
         object.__setattr__(self, "state", state)
 
     def __setitem__(self, key: Any, value: Any) -> None:  # SETITEM(S) on dict subclasses
-        if self.mapping is None:
-            object.__setattr__(self, "mapping", {})
-        self.mapping[key] = value
+        mapping = self.mapping
+        if mapping is None:
+            mapping = {}
+            object.__setattr__(self, "mapping", mapping)
+        mapping[key] = value
 
     def append(self, value: Any) -> None:  # APPEND on list subclasses
-        if self.sequence is None:
-            object.__setattr__(self, "sequence", [])
-        self.sequence.append(value)
+        sequence = self.sequence
+        if sequence is None:
+            sequence = []
+            object.__setattr__(self, "sequence", sequence)
+        sequence.append(value)
 
     def extend(self, values: Iterable[Any]) -> None:  # APPENDS on list subclasses
         for v in values:
@@ -116,8 +127,18 @@ class PlaceholderAttribute(Placeholder):
 
 # numpy dtype kind+size -> struct code; only plain numbers are decoded.
 _STRUCT_CODES = {
-    "b1": "?", "i1": "b", "u1": "B", "i2": "h", "u2": "H", "i4": "i", "u4": "I",
-    "i8": "q", "u8": "Q", "f2": "e", "f4": "f", "f8": "d",
+    "b1": "?",
+    "i1": "b",
+    "u1": "B",
+    "i2": "h",
+    "u2": "H",
+    "i4": "i",
+    "u4": "I",
+    "i8": "q",
+    "u8": "Q",
+    "f2": "e",
+    "f4": "f",
+    "f8": "d",
 }
 _BYTE_ORDERS = {"<": "<", ">": ">", "|": "<", "=": "=", None: "="}
 
@@ -207,7 +228,7 @@ def _nest(flat: list, shape: tuple[int, ...], fortran: bool) -> Any:
     """Row-major nested lists from a flat C- or Fortran-ordered buffer."""
     strides = []
     for k in range(len(shape)):
-        dims = shape[:k] if fortran else shape[k + 1:]
+        dims = shape[:k] if fortran else shape[k + 1 :]
         strides.append(math.prod(dims))
 
     def build(dim: int, offset: int) -> Any:

@@ -8,6 +8,7 @@ would otherwise allocate blindly (``_prescan``), and nesting is bounded.
 from __future__ import annotations
 
 import collections
+
 # The codecs pickle opcodes decode with (UNICODE: raw-unicode-escape; STRING/BINSTRING with an
 # encoding: latin-1/ascii), loaded now: a codec is imported on first use, and reading an
 # untrusted file must never be what runs module code, even stdlib code (the fuzz tests audit it).
@@ -21,7 +22,8 @@ import pickle
 import pickletools
 import struct
 import types
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 

@@ -12,9 +12,10 @@ import os
 import pickle
 import tarfile
 import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -104,16 +105,20 @@ def safe_torch_load(path: str | os.PathLike, *, allow_globals: Iterable[str] = (
             weights_only=False,
             mmap=use_mmap,
         )
-    return SafeLoad(obj, dict(policy.placeholders), mmapped=use_mmap, format="zip" if use_mmap else "legacy",
-                    records=records)
+    return SafeLoad(
+        obj, dict(policy.placeholders), mmapped=use_mmap, format="zip" if use_mmap else "legacy", records=records
+    )
 
 
 def _record_check(path: Path) -> RecordCheck:
     try:
         return RecordCheck(path)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise InputError(f"is a damaged zip archive ({_first_line(e)})", path=path,
-                         hint="copy it again, or use an earlier checkpoint") from None
+        raise InputError(
+            f"is a damaged zip archive ({_first_line(e)})",
+            path=path,
+            hint="copy it again, or use an earlier checkpoint",
+        ) from None
 
 
 def _check_readable_file(path: Path) -> None:
@@ -129,7 +134,9 @@ def _check_readable_file(path: Path) -> None:
         with open(path, "rb"):
             pass
     except PermissionError:
-        raise InputError("permission denied", path=path, hint="make the file readable (chmod +r) or run as its owner") from None
+        raise InputError(
+            "permission denied", path=path, hint="make the file readable (chmod +r) or run as its owner"
+        ) from None
     except OSError as e:
         raise InputError(f"cannot open: {e.strerror or e}", path=path, hint="check the file and its folder") from None
 
@@ -242,8 +249,11 @@ def _converting_errors(path: str | os.PathLike) -> Iterator[None]:
     except RecursionError:
         raise InputError("is corrupt (nesting too deep to read)", path=path, hint="use another checkpoint") from None
     except MemoryError:
-        raise InputError("cannot be read: out of memory while unpickling", path=path,
-                         hint="the file may be corrupt; check it or use another checkpoint") from None
+        raise InputError(
+            "cannot be read: out of memory while unpickling",
+            path=path,
+            hint="the file may be corrupt; check it or use another checkpoint",
+        ) from None
     except Exception as e:
         text = _first_line(e)
         if "Invalid magic number" in text:
