@@ -3,6 +3,7 @@
     python bench/compat.py                      # every environment below (about an hour the first time)
     python bench/compat.py --only t2.6-tf4.57   # one row
     python bench/compat.py --list
+    python bench/compat.py --table              # the table of today's results file, nothing run
 
 For each environment a fresh venv is built the way a user's would be: first what they already have
 (torch + torchvision, a transformers/peft pair: upstream Sa2VA's ``latest`` or ``legacy`` install, or
@@ -33,6 +34,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -74,8 +76,13 @@ ENVS = [
         TORCH_NEW + NEWEST_5, ".", ("timm", "qwen-vl-utils")),
     Env("fresh-verify", "fresh venv: pip install '.[verify]' (the registry's torch)", (), ".[verify]"),
     Env("fresh-plain", "fresh venv: pip install . (no verify extra)", (), "."),
-    Env("mixed", "the local CPU torch 2.13.0 + pip install '.[verify]' (registry torchvision)", ("torch==2.13.0",),
-        ".[verify]"),
+    # A local CPU build of torch (here 2.13.0+cpu) and the README's install line, which pins the user's torch:
+    # pip keeps it and takes the registry's torchvision for 2.13.0, a build made against the CUDA torch.
+    Env("mixed", "local CPU torch 2.13.0+cpu, then pip install '.[verify]' torch==2.13.0 (as the README says)",
+        ("torch==2.13.0",), ".[verify]", ("torch==2.13.0",)),
+    # The same without the pin: pip picks the newest torchvision, which requires a newer torch.
+    Env("mixed-unpinned", "local CPU torch 2.13.0+cpu, then pip install '.[verify]' (no torch pin)",
+        ("torch==2.13.0",), ".[verify]"),
 ]
 
 
@@ -204,7 +211,8 @@ def table(rows: list[Row]) -> str:
         inst = " / ".join(str(v.get(k)) for k in WATCHED) if r.install_ok else f"failed: {r.install_error[:80]}"
         changed = ", ".join(f"{k} {a}→{b}" for k, (a, b) in r.install_changed.items()) or "nothing"
         fams = " | ".join(short(r.families.get(f)) for f in FAMILIES)
-        lines.append(f"| {r.env} | {inst} | {changed if r.install_ok else '-'} | {r.reader_tests or '-'} | {fams} |")
+        tests = re.sub(r"(, \d+ warnings?)? in [\d.]+s.*$", "", r.reader_tests) or "-"  # counts, not timings
+        lines.append(f"| {r.env} | {inst} | {changed if r.install_ok else '-'} | {tests} | {fams} |")
     return "\n".join(lines)
 
 
@@ -222,12 +230,18 @@ def main(argv: list[str] | None = None) -> int:
                                                                        Path.home() / ".cache" / "sa2va-convert-compat")))
     ap.add_argument("--only", action="append", help="environment name (repeatable); see --list")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--table", action="store_true", help="print the Markdown table of --out's rows, run nothing")
     ap.add_argument("--keep", action="store_true", help="keep each venv (about 5 GB each)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"compat_{datetime.date.today()}.json")
     args = ap.parse_args(argv)
     if args.list:
         for e in ENVS:
             print(f"{e.name:14s} {e.what}")
+        return 0
+    if args.table:
+        order = [e.name for e in ENVS]
+        done = sorted(earlier_rows(args.out, set()), key=lambda d: order.index(d["env"]) if d["env"] in order else 99)
+        print(table([Row(**d) for d in done]))
         return 0
     chosen = [e for e in ENVS if not args.only or e.name in args.only]
     fixtures = make_fixtures(args.cache / "fixtures")

@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                for f in families if (args.fixtures / f / "build_info.json").is_file()}
     rerun = {(f, n) for f in families for n in envs}
     try:  # rows of the same day's file that are not run again now: several calls add to one table
-        rows = [r for r in json.loads(args.out.read_text())["rows"] if (r["family"], r["env"]) not in rerun]
+        earlier = json.loads(args.out.read_text())
+        rows = [r for r in earlier["rows"] if (r["family"], r["env"]) not in rerun]
+        commits = {**earlier.get("upstream_commits", {}), **commits}
     except (OSError, ValueError, KeyError, TypeError):
         rows = []
     for fam in families:
