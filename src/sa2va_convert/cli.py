@@ -66,7 +66,9 @@ def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
 
 
 def _route_sigterm() -> None:
-    """SIGTERM as Ctrl-C, unless the console script routes both through ``run_state`` (which can hold them)."""
+    """SIGTERM as Ctrl-C when this module runs as a program (``python -m sa2va_convert.cli``); the console
+    script routes both through ``run_state`` instead (which can hold them). Never from the group itself: a
+    program that calls the CLI in-process (click's runner, a test) keeps its own handlers."""
     if signal.getsignal(signal.SIGTERM) is not run_state.on_signal:
         signal.signal(signal.SIGTERM, _on_sigterm)
 
@@ -105,7 +107,6 @@ def main() -> None:
     base Sa2VA weights tensor by tensor, writes sharded safetensors atomically, and
     checks the result.
     """
-    _route_sigterm()
 
 
 def common_options(fn: Callable) -> Callable:
@@ -524,4 +525,5 @@ register_verify_commands(main)  # adds `verify` and `predict`
 register_eval(main)  # adds `eval`
 
 if __name__ == "__main__":  # pragma: no cover
+    _route_sigterm()
     main(prog_name="sa2va-convert")
