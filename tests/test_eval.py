@@ -44,7 +44,7 @@ from sa2va_convert.evaluate.data import load_dataset  # noqa: E402
 from sa2va_convert.evaluate.metrics import scores  # noqa: E402
 from sa2va_convert.testing import make_tiny_example, reference_output  # noqa: E402
 from sa2va_convert.testing.finetune import SEG_TOKEN, STOP_TOKEN, drop_from_checkpoint, synthetic_picture  # noqa: E402
-from sa2va_convert.verify._child import cap_generation, cuda_on_cpu  # noqa: E402
+from sa2va_convert.runner.child import cap_generation, cuda_on_cpu  # noqa: E402
 
 # (stem, width, height, shift of the red ellipse): small, not square, both orientations
 PICTURES = [("a_wide", 80, 60, 0), ("b_tall", 56, 72, -4), ("c_cut", 96, 64, 8), ("d_npy", 64, 48, 3),

@@ -118,8 +118,8 @@ class ConvertOptions:
                 ) from None
         self.merge_device = check_merge_device(self.merge_device)
         if self.roundtrip and not self.dry_run:
-            from .verify.device_check import check_roundtrip_device
-            from .verify.roundtrip import check_device, resolve_python
+            from .runner.device_check import check_roundtrip_device
+            from .runner.process import check_device, resolve_python
 
             check_device(self.verify_device)
             self.verify_python = resolve_python(self.verify_python) if self.verify_python else None

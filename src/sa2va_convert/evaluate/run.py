@@ -1,6 +1,6 @@
 """``sa2va-convert eval``: score converted folders on the user's own images, honestly.
 
-For each model, one child process (the ``verify``/``predict`` machinery: ``verify/_child.py``,
+For each model, one child process (the model runner of ``verify`` and ``predict``: ``runner/child.py``,
 mode ``eval``) loads the folder once and runs its own ``predict_forward`` on every image, never
 forcing ``[SEG]``: an answer without ``[SEG]`` is an empty prediction. The child saves the union
 of the ``[SEG]`` masks as ``predictions/<model>/<stem>.png``, counts its pixels against the
@@ -33,16 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConvertError, EvalFailuresError, InputError, OutputError, UsageError
-from ..verify.roundtrip import (
-    check_device,
-    check_fits,
-    child_failure,
-    debug_details,
-    judge_loading,
-    report_from,
-    resolve_python,
-    run_child,
-)
+from ..runner.failure import child_failure, debug_details
+from ..runner.memory import check_fits
+from ..runner.process import check_device, resolve_python, run_child
+from ..runner.report import judge_loading, report_from
 from .data import Sample, load_dataset
 from .defaults import DEFAULT_IMAGE_TIMEOUT
 from .metrics import ModelSummary, best_model, scores, summarise

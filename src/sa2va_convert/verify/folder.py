@@ -29,14 +29,16 @@ from ..errors import ConvertError, InputError, VerifyEnvironmentError, VerifyErr
 from ..plan.keymap import Keymap, load_all_builtin
 from ..read.remote_code import ImportCheck, check_imports, install_hint, pip_name
 from ..read.safetensors_header import tensor_names
+from ..runner.device_check import check_roundtrip_device
+from ..runner.process import DEFAULT_TIMEOUT, resolve_python
+from ..runner.report import ChildReport
 from ..write.guard import (  # the files and keys verify reads are the ones the write stage wrote
     REPORT_NAME,
     TOOL_NAME,
     read_report,
 )
 from ..write.model_card import CHECKSUM_KEY
-from .device_check import check_roundtrip_device
-from .roundtrip import DEFAULT_PROMPT, DEFAULT_TIMEOUT, RoundTripReport, resolve_python, run_roundtrip
+from .roundtrip import DEFAULT_PROMPT, run_roundtrip
 
 if TYPE_CHECKING:  # structural imports torch: loaded only when a folder is checked, so `--help` stays fast
     from .structural import StructuralReport
@@ -55,7 +57,7 @@ class VerifyReport:
     structural: StructuralReport | None = None
     code_files: list[str] = field(default_factory=list)
     checksums: dict[str, Any] = field(default_factory=dict)
-    roundtrip: RoundTripReport | None = None
+    roundtrip: ChildReport | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -253,7 +255,7 @@ def verify_folder(
         else:
             report.notes.append("round trip skipped (--no-roundtrip): the folder was not loaded")
     except VerifyError as e:
-        if isinstance(e.report, RoundTripReport):
+        if isinstance(e.report, ChildReport):
             report.roundtrip = e.report
         report.seconds = time.perf_counter() - started
         e.report = report

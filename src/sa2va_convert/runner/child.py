@@ -1,6 +1,6 @@
 """Load a converted Sa2VA folder with transformers and run ``predict_forward``, in its own process.
 
-Run by ``sa2va_convert.verify.roundtrip`` as ``PYTHON _child.py '<json args>'``. It is a
+Run by ``sa2va_convert.runner.process`` as ``PYTHON child.py '<json args>'``. It is a
 standalone script on purpose:
 
 - the folder's remote code (``trust_remote_code=True``) runs here and never inside the
