@@ -953,24 +953,6 @@ MODES = {"roundtrip": run_roundtrip, "predict": run_predict}
 # ---------------------------------------------------------------- eval (sa2va-convert eval)
 
 
-def read_truth(path: str):
-    """A ground-truth mask as a bool (H, W) array: PNG/JPEG (any non-zero pixel is foreground, in
-    any channel) or ``.npy`` (bool or integer; non-zero is foreground)."""
-    import numpy as np
-    from PIL import Image
-
-    if path.lower().endswith(".npy"):
-        arr = np.load(path, allow_pickle=False)
-        if arr.ndim == 3 and arr.shape[0] == 1:
-            arr = arr[0]
-        if arr.ndim != 2:
-            raise StageError(f"mask {path} has shape {list(arr.shape)}, not (H, W)")
-        return arr != 0
-    with Image.open(path) as im:
-        arr = np.asarray(im)
-    return (arr != 0).any(axis=-1) if arr.ndim == 3 else arr != 0
-
-
 def save_png_atomic(array, path: str, mode: str) -> None:
     """Write a PNG under a temporary name, then rename: a crash never leaves a half-written mask."""
     from PIL import Image
@@ -981,9 +963,10 @@ def save_png_atomic(array, path: str, mode: str) -> None:
 
 
 def eval_one(m: Loaded, item: dict, args: dict) -> dict:
-    """One image: the model's own predict_forward (never a forced [SEG]), the union of its masks
-    saved as PNG, and the pixel counts the parent turns into Dice/IoU. An answer without [SEG] is an
-    empty prediction: saved as an all-black PNG and counted as such."""
+    """One image: the model's own predict_forward (never a forced [SEG]) and the union of its masks
+    saved as PNG. An answer without [SEG] is an empty prediction: saved as an all-black PNG. Nothing
+    is scored here: the parent counts the saved PNG against the ground truth (``evaluate/metrics.py``),
+    so every score has one rule, and a resumed run scores what lies on disk."""
     import numpy as np
     from PIL import Image
 
@@ -1003,19 +986,10 @@ def eval_one(m: Loaded, item: dict, args: dict) -> dict:
         out = np.asarray(image).astype(np.float32)
         out[union] = 0.45 * out[union] + 0.55 * np.array(PALETTE[0], dtype=np.float32)
         save_png_atomic(out.clip(0, 255).astype(np.uint8), item["overlay_path"], "RGB")
-    truth = read_truth(item["mask"])
-    if truth.shape != (h, w):
-        raise StageError(
-            f"ground-truth mask {item['mask']} is {truth.shape[0]}x{truth.shape[1]}, the image is {h}x{w} (H x W)"
-        )
     return {
         "seg_count": run_["seg_count"] or 0,
         "n_masks": len(masks),
         "prediction": run_["prediction"][:500],
-        "intersection": int(np.count_nonzero(union & truth)),
-        "union": int(np.count_nonzero(union | truth)),
-        "pred_area": int(np.count_nonzero(union)),
-        "true_area": int(np.count_nonzero(truth)),
         "height": h,
         "width": w,
         "seconds": run_["seconds"],
@@ -1024,9 +998,9 @@ def eval_one(m: Loaded, item: dict, args: dict) -> dict:
 
 def run_eval(args: dict, result: dict) -> None:
     """``sa2va-convert eval``: the model loaded once, then every item of ``args["items"]`` (a JSONL
-    file: stem, image, mask, prompt, pred_path, overlay_path), one JSON line per image appended
-    to ``args["results"]`` and flushed, so an interrupted run keeps what it finished and the parent
-    never holds masks. A failing image is a line with its error; the loop goes on."""
+    file: stem, image, prompt, pred_path, overlay_path), one JSON line per image appended
+    to ``args["results"]`` and flushed, so an interrupted run keeps what it finished. A failing
+    image is a line with its error; the loop goes on."""
     device = args.get("device") or "auto"
     if device.startswith("cuda:"):
         import torch
