@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .errors import InputError
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_SHARDS = "model-{index:05d}-of-{count:05d}.safetensors"  # str.format() with index (from 1) and count
@@ -22,13 +24,20 @@ SAFETENSORS_SHARDS = "model-{index:05d}-of-{count:05d}.safetensors"  # str.forma
 def index_weight_map(folder: Path) -> dict[str, str] | None:
     """tensor name -> shard file from the folder's index; None when the folder has no index.
 
-    Plain reads with no checks of their own (``read/hf_folder.py`` is the careful reader of an
-    input folder): a broken index raises what ``json`` or the missing key raises."""
+    Only the index is read (``read/hf_folder.py`` is the careful reader of a whole folder); one
+    that cannot be read, or has no ``weight_map``, is an InputError naming it."""
     index = Path(folder) / SAFETENSORS_INDEX
     if not index.is_file():
         return None
-    weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    return weight_map
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(
+            f"cannot read the index ({type(e).__name__}: {e})", path=index, hint="restore or re-write the folder"
+        ) from None
+    return {str(k): str(v) for k, v in weight_map.items()}
 
 
 def weight_files(folder: Path) -> list[str]:

@@ -14,7 +14,8 @@ It prints exactly ONE JSON line on stdout (the report below); everything librari
 bars) is sent to stderr, where lines starting with ``@@stage`` tell the parent how far it got.
 The parent judges the report: this script only records facts and catches exceptions.
 
-Arguments (a JSON object): ``mode`` ("roundtrip" | "predict" | "eval"), ``folder``, ``device``
+Arguments (a JSON object): ``mode`` ("roundtrip" | "predict" | "eval"), ``folder``,
+``weight_files`` (the folder's weight files by name, listed by the parent), ``device``
 ("auto" | "cpu" | "cuda" | "cuda:N"), ``max_new_tokens``, ``prompt``, ``video`` (bool),
 and for predict: ``image`` (path), ``mask_path``, ``overlay_path`` (absolute paths or null); for
 eval: ``items`` and ``results`` (JSONL files, see ``run_eval``).
@@ -104,17 +105,13 @@ def read_json(path: str) -> dict:
         return json.load(f)
 
 
-def shard_dtypes(folder: str) -> dict:
-    """{tensor name: short dtype} from the safetensors headers (no tensor bytes read).
+def shard_dtypes(folder: str, files: list) -> dict:
+    """{tensor name: short dtype} from the safetensors headers of ``files`` (no tensor bytes read).
 
-    A standalone copy of the header read (the package's one parser is
+    The parent names the files (``args["weight_files"]``: the package's ``formats.weight_files``),
+    and this is a standalone copy of the header read (the package's one parser is
     ``read/safetensors_header.py``): this script runs under the user's interpreter, which may
     not have sa2va_convert installed, so it imports nothing from the package."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        files = sorted(set(read_json(index)["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
     out = {}
     for fname in files:
         with open(os.path.join(folder, fname), "rb") as f:
@@ -749,7 +746,7 @@ def load_model(args: dict, result: dict) -> Loaded:
     stage(result, "config")
     t = time.perf_counter()
     raw_config = read_json(os.path.join(folder, "config.json"))
-    file_dtypes = shard_dtypes(folder)
+    file_dtypes = shard_dtypes(folder, args["weight_files"])
     dtype_name = args.get("dtype") or config_dtype_name(raw_config, file_dtypes)
     result["dtype"] = dtype_name
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}[

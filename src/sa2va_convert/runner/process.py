@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError, VerifyError
+from ..formats import weight_files
 
 CHILD_SCRIPT = Path(__file__).with_name("child.py")
 DEFAULT_TIMEOUT = 1800.0
@@ -130,7 +131,11 @@ class ChildRun:
 def run_child(
     args: dict[str, Any], *, python: str, timeout: float, on_stage: Callable[[str], None] | None = None
 ) -> ChildRun:
-    """Run ``child.py`` with ``args``; never raises for the child's own failures (see ChildRun)."""
+    """Run ``child.py`` with ``args``; never raises for the child's own failures (see ChildRun).
+
+    The child is told which files hold ``args["folder"]``'s weights (``weight_files``): it cannot
+    import ``formats``, so the names stay spelled once, here in the package."""
+    args = {**args, "weight_files": weight_files(Path(args["folder"]))}
     started = time.perf_counter()
     tail: deque[str] = deque(maxlen=60)
     state = {"stage": "start"}

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConvertError, InputError, VerifyEnvironmentError, VerifyError
+from ..formats import SAFETENSORS_SINGLE, index_weight_map, weight_files
 from ..plan.keymap import Keymap, load_all_builtin
 from ..read.remote_code import ImportCheck, check_imports, install_hint, pip_name
 from ..read.safetensors_header import tensor_names
@@ -229,7 +230,7 @@ def verify_folder(
                 + ", ".join(sorted({pip_name(r.module) for r in code.missing_packages}))
                 + ", not installed here"
             )
-        report.checksums = check_checksums(folder, _shard_files(folder), report.structural.sha256)
+        report.checksums = check_checksums(folder, weight_files(folder), report.structural.sha256)
         if report.checksums["status"] == "not recorded":
             report.notes.append(
                 "no shard checksums recorded: corruption that still decodes as finite numbers "
@@ -305,17 +306,8 @@ def _recorded_keymap(folder: Path) -> str | None:
 
 
 def _weight_names(folder: Path) -> list[str]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return list(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
-    return tensor_names(folder / "model.safetensors")
-
-
-def _shard_files(folder: Path) -> list[str]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    return ["model.safetensors"]
+    weight_map = index_weight_map(folder)
+    return list(weight_map) if weight_map is not None else tensor_names(folder / SAFETENSORS_SINGLE)
 
 
 __all__ = [
