@@ -279,10 +279,16 @@ def test_api_hints_name_python_options_not_cli_flags(make_family, tmp_path):
 
 
 def test_api_hints_are_python_worded_again_after_a_cli_command_in_the_same_process(make_family, tmp_path):
+    import signal
+
     from click.testing import CliRunner
 
     # a CLI command run in this process (as a notebook or a wrapper script may) that ends in a usage error
-    r = CliRunner().invoke(cli_module.main, ["keymaps", "show", "no-such-keymap"])
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:  # the command routes SIGTERM as Ctrl-C for its run; in this process, put it back afterwards
+        r = CliRunner().invoke(cli_module.main, ["keymaps", "show", "no-such-keymap"])
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
     assert r.exit_code == 2, r.output
     hint = _api_hint_for_a_foreign_out(make_family("sa2va-1b"), tmp_path / "o")
     assert "--" not in hint and "ConvertOptions.replace_foreign" in hint

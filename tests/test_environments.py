@@ -29,7 +29,7 @@ from packaging.version import Version  # noqa: E402
 
 from sa2va_convert.read.remote_code import check_imports, read_remote_code, scan_imports  # noqa: E402
 from sa2va_convert.testing import write_base_folder, write_training_checkpoint  # noqa: E402
-from sa2va_convert.verify.environment import diagnose  # noqa: E402
+from sa2va_convert.runner.environment import diagnose  # noqa: E402
 
 INTERNLM2_GENERATES = Version(transformers.__version__) < Version("4.50")
 
@@ -88,7 +88,7 @@ def test_child_finds_whether_the_model_calls_post_init(tmp_path):
     """The fact behind the transformers-5 diagnosis, read from our upstream-like test classes."""
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-    from sa2va_convert.verify._child import calls_post_init
+    from sa2va_convert.runner.child import calls_post_init
 
     # a name of its own: transformers imports remote code as transformers_modules.<folder name>, and this
     # worker process may already hold another test's "base" under that name
@@ -155,7 +155,7 @@ def test_test_model_fails_on_cpu_without_the_mapping_like_upstream(tmp_path):
     seg = torch.zeros(1, model.text_hidden_fcs[2].out_features)
     with pytest.raises((RuntimeError, AssertionError), match="CUDA|cuda|NVIDIA"):
         sam.predict_masks([Image.new("RGB", (40, 30))], seg, (40, 30))
-    from sa2va_convert.verify._child import cuda_on_cpu
+    from sa2va_convert.runner.child import cuda_on_cpu
 
     with cuda_on_cpu() as mapped:
         masks = sam.predict_masks([Image.new("RGB", (40, 30))], seg, (40, 30))
@@ -279,7 +279,7 @@ def test_qwen_vl_answers_are_capped_by_wrapping_generate_as_upstream_code_needs(
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from sa2va_convert.verify._child import cap_generation, cuda_on_cpu
+    from sa2va_convert.runner.child import cap_generation, cuda_on_cpu
 
     base = write_base_folder(tmp_path / f"qwencap-{tmp_path.name}", "sa2va-qwen2_5-vl")
     model = AutoModel.from_pretrained(str(base), trust_remote_code=True, dtype=torch.float32).eval()

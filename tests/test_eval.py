@@ -44,7 +44,7 @@ from sa2va_convert.evaluate.data import load_dataset  # noqa: E402
 from sa2va_convert.evaluate.metrics import scores  # noqa: E402
 from sa2va_convert.testing import make_tiny_example, reference_output  # noqa: E402
 from sa2va_convert.testing.finetune import SEG_TOKEN, STOP_TOKEN, drop_from_checkpoint, synthetic_picture  # noqa: E402
-from sa2va_convert.verify._child import cap_generation, cuda_on_cpu  # noqa: E402
+from sa2va_convert.runner.child import cap_generation, cuda_on_cpu  # noqa: E402
 
 # (stem, width, height, shift of the red ellipse): small, not square, both orientations
 PICTURES = [("a_wide", 80, 60, 0), ("b_tall", 56, 72, -4), ("c_cut", 96, 64, 8), ("d_npy", 64, 48, 3),
@@ -372,8 +372,12 @@ def test_bad_data_is_one_line_exit_3_and_nothing_written(world, tmp_path, case):
     build, prompt_args, expected = BAD[case]
     data = build(tmp_path / "data")
     out = tmp_path / "rep"
-    r = CliRunner().invoke(cli_main, ["eval", str(world.folders["finetune"]), "--data", str(data), *prompt_args,
-                                      "--out", str(out), "--device", "cpu"], env=ENV)
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:  # the command routes SIGTERM as Ctrl-C for its run; in this process, put it back afterwards
+        r = CliRunner().invoke(cli_main, ["eval", str(world.folders["finetune"]), "--data", str(data), *prompt_args,
+                                          "--out", str(out), "--device", "cpu"], env=ENV)
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.exit_code == 3, r.stderr[-2000:]
     assert len(errors) == 1 and expected in errors[0] and "(fix: " in errors[0], errors

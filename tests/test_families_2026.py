@@ -132,7 +132,7 @@ def sam3_fp32(tmp_path_factory) -> Path:
 def test_sam3_folder_loads_with_no_missing_key_and_requires_a_processor(sam3_fp32):
     from transformers import AutoModel, AutoProcessor, AutoTokenizer
 
-    from sa2va_convert.verify._child import cap_generation, nested_code_importable
+    from sa2va_convert.runner.child import cap_generation, nested_code_importable
 
     # sam3.py imports sam3pkg_*.py files that the modeling file does not: plain transformers copies one
     # import deep for a local folder and fails, as with upstream's SAM3 code (FORMATS.md §9) ...

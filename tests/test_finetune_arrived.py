@@ -45,11 +45,11 @@ from sa2va_convert.testing.finetune import (  # noqa: E402
     write_segmenting_finetune,
 )
 from sa2va_convert.testing.reference import load_checkpoint_state_dict  # noqa: E402
-from sa2va_convert.verify._child import cap_generation, cuda_on_cpu  # noqa: E402
+from sa2va_convert.runner.child import cap_generation, cuda_on_cpu  # noqa: E402
 
 INTERNLM2_GENERATES = Version(transformers.__version__) < Version("4.50")
 
-SYNTH_W, SYNTH_H = 80, 60  # the round trip's synthetic picture (verify/_child.py)
+SYNTH_W, SYNTH_H = 80, 60  # the round trip's synthetic picture (runner/child.py)
 HEAD = "language_model.lm_head.weight"
 PROMPT = "<image>Please segment the object."  # the round trip's prompt
 

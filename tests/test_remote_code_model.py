@@ -26,7 +26,7 @@ from packaging.version import Version  # noqa: E402
 from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: E402
 
 from sa2va_convert.testing import PRESETS, Sizes, get_preset, hf_layout, write_base_folder  # noqa: E402
-from sa2va_convert.verify._child import cap_generation, cuda_on_cpu, nested_code_importable  # noqa: E402
+from sa2va_convert.runner.child import cap_generation, cuda_on_cpu, nested_code_importable  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

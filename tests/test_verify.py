@@ -2,7 +2,7 @@
 
 Folders come from the real pipeline: the tiny example (``make_tiny_example``) converted with
 ``api.convert``, loaded by our own test remote code (tests/remote_code/). Nothing is mocked: each
-round trip starts ``_child.py`` in a separate interpreter, as users get it.
+round trip starts ``runner/child.py`` in a separate interpreter, as users get it.
 
 A random tiny model rarely says ``[SEG]``, so tests that need masks *steer* the weights on disk
 (``steer_folder``): one embedding dimension dominates every hidden state and the head reads only
@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from sa2va_convert.api import ConvertOptions, convert  # noqa: E402
 from sa2va_convert.errors import UsageError, VerifyError  # noqa: E402
+from sa2va_convert.runner.process import CHILD_SCRIPT  # noqa: E402
 from sa2va_convert.testing import make_tiny_example  # noqa: E402
 from sa2va_convert.verify import roundtrip as rt  # noqa: E402
 from sa2va_convert.verify.folder import (  # noqa: E402
@@ -413,14 +414,14 @@ def test_interpreter_without_torch_is_named(converted):
 
 
 def test_child_script_is_standalone():
-    """_child.py runs under --python interpreters without sa2va_convert: stdlib + the model's stack only."""
+    """runner/child.py runs under --python interpreters without sa2va_convert: stdlib + the model's stack only."""
     allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "numpy", "PIL", "__future__"}
-    tree = ast.parse(rt.CHILD_SCRIPT.read_text())
+    tree = ast.parse(CHILD_SCRIPT.read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, "relative import in _child.py"
+            assert node.level == 0, "relative import in runner/child.py"
             names = [node.module]
         else:
             continue

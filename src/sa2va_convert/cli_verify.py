@@ -13,7 +13,8 @@ import click
 
 from .cli_common import EXIT_HELP, emit_json, handle_errors
 from .errors import VerifyError
-from .verify.roundtrip import DEFAULT_PROMPT, DEFAULT_TIMEOUT
+from .runner.process import DEFAULT_TIMEOUT
+from .verify.roundtrip import DEFAULT_PROMPT
 
 
 def register_verify_commands(main: click.Group) -> None:

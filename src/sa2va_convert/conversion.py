@@ -40,10 +40,9 @@ from .sizes import parse_size
 from .transform.produce import TensorProducer, TransformReport
 from .verify.structural import READ_BACK_CHUNK_BYTES, StructuralReport, check_against_plan
 from .write import guard
-from .write.folder import WriteResult, write_folder
+from .write.folder import OUTPUT_FORMAT, WriteResult, write_folder
 from .write.model_card import conversion_report, model_card
 from .write.peak_ram import estimate_peak_ram, process_baseline, resident_layers
-from .write.safetensors_writer import SAFETENSORS
 
 
 @dataclass
@@ -118,8 +117,8 @@ class ConvertOptions:
                 ) from None
         self.merge_device = check_merge_device(self.merge_device)
         if self.roundtrip and not self.dry_run:
-            from .verify.device_check import check_roundtrip_device
-            from .verify.roundtrip import check_device, resolve_python
+            from .runner.device_check import check_roundtrip_device
+            from .runner.process import check_device, resolve_python
 
             check_device(self.verify_device)
             self.verify_python = resolve_python(self.verify_python) if self.verify_python else None
@@ -376,7 +375,7 @@ def plan_from_inputs(inputs: Inputs, out: str | Path, options: ConvertOptions) -
         tokenizer=read_tokenizer_state(inputs.base.path),
         keymap=inputs.keymap,
         out=Path(out).absolute(),
-        naming=SAFETENSORS.naming,
+        naming=OUTPUT_FORMAT.naming,
         options=options.plan_options(),
         pretrained=inputs.pretrained.weights if inputs.pretrained else None,
         embedded=ckpt.config,

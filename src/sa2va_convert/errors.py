@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, ParamSpec, TypeVar
 if TYPE_CHECKING:  # only for the attribute types: these modules import this one
     from .batch import BatchResult
     from .evaluate.run import EvalReport
+    from .runner.report import ChildReport
     from .verify.folder import VerifyReport
-    from .verify.roundtrip import RoundTripReport
 
 
 class ConvertError(Exception):
@@ -110,7 +110,7 @@ class VerifyError(ConvertError):
     exit_code = 7
     kind = "verify"
     #: what was checked before the failure: the round trip's report, or (from ``verify_folder``) the folder's
-    report: RoundTripReport | VerifyReport | None = None
+    report: ChildReport | VerifyReport | None = None
 
 
 class VerifyEnvironmentError(VerifyError):

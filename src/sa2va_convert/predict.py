@@ -17,16 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, OutputError
-from .verify.roundtrip import (
-    DEFAULT_TIMEOUT,
-    check_device,
-    child_failure,
-    debug_details,
-    judge_runs,
-    report_from,
-    resolve_python,
-    run_child,
-)
+from .runner.failure import child_failure, debug_details
+from .runner.process import DEFAULT_TIMEOUT, check_device, resolve_python, run_child
+from .runner.report import judge_runs, report_from
 
 IMAGE_TOKEN = "<image>"
 

@@ -241,6 +241,25 @@ def mask_size(path: Path) -> tuple[int, int]:
     return int(shape[1]), int(shape[0])
 
 
+def read_mask(path: Path):
+    """A mask's pixels as a bool (H, W) array, by the rule ``mask_size`` checked the header for:
+    an image (any non-zero pixel, in any channel, is foreground) or ``.npy`` (bool or integer,
+    (H, W) or (1, H, W); non-zero is foreground). Read one at a time, when an image is scored."""
+    import numpy as np
+    from PIL import Image
+
+    if Path(path).suffix.lower() == ".npy":
+        arr = np.load(path, allow_pickle=False)
+        if arr.ndim == 3 and arr.shape[0] == 1:
+            arr = arr[0]
+        if arr.ndim != 2:
+            raise ValueError(f"mask {path} has shape {list(arr.shape)}, not (H, W)")
+        return arr != 0
+    with Image.open(path) as im:
+        arr = np.asarray(im)
+    return (arr != 0).any(axis=-1) if arr.ndim == 3 else arr != 0
+
+
 def check_sample(s: Sample) -> None:
     """Header-only check of one pair: both readable, the same size."""
     iw, ih = image_size(s.image)
@@ -285,4 +304,4 @@ def load_dataset(
     return samples
 
 
-__all__ = ["Sample", "load_dataset", "check_sample", "image_size", "mask_size"]
+__all__ = ["Sample", "load_dataset", "check_sample", "image_size", "mask_size", "read_mask"]

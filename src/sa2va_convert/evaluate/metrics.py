@@ -1,8 +1,10 @@
-"""Segmentation metrics from pixel counts, in plain Python/numpy.
+"""Segmentation metrics: every score of ``eval``, from the masks on disk, in plain Python/numpy.
 
-The model process counts pixels of the saved prediction against the ground truth (intersection,
-union, predicted area, true area); every ratio is computed here, from those counts, so the rules
-live in one place and a metrics.csv row can be re-scored without any mask in memory.
+The model process only predicts: it saves the union of an answer's ``[SEG]`` masks as a PNG.
+This process counts that PNG's pixels against the ground truth (intersection, union, predicted
+area, true area: ``mask_counts``), and every ratio is computed from those counts (``scores``), so
+the rules live in one place, a resumed run scores exactly what lies on disk, and a metrics.csv row
+can be re-scored without any mask in memory.
 
 Empty masks. A ratio whose denominator is zero is 1.0 when both masks are empty (nothing to find,
 nothing found) and 0.0 otherwise. So an answer without ``[SEG]`` (an empty prediction) on an
@@ -13,9 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .data import read_mask
 
 
 def _ratio(num: int, den: int, both_empty: bool) -> float:
@@ -35,8 +40,19 @@ def scores(intersection: int, union: int, pred_area: int, true_area: int) -> dic
     }
 
 
+def mask_counts(prediction: Path, truth: Path) -> dict[str, int]:
+    """Pixel counts of a saved prediction PNG against its ground-truth mask (``data.read_mask``)."""
+    pred, true = read_mask(prediction), read_mask(truth)
+    if pred.shape != true.shape:
+        raise ValueError(
+            f"ground-truth mask {truth} is {true.shape[0]}x{true.shape[1]}, the image is "
+            f"{pred.shape[0]}x{pred.shape[1]} (H x W)"
+        )
+    return counts(pred, true)
+
+
 def counts(pred: np.ndarray, truth: np.ndarray) -> dict[str, int]:
-    """Pixel counts of two bool (H, W) masks (what the model process records per image)."""
+    """Pixel counts of two bool (H, W) masks of one shape: what ``scores`` takes."""
     pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
     if pred.shape != truth.shape:
         raise ValueError(f"prediction {pred.shape} and ground truth {truth.shape} differ in shape")
@@ -115,4 +131,4 @@ def best_model(summaries: list[ModelSummary]) -> ModelSummary | None:
     return max(scored, key=lambda s: (s.mean_dice, s.ciou or 0.0, -s.failures, -summaries.index(s)))
 
 
-__all__ = ["scores", "counts", "summarise", "best_model", "ModelSummary"]
+__all__ = ["scores", "counts", "mask_counts", "summarise", "best_model", "ModelSummary"]

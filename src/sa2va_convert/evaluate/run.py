@@ -1,12 +1,14 @@
 """``sa2va-convert eval``: score converted folders on the user's own images, honestly.
 
-For each model, one child process (the ``verify``/``predict`` machinery: ``verify/_child.py``,
+For each model, one child process (the model runner of ``verify`` and ``predict``: ``runner/child.py``,
 mode ``eval``) loads the folder once and runs its own ``predict_forward`` on every image, never
 forcing ``[SEG]``: an answer without ``[SEG]`` is an empty prediction. The child saves the union
-of the ``[SEG]`` masks as ``predictions/<model>/<stem>.png``, counts its pixels against the
-ground truth, and streams one JSON line per image to a file; this process turns the counts into
-Dice/IoU/... (``metrics.py``) and writes the report (``report.py``). So every number comes from
-a mask the model produced and that lies next to the report, and no mask is held in memory here.
+of the ``[SEG]`` masks as ``predictions/<model>/<stem>.png`` and streams one JSON line per image
+(its answer, mask count, seconds) to a file; it scores nothing. This process counts each saved
+PNG against the ground truth and turns the counts into Dice/IoU/... (``metrics.py``, the one
+home of every score), then writes the report (``report.py``). So every number comes from a mask
+the model produced and that lies next to the report, and only one image's masks are in memory
+at a time.
 
 Under ``torchrun --nproc_per_node N`` (``WORLD_SIZE`` > 1) each rank evaluates every N-th image
 with its own child on its own GPU (``LOCAL_RANK``, passed to the child as its only visible GPU),
@@ -33,19 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConvertError, EvalFailuresError, InputError, OutputError, UsageError
-from ..verify.roundtrip import (
-    check_device,
-    check_fits,
-    child_failure,
-    debug_details,
-    judge_loading,
-    report_from,
-    resolve_python,
-    run_child,
-)
+from ..runner.failure import child_failure, debug_details
+from ..runner.memory import check_fits
+from ..runner.process import check_device, resolve_python, run_child
+from ..runner.report import judge_loading, report_from
 from .data import Sample, load_dataset
 from .defaults import DEFAULT_IMAGE_TIMEOUT
-from .metrics import ModelSummary, best_model, scores, summarise
+from .metrics import ModelSummary, best_model, mask_counts, scores, summarise
 from .report import METRICS, PLOT, SUMMARY, plot_report, read_metrics, write_metrics, write_summary
 
 WORK = ".work"  # per-model, per-rank item lists and streamed results; removed when the run completes
@@ -327,7 +323,8 @@ def _pred_path(out: Path, model: str, stem: str) -> Path:
 
 
 def _complete(row: dict[str, Any], spec: ModelSpec, sample: Sample, out: Path) -> dict[str, Any]:
-    """A child's result line with what the child does not repeat: model, paths, prompt answer."""
+    """A child's result line with what the child does not repeat (model, paths, prompt answer) and
+    the pixel counts of its saved prediction against the ground truth, which only this process makes."""
     r = dict(row)
     r.update(
         model=spec.name,
@@ -337,6 +334,12 @@ def _complete(row: dict[str, Any], spec: ModelSpec, sample: Sample, out: Path) -
         mask=str(sample.mask),
         answer=row.get("prediction", row.get("answer", "")),
     )
+    if r.get("status") == "ok":
+        try:
+            r.update(mask_counts(_pred_path(out, spec.name, sample.stem), sample.mask))
+        except Exception as e:  # as in the child: this image is a recorded failure, the others are still scored
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            r.update(status="failed", error=f"{type(e).__name__}: {lines[0][:400] if lines else type(e).__name__}")
     if r.get("status") == "ok" and int(r.get("seg_count") or 0) == 0:
         r["status"] = "no_seg"  # an answer without [SEG]: an empty prediction, scored as such
     r["prediction_file"] = str(_pred_path(out, spec.name, sample.stem)) if r.get("status") != "failed" else ""

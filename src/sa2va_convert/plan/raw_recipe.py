@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError, PlanError
+from ..formats import SAFETENSORS_INDEX
 from ..read.folder_files import list_model_files
 from .planner import ConversionPlan
 
@@ -49,7 +50,7 @@ def read_code_folder(path: str | Path) -> CodeFolder:
             f"cannot read config.json ({e})", path=root / "config.json", hint="pass a complete Sa2VA model folder"
         ) from None
     keys = None
-    index = root / "model.safetensors.index.json"
+    index = root / SAFETENSORS_INDEX
     if index.is_file():
         try:
             keys = sorted(json.loads(index.read_text(encoding="utf-8"))["weight_map"])

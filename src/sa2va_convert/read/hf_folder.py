@@ -18,12 +18,10 @@ import torch
 
 from .. import dtypes
 from ..errors import InputError
+from ..formats import SAFETENSORS_INDEX as INDEX_NAME, SAFETENSORS_SINGLE as SINGLE_NAME
 from .folder_files import list_model_files
 from .safetensors_header import header_length, library_check, read_safetensors_header
 from .tensor_source import SourceAbilities, SourceDefaults, TensorInfo, TensorSource
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 
 
 def read_range(fpath: Path, begin: int, view: memoryview, key: str) -> None:
@@ -234,7 +232,7 @@ def open_hf_folder(path: str | Path, *, label: str = "base") -> HFFolder[Safeten
             if bins
             else "pass the complete base model folder"
         )
-        raise InputError("no model.safetensors or model.safetensors.index.json found", path=root, hint=hint)
+        raise InputError(f"no {SINGLE_NAME} or {INDEX_NAME} found", path=root, hint=hint)
     weights = SafetensorsSource(files, label=label, path=root)
     if index_path.exists():
         index = _load_json(index_path, INDEX_NAME)

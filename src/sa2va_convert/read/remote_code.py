@@ -10,7 +10,7 @@ made from it loads nowhere else, so it is refused (exit 3) unless the user says 
 The rules mirror what transformers itself does when it loads remote code
 (``transformers.dynamic_module_utils``): the files that load are the ``auto_map`` modules of
 ``config.json`` and ``tokenizer_config.json`` and every file they import relatively (we follow
-those imports to any depth; transformers copies only one level, see ``verify/_child.py``); an
+those imports to any depth; transformers copies only one level, see ``runner/child.py``); an
 import inside a ``try`` block, or under ``if is_..._available()``, is optional; every other
 import, at any depth in the file, must resolve or transformers refuses to load the file.
 """
@@ -177,7 +177,7 @@ class RemoteCode:
 
     def nested(self) -> list[str]:
         """Files more than one import away from an auto_map module: plain transformers does not copy
-        them into its module cache when it loads a local folder (``verify/_child.py`` makes them load)."""
+        them into its module cache when it loads a local folder (``runner/child.py`` makes them load)."""
         entries = {f for f, by in self.files.items() if not by.endswith(".py")}
         return sorted(f for f, by in self.files.items() if by.endswith(".py") and by not in entries)
 

@@ -5,7 +5,7 @@ file (a byte span that is not shape x dtype size, two tensors overlapping, a spa
 it begins, a negative dimension) used to be read as it claimed, so a wrong tensor was converted with
 exit 0. ``safetensors.safe_open`` refuses such files, but says only "invalid offset for
 tensor" and needs the library and its mmap; this module names the tensor and the rule, and imports
-nothing but the standard library, so the round-trip child (``verify/_child.py``, which runs under the
+nothing but the standard library, so the round-trip child (``runner/child.py``, which runs under the
 user's interpreter and cannot import this package) can load this one file by path and apply the same
 rules. Nothing here may import from ``sa2va_convert``.
 

@@ -3,7 +3,7 @@
 A safetensors file is an 8-byte little-endian header length, a JSON header (name -> dtype,
 shape, data_offsets; optional ``__metadata__``) and the tensor bytes. The base folder's reader,
 file sniffing and the verify stage all read headers here; the rules a header must keep are in
-``safetensors_check`` (standard library only, so the round-trip child, ``verify/_child.py``, which runs
+``safetensors_check`` (standard library only, so the round-trip child, ``runner/child.py``, which runs
 under the user's interpreter without this package, can load that one file and apply them too).
 """
 

@@ -60,7 +60,7 @@ from typing import Any
 import torch
 
 from .. import dtypes
-from ..verify._child import synthetic_frame as synthetic_picture
+from ..runner.child import synthetic_frame as synthetic_picture
 from .layouts import Preset, Sizes, get_preset, training_layout
 from .reference import load_base_folder, training_name_to_hf
 from .training_checkpoint import (
@@ -170,7 +170,7 @@ def merge(base: dict[str, torch.Tensor], train: dict[str, torch.Tensor], scale: 
 
 
 # synthetic_picture (imported above) is the round trip's own test picture (gradients, checkerboard,
-# red ellipse): verify/_child.py's synthetic_frame, the function the round trip feeds the model.
+# red ellipse): runner/child.py's synthetic_frame, the function the round trip feeds the model.
 
 
 def _noise_picture(seed: int, width: int, height: int):
@@ -224,7 +224,7 @@ def _load_model(base_dir: Path):
 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # "Loading checkpoint shards" would land in the CLI's output
-    from ..verify._child import nested_code_importable  # the SAM3 family's code is nested, as upstream's
+    from ..runner.child import nested_code_importable  # the SAM3 family's code is nested, as upstream's
 
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), nested_code_importable(base_dir):
         # our InternViT imports timm.models.layers as upstream's does, which newer timm flags as deprecated
@@ -246,7 +246,7 @@ def _load_values(model, values: dict[str, torch.Tensor], dtype: torch.dtype) -> 
 
 
 def _predict(model, tok, ctx: dict[str, Any], max_new_tokens: int) -> dict:
-    from ..verify._child import cap_generation, cuda_on_cpu  # the test models call .cuda() like upstream
+    from ..runner.child import cap_generation, cuda_on_cpu  # the test models call .cuda() like upstream
 
     cap_generation(model, tok, max_new_tokens)  # as the round trip does: Qwen-VL code has no preparing_for_generation
     # A family that requires processor= (Qwen-VL + SAM3) reads only its tokenizer in our test models

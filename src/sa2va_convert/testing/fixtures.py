@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import dtypes
+from ..formats import SAFETENSORS_INDEX, SAFETENSORS_SHARDS
 from ..read.tensor_source import TensorInfo
 from ..write.safetensors_stream import StreamEntry, write_streamed
 from .config_text import training_config_text
@@ -103,7 +104,7 @@ def write_base_folder(
     weight_map: dict[str, str] = {}
     total = 0
     for k, entries in enumerate(shards, start=1):
-        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        fname = SAFETENSORS_SHARDS.format(index=k, count=len(shards))
         write_streamed(
             out / fname,
             entries,
@@ -114,7 +115,7 @@ def write_base_folder(
             weight_map[e.name] = fname
             total += e.info.nbytes
     _write_json(
-        out / "model.safetensors.index.json",
+        out / SAFETENSORS_INDEX,
         {"metadata": {"total_size": total}, "weight_map": weight_map},
         sort_keys=True,
     )

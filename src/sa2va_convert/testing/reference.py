@@ -10,13 +10,14 @@ never for user files. Conversion tests compare every output tensor with it.
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from ..formats import weight_files
 
 SAM2_PREFIX = "grounding_encoder.sam2_model."
 _LORA_A = ".lora_A.default.weight"
@@ -61,11 +62,7 @@ def load_checkpoint_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load_base_folder(base_dir: str | Path) -> OrderedDict[str, torch.Tensor]:
     """Every tensor of a safetensors folder, in index order (shards in order)."""
     base = Path(base_dir)
-    index = base / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
+    files = weight_files(base)
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for f in files:
         with safe_open(str(base / f), framework="pt") as sf:

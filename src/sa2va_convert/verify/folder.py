@@ -26,17 +26,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConvertError, InputError, VerifyEnvironmentError, VerifyError
+from ..formats import SAFETENSORS_SINGLE, index_weight_map, weight_files
 from ..plan.keymap import Keymap, load_all_builtin
 from ..read.remote_code import ImportCheck, check_imports, install_hint, pip_name
 from ..read.safetensors_header import tensor_names
+from ..runner.device_check import check_roundtrip_device
+from ..runner.process import DEFAULT_TIMEOUT, resolve_python
+from ..runner.report import ChildReport
 from ..write.guard import (  # the files and keys verify reads are the ones the write stage wrote
     REPORT_NAME,
     TOOL_NAME,
     read_report,
 )
 from ..write.model_card import CHECKSUM_KEY
-from .device_check import check_roundtrip_device
-from .roundtrip import DEFAULT_PROMPT, DEFAULT_TIMEOUT, RoundTripReport, resolve_python, run_roundtrip
+from .roundtrip import DEFAULT_PROMPT, run_roundtrip
 
 if TYPE_CHECKING:  # structural imports torch: loaded only when a folder is checked, so `--help` stays fast
     from .structural import StructuralReport
@@ -55,7 +58,7 @@ class VerifyReport:
     structural: StructuralReport | None = None
     code_files: list[str] = field(default_factory=list)
     checksums: dict[str, Any] = field(default_factory=dict)
-    roundtrip: RoundTripReport | None = None
+    roundtrip: ChildReport | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -227,7 +230,7 @@ def verify_folder(
                 + ", ".join(sorted({pip_name(r.module) for r in code.missing_packages}))
                 + ", not installed here"
             )
-        report.checksums = check_checksums(folder, _shard_files(folder), report.structural.sha256)
+        report.checksums = check_checksums(folder, weight_files(folder), report.structural.sha256)
         if report.checksums["status"] == "not recorded":
             report.notes.append(
                 "no shard checksums recorded: corruption that still decodes as finite numbers "
@@ -253,7 +256,7 @@ def verify_folder(
         else:
             report.notes.append("round trip skipped (--no-roundtrip): the folder was not loaded")
     except VerifyError as e:
-        if isinstance(e.report, RoundTripReport):
+        if isinstance(e.report, ChildReport):
             report.roundtrip = e.report
         report.seconds = time.perf_counter() - started
         e.report = report
@@ -303,17 +306,8 @@ def _recorded_keymap(folder: Path) -> str | None:
 
 
 def _weight_names(folder: Path) -> list[str]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return list(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
-    return tensor_names(folder / "model.safetensors")
-
-
-def _shard_files(folder: Path) -> list[str]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    return ["model.safetensors"]
+    weight_map = index_weight_map(folder)
+    return list(weight_map) if weight_map is not None else tensor_names(folder / SAFETENSORS_SINGLE)
 
 
 __all__ = [

@@ -23,10 +23,11 @@ from safetensors import safe_open
 
 from .. import dtypes
 from ..errors import ConvertError, VerifyError
+from ..formats import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 from ..plan.keymap import Keymap, lookup
 from ..plan.types import ConversionPlan
 from ..plan.vocab import read_tokenizer_state
-from ..read.hf_folder import INDEX_NAME, HFFolder, SafetensorsSource, open_hf_folder, read_range
+from ..read.hf_folder import HFFolder, SafetensorsSource, open_hf_folder, read_range
 
 
 @dataclass
@@ -213,8 +214,8 @@ def check_folder(
     """Verify a folder on its own: index vs shards, config vocab vs embedding rows vs tokenizer, code files."""
     folder = Path(folder)
     report = StructuralReport(str(folder))
-    if not (folder / INDEX_NAME).is_file() and not (folder / "model.safetensors").is_file():
-        raise _fail("no model.safetensors.index.json or model.safetensors", folder, "re-run the conversion")
+    if not (folder / SAFETENSORS_INDEX).is_file() and not (folder / SAFETENSORS_SINGLE).is_file():
+        raise _fail(f"no {SAFETENSORS_INDEX} or {SAFETENSORS_SINGLE}", folder, "re-run the conversion")
     try:
         hf = open_hf_folder(folder, label="output")
     except ConvertError as e:

@@ -29,6 +29,10 @@ from .tokenizer import apply_additions
 
 PIPELINE_BUDGET_BYTES = DEFAULT_BUDGET_BYTES  # tensors read/merged ahead of the writer (bytes in flight)
 
+# The format a conversion writes: the planner names the shards with its ``naming`` and write_folder
+# writes them with it, so choosing another output format is this one line (see DESIGN.md).
+OUTPUT_FORMAT: ShardWriter = SAFETENSORS
+
 
 @dataclass
 class WriteResult:
@@ -70,7 +74,7 @@ def write_shards(
     folder: Path,
     progress: Progress,
     checksums: dict[str, str] | None = None,
-    writer: ShardWriter = SAFETENSORS,
+    writer: ShardWriter = OUTPUT_FORMAT,
     times: StageTimes | None = None,
 ) -> int:
     """Write every shard in ``writer``'s format; ``checksums`` (if given) receives each file's sha256,
@@ -146,7 +150,7 @@ def write_folder(
     check: Callable[[Path], None] | None = None,
     replace_foreign: bool = False,
     protected: Sequence[guard.NamedInput] = (),
-    writer: ShardWriter = SAFETENSORS,
+    writer: ShardWriter = OUTPUT_FORMAT,
 ) -> WriteResult:
     """Write the planned folder atomically. ``check(tmp)`` runs before publishing; it raises to abort.
 

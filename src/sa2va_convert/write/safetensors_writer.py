@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..formats import SAFETENSORS_INDEX, SAFETENSORS_SHARDS
 from ..plan.types import ShardNaming, ShardPlan
 from ..read.tensor_source import TensorInfo
 from .safetensors_stream import StreamedShard, StreamEntry
@@ -21,9 +22,7 @@ SHARD_METADATA = {"format": "pt"}  # what transformers' save_pretrained writes; 
 class SafetensorsWriter:
     """The ``ShardWriter`` for safetensors (``model-00001-of-00002.safetensors`` + ``model.safetensors.index.json``)."""
 
-    naming = ShardNaming(
-        shard_pattern="model-{index:05d}-of-{count:05d}.safetensors", index_file="model.safetensors.index.json"
-    )
+    naming = ShardNaming(shard_pattern=SAFETENSORS_SHARDS, index_file=SAFETENSORS_INDEX)
 
     def open_shard(
         self,

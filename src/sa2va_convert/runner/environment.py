@@ -1,7 +1,7 @@
 """Why a model process failed because of where it ran, not because of the folder (exit 9, not 7).
 
 The round trip, ``predict`` and ``eval`` run the folder's own remote code in a child process
-(``_child.py``), which reports facts: the installed versions of the packages that matter (read from
+(``child.py``), which reports facts: the installed versions of the packages that matter (read from
 their metadata, nothing imported), the ``transformers_version`` in ``config.json``, whether the
 model class calls ``post_init()``, whether its language model can generate, and the exception chain.
 This module reads those facts and names the environment problems Sa2VA users hit (FORMATS.md §9):

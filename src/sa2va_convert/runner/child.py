@@ -1,6 +1,6 @@
 """Load a converted Sa2VA folder with transformers and run ``predict_forward``, in its own process.
 
-Run by ``sa2va_convert.verify.roundtrip`` as ``PYTHON _child.py '<json args>'``. It is a
+Run by ``sa2va_convert.runner.process`` as ``PYTHON child.py '<json args>'``. It is a
 standalone script on purpose:
 
 - the folder's remote code (``trust_remote_code=True``) runs here and never inside the
@@ -14,7 +14,8 @@ It prints exactly ONE JSON line on stdout (the report below); everything librari
 bars) is sent to stderr, where lines starting with ``@@stage`` tell the parent how far it got.
 The parent judges the report: this script only records facts and catches exceptions.
 
-Arguments (a JSON object): ``mode`` ("roundtrip" | "predict" | "eval"), ``folder``, ``device``
+Arguments (a JSON object): ``mode`` ("roundtrip" | "predict" | "eval"), ``folder``,
+``weight_files`` (the folder's weight files by name, listed by the parent), ``device``
 ("auto" | "cpu" | "cuda" | "cuda:N"), ``max_new_tokens``, ``prompt``, ``video`` (bool),
 and for predict: ``image`` (path), ``mask_path``, ``overlay_path`` (absolute paths or null); for
 eval: ``items`` and ``results`` (JSONL files, see ``run_eval``).
@@ -104,17 +105,13 @@ def read_json(path: str) -> dict:
         return json.load(f)
 
 
-def shard_dtypes(folder: str) -> dict:
-    """{tensor name: short dtype} from the safetensors headers (no tensor bytes read).
+def shard_dtypes(folder: str, files: list) -> dict:
+    """{tensor name: short dtype} from the safetensors headers of ``files`` (no tensor bytes read).
 
-    A standalone copy of the header read (the package's one parser is
+    The parent names the files (``args["weight_files"]``: the package's ``formats.weight_files``),
+    and this is a standalone copy of the header read (the package's one parser is
     ``read/safetensors_header.py``): this script runs under the user's interpreter, which may
     not have sa2va_convert installed, so it imports nothing from the package."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        files = sorted(set(read_json(index)["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
     out = {}
     for fname in files:
         with open(os.path.join(folder, fname), "rb") as f:
@@ -749,7 +746,7 @@ def load_model(args: dict, result: dict) -> Loaded:
     stage(result, "config")
     t = time.perf_counter()
     raw_config = read_json(os.path.join(folder, "config.json"))
-    file_dtypes = shard_dtypes(folder)
+    file_dtypes = shard_dtypes(folder, args["weight_files"])
     dtype_name = args.get("dtype") or config_dtype_name(raw_config, file_dtypes)
     result["dtype"] = dtype_name
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}[
@@ -953,24 +950,6 @@ MODES = {"roundtrip": run_roundtrip, "predict": run_predict}
 # ---------------------------------------------------------------- eval (sa2va-convert eval)
 
 
-def read_truth(path: str):
-    """A ground-truth mask as a bool (H, W) array: PNG/JPEG (any non-zero pixel is foreground, in
-    any channel) or ``.npy`` (bool or integer; non-zero is foreground)."""
-    import numpy as np
-    from PIL import Image
-
-    if path.lower().endswith(".npy"):
-        arr = np.load(path, allow_pickle=False)
-        if arr.ndim == 3 and arr.shape[0] == 1:
-            arr = arr[0]
-        if arr.ndim != 2:
-            raise StageError(f"mask {path} has shape {list(arr.shape)}, not (H, W)")
-        return arr != 0
-    with Image.open(path) as im:
-        arr = np.asarray(im)
-    return (arr != 0).any(axis=-1) if arr.ndim == 3 else arr != 0
-
-
 def save_png_atomic(array, path: str, mode: str) -> None:
     """Write a PNG under a temporary name, then rename: a crash never leaves a half-written mask."""
     from PIL import Image
@@ -981,9 +960,10 @@ def save_png_atomic(array, path: str, mode: str) -> None:
 
 
 def eval_one(m: Loaded, item: dict, args: dict) -> dict:
-    """One image: the model's own predict_forward (never a forced [SEG]), the union of its masks
-    saved as PNG, and the pixel counts the parent turns into Dice/IoU. An answer without [SEG] is an
-    empty prediction: saved as an all-black PNG and counted as such."""
+    """One image: the model's own predict_forward (never a forced [SEG]) and the union of its masks
+    saved as PNG. An answer without [SEG] is an empty prediction: saved as an all-black PNG. Nothing
+    is scored here: the parent counts the saved PNG against the ground truth (``evaluate/metrics.py``),
+    so every score has one rule, and a resumed run scores what lies on disk."""
     import numpy as np
     from PIL import Image
 
@@ -1003,19 +983,10 @@ def eval_one(m: Loaded, item: dict, args: dict) -> dict:
         out = np.asarray(image).astype(np.float32)
         out[union] = 0.45 * out[union] + 0.55 * np.array(PALETTE[0], dtype=np.float32)
         save_png_atomic(out.clip(0, 255).astype(np.uint8), item["overlay_path"], "RGB")
-    truth = read_truth(item["mask"])
-    if truth.shape != (h, w):
-        raise StageError(
-            f"ground-truth mask {item['mask']} is {truth.shape[0]}x{truth.shape[1]}, the image is {h}x{w} (H x W)"
-        )
     return {
         "seg_count": run_["seg_count"] or 0,
         "n_masks": len(masks),
         "prediction": run_["prediction"][:500],
-        "intersection": int(np.count_nonzero(union & truth)),
-        "union": int(np.count_nonzero(union | truth)),
-        "pred_area": int(np.count_nonzero(union)),
-        "true_area": int(np.count_nonzero(truth)),
         "height": h,
         "width": w,
         "seconds": run_["seconds"],
@@ -1024,9 +995,9 @@ def eval_one(m: Loaded, item: dict, args: dict) -> dict:
 
 def run_eval(args: dict, result: dict) -> None:
     """``sa2va-convert eval``: the model loaded once, then every item of ``args["items"]`` (a JSONL
-    file: stem, image, mask, prompt, pred_path, overlay_path), one JSON line per image appended
-    to ``args["results"]`` and flushed, so an interrupted run keeps what it finished and the parent
-    never holds masks. A failing image is a line with its error; the loop goes on."""
+    file: stem, image, prompt, pred_path, overlay_path), one JSON line per image appended
+    to ``args["results"]`` and flushed, so an interrupted run keeps what it finished. A failing
+    image is a line with its error; the loop goes on."""
     device = args.get("device") or "auto"
     if device.startswith("cuda:"):
         import torch
