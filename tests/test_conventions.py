@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -283,8 +284,13 @@ def test_api_hints_name_python_options_not_cli_flags(make_family, tmp_path):
 def test_api_hints_are_python_worded_again_after_a_cli_command_in_the_same_process(make_family, tmp_path):
     from click.testing import CliRunner
 
-    # a CLI command run in this process (as a notebook or a wrapper script may) that ends in a usage error
-    r = CliRunner().invoke(cli_module.main, ["keymaps", "show", "no-such-keymap"])
+    # a CLI command run in this process (as a notebook or a wrapper script may) that ends in a usage error;
+    # the group routes SIGTERM to Ctrl-C for the process, which this test must not leave behind
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        r = CliRunner().invoke(cli_module.main, ["keymaps", "show", "no-such-keymap"])
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
     assert r.exit_code == 2, r.output
     hint = _api_hint_for_a_foreign_out(make_family("sa2va-1b"), tmp_path / "o")
     assert "--" not in hint and "ConvertOptions.replace_foreign" in hint
