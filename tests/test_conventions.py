@@ -8,9 +8,11 @@ a real on-disk cache layout resolved by huggingface_hub itself.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +26,7 @@ import yaml
 
 from _cli import run_cli
 from sa2va_convert import cli as cli_module
+from sa2va_convert.options import ConvertOptions
 from sa2va_convert.plan.keymap import builtin_names
 
 PY = sys.executable
@@ -279,16 +282,11 @@ def test_api_hints_name_python_options_not_cli_flags(make_family, tmp_path):
 
 
 def test_api_hints_are_python_worded_again_after_a_cli_command_in_the_same_process(make_family, tmp_path):
-    import signal
-
     from click.testing import CliRunner
 
-    # a CLI command run in this process (as a notebook or a wrapper script may) that ends in a usage error
-    sigterm = signal.getsignal(signal.SIGTERM)
-    try:  # the command routes SIGTERM as Ctrl-C for its run; in this process, put it back afterwards
-        r = CliRunner().invoke(cli_module.main, ["keymaps", "show", "no-such-keymap"])
-    finally:
-        signal.signal(signal.SIGTERM, sigterm)
+    # a CLI command run in this process (as a notebook or a wrapper script may) that ends in a usage error;
+    # conftest's signal check also makes sure the command left this process's handlers as they were
+    r = CliRunner().invoke(cli_module.main, ["keymaps", "show", "no-such-keymap"])
     assert r.exit_code == 2, r.output
     hint = _api_hint_for_a_foreign_out(make_family("sa2va-1b"), tmp_path / "o")
     assert "--" not in hint and "ConvertOptions.replace_foreign" in hint
@@ -310,17 +308,76 @@ def test_public_api_is_exported_and_typed():
 def test_size_parser_is_the_one_save_pretrained_uses():
     from transformers.utils.hub import convert_file_size_to_int
 
-    for text in ("5GB", "500MB", "2GiB", "10KiB"):
-        assert cli_module.parse_size(text) == convert_file_size_to_int(text)
-    assert cli_module.parse_size("5GB") == 5 * 10**9 and cli_module.parse_size("2GiB") == 2 * 2**30
-    # the default --help shows is the API's default (the CLI does not parse it, to skip importing transformers)
-    from sa2va_convert import ConvertOptions
+    from sa2va_convert.sizes import parse_size
 
-    assert cli_module.parse_size(cli_module.DEFAULT_MAX_SHARD_SIZE) == ConvertOptions().max_shard_bytes
-    assert cli_module.parse_size("123456") == 123456
+    for text in ("5GB", "500MB", "2GiB", "10KiB"):
+        assert parse_size(text) == convert_file_size_to_int(text)
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30
+    # the default --help shows is the API's default (the CLI does not parse it, to skip importing transformers)
+    shown = next(p.show_default for p in cli_module.convert.params if p.name == "max_shard_bytes")
+    assert parse_size(shown) == ConvertOptions().max_shard_bytes
+    assert parse_size("123456") == 123456
     with pytest.raises(UsageError) as e:  # a usage error, exit 2, found before any work
-        cli_module.parse_size("five gigs")
-    assert e.value.exit_code == 2
+        ConvertOptions(max_shard_bytes="five gigs").validate()
+    assert e.value.exit_code == 2 and "max shard size 'five gigs'" in str(e.value)
+
+
+# ---------------------------------------------------------------- convert's options: declared once
+
+
+FIELDS = [f.name for f in dataclasses.fields(ConvertOptions)]
+# convert's parameters that are not ConvertOptions: what to run and how to show it
+CONVERT_ONLY = {"checkpoint", "out", "show_tensors", "all_checkpoints", "quiet", "verbose", "debug", "json_out"}
+
+
+def _convert_params() -> dict[str, click.Parameter]:
+    return {p.name: p for p in cli_module.convert.params if p.name}
+
+
+def _as_options(argv: list[str]) -> ConvertOptions:
+    """What ``convert`` hands to ConvertOptions for ``argv`` (parsed by click, nothing run)."""
+    ctx = cli_module.convert.make_context("convert", ["ckpt", "out", *argv])
+    return ConvertOptions(**{name: ctx.params[name] for name in FIELDS})
+
+
+def test_every_convert_option_is_one_convert_options_field_and_back():
+    names = [p.name for p in cli_module.convert.params]
+    assert len(names) == len(set(names))
+    assert set(names) - CONVERT_ONLY == set(FIELDS) and not CONVERT_ONLY & set(FIELDS)
+    assert [n for n in names if n in FIELDS] == FIELDS  # --help lists them in field order
+
+
+def test_convert_defaults_are_the_api_defaults():
+    assert _as_options([]) == ConvertOptions()
+
+
+def _non_default(p: click.Option) -> list[str]:
+    """One command-line value for ``p`` that differs from its default."""
+    if p.is_flag:
+        return [p.secondary_opts[0] if p.default is True and p.secondary_opts else p.opts[0]]
+    if isinstance(p.type, click.Choice):
+        return [p.opts[0], next(c for c in p.type.choices if c != p.default)]
+    return [p.opts[0], "2.5" if p.type is click.FLOAT else "x"]
+
+
+@pytest.mark.parametrize("name", FIELDS)
+def test_each_convert_option_reaches_its_own_field(name):
+    opts = _as_options(_non_default(_convert_params()[name]))
+    changed = [f for f in FIELDS if getattr(opts, f) != getattr(ConvertOptions(), f)]
+    assert changed == [name]
+
+
+def test_api_hints_name_the_field_behind_every_convert_flag():
+    """A CLI hint rewritten for Python callers names the field a flag sets, also where the two are spelled
+    differently (``--verify`` is ``roundtrip``, ``--max-shard-size`` is ``max_shard_bytes``)."""
+    from sa2va_convert.errors import api_wording
+
+    params = _convert_params()
+    for name in FIELDS:
+        if name == "dry_run":  # the API's dry run is its own function, plan_conversion()
+            continue
+        for flag in [*params[name].opts, *params[name].secondary_opts]:
+            assert name in api_wording(f"pass {flag}"), flag
 
 
 # ---------------------------------------------------------------- the Hub cache and the model card

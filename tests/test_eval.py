@@ -372,12 +372,8 @@ def test_bad_data_is_one_line_exit_3_and_nothing_written(world, tmp_path, case):
     build, prompt_args, expected = BAD[case]
     data = build(tmp_path / "data")
     out = tmp_path / "rep"
-    sigterm = signal.getsignal(signal.SIGTERM)
-    try:  # the command routes SIGTERM as Ctrl-C for its run; in this process, put it back afterwards
-        r = CliRunner().invoke(cli_main, ["eval", str(world.folders["finetune"]), "--data", str(data), *prompt_args,
-                                          "--out", str(out), "--device", "cpu"], env=ENV)
-    finally:
-        signal.signal(signal.SIGTERM, sigterm)
+    r = CliRunner().invoke(cli_main, ["eval", str(world.folders["finetune"]), "--data", str(data), *prompt_args,
+                                      "--out", str(out), "--device", "cpu"], env=ENV)
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.exit_code == 3, r.stderr[-2000:]
     assert len(errors) == 1 and expected in errors[0] and "(fix: " in errors[0], errors

@@ -19,9 +19,7 @@ from pathlib import Path
 from .batch import BatchResult, convert_all as _convert_all
 from .conversion import (  # noqa: F401  (re-exported: the public API)
     ConversionResult,
-    ConvertOptions,
     Inputs,
-    check_merge_device,
     choose_keymap,
     convert,
     dry_run,
@@ -35,6 +33,7 @@ from .conversion import (  # noqa: F401  (re-exported: the public API)
     sha256_path,
 )
 from .errors import api_errors
+from .options import ConvertOptions, check_merge_device  # noqa: F401  (re-exported: the public API)
 from .predict import PredictReport, predict as _predict
 from .progress import Progress
 from .verify.folder import VerifyReport, verify_folder as _verify_folder

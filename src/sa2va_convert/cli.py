@@ -8,19 +8,30 @@ progress goes to stderr.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 from . import run_state
 from ._version import __version__
-from .cli_common import EXIT_HELP, SCHEMA_VERSION, emit_json, handle_errors, verbosity_options  # noqa: F401
+from .cli_common import (  # noqa: F401  (SCHEMA_VERSION: read by scripts and tests from here)
+    EXIT_HELP,
+    SCHEMA_VERSION,
+    emit_json,
+    field_option,
+    field_options,
+    handle_errors,
+    verbosity_options,
+)
 from .cli_eval import register_eval
 from .cli_verify import register_verify_commands
 from .errors import BatchError
+from .options import ConvertOptions
 
 EXAMPLES = """
 \b
@@ -73,19 +84,6 @@ def _route_sigterm() -> None:
         signal.signal(signal.SIGTERM, _on_sigterm)
 
 
-DEFAULT_MAX_SHARD_SIZE = "5GB"  # = ConvertOptions.max_shard_bytes (5 * 10**9), as save_pretrained's default
-
-
-def parse_size(text: str) -> int:
-    """``--max-shard-size`` exactly as ``save_pretrained(max_shard_size=...)`` reads it (see
-    ``sizes.parse_size``); a bad size is a usage error (exit 2). Only called for a size the user typed:
-    the default is ``ConvertOptions``', so a conversion does not import transformers for its parser
-    (importing it costs 1.5 s at every start-up)."""
-    from .sizes import parse_size as parse
-
-    return parse(text, what="--max-shard-size")
-
-
 def _complete_keymap(ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
     """TAB completion for keymap names (built-in names; file paths are left to the shell)."""
     from click.shell_completion import CompletionItem
@@ -109,19 +107,32 @@ def main() -> None:
     """
 
 
-def common_options(fn: Callable) -> Callable:
-    fn = click.option(
+def json_option(fn: Callable) -> Callable:
+    return click.option(
         "--json", "json_out", is_flag=True, help="Print a JSON report on stdout (progress stays on stderr)."
     )(fn)
+
+
+def common_options(fn: Callable) -> Callable:
+    """What ``inspect`` shares with ``convert``: --allow-global is ``ConvertOptions.allow_globals``'s option,
+    so the two commands cannot spell or explain it differently."""
+    fn = json_option(fn)
     fn = verbosity_options(fn)
-    fn = click.option(
-        "--allow-global",
-        "allow_globals",
-        multiple=True,
-        metavar="MODULE.NAME",
-        help="Admit this pickled global as an inert placeholder (never imported or called).",
-    )(fn)
-    return fn
+    allow_globals = next(f for f in dataclasses.fields(ConvertOptions) if f.name == "allow_globals")
+    return field_option(allow_globals)(fn)
+
+
+# convert's options that are not ConvertOptions: they choose what to run (one checkpoint or a work_dir's
+# every one) or how much of the plan to print, not how a folder is made
+_SHOW_TENSORS = click.option(
+    "--show-tensors", is_flag=True, help="With --dry-run: list every planned tensor (an error without it)."
+)
+_ALL = click.option(
+    "--all",
+    "all_checkpoints",
+    is_flag=True,
+    help="CHECKPOINT is a work_dir: convert every iter_N.pth into OUT/iter_N (skips ones already converted).",
+)
 
 
 @main.command(
@@ -130,284 +141,59 @@ def common_options(fn: Callable) -> Callable:
 )
 @click.argument("checkpoint", type=click.Path(path_type=Path, readable=False))
 @click.argument("out", type=click.Path(path_type=Path, readable=False))
-@click.option(
-    "--base",
-    type=click.Path(path_type=Path, readable=False),
-    help="Base Sa2VA HF folder the fine-tune started from (default: found from the training config).",
+@field_options(
+    ConvertOptions,
+    insert_after={"dry_run": [_SHOW_TENSORS], "allow_unresolved_imports": [_ALL]},
+    settings={"keymap": {"shell_complete": _complete_keymap}},
 )
-@click.option(
-    "--pretrained",
-    type=click.Path(path_type=Path, readable=False),
-    help="Full-weights training .pth laid over the base (v2 pretrained_pth).",
-)
-@click.option(
-    "--keymap",
-    shell_complete=_complete_keymap,
-    help="Built-in keymap name or YAML file (default: detected from the keys). It must fit the "
-    "checkpoint's keys unless --force-keymap.",
-)
-@click.option("--force-keymap", is_flag=True, help="Use --keymap even where detection finds another family.")
-@click.option(
-    "--sam2",
-    type=click.Path(path_type=Path, readable=False),
-    help="Original recipe: sam2_hiera_large.pt; --base is then the raw InternVL2.5 folder.",
-)
-@click.option(
-    "--code-from",
-    type=click.Path(path_type=Path, readable=False),
-    help="Original recipe: any Sa2VA HF folder of the family (remote code, config class, key check).",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(["bf16", "fp16", "fp32", "auto"]),
-    default="bf16",
-    show_default=True,
-    help="Output dtype for floating tensors; auto keeps the base's dtype.",
-)
-@click.option(
-    "--max-shard-size",
-    default=None,
-    show_default=DEFAULT_MAX_SHARD_SIZE,
-    help="Largest shard file (e.g. 5GB, 500MB, 2GiB).",
-)
-@click.option(
-    "--lora-alpha",
-    type=float,
-    help="LoRA alpha, when the checkpoint's config lacks it (upstream: 2*r). "
-    "A different value in the config is an error unless --override-lora-config.",
-)
-@click.option("--rslora/--no-rslora", default=None, help="Scale LoRA by alpha/sqrt(r) (default: from the config).")
-@click.option(
-    "--override-lora-config",
-    is_flag=True,
-    help="Let --lora-alpha/--rslora replace different values from the checkpoint's training config.",
-)
-@click.option(
-    "--allow-unused",
-    multiple=True,
-    metavar="REGEX",
-    help="Checkpoint keys matching REGEX may be left out of the output.",
-)
-@click.option("--template", help="Override the chat template name written to config.json.")
-@click.option(
-    "--force",
-    is_flag=True,
-    help="Replace an existing OUT that sa2va-convert wrote (it has our "
-    "conversion_report.json), only after the new one is complete. Never an input.",
-)
-@click.option(
-    "--replace-foreign",
-    is_flag=True,
-    help="Replace an existing OUT even though sa2va-convert did not "
-    "write it. Never an input, nor a folder holding one.",
-)
-@click.option(
-    "--dry-run",
-    is_flag=True,
-    help="Print the plan (tensors, bytes, peak RAM, disk) and write nothing (with --all: for every checkpoint).",
-)
-@click.option("--show-tensors", is_flag=True, help="With --dry-run: list every planned tensor (an error without it).")
-@click.option(
-    "--merge-device",
-    default="cpu",
-    show_default=True,
-    help="Device for LoRA merges (cpu, cuda, cuda:1, auto = cuda if available).",
-)
-@click.option(
-    "--read-back/--no-read-back",
-    "read_back",
-    default=False,
-    show_default=True,
-    help="Also read every written byte back from disk before publishing: values scanned, each shard's "
-    "sha256 compared with the bytes written.",
-)
-@click.option(
-    "--verify/--no-verify",
-    "roundtrip",
-    default=True,
-    show_default=True,
-    help="After writing, load OUT in a separate process and run predict_forward on a synthetic image.",
-)
-@click.option(
-    "--device",
-    "verify_device",
-    default="auto",
-    show_default=True,
-    metavar="auto|cpu|cuda|cuda:N",
-    help="Device of the verification round trip (the upstream Sa2VA code needs a GPU).",
-)
-@click.option(
-    "--python",
-    "verify_python",
-    metavar="PATH",
-    help="Interpreter for the round trip (e.g. your Sa2VA environment with its pinned transformers).",
-)
-@click.option(
-    "--expect-mask",
-    is_flag=True,
-    help="Round trip fails when the model's own answer has no [SEG] (for CI on a real fine-tune).",
-)
-@click.option(
-    "--allow-unresolved-imports",
-    is_flag=True,
-    help="Convert even though the base's remote code imports a module that is not the standard library, "
-    "not installed and not a file beside it (the output then loads only where that module exists).",
-)
-@click.option(
-    "--all",
-    "all_checkpoints",
-    is_flag=True,
-    help="CHECKPOINT is a work_dir: convert every iter_N.pth into OUT/iter_N (skips ones already converted).",
-)
-@common_options
+@verbosity_options
+@json_option
 @handle_errors
 def convert(
     checkpoint: Path,
     out: Path,
-    base,
-    pretrained,
-    keymap,
-    force_keymap,
-    sam2,
-    code_from,
-    dtype,
-    max_shard_size,
-    lora_alpha,
-    rslora,
-    override_lora_config,
-    allow_unused,
-    template,
-    force,
-    replace_foreign,
-    dry_run,
-    show_tensors,
-    merge_device,
-    read_back,
-    roundtrip,
-    verify_device,
-    verify_python,
-    expect_mask,
-    allow_unresolved_imports,
-    all_checkpoints,
-    quiet,
-    verbose,
-    json_out,
-    debug,
-    allow_globals,
+    show_tensors: bool,
+    all_checkpoints: bool,
+    quiet: bool,
+    verbose: bool,
+    json_out: bool,
+    debug: bool,
+    **fields: Any,
 ) -> None:
     """Convert CHECKPOINT (iter_N.pth, a DeepSpeed iter_N.pth/ folder, or a work_dir) into a HuggingFace folder OUT.
 
     Given a work_dir, the checkpoint named in its last_checkpoint file (else the
     highest iter_N) is converted; with --all, every one of them.
     """
-    if show_tensors and not dry_run:
+    options = ConvertOptions(**fields)
+    if show_tensors and not options.dry_run:
         raise click.UsageError("--show-tensors lists the plan of a dry run: add --dry-run (nothing is written then)")
     try:
-        _convert(
-            checkpoint,
-            out,
-            base,
-            pretrained,
-            keymap,
-            force_keymap,
-            sam2,
-            code_from,
-            dtype,
-            max_shard_size,
-            lora_alpha,
-            rslora,
-            override_lora_config,
-            allow_unused,
-            template,
-            force,
-            replace_foreign,
-            dry_run,
-            show_tensors,
-            merge_device,
-            read_back,
-            roundtrip,
-            verify_device,
-            verify_python,
-            expect_mask,
-            allow_unresolved_imports,
-            all_checkpoints,
-            quiet,
-            verbose,
-            json_out,
-            allow_globals,
-        )
+        _convert(checkpoint, out, options, show_tensors, all_checkpoints, quiet, verbose, json_out)
     except KeyboardInterrupt:  # what is on disk decides the message, also after publishing
         raise run_state.interrupted(
-            None if all_checkpoints or dry_run else out, otherwise="nothing was written"
+            None if all_checkpoints or options.dry_run else out, otherwise="nothing was written"
         ) from None
 
 
 def _convert(
-    checkpoint,
-    out,
-    base,
-    pretrained,
-    keymap,
-    force_keymap,
-    sam2,
-    code_from,
-    dtype,
-    max_shard_size,
-    lora_alpha,
-    rslora,
-    override_lora_config,
-    allow_unused,
-    template,
-    force,
-    replace_foreign,
-    dry_run,
-    show_tensors,
-    merge_device,
-    read_back,
-    roundtrip,
-    verify_device,
-    verify_python,
-    expect_mask,
-    allow_unresolved_imports,
-    all_checkpoints,
-    quiet,
-    verbose,
-    json_out,
-    allow_globals,
+    checkpoint: Path,
+    out: Path,
+    options: ConvertOptions,
+    show_tensors: bool,
+    all_checkpoints: bool,
+    quiet: bool,
+    verbose: bool,
+    json_out: bool,
 ) -> None:
-    if not dry_run and not all_checkpoints:  # the disk reads the inputs while torch is imported
+    if not options.dry_run and not all_checkpoints:  # the disk reads the inputs while torch is imported
         from .read.prefetch import input_files, prefetch, prefetch_budget
 
-        prefetch(input_files(checkpoint, base), prefetch_budget())
+        prefetch(input_files(checkpoint, options.base), prefetch_budget())
     from . import api, batch
     from .cli_render import make_progress, render_batch, render_plan, render_result
 
-    options = api.ConvertOptions(
-        base=base,
-        pretrained=pretrained,
-        keymap=keymap,
-        dtype=dtype,
-        **({"max_shard_bytes": parse_size(max_shard_size)} if max_shard_size is not None else {}),
-        lora_alpha=lora_alpha,
-        rslora=rslora,
-        allow_unused=allow_unused,
-        template=template,
-        force=force,
-        merge_device=merge_device,
-        allow_globals=allow_globals,
-        read_back=read_back,
-        sam2=sam2,
-        code_from=code_from,
-        roundtrip=roundtrip,
-        verify_device=verify_device,
-        verify_python=verify_python,
-        expect_mask=expect_mask,
-        replace_foreign=replace_foreign,
-        force_keymap=force_keymap,
-        override_lora_config=override_lora_config,
-        dry_run=dry_run,
-        allow_unresolved_imports=allow_unresolved_imports,
-    ).validate()
+    options.validate()
     progress = make_progress(json_out, quiet, verbose)
     if all_checkpoints:
         try:
@@ -420,7 +206,7 @@ def _convert(
             raise
         emit_json(res.to_dict()) if json_out else render_batch(res.to_dict())
         return
-    if dry_run:
+    if options.dry_run:
         plan = api.plan_conversion(checkpoint, out, options)
         if json_out:
             emit_json({"ok": True, "dry_run": True, "plan": plan.to_dict(tensors=show_tensors)})

@@ -6,17 +6,20 @@ same error handling without importing the group that registers them: imports run
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import click
 
 from . import run_state
 from .errors import EXIT_CODES, EXIT_INTERRUPTED, FROM_CLI, ConvertError
+from .options import cli_flag
 
 EXIT_HELP = "\n\b\nExit codes:\n" + "\n".join(f"  {k:<4} {v}" for k, v in sorted(EXIT_CODES.items()))
 
@@ -100,4 +103,74 @@ def verbosity_options(fn: Callable) -> Callable:
     return fn
 
 
-__all__ = ["EXIT_HELP", "SCHEMA_VERSION", "emit_json", "handle_errors", "verbosity_options"]
+# A field's annotation decides the shape of its option. An annotation not listed here is a KeyError when
+# the CLI is built: a new kind of field needs a decision, not a guess.
+_SHAPES: dict[str, dict[str, Any]] = {
+    "str": {},
+    "str | None": {},
+    "str | Path | None": {"type": click.Path(path_type=Path, readable=False)},
+    "float | None": {"type": float},
+    "bool": {"is_flag": True},
+    "bool | None": {"is_flag": True},
+    "Sequence[str]": {"multiple": True},
+    # a size as typed, or the field's default bytes, handed on untouched: the dataclass parses it (with the
+    # --max-shard-size wording), so a run without a typed size does not import transformers for the parser
+    "int | str": {"type": click.UNPROCESSED},
+}
+
+
+def field_option(field: dataclasses.Field, **settings: Any) -> Callable:
+    """The click option of one dataclass field, from the ``Flag`` in its metadata: its parameter is named
+    after the field, its default is the field's, so the parsed value goes straight back into the class."""
+    flag = cli_flag(field)
+    kwargs: dict[str, Any] = dict(_SHAPES[str(field.type)])
+    if "/" in flag.flag_for(field.name):
+        kwargs.pop("is_flag", None)  # an on/off pair: click makes it boolean from the two spellings
+    if flag.choices is not None:
+        kwargs["type"] = click.Choice(list(flag.choices))
+    if flag.metavar is not None:
+        kwargs["metavar"] = flag.metavar
+    if flag.show_default:
+        kwargs["show_default"] = flag.show_default
+    return click.option(
+        flag.flag_for(field.name),
+        field.name,
+        default=field.default,
+        help=flag.help,
+        **kwargs,
+        **settings,
+    )
+
+
+def field_options(
+    cls: type,
+    *,
+    insert_after: Mapping[str, Sequence[Callable]] | None = None,
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Callable:
+    """Decorate a command with one option per field of the dataclass ``cls``, in field order.
+
+    ``insert_after`` puts options of the command's own (not fields) after a field, where ``--help`` lists
+    them; ``settings`` adds click-only keywords to a field's option (e.g. ``shell_complete``)."""
+    decorators: list[Callable] = []
+    for field in dataclasses.fields(cls):
+        decorators.append(field_option(field, **(settings or {}).get(field.name, {})))
+        decorators.extend((insert_after or {}).get(field.name, ()))
+
+    def apply(fn: Callable) -> Callable:
+        for decorate in reversed(decorators):  # click lists the last applied first
+            fn = decorate(fn)
+        return fn
+
+    return apply
+
+
+__all__ = [
+    "EXIT_HELP",
+    "SCHEMA_VERSION",
+    "emit_json",
+    "field_option",
+    "field_options",
+    "handle_errors",
+    "verbosity_options",
+]

@@ -10,24 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
-import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import run_state
 from ._version import __version__
-from .errors import InputError, PlanError, UsageError, VerifyEnvironmentError, VerifyError, api_errors
+from .errors import InputError, PlanError, VerifyEnvironmentError, VerifyError, api_errors
+from .options import ConvertOptions
 from .plan.base_discovery import discover_base, resolve_base
 from .plan.family import Detection, detect_family, match_family, require_family
 from .plan.keymap import Keymap, load_all_builtin, resolve_keymap
 from .plan.planner import build_plan, check_raw_base
 from .plan.raw_recipe import check_key_families, merge_raw_config, read_code_folder
-from .plan.types import ConversionPlan, PlanOptions
+from .plan.types import ConversionPlan
 from .plan.vocab import read_tokenizer_state
 from .progress import Progress, Silent
 from .read.checkpoint import TrainingCheckpoint, open_checkpoint
@@ -36,137 +35,12 @@ from .read.layered import RenamedSource, UnionSource, open_sam2_checkpoint
 from .read.remote_code import ImportCheck, check_imports, install_hint, pip_name, require_self_contained
 from .read.work_dir import checkpoint_note, resolve_checkpoint
 from .recipe import build_recipe, keymap_identity
-from .sizes import parse_size
 from .transform.produce import TensorProducer, TransformReport
 from .verify.structural import READ_BACK_CHUNK_BYTES, StructuralReport, check_against_plan
 from .write import guard
 from .write.folder import OUTPUT_FORMAT, WriteResult, write_folder
 from .write.model_card import conversion_report, model_card
 from .write.peak_ram import estimate_peak_ram, process_baseline, resident_layers
-
-
-@dataclass
-class ConvertOptions:
-    """Everything ``sa2va-convert convert`` takes, with the same defaults as the CLI.
-
-    ``base`` is a folder or a Hub repo id (``org/name``) resolved offline from the local HF cache.
-    ``roundtrip`` defaults to True, as the CLI (``--verify``) and ``verify_folder`` do: after writing,
-    OUT is loaded in a separate process and ``predict_forward`` runs. Pass ``roundtrip=False`` on
-    machines that cannot run the model (no GPU for upstream Sa2VA code)."""
-
-    base: str | Path | None = None
-    pretrained: str | Path | None = None
-    keymap: str | None = None  # built-in name or YAML path; None = detect
-    dtype: str = "bf16"
-    max_shard_bytes: int = 5 * 10**9
-    lora_alpha: float | None = None
-    rslora: bool | None = None
-    allow_unused: Sequence[str] = ()
-    template: str | None = None
-    force: bool = False
-    merge_device: str = "cpu"
-    allow_globals: Sequence[str] = ()
-    read_back: bool = False  # also read every written byte back from disk before publishing (sha256 compared)
-    sam2: str | Path | None = None  # original recipe: sam2_hiera_large.pt (base is then a raw InternVL folder)
-    code_from: str | Path | None = None  # any Sa2VA HF folder of the family: remote code + config class
-    roundtrip: bool = True  # after writing, load OUT in a separate process and run predict_forward
-    verify_device: str = "auto"
-    verify_python: str | None = None
-    expect_mask: bool = False  # the round trip fails when the model's own answer has no [SEG]
-    replace_foreign: bool = False  # replace an existing OUT this tool did not write (never an input)
-    force_keymap: bool = False  # use --keymap even when detection finds another family
-    override_lora_config: bool = False  # lora_alpha/rslora win over different embedded values
-    dry_run: bool = False  # plan only: nothing is written (batch mode too)
-    allow_unresolved_imports: bool = False  # copy remote code that imports a module found nowhere (exit 3 otherwise)
-
-    def plan_options(self) -> PlanOptions:
-        return PlanOptions(
-            dtype=self.dtype,
-            max_shard_bytes=self.max_shard_bytes,
-            lora_alpha=self.lora_alpha,
-            rslora=self.rslora,
-            override_lora_config=self.override_lora_config,
-            allow_unused=tuple(self.allow_unused),
-            template=self.template,
-        )
-
-    def validate(self) -> ConvertOptions:
-        """Every option checked before any work; a bad one is a UsageError (exit 2) naming it.
-
-        Normalises in place (a size string becomes bytes, an interpreter name its path)."""
-        if self.dtype not in DTYPES:
-            raise UsageError(f"unknown dtype {self.dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
-        self.max_shard_bytes = parse_size(self.max_shard_bytes, what="max shard size")
-        if self.lora_alpha is not None:
-            try:
-                alpha = float(self.lora_alpha)
-            except (TypeError, ValueError):
-                raise UsageError(f"LoRA alpha {self.lora_alpha!r} is not a number", hint="give e.g. 256") from None
-            if not math.isfinite(alpha) or alpha <= 0:
-                raise UsageError(
-                    f"LoRA alpha must be a finite number above 0, not {self.lora_alpha!r}",
-                    hint="upstream Sa2VA configs use alpha = 2*r, e.g. 256 for r=128",
-                )
-        for pattern in self.allow_unused:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise UsageError(
-                    f"allow-unused pattern {pattern!r} is not a valid regular expression ({e})",
-                    hint="escape special characters, e.g. 'foo\\.bar'",
-                ) from None
-        self.merge_device = check_merge_device(self.merge_device)
-        if self.roundtrip and not self.dry_run:
-            from .runner.device_check import check_roundtrip_device
-            from .runner.process import check_device, resolve_python
-
-            check_device(self.verify_device)
-            self.verify_python = resolve_python(self.verify_python) if self.verify_python else None
-            check_roundtrip_device(self.verify_device, self.verify_python)  # now, not after the conversion
-        return self
-
-    def named_inputs(self) -> list[guard.NamedInput]:
-        """Every path option that is an input, for the never-harm-an-input check."""
-        out = []
-        for role, value in (
-            ("--base folder", self.base),
-            ("--pretrained checkpoint", self.pretrained),
-            ("--sam2 checkpoint", self.sam2),
-            ("--code-from folder", self.code_from),
-        ):
-            if value:
-                out.append(guard.NamedInput(role, Path(value)))
-        if self.keymap and Path(self.keymap).exists():
-            out.append(guard.NamedInput("--keymap file", Path(self.keymap)))
-        return out
-
-
-DTYPES = ("bf16", "fp16", "fp32", "auto")
-
-
-def check_merge_device(device: str) -> str:
-    """cpu, auto, cuda or cuda:N — and CUDA only where this torch sees a GPU (asked before any work).
-
-    ``auto`` stays ``auto`` here: the transform stage resolves it (cuda when a GPU is seen)."""
-    text = str(device or "").strip()
-    if text in ("cpu", "auto"):
-        return text
-    if not re.fullmatch(r"cuda(:\d+)?", text):
-        raise UsageError(f"unknown merge device {device!r}", hint="use cpu, auto, cuda or cuda:N")
-    import torch
-
-    if not torch.cuda.is_available():
-        raise UsageError(
-            f"merge device {text!r} asked for, but this torch sees no GPU"
-            f" ({'built without CUDA' if not torch.version.cuda else 'no device visible'})",
-            hint="drop --merge-device (the CPU merge gives the same bytes)",
-        )
-    if ":" in text and int(text.split(":")[1]) >= torch.cuda.device_count():
-        raise UsageError(
-            f"merge device {text!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible",
-            hint="use cuda or cuda:0",
-        )
-    return text
 
 
 def checkpoint_inputs(given: Path, resolved: Path) -> list[guard.NamedInput]:
