@@ -14,13 +14,15 @@ import os
 import re
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
-if TYPE_CHECKING:  # only for the attribute types: these modules import this one
-    from .batch import BatchResult
-    from .evaluate.run import EvalReport
-    from .runner.report import ChildReport
-    from .verify.folder import VerifyReport
+
+class Report(Protocol):
+    """What an error carries of the work done before it failed (a round trip's, a folder check's, a batch's
+    or an eval's report). Only the shape is named here: this module is the floor every stage imports, so it
+    names none of theirs (a type import of them made a circle)."""
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 class ConvertError(Exception):
@@ -110,7 +112,7 @@ class VerifyError(ConvertError):
     exit_code = 7
     kind = "verify"
     #: what was checked before the failure: the round trip's report, or (from ``verify_folder``) the folder's
-    report: ChildReport | VerifyReport | None = None
+    report: Report | None = None
 
 
 class VerifyEnvironmentError(VerifyError):
@@ -127,7 +129,7 @@ class BatchError(ConvertError):
     exit_code = 8
     kind = "batch"
     #: every checkpoint's outcome, the converted ones included
-    result: BatchResult | None = None
+    result: Report | None = None
 
 
 class EvalFailuresError(ConvertError):
@@ -137,7 +139,7 @@ class EvalFailuresError(ConvertError):
     exit_code = 10
     kind = "eval-failures"
     #: the whole report (already written to disk)
-    report: EvalReport | None = None
+    report: Report | None = None
 
 
 EXIT_INTERRUPTED = 130
