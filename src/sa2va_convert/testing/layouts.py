@@ -60,7 +60,7 @@ SA2VA_TOKENS: tuple[str, ...] = ("[SEG]", "<p>", "</p>", "<vp>", "</vp>")
 
 @dataclass(frozen=True)
 class Preset:
-    """A fixture family (DESIGN.md, "Fixture families")."""
+    """A fixture family (testing/README.md)."""
 
     name: str
     layout: str  # "internvl" | "qwen-vl" | "llava"

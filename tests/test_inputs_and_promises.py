@@ -1,4 +1,4 @@
-"""Trust (issue 12): no input is ever touched, promises hold, mistakes are caught before any work.
+"""No input is ever touched, promises hold, mistakes are caught before any work.
 
 Every case runs the real CLI in a subprocess on real fixture files and checks every input byte
 for byte (sha256 of every file under it) before and after.

@@ -1,4 +1,4 @@
-"""The 2026 releases (issue 17): Sa2VA-Qwen3-VL-4B-SAM3, Sa2VA-LLaVA-1.5-7B, and the refusal of
+"""Sa2VA-Qwen3-VL-4B-SAM3 and Sa2VA-LLaVA-1.5-7B (the 2026 releases), and the refusal of
 projects we do not convert.
 
 Both new families train exactly the keys of Sa2VA-Qwen3-VL (SAM2): detection must tell them apart
