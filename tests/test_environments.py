@@ -244,6 +244,25 @@ def torchvision_version() -> str:
 # ------------------------------------------------------------------ the diagnosis (a pure function of the child's facts)
 
 
+def test_diagnosis_of_a_torchvision_beside_a_local_cpu_torch_points_to_its_own_index(tmp_path):
+    """The facts bench/compat.py's "mixed" row gets for real (torch 2.13.0+cpu from a local file, the registry's
+    torchvision 0.28.0 for it): pinning the torch, the fix for a registry torch, would install the same
+    mismatched torchvision again, so the line points to the index the torch came from instead."""
+    result = {"stage": "load", "versions": {"torch": "2.13.0+cpu", "transformers": "4.57.6"},
+              "packages": {"torch": "2.13.0+cpu", "torchvision": "0.28.0", "timm": "1.0.31"},
+              "error": {"stage": "load", "type": "RuntimeError",
+                        "message": "operator torchvision::nms does not exist"}}
+    text = diagnose(result, folder=tmp_path, python="/venv/bin/python").one_line()
+    assert "torchvision 0.28.0" in text and "torch 2.13.0+cpu" in text
+    assert "pip install 'torchvision==0.28.*' --index-url https://download.pytorch.org/whl/cpu" in text
+    assert "torch==2.13.0" not in text
+    # a registry torch (its package version has no label, only torch.__version__ does): pin it
+    result["versions"]["torch"] = "2.14.1+cu130"
+    result["packages"].update(torch="2.14.1", torchvision="0.28.0")
+    text = diagnose(result, folder=tmp_path, python="/venv/bin/python").one_line()
+    assert "pip install 'sa2va-convert[verify]' torch==2.14.1" in text and "--index-url" not in text
+
+
 def test_diagnosis_names_transformers_5_for_code_without_post_init(tmp_path):
     """What the child reports when upstream-style code meets transformers 5 (bench/compat.py runs it for real)."""
     result = {"stage": "load", "model_class": "Sa2VAChatModel", "model_calls_post_init": False,

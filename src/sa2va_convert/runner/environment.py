@@ -42,6 +42,29 @@ def _major(version: str | None) -> int | None:
         return None
 
 
+def _torchvision_fix(torch_version: str, torch_dist_version: str) -> str:
+    """How to get the torchvision built for this torch. A torch whose installed *package* version has a
+    local label (``2.13.0+cpu``; the registry's wheels carry none, only their ``__version__`` does) came
+    from PyTorch's own index or a local file: the registry has no torchvision for it, so pinning the
+    torch, the fix for a registry torch, would pick the same mismatched build again (bench/compat.py,
+    row "mixed"). torchvision 0.N pairs with torch 2.(N-15) (0.21 with 2.6, 0.29 with 2.14)."""
+    base, _, label = torch_dist_version.partition("+")
+    other = " or pass --python with an environment where torch and torchvision match"
+    if label:
+        parts = base.split(".")
+        minor = int(parts[1]) if len(parts) > 1 and parts[0] == "2" and parts[1].isdigit() else None
+        pin = f"'torchvision==0.{minor + 15}.*'" if minor is not None else "torchvision"
+        return (
+            f"torch {torch_dist_version} is not the package registry's build, so the registry has no torchvision "
+            f"for it: install its torchvision from the same source, e.g. pip install {pin} --index-url "
+            f"https://download.pytorch.org/whl/{label} (or a local file built for it);{other}"
+        )
+    return (
+        f"install the torchvision made for torch {torch_version}: pip install "
+        f"'sa2va-convert[verify]' torch=={torch_version.split('+')[0]} lets pip pick it;{other}"
+    )
+
+
 def _texts(result: dict[str, Any]) -> list[str]:
     err = result.get("error") or {}
     return [f"{err.get('type')}: {err.get('message')}", *(err.get("chain") or []), err.get("traceback") or ""]
@@ -82,9 +105,7 @@ def diagnose(
             f"torchvision {tv} in {python} was built for another torch than the installed torch {torch_v}{via}: "
             "it fails on import ('operator torchvision::nms does not exist'), and the model's code imports it",
             path=python,
-            hint=f"install the torchvision made for torch {torch_v}: pip install "
-            f"'sa2va-convert[verify]' torch=={str(torch_v).split('+')[0]} lets pip pick it; or "
-            "pass --python with an environment where torch and torchvision match",
+            hint=_torchvision_fix(str(torch_v), str(packages.get("torch") or "")),
         )
 
     if (
