@@ -213,6 +213,13 @@ def _overlay_with(tmp_path_factory, *requirements: str) -> Path:
     return root
 
 
+def _interpreter_with(overlay: Path, path: Path) -> Path:
+    """An interpreter for --python: this one, with ``overlay``'s packages in front of its own."""
+    path.write_text(f"#!/bin/sh\nPYTHONPATH={overlay} exec {sys.executable} \"$@\"\n")
+    path.chmod(0o755)
+    return path
+
+
 def test_a_torchvision_built_for_another_torch_is_exit_9_naming_both(family, tmp_path, tmp_path_factory):
     """The registry's torchvision beside a torch it was not built for (e.g. a local CPU torch) fails on
     import with 'operator torchvision::nms does not exist': named, with both versions, exit 9."""
@@ -222,9 +229,7 @@ def test_a_torchvision_built_for_another_torch_is_exit_9_naming_both(family, tmp
                            env={**os.environ, "PYTHONPATH": str(overlay)})
     if "torchvision::" not in probe.stderr:
         pytest.skip(f"torchvision {other} imports beside torch {torch.__version__} here")
-    python = tmp_path / "python-mixed"
-    python.write_text(f"#!/bin/sh\nPYTHONPATH={overlay} exec {sys.executable} \"$@\"\n")
-    python.chmod(0o755)
+    python = _interpreter_with(overlay, tmp_path / "python-mixed")
     base, ckpt = family("sa2va-1b")
     out = tmp_path / "out"
     assert run_cli(ckpt, out, "--base", base).returncode == 0
@@ -337,9 +342,7 @@ def test_a_folder_named_with_a_dot_loads_under_transformers_4_49(family, tmp_pat
     named out-1_5 and says so. Run under upstream's `legacy` transformers (4.49.0, with its tokenizers)
     put in front of this environment's packages."""
     overlay = _overlay_with(tmp_path_factory, "transformers==4.49.0", "tokenizers>=0.21,<0.22")
-    python = tmp_path / "python-tf449"
-    python.write_text(f"#!/bin/sh\nPYTHONPATH={overlay} exec {sys.executable} \"$@\"\n")
-    python.chmod(0o755)
+    python = _interpreter_with(overlay, tmp_path / "python-tf449")
     base, ckpt = family("sa2va-1b")
     out = tmp_path / "out-1.5"
     assert run_cli(ckpt, out, "--base", base).returncode == 0
