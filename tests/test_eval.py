@@ -218,6 +218,95 @@ def test_report_files_and_the_plain_table(main_run):
     assert dice == {m["model"]: f"{m['mean_dice']:.3f}" for m in summary["models"]}
 
 
+# ------------------------------------------------------------------ paired comparison
+
+
+def counts_scores(row: dict) -> dict:
+    """Dice and IoU from a metrics.csv row's pixel counts, written out here (not metrics.scores)."""
+    i, u, p, t = (int(row[k]) for k in ("intersection", "union", "pred_area", "true_area"))
+    return {"dice": 2 * i / (p + t) if p + t else 1.0, "iou": i / u if u else 1.0}
+
+
+def recompute_comparison(rows: list[dict], c: dict, skip_empty: bool = False) -> dict:
+    """A comparison from metrics.csv alone: the pairing, the counting, the bootstrap from its seed."""
+    def per(model):
+        return {r["stem"]: r for r in rows if r["model"] == model and r["status"] != "failed"
+                and not (skip_empty and int(r["true_area"]) == 0)}
+    base, mod = per(c["baseline"]), per(c["model"])
+    stems = [s for s in base if s in mod]
+    d = np.array([counts_scores(mod[s])[c["metric"]] - counts_scores(base[s])[c["metric"]] for s in stems])
+    rng = np.random.default_rng(c["seed"])
+    means = d[rng.integers(0, len(d), size=(c["resamples"], len(d)))].mean(axis=1)
+    return {"d": d, "mean": d.mean(), "ci": np.percentile(means, [2.5, 97.5]),
+            "wins": int((d > 0).sum()), "ties": int((d == 0).sum()), "losses": int((d < 0).sum())}
+
+
+def check_comparisons(report: dict, rows: list[dict], skip_empty: bool = False) -> None:
+    from scipy.stats import wilcoxon
+
+    names = [m["model"] for m in report["models"]]
+    assert [(c["model"], c["metric"]) for c in report["comparisons"]] == [
+        (m, k) for m in names if m != report["baseline"] for k in ("dice", "iou")]
+    for c in report["comparisons"]:
+        mine = recompute_comparison(rows, c, skip_empty)
+        assert c["resamples"] >= 1000 and isinstance(c["seed"], int) and c["n"] == len(mine["d"])
+        assert c["mean_difference"] == pytest.approx(mine["mean"], abs=1e-12)
+        assert c["ci95"] == pytest.approx(list(mine["ci"]), abs=1e-12)
+        assert (c["wins"], c["ties"], c["losses"]) == (mine["wins"], mine["ties"], mine["losses"])
+        nonzero = int(np.count_nonzero(mine["d"]))
+        if nonzero >= 6:
+            assert c["p_value"] == pytest.approx(wilcoxon(mine["d"]).pvalue, rel=1e-12) and not c["p_value_note"]
+        else:  # no p-value the data cannot support, and why
+            assert c["p_value"] is None and c["p_value_note"]
+        assert "bootstrap" in c["method"] and "Wilcoxon" in c["method"]
+
+
+def test_paired_comparison_against_the_first_model(main_run):
+    report = main_run.report
+    rows = read_rows(main_run.out / "metrics.csv")
+    assert report["baseline"] == "finetune"
+    check_comparisons(report, rows)
+    # 5 images: a signed-rank test cannot reach p < 0.05 on 5 differences, so it says so
+    assert all(c["p_value"] is None and "fewer than 6" in c["p_value_note"] for c in report["comparisons"])
+    assert all(c["losses"] == 5 and c["ci95"][1] < 0 for c in report["comparisons"])
+    # the baseline is best: named with its lead over the runner-up (the earlier of two tied twins)
+    bi = report["best_interval"]
+    assert bi["model"] == "finetune" and bi["against"] == "no_lora" and bi["ci95"][0] > 0 and not bi["covers_zero"]
+    assert report["cautions"] == []  # Dice, gIoU and cIoU agree; no interval covers 0
+    paired = read_rows(main_run.out / "paired.csv")
+    assert len(paired) == 2 * 2 * len(PICTURES)
+    for r in paired:
+        assert float(r["difference"]) == pytest.approx(float(r["model_value"]) - float(r["baseline_value"]), abs=2e-6)
+    assert "against the baseline finetune" in main_run.stdout
+    assert "best: finetune (mean Dice" in main_run.stdout and "against no_lora" in main_run.stdout
+
+
+def test_bootstrap_and_test_edge_cases():
+    from sa2va_convert.evaluate.compare import MIN_NONZERO, bootstrap_ci, compare, wilcoxon_p
+
+    assert wilcoxon_p([0.0] * 8) == (None, "all 8 paired differences are 0: nothing to test")
+    assert wilcoxon_p([])[0] is None and bootstrap_ci([]) is None
+    assert wilcoxon_p([0.1] * (MIN_NONZERO - 1) + [0.0] * 20)[0] is None
+    c = compare("a", "b", "dice", [0.5, 0.5, 0.5], [0.5, 0.6, 0.4])
+    assert (c.wins, c.ties, c.losses, c.n) == (1, 1, 1, 3) and c.covers_zero
+    # chunked draws are the one-shot draw: the interval is reproducible from (seed, resamples) alone
+    d = np.linspace(-1, 1, 257) ** 3
+    rng = np.random.default_rng(7)
+    means = d[rng.integers(0, d.size, size=(3000, d.size))].mean(axis=1)
+    assert bootstrap_ci(d, resamples=3000, seed=7) == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])),
+                                                                     abs=1e-15)
+
+
+def test_metrics_that_disagree_are_named():
+    from sa2va_convert.evaluate.metrics import ModelSummary, leaders
+
+    def summary(name, dice, giou, ciou):
+        return ModelSummary(name, "", None, 3, 0, 0, dice, giou, ciou, None, None, 0.0, 1.0, None)
+
+    ms = [summary("base", 0.182, 0.15, 0.30), summary("tuned", 0.219, 0.14, 0.20)]
+    assert leaders(ms) == {"mean_dice": "tuned", "giou": "base", "ciou": "base"}
+
+
 # ------------------------------------------------------------------ scale: torchrun, resume
 
 

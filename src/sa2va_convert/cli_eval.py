@@ -46,6 +46,34 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _signed(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.3f}"
+
+
+def _interval(ci: list[float] | None) -> str:
+    return "[-]" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def comparison_lines(report: dict[str, Any]) -> list[str]:
+    """One line per model and metric against the baseline: mean difference, 95 % interval, W/T/L, p."""
+    comps = report.get("comparisons") or []
+    if not comps:
+        return []
+    first = comps[0]
+    lines = [
+        f"against the baseline {report.get('baseline')} (model - baseline per image; 95 % paired bootstrap, "
+        f"{first['resamples']} resamples, seed {first['seed']}; Wilcoxon signed-rank):"
+    ]
+    width = max(len(c["model"]) for c in comps)
+    for c in comps:
+        p = f"p={c['p_value']:.3g}" if c["p_value"] is not None else f"p=- ({c['p_value_note']})"
+        lines.append(
+            f"  {c['model'].ljust(width)}  {c['metric']:<4}  {_signed(c['mean_difference'])} {_interval(c['ci95'])}  "
+            f"wins/ties/losses {c['wins']}/{c['ties']}/{c['losses']} of {c['n']}  {p}"
+        )
+    return lines
+
+
 def render_eval(report: dict[str, Any], *, rich: bool, echo: Callable[[str], None]) -> None:
     """A comparison table (rich at a terminal, aligned plain text in a pipe), the best model, the files."""
     rows = table_rows(report)
@@ -58,9 +86,18 @@ def render_eval(report: dict[str, Any], *, rich: bool, echo: Callable[[str], Non
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
         for r in [COLUMNS, *rows]:
             echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
-    if report.get("best"):
+    for line in comparison_lines(report):
+        echo(line)
+    bi = report.get("best_interval")
+    if report.get("best") and bi:
         best = next(m for m in report["models"] if m["model"] == report["best"])
-        echo(f"best: {report['best']} (mean Dice {_f(best['mean_dice'])}, cIoU {_f(best['ciou'])})")
+        echo(
+            f"best: {report['best']} (mean Dice {_f(best['mean_dice'])}, cIoU {_f(best['ciou'])}; Dice "
+            f"{_signed(bi['mean_difference'])} {_interval(bi['ci95'])} against {bi['against']}"
+            + (", interval covers 0)" if bi["covers_zero"] else ")")
+        )
+    for caution in report.get("cautions") or []:
+        echo(f"caution: {caution}")
     if report.get("resumed"):
         echo(f"resumed: {report['resumed']} image result(s) kept from the earlier run")
     for f in report.get("failures", [])[:10]:
@@ -123,6 +160,11 @@ def register_eval(main: click.Group) -> None:
         show_default=True,
         help="Seconds allowed per image (and as much again for loading) before the model process is killed.",
     )
+    @click.option(
+        "--baseline",
+        metavar="NAME",
+        help="The model every other one is compared with, image by image (default: the first).",
+    )
     @click.option("--json", "json_out", is_flag=True, help="Print the summary as JSON on stdout.")
     @verbosity_options
     @handle_errors
@@ -140,6 +182,7 @@ def register_eval(main: click.Group) -> None:
         force: bool,
         max_new_tokens: int,
         timeout: float,
+        baseline: str | None,
         quiet: bool,
         verbose: bool,
         json_out: bool,
@@ -174,6 +217,7 @@ def register_eval(main: click.Group) -> None:
                 force=force,
                 max_new_tokens=max_new_tokens,
                 image_timeout=timeout,
+                baseline=baseline,
                 on_stage=progress.stage,
             )
         except ConvertError as e:
@@ -194,4 +238,4 @@ def register_eval(main: click.Group) -> None:
             sys.exit(e.exit_code)
 
 
-__all__ = ["register_eval", "render_eval", "table_rows"]
+__all__ = ["register_eval", "render_eval", "table_rows", "comparison_lines"]

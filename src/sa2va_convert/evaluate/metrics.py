@@ -123,6 +123,30 @@ def summarise(model: str, folder: str, iteration: int | None, rows: Iterable[dic
     )
 
 
+def per_image(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """stem -> scores of every image a model scored (failed images have none), for pairing by image."""
+    return {
+        r["stem"]: scores(int(r["intersection"]), int(r["union"]), int(r["pred_area"]), int(r["true_area"]))
+        for r in rows
+        if r["status"] != "failed"
+    }
+
+
+#: the per-model numbers that can each name a best model, with the name the output gives them
+LEADER_METRICS = {"mean_dice": "mean Dice", "giou": "gIoU", "ciou": "cIoU"}
+
+
+def leaders(summaries: list[ModelSummary]) -> dict[str, str]:
+    """Which model each of ``LEADER_METRICS`` would call best (the earlier model on a tie), so the
+    output can say when they disagree instead of showing Dice's choice alone."""
+    out: dict[str, str] = {}
+    for key in LEADER_METRICS:
+        scored = [s for s in summaries if getattr(s, key) is not None]
+        if scored:
+            out[key] = max(scored, key=lambda s: (getattr(s, key), -summaries.index(s))).model
+    return out
+
+
 def best_model(summaries: list[ModelSummary]) -> ModelSummary | None:
     """Highest mean Dice (ties: higher cIoU, then fewer failures, then the earlier model)."""
     scored = [s for s in summaries if s.mean_dice is not None]
@@ -131,4 +155,14 @@ def best_model(summaries: list[ModelSummary]) -> ModelSummary | None:
     return max(scored, key=lambda s: (s.mean_dice, s.ciou or 0.0, -s.failures, -summaries.index(s)))
 
 
-__all__ = ["scores", "counts", "mask_counts", "summarise", "best_model", "ModelSummary"]
+__all__ = [
+    "scores",
+    "counts",
+    "mask_counts",
+    "summarise",
+    "best_model",
+    "per_image",
+    "leaders",
+    "LEADER_METRICS",
+    "ModelSummary",
+]

@@ -39,13 +39,25 @@ from ..runner.failure import child_failure, debug_details
 from ..runner.memory import check_fits
 from ..runner.process import check_device, resolve_python, run_child
 from ..runner.report import judge_loading, report_from
+from .compare import Comparison, compare, compare_models
 from .data import Sample, load_dataset
 from .defaults import DEFAULT_IMAGE_TIMEOUT
-from .metrics import ModelSummary, best_model, mask_counts, scores, summarise
-from .report import METRICS, PLOT, SUMMARY, plot_report, read_metrics, write_metrics, write_summary
+from .metrics import LEADER_METRICS, ModelSummary, best_model, leaders, mask_counts, per_image, summarise
+from .report import (
+    METRICS,
+    PAIRED,
+    PLOT,
+    SUMMARY,
+    plot_report,
+    read_metrics,
+    write_metrics,
+    write_paired,
+    write_summary,
+)
 
 WORK = ".work"  # per-model, per-rank item lists and streamed results; removed when the run completes
-OURS = (METRICS, SUMMARY, PLOT, "predictions", "overlays", WORK)
+OURS = (METRICS, SUMMARY, PLOT, PAIRED, "predictions", "overlays", WORK)
+PAIRED_METRICS = ("dice", "iou")  # the per-image scores compared image by image with the baseline
 DTYPES = ("bf16", "fp16", "fp32")
 _ITER = re.compile(r"^iter_(\d+)$")
 
@@ -191,6 +203,12 @@ class EvalReport:
     data: str
     models: list[ModelSummary] = field(default_factory=list)
     best: str | None = None
+    #: the best model's Dice against the baseline (or, when the baseline is best, against the runner-up)
+    best_interval: dict[str, Any] | None = None
+    baseline: str | None = None
+    comparisons: list[Comparison] = field(default_factory=list)
+    #: what the numbers do not show: metrics that disagree on the best model, intervals that cover 0
+    cautions: list[str] = field(default_factory=list)
     failures: list[dict[str, str]] = field(default_factory=list)
     images: int = 0
     resumed: int = 0
@@ -210,6 +228,10 @@ class EvalReport:
             "images": self.images,
             "models": [m.to_dict() for m in self.models],
             "best": self.best,
+            "best_interval": self.best_interval,
+            "baseline": self.baseline,
+            "comparisons": [c.to_dict() for c in self.comparisons],
+            "cautions": self.cautions,
             "failures": self.failures,
             "resumed": self.resumed,
             "evaluated": self.evaluated,
@@ -229,6 +251,12 @@ DEFINITIONS = {
     "ciou": "cumulative IoU: Σ|P∩T| / Σ|P∪T| over all images (upstream's RefCOCO definition; big objects weigh more)",
     "no_seg_rate": "share of answers without [SEG]: an empty prediction, scored as such, never forced",
     "images_per_s": "evaluated images / Σ seconds of predict_forward per image (one device; model loading excluded)",
+    "comparisons": "per metric, each model against the baseline over the images both scored: per-image differences "
+    "(model - baseline, in paired.csv), wins/ties/losses (higher/equal/lower per image), their mean with a 95 % "
+    "percentile bootstrap interval (resamples of the images with replacement, numpy.random.default_rng(seed)) "
+    "and a two-sided Wilcoxon signed-rank p-value (null, with p_value_note, where the data cannot support one)",
+    "best_interval": "the best model's (highest mean Dice) Dice difference to the baseline with its interval; when "
+    "the baseline is best, its difference to the runner-up",
 }
 
 
@@ -254,7 +282,7 @@ def _clean_out(out: Path, *, resume: bool, force: bool) -> None:
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-    for n in (SUMMARY, PLOT):
+    for n in (SUMMARY, PLOT, PAIRED):
         with contextlib.suppress(FileNotFoundError):
             (out / n).unlink()
     (out / WORK).mkdir(parents=True, exist_ok=True)
@@ -477,6 +505,7 @@ def evaluate(
     force: bool = False,
     max_new_tokens: int = 32,
     image_timeout: float = DEFAULT_IMAGE_TIMEOUT,
+    baseline: str | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """Evaluate every model on ``data`` and write the report into ``out``.
@@ -496,6 +525,11 @@ def evaluate(
             hint="pip install 'sa2va-convert[eval]' (or pip install matplotlib)",
         )
     specs = resolve_models(list(models))
+    if baseline is not None and baseline not in {s.name for s in specs}:
+        raise UsageError(
+            f"--baseline {baseline!r} is none of the models",
+            hint="name one of: " + ", ".join(s.name for s in specs),
+        )
     say(f"checking {data}")
     samples = load_dataset(data, prompt, limit=limit)
     exe = resolve_python(python)
@@ -521,6 +555,7 @@ def evaluate(
             overlays=overlays,
             resume=resume,
             image_timeout=image_timeout,
+            baseline=baseline or specs[0].name,
             say=say,
             started=started,
         )
@@ -542,6 +577,7 @@ def _evaluate(
     overlays: bool,
     resume: bool,
     image_timeout: float,
+    baseline: str,
     say: Callable[[str], None],
     started: float,
 ) -> EvalReport:
@@ -610,6 +646,7 @@ def _evaluate(
         report.wall_seconds = time.perf_counter() - started
         return report
     dice: dict[str, list[float]] = {}
+    values: dict[str, dict[str, dict[str, float]]] = {}
     for spec in specs:
         rows = rows_by_model[spec.name]
         summary = summarise(spec.name, str(spec.folder), spec.iteration, rows)
@@ -617,11 +654,8 @@ def _evaluate(
         summary.device, summary.dtype = f.get("device"), f.get("dtype")
         summary.cuda_max_allocated_bytes = f.get("cuda_max_allocated_bytes")
         report.models.append(summary)
-        dice[spec.name] = [
-            scores(int(r["intersection"]), int(r["union"]), int(r["pred_area"]), int(r["true_area"]))["dice"]
-            for r in rows
-            if r["status"] != "failed"
-        ]
+        values[spec.name] = per_image(rows)
+        dice[spec.name] = [v["dice"] for v in values[spec.name].values()]
         report.failures += [
             {"model": spec.name, "stem": r["stem"], "image": r["image"], "error": r.get("error", "")}
             for r in rows
@@ -629,6 +663,11 @@ def _evaluate(
         ]
     best = best_model(report.models)
     report.best = best.model if best else None
+    report.baseline = baseline
+    if len(specs) > 1:
+        report.comparisons = compare_models(baseline, values, PAIRED_METRICS)
+        report.best_interval = _best_interval(report, values)
+        report.cautions = _cautions(report)
     report.files = {
         "metrics": str(out / METRICS),
         "summary": str(out / SUMMARY),
@@ -640,11 +679,66 @@ def _evaluate(
     if any(m.no_seg for m in report.models):
         report.notes.append("answers without [SEG] are empty predictions (scored, never forced)")
     say("writing the report")
+    if len(specs) > 1:
+        report.files["paired"] = str(out / PAIRED)
+        write_paired(out / PAIRED, baseline, values, PAIRED_METRICS)
     plot_report(out / PLOT, report.models, dice, report.best)
     report.wall_seconds = time.perf_counter() - started
     write_summary(out / SUMMARY, report.to_dict())
     shutil.rmtree(out / WORK, ignore_errors=True)
     return report
+
+
+def _best_interval(report: EvalReport, values: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any] | None:
+    """The best model's Dice lead with its interval: against the baseline, or, when the baseline
+    itself is best, against the runner-up (a lead over nobody says nothing)."""
+    if report.best is None:
+        return None
+    if report.best != report.baseline:
+        c = next(c for c in report.comparisons if c.model == report.best and c.metric == "dice")
+    else:
+        runner_up = best_model([m for m in report.models if m.model != report.best])
+        if runner_up is None:
+            return None
+        b, r = values[report.best], values[runner_up.model]
+        stems = [s for s in b if s in r]
+        c = compare(runner_up.model, report.best, "dice", [r[s]["dice"] for s in stems], [b[s]["dice"] for s in stems])
+    return {
+        "model": report.best,
+        "against": c.baseline,
+        "metric": "dice",
+        "mean_difference": c.mean_difference,
+        "ci95": c.ci95,
+        "n": c.n,
+        "covers_zero": c.covers_zero,
+    }
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "none (no paired image)" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def _cautions(report: EvalReport) -> list[str]:
+    """What a reader of the table could get wrong: metrics naming different best models, and
+    differences whose interval covers 0 (not shown to be more than noise on these images)."""
+    out: list[str] = []
+    lead = leaders(report.models)
+    if len(set(lead.values())) > 1:
+        picks = ", ".join(f"{LEADER_METRICS[k]} picks {m}" for k, m in lead.items())
+        out.append(f"the metrics disagree on the best model: {picks}")
+    bi = report.best_interval
+    if bi is not None and bi["against"] != report.baseline and bi["covers_zero"]:
+        out.append(
+            f"best: {bi['model']}'s Dice lead over the runner-up {bi['against']} has the interval {_ci(bi['ci95'])}, "
+            "which covers 0: not shown to be better on these images"
+        )
+    for c in report.comparisons:
+        if c.covers_zero:
+            out.append(
+                f"{c.model} vs {c.baseline}: the {c.metric} difference's interval {_ci(c.ci95)} covers 0: "
+                "no difference shown on these images"
+            )
+    return out
 
 
 def check_failures(report: EvalReport) -> None:
