@@ -307,6 +307,80 @@ def test_metrics_that_disagree_are_named():
     assert leaders(ms) == {"mean_dice": "tuned", "giou": "base", "ciou": "base"}
 
 
+# ------------------------------------------------------------------ empty ground truth, the gate
+
+
+@pytest.fixture(scope="module")
+def mixed_run(world) -> SimpleNamespace:
+    """A base (the twin without the LoRA, which never segments) and the fine-tune on 7 images: the
+    5 above, one more with an object, and one whose ground truth is empty (nothing to find)."""
+    data = world.root / "mixed"
+    shutil.copytree(world.data, data)
+    img = synthetic_picture(68, 52, 5)
+    img.save(data / "images" / "g_more.png")
+    Image.fromarray(reference_mask(world.ex, img).astype(np.uint8) * 255, "L").save(data / "masks" / "g_more.png")
+    img = synthetic_picture(64, 64, -2)
+    img.save(data / "images" / "f_empty.png")
+    Image.fromarray(np.zeros((64, 64), np.uint8), "L").save(data / "masks" / "f_empty.png")
+    out = world.root / "mixed_report"
+    r = run_eval(world.folders["no_lora"], world.folders["finetune"], "--data", data, "--prompt", PROMPT,
+                 "--out", out, "--device", "cpu", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return SimpleNamespace(data=data, out=out, report=json.loads(r.stdout))
+
+
+def rerun(mixed_run, tmp_path, *args):
+    """The mixed run again on a copy of its report with --resume: nothing is predicted, only scored."""
+    out = tmp_path / "rep"
+    shutil.copytree(mixed_run.out, out)
+    r = CliRunner().invoke(cli_main, ["eval", str(mixed_run.out.parent / "models" / "no_lora"),
+                                      str(mixed_run.out.parent / "models" / "finetune"), "--data",
+                                      str(mixed_run.data), "--prompt", PROMPT, "--out", str(out), "--device", "cpu",
+                                      "--resume", *map(str, args)], env=ENV)
+    return r, out
+
+
+def test_empty_ground_truth_is_scored_by_default_and_said(mixed_run):
+    report, out = mixed_run.report, mixed_run.out
+    rows = read_rows(out / "metrics.csv")
+    assert report["empty_gt"]["rule"] == "score" and report["baseline"] == "no_lora"
+    with Image.open(out / "predictions" / "finetune" / "f_empty.png") as im:
+        tuned_empty_pred = not np.asarray(im).any()
+    assert not tuned_empty_pred  # the fine-tune segments something that is not there
+    models = {m["model"]: m for m in report["models"]}
+    for m in models.values():
+        assert (m["n_images"], m["n_empty_gt"], m["n_in_means"]) == (7, 1, 7)
+        mine = [counts_scores(r)["dice"] for r in rows if r["model"] == m["model"]]
+        with_object = [counts_scores(r)["dice"] for r in rows if r["model"] == m["model"] and r["true_area"] != "0"]
+        assert m["mean_dice"] == pytest.approx(np.mean(mine), abs=1e-12)
+        assert m["mean_dice_with_object"] == pytest.approx(np.mean(with_object), abs=1e-12)
+    # the base says nothing anywhere: a perfect 1 on the empty image, 0 elsewhere
+    assert models["no_lora"]["n_empty_gt_empty_pred"] == 1 and models["no_lora"]["mean_dice"] == pytest.approx(1 / 7)
+    assert models["no_lora"]["mean_dice_with_object"] == 0 and models["finetune"]["n_empty_gt_empty_pred"] == 0
+    check_comparisons(report, rows)
+    dice = next(c for c in report["comparisons"] if c["metric"] == "dice")
+    assert (dice["wins"], dice["losses"], dice["n"]) == (6, 1, 7) and dice["p_value"] is not None
+    note = next(n for n in report["notes"] if n.startswith("empty ground truth"))
+    assert "1 of 7" in note and "--empty-gt score" in note and "no_lora 1" in note
+
+
+def test_empty_gt_skip_leaves_those_images_out(mixed_run, tmp_path):
+    r, out = rerun(mixed_run, tmp_path, "--empty-gt", "skip", "--json")
+    assert r.exit_code == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    rows = read_rows(out / "metrics.csv")
+    assert report["empty_gt"]["rule"] == "skip" and report["evaluated"] == 0  # re-scored, not re-predicted
+    for m in report["models"]:
+        assert (m["n_images"], m["n_empty_gt"], m["n_in_means"]) == (7, 1, 6)
+        assert m["mean_dice"] == pytest.approx(m["mean_dice_with_object"], abs=1e-12)
+        mine = [counts_scores(r) for r in rows if r["model"] == m["model"] and r["true_area"] != "0"]
+        assert m["giou"] == pytest.approx(np.mean([x["iou"] for x in mine]), abs=1e-12)
+    assert next(m for m in report["models"] if m["model"] == "no_lora")["mean_dice"] == 0
+    check_comparisons(report, rows, skip_empty=True)
+    assert all(c["n"] == 6 and c["wins"] == 6 for c in report["comparisons"])
+    assert any("left out of every mean" in n for n in report["notes"])
+
+
 # ------------------------------------------------------------------ scale: torchrun, resume
 
 

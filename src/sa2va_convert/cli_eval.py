@@ -18,7 +18,20 @@ from .cli_common import EXIT_HELP, emit_json, handle_errors, verbosity_options
 from .errors import ConvertError, EvalFailuresError
 from .evaluate.defaults import DEFAULT_IMAGE_TIMEOUT  # not .evaluate.run: registering `eval` imports no numpy
 
-COLUMNS = ["model", "images", "mean Dice", "gIoU", "cIoU", "precision", "recall", "no [SEG]", "failed", "img/s"]
+COLUMNS = [
+    "model",
+    "images",
+    "mean Dice",
+    "gIoU",
+    "cIoU",
+    "precision",
+    "recall",
+    "no [SEG]",
+    "failed",
+    "img/s",
+    "empty GT",
+    "Dice w/ object",
+]
 
 
 def _f(x: float | None, digits: int = 3) -> str:
@@ -41,6 +54,8 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
                 f"{m['no_seg']} ({_f(m['no_seg_rate'], 2)})" if m["no_seg_rate"] is not None else "-",
                 str(m["failures"]),
                 _f(m["images_per_s"], 2),
+                f"{m.get('n_empty_gt', 0)}/{m.get('n_images', m['images'])}",
+                _f(m.get("mean_dice_with_object")),
             ]
         )
     return rows
@@ -165,6 +180,13 @@ def register_eval(main: click.Group) -> None:
         metavar="NAME",
         help="The model every other one is compared with, image by image (default: the first).",
     )
+    @click.option(
+        "--empty-gt",
+        type=click.Choice(["score", "skip"]),
+        default="score",
+        show_default=True,
+        help="Images whose ground truth is empty: scored (an empty prediction scores 1) or left out of the means.",
+    )
     @click.option("--json", "json_out", is_flag=True, help="Print the summary as JSON on stdout.")
     @verbosity_options
     @handle_errors
@@ -183,6 +205,7 @@ def register_eval(main: click.Group) -> None:
         max_new_tokens: int,
         timeout: float,
         baseline: str | None,
+        empty_gt: str,
         quiet: bool,
         verbose: bool,
         json_out: bool,
@@ -218,6 +241,7 @@ def register_eval(main: click.Group) -> None:
                 max_new_tokens=max_new_tokens,
                 image_timeout=timeout,
                 baseline=baseline,
+                empty_gt=empty_gt,
                 on_stage=progress.stage,
             )
         except ConvertError as e:

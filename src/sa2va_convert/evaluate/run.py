@@ -42,7 +42,16 @@ from ..runner.report import judge_loading, report_from
 from .compare import Comparison, compare, compare_models
 from .data import Sample, load_dataset
 from .defaults import DEFAULT_IMAGE_TIMEOUT
-from .metrics import LEADER_METRICS, ModelSummary, best_model, leaders, mask_counts, per_image, summarise
+from .metrics import (
+    EMPTY_GT_RULES,
+    LEADER_METRICS,
+    ModelSummary,
+    best_model,
+    leaders,
+    mask_counts,
+    per_image,
+    summarise,
+)
 from .report import (
     METRICS,
     PAIRED,
@@ -206,6 +215,7 @@ class EvalReport:
     #: the best model's Dice against the baseline (or, when the baseline is best, against the runner-up)
     best_interval: dict[str, Any] | None = None
     baseline: str | None = None
+    empty_gt: str = "score"
     comparisons: list[Comparison] = field(default_factory=list)
     #: what the numbers do not show: metrics that disagree on the best model, intervals that cover 0
     cautions: list[str] = field(default_factory=list)
@@ -230,6 +240,7 @@ class EvalReport:
             "best": self.best,
             "best_interval": self.best_interval,
             "baseline": self.baseline,
+            "empty_gt": {"rule": self.empty_gt, "meaning": EMPTY_GT_MEANING[self.empty_gt]},
             "comparisons": [c.to_dict() for c in self.comparisons],
             "cautions": self.cautions,
             "failures": self.failures,
@@ -243,6 +254,12 @@ class EvalReport:
         }
 
 
+EMPTY_GT_MEANING = {
+    "score": "images with an empty ground truth are scored like any other: an empty prediction there scores 1 "
+    "(Dice, IoU, precision, recall), any predicted pixel 0",
+    "skip": "images with an empty ground truth are left out of every mean, cIoU and comparison (counted in n_empty_gt)",
+}
+
 DEFINITIONS = {
     "dice": "2|P∩T| / (|P|+|T|) per image, P = union of the masks of every [SEG] in the answer, T = ground truth "
     "(any non-zero pixel); 1.0 when both are empty, 0.0 when only one is",
@@ -251,6 +268,10 @@ DEFINITIONS = {
     "ciou": "cumulative IoU: Σ|P∩T| / Σ|P∪T| over all images (upstream's RefCOCO definition; big objects weigh more)",
     "no_seg_rate": "share of answers without [SEG]: an empty prediction, scored as such, never forced",
     "images_per_s": "evaluated images / Σ seconds of predict_forward per image (one device; model loading excluded)",
+    "n_empty_gt": "scored images whose ground truth is empty; n_empty_gt_empty_pred of them the model left empty "
+    "too; n_in_means the images the means are over (see empty_gt for the rule)",
+    "mean_dice_with_object": "mean of the per-image Dice over the images whose ground truth is not empty, whatever "
+    "the rule",
     "comparisons": "per metric, each model against the baseline over the images both scored: per-image differences "
     "(model - baseline, in paired.csv), wins/ties/losses (higher/equal/lower per image), their mean with a 95 % "
     "percentile bootstrap interval (resamples of the images with replacement, numpy.random.default_rng(seed)) "
@@ -506,6 +527,7 @@ def evaluate(
     max_new_tokens: int = 32,
     image_timeout: float = DEFAULT_IMAGE_TIMEOUT,
     baseline: str | None = None,
+    empty_gt: str = "score",
     on_stage: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """Evaluate every model on ``data`` and write the report into ``out``.
@@ -524,6 +546,8 @@ def evaluate(
             "eval draws report.png with matplotlib, which is not installed",
             hint="pip install 'sa2va-convert[eval]' (or pip install matplotlib)",
         )
+    if empty_gt not in EMPTY_GT_RULES:
+        raise UsageError(f"unknown empty-ground-truth rule {empty_gt!r}", hint="use --empty-gt score or skip")
     specs = resolve_models(list(models))
     if baseline is not None and baseline not in {s.name for s in specs}:
         raise UsageError(
@@ -556,6 +580,7 @@ def evaluate(
             resume=resume,
             image_timeout=image_timeout,
             baseline=baseline or specs[0].name,
+            empty_gt=empty_gt,
             say=say,
             started=started,
         )
@@ -578,6 +603,7 @@ def _evaluate(
     resume: bool,
     image_timeout: float,
     baseline: str,
+    empty_gt: str,
     say: Callable[[str], None],
     started: float,
 ) -> EvalReport:
@@ -649,12 +675,12 @@ def _evaluate(
     values: dict[str, dict[str, dict[str, float]]] = {}
     for spec in specs:
         rows = rows_by_model[spec.name]
-        summary = summarise(spec.name, str(spec.folder), spec.iteration, rows)
+        summary = summarise(spec.name, str(spec.folder), spec.iteration, rows, empty_gt)
         f = facts.get(spec.name, {})
         summary.device, summary.dtype = f.get("device"), f.get("dtype")
         summary.cuda_max_allocated_bytes = f.get("cuda_max_allocated_bytes")
         report.models.append(summary)
-        values[spec.name] = per_image(rows)
+        values[spec.name] = per_image(rows, empty_gt)
         dice[spec.name] = [v["dice"] for v in values[spec.name].values()]
         report.failures += [
             {"model": spec.name, "stem": r["stem"], "image": r["image"], "error": r.get("error", "")}
@@ -664,6 +690,7 @@ def _evaluate(
     best = best_model(report.models)
     report.best = best.model if best else None
     report.baseline = baseline
+    report.empty_gt = empty_gt
     if len(specs) > 1:
         report.comparisons = compare_models(baseline, values, PAIRED_METRICS)
         report.best_interval = _best_interval(report, values)
@@ -678,6 +705,7 @@ def _evaluate(
         report.files["overlays"] = str(out / "overlays")
     if any(m.no_seg for m in report.models):
         report.notes.append("answers without [SEG] are empty predictions (scored, never forced)")
+    report.notes.append(_empty_gt_note(report))
     say("writing the report")
     if len(specs) > 1:
         report.files["paired"] = str(out / PAIRED)
@@ -712,6 +740,23 @@ def _best_interval(report: EvalReport, values: dict[str, dict[str, dict[str, flo
         "n": c.n,
         "covers_zero": c.covers_zero,
     }
+
+
+def _empty_gt_note(report: EvalReport) -> str:
+    """How many images the empty-ground-truth rule touched, said every time (even 0: the reader
+    should not have to guess the rule)."""
+    n_empty = max((m.n_empty_gt for m in report.models), default=0)
+    n_all = max((m.n_images for m in report.models), default=0)
+    head = f"empty ground truth: {n_empty} of {n_all} scored image(s); rule --empty-gt {report.empty_gt}"
+    if not n_empty:
+        return head + " (touched no image)"
+    if report.empty_gt == "skip":
+        return head + f": those {n_empty} are left out of every mean and comparison"
+    left = ", ".join(f"{m.model} {m.n_empty_gt_empty_pred}" for m in report.models)
+    return (
+        head + f": an empty prediction there scores 1 (left empty per model: {left}); "
+        "mean_dice_with_object leaves them out, as --empty-gt skip does"
+    )
 
 
 def _ci(ci: list[float] | None) -> str:
