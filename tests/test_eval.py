@@ -381,6 +381,39 @@ def test_empty_gt_skip_leaves_those_images_out(mixed_run, tmp_path):
     assert any("left out of every mean" in n for n in report["notes"])
 
 
+@pytest.mark.parametrize("args, code, says", [
+    (["--fail-under", "dice=0.5", "--fail-under", "iou=0.4", "--require-better"], 0, None),
+    (["--fail-under", "dice=0.99"], 11, "--fail-under mean_dice=0.99: finetune has mean_dice 0."),
+    (["--fail-under", "ciou=0.999"], 11, "--fail-under ciou=0.999: finetune has ciou 0."),
+    (["--require-better", "--baseline", "finetune"], 11,
+     "--require-better: no_lora's Dice against finetune is -0."),
+])
+def test_the_ci_gate(mixed_run, tmp_path, args, code, says):
+    """Judged after the report is written; its own exit code and one line naming the condition."""
+    r, out = rerun(mixed_run, tmp_path, *args)
+    assert r.exit_code == code, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())  # written whatever the verdict
+    assert summary["gate"]["passed"] is (code == 0)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    if code:
+        assert len(errors) == 1 and says in errors[0] and errors[0].startswith(f"error: {out}: gate failed: ")
+        assert says in r.stdout  # the table's output lists it too
+    else:
+        assert not errors and "gate: passed" in r.stdout
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--fail-under", "dcie=0.8"], "unknown metric 'dcie'"),
+    (["--fail-under", "dice"], "is not METRIC=NUMBER"),
+    (["--baseline", "nope"], "--baseline 'nope' is none of the models"),
+])
+def test_gate_and_baseline_typos_are_exit_2_before_any_model_loads(mixed_run, tmp_path, args, says):
+    r, out = rerun(mixed_run, tmp_path, *args)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.exit_code == 2 and len(errors) == 1 and says in errors[0], r.stderr
+    assert (out / "summary.json").read_text() == (mixed_run.out / "summary.json").read_text()  # nothing touched
+
+
 # ------------------------------------------------------------------ scale: torchrun, resume
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from .cli_common import EXIT_HELP, emit_json, handle_errors, verbosity_options
-from .errors import ConvertError, EvalFailuresError
+from .errors import ConvertError, EvalFailuresError, EvalGateError
 from .evaluate.defaults import DEFAULT_IMAGE_TIMEOUT  # not .evaluate.run: registering `eval` imports no numpy
 
 COLUMNS = [
@@ -113,6 +113,11 @@ def render_eval(report: dict[str, Any], *, rich: bool, echo: Callable[[str], Non
         )
     for caution in report.get("cautions") or []:
         echo(f"caution: {caution}")
+    gate = report.get("gate")
+    if gate:
+        echo("gate: passed" if gate["passed"] else f"gate: {len(gate['failed'])} condition(s) failed")
+        for line in gate["failed"]:
+            echo(f"gate failed: {line}")
     if report.get("resumed"):
         echo(f"resumed: {report['resumed']} image result(s) kept from the earlier run")
     for f in report.get("failures", [])[:10]:
@@ -187,6 +192,19 @@ def register_eval(main: click.Group) -> None:
         show_default=True,
         help="Images whose ground truth is empty: scored (an empty prediction scores 1) or left out of the means.",
     )
+    @click.option(
+        "--fail-under",
+        "fail_under",
+        multiple=True,
+        metavar="METRIC=NUMBER",
+        help="Exit 11 after the report when a model's METRIC is below NUMBER (every model but the baseline; "
+        "repeatable), e.g. dice=0.80; METRIC: dice, iou, precision, recall or a summary.json name (ciou, ...).",
+    )
+    @click.option(
+        "--require-better",
+        is_flag=True,
+        help="Exit 11 after the report unless every model's Dice interval against the baseline lies above 0.",
+    )
     @click.option("--json", "json_out", is_flag=True, help="Print the summary as JSON on stdout.")
     @verbosity_options
     @handle_errors
@@ -206,6 +224,8 @@ def register_eval(main: click.Group) -> None:
         timeout: float,
         baseline: str | None,
         empty_gt: str,
+        fail_under: tuple[str, ...],
+        require_better: bool,
         quiet: bool,
         verbose: bool,
         json_out: bool,
@@ -224,7 +244,7 @@ def register_eval(main: click.Group) -> None:
         rank0 = Dist.from_env().rank == 0
         progress = make_progress(json_out, quiet or json_out or not rank0)
         try:
-            from .evaluate.run import check_failures, evaluate
+            from .evaluate.run import check_failures, check_gate, evaluate, parse_fail_under
 
             report = evaluate(
                 list(models),
@@ -242,6 +262,8 @@ def register_eval(main: click.Group) -> None:
                 image_timeout=timeout,
                 baseline=baseline,
                 empty_gt=empty_gt,
+                fail_under=parse_fail_under(fail_under),
+                require_better=require_better,
                 on_stage=progress.stage,
             )
         except ConvertError as e:
@@ -256,8 +278,9 @@ def register_eval(main: click.Group) -> None:
         else:
             render_eval(d, rich=sys.stdout.isatty(), echo=click.echo)
         try:
-            check_failures(report)
-        except EvalFailuresError as e:  # the report is out already: only the error line and the code
+            check_failures(report)  # failed images first: a gate judged on part of the images says little
+            check_gate(report)
+        except (EvalFailuresError, EvalGateError) as e:  # the report is out already: only the error line and the code
             click.echo(f"error: {e.one_line()}", err=True)
             sys.exit(e.exit_code)
 

@@ -34,7 +34,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConvertError, EvalFailuresError, InputError, OutputError, UsageError
+from ..errors import ConvertError, EvalFailuresError, EvalGateError, InputError, OutputError, UsageError
 from ..runner.failure import child_failure, debug_details
 from ..runner.memory import check_fits
 from ..runner.process import check_device, resolve_python, run_child
@@ -67,6 +67,9 @@ from .report import (
 WORK = ".work"  # per-model, per-rank item lists and streamed results; removed when the run completes
 OURS = (METRICS, SUMMARY, PLOT, PAIRED, "predictions", "overlays", WORK)
 PAIRED_METRICS = ("dice", "iou")  # the per-image scores compared image by image with the baseline
+#: the per-model numbers --fail-under may name (higher is better for each), and the short names it also takes
+GATE_METRICS = ("mean_dice", "giou", "ciou", "mean_precision", "mean_recall", "mean_dice_with_object")
+GATE_ALIASES = {"dice": "mean_dice", "iou": "giou", "precision": "mean_precision", "recall": "mean_recall"}
 DTYPES = ("bf16", "fp16", "fp32")
 _ITER = re.compile(r"^iter_(\d+)$")
 
@@ -219,6 +222,8 @@ class EvalReport:
     comparisons: list[Comparison] = field(default_factory=list)
     #: what the numbers do not show: metrics that disagree on the best model, intervals that cover 0
     cautions: list[str] = field(default_factory=list)
+    #: the conditions of --fail-under / --require-better and which failed (None when none was set)
+    gate: dict[str, Any] | None = None
     failures: list[dict[str, str]] = field(default_factory=list)
     images: int = 0
     resumed: int = 0
@@ -243,6 +248,7 @@ class EvalReport:
             "empty_gt": {"rule": self.empty_gt, "meaning": EMPTY_GT_MEANING[self.empty_gt]},
             "comparisons": [c.to_dict() for c in self.comparisons],
             "cautions": self.cautions,
+            "gate": self.gate,
             "failures": self.failures,
             "resumed": self.resumed,
             "evaluated": self.evaluated,
@@ -528,6 +534,8 @@ def evaluate(
     image_timeout: float = DEFAULT_IMAGE_TIMEOUT,
     baseline: str | None = None,
     empty_gt: str = "score",
+    fail_under: dict[str, float] | None = None,
+    require_better: bool = False,
     on_stage: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """Evaluate every model on ``data`` and write the report into ``out``.
@@ -554,6 +562,7 @@ def evaluate(
             f"--baseline {baseline!r} is none of the models",
             hint="name one of: " + ", ".join(s.name for s in specs),
         )
+    gate = _gate_spec(fail_under, require_better, len(specs))
     say(f"checking {data}")
     samples = load_dataset(data, prompt, limit=limit)
     exe = resolve_python(python)
@@ -581,6 +590,7 @@ def evaluate(
             image_timeout=image_timeout,
             baseline=baseline or specs[0].name,
             empty_gt=empty_gt,
+            gate=gate,
             say=say,
             started=started,
         )
@@ -604,6 +614,7 @@ def _evaluate(
     image_timeout: float,
     baseline: str,
     empty_gt: str,
+    gate: dict[str, Any] | None,
     say: Callable[[str], None],
     started: float,
 ) -> EvalReport:
@@ -695,6 +706,9 @@ def _evaluate(
         report.comparisons = compare_models(baseline, values, PAIRED_METRICS)
         report.best_interval = _best_interval(report, values)
         report.cautions = _cautions(report)
+    if gate is not None:
+        report.gate = {**gate, "failed": _gate_failures(report, gate)}
+        report.gate["passed"] = not report.gate["failed"]
     report.files = {
         "metrics": str(out / METRICS),
         "summary": str(out / SUMMARY),
@@ -786,6 +800,75 @@ def _cautions(report: EvalReport) -> list[str]:
     return out
 
 
+def parse_fail_under(values: list[str] | tuple[str, ...]) -> dict[str, float]:
+    """``["dice=0.80", ...]`` (the command line's form) -> ``{"mean_dice": 0.8, ...}``."""
+    out: dict[str, float] = {}
+    for v in values:
+        name, sep, raw = v.partition("=")
+        try:
+            number = float(raw)
+        except ValueError:
+            number = float("nan")
+        if not sep or number != number:
+            raise UsageError(f"--fail-under {v!r} is not METRIC=NUMBER", hint="e.g. --fail-under dice=0.80")
+        out[name.strip()] = number
+    return out
+
+
+def _gate_spec(fail_under: dict[str, float] | None, require_better: bool, n_models: int) -> dict[str, Any] | None:
+    """The gate's conditions, checked before any model loads (a typo must not cost an evaluation)."""
+    if not fail_under and not require_better:
+        return None
+    known = {*GATE_METRICS, *GATE_ALIASES}
+    resolved: dict[str, float] = {}
+    for name, threshold in (fail_under or {}).items():
+        if name not in known:
+            raise UsageError(
+                f"--fail-under names an unknown metric {name!r}",
+                hint="use one of " + ", ".join(sorted(known)) + ", e.g. --fail-under dice=0.80",
+            )
+        resolved[GATE_ALIASES.get(name, name)] = float(threshold)
+    if require_better and n_models < 2:
+        raise UsageError(
+            "--require-better needs a baseline and at least one model to compare with it",
+            hint="pass the baseline folder and the fine-tune's, e.g. eval base/ finetune/ --require-better",
+        )
+    return {"fail_under": resolved, "require_better": require_better}
+
+
+def _gate_failures(report: EvalReport, gate: dict[str, Any]) -> list[str]:
+    """Every condition that does not hold, one line each. --fail-under judges the models being tested:
+    every model but the baseline (the only model, when there is one)."""
+    failed: list[str] = []
+    judged = [m for m in report.models if m.model != report.baseline] or report.models
+    for key, threshold in gate["fail_under"].items():
+        for m in judged:
+            value = getattr(m, key)
+            if value is None or value < threshold:
+                shown = "none (no image scored)" if value is None else f"{value:.4f}"
+                failed.append(f"--fail-under {key}={threshold:g}: {m.model} has {key} {shown}")
+    if gate["require_better"]:
+        for c in report.comparisons:
+            if c.metric == "dice" and not c.above_zero:
+                diff = "-" if c.mean_difference is None else f"{c.mean_difference:+.4f}"
+                failed.append(
+                    f"--require-better: {c.model}'s Dice against {c.baseline} is {diff}, interval {_ci(c.ci95)}, "
+                    "which does not lie above 0"
+                )
+    return failed
+
+
+def check_gate(report: EvalReport) -> None:
+    """Raise EvalGateError (exit 11) when a --fail-under / --require-better condition does not hold;
+    the report is already written."""
+    if report.gate and report.gate["failed"]:
+        failed = report.gate["failed"]
+        more = f" (and {len(failed) - 1} more condition(s), listed under gate in {SUMMARY})" if len(failed) > 1 else ""
+        err = EvalGateError(f"gate failed: {failed[0]}{more}", path=report.out)
+        err.report = report
+        raise err
+
+
 def check_failures(report: EvalReport) -> None:
     """Raise EvalFailuresError (exit 10) when some images failed; the report is already written."""
     if report.failures:
@@ -800,4 +883,13 @@ def check_failures(report: EvalReport) -> None:
         raise err
 
 
-__all__ = ["evaluate", "check_failures", "resolve_models", "EvalReport", "ModelSpec", "DEFINITIONS"]
+__all__ = [
+    "evaluate",
+    "check_failures",
+    "check_gate",
+    "parse_fail_under",
+    "resolve_models",
+    "EvalReport",
+    "ModelSpec",
+    "DEFINITIONS",
+]
