@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -463,6 +464,8 @@ def test_an_interrupted_run_resumes_from_the_streamed_results(world, main_run, t
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]  # the hint names the flag that continues
+    assert len(errors) == 1 and errors[0].startswith(f"error: {out}: interrupted") and "with --resume" in errors[0]
     assert not (out / "summary.json").exists() and not (out / "report.png").exists()
     finished = streamed.read_text().count("\n")
     assert finished >= 1
@@ -632,3 +635,21 @@ def test_score_conventions():
     assert scores(0, 0, 0, 0) == {"dice": 1.0, "iou": 1.0, "precision": 1.0, "recall": 1.0}  # nothing to find
     assert scores(0, 5, 0, 5) == {"dice": 0.0, "iou": 0.0, "precision": 0.0, "recall": 0.0}  # missed it all
     assert scores(0, 5, 5, 0)["dice"] == 0.0  # found something that is not there
+
+
+def test_model_names_default_unique_or_given(tmp_path):
+    from sa2va_convert.errors import UsageError
+    from sa2va_convert.evaluate.run import resolve_models
+
+    for folder in ("a/hf", "b/hf", "run/iter_5", "run/iter_10"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "config.json").write_text("{}")
+    a, b, run = tmp_path / "a" / "hf", tmp_path / "b" / "hf", tmp_path / "run"
+    assert [s.name for s in resolve_models([a, b])] == ["hf", "hf-2"]
+    specs = resolve_models([a, b, run], ["base", "tuned", "lr"])
+    assert [(s.name, s.iteration) for s in specs] == [("base", None), ("tuned", None), ("lr-iter_5", 5),
+                                                      ("lr-iter_10", 10)]
+    for names, says in ((["x"], "1 --name for 2 MODEL(s)"), (["x", "x"], "two models the name 'x'"),
+                        (["x", "a/b"], "cannot name a model"), (["x", ".."], "cannot name a model")):
+        with pytest.raises(UsageError, match=re.escape(says)):
+            resolve_models([a, b], names)

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from .cli_common import EXIT_HELP, emit_json, handle_errors, verbosity_options
-from .errors import ConvertError, EvalFailuresError, EvalGateError
+from .errors import ConvertError, EvalFailuresError, EvalGateError, Interrupted
 from .evaluate.defaults import DEFAULT_IMAGE_TIMEOUT  # not .evaluate.run: registering `eval` imports no numpy
 
 COLUMNS = [
@@ -205,6 +205,14 @@ def register_eval(main: click.Group) -> None:
         is_flag=True,
         help="Exit 11 after the report unless every model's Dice interval against the baseline lies above 0.",
     )
+    @click.option(
+        "--name",
+        "names",
+        multiple=True,
+        metavar="NAME",
+        help="Report name of each MODEL, in order (one per MODEL; default: the folder's name, made unique with "
+        "-2, -3, ...; a folder of iter_N folders gives NAME-iter_N).",
+    )
     @click.option("--json", "json_out", is_flag=True, help="Print the summary as JSON on stdout.")
     @verbosity_options
     @handle_errors
@@ -226,6 +234,7 @@ def register_eval(main: click.Group) -> None:
         empty_gt: str,
         fail_under: tuple[str, ...],
         require_better: bool,
+        names: tuple[str, ...],
         quiet: bool,
         verbose: bool,
         json_out: bool,
@@ -264,12 +273,20 @@ def register_eval(main: click.Group) -> None:
                 empty_gt=empty_gt,
                 fail_under=parse_fail_under(fail_under),
                 require_better=require_better,
+                names=list(names) or None,
                 on_stage=progress.stage,
             )
         except ConvertError as e:
             if (debug or verbose) and e.details:
                 click.echo(e.details, err=True)  # the model process's traceback
             raise
+        except KeyboardInterrupt:
+            # the same command again would stop at "already holds an eval report" (exit 6): say the flag that continues
+            raise Interrupted(
+                "interrupted; no summary.json was written, the images finished so far are kept in the report folder",
+                path=out,
+                hint="run the same command with --resume to continue (finished images are not predicted again)",
+            ) from None
         if not rank0:  # rank 0 reports for everyone
             return
         d = report.to_dict()

@@ -88,17 +88,30 @@ def _iteration(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def resolve_models(paths: list[str | os.PathLike]) -> list[ModelSpec]:
+def _check_name(name: str) -> str:
+    """A name becomes a folder (``predictions/<name>/``) and a CSV value: one plain path component."""
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
+        raise UsageError(f"--name {name!r} cannot name a model", hint="use a plain name such as base or lr1e-5")
+    return name
+
+
+def resolve_models(paths: list[str | os.PathLike], names: list[str] | None = None) -> list[ModelSpec]:
     """Converted folders, and folders of ``iter_N`` converted folders (``convert --all``) expanded
-    in iteration order. Names are the folder names, made unique with ``-2``, ``-3``, ..."""
+    in iteration order. Names are ``names`` (one per path; a run folder's become ``NAME-iter_N``) or
+    else the folder names, made unique with ``-2``, ``-3``, ... (two folders called ``hf``)."""
     if not paths:
         raise UsageError("no MODEL given", hint="sa2va-convert eval OUT_FOLDER --data DATA")
+    if names is not None and len(names) != len(paths):
+        raise UsageError(
+            f"{len(names)} --name for {len(paths)} MODEL(s)", hint="give one --name per MODEL, in the same order"
+        )
     found: list[tuple[Path, str, int | None]] = []  # (folder, name as given: a symlink keeps its own name)
-    for raw in paths:
+    for i, raw in enumerate(paths):
         p = Path(raw)
+        given = _check_name(names[i]) if names is not None else None
         if (p / "config.json").is_file():
             name = p.resolve().name if p.name in ("", ".", "..") else p.name
-            found.append((p.resolve(), name, _iteration(name)))
+            found.append((p.resolve(), given or name, _iteration(name)))
             continue
         if not p.is_dir():
             raise InputError(
@@ -117,7 +130,12 @@ def resolve_models(paths: list[str | os.PathLike]) -> list[ModelSpec]:
                 path=p,
                 hint="pass a converted folder (sa2va-convert CKPT OUT writes one), or the OUT of convert --all",
             )
-        found.extend((c.resolve(), c.name, n) for n, c in iters)
+        found.extend((c.resolve(), f"{given}-{c.name}" if given else c.name, n) for n, c in iters)
+    if names is not None:
+        taken = [f[1] for f in found]
+        twice = sorted({n for n in taken if taken.count(n) > 1})
+        if twice:
+            raise UsageError(f"--name gives two models the name {twice[0]!r}", hint="give each MODEL its own --name")
     specs: list[ModelSpec] = []
     used: set[str] = set()
     for folder, given, it in found:
@@ -536,6 +554,7 @@ def evaluate(
     empty_gt: str = "score",
     fail_under: dict[str, float] | None = None,
     require_better: bool = False,
+    names: list[str] | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """Evaluate every model on ``data`` and write the report into ``out``.
@@ -556,7 +575,7 @@ def evaluate(
         )
     if empty_gt not in EMPTY_GT_RULES:
         raise UsageError(f"unknown empty-ground-truth rule {empty_gt!r}", hint="use --empty-gt score or skip")
-    specs = resolve_models(list(models))
+    specs = resolve_models(list(models), names)
     if baseline is not None and baseline not in {s.name for s in specs}:
         raise UsageError(
             f"--baseline {baseline!r} is none of the models",
