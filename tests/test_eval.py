@@ -290,6 +290,14 @@ def test_bootstrap_and_test_edge_cases():
     assert wilcoxon_p([0.1] * (MIN_NONZERO - 1) + [0.0] * 20)[0] is None
     c = compare("a", "b", "dice", [0.5, 0.5, 0.5], [0.5, 0.6, 0.4])
     assert (c.wins, c.ties, c.losses, c.n) == (1, 1, 1, 3) and c.covers_zero
+    from sa2va_convert.evaluate.run import EvalReport, _cautions
+
+    nothing = compare("a", "b", "dice", [], [])
+    assert nothing.ci95 is None and nothing.mean_difference is None and nothing.p_value is None
+    assert _cautions(EvalReport(out="", data="", baseline="a", comparisons=[nothing, c])) == [
+        "b vs a: no image was scored for both, so there is no dice comparison",
+        f"b vs a: the dice difference's interval [{c.ci95[0]:+.3f}, {c.ci95[1]:+.3f}] covers 0: no difference shown "
+        "on these images"]
     # chunked draws are the one-shot draw: the interval is reproducible from (seed, resamples) alone
     d = np.linspace(-1, 1, 257) ** 3
     rng = np.random.default_rng(7)

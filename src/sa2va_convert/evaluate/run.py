@@ -811,7 +811,9 @@ def _cautions(report: EvalReport) -> list[str]:
             "which covers 0: not shown to be better on these images"
         )
     for c in report.comparisons:
-        if c.covers_zero:
+        if c.ci95 is None:
+            out.append(f"{c.model} vs {c.baseline}: no image was scored for both, so there is no {c.metric} comparison")
+        elif c.covers_zero:
             out.append(
                 f"{c.model} vs {c.baseline}: the {c.metric} difference's interval {_ci(c.ci95)} covers 0: "
                 "no difference shown on these images"
