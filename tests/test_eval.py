@@ -283,6 +283,10 @@ def test_paired_comparison_against_the_first_model(main_run):
 
 
 def test_bootstrap_and_test_edge_cases():
+    code = ("import sys, sa2va_convert.evaluate.compare; "
+            "print(sorted(m for m in ('torch', 'scipy') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"  # no torch ever; scipy only when a p-value is computed
     from sa2va_convert.evaluate.compare import MIN_NONZERO, bootstrap_ci, compare, wilcoxon_p
 
     assert wilcoxon_p([0.0] * 8) == (None, "all 8 paired differences are 0: nothing to test")

@@ -576,6 +576,11 @@ def evaluate(
     if empty_gt not in EMPTY_GT_RULES:
         raise UsageError(f"unknown empty-ground-truth rule {empty_gt!r}", hint="use --empty-gt score or skip")
     specs = resolve_models(list(models), names)
+    if len(specs) > 1 and importlib.util.find_spec("scipy") is None:  # found now, not after every model ran
+        raise UsageError(
+            "eval compares models with scipy's signed-rank test, and scipy is not installed",
+            hint="pip install 'sa2va-convert[eval]' (or pip install scipy)",
+        )
     if baseline is not None and baseline not in {s.name for s in specs}:
         raise UsageError(
             f"--baseline {baseline!r} is none of the models",
