@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -218,6 +219,214 @@ def test_report_files_and_the_plain_table(main_run):
     assert dice == {m["model"]: f"{m['mean_dice']:.3f}" for m in summary["models"]}
 
 
+# ------------------------------------------------------------------ paired comparison
+
+
+def counts_scores(row: dict) -> dict:
+    """Dice and IoU from a metrics.csv row's pixel counts, written out here (not metrics.scores)."""
+    i, u, p, t = (int(row[k]) for k in ("intersection", "union", "pred_area", "true_area"))
+    return {"dice": 2 * i / (p + t) if p + t else 1.0, "iou": i / u if u else 1.0}
+
+
+def recompute_comparison(rows: list[dict], c: dict, skip_empty: bool = False) -> dict:
+    """A comparison from metrics.csv alone: the pairing, the counting, the bootstrap from its seed."""
+    def per(model):
+        return {r["stem"]: r for r in rows if r["model"] == model and r["status"] != "failed"
+                and not (skip_empty and int(r["true_area"]) == 0)}
+    base, mod = per(c["baseline"]), per(c["model"])
+    stems = [s for s in base if s in mod]
+    d = np.array([counts_scores(mod[s])[c["metric"]] - counts_scores(base[s])[c["metric"]] for s in stems])
+    rng = np.random.default_rng(c["seed"])
+    means = d[rng.integers(0, len(d), size=(c["resamples"], len(d)))].mean(axis=1)
+    return {"d": d, "mean": d.mean(), "ci": np.percentile(means, [2.5, 97.5]),
+            "wins": int((d > 0).sum()), "ties": int((d == 0).sum()), "losses": int((d < 0).sum())}
+
+
+def check_comparisons(report: dict, rows: list[dict], skip_empty: bool = False) -> None:
+    from scipy.stats import wilcoxon
+
+    names = [m["model"] for m in report["models"]]
+    assert [(c["model"], c["metric"]) for c in report["comparisons"]] == [
+        (m, k) for m in names if m != report["baseline"] for k in ("dice", "iou")]
+    for c in report["comparisons"]:
+        mine = recompute_comparison(rows, c, skip_empty)
+        assert c["resamples"] >= 1000 and isinstance(c["seed"], int) and c["n"] == len(mine["d"])
+        assert c["mean_difference"] == pytest.approx(mine["mean"], abs=1e-12)
+        assert c["ci95"] == pytest.approx(list(mine["ci"]), abs=1e-12)
+        assert (c["wins"], c["ties"], c["losses"]) == (mine["wins"], mine["ties"], mine["losses"])
+        nonzero = int(np.count_nonzero(mine["d"]))
+        if nonzero >= 6:
+            assert c["p_value"] == pytest.approx(wilcoxon(mine["d"]).pvalue, rel=1e-12) and not c["p_value_note"]
+        else:  # no p-value the data cannot support, and why
+            assert c["p_value"] is None and c["p_value_note"]
+        assert "bootstrap" in c["method"] and "Wilcoxon" in c["method"]
+
+
+def test_paired_comparison_against_the_first_model(main_run):
+    report = main_run.report
+    rows = read_rows(main_run.out / "metrics.csv")
+    assert report["baseline"] == "finetune"
+    check_comparisons(report, rows)
+    # 5 images: a signed-rank test cannot reach p < 0.05 on 5 differences, so it says so
+    assert all(c["p_value"] is None and "fewer than 6" in c["p_value_note"] for c in report["comparisons"])
+    assert all(c["losses"] == 5 and c["ci95"][1] < 0 for c in report["comparisons"])
+    # the baseline is best: named with its lead over the runner-up (the earlier of two tied twins)
+    bi = report["best_interval"]
+    assert bi["model"] == "finetune" and bi["against"] == "no_lora" and bi["ci95"][0] > 0 and not bi["covers_zero"]
+    assert report["cautions"] == []  # Dice, gIoU and cIoU agree; no interval covers 0
+    paired = read_rows(main_run.out / "paired.csv")
+    assert len(paired) == 2 * 2 * len(PICTURES)
+    for r in paired:
+        assert float(r["difference"]) == pytest.approx(float(r["model_value"]) - float(r["baseline_value"]), abs=2e-6)
+    assert "against the baseline finetune" in main_run.stdout
+    assert "best: finetune (mean Dice" in main_run.stdout and "against no_lora" in main_run.stdout
+
+
+def test_bootstrap_and_test_edge_cases():
+    code = ("import sys, sa2va_convert.evaluate.compare; "
+            "print(sorted(m for m in ('torch', 'scipy') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"  # no torch ever; scipy only when a p-value is computed
+    from sa2va_convert.evaluate.compare import MIN_NONZERO, bootstrap_ci, compare, wilcoxon_p
+
+    assert wilcoxon_p([0.0] * 8) == (None, "all 8 paired differences are 0: nothing to test")
+    assert wilcoxon_p([])[0] is None and bootstrap_ci([]) is None
+    assert wilcoxon_p([0.1] * (MIN_NONZERO - 1) + [0.0] * 20)[0] is None
+    c = compare("a", "b", "dice", [0.5, 0.5, 0.5], [0.5, 0.6, 0.4])
+    assert (c.wins, c.ties, c.losses, c.n) == (1, 1, 1, 3) and c.covers_zero
+    from sa2va_convert.evaluate.run import EvalReport, _cautions
+
+    nothing = compare("a", "b", "dice", [], [])
+    assert nothing.ci95 is None and nothing.mean_difference is None and nothing.p_value is None
+    assert _cautions(EvalReport(out="", data="", baseline="a", comparisons=[nothing, c])) == [
+        "b vs a: no image was scored for both, so there is no dice comparison",
+        f"b vs a: the dice difference's interval [{c.ci95[0]:+.3f}, {c.ci95[1]:+.3f}] covers 0: no difference shown "
+        "on these images"]
+    # chunked draws are the one-shot draw: the interval is reproducible from (seed, resamples) alone
+    d = np.linspace(-1, 1, 257) ** 3
+    rng = np.random.default_rng(7)
+    means = d[rng.integers(0, d.size, size=(3000, d.size))].mean(axis=1)
+    assert bootstrap_ci(d, resamples=3000, seed=7) == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])),
+                                                                     abs=1e-15)
+
+
+def test_metrics_that_disagree_are_named():
+    from sa2va_convert.evaluate.metrics import ModelSummary, leaders
+
+    def summary(name, dice, giou, ciou):
+        return ModelSummary(name, "", None, 3, 0, 0, dice, giou, ciou, None, None, 0.0, 1.0, None)
+
+    ms = [summary("base", 0.182, 0.15, 0.30), summary("tuned", 0.219, 0.14, 0.20)]
+    assert leaders(ms) == {"mean_dice": "tuned", "giou": "base", "ciou": "base"}
+
+
+# ------------------------------------------------------------------ empty ground truth, the gate
+
+
+@pytest.fixture(scope="module")
+def mixed_run(world) -> SimpleNamespace:
+    """A base (the twin without the LoRA, which never segments) and the fine-tune on 7 images: the
+    5 above, one more with an object, and one whose ground truth is empty (nothing to find)."""
+    data = world.root / "mixed"
+    shutil.copytree(world.data, data)
+    img = synthetic_picture(68, 52, 5)
+    img.save(data / "images" / "g_more.png")
+    Image.fromarray(reference_mask(world.ex, img).astype(np.uint8) * 255, "L").save(data / "masks" / "g_more.png")
+    img = synthetic_picture(64, 64, -2)
+    img.save(data / "images" / "f_empty.png")
+    Image.fromarray(np.zeros((64, 64), np.uint8), "L").save(data / "masks" / "f_empty.png")
+    out = world.root / "mixed_report"
+    r = run_eval(world.folders["no_lora"], world.folders["finetune"], "--data", data, "--prompt", PROMPT,
+                 "--out", out, "--device", "cpu", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return SimpleNamespace(data=data, out=out, report=json.loads(r.stdout))
+
+
+def rerun(mixed_run, tmp_path, *args):
+    """The mixed run again on a copy of its report with --resume: nothing is predicted, only scored."""
+    out = tmp_path / "rep"
+    shutil.copytree(mixed_run.out, out)
+    r = CliRunner().invoke(cli_main, ["eval", str(mixed_run.out.parent / "models" / "no_lora"),
+                                      str(mixed_run.out.parent / "models" / "finetune"), "--data",
+                                      str(mixed_run.data), "--prompt", PROMPT, "--out", str(out), "--device", "cpu",
+                                      "--resume", *map(str, args)], env=ENV)
+    return r, out
+
+
+def test_empty_ground_truth_is_scored_by_default_and_said(mixed_run):
+    report, out = mixed_run.report, mixed_run.out
+    rows = read_rows(out / "metrics.csv")
+    assert report["empty_gt"]["rule"] == "score" and report["baseline"] == "no_lora"
+    with Image.open(out / "predictions" / "finetune" / "f_empty.png") as im:
+        tuned_empty_pred = not np.asarray(im).any()
+    assert not tuned_empty_pred  # the fine-tune segments something that is not there
+    models = {m["model"]: m for m in report["models"]}
+    for m in models.values():
+        assert (m["n_images"], m["n_empty_gt"], m["n_in_means"]) == (7, 1, 7)
+        mine = [counts_scores(r)["dice"] for r in rows if r["model"] == m["model"]]
+        with_object = [counts_scores(r)["dice"] for r in rows if r["model"] == m["model"] and r["true_area"] != "0"]
+        assert m["mean_dice"] == pytest.approx(np.mean(mine), abs=1e-12)
+        assert m["mean_dice_with_object"] == pytest.approx(np.mean(with_object), abs=1e-12)
+    # the base says nothing anywhere: a perfect 1 on the empty image, 0 elsewhere
+    assert models["no_lora"]["n_empty_gt_empty_pred"] == 1 and models["no_lora"]["mean_dice"] == pytest.approx(1 / 7)
+    assert models["no_lora"]["mean_dice_with_object"] == 0 and models["finetune"]["n_empty_gt_empty_pred"] == 0
+    check_comparisons(report, rows)
+    dice = next(c for c in report["comparisons"] if c["metric"] == "dice")
+    assert (dice["wins"], dice["losses"], dice["n"]) == (6, 1, 7) and dice["p_value"] is not None
+    note = next(n for n in report["notes"] if n.startswith("empty ground truth"))
+    assert "1 of 7" in note and "--empty-gt score" in note and "no_lora 1" in note
+
+
+def test_empty_gt_skip_leaves_those_images_out(mixed_run, tmp_path):
+    r, out = rerun(mixed_run, tmp_path, "--empty-gt", "skip", "--json")
+    assert r.exit_code == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    rows = read_rows(out / "metrics.csv")
+    assert report["empty_gt"]["rule"] == "skip" and report["evaluated"] == 0  # re-scored, not re-predicted
+    for m in report["models"]:
+        assert (m["n_images"], m["n_empty_gt"], m["n_in_means"]) == (7, 1, 6)
+        assert m["mean_dice"] == pytest.approx(m["mean_dice_with_object"], abs=1e-12)
+        mine = [counts_scores(r) for r in rows if r["model"] == m["model"] and r["true_area"] != "0"]
+        assert m["giou"] == pytest.approx(np.mean([x["iou"] for x in mine]), abs=1e-12)
+    assert next(m for m in report["models"] if m["model"] == "no_lora")["mean_dice"] == 0
+    check_comparisons(report, rows, skip_empty=True)
+    assert all(c["n"] == 6 and c["wins"] == 6 for c in report["comparisons"])
+    assert any("left out of every mean" in n for n in report["notes"])
+
+
+@pytest.mark.parametrize("args, code, says", [
+    (["--fail-under", "dice=0.5", "--fail-under", "iou=0.4", "--require-better"], 0, None),
+    (["--fail-under", "dice=0.99"], 11, "--fail-under mean_dice=0.99: finetune has mean_dice 0."),
+    (["--fail-under", "ciou=0.999"], 11, "--fail-under ciou=0.999: finetune has ciou 0."),
+    (["--require-better", "--baseline", "finetune"], 11,
+     "--require-better: no_lora's Dice against finetune is -0."),
+])
+def test_the_ci_gate(mixed_run, tmp_path, args, code, says):
+    """Judged after the report is written; its own exit code and one line naming the condition."""
+    r, out = rerun(mixed_run, tmp_path, *args)
+    assert r.exit_code == code, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())  # written whatever the verdict
+    assert summary["gate"]["passed"] is (code == 0)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    if code:
+        assert len(errors) == 1 and says in errors[0] and errors[0].startswith(f"error: {out}: gate failed: ")
+        assert says in r.stdout  # the table's output lists it too
+    else:
+        assert not errors and "gate: passed" in r.stdout
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--fail-under", "dcie=0.8"], "unknown metric 'dcie'"),
+    (["--fail-under", "dice"], "is not METRIC=NUMBER"),
+    (["--baseline", "nope"], "--baseline 'nope' is none of the models"),
+])
+def test_gate_and_baseline_typos_are_exit_2_before_any_model_loads(mixed_run, tmp_path, args, says):
+    r, out = rerun(mixed_run, tmp_path, *args)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.exit_code == 2 and len(errors) == 1 and says in errors[0], r.stderr
+    assert (out / "summary.json").read_text() == (mixed_run.out / "summary.json").read_text()  # nothing touched
+
+
 # ------------------------------------------------------------------ scale: torchrun, resume
 
 
@@ -267,6 +476,8 @@ def test_an_interrupted_run_resumes_from_the_streamed_results(world, main_run, t
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]  # the hint names the flag that continues
+    assert len(errors) == 1 and errors[0].startswith(f"error: {out}: interrupted") and "with --resume" in errors[0]
     assert not (out / "summary.json").exists() and not (out / "report.png").exists()
     finished = streamed.read_text().count("\n")
     assert finished >= 1
@@ -436,3 +647,21 @@ def test_score_conventions():
     assert scores(0, 0, 0, 0) == {"dice": 1.0, "iou": 1.0, "precision": 1.0, "recall": 1.0}  # nothing to find
     assert scores(0, 5, 0, 5) == {"dice": 0.0, "iou": 0.0, "precision": 0.0, "recall": 0.0}  # missed it all
     assert scores(0, 5, 5, 0)["dice"] == 0.0  # found something that is not there
+
+
+def test_model_names_default_unique_or_given(tmp_path):
+    from sa2va_convert.errors import UsageError
+    from sa2va_convert.evaluate.run import resolve_models
+
+    for folder in ("a/hf", "b/hf", "run/iter_5", "run/iter_10"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "config.json").write_text("{}")
+    a, b, run = tmp_path / "a" / "hf", tmp_path / "b" / "hf", tmp_path / "run"
+    assert [s.name for s in resolve_models([a, b])] == ["hf", "hf-2"]
+    specs = resolve_models([a, b, run], ["base", "tuned", "lr"])
+    assert [(s.name, s.iteration) for s in specs] == [("base", None), ("tuned", None), ("lr-iter_5", 5),
+                                                      ("lr-iter_10", 10)]
+    for names, says in ((["x"], "1 --name for 2 MODEL(s)"), (["x", "x"], "two models the name 'x'"),
+                        (["x", "a/b"], "cannot name a model"), (["x", ".."], "cannot name a model")):
+        with pytest.raises(UsageError, match=re.escape(says)):
+            resolve_models([a, b], names)

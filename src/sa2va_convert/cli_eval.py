@@ -15,10 +15,23 @@ from typing import Any
 import click
 
 from .cli_common import EXIT_HELP, emit_json, handle_errors, verbosity_options
-from .errors import ConvertError, EvalFailuresError
+from .errors import ConvertError, EvalFailuresError, EvalGateError, Interrupted
 from .evaluate.defaults import DEFAULT_IMAGE_TIMEOUT  # not .evaluate.run: registering `eval` imports no numpy
 
-COLUMNS = ["model", "images", "mean Dice", "gIoU", "cIoU", "precision", "recall", "no [SEG]", "failed", "img/s"]
+COLUMNS = [
+    "model",
+    "images",
+    "mean Dice",
+    "gIoU",
+    "cIoU",
+    "precision",
+    "recall",
+    "no [SEG]",
+    "failed",
+    "img/s",
+    "empty GT",
+    "Dice w/ object",
+]
 
 
 def _f(x: float | None, digits: int = 3) -> str:
@@ -41,9 +54,39 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
                 f"{m['no_seg']} ({_f(m['no_seg_rate'], 2)})" if m["no_seg_rate"] is not None else "-",
                 str(m["failures"]),
                 _f(m["images_per_s"], 2),
+                f"{m.get('n_empty_gt', 0)}/{m.get('n_images', m['images'])}",
+                _f(m.get("mean_dice_with_object")),
             ]
         )
     return rows
+
+
+def _signed(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.3f}"
+
+
+def _interval(ci: list[float] | None) -> str:
+    return "[-]" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def comparison_lines(report: dict[str, Any]) -> list[str]:
+    """One line per model and metric against the baseline: mean difference, 95 % interval, W/T/L, p."""
+    comps = report.get("comparisons") or []
+    if not comps:
+        return []
+    first = comps[0]
+    lines = [
+        f"against the baseline {report.get('baseline')} (model - baseline per image; 95 % paired bootstrap, "
+        f"{first['resamples']} resamples, seed {first['seed']}; Wilcoxon signed-rank):"
+    ]
+    width = max(len(c["model"]) for c in comps)
+    for c in comps:
+        p = f"p={c['p_value']:.3g}" if c["p_value"] is not None else f"p=- ({c['p_value_note']})"
+        lines.append(
+            f"  {c['model'].ljust(width)}  {c['metric']:<4}  {_signed(c['mean_difference'])} {_interval(c['ci95'])}  "
+            f"wins/ties/losses {c['wins']}/{c['ties']}/{c['losses']} of {c['n']}  {p}"
+        )
+    return lines
 
 
 def render_eval(report: dict[str, Any], *, rich: bool, echo: Callable[[str], None]) -> None:
@@ -58,9 +101,23 @@ def render_eval(report: dict[str, Any], *, rich: bool, echo: Callable[[str], Non
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
         for r in [COLUMNS, *rows]:
             echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
-    if report.get("best"):
+    for line in comparison_lines(report):
+        echo(line)
+    bi = report.get("best_interval")
+    if report.get("best") and bi:
         best = next(m for m in report["models"] if m["model"] == report["best"])
-        echo(f"best: {report['best']} (mean Dice {_f(best['mean_dice'])}, cIoU {_f(best['ciou'])})")
+        echo(
+            f"best: {report['best']} (mean Dice {_f(best['mean_dice'])}, cIoU {_f(best['ciou'])}; Dice "
+            f"{_signed(bi['mean_difference'])} {_interval(bi['ci95'])} against {bi['against']}"
+            + (", interval covers 0)" if bi["covers_zero"] else ")")
+        )
+    for caution in report.get("cautions") or []:
+        echo(f"caution: {caution}")
+    gate = report.get("gate")
+    if gate:
+        echo("gate: passed" if gate["passed"] else f"gate: {len(gate['failed'])} condition(s) failed")
+        for line in gate["failed"]:
+            echo(f"gate failed: {line}")
     if report.get("resumed"):
         echo(f"resumed: {report['resumed']} image result(s) kept from the earlier run")
     for f in report.get("failures", [])[:10]:
@@ -123,6 +180,39 @@ def register_eval(main: click.Group) -> None:
         show_default=True,
         help="Seconds allowed per image (and as much again for loading) before the model process is killed.",
     )
+    @click.option(
+        "--baseline",
+        metavar="NAME",
+        help="The model every other one is compared with, image by image (default: the first).",
+    )
+    @click.option(
+        "--empty-gt",
+        type=click.Choice(["score", "skip"]),
+        default="score",
+        show_default=True,
+        help="Images whose ground truth is empty: scored (an empty prediction scores 1) or left out of the means.",
+    )
+    @click.option(
+        "--fail-under",
+        "fail_under",
+        multiple=True,
+        metavar="METRIC=NUMBER",
+        help="Exit 11 after the report when a model's METRIC is below NUMBER (every model but the baseline; "
+        "repeatable), e.g. dice=0.80; METRIC: dice, iou, precision, recall or a summary.json name (ciou, ...).",
+    )
+    @click.option(
+        "--require-better",
+        is_flag=True,
+        help="Exit 11 after the report unless every model's Dice interval against the baseline lies above 0.",
+    )
+    @click.option(
+        "--name",
+        "names",
+        multiple=True,
+        metavar="NAME",
+        help="Report name of each MODEL, in order (one per MODEL; default: the folder's name, made unique with "
+        "-2, -3, ...; a folder of iter_N folders gives NAME-iter_N).",
+    )
     @click.option("--json", "json_out", is_flag=True, help="Print the summary as JSON on stdout.")
     @verbosity_options
     @handle_errors
@@ -140,6 +230,11 @@ def register_eval(main: click.Group) -> None:
         force: bool,
         max_new_tokens: int,
         timeout: float,
+        baseline: str | None,
+        empty_gt: str,
+        fail_under: tuple[str, ...],
+        require_better: bool,
+        names: tuple[str, ...],
         quiet: bool,
         verbose: bool,
         json_out: bool,
@@ -158,7 +253,7 @@ def register_eval(main: click.Group) -> None:
         rank0 = Dist.from_env().rank == 0
         progress = make_progress(json_out, quiet or json_out or not rank0)
         try:
-            from .evaluate.run import check_failures, evaluate
+            from .evaluate.run import check_failures, check_gate, evaluate, parse_fail_under
 
             report = evaluate(
                 list(models),
@@ -174,12 +269,24 @@ def register_eval(main: click.Group) -> None:
                 force=force,
                 max_new_tokens=max_new_tokens,
                 image_timeout=timeout,
+                baseline=baseline,
+                empty_gt=empty_gt,
+                fail_under=parse_fail_under(fail_under),
+                require_better=require_better,
+                names=list(names) or None,
                 on_stage=progress.stage,
             )
         except ConvertError as e:
             if (debug or verbose) and e.details:
                 click.echo(e.details, err=True)  # the model process's traceback
             raise
+        except KeyboardInterrupt:
+            # the same command again would stop at "already holds an eval report" (exit 6): say the flag that continues
+            raise Interrupted(
+                "interrupted; no summary.json was written, the images finished so far are kept in the report folder",
+                path=out,
+                hint="run the same command with --resume to continue (finished images are not predicted again)",
+            ) from None
         if not rank0:  # rank 0 reports for everyone
             return
         d = report.to_dict()
@@ -188,10 +295,11 @@ def register_eval(main: click.Group) -> None:
         else:
             render_eval(d, rich=sys.stdout.isatty(), echo=click.echo)
         try:
-            check_failures(report)
-        except EvalFailuresError as e:  # the report is out already: only the error line and the code
+            check_failures(report)  # failed images first: a gate judged on part of the images says little
+            check_gate(report)
+        except (EvalFailuresError, EvalGateError) as e:  # the report is out already: only the error line and the code
             click.echo(f"error: {e.one_line()}", err=True)
             sys.exit(e.exit_code)
 
 
-__all__ = ["register_eval", "render_eval", "table_rows"]
+__all__ = ["register_eval", "render_eval", "table_rows", "comparison_lines"]

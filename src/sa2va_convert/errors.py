@@ -142,6 +142,17 @@ class EvalFailuresError(ConvertError):
     report: Report | None = None
 
 
+class EvalGateError(ConvertError):
+    """``eval --fail-under`` / ``--require-better``: the models were evaluated and the report written,
+    but a condition the caller set for them does not hold. Its own code, so a CI job can tell "the
+    fine-tune is not good enough" from "the evaluation could not run" or "some images failed"."""
+
+    exit_code = 11
+    kind = "eval-gate"
+    #: the whole report (already written to disk)
+    report: Report | None = None
+
+
 EXIT_INTERRUPTED = 130
 
 
@@ -166,6 +177,8 @@ EXIT_CODES: dict[int, str] = {
     "usable GPU); the folder itself was not judged",
     EvalFailuresError.exit_code: "eval: at least one image failed (recorded with its error in the report; the "
     "others were scored)",
+    EvalGateError.exit_code: "eval: a --fail-under or --require-better condition does not hold (the report was "
+    "written; the line says which condition failed)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C / SIGTERM); the message says what was left (a half-written folder is never "
     "published)",
 }

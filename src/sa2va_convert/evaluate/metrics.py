@@ -9,6 +9,14 @@ can be re-scored without any mask in memory.
 Empty masks. A ratio whose denominator is zero is 1.0 when both masks are empty (nothing to find,
 nothing found) and 0.0 otherwise. So an answer without ``[SEG]`` (an empty prediction) on an
 image whose object is present scores Dice 0, precision 0, recall 0 -- it is never skipped.
+
+Empty ground truth. Whether an image with nothing to find belongs in a mean is a convention the
+field does not share. Scoring it (``score``, the default, and eval's rule from the start) credits a
+model that rightly says nothing there, which is the skill a referring model needs when the prompt
+names an absent object; but the credit is a perfect 1 won by silence, which on a small set can
+decide a comparison. MONAI's default and nnU-Net leave such images out (``skip``). Both are
+offered, and every summary says which rule ran, how many images had an empty truth and how many of
+them the model left empty, and gives the mean over the images with an object either way.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from .data import read_mask
+
+EMPTY_GT_RULES = ("score", "skip")
 
 
 def _ratio(num: int, den: int, both_empty: bool) -> float:
@@ -85,20 +95,46 @@ class ModelSummary:
     device: str | None = None
     dtype: str | None = None
     cuda_max_allocated_bytes: int | None = None
+    empty_gt: str = "score"  # the rule the means follow (EMPTY_GT_RULES)
+    n_images: int = 0  # images scored (as ``images``), with or without an object
+    n_empty_gt: int = 0  # of those, images whose ground truth is empty
+    n_empty_gt_empty_pred: int = 0  # of those, where the prediction is empty too (Dice 1 under ``score``)
+    n_in_means: int = 0  # images the means and cIoU are over (n_images, less n_empty_gt under ``skip``)
+    mean_dice_with_object: float | None = None  # mean Dice over the images whose ground truth is not empty
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def summarise(model: str, folder: str, iteration: int | None, rows: Iterable[dict[str, Any]]) -> ModelSummary:
-    """Aggregate a model's metrics.csv rows (dicts with status, counts and seconds)."""
-    ok = [r for r in rows]
-    failures = sum(1 for r in ok if r["status"] == "failed")
-    ok = [r for r in ok if r["status"] != "failed"]
+def _check_rule(empty_gt: str) -> None:
+    if empty_gt not in EMPTY_GT_RULES:
+        raise ValueError(f"empty_gt must be one of {EMPTY_GT_RULES}, not {empty_gt!r}")
+
+
+def _in_means(row: dict[str, Any], empty_gt: str) -> bool:
+    return row["status"] != "failed" and not (empty_gt == "skip" and int(row["true_area"]) == 0)
+
+
+def summarise(
+    model: str, folder: str, iteration: int | None, rows: Iterable[dict[str, Any]], empty_gt: str = "score"
+) -> ModelSummary:
+    """Aggregate a model's metrics.csv rows (dicts with status, counts and seconds); ``empty_gt``
+    says whether images with an empty ground truth are in the means (see the module's docstring)."""
+    _check_rule(empty_gt)
+    every = list(rows)
+    failures = sum(1 for r in every if r["status"] == "failed")
+    ok = [r for r in every if r["status"] != "failed"]
     n = len(ok)
-    per = [scores(int(r["intersection"]), int(r["union"]), int(r["pred_area"]), int(r["true_area"])) for r in ok]
-    inter = sum(int(r["intersection"]) for r in ok)
-    union = sum(int(r["union"]) for r in ok)
+    empty = [r for r in ok if int(r["true_area"]) == 0]
+    kept = [r for r in ok if _in_means(r, empty_gt)]
+    per = [scores(int(r["intersection"]), int(r["union"]), int(r["pred_area"]), int(r["true_area"])) for r in kept]
+    with_object = [
+        scores(int(r["intersection"]), int(r["union"]), int(r["pred_area"]), int(r["true_area"]))["dice"]
+        for r in ok
+        if int(r["true_area"]) > 0
+    ]
+    inter = sum(int(r["intersection"]) for r in kept)
+    union = sum(int(r["union"]) for r in kept)
     no_seg = sum(1 for r in ok if int(r["seg_count"]) == 0)
     seconds = sum(float(r["seconds"]) for r in ok)
 
@@ -114,13 +150,45 @@ def summarise(model: str, folder: str, iteration: int | None, rows: Iterable[dic
         no_seg=no_seg,
         mean_dice=mean("dice"),
         giou=mean("iou"),
-        ciou=(inter / union if union else (1.0 if n else None)),
+        ciou=(inter / union if union else (1.0 if kept else None)),
         mean_precision=mean("precision"),
         mean_recall=mean("recall"),
         no_seg_rate=(no_seg / n if n else None),
         seconds=round(seconds, 3),
         images_per_s=(n / seconds if seconds > 0 else None),
+        empty_gt=empty_gt,
+        n_images=n,
+        n_empty_gt=len(empty),
+        n_empty_gt_empty_pred=sum(1 for r in empty if int(r["pred_area"]) == 0),
+        n_in_means=len(kept),
+        mean_dice_with_object=float(np.mean(with_object)) if with_object else None,
     )
+
+
+def per_image(rows: Iterable[dict[str, Any]], empty_gt: str = "score") -> dict[str, dict[str, float]]:
+    """stem -> scores of every image in a model's means (not failed; under ``skip`` not empty truth),
+    for pairing by image: a comparison follows the same rule as the means."""
+    _check_rule(empty_gt)
+    return {
+        r["stem"]: scores(int(r["intersection"]), int(r["union"]), int(r["pred_area"]), int(r["true_area"]))
+        for r in rows
+        if _in_means(r, empty_gt)
+    }
+
+
+#: the per-model numbers that can each name a best model, with the name the output gives them
+LEADER_METRICS = {"mean_dice": "mean Dice", "giou": "gIoU", "ciou": "cIoU"}
+
+
+def leaders(summaries: list[ModelSummary]) -> dict[str, str]:
+    """Which model each of ``LEADER_METRICS`` would call best (the earlier model on a tie), so the
+    output can say when they disagree instead of showing Dice's choice alone."""
+    out: dict[str, str] = {}
+    for key in LEADER_METRICS:
+        scored = [s for s in summaries if getattr(s, key) is not None]
+        if scored:
+            out[key] = max(scored, key=lambda s: (getattr(s, key), -summaries.index(s))).model
+    return out
 
 
 def best_model(summaries: list[ModelSummary]) -> ModelSummary | None:
@@ -131,4 +199,15 @@ def best_model(summaries: list[ModelSummary]) -> ModelSummary | None:
     return max(scored, key=lambda s: (s.mean_dice, s.ciou or 0.0, -s.failures, -summaries.index(s)))
 
 
-__all__ = ["scores", "counts", "mask_counts", "summarise", "best_model", "ModelSummary"]
+__all__ = [
+    "scores",
+    "counts",
+    "mask_counts",
+    "summarise",
+    "best_model",
+    "per_image",
+    "leaders",
+    "LEADER_METRICS",
+    "EMPTY_GT_RULES",
+    "ModelSummary",
+]

@@ -49,7 +49,9 @@ CSV_COLUMNS = (
     "answer",
     "error",
 )
+PAIRED_COLUMNS = ("baseline", "model", "metric", "stem", "baseline_value", "model_value", "difference")
 METRICS = "metrics.csv"
+PAIRED = "paired.csv"
 SUMMARY = "summary.json"
 PLOT = "report.png"
 
@@ -91,6 +93,27 @@ def write_metrics(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     w.writeheader()
     for r in rows:
         w.writerow(full_row(r))
+    write_atomic(path, buf.getvalue().encode("utf-8"))
+
+
+def write_paired(
+    path: Path, baseline: str, values: dict[str, dict[str, dict[str, float]]], metrics: Iterable[str]
+) -> None:
+    """Per image, each model's difference to the baseline (model - baseline), over the images both
+    scored: the rows the comparison's interval and test are computed from."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(PAIRED_COLUMNS)
+    base = values.get(baseline, {})
+    metrics = list(metrics)
+    for model, per in values.items():
+        if model == baseline:
+            continue
+        for metric in metrics:
+            for stem, b in base.items():
+                if stem in per:
+                    x, y = b[metric], per[stem][metric]
+                    w.writerow([baseline, model, metric, stem, f"{x:.6f}", f"{y:.6f}", f"{y - x:.6f}"])
     write_atomic(path, buf.getvalue().encode("utf-8"))
 
 
@@ -195,12 +218,14 @@ def plot_report(
 __all__ = [
     "write_atomic",
     "write_metrics",
+    "write_paired",
     "read_metrics",
     "write_summary",
     "plot_report",
     "full_row",
     "CSV_COLUMNS",
     "METRICS",
+    "PAIRED",
     "SUMMARY",
     "PLOT",
 ]

@@ -34,18 +34,42 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConvertError, EvalFailuresError, InputError, OutputError, UsageError
+from ..errors import ConvertError, EvalFailuresError, EvalGateError, InputError, OutputError, UsageError
 from ..runner.failure import child_failure, debug_details
 from ..runner.memory import check_fits
 from ..runner.process import check_device, resolve_python, run_child
 from ..runner.report import judge_loading, report_from
+from .compare import Comparison, compare, compare_models
 from .data import Sample, load_dataset
 from .defaults import DEFAULT_IMAGE_TIMEOUT
-from .metrics import ModelSummary, best_model, mask_counts, scores, summarise
-from .report import METRICS, PLOT, SUMMARY, plot_report, read_metrics, write_metrics, write_summary
+from .metrics import (
+    EMPTY_GT_RULES,
+    LEADER_METRICS,
+    ModelSummary,
+    best_model,
+    leaders,
+    mask_counts,
+    per_image,
+    summarise,
+)
+from .report import (
+    METRICS,
+    PAIRED,
+    PLOT,
+    SUMMARY,
+    plot_report,
+    read_metrics,
+    write_metrics,
+    write_paired,
+    write_summary,
+)
 
 WORK = ".work"  # per-model, per-rank item lists and streamed results; removed when the run completes
-OURS = (METRICS, SUMMARY, PLOT, "predictions", "overlays", WORK)
+OURS = (METRICS, SUMMARY, PLOT, PAIRED, "predictions", "overlays", WORK)
+PAIRED_METRICS = ("dice", "iou")  # the per-image scores compared image by image with the baseline
+#: the per-model numbers --fail-under may name (higher is better for each), and the short names it also takes
+GATE_METRICS = ("mean_dice", "giou", "ciou", "mean_precision", "mean_recall", "mean_dice_with_object")
+GATE_ALIASES = {"dice": "mean_dice", "iou": "giou", "precision": "mean_precision", "recall": "mean_recall"}
 DTYPES = ("bf16", "fp16", "fp32")
 _ITER = re.compile(r"^iter_(\d+)$")
 
@@ -64,17 +88,30 @@ def _iteration(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def resolve_models(paths: list[str | os.PathLike]) -> list[ModelSpec]:
+def _check_name(name: str) -> str:
+    """A name becomes a folder (``predictions/<name>/``) and a CSV value: one plain path component."""
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
+        raise UsageError(f"--name {name!r} cannot name a model", hint="use a plain name such as base or lr1e-5")
+    return name
+
+
+def resolve_models(paths: list[str | os.PathLike], names: list[str] | None = None) -> list[ModelSpec]:
     """Converted folders, and folders of ``iter_N`` converted folders (``convert --all``) expanded
-    in iteration order. Names are the folder names, made unique with ``-2``, ``-3``, ..."""
+    in iteration order. Names are ``names`` (one per path; a run folder's become ``NAME-iter_N``) or
+    else the folder names, made unique with ``-2``, ``-3``, ... (two folders called ``hf``)."""
     if not paths:
         raise UsageError("no MODEL given", hint="sa2va-convert eval OUT_FOLDER --data DATA")
+    if names is not None and len(names) != len(paths):
+        raise UsageError(
+            f"{len(names)} --name for {len(paths)} MODEL(s)", hint="give one --name per MODEL, in the same order"
+        )
     found: list[tuple[Path, str, int | None]] = []  # (folder, name as given: a symlink keeps its own name)
-    for raw in paths:
+    for i, raw in enumerate(paths):
         p = Path(raw)
+        given = _check_name(names[i]) if names is not None else None
         if (p / "config.json").is_file():
             name = p.resolve().name if p.name in ("", ".", "..") else p.name
-            found.append((p.resolve(), name, _iteration(name)))
+            found.append((p.resolve(), given or name, _iteration(name)))
             continue
         if not p.is_dir():
             raise InputError(
@@ -93,7 +130,12 @@ def resolve_models(paths: list[str | os.PathLike]) -> list[ModelSpec]:
                 path=p,
                 hint="pass a converted folder (sa2va-convert CKPT OUT writes one), or the OUT of convert --all",
             )
-        found.extend((c.resolve(), c.name, n) for n, c in iters)
+        found.extend((c.resolve(), f"{given}-{c.name}" if given else c.name, n) for n, c in iters)
+    if names is not None:
+        taken = [f[1] for f in found]
+        twice = sorted({n for n in taken if taken.count(n) > 1})
+        if twice:
+            raise UsageError(f"--name gives two models the name {twice[0]!r}", hint="give each MODEL its own --name")
     specs: list[ModelSpec] = []
     used: set[str] = set()
     for folder, given, it in found:
@@ -191,6 +233,15 @@ class EvalReport:
     data: str
     models: list[ModelSummary] = field(default_factory=list)
     best: str | None = None
+    #: the best model's Dice against the baseline (or, when the baseline is best, against the runner-up)
+    best_interval: dict[str, Any] | None = None
+    baseline: str | None = None
+    empty_gt: str = "score"
+    comparisons: list[Comparison] = field(default_factory=list)
+    #: what the numbers do not show: metrics that disagree on the best model, intervals that cover 0
+    cautions: list[str] = field(default_factory=list)
+    #: the conditions of --fail-under / --require-better and which failed (None when none was set)
+    gate: dict[str, Any] | None = None
     failures: list[dict[str, str]] = field(default_factory=list)
     images: int = 0
     resumed: int = 0
@@ -210,6 +261,12 @@ class EvalReport:
             "images": self.images,
             "models": [m.to_dict() for m in self.models],
             "best": self.best,
+            "best_interval": self.best_interval,
+            "baseline": self.baseline,
+            "empty_gt": {"rule": self.empty_gt, "meaning": EMPTY_GT_MEANING[self.empty_gt]},
+            "comparisons": [c.to_dict() for c in self.comparisons],
+            "cautions": self.cautions,
+            "gate": self.gate,
             "failures": self.failures,
             "resumed": self.resumed,
             "evaluated": self.evaluated,
@@ -221,6 +278,12 @@ class EvalReport:
         }
 
 
+EMPTY_GT_MEANING = {
+    "score": "images with an empty ground truth are scored like any other: an empty prediction there scores 1 "
+    "(Dice, IoU, precision, recall), any predicted pixel 0",
+    "skip": "images with an empty ground truth are left out of every mean, cIoU and comparison (counted in n_empty_gt)",
+}
+
 DEFINITIONS = {
     "dice": "2|P∩T| / (|P|+|T|) per image, P = union of the masks of every [SEG] in the answer, T = ground truth "
     "(any non-zero pixel); 1.0 when both are empty, 0.0 when only one is",
@@ -229,6 +292,16 @@ DEFINITIONS = {
     "ciou": "cumulative IoU: Σ|P∩T| / Σ|P∪T| over all images (upstream's RefCOCO definition; big objects weigh more)",
     "no_seg_rate": "share of answers without [SEG]: an empty prediction, scored as such, never forced",
     "images_per_s": "evaluated images / Σ seconds of predict_forward per image (one device; model loading excluded)",
+    "n_empty_gt": "scored images whose ground truth is empty; n_empty_gt_empty_pred of them the model left empty "
+    "too; n_in_means the images the means are over (see empty_gt for the rule)",
+    "mean_dice_with_object": "mean of the per-image Dice over the images whose ground truth is not empty, whatever "
+    "the rule",
+    "comparisons": "per metric, each model against the baseline over the images both scored: per-image differences "
+    "(model - baseline, in paired.csv), wins/ties/losses (higher/equal/lower per image), their mean with a 95 % "
+    "percentile bootstrap interval (resamples of the images with replacement, numpy.random.default_rng(seed)) "
+    "and a two-sided Wilcoxon signed-rank p-value (null, with p_value_note, where the data cannot support one)",
+    "best_interval": "the best model's (highest mean Dice) Dice difference to the baseline with its interval; when "
+    "the baseline is best, its difference to the runner-up",
 }
 
 
@@ -254,7 +327,7 @@ def _clean_out(out: Path, *, resume: bool, force: bool) -> None:
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-    for n in (SUMMARY, PLOT):
+    for n in (SUMMARY, PLOT, PAIRED):
         with contextlib.suppress(FileNotFoundError):
             (out / n).unlink()
     (out / WORK).mkdir(parents=True, exist_ok=True)
@@ -477,6 +550,11 @@ def evaluate(
     force: bool = False,
     max_new_tokens: int = 32,
     image_timeout: float = DEFAULT_IMAGE_TIMEOUT,
+    baseline: str | None = None,
+    empty_gt: str = "score",
+    fail_under: dict[str, float] | None = None,
+    require_better: bool = False,
+    names: list[str] | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """Evaluate every model on ``data`` and write the report into ``out``.
@@ -495,7 +573,20 @@ def evaluate(
             "eval draws report.png with matplotlib, which is not installed",
             hint="pip install 'sa2va-convert[eval]' (or pip install matplotlib)",
         )
-    specs = resolve_models(list(models))
+    if empty_gt not in EMPTY_GT_RULES:
+        raise UsageError(f"unknown empty-ground-truth rule {empty_gt!r}", hint="use --empty-gt score or skip")
+    specs = resolve_models(list(models), names)
+    if len(specs) > 1 and importlib.util.find_spec("scipy") is None:  # found now, not after every model ran
+        raise UsageError(
+            "eval compares models with scipy's signed-rank test, and scipy is not installed",
+            hint="pip install 'sa2va-convert[eval]' (or pip install scipy)",
+        )
+    if baseline is not None and baseline not in {s.name for s in specs}:
+        raise UsageError(
+            f"--baseline {baseline!r} is none of the models",
+            hint="name one of: " + ", ".join(s.name for s in specs),
+        )
+    gate = _gate_spec(fail_under, require_better, len(specs))
     say(f"checking {data}")
     samples = load_dataset(data, prompt, limit=limit)
     exe = resolve_python(python)
@@ -521,6 +612,9 @@ def evaluate(
             overlays=overlays,
             resume=resume,
             image_timeout=image_timeout,
+            baseline=baseline or specs[0].name,
+            empty_gt=empty_gt,
+            gate=gate,
             say=say,
             started=started,
         )
@@ -542,6 +636,9 @@ def _evaluate(
     overlays: bool,
     resume: bool,
     image_timeout: float,
+    baseline: str,
+    empty_gt: str,
+    gate: dict[str, Any] | None,
     say: Callable[[str], None],
     started: float,
 ) -> EvalReport:
@@ -610,18 +707,16 @@ def _evaluate(
         report.wall_seconds = time.perf_counter() - started
         return report
     dice: dict[str, list[float]] = {}
+    values: dict[str, dict[str, dict[str, float]]] = {}
     for spec in specs:
         rows = rows_by_model[spec.name]
-        summary = summarise(spec.name, str(spec.folder), spec.iteration, rows)
+        summary = summarise(spec.name, str(spec.folder), spec.iteration, rows, empty_gt)
         f = facts.get(spec.name, {})
         summary.device, summary.dtype = f.get("device"), f.get("dtype")
         summary.cuda_max_allocated_bytes = f.get("cuda_max_allocated_bytes")
         report.models.append(summary)
-        dice[spec.name] = [
-            scores(int(r["intersection"]), int(r["union"]), int(r["pred_area"]), int(r["true_area"]))["dice"]
-            for r in rows
-            if r["status"] != "failed"
-        ]
+        values[spec.name] = per_image(rows, empty_gt)
+        dice[spec.name] = [v["dice"] for v in values[spec.name].values()]
         report.failures += [
             {"model": spec.name, "stem": r["stem"], "image": r["image"], "error": r.get("error", "")}
             for r in rows
@@ -629,6 +724,15 @@ def _evaluate(
         ]
     best = best_model(report.models)
     report.best = best.model if best else None
+    report.baseline = baseline
+    report.empty_gt = empty_gt
+    if len(specs) > 1:
+        report.comparisons = compare_models(baseline, values, PAIRED_METRICS)
+        report.best_interval = _best_interval(report, values)
+        report.cautions = _cautions(report)
+    if gate is not None:
+        report.gate = {**gate, "failed": _gate_failures(report, gate)}
+        report.gate["passed"] = not report.gate["failed"]
     report.files = {
         "metrics": str(out / METRICS),
         "summary": str(out / SUMMARY),
@@ -639,12 +743,156 @@ def _evaluate(
         report.files["overlays"] = str(out / "overlays")
     if any(m.no_seg for m in report.models):
         report.notes.append("answers without [SEG] are empty predictions (scored, never forced)")
+    report.notes.append(_empty_gt_note(report))
     say("writing the report")
+    if len(specs) > 1:
+        report.files["paired"] = str(out / PAIRED)
+        write_paired(out / PAIRED, baseline, values, PAIRED_METRICS)
     plot_report(out / PLOT, report.models, dice, report.best)
     report.wall_seconds = time.perf_counter() - started
     write_summary(out / SUMMARY, report.to_dict())
     shutil.rmtree(out / WORK, ignore_errors=True)
     return report
+
+
+def _best_interval(report: EvalReport, values: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any] | None:
+    """The best model's Dice lead with its interval: against the baseline, or, when the baseline
+    itself is best, against the runner-up (a lead over nobody says nothing)."""
+    if report.best is None:
+        return None
+    if report.best != report.baseline:
+        c = next(c for c in report.comparisons if c.model == report.best and c.metric == "dice")
+    else:
+        runner_up = best_model([m for m in report.models if m.model != report.best])
+        if runner_up is None:
+            return None
+        b, r = values[report.best], values[runner_up.model]
+        stems = [s for s in b if s in r]
+        c = compare(runner_up.model, report.best, "dice", [r[s]["dice"] for s in stems], [b[s]["dice"] for s in stems])
+    return {
+        "model": report.best,
+        "against": c.baseline,
+        "metric": "dice",
+        "mean_difference": c.mean_difference,
+        "ci95": c.ci95,
+        "n": c.n,
+        "covers_zero": c.covers_zero,
+    }
+
+
+def _empty_gt_note(report: EvalReport) -> str:
+    """How many images the empty-ground-truth rule touched, said every time (even 0: the reader
+    should not have to guess the rule)."""
+    n_empty = max((m.n_empty_gt for m in report.models), default=0)
+    n_all = max((m.n_images for m in report.models), default=0)
+    head = f"empty ground truth: {n_empty} of {n_all} scored image(s); rule --empty-gt {report.empty_gt}"
+    if not n_empty:
+        return head + " (touched no image)"
+    if report.empty_gt == "skip":
+        return head + f": those {n_empty} are left out of every mean and comparison"
+    left = ", ".join(f"{m.model} {m.n_empty_gt_empty_pred}" for m in report.models)
+    return (
+        head + f": an empty prediction there scores 1 (left empty per model: {left}); "
+        "mean_dice_with_object leaves them out, as --empty-gt skip does"
+    )
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "none (no paired image)" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def _cautions(report: EvalReport) -> list[str]:
+    """What a reader of the table could get wrong: metrics naming different best models, and
+    differences whose interval covers 0 (not shown to be more than noise on these images)."""
+    out: list[str] = []
+    lead = leaders(report.models)
+    if len(set(lead.values())) > 1:
+        picks = ", ".join(f"{LEADER_METRICS[k]} picks {m}" for k, m in lead.items())
+        out.append(f"the metrics disagree on the best model: {picks}")
+    bi = report.best_interval
+    if bi is not None and bi["against"] != report.baseline and bi["covers_zero"]:
+        out.append(
+            f"best: {bi['model']}'s Dice lead over the runner-up {bi['against']} has the interval {_ci(bi['ci95'])}, "
+            "which covers 0: not shown to be better on these images"
+        )
+    for c in report.comparisons:
+        if c.ci95 is None:
+            out.append(f"{c.model} vs {c.baseline}: no image was scored for both, so there is no {c.metric} comparison")
+        elif c.covers_zero:
+            out.append(
+                f"{c.model} vs {c.baseline}: the {c.metric} difference's interval {_ci(c.ci95)} covers 0: "
+                "no difference shown on these images"
+            )
+    return out
+
+
+def parse_fail_under(values: list[str] | tuple[str, ...]) -> dict[str, float]:
+    """``["dice=0.80", ...]`` (the command line's form) -> ``{"mean_dice": 0.8, ...}``."""
+    out: dict[str, float] = {}
+    for v in values:
+        name, sep, raw = v.partition("=")
+        try:
+            number = float(raw)
+        except ValueError:
+            number = float("nan")
+        if not sep or number != number:
+            raise UsageError(f"--fail-under {v!r} is not METRIC=NUMBER", hint="e.g. --fail-under dice=0.80")
+        out[name.strip()] = number
+    return out
+
+
+def _gate_spec(fail_under: dict[str, float] | None, require_better: bool, n_models: int) -> dict[str, Any] | None:
+    """The gate's conditions, checked before any model loads (a typo must not cost an evaluation)."""
+    if not fail_under and not require_better:
+        return None
+    known = {*GATE_METRICS, *GATE_ALIASES}
+    resolved: dict[str, float] = {}
+    for name, threshold in (fail_under or {}).items():
+        if name not in known:
+            raise UsageError(
+                f"--fail-under names an unknown metric {name!r}",
+                hint="use one of " + ", ".join(sorted(known)) + ", e.g. --fail-under dice=0.80",
+            )
+        resolved[GATE_ALIASES.get(name, name)] = float(threshold)
+    if require_better and n_models < 2:
+        raise UsageError(
+            "--require-better needs a baseline and at least one model to compare with it",
+            hint="pass the baseline folder and the fine-tune's, e.g. eval base/ finetune/ --require-better",
+        )
+    return {"fail_under": resolved, "require_better": require_better}
+
+
+def _gate_failures(report: EvalReport, gate: dict[str, Any]) -> list[str]:
+    """Every condition that does not hold, one line each. --fail-under judges the models being tested:
+    every model but the baseline (the only model, when there is one)."""
+    failed: list[str] = []
+    judged = [m for m in report.models if m.model != report.baseline] or report.models
+    for key, threshold in gate["fail_under"].items():
+        for m in judged:
+            value = getattr(m, key)
+            if value is None or value < threshold:
+                shown = "none (no image scored)" if value is None else f"{value:.4f}"
+                failed.append(f"--fail-under {key}={threshold:g}: {m.model} has {key} {shown}")
+    if gate["require_better"]:
+        for c in report.comparisons:
+            if c.metric == "dice" and not c.above_zero:
+                diff = "-" if c.mean_difference is None else f"{c.mean_difference:+.4f}"
+                failed.append(
+                    f"--require-better: {c.model}'s Dice against {c.baseline} is {diff}, interval {_ci(c.ci95)}, "
+                    "which does not lie above 0"
+                )
+    return failed
+
+
+def check_gate(report: EvalReport) -> None:
+    """Raise EvalGateError (exit 11) when a --fail-under / --require-better condition does not hold;
+    the report is already written."""
+    if report.gate and report.gate["failed"]:
+        failed = report.gate["failed"]
+        more = f" (and {len(failed) - 1} more condition(s), listed under gate in {SUMMARY})" if len(failed) > 1 else ""
+        err = EvalGateError(f"gate failed: {failed[0]}{more}", path=report.out)
+        err.report = report
+        raise err
 
 
 def check_failures(report: EvalReport) -> None:
@@ -661,4 +909,13 @@ def check_failures(report: EvalReport) -> None:
         raise err
 
 
-__all__ = ["evaluate", "check_failures", "resolve_models", "EvalReport", "ModelSpec", "DEFINITIONS"]
+__all__ = [
+    "evaluate",
+    "check_failures",
+    "check_gate",
+    "parse_fail_under",
+    "resolve_models",
+    "EvalReport",
+    "ModelSpec",
+    "DEFINITIONS",
+]

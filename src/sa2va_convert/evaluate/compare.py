@@ -1,0 +1,191 @@
+"""Paired comparison of two models on the same images: is the difference more than noise?
+
+Two means alone cannot say that: on a dozen images a fine-tune's mean Dice can lead by 0.04 while
+its per-image differences point both ways. So every model is compared with the baseline *image by
+image* (the same image, the same ground truth), and only the per-image differences are summarised:
+
+- wins/ties/losses count the images where the model scores higher/the same/lower (a tie is an exact
+  tie: the same pixel counts give the same float);
+- the mean difference gets a 95 % paired percentile bootstrap interval. The images are resampled
+  with replacement ``resamples`` times from ``numpy.random.default_rng(seed)``, drawing the whole
+  index matrix as ``rng.integers(0, n, size=(resamples, n))`` (in row chunks, which draws the same
+  stream), so anyone can recompute the interval from metrics.csv, the seed and the count;
+- a Wilcoxon signed-rank test (``scipy.stats.wilcoxon``, two-sided, zero differences dropped, scipy's
+  own choice of exact or normal-approximation method) gives a p-value. Where it cannot say anything
+  (every difference is 0, or fewer than ``MIN_NONZERO`` differences are not, so that no outcome could
+  reach p < 0.05) the p-value is null with the reason, never a number the data cannot support.
+
+Only numpy and scipy: no torch, so this runs in the reporting process. scipy is imported inside
+``wilcoxon_p``, when a report is made (the ``eval`` extra), not when ``eval`` is registered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+SEED = 0
+RESAMPLES = 10_000
+#: the smallest number of non-zero differences at which a two-sided exact signed-rank test can reach
+#: p < 0.05 (its smallest p-value is 2 / 2**n: 0.0625 for 5, 0.03125 for 6)
+MIN_NONZERO = 6
+METHOD = (
+    "paired percentile bootstrap of the mean difference; Wilcoxon signed-rank test, two-sided, zero differences "
+    "dropped (scipy.stats.wilcoxon)"
+)
+_CHUNK = 1 << 22  # indices per chunk of the bootstrap: memory stays ~32 MiB on any dataset size
+
+
+@dataclass
+class Comparison:
+    """One model against the baseline on one metric, over the images both scored."""
+
+    baseline: str
+    model: str
+    metric: str
+    mean_difference: float | None  # model - baseline
+    ci95: list[float] | None
+    wins: int
+    ties: int
+    losses: int
+    p_value: float | None
+    p_value_note: str | None
+    method: str
+    n: int
+    resamples: int
+    seed: int
+
+    @property
+    def covers_zero(self) -> bool:
+        return self.ci95 is None or self.ci95[0] <= 0.0 <= self.ci95[1]
+
+    @property
+    def above_zero(self) -> bool:
+        return self.ci95 is not None and self.ci95[0] > 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def bootstrap_ci(
+    differences: Sequence[float] | np.ndarray, *, resamples: int = RESAMPLES, seed: int = SEED
+) -> tuple[float, float] | None:
+    """95 % percentile interval of the mean of ``differences`` over paired resamples (None when empty)."""
+    d = np.asarray(differences, dtype=np.float64)
+    n = d.size
+    if n == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples, dtype=np.float64)
+    rows = max(1, _CHUNK // n)
+    for start in range(0, resamples, rows):
+        stop = min(resamples, start + rows)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        means[start:stop] = d[idx].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def wilcoxon_p(differences: Sequence[float] | np.ndarray) -> tuple[float | None, str | None]:
+    """(p-value, None), or (None, why there is none)."""
+    d = np.asarray(differences, dtype=np.float64)
+    nonzero = int(np.count_nonzero(d))
+    if d.size == 0:
+        return None, "no image was scored for both models"
+    if nonzero == 0:
+        return None, f"all {d.size} paired differences are 0: nothing to test"
+    if nonzero < MIN_NONZERO:
+        return None, (
+            f"only {nonzero} non-zero paired difference(s): a two-sided signed-rank test cannot reach p < 0.05 "
+            f"with fewer than {MIN_NONZERO}"
+        )
+    from scipy.stats import wilcoxon
+
+    p = float(wilcoxon(d, zero_method="wilcox", alternative="two-sided").pvalue)
+    if not np.isfinite(p):
+        return None, "scipy.stats.wilcoxon gave no finite p-value"
+    return p, None
+
+
+def compare(
+    baseline: str,
+    model: str,
+    metric: str,
+    base_values: Sequence[float],
+    model_values: Sequence[float],
+    *,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+) -> Comparison:
+    """``model`` against ``baseline`` on paired per-image values (same images, same order)."""
+    b = np.asarray(base_values, dtype=np.float64)
+    m = np.asarray(model_values, dtype=np.float64)
+    if b.shape != m.shape:
+        raise ValueError(f"{len(b)} baseline values against {len(m)} model values: not paired")
+    d = m - b
+    ci = bootstrap_ci(d, resamples=resamples, seed=seed)
+    p, note = wilcoxon_p(d)
+    return Comparison(
+        baseline=baseline,
+        model=model,
+        metric=metric,
+        mean_difference=float(d.mean()) if d.size else None,
+        ci95=list(ci) if ci is not None else None,
+        wins=int(np.count_nonzero(d > 0)),
+        ties=int(np.count_nonzero(d == 0)),
+        losses=int(np.count_nonzero(d < 0)),
+        p_value=p,
+        p_value_note=note,
+        method=METHOD,
+        n=int(d.size),
+        resamples=resamples,
+        seed=seed,
+    )
+
+
+def compare_models(
+    baseline: str,
+    values: dict[str, dict[str, dict[str, float]]],
+    metrics: Sequence[str] = ("dice", "iou"),
+    *,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+) -> list[Comparison]:
+    """Every other model of ``values`` (model -> stem -> metric -> value, in report order) against
+    ``baseline``, per metric, over the stems both scored (an image that failed for either is left out:
+    a difference needs both sides)."""
+    base = values[baseline]
+    out: list[Comparison] = []
+    for model, per in values.items():
+        if model == baseline:
+            continue
+        stems = [s for s in base if s in per]
+        for metric in metrics:
+            out.append(
+                compare(
+                    baseline,
+                    model,
+                    metric,
+                    [base[s][metric] for s in stems],
+                    [per[s][metric] for s in stems],
+                    resamples=resamples,
+                    seed=seed,
+                )
+            )
+    return out
+
+
+__all__ = [
+    "Comparison",
+    "compare",
+    "compare_models",
+    "bootstrap_ci",
+    "wilcoxon_p",
+    "SEED",
+    "RESAMPLES",
+    "MIN_NONZERO",
+    "METHOD",
+]
