@@ -5,7 +5,8 @@ mode ``eval``) loads the folder once and runs its own ``predict_forward`` on eve
 forcing ``[SEG]``: an answer without ``[SEG]`` is an empty prediction. The child saves the union
 of the ``[SEG]`` masks as ``predictions/<model>/<stem>.png`` and streams one JSON line per image
 (its answer, mask count, seconds) to a file; it scores nothing. This process counts each saved
-PNG against the ground truth and turns the counts into Dice/IoU/... (``metrics.py``, the one
+PNG against the ground truth (its pixel counts and, from the masks, clDice, boundary F and HD95)
+and turns the counts into Dice/IoU/... (``metrics.py``, the one
 home of every score), then writes the report (``report.py``). So every number comes from a mask
 the model produced and that lies next to the report, and only one image's masks are in memory
 at a time.
@@ -48,7 +49,7 @@ from .metrics import (
     ModelSummary,
     best_model,
     leaders,
-    mask_counts,
+    measure,
     per_image,
     summarise,
 )
@@ -296,6 +297,17 @@ DEFINITIONS = {
     "too; n_in_means the images the means are over (see empty_gt for the rule)",
     "mean_dice_with_object": "mean of the per-image Dice over the images whose ground truth is not empty, whatever "
     "the rule",
+    "cldice": "centerline Dice (Shit et al. 2021) per image: Tprec = |S(P)∩T|/|S(P)|, Tsens = |S(T)∩P|/|S(T)|, "
+    "clDice = 2·Tprec·Tsens/(Tprec+Tsens), S = skimage.morphology.skeletonize; 1.0 when both masks are empty, 0.0 "
+    "when only one is; mean_cldice is its mean over n_cldice images (those in the means)",
+    "boundary_f": "boundary F-score per image at boundary_tolerance px (2): outline = mask minus its erosion by a 3x3 "
+    "square (the frame's edge counts as outside); precision = share of P's outline pixels within the tolerance "
+    "(Euclidean) of T's outline, recall the same of T's outline against P's; F = 2PR/(P+R); 1.0 when both masks are "
+    "empty, 0.0 when only one is; mean_boundary_f is its mean over n_boundary_f images",
+    "hd95": "95th percentile (numpy's linear interpolation) of the outline-to-outline distances in pixels, both "
+    "directions pooled (every outline pixel of P to the nearest of T, and of T to P); lower is better; 0.0 when both "
+    "masks are empty, null (no number) when only one is; mean_hd95 is its mean over the n_hd95 images where it is "
+    "defined, so it leaves out every image where one mask was empty (see mean_dice for those)",
     "comparisons": "per metric, each model against the baseline over the images both scored: per-image differences "
     "(model - baseline, in paired.csv), wins/ties/losses (higher/equal/lower per image), their mean with a 95 % "
     "percentile bootstrap interval (resamples of the images with replacement, numpy.random.default_rng(seed)) "
@@ -409,7 +421,7 @@ def _complete(row: dict[str, Any], spec: ModelSpec, sample: Sample, out: Path) -
     )
     if r.get("status") == "ok":
         try:
-            r.update(mask_counts(_pred_path(out, spec.name, sample.stem), sample.mask))
+            r.update(measure(_pred_path(out, spec.name, sample.stem), sample.mask))
         except Exception as e:  # as in the child: this image is a recorded failure, the others are still scored
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             r.update(status="failed", error=f"{type(e).__name__}: {lines[0][:400] if lines else type(e).__name__}")
@@ -575,12 +587,14 @@ def evaluate(
         )
     if empty_gt not in EMPTY_GT_RULES:
         raise UsageError(f"unknown empty-ground-truth rule {empty_gt!r}", hint="use --empty-gt score or skip")
+    # found now, not after every model ran: every saved mask is scored with both (clDice, boundary F, HD95)
+    for module, package in (("scipy", "scipy"), ("skimage", "scikit-image")):
+        if importlib.util.find_spec(module) is None:
+            raise UsageError(
+                f"eval scores the masks' shape (clDice, boundary F, HD95) with {package}, which is not installed",
+                hint=f"pip install 'sa2va-convert[eval]' (or pip install {package})",
+            )
     specs = resolve_models(list(models), names)
-    if len(specs) > 1 and importlib.util.find_spec("scipy") is None:  # found now, not after every model ran
-        raise UsageError(
-            "eval compares models with scipy's signed-rank test, and scipy is not installed",
-            hint="pip install 'sa2va-convert[eval]' (or pip install scipy)",
-        )
     if baseline is not None and baseline not in {s.name for s in specs}:
         raise UsageError(
             f"--baseline {baseline!r} is none of the models",
