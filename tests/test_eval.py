@@ -831,6 +831,11 @@ def test_shape_columns_recomputed_from_the_saved_masks(world, main_run):
         assert (models[twin]["mean_hd95"], models[twin]["n_hd95"]) == (None, 0)
     for k in ("cldice", "boundary_f", "hd95"):
         assert k in main_run.report["definitions"]
+    lines = main_run.stdout.splitlines()  # the table: the three means, HD95 with its count when not all images
+    assert lines[1].split()[-5:] == ["clDice", "boundary", "F", "HD95", "px"]
+    ft = models["finetune"]
+    assert lines[2].split()[-3:] == [f"{ft['mean_cldice']:.3f}", f"{ft['mean_boundary_f']:.3f}", f"{ft['mean_hd95']:.2f}"]
+    assert lines[3].split()[-4:] == ["0.000", "0.000", "-", f"(0/{len(PICTURES)})"]
 
 
 def test_shape_columns_with_an_empty_truth_and_kept_by_resume(world, mixed_run, tmp_path):
