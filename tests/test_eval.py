@@ -864,3 +864,31 @@ def test_shape_columns_with_an_empty_truth_and_kept_by_resume(world, mixed_run, 
         fresh = measure(Path(r0["prediction_file"]), Path(r0["mask"]))
         for k in ("cldice", "boundary_f", "hd95"):
             assert ("" if fresh[k] is None else f"{fresh[k]:.6f}") == r0[k]
+
+
+def test_the_scorer_scores_streamed_lines_while_the_child_runs(tmp_path):
+    """Scoring overlaps the model: complete lines are scored as they arrive, in a thread; lines of an
+    earlier run are not scored again; a line cut short (a crash) is never scored."""
+    from sa2va_convert.evaluate.run import _Scorer
+
+    results = tmp_path / "r.jsonl"
+    results.write_text('{"stem": "earlier"}\n')
+    seen: list[str] = []
+
+    def complete(r):
+        seen.append(r["stem"])
+        return None if r["stem"] == "not_ours" else {**r, "scored": True}
+
+    scorer = _Scorer(results, complete)
+    scorer.start()
+    with open(results, "a") as f:
+        f.write('{"stem": "a"}\n{"stem": "not_ours"}\n{"stem": "b"')
+        f.flush()
+        deadline = time.monotonic() + 10
+        while "not_ours" not in seen and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert seen == ["a", "not_ours"]  # scored before the child has finished
+        f.write('}\n{"stem": "cut')
+    rows = scorer.finish()
+    assert [r["stem"] for r in rows] == ["a", "b"] and all(r["scored"] for r in rows)
+    assert seen == ["a", "not_ours", "b"]

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -431,6 +432,61 @@ def _complete(row: dict[str, Any], spec: ModelSpec, sample: Sample, out: Path) -
     return r
 
 
+class _Scorer:
+    """Scores the child's result lines as they are streamed, in a thread of this process, while the
+    child predicts the next images: clDice's skeletons and the outline distances cost a fraction of a
+    second per large image on one core, which would otherwise add up after the model has finished,
+    while this process sits idle waiting for it. The child saves an image's PNG before its line, so a
+    complete line's prediction is on disk; only complete lines are read (one cut by a crash is not)."""
+
+    def __init__(self, results: Path, complete: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
+        self._results, self._complete = results, complete
+        self._offset = results.stat().st_size  # lines already there were scored by an earlier run
+        self._rows: list[dict[str, Any]] = []
+        self._error: BaseException | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="eval-scorer", daemon=True)
+
+    def _poll(self) -> None:
+        with open(self._results, "rb") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1
+        self._offset += end
+        for line in chunk[:end].decode("utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done = self._complete(row)
+            if done is not None:
+                self._rows.append(done)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping.wait(0.2):
+                self._poll()
+        except BaseException as e:  # re-raised by finish(), in the caller's thread
+            self._error = e
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Every row of this run, after the child has exited: the lines the thread had not reached yet
+        are scored here."""
+        self.stop()
+        if self._error is not None:
+            raise self._error
+        self._poll()
+        return self._rows
+
+
 def _run_model(
     spec: ModelSpec,
     share: list[Sample],
@@ -465,7 +521,10 @@ def _run_model(
     items.write_text("\n".join(lines) + "\n", encoding="utf-8")
     earlier = _read_jsonl(results)  # an interrupted run's lines; a line cut by the crash is dropped here
     results.write_text("".join(json.dumps(r) + "\n" for r in earlier), encoding="utf-8")
-    start_line = len(earlier)
+    by_stem = {s.stem: s for s in share}
+    scorer = _Scorer(
+        results, lambda r: _complete(r, spec, by_stem[r["stem"]], out) if r.get("stem") in by_stem else None
+    )
     check_fits(spec.folder, device, what="evaluation")
     timeout = image_timeout * (len(share) + 1)
     with dist.own_gpu(device) as child_device:
@@ -478,14 +537,13 @@ def _run_model(
             "items": str(items),
             "results": str(results),
         }
-        run = run_child(args, python=exe, timeout=timeout, on_stage=_throttled(spec.name, on_stage))
+        scorer.start()
+        try:
+            run = run_child(args, python=exe, timeout=timeout, on_stage=_throttled(spec.name, on_stage))
+        finally:
+            scorer.stop()
     report = report_from(run, spec.folder, exe)
-    by_stem = {s.stem: s for s in share}
-    rows = [
-        _complete(r, spec, by_stem[r["stem"]], out)
-        for r in _read_jsonl(results)[start_line:]
-        if r.get("stem") in by_stem
-    ]
+    rows = scorer.finish()
     if run.timed_out or not report.ok:
         err = child_failure(run, folder=spec.folder, python=exe, device=device, timeout=timeout, what="evaluation")
         err.hint = _eval_hint(err.hint)
