@@ -140,6 +140,7 @@ def metric_cost(work: Path, n: int, repeats: int, max_new_tokens: int) -> int:
         "measure_share_of_model_time": round(scored / model, 4) if model else None,
         "shape_share_of_model_time": round(sum(p["shape_ms"] for p in per) / 1e3 / model, 4) if model else None,
         "worst_case_full_frame_1280x720_shape_ms": round(1e3 * worst, 2), "repeats": repeats,
+        "eval_wall_s": r["wall_s"], "eval_model_s": round(model, 3),
     }), flush=True)
     return 0
 

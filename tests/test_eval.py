@@ -892,3 +892,16 @@ def test_the_scorer_scores_streamed_lines_while_the_child_runs(tmp_path):
     rows = scorer.finish()
     assert [r["stem"] for r in rows] == ["a", "b"] and all(r["scored"] for r in rows)
     assert seen == ["a", "not_ours", "b"]
+
+
+def test_a_missing_scikit_image_is_one_line_before_any_model_loads(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "skimage" else real(name, *a))
+    r = CliRunner().invoke(cli_main, ["eval", str(tmp_path / "no_model"), "--data", str(tmp_path), "--out",
+                                      str(tmp_path / "rep")], env=ENV)
+    assert r.exit_code == 2, r.output
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "scikit-image, which is not installed" in errors[0], r.stderr
+    assert "sa2va-convert[eval]" in r.stderr and not (tmp_path / "rep").exists()
