@@ -22,6 +22,17 @@ once plus ~N generated tokens per image, and the mask path (SAM2) runs only when
 appears; the no-[SEG] rate is printed beside it so the figure is read for what it is. Dice is
 meaningless here (the tests measure it, on a fine-tune that does segment).
 
+``--metric-cost`` measures instead what scoring costs beside the model, on CPU, with the tiny
+example (``make_tiny_example``: a fine-tune that does segment, so every image has two non-empty
+masks and clDice, boundary F and HD95 run in full): convert it, write ``--images`` pictures (the
+mixed sizes above), run ``eval --device cpu``, then time, per saved prediction, ``measure`` (what
+``eval`` runs per image: read both masks, count, clDice, boundary F, HD95) and ``mask_counts`` (the
+counts alone) over ``--repeats`` runs each (median), against the model's own seconds per image from
+metrics.csv. It also times ``shape_scores`` on a 1280x720 frame filled edge to edge (the crop to
+the masks' box saves nothing there: the worst case per pixel).
+
+    PYTHONPATH=src OMP_NUM_THREADS=1 python3 bench/bench_eval.py --metric-cost --images 10 --work /tmp/bm
+
 matplotlib is needed for report.png: on a machine without it (and without a registry), install
 it here with ``pip install --target .evaldeps matplotlib`` for the GPU machine's Python version and
 carry ``.evaldeps`` with ``PYTHONPATH=src:.evaldeps``.
@@ -70,6 +81,70 @@ def write_images(data: Path, n: int) -> None:
         Image.fromarray(inside.astype(np.uint8) * 255, "L").save(data / "masks" / f"img{i:03d}.png")
 
 
+def metric_cost(work: Path, n: int, repeats: int, max_new_tokens: int) -> int:
+    """The per-image cost of scoring a saved prediction against the model's time for that image."""
+    import csv
+    import platform
+    import statistics
+
+    import numpy as np
+
+    from sa2va_convert.api import ConvertOptions, convert
+    from sa2va_convert.evaluate.metrics import mask_counts, measure, shape_scores
+    from sa2va_convert.testing import make_tiny_example
+
+    t0 = time.perf_counter()
+    ex = make_tiny_example(work / "tiny")
+    convert(ex.checkpoint_path, work / "hf", ConvertOptions(base=ex.base_dir, roundtrip=False))
+    write_images(work / "data", n)
+    print(json.dumps({"step": "generate+convert", "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
+    cli = [sys.executable, "-m", "sa2va_convert.cli"]
+    r = step("eval", [*cli, "eval", work / "hf", "--data", work / "data", "--prompt", "object", "--out",
+                      work / "report", "--device", "cpu", "--max-new-tokens", str(max_new_tokens), "--json",
+                      "--force"])
+    if r["rc"]:
+        print(json.dumps({k: v for k, v in r.items() if k != "report"}), flush=True)
+        return r["rc"]
+    with open(work / "report" / "metrics.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+
+    def timed(fn, *a) -> float:
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn(*a)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    per = []
+    for row in rows:
+        pred, mask = Path(row["prediction_file"]), Path(row["mask"])
+        full, counts_only = timed(measure, pred, mask), timed(mask_counts, pred, mask)
+        per.append({"stem": row["stem"], "size": f"{row['width']}x{row['height']}", "pred_area": int(row["pred_area"]),
+                    "model_s": float(row["seconds"]), "measure_ms": round(1e3 * full, 2),
+                    "counts_only_ms": round(1e3 * counts_only, 2), "shape_ms": round(1e3 * (full - counts_only), 2),
+                    "measure_share": round(full / float(row["seconds"]), 4)})
+        print(json.dumps({"step": "image", **per[-1]}), flush=True)
+    frame = np.zeros((720, 1280), bool)
+    frame[:, :] = True
+    other = frame.copy()
+    other[100:620, 200:1100] = False  # a hole: an outline inside as well as the frame's edge
+    worst = timed(shape_scores, frame, other)
+    model = sum(p["model_s"] for p in per)
+    scored = sum(p["measure_ms"] for p in per) / 1e3
+    print(json.dumps({
+        "step": "metric_cost", "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpu(s)",
+        "images": len(per), "model_s_per_image_median": round(statistics.median(p["model_s"] for p in per), 4),
+        "measure_ms_per_image_median": round(statistics.median(p["measure_ms"] for p in per), 2),
+        "shape_ms_per_image_median": round(statistics.median(p["shape_ms"] for p in per), 2),
+        "measure_share_of_model_time": round(scored / model, 4) if model else None,
+        "shape_share_of_model_time": round(sum(p["shape_ms"] for p in per) / 1e3 / model, 4) if model else None,
+        "worst_case_full_frame_1280x720_shape_ms": round(1e3 * worst, 2), "repeats": repeats,
+        "eval_wall_s": r["wall_s"], "eval_model_s": round(model, 3),
+    }), flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="sa2va-4b")
@@ -79,7 +154,12 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="test-size shapes (a CPU smoke run of this script)")
     ap.add_argument("--skip-generate", action="store_true", help="reuse WORK/out and WORK/data from an earlier run")
+    ap.add_argument("--metric-cost", action="store_true",
+                    help="time scoring (counts, clDice, boundary F, HD95) against the model per image (tiny, CPU)")
+    ap.add_argument("--repeats", type=int, default=5, help="--metric-cost: timings per image (median)")
     args = ap.parse_args()
+    if args.metric_cost:
+        return metric_cost(args.work, args.images, args.repeats, min(args.max_new_tokens, 16))
     work, out, data = args.work, args.work / "out", args.work / "data"
     cli = [sys.executable, "-m", "sa2va_convert.cli"]
 

@@ -42,7 +42,7 @@ from click.testing import CliRunner  # noqa: E402
 from sa2va_convert.api import ConvertOptions, convert  # noqa: E402
 from sa2va_convert.cli import main as cli_main  # noqa: E402
 from sa2va_convert.evaluate.data import load_dataset  # noqa: E402
-from sa2va_convert.evaluate.metrics import scores  # noqa: E402
+from sa2va_convert.evaluate.metrics import counts, scores  # noqa: E402
 from sa2va_convert.testing import make_tiny_example, reference_output  # noqa: E402
 from sa2va_convert.testing.finetune import SEG_TOKEN, STOP_TOKEN, drop_from_checkpoint, synthetic_picture  # noqa: E402
 from sa2va_convert.runner.child import cap_generation, cuda_on_cpu  # noqa: E402
@@ -489,7 +489,8 @@ def test_an_interrupted_run_resumes_from_the_streamed_results(world, main_run, t
     report = json.loads(r.stdout)
     assert report["resumed"] == finished and report["evaluated"] == len(PICTURES) - finished
     ft = next(m for m in main_run.report["models"] if m["model"] == "finetune")
-    for key in ("images", "mean_dice", "giou", "ciou", "no_seg_rate"):
+    for key in ("images", "mean_dice", "giou", "ciou", "no_seg_rate", "mean_cldice", "mean_boundary_f", "mean_hd95",
+                "n_hd95"):
         assert report["models"][0][key] == ft[key], key
 
 
@@ -665,3 +666,242 @@ def test_model_names_default_unique_or_given(tmp_path):
                         (["x", "a/b"], "cannot name a model"), (["x", ".."], "cannot name a model")):
         with pytest.raises(UsageError, match=re.escape(says)):
             resolve_models([a, b], names)
+
+
+# ------------------------------------------------------------------ shape: clDice, boundary F, HD95
+#
+# Written out here a second way: outlines by neighbour checks on a padded copy (not an erosion),
+# nearest distances by brute force over every pair of outline pixels (not a distance transform),
+# and clDice from skimage's skeletonize on the whole frame (metrics.py works on a crop) with numpy
+# set arithmetic.
+
+
+def _outline(m: np.ndarray) -> np.ndarray:
+    """Pixels of ``m`` with at least one of their 8 neighbours outside it (or outside the frame)."""
+    p = np.pad(m, 1, constant_values=False)
+    h, w = m.shape
+    inside_all = np.ones_like(m)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            inside_all &= p[1 + dy: 1 + dy + h, 1 + dx: 1 + dx + w]
+    return m & ~inside_all
+
+
+def _nearest(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """For every True pixel of ``a``, the Euclidean distance to the nearest True pixel of ``b``."""
+    pa, pb = np.argwhere(a).astype(float), np.argwhere(b).astype(float)
+    return np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1)).min(axis=1)
+
+
+def independent_shape(pred: np.ndarray, truth: np.ndarray, tol: float = 2.0) -> dict:
+    from skimage.morphology import skeletonize
+
+    if not pred.any() and not truth.any():
+        return {"cldice": 1.0, "boundary_f": 1.0, "hd95": 0.0}
+    if not pred.any() or not truth.any():
+        return {"cldice": 0.0, "boundary_f": 0.0, "hd95": None}
+    sp, st = set(map(tuple, np.argwhere(skeletonize(pred)))), set(map(tuple, np.argwhere(skeletonize(truth))))
+    in_t, in_p = set(map(tuple, np.argwhere(truth))), set(map(tuple, np.argwhere(pred)))
+    tprec, tsens = len(sp & in_t) / len(sp), len(st & in_p) / len(st)
+    cl = 2 * tprec * tsens / (tprec + tsens) if tprec + tsens else 0.0
+    op, ot = _outline(pred), _outline(truth)
+    d_pt, d_tp = _nearest(op, ot), _nearest(ot, op)
+    bp, br = (d_pt <= tol).mean(), (d_tp <= tol).mean()
+    return {"cldice": cl, "boundary_f": 2 * bp * br / (bp + br) if bp + br else 0.0,
+            "hd95": float(np.percentile(np.concatenate([d_pt, d_tp]), 95))}
+
+
+def assert_same_shape(got: dict, want: dict) -> None:
+    for k in ("cldice", "boundary_f", "hd95"):
+        if want[k] is None:
+            assert got[k] is None, (k, got, want)
+        else:
+            assert got[k] == pytest.approx(want[k], abs=1.5e-6), (k, got, want)
+
+
+def _rect(h, w, r0, r1, c0, c1) -> np.ndarray:
+    m = np.zeros((h, w), bool)
+    m[r0:r1, c0:c1] = True
+    return m
+
+
+def _broken_line() -> tuple[np.ndarray, np.ndarray]:
+    """A bar with a long 1-px line leaving it (truth), and the same with the line cut in the middle."""
+    truth = _rect(40, 120, 10, 30, 5, 25)
+    truth[20, 25:115] = True
+    pred = truth.copy()
+    pred[20, 60:80] = False
+    return pred, truth
+
+
+def _shape_cases() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from scipy.ndimage import binary_erosion
+
+    box = _rect(48, 64, 10, 35, 12, 50)
+    disk = np.hypot(*np.mgrid[-20:21, -20:21]) <= 15
+    return {
+        "identical": (box, box.copy()),
+        "shifted_1": (np.roll(box, 1, axis=1), box),
+        "shifted_3": (np.roll(box, 3, axis=0), box),
+        "shifted_7": (np.roll(disk, 7, axis=1), disk),
+        "eroded": (binary_erosion(disk, iterations=2), disk),
+        "empty_vs_empty": (np.zeros((9, 7), bool), np.zeros((9, 7), bool)),
+        "empty_pred": (np.zeros_like(box), box),
+        "empty_truth": (box, np.zeros_like(box)),
+        "one_pixel": (_rect(5, 5, 2, 3, 2, 3), _rect(5, 5, 2, 3, 2, 3)),
+        "one_pixel_apart": (_rect(9, 9, 1, 2, 1, 2), _rect(9, 9, 7, 8, 6, 7)),
+        "touches_the_frame": (_rect(20, 20, 0, 12, 0, 20), _rect(20, 20, 0, 10, 0, 20)),
+        "broken_line": _broken_line(),
+    }
+
+
+@pytest.mark.parametrize("case", list(_shape_cases()))
+def test_shape_scores_equal_an_independent_implementation(case):
+    from sa2va_convert.evaluate.metrics import shape_scores
+
+    pred, truth = _shape_cases()[case]
+    got, want = shape_scores(pred, truth), independent_shape(pred, truth)
+    assert_same_shape(got, want)
+    expected = {  # what each case must give, whatever either implementation says
+        "identical": {"cldice": 1.0, "boundary_f": 1.0, "hd95": 0.0},
+        "empty_vs_empty": {"cldice": 1.0, "boundary_f": 1.0, "hd95": 0.0},
+        "empty_pred": {"cldice": 0.0, "boundary_f": 0.0, "hd95": None},
+        "empty_truth": {"cldice": 0.0, "boundary_f": 0.0, "hd95": None},
+        "one_pixel": {"cldice": 1.0, "boundary_f": 1.0, "hd95": 0.0},
+        "one_pixel_apart": {"cldice": 0.0, "boundary_f": 0.0, "hd95": pytest.approx(np.hypot(6, 5))},
+    }.get(case)
+    if expected:
+        assert got == expected
+    if case == "shifted_1":
+        assert got["boundary_f"] == 1.0 and got["hd95"] == 1.0  # within the 2 px tolerance
+    if case == "shifted_3":
+        assert got["boundary_f"] < 1.0 and got["hd95"] == 3.0
+    if case == "broken_line":  # pixels barely notice the cut; the centerline does
+        s = scores(**counts(pred, truth))
+        assert s["dice"] > 0.97 and got["cldice"] < s["dice"] - 0.05
+
+
+def test_shape_scores_on_random_masks_equal_an_independent_implementation():
+    from scipy.ndimage import gaussian_filter
+
+    from sa2va_convert.evaluate.metrics import shape_scores
+
+    rng = np.random.default_rng(3)
+    for i in range(24):
+        h, w = int(rng.integers(8, 70)), int(rng.integers(8, 70))
+        blobs = [gaussian_filter(rng.random((h, w)), sigma=float(rng.uniform(0.5, 4))) for _ in range(2)]
+        pred, truth = (b > np.quantile(b, rng.uniform(0.3, 0.95)) for b in blobs)
+        if i % 6 == 0:
+            truth = pred.copy()
+            truth[rng.integers(0, h), :] ^= True  # a one-row disagreement, lines included
+        assert_same_shape(shape_scores(pred, truth), independent_shape(pred, truth))
+        tol = float(rng.choice([0.0, 1.0, 1.5, 3.0]))
+        assert_same_shape(shape_scores(pred, truth, tol), independent_shape(pred, truth, tol))
+
+
+def check_shape_columns(rows: list[dict], out: Path, truth: dict, summaries: list[dict]) -> None:
+    """metrics.csv's clDice/boundary F/HD95 equal the independent values from the saved PNGs, and
+    summary.json's means (with their counts) are the means of those."""
+    for m in summaries:
+        mine = {}
+        for row in (r for r in rows if r["model"] == m["model"]):
+            with Image.open(out / "predictions" / m["model"] / f"{row['stem']}.png") as im:
+                pred = np.asarray(im) == 255
+            mine[row["stem"]] = want = independent_shape(pred, truth[row["stem"]])
+            for k in ("cldice", "boundary_f", "hd95"):
+                assert (row[k] == "") == (want[k] is None), (m["model"], row["stem"], k)
+                if want[k] is not None:
+                    assert float(row[k]) == pytest.approx(want[k], abs=1.5e-6)
+        for k in ("cldice", "boundary_f", "hd95"):
+            defined = [v[k] for v in mine.values() if v[k] is not None]
+            assert m[f"n_{k}"] == len(defined)
+            if defined:
+                assert m[f"mean_{k}"] == pytest.approx(np.mean(defined), abs=2e-6)
+            else:
+                assert m[f"mean_{k}"] is None
+
+
+def test_shape_columns_recomputed_from_the_saved_masks(world, main_run):
+    rows = read_rows(main_run.out / "metrics.csv")
+    check_shape_columns(rows, main_run.out, world.truth, main_run.report["models"])
+    models = {m["model"]: m for m in main_run.report["models"]}
+    assert models["finetune"]["mean_cldice"] > 0.8 and models["finetune"]["n_hd95"] == len(PICTURES)
+    for twin in ("no_lora", "no_head"):  # nothing predicted: 0, 0, and no HD95 at all (not a made-up distance)
+        assert (models[twin]["mean_cldice"], models[twin]["mean_boundary_f"]) == (0.0, 0.0)
+        assert (models[twin]["mean_hd95"], models[twin]["n_hd95"]) == (None, 0)
+    for k in ("cldice", "boundary_f", "hd95"):
+        assert k in main_run.report["definitions"]
+    lines = main_run.stdout.splitlines()  # the table: the three means, HD95 with its count when not all images
+    assert lines[1].split()[-5:] == ["clDice", "boundary", "F", "HD95", "px"]
+    ft = models["finetune"]
+    assert lines[2].split()[-3:] == [f"{ft['mean_cldice']:.3f}", f"{ft['mean_boundary_f']:.3f}", f"{ft['mean_hd95']:.2f}"]
+    assert lines[3].split()[-4:] == ["0.000", "0.000", "-", f"(0/{len(PICTURES)})"]
+
+
+def test_shape_columns_with_an_empty_truth_and_kept_by_resume(world, mixed_run, tmp_path):
+    truth = dict(world.truth)
+    for stem in ("g_more", "f_empty"):
+        with Image.open(mixed_run.data / "masks" / f"{stem}.png") as im:
+            truth[stem] = np.asarray(im) > 0
+    rows = read_rows(mixed_run.out / "metrics.csv")
+    check_shape_columns(rows, mixed_run.out, truth, mixed_run.report["models"])
+    row = {(r["model"], r["stem"]): r for r in rows}
+    assert (row["no_lora", "f_empty"]["cldice"], row["no_lora", "f_empty"]["hd95"]) == ("1.000000", "0.000000")
+    assert row["finetune", "f_empty"]["hd95"] == "" and row["finetune", "f_empty"]["boundary_f"] == "0.000000"
+    # --resume re-scores nothing from the masks: the rows keep their values, the means are the same
+    r, out = rerun(mixed_run, tmp_path, "--json")
+    assert r.exit_code == 0, r.stderr[-3000:]
+    again = json.loads(r.stdout)
+    assert again["evaluated"] == 0
+    assert read_rows(out / "metrics.csv") == rows
+    keys = ("mean_cldice", "n_cldice", "mean_boundary_f", "n_boundary_f", "mean_hd95", "n_hd95")
+    assert [{k: m[k] for k in keys} for m in again["models"]] == [{k: m[k] for k in keys}
+                                                                 for m in mixed_run.report["models"]]
+    # and scoring the saved PNGs afresh gives the same numbers
+    from sa2va_convert.evaluate.metrics import measure
+
+    for (model, stem), r0 in row.items():
+        fresh = measure(Path(r0["prediction_file"]), Path(r0["mask"]))
+        for k in ("cldice", "boundary_f", "hd95"):
+            assert ("" if fresh[k] is None else f"{fresh[k]:.6f}") == r0[k]
+
+
+def test_the_scorer_scores_streamed_lines_while_the_child_runs(tmp_path):
+    """Scoring overlaps the model: complete lines are scored as they arrive, in a thread; lines of an
+    earlier run are not scored again; a line cut short (a crash) is never scored."""
+    from sa2va_convert.evaluate.run import _Scorer
+
+    results = tmp_path / "r.jsonl"
+    results.write_text('{"stem": "earlier"}\n')
+    seen: list[str] = []
+
+    def complete(r):
+        seen.append(r["stem"])
+        return None if r["stem"] == "not_ours" else {**r, "scored": True}
+
+    scorer = _Scorer(results, complete)
+    scorer.start()
+    with open(results, "a") as f:
+        f.write('{"stem": "a"}\n{"stem": "not_ours"}\n{"stem": "b"')
+        f.flush()
+        deadline = time.monotonic() + 10
+        while "not_ours" not in seen and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert seen == ["a", "not_ours"]  # scored before the child has finished
+        f.write('}\n{"stem": "cut')
+    rows = scorer.finish()
+    assert [r["stem"] for r in rows] == ["a", "b"] and all(r["scored"] for r in rows)
+    assert seen == ["a", "not_ours", "b"]
+
+
+def test_a_missing_scikit_image_is_one_line_before_any_model_loads(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "skimage" else real(name, *a))
+    r = CliRunner().invoke(cli_main, ["eval", str(tmp_path / "no_model"), "--data", str(tmp_path), "--out",
+                                      str(tmp_path / "rep")], env=ENV)
+    assert r.exit_code == 2, r.output
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "scikit-image, which is not installed" in errors[0], r.stderr
+    assert "sa2va-convert[eval]" in r.stderr and not (tmp_path / "rep").exists()

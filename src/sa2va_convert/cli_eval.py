@@ -31,6 +31,9 @@ COLUMNS = [
     "img/s",
     "empty GT",
     "Dice w/ object",
+    "clDice",
+    "boundary F",
+    "HD95 px",
 ]
 
 
@@ -56,9 +59,20 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
                 _f(m["images_per_s"], 2),
                 f"{m.get('n_empty_gt', 0)}/{m.get('n_images', m['images'])}",
                 _f(m.get("mean_dice_with_object")),
+                _f(m.get("mean_cldice")),
+                _f(m.get("mean_boundary_f")),
+                _hd95(m),
             ]
         )
     return rows
+
+
+def _hd95(m: dict[str, Any]) -> str:
+    """The mean HD95 with the images it is over when that is not all of them: an image with one
+    empty mask has no HD95, and a mean over fewer images must not pass for one over all."""
+    value = _f(m.get("mean_hd95"), 2)
+    n, of = m.get("n_hd95", 0), m.get("n_in_means", 0)
+    return value if n == of else f"{value} ({n}/{of})"
 
 
 def _signed(x: float | None) -> str:

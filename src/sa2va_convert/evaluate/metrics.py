@@ -17,6 +17,26 @@ names an absent object; but the credit is a perfect 1 won by silence, which on a
 decide a comparison. MONAI's default and nnU-Net leave such images out (``skip``). Both are
 offered, and every summary says which rule ran, how many images had an empty truth and how many of
 them the model left empty, and gives the mean over the images with an object either way.
+
+Shape of the mask. Dice and IoU count pixels, so a thin structure (a cable, a crack, a vessel)
+broken in the middle loses a handful of pixels and keeps a Dice near 1, and a ragged outline
+costs little against a large area. Three values look at the shape instead, and need the masks,
+not counts: they are computed once, when a saved prediction is scored (``measure``), and written
+to metrics.csv with its counts, so a resumed run keeps them and re-scoring the PNGs gives them again:
+
+- clDice (Shit et al., CVPR 2021): the share of the prediction's skeleton inside the truth
+  (Tprec) and of the truth's skeleton inside the prediction (Tsens), combined as a harmonic mean;
+  a broken line loses the skeleton's continuity where Dice barely moves;
+- boundary F at a tolerance of ``BOUNDARY_TOLERANCE`` px: precision and recall of the outline
+  pixels (a mask minus its erosion by a 3x3 square; a mask touching the frame has outline there),
+  each matched within the tolerance (Euclidean distance) to the other mask's outline;
+- HD95: the 95th percentile (numpy's linear interpolation) of the outline-to-outline distances,
+  both directions pooled, in pixels; lower is better, and it is the one value without an upper bound.
+
+Empty masks follow the rule above where a value has one: both empty scores clDice 1, boundary F 1,
+HD95 0; one empty scores clDice 0 and boundary F 0, and has no HD95 (null: a distance to nothing
+is not a number, and any stand-in would move the mean), so ``mean_hd95`` says how many images it is
+over (``n_hd95``).
 """
 
 from __future__ import annotations
@@ -31,6 +51,11 @@ import numpy as np
 from .data import read_mask
 
 EMPTY_GT_RULES = ("score", "skip")
+#: pixels within which an outline pixel counts as found by boundary F (2 px: a bf16 model or an
+#: annotator's pen moves an edge by a pixel or two; the DAVIS benchmark's tolerance is of this order)
+BOUNDARY_TOLERANCE = 2.0
+#: per-image values computed from the masks, not from the counts (``shape_scores``): metrics.csv columns
+SHAPE_KEYS = ("cldice", "boundary_f", "hd95")
 
 
 def _ratio(num: int, den: int, both_empty: bool) -> float:
@@ -50,15 +75,26 @@ def scores(intersection: int, union: int, pred_area: int, true_area: int) -> dic
     }
 
 
-def mask_counts(prediction: Path, truth: Path) -> dict[str, int]:
-    """Pixel counts of a saved prediction PNG against its ground-truth mask (``data.read_mask``)."""
+def _read_pair(prediction: Path, truth: Path) -> tuple[np.ndarray, np.ndarray]:
     pred, true = read_mask(prediction), read_mask(truth)
     if pred.shape != true.shape:
         raise ValueError(
             f"ground-truth mask {truth} is {true.shape[0]}x{true.shape[1]}, the image is "
             f"{pred.shape[0]}x{pred.shape[1]} (H x W)"
         )
-    return counts(pred, true)
+    return pred, true
+
+
+def mask_counts(prediction: Path, truth: Path) -> dict[str, int]:
+    """Pixel counts of a saved prediction PNG against its ground-truth mask (``data.read_mask``)."""
+    return counts(*_read_pair(prediction, truth))
+
+
+def measure(prediction: Path, truth: Path) -> dict[str, Any]:
+    """Everything a metrics.csv row records of a saved prediction: its pixel counts and its shape
+    scores, from one read of the two masks (what ``run.py`` calls for each saved PNG)."""
+    pred, true = _read_pair(prediction, truth)
+    return {**counts(pred, true), **shape_scores(pred, true)}
 
 
 def counts(pred: np.ndarray, truth: np.ndarray) -> dict[str, int]:
@@ -72,6 +108,75 @@ def counts(pred: np.ndarray, truth: np.ndarray) -> dict[str, int]:
         "pred_area": int(np.count_nonzero(pred)),
         "true_area": int(np.count_nonzero(truth)),
     }
+
+
+def _imports() -> tuple[Any, Any]:
+    """scipy.ndimage and skimage's skeletonize, imported when a mask is scored (not when ``eval``
+    is registered: ``--help`` stays fast), with the extra to install when they are missing."""
+    try:
+        from scipy import ndimage
+        from skimage.morphology import skeletonize
+    except ImportError as e:
+        raise ImportError(
+            f"eval's clDice, boundary F and HD95 need scipy and scikit-image ({e}): pip install 'sa2va-convert[eval]'"
+        ) from None
+    return ndimage, skeletonize
+
+
+def _crop(pred: np.ndarray, truth: np.ndarray, margin: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks cut to the box around their union plus ``margin`` px (clipped to the frame): every
+    outline and skeleton pixel lies inside, and beyond it there is only background, so the values are
+    those of the whole frame at a fraction of the cost on a large image with a small object."""
+    rows, cols = np.nonzero(pred | truth)
+    h, w = pred.shape
+    r0, r1 = max(int(rows.min()) - margin, 0), min(int(rows.max()) + margin + 1, h)
+    c0, c1 = max(int(cols.min()) - margin, 0), min(int(cols.max()) + margin + 1, w)
+    return pred[r0:r1, c0:c1], truth[r0:r1, c0:c1]
+
+
+def shape_scores(pred: np.ndarray, truth: np.ndarray, tolerance: float = BOUNDARY_TOLERANCE) -> dict[str, float | None]:
+    """clDice, boundary F and HD95 of two bool (H, W) masks (the rules are in the module's docstring)."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction {pred.shape} and ground truth {truth.shape} differ in shape")
+    has_p, has_t = bool(pred.any()), bool(truth.any())
+    if not (has_p and has_t):
+        both = not (has_p or has_t)
+        return {"cldice": 1.0 if both else 0.0, "boundary_f": 1.0 if both else 0.0, "hd95": 0.0 if both else None}
+    ndimage, skeletonize = _imports()
+    pred, truth = _crop(pred, truth, 2)  # skeletonize and erosion see background around the union
+
+    skel_p, skel_t = skeletonize(pred), skeletonize(truth)
+    tprec = _share(skel_p & truth, skel_p)
+    tsens = _share(skel_t & pred, skel_t)
+    cldice = 2 * tprec * tsens / (tprec + tsens) if tprec + tsens else 0.0
+
+    square = np.ones((3, 3), bool)
+    edge_p = pred & ~ndimage.binary_erosion(pred, square, border_value=0)
+    edge_t = truth & ~ndimage.binary_erosion(truth, square, border_value=0)
+    # distance of every pixel to the nearest outline pixel of the other mask (exact Euclidean)
+    to_t = ndimage.distance_transform_edt(~edge_t)
+    to_p = ndimage.distance_transform_edt(~edge_p)
+    d_pt, d_tp = to_t[edge_p], to_p[edge_t]
+    precision, recall = float(np.mean(d_pt <= tolerance)), float(np.mean(d_tp <= tolerance))
+    boundary_f = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    hd95 = float(np.percentile(np.concatenate([d_pt, d_tp]), 95))
+    # rounded as metrics.csv writes them, so a fresh run's means equal a resumed run's
+    return {"cldice": round(cldice, 6), "boundary_f": round(boundary_f, 6), "hd95": round(hd95, 6)}
+
+
+def _share(part: np.ndarray, whole: np.ndarray) -> float:
+    n = int(np.count_nonzero(whole))
+    return int(np.count_nonzero(part)) / n if n else 0.0
+
+
+def shape_value(row: dict[str, Any], key: str) -> float | None:
+    """A row's clDice/boundary F/HD95 as a number: a float from ``measure``, the text of metrics.csv
+    on a resumed run, and None where the value is undefined (HD95 with one mask empty)."""
+    v = row.get(key)
+    if v is None or v == "":
+        return None
+    return float(v)
 
 
 @dataclass
@@ -101,6 +206,13 @@ class ModelSummary:
     n_empty_gt_empty_pred: int = 0  # of those, where the prediction is empty too (Dice 1 under ``score``)
     n_in_means: int = 0  # images the means and cIoU are over (n_images, less n_empty_gt under ``skip``)
     mean_dice_with_object: float | None = None  # mean Dice over the images whose ground truth is not empty
+    mean_cldice: float | None = None  # mean of the per-image clDice over the images in the means
+    n_cldice: int = 0  # images that mean is over
+    mean_boundary_f: float | None = None  # mean of the per-image boundary F (at boundary_tolerance px)
+    n_boundary_f: int = 0
+    mean_hd95: float | None = None  # mean of the per-image HD95 (px) where it is defined: lower is better
+    n_hd95: int = 0  # images with an HD95 (both masks empty or both not): fewer than n_in_means when one was empty
+    boundary_tolerance: float = BOUNDARY_TOLERANCE
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -141,6 +253,14 @@ def summarise(
     def mean(key: str) -> float | None:
         return float(np.mean([p[key] for p in per])) if per else None
 
+    shape: dict[str, list[float]] = {}
+    for key in SHAPE_KEYS:
+        values = [shape_value(r, key) for r in kept]
+        shape[key] = [v for v in values if v is not None]
+
+    def shape_mean(key: str) -> float | None:
+        return float(np.mean(shape[key])) if shape[key] else None
+
     return ModelSummary(
         model=model,
         folder=folder,
@@ -162,6 +282,12 @@ def summarise(
         n_empty_gt_empty_pred=sum(1 for r in empty if int(r["pred_area"]) == 0),
         n_in_means=len(kept),
         mean_dice_with_object=float(np.mean(with_object)) if with_object else None,
+        mean_cldice=shape_mean("cldice"),
+        n_cldice=len(shape["cldice"]),
+        mean_boundary_f=shape_mean("boundary_f"),
+        n_boundary_f=len(shape["boundary_f"]),
+        mean_hd95=shape_mean("hd95"),
+        n_hd95=len(shape["hd95"]),
     )
 
 
@@ -203,6 +329,11 @@ __all__ = [
     "scores",
     "counts",
     "mask_counts",
+    "measure",
+    "shape_scores",
+    "shape_value",
+    "SHAPE_KEYS",
+    "BOUNDARY_TOLERANCE",
     "summarise",
     "best_model",
     "per_image",

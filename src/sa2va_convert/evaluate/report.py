@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OutputError
-from .metrics import ModelSummary, scores
+from .metrics import SHAPE_KEYS, ModelSummary, scores, shape_value
 
 CSV_COLUMNS = (
     "model",
@@ -34,6 +34,9 @@ CSV_COLUMNS = (
     "iou",
     "precision",
     "recall",
+    "cldice",
+    "boundary_f",
+    "hd95",
     "intersection",
     "union",
     "pred_area",
@@ -82,6 +85,9 @@ def full_row(row: dict[str, Any]) -> dict[str, Any]:
     if row.get("status") != "failed":
         s = scores(int(row["intersection"]), int(row["union"]), int(row["pred_area"]), int(row["true_area"]))
         out.update({k: f"{v:.6f}" for k, v in s.items()})
+        for k in SHAPE_KEYS:  # computed from the masks when the row was scored: kept as they are
+            v = shape_value(row, k)
+            out[k] = "" if v is None else f"{v:.6f}"
     for k in ("iteration",):
         out[k] = "" if out[k] is None else out[k]
     return out

@@ -5,7 +5,8 @@ mode ``eval``) loads the folder once and runs its own ``predict_forward`` on eve
 forcing ``[SEG]``: an answer without ``[SEG]`` is an empty prediction. The child saves the union
 of the ``[SEG]`` masks as ``predictions/<model>/<stem>.png`` and streams one JSON line per image
 (its answer, mask count, seconds) to a file; it scores nothing. This process counts each saved
-PNG against the ground truth and turns the counts into Dice/IoU/... (``metrics.py``, the one
+PNG against the ground truth (its pixel counts and, from the masks, clDice, boundary F and HD95)
+and turns the counts into Dice/IoU/... (``metrics.py``, the one
 home of every score), then writes the report (``report.py``). So every number comes from a mask
 the model produced and that lies next to the report, and only one image's masks are in memory
 at a time.
@@ -27,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -48,7 +50,7 @@ from .metrics import (
     ModelSummary,
     best_model,
     leaders,
-    mask_counts,
+    measure,
     per_image,
     summarise,
 )
@@ -296,6 +298,17 @@ DEFINITIONS = {
     "too; n_in_means the images the means are over (see empty_gt for the rule)",
     "mean_dice_with_object": "mean of the per-image Dice over the images whose ground truth is not empty, whatever "
     "the rule",
+    "cldice": "centerline Dice (Shit et al. 2021) per image: Tprec = |S(P)∩T|/|S(P)|, Tsens = |S(T)∩P|/|S(T)|, "
+    "clDice = 2·Tprec·Tsens/(Tprec+Tsens), S = skimage.morphology.skeletonize; 1.0 when both masks are empty, 0.0 "
+    "when only one is; mean_cldice is its mean over n_cldice images (those in the means)",
+    "boundary_f": "boundary F-score per image at boundary_tolerance px (2): outline = mask minus its erosion by a 3x3 "
+    "square (the frame's edge counts as outside); precision = share of P's outline pixels within the tolerance "
+    "(Euclidean) of T's outline, recall the same of T's outline against P's; F = 2PR/(P+R); 1.0 when both masks are "
+    "empty, 0.0 when only one is; mean_boundary_f is its mean over n_boundary_f images",
+    "hd95": "95th percentile (numpy's linear interpolation) of the outline-to-outline distances in pixels, both "
+    "directions pooled (every outline pixel of P to the nearest of T, and of T to P); lower is better; 0.0 when both "
+    "masks are empty, null (no number) when only one is; mean_hd95 is its mean over the n_hd95 images where it is "
+    "defined, so it leaves out every image where one mask was empty (see mean_dice for those)",
     "comparisons": "per metric, each model against the baseline over the images both scored: per-image differences "
     "(model - baseline, in paired.csv), wins/ties/losses (higher/equal/lower per image), their mean with a 95 % "
     "percentile bootstrap interval (resamples of the images with replacement, numpy.random.default_rng(seed)) "
@@ -409,7 +422,7 @@ def _complete(row: dict[str, Any], spec: ModelSpec, sample: Sample, out: Path) -
     )
     if r.get("status") == "ok":
         try:
-            r.update(mask_counts(_pred_path(out, spec.name, sample.stem), sample.mask))
+            r.update(measure(_pred_path(out, spec.name, sample.stem), sample.mask))
         except Exception as e:  # as in the child: this image is a recorded failure, the others are still scored
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             r.update(status="failed", error=f"{type(e).__name__}: {lines[0][:400] if lines else type(e).__name__}")
@@ -417,6 +430,61 @@ def _complete(row: dict[str, Any], spec: ModelSpec, sample: Sample, out: Path) -
         r["status"] = "no_seg"  # an answer without [SEG]: an empty prediction, scored as such
     r["prediction_file"] = str(_pred_path(out, spec.name, sample.stem)) if r.get("status") != "failed" else ""
     return r
+
+
+class _Scorer:
+    """Scores the child's result lines as they are streamed, in a thread of this process, while the
+    child predicts the next images: clDice's skeletons and the outline distances cost a fraction of a
+    second per large image on one core, which would otherwise add up after the model has finished,
+    while this process sits idle waiting for it. The child saves an image's PNG before its line, so a
+    complete line's prediction is on disk; only complete lines are read (one cut by a crash is not)."""
+
+    def __init__(self, results: Path, complete: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
+        self._results, self._complete = results, complete
+        self._offset = results.stat().st_size  # lines already there were scored by an earlier run
+        self._rows: list[dict[str, Any]] = []
+        self._error: BaseException | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="eval-scorer", daemon=True)
+
+    def _poll(self) -> None:
+        with open(self._results, "rb") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1
+        self._offset += end
+        for line in chunk[:end].decode("utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done = self._complete(row)
+            if done is not None:
+                self._rows.append(done)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping.wait(0.2):
+                self._poll()
+        except BaseException as e:  # re-raised by finish(), in the caller's thread
+            self._error = e
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Every row of this run, after the child has exited: the lines the thread had not reached yet
+        are scored here."""
+        self.stop()
+        if self._error is not None:
+            raise self._error
+        self._poll()
+        return self._rows
 
 
 def _run_model(
@@ -453,7 +521,10 @@ def _run_model(
     items.write_text("\n".join(lines) + "\n", encoding="utf-8")
     earlier = _read_jsonl(results)  # an interrupted run's lines; a line cut by the crash is dropped here
     results.write_text("".join(json.dumps(r) + "\n" for r in earlier), encoding="utf-8")
-    start_line = len(earlier)
+    by_stem = {s.stem: s for s in share}
+    scorer = _Scorer(
+        results, lambda r: _complete(r, spec, by_stem[r["stem"]], out) if r.get("stem") in by_stem else None
+    )
     check_fits(spec.folder, device, what="evaluation")
     timeout = image_timeout * (len(share) + 1)
     with dist.own_gpu(device) as child_device:
@@ -466,14 +537,13 @@ def _run_model(
             "items": str(items),
             "results": str(results),
         }
-        run = run_child(args, python=exe, timeout=timeout, on_stage=_throttled(spec.name, on_stage))
+        scorer.start()
+        try:
+            run = run_child(args, python=exe, timeout=timeout, on_stage=_throttled(spec.name, on_stage))
+        finally:
+            scorer.stop()
     report = report_from(run, spec.folder, exe)
-    by_stem = {s.stem: s for s in share}
-    rows = [
-        _complete(r, spec, by_stem[r["stem"]], out)
-        for r in _read_jsonl(results)[start_line:]
-        if r.get("stem") in by_stem
-    ]
+    rows = scorer.finish()
     if run.timed_out or not report.ok:
         err = child_failure(run, folder=spec.folder, python=exe, device=device, timeout=timeout, what="evaluation")
         err.hint = _eval_hint(err.hint)
@@ -575,12 +645,14 @@ def evaluate(
         )
     if empty_gt not in EMPTY_GT_RULES:
         raise UsageError(f"unknown empty-ground-truth rule {empty_gt!r}", hint="use --empty-gt score or skip")
+    # found now, not after every model ran: every saved mask is scored with both (clDice, boundary F, HD95)
+    for module, package in (("scipy", "scipy"), ("skimage", "scikit-image")):
+        if importlib.util.find_spec(module) is None:
+            raise UsageError(
+                f"eval scores the masks' shape (clDice, boundary F, HD95) with {package}, which is not installed",
+                hint=f"pip install 'sa2va-convert[eval]' (or pip install {package})",
+            )
     specs = resolve_models(list(models), names)
-    if len(specs) > 1 and importlib.util.find_spec("scipy") is None:  # found now, not after every model ran
-        raise UsageError(
-            "eval compares models with scipy's signed-rank test, and scipy is not installed",
-            hint="pip install 'sa2va-convert[eval]' (or pip install scipy)",
-        )
     if baseline is not None and baseline not in {s.name for s in specs}:
         raise UsageError(
             f"--baseline {baseline!r} is none of the models",
