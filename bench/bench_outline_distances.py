@@ -67,7 +67,7 @@ def main() -> int:
         pred, truth = _crop(pred, truth, 2)  # as eval's metrics do: the box around both, plus 2 px
         edge_p, edge_t = outlines(pred), outlines(truth)
         a, b = by_transform(edge_p, edge_t), by_tree(edge_p, edge_t)
-        equal = all(np.array_equal(x, y) for x, y in zip(a, b))
+        equal = all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
         times: dict[str, list[float]] = {"transform": [], "tree": []}
         for _ in range(args.repeats):  # interleaved: both see the same machine state
             for label, fn in (("transform", by_transform), ("tree", by_tree)):
