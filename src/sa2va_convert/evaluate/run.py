@@ -42,7 +42,7 @@ from ..runner.memory import check_fits
 from ..runner.process import check_device, resolve_python, run_child
 from ..runner.report import judge_loading, report_from
 from .compare import Comparison, compare, compare_models
-from .data import Sample, load_dataset
+from .data import MaskRule, Sample, load_dataset
 from .defaults import DEFAULT_IMAGE_TIMEOUT
 from .metrics import (
     EMPTY_GT_RULES,
@@ -422,7 +422,7 @@ def _complete(row: dict[str, Any], spec: ModelSpec, sample: Sample, out: Path) -
     )
     if r.get("status") == "ok":
         try:
-            r.update(measure(_pred_path(out, spec.name, sample.stem), sample.mask))
+            r.update(measure(_pred_path(out, spec.name, sample.stem), sample.mask, sample.rule))
         except Exception as e:  # as in the child: this image is a recorded failure, the others are still scored
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             r.update(status="failed", error=f"{type(e).__name__}: {lines[0][:400] if lines else type(e).__name__}")
@@ -625,6 +625,8 @@ def evaluate(
     fail_under: dict[str, float] | None = None,
     require_better: bool = False,
     names: list[str] | None = None,
+    mask_threshold: float | None = None,
+    ignore_index: int | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """Evaluate every model on ``data`` and write the report into ``out``.
@@ -660,7 +662,7 @@ def evaluate(
         )
     gate = _gate_spec(fail_under, require_better, len(specs))
     say(f"checking {data}")
-    samples = load_dataset(data, prompt, limit=limit)
+    samples = load_dataset(data, prompt, limit=limit, rule=MaskRule(mask_threshold, ignore_index))
     exe = resolve_python(python)
     device = check_device(device)
     out = Path(out).resolve()
@@ -816,6 +818,9 @@ def _evaluate(
     if any(m.no_seg for m in report.models):
         report.notes.append("answers without [SEG] are empty predictions (scored, never forced)")
     report.notes.append(_empty_gt_note(report))
+    rule = samples[0].rule.describe() if samples else ""
+    if rule:
+        report.notes.append(f"ground truth read with: {rule}")
     say("writing the report")
     if len(specs) > 1:
         report.files["paired"] = str(out / PAIRED)
