@@ -121,3 +121,27 @@ def test_void_pixels_count_for_nothing(tmp_path):
     assert without["true_area"] == 150 + 4 * 12 - 0 + 2 * 30 - 0
     fg, valid = read_truth(truth, rule)
     assert valid is not None and int((~valid).sum()) == 4 * 12 + 2 * 30 and not (fg & ~valid).any()
+
+
+# ------------------------------------------------------------------ GIF masks
+
+
+def test_gif_masks_in_a_folder_are_read_as_palette_indices(tmp_path):
+    truth = _ellipse()
+    labels = truth.astype(np.uint8) * 2  # label 2 on 0
+    labels[:3, :] = 255
+    gif = _pair(tmp_path, "a.gif")
+    img = Image.fromarray(labels, "P")
+    # index 2 drawn black, index 0 white: a colour reading would swap them; the indices decide
+    img.putpalette([255, 255, 255, 0, 0, 0, 0, 0, 0] + [9, 9, 9] * 253)
+    img.save(gif, optimize=False)  # keep the indices as written (Pillow would renumber unused entries)
+    assert Image.open(gif).format == "GIF" and np.array_equal(np.asarray(Image.open(gif)), labels)
+    samples = load_dataset(tmp_path, "x")
+    assert [s.mask for s in samples] == [gif.resolve()]
+    fg, valid = read_truth(gif)
+    assert valid is None and np.array_equal(fg, labels != 0)
+    fg, valid = read_truth(gif, MaskRule(ignore_index=255))
+    assert np.array_equal(fg, truth & (labels != 255)) and valid is not None and int((~valid).sum()) == 3 * 64
+    pred = _png(tmp_path / "pred.png", labels == 2)
+    got = measure(pred, gif, MaskRule(ignore_index=255))
+    assert got["intersection"] == got["union"] == got["true_area"] == int((labels == 2).sum())

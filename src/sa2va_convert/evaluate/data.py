@@ -25,7 +25,9 @@ from ..errors import InputError, UsageError
 from ..predict import wrap_prompt
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-MASK_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
+#: ``.gif`` because older segmentation sets ship their label maps as GIF: palette images whose
+#: indices are the labels, read as indices (not colours), like a palette PNG
+MASK_EXTS = (".png", ".gif", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
 MANIFEST_EXTS = (".jsonl", ".csv")
 #: formats whose compression moves pixel values: an edge saved as 255 on 0 comes back as a ramp of
 #: greys, so "any non-zero pixel" would count a halo of noise as foreground
