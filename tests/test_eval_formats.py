@@ -145,3 +145,115 @@ def test_gif_masks_in_a_folder_are_read_as_palette_indices(tmp_path):
     pred = _png(tmp_path / "pred.png", labels == 2)
     got = measure(pred, gif, MaskRule(ignore_index=255))
     assert got["intersection"] == got["union"] == got["true_area"] == int((labels == 2).sum())
+
+
+# ------------------------------------------------------------------ several prompts per image
+
+
+def _manifest(path: Path, rows: list[tuple[str, str, str]]) -> Path:
+    path.write_text("".join(json.dumps({"image": i, "mask": m, "prompt": p}) + "\n" for i, m, p in rows))
+    return path
+
+
+def test_an_image_on_several_rows_gets_one_key_per_row(tmp_path):
+    _png(_pair(tmp_path, "a.png"), _ellipse())
+    _png(_pair(tmp_path, "b.png"), _ellipse())
+    _png(tmp_path / "masks" / "a2.png", ~_ellipse())
+    m = _manifest(tmp_path / "set.jsonl", [("images/a.png", "masks/a.png", "car"),
+                                           ("images/b.png", "masks/b.png", "car"),
+                                           ("images/a.png", "masks/a2.png", "road")])
+    samples = load_dataset(m)
+    assert [(s.stem, s.mask.name, s.prompt) for s in samples] == [
+        ("a-p1", "a.png", "<image>Please segment the car."),
+        ("b", "b.png", "<image>Please segment the car."),
+        ("a-p2", "a2.png", "<image>Please segment the road."),
+    ]
+    # two different images with one stem are still refused (their predictions would share a file)
+    (tmp_path / "other").mkdir()
+    _png(tmp_path / "other" / "b.png", _ellipse())
+    m = _manifest(tmp_path / "bad.jsonl", [("images/b.png", "masks/b.png", "car"),
+                                           ("other/b.png", "masks/b.png", "car")])
+    with pytest.raises(InputError, match="two rows have images named 'b'"):
+        load_dataset(m)
+    # nor may a key made for a repeated image take another image's name
+    Image.new("RGB", (64, 48)).save(tmp_path / "images" / "a-p1.png")
+    m = _manifest(tmp_path / "clash.jsonl", [("images/a-p1.png", "masks/b.png", "car"),
+                                             ("images/a.png", "masks/a.png", "car"),
+                                             ("images/a.png", "masks/a.png", "road")])
+    with pytest.raises(InputError, match="row key 'a-p1' is taken"):
+        load_dataset(m)
+
+
+# ------------------------------------------------------------------ end to end on the tiny model
+
+
+def run_eval(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "sa2va_convert.cli", "eval", *map(str, args), "--max-new-tokens", "16",
+           "--device", "cpu"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **ENV})
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_end_to_end_jpeg_gif_void_and_several_prompts(tmp_path):
+    """The fine-tune's own predictions, re-saved as a JPEG, a GIF and a palette PNG with a void band,
+    are the ground truth of a second run over three rows naming one image: every row scores 1."""
+    pytest.importorskip("transformers")
+    from sa2va_convert.api import ConvertOptions, convert
+    from sa2va_convert.testing import make_tiny_example
+    from sa2va_convert.testing.finetune import synthetic_picture
+
+    ex = make_tiny_example(tmp_path / "tiny")
+    model = tmp_path / "finetune"
+    convert(ex.checkpoint_path, model, ConvertOptions(base=ex.base_dir, roundtrip=False))
+    data = tmp_path / "data"
+    data.mkdir()
+    w, h = 80, 60
+    synthetic_picture(w, h, 0).save(data / "pic.png")
+    _png(data / "zero.png", np.zeros((h, w), bool))
+    prompts = ["object", "red object", "object"]
+    first = _manifest(data / "first.jsonl", [("pic.png", "zero.png", p) for p in prompts])
+    r = run_eval(model, "--data", first, "--out", tmp_path / "r1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    preds = {k: np.asarray(Image.open(tmp_path / "r1" / "predictions" / "finetune" / f"pic-{k}.png")) != 0
+             for k in ("p1", "p2", "p3")}
+    assert all(0.02 < p.mean() < 0.98 for p in preds.values()), {k: p.mean() for k, p in preds.items()}
+    # foreground 200, not 255: under --ignore-index 255 a 0/255 mask would be all void
+    Image.fromarray(preds["p1"].astype(np.uint8) * 200, "L").save(data / "t1.jpg", quality=75)
+    gif = Image.fromarray(preds["p2"].astype(np.uint8), "P")
+    gif.putpalette([0, 0, 0, 255, 255, 255] + [0, 0, 0] * 254)
+    gif.save(data / "t2.gif", optimize=False)
+    voc = preds["p3"].astype(np.uint8)
+    band = np.zeros_like(preds["p3"])
+    band[:, : w // 4] = True
+    voc[band] = 255  # the model's pixels there are neither right nor wrong
+    t3 = Image.fromarray(voc, "P")
+    t3.putpalette([0, 0, 0, 128, 0, 0] + [0, 0, 0] * 253 + [224, 224, 192])
+    t3.save(data / "t3.png")
+    assert set(np.unique(np.asarray(Image.open(data / "t3.png")))) == {0, 1, 255}
+    second = _manifest(data / "second.jsonl", [("pic.png", "t1.jpg", prompts[0]), ("pic.png", "t2.gif", prompts[1]),
+                                               ("pic.png", "t3.png", prompts[2])])
+    refused = run_eval(model, "--data", second, "--out", tmp_path / "r0")
+    errors = [ln for ln in refused.stderr.splitlines() if ln.startswith("error:")]
+    assert refused.returncode == 3 and len(errors) == 1 and "t1.jpg" in errors[0] and "--mask-threshold" in errors[0]
+    out = tmp_path / "r2"
+    r = run_eval(model, "--data", second, "--out", out, "--mask-threshold", 127, "--ignore-index", 255, "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_rows(out / "metrics.csv")
+    assert [(x["stem"], x["prompt"]) for x in rows] == [
+        (f"pic-p{i + 1}", f"<image>Please segment the {p}.") for i, p in enumerate(prompts)]
+    for x in rows:
+        assert x["status"] == "ok" and float(x["dice"]) > 0.99, x
+        assert int(x["true_area"]) > 0.5 * int(preds[x["stem"][-2:]].sum()), x
+        assert Path(x["prediction_file"]).name == f"{x['stem']}.png" and Path(x["prediction_file"]).is_file()
+    void = rows[2]
+    assert int(void["true_area"]) == int((preds["p3"] & ~band).sum()) == int(void["pred_area"])
+    report = json.loads(r.stdout)
+    assert any("value 255 is void" in n for n in report["notes"]), report["notes"]
+    again = run_eval(model, "--data", second, "--out", out, "--mask-threshold", 127, "--ignore-index", 255,
+                     "--resume", "--json")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["resumed"] == 3 and json.loads(again.stdout)["evaluated"] == 0

@@ -182,8 +182,11 @@ def _manifest_rows(path: Path) -> list[tuple[str, dict]]:
 
 
 def _from_manifest(path: Path, prompt: str | None) -> list[Sample]:
-    samples: list[Sample] = []
-    stems: dict[str, str] = {}
+    """One sample per row. An image may be named on several rows (RefCOCO style: one image, several
+    referring expressions, each with its own mask): each such row is keyed ``<stem>-p<k>`` (k = 1, 2, ...
+    in row order), so its prediction PNG, its metrics.csv row, ``--resume`` and the paired comparison
+    stay per image and prompt; an image on one row keeps its plain stem."""
+    rows: list[tuple[str, Path, Path, str]] = []
     for where, row in _manifest_rows(path):
         for key in ("image", "mask"):
             if not str(row.get(key) or "").strip():
@@ -207,17 +210,29 @@ def _from_manifest(path: Path, prompt: str | None) -> list[Sample]:
         if own is not None and not own.strip() and path.suffix.lower() == ".csv":
             own = None  # an empty CSV cell is an absent prompt: --prompt applies
         text = _wrapped(prompt if own is None else own, where=where, row=image.name)
-        stem = image.stem
-        if stem in stems:
-            raise InputError(
-                f"two rows have images named {stem!r} (also {stems[stem]})",
-                path=where,
-                hint="give the images distinct file names: predictions are saved as <stem>.png",
-            )
-        stems[stem] = where
-        samples.append(Sample(stem, image.resolve(), mask.resolve(), text))
-    if not samples:
+        rows.append((where, image.resolve(), mask.resolve(), text))
+    if not rows:
         raise InputError("the manifest has no rows", path=path, hint="one row per image: image, mask, prompt")
+    per_image: dict[Path, int] = {}
+    for _, image, _, _ in rows:
+        per_image[image] = per_image.get(image, 0) + 1
+    samples: list[Sample] = []
+    owners: dict[str, tuple[Path, str]] = {}  # key -> (image, first row): two images may not share a key
+    seen: dict[Path, int] = {}
+    for where, image, mask, text in rows:
+        seen[image] = seen.get(image, 0) + 1
+        key = f"{image.stem}-p{seen[image]}" if per_image[image] > 1 else image.stem
+        if key in owners and owners[key][0] != image:
+            raise InputError(
+                f"two rows have images named {image.stem!r} (also {owners[key][1]})"
+                if key == image.stem
+                else f"row key {key!r} is taken by another image's file name (also {owners[key][1]})",
+                path=where,
+                hint="give the images distinct file names: predictions are saved as <stem>.png "
+                "(<stem>-p<k>.png for an image on several rows)",
+            )
+        owners.setdefault(key, (image, where))
+        samples.append(Sample(key, image, mask, text))
     return samples
 
 

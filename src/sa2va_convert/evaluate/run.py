@@ -418,6 +418,7 @@ def _complete(row: dict[str, Any], spec: ModelSpec, sample: Sample, out: Path) -
         stem=sample.stem,
         image=str(sample.image),
         mask=str(sample.mask),
+        prompt=sample.prompt,
         answer=row.get("prediction", row.get("answer", "")),
     )
     if r.get("status") == "ok":
