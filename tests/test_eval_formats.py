@@ -198,17 +198,25 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_end_to_end_jpeg_gif_void_and_several_prompts(tmp_path):
-    """The fine-tune's own predictions, re-saved as a JPEG, a GIF and a palette PNG with a void band,
-    are the ground truth of a second run over three rows naming one image: every row scores 1."""
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """The README demo's segmenting fine-tune, converted (it answers [SEG] to any request)."""
     pytest.importorskip("transformers")
     from sa2va_convert.api import ConvertOptions, convert
     from sa2va_convert.testing import make_tiny_example
+
+    root = tmp_path_factory.mktemp("tiny")
+    ex = make_tiny_example(root / "tiny")
+    convert(ex.checkpoint_path, root / "finetune", ConvertOptions(base=ex.base_dir, roundtrip=False))
+    return root / "finetune"
+
+
+def test_end_to_end_jpeg_gif_void_and_several_prompts(tiny_model, tmp_path):
+    """The fine-tune's own predictions, re-saved as a JPEG, a GIF and a palette PNG with a void band,
+    are the ground truth of a second run over three rows naming one image: every row scores 1."""
     from sa2va_convert.testing.finetune import synthetic_picture
 
-    ex = make_tiny_example(tmp_path / "tiny")
-    model = tmp_path / "finetune"
-    convert(ex.checkpoint_path, model, ConvertOptions(base=ex.base_dir, roundtrip=False))
+    model = tiny_model
     data = tmp_path / "data"
     data.mkdir()
     w, h = 80, 60
@@ -257,3 +265,49 @@ def test_end_to_end_jpeg_gif_void_and_several_prompts(tmp_path):
                      "--resume", "--json")
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["resumed"] == 3 and json.loads(again.stdout)["evaluated"] == 0
+
+
+# ------------------------------------------------------------------ 16-bit images
+
+
+def _sixteen_bit(path: Path) -> np.ndarray:
+    """A 12-bit-range scan saved as a 16-bit greyscale PNG: every value above 255."""
+    yy, xx = np.mgrid[:48, :64]
+    arr = (1000 + 40 * xx + 10 * yy).astype(np.uint16)
+    Image.fromarray(arr).save(path)
+    assert Image.open(path).mode.startswith("I")
+    return arr
+
+
+def test_16_bit_and_float_images_are_windowed_to_their_own_range(tmp_path):
+    from sa2va_convert.runner.child import load_rgb
+
+    arr = _sixteen_bit(tmp_path / "scan.png")
+    assert (np.asarray(Image.open(tmp_path / "scan.png").convert("RGB")) == 255).mean() > 0.9  # PIL's clip
+    rgb = np.asarray(load_rgb(str(tmp_path / "scan.png")))
+    assert rgb.shape == (48, 64, 3) and rgb.dtype == np.uint8 and rgb.min() == 0 and rgb.max() == 255
+    want = np.round((arr - arr.min()) * 255.0 / (arr.max() - arr.min())).astype(np.uint8)
+    assert np.array_equal(rgb[..., 0], want) and np.array_equal(rgb[..., 2], want)
+    Image.fromarray(arr.astype(np.float32) / 7.0, "F").save(tmp_path / "depth.tif")
+    assert np.array_equal(np.asarray(load_rgb(str(tmp_path / "depth.tif")))[..., 1], want)
+    Image.fromarray(np.full((4, 5), 3000, np.uint16)).save(tmp_path / "flat.png")
+    assert not np.asarray(load_rgb(str(tmp_path / "flat.png"))).any()  # constant: black, not a division by 0
+    Image.new("RGB", (5, 4), (10, 200, 30)).save(tmp_path / "rgb.png")
+    assert np.asarray(load_rgb(str(tmp_path / "rgb.png")))[0, 0].tolist() == [10, 200, 30]  # 8-bit: untouched
+
+
+def test_end_to_end_a_16_bit_image_reaches_the_model_windowed(tiny_model, tmp_path):
+    """The overlay is the image the model was given, tinted under the mask: outside it, it must be
+    the windowed scan, not PIL's white."""
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    arr = _sixteen_bit(data / "images" / "scan.png")
+    _png(data / "masks" / "scan.png", _ellipse())
+    out = tmp_path / "rep"
+    r = run_eval(tiny_model, "--data", data, "--prompt", "object", "--out", out, "--overlays")
+    assert r.returncode == 0, r.stderr[-3000:]
+    pred = np.asarray(Image.open(out / "predictions" / "finetune" / "scan.png")) != 0
+    overlay = np.asarray(Image.open(out / "overlays" / "finetune" / "scan.png"))
+    want = np.round((arr - arr.min()) * 255.0 / (arr.max() - arr.min())).astype(np.uint8)
+    assert (~pred).any() and np.array_equal(overlay[~pred][:, 0], want[~pred])
