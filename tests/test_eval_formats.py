@@ -265,6 +265,10 @@ def test_end_to_end_jpeg_gif_void_and_several_prompts(tiny_model, tmp_path):
                      "--resume", "--json")
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["resumed"] == 3 and json.loads(again.stdout)["evaluated"] == 0
+    # the kept rows were read with --ignore-index 255: a resume without it would mix two rules
+    mixed = run_eval(model, "--data", second, "--out", out, "--mask-threshold", 127, "--resume")
+    errors = [ln for ln in mixed.stderr.splitlines() if ln.startswith("error:")]
+    assert mixed.returncode == 2 and len(errors) == 1 and "value 255 is void" in errors[0], mixed.stderr[-2000:]
 
 
 # ------------------------------------------------------------------ 16-bit images

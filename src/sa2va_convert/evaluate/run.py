@@ -42,7 +42,7 @@ from ..runner.memory import check_fits
 from ..runner.process import check_device, resolve_python, run_child
 from ..runner.report import judge_loading, report_from
 from .compare import Comparison, compare, compare_models
-from .data import MaskRule, Sample, load_dataset
+from .data import PLAIN, MaskRule, Sample, load_dataset
 from .defaults import DEFAULT_IMAGE_TIMEOUT
 from .metrics import (
     EMPTY_GT_RULES,
@@ -67,7 +67,9 @@ from .report import (
 )
 
 WORK = ".work"  # per-model, per-rank item lists and streamed results; removed when the run completes
-OURS = (METRICS, SUMMARY, PLOT, PAIRED, "predictions", "overlays", WORK)
+#: how the ground truth was read (--mask-threshold, --ignore-index): --resume must not mix rules
+RULE = "mask_rule.json"
+OURS = (METRICS, SUMMARY, PLOT, PAIRED, RULE, "predictions", "overlays", WORK)
 PAIRED_METRICS = ("dice", "iou")  # the per-image scores compared image by image with the baseline
 #: the per-model numbers --fail-under may name (higher is better for each), and the short names it also takes
 GATE_METRICS = ("mean_dice", "giou", "ciou", "mean_precision", "mean_recall", "mean_dice_with_object")
@@ -318,7 +320,7 @@ DEFINITIONS = {
 }
 
 
-def _check_out(out: Path, *, resume: bool, force: bool) -> None:
+def _check_out(out: Path, *, resume: bool, force: bool, rule: MaskRule = PLAIN) -> None:
     """Refuse to mix two runs in one folder (read-only: every rank runs it before any rank writes)."""
     if out.exists() and not out.is_dir():
         raise OutputError("exists and is not a folder", path=out, hint="choose another --out")
@@ -328,9 +330,25 @@ def _check_out(out: Path, *, resume: bool, force: bool) -> None:
             path=out,
             hint="pass --resume to continue it, --force to start over, or choose another --out",
         )
+    if resume and (out / METRICS).is_file() and _earlier_rule(out) != rule:
+        said = _earlier_rule(out).describe() or "non-zero is foreground, no void value"
+        raise UsageError(
+            f"the earlier run in {out.name}/ read the ground truth with another rule ({said}): its rows would not "
+            "be comparable with this run's",
+            hint="resume with the same --mask-threshold and --ignore-index, or pass --force to start over",
+        )
 
 
-def _clean_out(out: Path, *, resume: bool, force: bool) -> None:
+def _earlier_rule(out: Path) -> MaskRule:
+    """The rule an earlier run in ``out`` wrote down; a run before the rule file existed read plainly."""
+    try:
+        d = json.loads((out / RULE).read_text(encoding="utf-8"))
+        return MaskRule(d.get("threshold"), d.get("ignore_index"))
+    except (OSError, ValueError, AttributeError):
+        return PLAIN
+
+
+def _clean_out(out: Path, *, resume: bool, force: bool, rule: MaskRule = PLAIN) -> None:
     """Rank 0, after every rank checked: --force removes our files (only ours); a finished run's
     summary.json and report.png go until this run is finished too."""
     if force and not resume:
@@ -344,6 +362,7 @@ def _clean_out(out: Path, *, resume: bool, force: bool) -> None:
         with contextlib.suppress(FileNotFoundError):
             (out / n).unlink()
     (out / WORK).mkdir(parents=True, exist_ok=True)
+    (out / RULE).write_text(json.dumps({"threshold": rule.threshold, "ignore_index": rule.ignore_index}) + "\n")
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -663,15 +682,16 @@ def evaluate(
         )
     gate = _gate_spec(fail_under, require_better, len(specs))
     say(f"checking {data}")
-    samples = load_dataset(data, prompt, limit=limit, rule=MaskRule(mask_threshold, ignore_index))
+    rule = MaskRule(mask_threshold, ignore_index)
+    samples = load_dataset(data, prompt, limit=limit, rule=rule)
     exe = resolve_python(python)
     device = check_device(device)
     out = Path(out).resolve()
-    _check_out(out, resume=resume, force=force)
+    _check_out(out, resume=resume, force=force, rule=rule)
     dist.init(image_timeout * (len(samples) + 1) * len(specs))
     try:
         if dist.rank == 0:
-            _clean_out(out, resume=resume, force=force)
+            _clean_out(out, resume=resume, force=force, rule=rule)
         dist.broadcast(None)  # a barrier: nobody writes before rank 0 has cleaned
         (out / WORK).mkdir(parents=True, exist_ok=True)
         return _evaluate(
