@@ -290,7 +290,8 @@ EMPTY_GT_MEANING = {
 
 DEFINITIONS = {
     "dice": "2|P∩T| / (|P|+|T|) per image, P = union of the masks of every [SEG] in the answer, T = ground truth "
-    "(any non-zero pixel); 1.0 when both are empty, 0.0 when only one is",
+    "(any non-zero pixel; a JPEG mask's pixels above --mask-threshold); pixels of the --ignore-index value are in "
+    "neither P nor T; 1.0 when both are empty, 0.0 when only one is",
     "mean_dice": "mean of the per-image Dice over the evaluated images (failed images are not scored; see failures)",
     "giou": "mean of the per-image IoU |P∩T| / |P∪T|",
     "ciou": "cumulative IoU: Σ|P∩T| / Σ|P∪T| over all images (upstream's RefCOCO definition; big objects weigh more)",
