@@ -227,6 +227,20 @@ def register_eval(main: click.Group) -> None:
         help="Report name of each MODEL, in order (one per MODEL; default: the folder's name, made unique with "
         "-2, -3, ...; a folder of iter_N folders gives NAME-iter_N).",
     )
+    @click.option(
+        "--mask-threshold",
+        type=float,
+        metavar="T",
+        help="Read JPEG (lossy) ground-truth masks, which are refused without it: grey values above T are "
+        "foreground. PNG and .npy masks keep the non-zero rule.",
+    )
+    @click.option(
+        "--ignore-index",
+        type=int,
+        metavar="V",
+        help="Ground-truth value that marks void pixels (e.g. 255, VOC): left out of every count, the "
+        "prediction's pixels there too.",
+    )
     @click.option("--json", "json_out", is_flag=True, help="Print the summary as JSON on stdout.")
     @verbosity_options
     @handle_errors
@@ -249,6 +263,8 @@ def register_eval(main: click.Group) -> None:
         fail_under: tuple[str, ...],
         require_better: bool,
         names: tuple[str, ...],
+        mask_threshold: float | None,
+        ignore_index: int | None,
         quiet: bool,
         verbose: bool,
         json_out: bool,
@@ -288,6 +304,8 @@ def register_eval(main: click.Group) -> None:
                 fail_under=parse_fail_under(fail_under),
                 require_better=require_better,
                 names=list(names) or None,
+                mask_threshold=mask_threshold,
+                ignore_index=ignore_index,
                 on_stage=progress.stage,
             )
         except ConvertError as e:

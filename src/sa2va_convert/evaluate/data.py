@@ -18,15 +18,44 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import InputError, UsageError
 from ..predict import wrap_prompt
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-MASK_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
+#: ``.gif`` because older segmentation sets ship their label maps as GIF: palette images whose
+#: indices are the labels, read as indices (not colours), like a palette PNG
+MASK_EXTS = (".png", ".gif", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
 MANIFEST_EXTS = (".jsonl", ".csv")
+#: formats whose compression moves pixel values: an edge saved as 255 on 0 comes back as a ramp of
+#: greys, so "any non-zero pixel" would count a halo of noise as foreground
+LOSSY_MASK_EXTS = (".jpg", ".jpeg", ".webp")
+
+
+@dataclass(frozen=True)
+class MaskRule:
+    """How a ground-truth mask's values become foreground, background and void, for the whole set.
+
+    ``threshold`` is only for lossy masks (JPEG): their greys are compression noise around a
+    binary mask, so the user must say where the cut lies; lossless masks (PNG, ``.npy``) keep the
+    rule "non-zero is foreground", so a 0/1 PNG stays readable whatever the threshold."""
+
+    threshold: float | None = None
+    ignore_index: int | None = None
+
+    def describe(self) -> str:
+        parts = []
+        if self.threshold is not None:
+            parts.append(f"JPEG masks: grey > {self.threshold:g} is foreground")
+        if self.ignore_index is not None:
+            parts.append(f"value {self.ignore_index} is void (left out of every count)")
+        return "; ".join(parts)
+
+
+#: the default rule: non-zero is foreground, no void value, lossy masks refused
+PLAIN = MaskRule()
 
 
 @dataclass(frozen=True)
@@ -37,6 +66,7 @@ class Sample:
     image: Path
     mask: Path
     prompt: str  # already wrapped: "<image>Please segment the X."
+    rule: MaskRule = PLAIN
 
     def to_dict(self) -> dict[str, str]:
         return {"stem": self.stem, "image": str(self.image), "mask": str(self.mask), "prompt": self.prompt}
@@ -152,8 +182,11 @@ def _manifest_rows(path: Path) -> list[tuple[str, dict]]:
 
 
 def _from_manifest(path: Path, prompt: str | None) -> list[Sample]:
-    samples: list[Sample] = []
-    stems: dict[str, str] = {}
+    """One sample per row. An image may be named on several rows (RefCOCO style: one image, several
+    referring expressions, each with its own mask): each such row is keyed ``<stem>-p<k>`` (k = 1, 2, ...
+    in row order), so its prediction PNG, its metrics.csv row, ``--resume`` and the paired comparison
+    stay per image and prompt; an image on one row keeps its plain stem."""
+    rows: list[tuple[str, Path, Path, str]] = []
     for where, row in _manifest_rows(path):
         for key in ("image", "mask"):
             if not str(row.get(key) or "").strip():
@@ -177,17 +210,29 @@ def _from_manifest(path: Path, prompt: str | None) -> list[Sample]:
         if own is not None and not own.strip() and path.suffix.lower() == ".csv":
             own = None  # an empty CSV cell is an absent prompt: --prompt applies
         text = _wrapped(prompt if own is None else own, where=where, row=image.name)
-        stem = image.stem
-        if stem in stems:
-            raise InputError(
-                f"two rows have images named {stem!r} (also {stems[stem]})",
-                path=where,
-                hint="give the images distinct file names: predictions are saved as <stem>.png",
-            )
-        stems[stem] = where
-        samples.append(Sample(stem, image.resolve(), mask.resolve(), text))
-    if not samples:
+        rows.append((where, image.resolve(), mask.resolve(), text))
+    if not rows:
         raise InputError("the manifest has no rows", path=path, hint="one row per image: image, mask, prompt")
+    per_image: dict[Path, int] = {}
+    for _, image, _, _ in rows:
+        per_image[image] = per_image.get(image, 0) + 1
+    samples: list[Sample] = []
+    owners: dict[str, tuple[Path, str]] = {}  # key -> (image, first row): two images may not share a key
+    seen: dict[Path, int] = {}
+    for where, image, mask, text in rows:
+        seen[image] = seen.get(image, 0) + 1
+        key = f"{image.stem}-p{seen[image]}" if per_image[image] > 1 else image.stem
+        if key in owners and owners[key][0] != image:
+            raise InputError(
+                f"two rows have images named {image.stem!r} (also {owners[key][1]})"
+                if key == image.stem
+                else f"row key {key!r} is taken by another image's file name (also {owners[key][1]})",
+                path=where,
+                hint="give the images distinct file names: predictions are saved as <stem>.png "
+                "(<stem>-p<k>.png for an image on several rows)",
+            )
+        owners.setdefault(key, (image, where))
+        samples.append(Sample(key, image, mask, text))
     return samples
 
 
@@ -241,10 +286,9 @@ def mask_size(path: Path) -> tuple[int, int]:
     return int(shape[1]), int(shape[0])
 
 
-def read_mask(path: Path):
-    """A mask's pixels as a bool (H, W) array, by the rule ``mask_size`` checked the header for:
-    an image (any non-zero pixel, in any channel, is foreground) or ``.npy`` (bool or integer,
-    (H, W) or (1, H, W); non-zero is foreground). Read one at a time, when an image is scored."""
+def _mask_values(path: Path):
+    """A mask file's raw values: (H, W) or (H, W, C) for an image (a palette image, GIF or PNG,
+    gives its indices), (H, W) for ``.npy``."""
     import numpy as np
     from PIL import Image
 
@@ -254,14 +298,49 @@ def read_mask(path: Path):
             arr = arr[0]
         if arr.ndim != 2:
             raise ValueError(f"mask {path} has shape {list(arr.shape)}, not (H, W)")
-        return arr != 0
+        return arr
     with Image.open(path) as im:
-        arr = np.asarray(im)
+        return np.asarray(im)
+
+
+def read_mask(path: Path):
+    """A mask's pixels as a bool (H, W) array, by the rule ``mask_size`` checked the header for:
+    an image (any non-zero pixel, in any channel, is foreground) or ``.npy`` (bool or integer,
+    (H, W) or (1, H, W); non-zero is foreground). Read one at a time, when an image is scored."""
+    arr = _mask_values(path)
     return (arr != 0).any(axis=-1) if arr.ndim == 3 else arr != 0
 
 
+def read_truth(path: Path, rule: MaskRule = PLAIN):
+    """A ground-truth mask as (foreground, valid): both bool (H, W); ``valid`` is None when the
+    rule names no void value. Void pixels are neither foreground nor background, so the scorer
+    must drop the prediction's pixels there too: an annotator's "don't know" band must not
+    count for or against a model."""
+    arr = _mask_values(path)
+    valid = None
+    if rule.ignore_index is not None:
+        void = arr == rule.ignore_index
+        valid = ~(void.all(axis=-1) if arr.ndim == 3 else void)
+    if rule.threshold is not None and Path(path).suffix.lower() in LOSSY_MASK_EXTS:
+        fg = arr > rule.threshold
+    else:
+        fg = arr != 0
+    fg = fg.any(axis=-1) if fg.ndim == 3 else fg
+    if valid is not None:
+        fg = fg & valid
+    return fg, valid
+
+
 def check_sample(s: Sample) -> None:
-    """Header-only check of one pair: both readable, the same size."""
+    """Header-only check of one pair: both readable, the same size, and a lossy mask only with a
+    threshold (its compression noise would otherwise be foreground)."""
+    if s.mask.suffix.lower() in LOSSY_MASK_EXTS and s.rule.threshold is None:
+        raise InputError(
+            f"mask is {s.mask.suffix.lstrip('.').upper()}, a lossy format: its edges are grey noise, "
+            "not a clean 0/non-zero mask",
+            path=s.mask,
+            hint="save masks as PNG or .npy, or pass --mask-threshold 127 (grey values above it are foreground)",
+        )
     iw, ih = image_size(s.image)
     mw, mh = mask_size(s.mask)
     if (iw, ih) != (mw, mh):
@@ -273,11 +352,26 @@ def check_sample(s: Sample) -> None:
 
 
 def load_dataset(
-    data: str | os.PathLike, prompt: str | None = None, *, limit: int | None = None, check: bool = True
+    data: str | os.PathLike,
+    prompt: str | None = None,
+    *,
+    limit: int | None = None,
+    check: bool = True,
+    rule: MaskRule = PLAIN,
 ) -> list[Sample]:
     """The samples of ``data`` (folder or manifest) in a stable order (sorted by stem for a
     folder, file order for a manifest), the first ``limit`` of them, each checked (headers only)."""
     path = Path(data)
+    if rule.threshold is not None and not 0 <= rule.threshold < 255:
+        raise UsageError(
+            f"--mask-threshold must lie in [0, 255), not {rule.threshold:g}",
+            hint="JPEG masks are 8-bit: e.g. --mask-threshold 127",
+        )
+    if rule.ignore_index is not None and rule.ignore_index < 0:
+        raise UsageError(
+            f"--ignore-index must be a mask value (0 or more), not {rule.ignore_index}",
+            hint="e.g. --ignore-index 255 (the VOC void label)",
+        )
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1, not {limit}", hint="--limit N evaluates the first N images")
     if prompt is not None and not prompt.strip():
@@ -298,10 +392,22 @@ def load_dataset(
         )
     if limit is not None:
         samples = samples[:limit]
+    if rule != PLAIN:
+        samples = [replace(s, rule=rule) for s in samples]
     if check:
         for s in samples:
             check_sample(s)
     return samples
 
 
-__all__ = ["Sample", "load_dataset", "check_sample", "image_size", "mask_size", "read_mask"]
+__all__ = [
+    "MaskRule",
+    "PLAIN",
+    "Sample",
+    "load_dataset",
+    "check_sample",
+    "image_size",
+    "mask_size",
+    "read_mask",
+    "read_truth",
+]

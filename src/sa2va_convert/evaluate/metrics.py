@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import read_mask
+from .data import PLAIN, MaskRule, read_mask, read_truth
 
 EMPTY_GT_RULES = ("score", "skip")
 #: pixels within which an outline pixel counts as found by boundary F (2 px: a bf16 model or an
@@ -75,25 +75,30 @@ def scores(intersection: int, union: int, pred_area: int, true_area: int) -> dic
     }
 
 
-def _read_pair(prediction: Path, truth: Path) -> tuple[np.ndarray, np.ndarray]:
-    pred, true = read_mask(prediction), read_mask(truth)
+def _read_pair(prediction: Path, truth: Path, rule: MaskRule = PLAIN) -> tuple[np.ndarray, np.ndarray]:
+    """Void pixels (``rule.ignore_index``) become background in both masks: they then add to no
+    count, and a prediction that matches the truth outside them still scores 1 on every value."""
+    pred = read_mask(prediction)
+    true, valid = read_truth(truth, rule)
     if pred.shape != true.shape:
         raise ValueError(
             f"ground-truth mask {truth} is {true.shape[0]}x{true.shape[1]}, the image is "
             f"{pred.shape[0]}x{pred.shape[1]} (H x W)"
         )
+    if valid is not None:
+        pred = pred & valid
     return pred, true
 
 
-def mask_counts(prediction: Path, truth: Path) -> dict[str, int]:
-    """Pixel counts of a saved prediction PNG against its ground-truth mask (``data.read_mask``)."""
-    return counts(*_read_pair(prediction, truth))
+def mask_counts(prediction: Path, truth: Path, rule: MaskRule = PLAIN) -> dict[str, int]:
+    """Pixel counts of a saved prediction PNG against its ground-truth mask (``data.read_truth``)."""
+    return counts(*_read_pair(prediction, truth, rule))
 
 
-def measure(prediction: Path, truth: Path) -> dict[str, Any]:
+def measure(prediction: Path, truth: Path, rule: MaskRule = PLAIN) -> dict[str, Any]:
     """Everything a metrics.csv row records of a saved prediction: its pixel counts and its shape
     scores, from one read of the two masks (what ``run.py`` calls for each saved PNG)."""
-    pred, true = _read_pair(prediction, truth)
+    pred, true = _read_pair(prediction, truth, rule)
     return {**counts(pred, true), **shape_scores(pred, true)}
 
 

@@ -48,6 +48,7 @@ CSV_COLUMNS = (
     "seconds",
     "image",
     "mask",
+    "prompt",
     "prediction_file",
     "answer",
     "error",

@@ -42,7 +42,7 @@ from ..runner.memory import check_fits
 from ..runner.process import check_device, resolve_python, run_child
 from ..runner.report import judge_loading, report_from
 from .compare import Comparison, compare, compare_models
-from .data import Sample, load_dataset
+from .data import PLAIN, MaskRule, Sample, load_dataset
 from .defaults import DEFAULT_IMAGE_TIMEOUT
 from .metrics import (
     EMPTY_GT_RULES,
@@ -67,7 +67,9 @@ from .report import (
 )
 
 WORK = ".work"  # per-model, per-rank item lists and streamed results; removed when the run completes
-OURS = (METRICS, SUMMARY, PLOT, PAIRED, "predictions", "overlays", WORK)
+#: how the ground truth was read (--mask-threshold, --ignore-index): --resume must not mix rules
+RULE = "mask_rule.json"
+OURS = (METRICS, SUMMARY, PLOT, PAIRED, RULE, "predictions", "overlays", WORK)
 PAIRED_METRICS = ("dice", "iou")  # the per-image scores compared image by image with the baseline
 #: the per-model numbers --fail-under may name (higher is better for each), and the short names it also takes
 GATE_METRICS = ("mean_dice", "giou", "ciou", "mean_precision", "mean_recall", "mean_dice_with_object")
@@ -288,7 +290,8 @@ EMPTY_GT_MEANING = {
 
 DEFINITIONS = {
     "dice": "2|P∩T| / (|P|+|T|) per image, P = union of the masks of every [SEG] in the answer, T = ground truth "
-    "(any non-zero pixel); 1.0 when both are empty, 0.0 when only one is",
+    "(any non-zero pixel; a JPEG mask's pixels above --mask-threshold); pixels of the --ignore-index value are in "
+    "neither P nor T; 1.0 when both are empty, 0.0 when only one is",
     "mean_dice": "mean of the per-image Dice over the evaluated images (failed images are not scored; see failures)",
     "giou": "mean of the per-image IoU |P∩T| / |P∪T|",
     "ciou": "cumulative IoU: Σ|P∩T| / Σ|P∪T| over all images (upstream's RefCOCO definition; big objects weigh more)",
@@ -318,7 +321,7 @@ DEFINITIONS = {
 }
 
 
-def _check_out(out: Path, *, resume: bool, force: bool) -> None:
+def _check_out(out: Path, *, resume: bool, force: bool, rule: MaskRule = PLAIN) -> None:
     """Refuse to mix two runs in one folder (read-only: every rank runs it before any rank writes)."""
     if out.exists() and not out.is_dir():
         raise OutputError("exists and is not a folder", path=out, hint="choose another --out")
@@ -328,9 +331,25 @@ def _check_out(out: Path, *, resume: bool, force: bool) -> None:
             path=out,
             hint="pass --resume to continue it, --force to start over, or choose another --out",
         )
+    if resume and (out / METRICS).is_file() and _earlier_rule(out) != rule:
+        said = _earlier_rule(out).describe() or "non-zero is foreground, no void value"
+        raise UsageError(
+            f"the earlier run in {out.name}/ read the ground truth with another rule ({said}): its rows would not "
+            "be comparable with this run's",
+            hint="resume with the same --mask-threshold and --ignore-index, or pass --force to start over",
+        )
 
 
-def _clean_out(out: Path, *, resume: bool, force: bool) -> None:
+def _earlier_rule(out: Path) -> MaskRule:
+    """The rule an earlier run in ``out`` wrote down; a run before the rule file existed read plainly."""
+    try:
+        d = json.loads((out / RULE).read_text(encoding="utf-8"))
+        return MaskRule(d.get("threshold"), d.get("ignore_index"))
+    except (OSError, ValueError, AttributeError):
+        return PLAIN
+
+
+def _clean_out(out: Path, *, resume: bool, force: bool, rule: MaskRule = PLAIN) -> None:
     """Rank 0, after every rank checked: --force removes our files (only ours); a finished run's
     summary.json and report.png go until this run is finished too."""
     if force and not resume:
@@ -344,6 +363,7 @@ def _clean_out(out: Path, *, resume: bool, force: bool) -> None:
         with contextlib.suppress(FileNotFoundError):
             (out / n).unlink()
     (out / WORK).mkdir(parents=True, exist_ok=True)
+    (out / RULE).write_text(json.dumps({"threshold": rule.threshold, "ignore_index": rule.ignore_index}) + "\n")
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -418,11 +438,12 @@ def _complete(row: dict[str, Any], spec: ModelSpec, sample: Sample, out: Path) -
         stem=sample.stem,
         image=str(sample.image),
         mask=str(sample.mask),
+        prompt=sample.prompt,
         answer=row.get("prediction", row.get("answer", "")),
     )
     if r.get("status") == "ok":
         try:
-            r.update(measure(_pred_path(out, spec.name, sample.stem), sample.mask))
+            r.update(measure(_pred_path(out, spec.name, sample.stem), sample.mask, sample.rule))
         except Exception as e:  # as in the child: this image is a recorded failure, the others are still scored
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             r.update(status="failed", error=f"{type(e).__name__}: {lines[0][:400] if lines else type(e).__name__}")
@@ -625,6 +646,8 @@ def evaluate(
     fail_under: dict[str, float] | None = None,
     require_better: bool = False,
     names: list[str] | None = None,
+    mask_threshold: float | None = None,
+    ignore_index: int | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """Evaluate every model on ``data`` and write the report into ``out``.
@@ -660,15 +683,16 @@ def evaluate(
         )
     gate = _gate_spec(fail_under, require_better, len(specs))
     say(f"checking {data}")
-    samples = load_dataset(data, prompt, limit=limit)
+    rule = MaskRule(mask_threshold, ignore_index)
+    samples = load_dataset(data, prompt, limit=limit, rule=rule)
     exe = resolve_python(python)
     device = check_device(device)
     out = Path(out).resolve()
-    _check_out(out, resume=resume, force=force)
+    _check_out(out, resume=resume, force=force, rule=rule)
     dist.init(image_timeout * (len(samples) + 1) * len(specs))
     try:
         if dist.rank == 0:
-            _clean_out(out, resume=resume, force=force)
+            _clean_out(out, resume=resume, force=force, rule=rule)
         dist.broadcast(None)  # a barrier: nobody writes before rank 0 has cleaned
         (out / WORK).mkdir(parents=True, exist_ok=True)
         return _evaluate(
@@ -816,6 +840,9 @@ def _evaluate(
     if any(m.no_seg for m in report.models):
         report.notes.append("answers without [SEG] are empty predictions (scored, never forced)")
     report.notes.append(_empty_gt_note(report))
+    rule = samples[0].rule.describe() if samples else ""
+    if rule:
+        report.notes.append(f"ground truth read with: {rule}")
     say("writing the report")
     if len(specs) > 1:
         report.files["paired"] = str(out / PAIRED)

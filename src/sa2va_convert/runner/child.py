@@ -886,9 +886,7 @@ def _capped(generate, max_new: int):
 def run_predict(args: dict, result: dict) -> None:
     """``sa2va-convert predict``: the user's image and prompt, masks and overlay saved as PNG."""
     stage(result, "image")  # before the (slow) load: a bad image fails at once
-    from PIL import Image
-
-    image = Image.open(args["image"]).convert("RGB")
+    image = load_rgb(args["image"])
     m = load_model(args, result)
     prompt = args.get("prompt") or "<image>Please segment the object."
     stage(result, "predict")
@@ -950,6 +948,24 @@ MODES = {"roundtrip": run_roundtrip, "predict": run_predict}
 # ---------------------------------------------------------------- eval (sa2va-convert eval)
 
 
+def load_rgb(path: str):
+    """The image as 8-bit RGB, as the model's processor expects. PIL's own conversion of a 16-bit
+    or float image (mode I;16, I, F: microscopy, medical and depth scans) clips every value above
+    255, so such an image reached the model nearly all white; it is windowed instead to its own
+    minimum..maximum, per image, so the model sees its full contrast (a constant image is black).
+    Absolute intensities are not comparable across images after this: each is stretched alone."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode in ("I", "F") or im.mode.startswith("I;"):
+            arr = np.asarray(im).astype(np.float64)
+            lo, hi = float(arr.min()), float(arr.max())
+            scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+            return Image.fromarray(np.round(scaled).astype(np.uint8), "L").convert("RGB")
+        return im.convert("RGB")
+
+
 def save_png_atomic(array, path: str, mode: str) -> None:
     """Write a PNG under a temporary name, then rename: a crash never leaves a half-written mask."""
     from PIL import Image
@@ -965,10 +981,8 @@ def eval_one(m: Loaded, item: dict, args: dict) -> dict:
     is scored here: the parent counts the saved PNG against the ground truth (``evaluate/metrics.py``),
     so every score has one rule, and a resumed run scores what lies on disk."""
     import numpy as np
-    from PIL import Image
 
-    with Image.open(item["image"]) as im:
-        image = im.convert("RGB")
+    image = load_rgb(item["image"])
     run_ = call_predict(m.model, m.tokenizer, m.processor, image=image, text=item["prompt"])
     masks = run_.pop("_masks")
     w, h = image.size
