@@ -315,3 +315,113 @@ def test_end_to_end_a_16_bit_image_reaches_the_model_windowed(tiny_model, tmp_pa
     overlay = np.asarray(Image.open(out / "overlays" / "finetune" / "scan.png"))
     want = np.round((arr - arr.min()) * 255.0 / (arr.max() - arr.min())).astype(np.uint8)
     assert (~pred).any() and np.array_equal(overlay[~pred][:, 0], want[~pred])
+
+
+# ------------------------------------------------------------------ COCO instance JSON
+
+
+def _uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's uncompressed RLE, written by hand: run lengths over the column-major pixels, zeros first."""
+    flat = mask.astype(np.uint8).flatten(order="F")
+    counts, value, run = [], 0, 0
+    for v in flat:
+        if v == value:
+            run += 1
+        else:
+            counts.append(run)
+            value, run = v, 1
+    counts.append(run)
+    return {"size": list(mask.shape), "counts": counts}
+
+
+def _coco_set(root: Path, images_dir: Path | None = None) -> tuple[Path, dict[str, np.ndarray]]:
+    """Two images: a.png with two "cat" instances (a polygon, an uncompressed RLE) and a "dog"
+    (compressed RLE from pycocotools.mask.encode); b.png with one "cat" polygon. The expected truths
+    come from pycocotools itself (the polygon) and from the arrays the RLEs were made of."""
+    cm = pytest.importorskip("pycocotools.mask")
+    h, w = 48, 64
+    images_dir = images_dir or root
+    root.mkdir(parents=True, exist_ok=True)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("a", "b"):
+        Image.new("RGB", (w, h), (90, 120, 30)).save(images_dir / f"{name}.png")
+    square = [[4.0, 4.0, 20.0, 4.0, 20.0, 20.0, 4.0, 20.0]]
+    poly = cm.decode(cm.merge(cm.frPyObjects(square, h, w))).astype(bool)
+    assert 200 < poly.sum() < 330  # a 16x16 square, give or take its edge pixels
+    blob = _ellipse(h, w) & (np.arange(w)[None, :] > 40)
+    dog = np.zeros((h, w), bool)
+    dog[30:44, 2:30] = True
+    enc = cm.encode(np.asfortranarray(dog.astype(np.uint8)))
+    enc["counts"] = enc["counts"].decode("ascii")
+    tri = [[30.0, 5.0, 60.0, 5.0, 45.0, 40.0]]
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "height": h, "width": w},
+                   {"id": 2, "file_name": "b.png", "height": h, "width": w},
+                   {"id": 3, "file_name": "unannotated.png", "height": h, "width": w}],
+        "categories": [{"id": 1, "name": "cat"}, {"id": 7, "name": "dog"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "segmentation": square, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 1, "segmentation": _uncompressed_rle(blob), "iscrowd": 1},
+            {"id": 3, "image_id": 1, "category_id": 7, "segmentation": enc, "iscrowd": 0},
+            {"id": 4, "image_id": 2, "category_id": 1, "segmentation": tri, "iscrowd": 0},
+        ],
+    }
+    path = root / "annotations.json"
+    path.write_text(json.dumps(coco))
+    expected = {"a-c1": poly | blob, "a-c7": dog, "b-c1": cm.decode(cm.merge(cm.frPyObjects(tri, h, w))).astype(bool)}
+    return path, expected
+
+
+def test_coco_gives_one_row_per_image_and_category_with_the_union_as_truth(tmp_path):
+    from sa2va_convert.evaluate.data import write_truth
+
+    ann, expected = _coco_set(tmp_path / "data")
+    truth = tmp_path / "report" / "truth"
+    samples = load_dataset(ann, truth_dir=truth)
+    assert [(s.stem, s.prompt) for s in samples] == [
+        ("a-c1", "<image>Please segment the cat."), ("a-c7", "<image>Please segment the dog."),
+        ("b-c1", "<image>Please segment the cat.")]
+    assert all(s.mask.parent == truth.resolve() and not s.mask.exists() for s in samples)  # nothing decoded yet
+    write_truth(samples)
+    for s in samples:
+        fg, valid = read_truth(s.mask)
+        assert valid is None and (fg == expected[s.stem]).all(), s.stem
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["a.png", "annotations.json", "b.png"]
+
+
+def test_coco_images_folder_and_prompt_map(tmp_path):
+    ann, _ = _coco_set(tmp_path / "data", images_dir=tmp_path / "pics")
+    with pytest.raises(InputError) as e:
+        load_dataset(ann, truth_dir=tmp_path / "t")
+    assert "a.png" in e.value.message and "--images" in (e.value.hint or "")
+    pmap = tmp_path / "map.json"
+    pmap.write_text(json.dumps({"cat": "small cat", "7": "brown dog"}))
+    samples = load_dataset(ann, images=tmp_path / "pics", prompt_map=pmap, truth_dir=tmp_path / "t")
+    assert [s.prompt for s in samples] == ["<image>Please segment the small cat.",
+                                           "<image>Please segment the brown dog.",
+                                           "<image>Please segment the small cat."]
+    assert samples[0].image == (tmp_path / "pics" / "a.png").resolve()
+    pmap.write_text(json.dumps({"horse": "a horse"}))
+    with pytest.raises(InputError) as e:
+        load_dataset(ann, images=tmp_path / "pics", prompt_map=pmap, truth_dir=tmp_path / "t")
+    assert "'horse'" in e.value.message and "1 'cat'" in (e.value.hint or "")
+    with pytest.raises(UsageError):
+        load_dataset(ann, "x", images=tmp_path / "pics", truth_dir=tmp_path / "t")  # --prompt has no place here
+    with pytest.raises(UsageError):
+        load_dataset(tmp_path / "pics", "x", prompt_map=pmap)  # only for COCO
+
+
+def test_coco_size_mismatch_and_box_only_annotations_are_refused(tmp_path):
+    ann, _ = _coco_set(tmp_path)
+    d = json.loads(ann.read_text())
+    d["images"][1]["width"] = 65
+    ann.write_text(json.dumps(d))
+    with pytest.raises(InputError) as e:
+        load_dataset(ann, truth_dir=tmp_path / "t")
+    assert Path(str(e.value.path)).name == "b.png" and "65x48" in e.value.message
+    d["images"][1]["width"] = 64
+    d["annotations"][3]["segmentation"] = {"bbox": [1, 2, 3, 4]}
+    ann.write_text(json.dumps(d))
+    with pytest.raises(InputError) as e:
+        load_dataset(ann, truth_dir=tmp_path / "t")
+    assert "annotation 3" in e.value.message

@@ -156,8 +156,20 @@ def register_eval(main: click.Group) -> None:
         "--data",
         required=True,
         type=click.Path(path_type=Path, readable=False),
-        help="A folder with images/ and masks/ (paired by file stem), or a .jsonl/.csv manifest "
-        "(image, mask, optional prompt; paths relative to it).",
+        help="A folder with images/ and masks/ (paired by file stem), a .jsonl/.csv manifest "
+        "(image, mask, optional prompt; paths relative to it), or a COCO instance .json (one row per image "
+        "and category; the category's name is the prompt).",
+    )
+    @click.option(
+        "--images",
+        "images_dir",
+        type=click.Path(path_type=Path, readable=False),
+        help="COCO --data only: the folder of the images (default: the JSON's folder).",
+    )
+    @click.option(
+        "--prompt-map",
+        type=click.Path(path_type=Path, readable=False),
+        help='COCO --data only: a JSON object from category name or id to prompt, e.g. {"person": "pedestrian"}.',
     )
     @click.option(
         "--prompt",
@@ -247,6 +259,8 @@ def register_eval(main: click.Group) -> None:
     def eval_cmd(
         models: tuple[Path, ...],
         data: Path,
+        images_dir: Path | None,
+        prompt_map: Path | None,
         prompt: str | None,
         out: Path,
         device: str,
@@ -306,6 +320,8 @@ def register_eval(main: click.Group) -> None:
                 names=list(names) or None,
                 mask_threshold=mask_threshold,
                 ignore_index=ignore_index,
+                images=images_dir,
+                prompt_map=prompt_map,
                 on_stage=progress.stage,
             )
         except ConvertError as e:

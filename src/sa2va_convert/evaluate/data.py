@@ -18,8 +18,9 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from ..errors import InputError, UsageError
 from ..predict import wrap_prompt
@@ -67,9 +68,176 @@ class Sample:
     mask: Path
     prompt: str  # already wrapped: "<image>Please segment the X."
     rule: MaskRule = PLAIN
+    #: where ``mask`` comes from when it is not the user's file (a COCO JSON's instances): the mask
+    #: is then written by ``write_truth`` into the report folder before any image is scored
+    truth: CocoTruth | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, str]:
         return {"stem": self.stem, "image": str(self.image), "mask": str(self.mask), "prompt": self.prompt}
+
+
+@dataclass(frozen=True)
+class CocoTruth:
+    """The instances of one category in one COCO image: their union is the ground truth."""
+
+    height: int
+    width: int
+    segmentations: tuple[Any, ...]
+
+
+def _pycocotools_mask() -> Any:
+    try:
+        from pycocotools import mask as coco_mask
+    except ImportError:
+        raise UsageError(
+            "a COCO annotation file is read with pycocotools, which is not installed",
+            hint="pip install 'sa2va-convert[eval]' (or pip install pycocotools)",
+        ) from None
+    return coco_mask
+
+
+def _read_json(path: Path, what: str, hint: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(f"the {what} is not UTF-8 text", path=path, hint=hint) from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"the {what} is not JSON ({e.msg}, line {e.lineno})", path=path, hint=hint) from None
+    except OSError as e:
+        raise InputError(f"cannot read the {what} ({e.strerror or e})", path=path, hint=hint) from None
+
+
+def read_prompt_map(path: str | os.PathLike) -> dict[str, str]:
+    """``--prompt-map``: a JSON object from a category (name or id) or class index to its prompt."""
+    p = Path(path)
+    hint = '--prompt-map takes a JSON object such as {"1": "liver", "2": "kidney"}'
+    d = _read_json(p, "prompt map", hint)
+    if not isinstance(d, dict) or not d:
+        raise InputError("the prompt map is not a non-empty JSON object", path=p, hint=hint)
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        if not isinstance(v, str) or not v.strip():
+            raise InputError(f"the prompt for {k!r} is not non-empty text", path=p, hint=hint)
+        out[str(k).strip()] = v
+    return out
+
+
+def _from_coco(path: Path, images_dir: Path | None, prompt_map: dict[str, str] | None, truth_dir: Path) -> list[Sample]:
+    """One sample per image x category present in a COCO instance file: the union of that
+    category's instances is the truth, the category's name (or its ``--prompt-map`` entry) the
+    prompt. Keyed ``<image stem>-c<category id>``; the masks are decoded only by ``write_truth``."""
+    hint = "--data takes a COCO instance file: images, annotations (segmentation: polygons or RLE), categories"
+    d = _read_json(path, "annotation file", hint)
+    if not isinstance(d, dict) or not all(isinstance(d.get(k), list) for k in ("images", "annotations", "categories")):
+        raise InputError(
+            "not a COCO instance file (needs images, annotations and categories lists)", path=path, hint=hint
+        )
+    root = images_dir if images_dir is not None else path.parent
+    if not root.is_dir():
+        raise InputError(
+            "the images folder does not exist", path=root, hint="--images names the folder of the COCO images"
+        )
+    try:
+        cats = {int(c["id"]): str(c["name"]) for c in d["categories"]}
+        imgs = {int(i["id"]): (str(i["file_name"]), int(i["height"]), int(i["width"])) for i in d["images"]}
+        anns = [(int(a["image_id"]), int(a["category_id"]), a["segmentation"]) for a in d["annotations"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(
+            f"a COCO entry lacks a field or has a wrong type ({type(e).__name__}: {e})", path=path, hint=hint
+        ) from None
+    prompts = dict(cats)
+    if prompt_map:
+        by_name = {name: cid for cid, name in cats.items()}
+        for k, v in prompt_map.items():
+            cid = by_name.get(k)
+            if cid is None and k.lstrip("-").isdigit() and int(k) in cats:
+                cid = int(k)
+            if cid is None:
+                raise InputError(
+                    f"--prompt-map names {k!r}, which is no category of the file",
+                    path=path,
+                    hint="key the map by category name or id: "
+                    + ", ".join(f"{i} {n!r}" for i, n in sorted(cats.items())),
+                )
+            prompts[cid] = v
+    groups: dict[tuple[int, int], list[Any]] = {}
+    for n, (iid, cid, seg) in enumerate(anns):
+        if iid not in imgs or cid not in cats:
+            raise InputError(
+                f"annotation {n} names image {iid} or category {cid}, which the file does not list",
+                path=path,
+                hint=hint,
+            )
+        if not isinstance(seg, (list, dict)) or (isinstance(seg, dict) and not {"counts", "size"} <= set(seg)):
+            raise InputError(
+                f"annotation {n} has no polygon or RLE segmentation",
+                path=path,
+                hint="a box-only annotation has no mask",
+            )
+        groups.setdefault((iid, cid), []).append(seg)
+    samples: list[Sample] = []
+    owners: dict[str, str] = {}
+    for (iid, cid), segs in sorted(groups.items()):
+        name, h, w = imgs[iid]
+        image = root / name
+        if not image.is_file():
+            raise InputError(
+                f"image not found: {image}",
+                path=path,
+                hint="file_name is relative to the JSON's folder, or to --images DIR",
+            )
+        key = f"{Path(name).stem}-c{cid}"
+        if owners.setdefault(key, name) != name:
+            raise InputError(
+                f"two images are named {Path(name).stem!r} ({owners[key]}, {name})",
+                path=path,
+                hint="give the images distinct file names: predictions are saved as <stem>-c<category>.png",
+            )
+        iw, ih = image_size(image)
+        if (iw, ih) != (w, h):
+            raise InputError(
+                f"image is {iw}x{ih} but the annotation file says {w}x{h} (W x H)",
+                path=image,
+                hint="fix the image's width/height in the JSON, or the image",
+            )
+        text = _wrapped(prompts[cid], where=path, row=f"category {cid}")
+        samples.append(Sample(key, image.resolve(), truth_dir / f"{key}.png", text, truth=CocoTruth(h, w, tuple(segs))))
+    if not samples:
+        raise InputError("the annotation file has no segmentations", path=path, hint=hint)
+    return samples
+
+
+def coco_union(t: CocoTruth) -> Any:
+    """The union of a category's instances as a bool (H, W) array: polygons, and RLE compressed
+    (counts a string) or not (counts a list), decoded by pycocotools."""
+    import numpy as np
+
+    cm = _pycocotools_mask()
+    out = np.zeros((t.height, t.width), dtype=bool)
+    for seg in t.segmentations:
+        if isinstance(seg, list):
+            rle = cm.merge(cm.frPyObjects(seg, t.height, t.width))
+        elif isinstance(seg["counts"], list):
+            rle = cm.frPyObjects(seg, t.height, t.width)
+        else:
+            rle = dict(seg)
+            if isinstance(rle["counts"], str):
+                rle["counts"] = rle["counts"].encode("ascii")
+        m = cm.decode(rle)
+        out |= (m[..., 0] if m.ndim == 3 else m).astype(bool)
+    return out
+
+
+def write_truth(samples: list[Sample]) -> None:
+    """Write each sample's decoded truth (COCO) as a 0/255 PNG at its ``mask`` path, in the
+    report folder, never the user's: rewritten on ``--resume`` (the same file gives the same PNG)."""
+    from PIL import Image
+
+    for s in samples:
+        if s.truth is None:
+            continue
+        s.mask.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(coco_union(s.truth).astype("uint8") * 255, "L").save(s.mask)
 
 
 def _files(folder: Path, exts: tuple[str, ...]) -> dict[str, Path]:
@@ -333,7 +501,10 @@ def read_truth(path: Path, rule: MaskRule = PLAIN):
 
 def check_sample(s: Sample) -> None:
     """Header-only check of one pair: both readable, the same size, and a lossy mask only with a
-    threshold (its compression noise would otherwise be foreground)."""
+    threshold (its compression noise would otherwise be foreground). A COCO sample's image was
+    checked against the JSON's size when it was read; its mask is not written yet."""
+    if s.truth is not None:
+        return
     if s.mask.suffix.lower() in LOSSY_MASK_EXTS and s.rule.threshold is None:
         raise InputError(
             f"mask is {s.mask.suffix.lstrip('.').upper()}, a lossy format: its edges are grey noise, "
@@ -358,10 +529,22 @@ def load_dataset(
     limit: int | None = None,
     check: bool = True,
     rule: MaskRule = PLAIN,
+    images: str | os.PathLike | None = None,
+    prompt_map: str | os.PathLike | None = None,
+    truth_dir: str | os.PathLike | None = None,
 ) -> list[Sample]:
-    """The samples of ``data`` (folder or manifest) in a stable order (sorted by stem for a
-    folder, file order for a manifest), the first ``limit`` of them, each checked (headers only)."""
+    """The samples of ``data`` (folder, manifest or COCO ``.json``) in a stable order (sorted by
+    stem for a folder, file order for a manifest, image then category id for COCO), the first
+    ``limit`` of them, each checked (headers only). A COCO file's truth masks go to ``truth_dir``
+    (written by ``write_truth``)."""
     path = Path(data)
+    is_coco = path.suffix.lower() == ".json"
+    if images is not None and not is_coco:
+        raise UsageError("--images is only for a COCO annotation file (--data annotations.json)", hint="drop --images")
+    if prompt_map is not None and not is_coco:
+        raise UsageError(
+            "--prompt-map is only for a COCO annotation file (--data annotations.json)", hint="drop --prompt-map"
+        )
     if rule.threshold is not None and not 0 <= rule.threshold < 255:
         raise UsageError(
             f"--mask-threshold must lie in [0, 255), not {rule.threshold:g}",
@@ -384,11 +567,29 @@ def load_dataset(
         samples = _from_folder(path, prompt)
     elif path.suffix.lower() in MANIFEST_EXTS:
         samples = _from_manifest(path, prompt)
+    elif is_coco:
+        if prompt is not None:
+            raise UsageError(
+                "--prompt does not apply to a COCO file: each row's prompt is its category's name",
+                hint="drop --prompt, or pass --prompt-map map.json to word a category's prompt",
+            )
+        _pycocotools_mask()
+        if truth_dir is None:
+            raise UsageError(
+                "a COCO file's truth masks need a folder to be written to",
+                hint="pass truth_dir (eval uses OUT/truth/)",
+            )
+        samples = _from_coco(
+            path,
+            None if images is None else Path(images),
+            None if prompt_map is None else read_prompt_map(prompt_map),
+            Path(truth_dir).resolve(),
+        )
     else:
         raise InputError(
             f"not a data folder or manifest ({path.suffix or 'no extension'})",
             path=path,
-            hint="--data takes a folder with images/ and masks/, or a .jsonl/.csv manifest",
+            hint="--data takes a folder with images/ and masks/, a .jsonl/.csv manifest, or a COCO .json",
         )
     if limit is not None:
         samples = samples[:limit]
@@ -401,7 +602,11 @@ def load_dataset(
 
 
 __all__ = [
+    "CocoTruth",
     "MaskRule",
+    "coco_union",
+    "read_prompt_map",
+    "write_truth",
     "PLAIN",
     "Sample",
     "load_dataset",

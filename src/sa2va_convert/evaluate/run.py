@@ -42,7 +42,7 @@ from ..runner.memory import check_fits
 from ..runner.process import check_device, resolve_python, run_child
 from ..runner.report import judge_loading, report_from
 from .compare import Comparison, compare, compare_models
-from .data import PLAIN, MaskRule, Sample, load_dataset
+from .data import PLAIN, MaskRule, Sample, load_dataset, write_truth
 from .defaults import DEFAULT_IMAGE_TIMEOUT
 from .metrics import (
     EMPTY_GT_RULES,
@@ -69,7 +69,9 @@ from .report import (
 WORK = ".work"  # per-model, per-rank item lists and streamed results; removed when the run completes
 #: how the ground truth was read (--mask-threshold, --ignore-index): --resume must not mix rules
 RULE = "mask_rule.json"
-OURS = (METRICS, SUMMARY, PLOT, PAIRED, RULE, "predictions", "overlays", WORK)
+#: a COCO file's truth masks, decoded from its polygons and RLE (never written into the user's data folder)
+TRUTH = "truth"
+OURS = (METRICS, SUMMARY, PLOT, PAIRED, RULE, "predictions", "overlays", TRUTH, WORK)
 PAIRED_METRICS = ("dice", "iou")  # the per-image scores compared image by image with the baseline
 #: the per-model numbers --fail-under may name (higher is better for each), and the short names it also takes
 GATE_METRICS = ("mean_dice", "giou", "ciou", "mean_precision", "mean_recall", "mean_dice_with_object")
@@ -648,6 +650,8 @@ def evaluate(
     names: list[str] | None = None,
     mask_threshold: float | None = None,
     ignore_index: int | None = None,
+    images: str | os.PathLike | None = None,
+    prompt_map: str | os.PathLike | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """Evaluate every model on ``data`` and write the report into ``out``.
@@ -684,15 +688,18 @@ def evaluate(
     gate = _gate_spec(fail_under, require_better, len(specs))
     say(f"checking {data}")
     rule = MaskRule(mask_threshold, ignore_index)
-    samples = load_dataset(data, prompt, limit=limit, rule=rule)
+    out = Path(out).resolve()
+    samples = load_dataset(
+        data, prompt, limit=limit, rule=rule, images=images, prompt_map=prompt_map, truth_dir=out / TRUTH
+    )
     exe = resolve_python(python)
     device = check_device(device)
-    out = Path(out).resolve()
     _check_out(out, resume=resume, force=force, rule=rule)
     dist.init(image_timeout * (len(samples) + 1) * len(specs))
     try:
         if dist.rank == 0:
             _clean_out(out, resume=resume, force=force, rule=rule)
+            write_truth(samples)  # COCO: the decoded masks, into OUT/truth/ (the same ones again on --resume)
         dist.broadcast(None)  # a barrier: nobody writes before rank 0 has cleaned
         (out / WORK).mkdir(parents=True, exist_ok=True)
         return _evaluate(
