@@ -1,5 +1,5 @@
 """``eval``'s ground-truth formats: lossy masks with a threshold, a void label, GIF masks, several
-prompts per image, 16-bit images.
+prompts per image, 16-bit images, COCO instance JSON.
 
 Each mask is written here with its own library (PIL, numpy) and read back through the command's
 own reading code (``load_dataset``, ``measure``); one end-to-end run on the tiny converted model
@@ -425,3 +425,29 @@ def test_coco_size_mismatch_and_box_only_annotations_are_refused(tmp_path):
     with pytest.raises(InputError) as e:
         load_dataset(ann, truth_dir=tmp_path / "t")
     assert "annotation 3" in e.value.message
+
+
+def test_end_to_end_coco_truth_reaches_the_scorer_and_resume_keeps_it(tiny_model, tmp_path):
+    """A COCO file evaluated on the tiny model: one row per image and category, each scored against
+    the decoded union (its true_area is the union's), the masks written under the report, not the data."""
+    ann, expected = _coco_set(tmp_path / "data")
+    pmap = tmp_path / "map.json"
+    pmap.write_text(json.dumps({"dog": "brown dog"}))
+    out = tmp_path / "r"
+    r = run_eval(tiny_model, "--data", ann, "--prompt-map", pmap, "--out", out, "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_rows(out / "metrics.csv")
+    assert [(x["stem"], x["prompt"]) for x in rows] == [
+        ("a-c1", "<image>Please segment the cat."), ("a-c7", "<image>Please segment the brown dog."),
+        ("b-c1", "<image>Please segment the cat.")]
+    for x in rows:
+        assert x["status"] == "ok" and int(x["true_area"]) == int(expected[x["stem"]].sum()), x
+        assert Path(x["prediction_file"]).name == f"{x['stem']}.png"
+        assert (np.asarray(Image.open(out / "truth" / f"{x['stem']}.png")) != 0).sum() == expected[x["stem"]].sum()
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["a.png", "annotations.json", "b.png"]
+    again = run_eval(tiny_model, "--data", ann, "--prompt-map", pmap, "--out", out, "--resume", "--json")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["resumed"] == 3 and json.loads(again.stdout)["evaluated"] == 0
+    bad = run_eval(tiny_model, "--data", ann, "--prompt", "x", "--out", tmp_path / "r2")
+    errors = [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")]
+    assert bad.returncode == 2 and len(errors) == 1 and "--prompt" in errors[0], bad.stderr[-2000:]
