@@ -427,6 +427,43 @@ def test_coco_size_mismatch_and_box_only_annotations_are_refused(tmp_path):
     assert "annotation 3" in e.value.message
 
 
+# ------------------------------------------------------------------ multi-class masks with a prompt map
+
+
+def test_class_index_masks_give_one_row_per_image_and_mapped_class(tmp_path):
+    h, w = 48, 64
+    labels = np.zeros((h, w), np.uint8)
+    labels[5:20, 5:30] = 1
+    labels[25:40, 10:50] = 2
+    labels[0:4, :] = 5  # a class the map does not name: background for every row
+    Image.fromarray(labels, "L").save(_pair(tmp_path, "s1.png"))
+    only_one = np.where(labels == 1, 1, 0).astype(np.uint8)
+    Image.fromarray(only_one, "L").save(_pair(tmp_path, "s2.png"))
+    pmap = tmp_path / "map.json"
+    pmap.write_text(json.dumps({"2": "kidney", "1": "liver"}))
+    samples = load_dataset(tmp_path, prompt_map=pmap)
+    assert [(s.stem, s.prompt) for s in samples] == [
+        ("s1-c1", "<image>Please segment the liver."), ("s1-c2", "<image>Please segment the kidney."),
+        ("s2-c1", "<image>Please segment the liver."), ("s2-c2", "<image>Please segment the kidney.")]
+    for s in samples:
+        fg, _ = read_truth(s.mask, s.rule)
+        source = labels if s.stem.startswith("s1") else only_one
+        assert (fg == (source == int(s.stem[-1]))).all(), s.stem
+    assert not read_truth(samples[3].mask, samples[3].rule)[0].any()  # kidney absent from s2: empty truth
+    pred = _png(tmp_path / "pred.png", labels == 2)
+    got = measure(pred, samples[1].mask, samples[1].rule)
+    assert got["intersection"] == got["union"] == (labels == 2).sum()
+    assert [s.stem for s in load_dataset(tmp_path, prompt_map=pmap, limit=3)] == ["s1-c1", "s1-c2", "s2-c1"]
+    manifest = _manifest(tmp_path / "m.jsonl", [("images/s1.png", "masks/s1.png", "ignored")])
+    assert [s.stem for s in load_dataset(manifest, prompt_map=pmap)] == ["s1-c1", "s1-c2"]
+    with pytest.raises(UsageError):
+        load_dataset(tmp_path, "organ", prompt_map=pmap)
+    pmap.write_text(json.dumps({"liver": "liver"}))
+    with pytest.raises(InputError) as e:
+        load_dataset(tmp_path, prompt_map=pmap)
+    assert "'liver'" in e.value.message and "class index" in e.value.message
+
+
 def test_end_to_end_coco_truth_reaches_the_scorer_and_resume_keeps_it(tiny_model, tmp_path):
     """A COCO file evaluated on the tiny model: one row per image and category, each scored against
     the decoded union (its true_area is the union's), the masks written under the report, not the data."""

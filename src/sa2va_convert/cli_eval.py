@@ -169,7 +169,9 @@ def register_eval(main: click.Group) -> None:
     @click.option(
         "--prompt-map",
         type=click.Path(path_type=Path, readable=False),
-        help='COCO --data only: a JSON object from category name or id to prompt, e.g. {"person": "pedestrian"}.',
+        help="A JSON object of prompts. COCO --data: category name or id -> prompt, e.g. "
+        '{"person": "pedestrian"}. Folder or manifest of class-index masks: mask value -> prompt, e.g. '
+        '{"1": "liver", "2": "kidney"}: one row per image and class (<stem>-c<k>), truth = pixels of that value.',
     )
     @click.option(
         "--prompt",

@@ -45,6 +45,9 @@ class MaskRule:
 
     threshold: float | None = None
     ignore_index: int | None = None
+    #: a multi-class mask's class of this row (``--prompt-map`` on a folder or manifest): only
+    #: pixels of this value are foreground; set per sample, never for the whole set
+    label: int | None = None
 
     def describe(self) -> str:
         parts = []
@@ -83,6 +86,20 @@ class CocoTruth:
     height: int
     width: int
     segmentations: tuple[Any, ...]
+
+
+def _class_map(path: Path) -> dict[int, str]:
+    """``--prompt-map`` for multi-class masks: class index (a mask value) -> prompt, in index order."""
+    out: dict[int, str] = {}
+    for k, v in read_prompt_map(path).items():
+        if not k.isdigit():
+            raise InputError(
+                f"--prompt-map key {k!r} is not a class index (a mask value, 0 or more)",
+                path=path,
+                hint='for class-index masks key the map by value: {"1": "liver", "2": "kidney"}',
+            )
+        out[int(k)] = v
+    return dict(sorted(out.items()))
 
 
 def _pycocotools_mask() -> Any:
@@ -489,7 +506,10 @@ def read_truth(path: Path, rule: MaskRule = PLAIN):
     if rule.ignore_index is not None:
         void = arr == rule.ignore_index
         valid = ~(void.all(axis=-1) if arr.ndim == 3 else void)
-    if rule.threshold is not None and Path(path).suffix.lower() in LOSSY_MASK_EXTS:
+    if rule.label is not None:
+        fg = arr == rule.label
+        fg = fg.all(axis=-1) if fg.ndim == 3 else fg  # a class is one value in every channel
+    elif rule.threshold is not None and Path(path).suffix.lower() in LOSSY_MASK_EXTS:
         fg = arr > rule.threshold
     else:
         fg = arr != 0
@@ -541,10 +561,15 @@ def load_dataset(
     is_coco = path.suffix.lower() == ".json"
     if images is not None and not is_coco:
         raise UsageError("--images is only for a COCO annotation file (--data annotations.json)", hint="drop --images")
+    classes: dict[int, str] | None = None
     if prompt_map is not None and not is_coco:
-        raise UsageError(
-            "--prompt-map is only for a COCO annotation file (--data annotations.json)", hint="drop --prompt-map"
-        )
+        if prompt is not None:
+            raise UsageError(
+                "--prompt does not apply with --prompt-map: each class's prompt is its map entry",
+                hint="drop --prompt, or drop --prompt-map to segment one thing in every mask",
+            )
+        classes = _class_map(Path(prompt_map))
+        prompt = "_"  # a placeholder: every row's prompt is replaced by its class's
     if rule.threshold is not None and not 0 <= rule.threshold < 255:
         raise UsageError(
             f"--mask-threshold must lie in [0, 255), not {rule.threshold:g}",
@@ -591,10 +616,21 @@ def load_dataset(
             path=path,
             hint="--data takes a folder with images/ and masks/, a .jsonl/.csv manifest, or a COCO .json",
         )
-    if limit is not None:
-        samples = samples[:limit]
     if rule != PLAIN:
         samples = [replace(s, rule=rule) for s in samples]
+    if classes is not None:
+        samples = [
+            replace(
+                s,
+                stem=f"{s.stem}-c{k}",
+                prompt=_wrapped(text, where=Path(prompt_map or ""), row=f"class {k}"),
+                rule=replace(s.rule, label=k),
+            )
+            for s in samples
+            for k, text in classes.items()
+        ]
+    if limit is not None:
+        samples = samples[:limit]
     if check:
         for s in samples:
             check_sample(s)
