@@ -427,6 +427,16 @@ def test_coco_size_mismatch_and_box_only_annotations_are_refused(tmp_path):
     assert "annotation 3" in e.value.message
 
 
+def test_a_missing_pycocotools_is_one_usage_error(tmp_path, monkeypatch):
+    ann, _ = _coco_set(tmp_path)
+    monkeypatch.setitem(sys.modules, "pycocotools", None)
+    monkeypatch.setitem(sys.modules, "pycocotools.mask", None)
+    with pytest.raises(UsageError) as e:
+        load_dataset(ann, truth_dir=tmp_path / "t")
+    assert e.value.exit_code == 2 and "pycocotools, which is not installed" in e.value.message
+    assert "sa2va-convert[eval]" in (e.value.hint or "")
+
+
 # ------------------------------------------------------------------ multi-class masks with a prompt map
 
 
