@@ -498,3 +498,29 @@ def test_end_to_end_coco_truth_reaches_the_scorer_and_resume_keeps_it(tiny_model
     bad = run_eval(tiny_model, "--data", ann, "--prompt", "x", "--out", tmp_path / "r2")
     errors = [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")]
     assert bad.returncode == 2 and len(errors) == 1 and "--prompt" in errors[0], bad.stderr[-2000:]
+
+
+def test_end_to_end_class_index_masks_with_a_prompt_map(tiny_model, tmp_path):
+    """A folder of class-index masks on the tiny model: one metrics.csv row per image and mapped class,
+    each with its class's area as true_area (0 for a class the image lacks)."""
+    from sa2va_convert.testing.finetune import synthetic_picture
+
+    w, h = 80, 60
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "masks").mkdir()
+    synthetic_picture(w, h, 0).save(tmp_path / "data" / "images" / "scan.png")
+    labels = np.zeros((h, w), np.uint8)
+    labels[5:25, 5:40] = 1
+    labels[30:50, 20:70] = 2
+    Image.fromarray(labels, "L").save(tmp_path / "data" / "masks" / "scan.png")
+    pmap = tmp_path / "map.json"
+    pmap.write_text(json.dumps({"1": "liver", "2": "kidney", "3": "spleen"}))
+    out = tmp_path / "r"
+    r = run_eval(tiny_model, "--data", tmp_path / "data", "--prompt-map", pmap, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_rows(out / "metrics.csv")
+    assert [(x["stem"], x["prompt"]) for x in rows] == [
+        ("scan-c1", "<image>Please segment the liver."), ("scan-c2", "<image>Please segment the kidney."),
+        ("scan-c3", "<image>Please segment the spleen.")]
+    assert [int(x["true_area"]) for x in rows] == [int((labels == k).sum()) for k in (1, 2, 3)]
+    assert all(x["status"] == "ok" for x in rows) and int(rows[2]["true_area"]) == 0
