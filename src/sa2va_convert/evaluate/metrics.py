@@ -1,10 +1,12 @@
 """Segmentation metrics: every score of ``eval``, from the masks on disk, in plain Python/numpy.
 
 The model process only predicts: it saves the union of an answer's ``[SEG]`` masks as a PNG.
-This process counts that PNG's pixels against the ground truth (intersection, union, predicted
-area, true area: ``mask_counts``), and every ratio is computed from those counts (``scores``), so
-the rules live in one place, a resumed run scores exactly what lies on disk, and a metrics.csv row
-can be re-scored without any mask in memory.
+This process reads that PNG and the ground truth once per row (``measure``, what ``run.py`` calls):
+it counts the pixels (intersection, union, predicted area, true area: ``counts``), from which every
+ratio is computed (``scores``), and takes the shape scores that need the masks themselves
+(``shape_scores``: clDice, boundary F, HD95). So the rules live in one place, a resumed run scores
+exactly what lies on disk, and the count-based scores of a metrics.csv row can be recomputed without
+any mask in memory. ``mask_counts`` is the counts alone (``bench/bench_eval.py`` times the two apart).
 
 Empty masks. A ratio whose denominator is zero is 1.0 when both masks are empty (nothing to find,
 nothing found) and 0.0 otherwise. So an answer without ``[SEG]`` (an empty prediction) on an
