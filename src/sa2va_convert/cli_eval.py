@@ -141,7 +141,8 @@ def render_eval(report: dict[str, Any], *, rich: bool, echo: Callable[[str], Non
     files = report.get("files") or {}
     if files:
         echo(
-            f"report: {files.get('summary')}, {files.get('metrics')}, {files.get('plot')}; masks under "
+            f"report: {files.get('html')}, {files.get('summary')}, {files.get('metrics')}, {files.get('plot')}; "
+            f"masks under "
             f"{files.get('predictions')}"
         )
 
@@ -183,7 +184,7 @@ def register_eval(main: click.Group) -> None:
         type=click.Path(path_type=Path, readable=False),
         default=Path("eval_report"),
         show_default=True,
-        help="Report folder: predictions/, metrics.csv, summary.json, report.png.",
+        help="Report folder: predictions/, metrics.csv, summary.json, report.png, report.html.",
     )
     @click.option(
         "--device",

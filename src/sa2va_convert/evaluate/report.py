@@ -1,14 +1,12 @@
-"""The report folder: ``metrics.csv``, ``summary.json``, ``report.png``, written atomically.
+"""The report folder: ``metrics.csv``, ``summary.json``, ``paired.csv``, written atomically.
 
 Every file is written under a temporary name and renamed into place, so a reader (a person, a CI
 job, ``--resume``) sees either the previous complete file or the new complete one, never half of
-one. ``summary.json`` and ``report.png`` exist only for a finished run: they are removed when a
-run starts and written at its end, so a folder without them is visibly unfinished.
+one. ``summary.json``, ``report.png`` and ``report.html`` exist only for a finished run: they are
+removed when a run starts and written at its end, so a folder without them is visibly unfinished.
 
-``report.png`` is drawn with matplotlib (Agg backend, no display needed): it is what the field
-already uses for such plots, it is the one plotting library most Python environments with torch
-already have, and it writes a PNG with no browser or server. It is imported only here, only when
-the report is written (the ``eval`` extra).
+The plots (``report.png``, ``dice_over_iterations.png``) are drawn in ``report_plots.py`` and the
+page in ``report_html.py``; both write through ``write_atomic`` here.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OutputError
-from .metrics import SHAPE_KEYS, ModelSummary, scores, shape_value
+from .metrics import SHAPE_KEYS, scores, shape_value
 
 CSV_COLUMNS = (
     "model",
@@ -146,89 +144,12 @@ def write_summary(path: Path, summary: dict[str, Any]) -> None:
     write_atomic(path, (json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8"))
 
 
-def plot_report(
-    path: Path, summaries: list[ModelSummary], dice_by_model: dict[str, list[float]], best: str | None
-) -> None:
-    """Mean Dice per model (a line over the iteration when every model is an iter_N, bars
-    otherwise) beside the per-image Dice distribution of each model (box + every image as a dot)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    names = [s.model for s in summaries]
-    means = [s.mean_dice if s.mean_dice is not None else np.nan for s in summaries]
-    by_iter = all(s.iteration is not None for s in summaries) and len(summaries) > 1
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8.0, 1.2 * len(names) + 6), 4.2), dpi=100)
-    if by_iter:
-        its = [s.iteration for s in summaries]
-        ax1.plot(its, means, marker="o", color="#1f77b4")
-        ax1.set_xlabel("training iteration")
-        for s in summaries:
-            if s.model == best:
-                ax1.scatter(
-                    [s.iteration],
-                    [s.mean_dice],
-                    s=140,
-                    facecolors="none",
-                    edgecolors="#d62728",
-                    zorder=3,
-                    label=f"best: {s.model}",
-                )
-        if best:
-            ax1.legend(loc="lower right", fontsize=8)
-    else:
-        colours = ["#d62728" if n == best else "#1f77b4" for n in names]
-        bars = ax1.bar(range(len(names)), np.nan_to_num(means), color=colours)
-        ax1.set_xticks(
-            range(len(names)),
-            names,
-            rotation=30 if len(names) > 3 else 0,
-            ha="right" if len(names) > 3 else "center",
-            fontsize=8,
-        )
-        for b, v in zip(bars, means, strict=True):
-            ax1.text(
-                b.get_x() + b.get_width() / 2,
-                (0 if np.isnan(v) else v) + 0.02,
-                "n/a" if np.isnan(v) else f"{v:.3f}",
-                ha="center",
-                fontsize=8,
-            )
-    ax1.set_ylim(0, 1.08)
-    ax1.set_ylabel("mean Dice")
-    ax1.set_title("mean Dice per model" + (" (red: best)" if best and not by_iter else ""))
-    data = [dice_by_model.get(n) or [np.nan] for n in names]
-    ax2.boxplot(data, showfliers=False)
-    rng = np.random.RandomState(0)
-    for i, d in enumerate(data, 1):
-        ax2.scatter(i + rng.uniform(-0.12, 0.12, len(d)), d, s=10, alpha=0.6, color="#333333", zorder=3)
-    ax2.set_xticks(
-        range(1, len(names) + 1),
-        names,
-        rotation=30 if len(names) > 3 else 0,
-        ha="right" if len(names) > 3 else "center",
-        fontsize=8,
-    )
-    ax2.set_ylim(-0.04, 1.04)
-    ax2.set_ylabel("Dice per image")
-    n_images = max((len(d) for d in dice_by_model.values()), default=0)
-    ax2.set_title(f"per-image Dice ({n_images} images)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())
-
-
 __all__ = [
     "write_atomic",
     "write_metrics",
     "write_paired",
     "read_metrics",
     "write_summary",
-    "plot_report",
     "full_row",
     "CSV_COLUMNS",
     "METRICS",

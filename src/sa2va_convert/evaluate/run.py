@@ -59,19 +59,20 @@ from .report import (
     PAIRED,
     PLOT,
     SUMMARY,
-    plot_report,
     read_metrics,
     write_metrics,
     write_paired,
     write_summary,
 )
+from .report_html import HTML, IMAGES, write_html
+from .report_plots import ITERATIONS_PLOT, iteration_intervals, plot_iterations, plot_report
 
 WORK = ".work"  # per-model, per-rank item lists and streamed results; removed when the run completes
 #: how the ground truth was read (--mask-threshold, --ignore-index): --resume must not mix rules
 RULE = "mask_rule.json"
 #: a COCO file's truth masks, decoded from its polygons and RLE (never written into the user's data folder)
 TRUTH = "truth"
-OURS = (METRICS, SUMMARY, PLOT, PAIRED, RULE, "predictions", "overlays", TRUTH, WORK)
+OURS = (METRICS, SUMMARY, PLOT, PAIRED, HTML, IMAGES, ITERATIONS_PLOT, RULE, "predictions", "overlays", TRUTH, WORK)
 PAIRED_METRICS = ("dice", "iou")  # the per-image scores compared image by image with the baseline
 #: the per-model numbers --fail-under may name (higher is better for each), and the short names it also takes
 GATE_METRICS = ("mean_dice", "giou", "ciou", "mean_precision", "mean_recall", "mean_dice_with_object")
@@ -248,6 +249,8 @@ class EvalReport:
     cautions: list[str] = field(default_factory=list)
     #: the conditions of --fail-under / --require-better and which failed (None when none was set)
     gate: dict[str, Any] | None = None
+    #: iter_N models: mean Dice with its bootstrap interval per iteration (report_plots.iteration_intervals)
+    dice_over_iterations: list[dict[str, Any]] | None = None
     failures: list[dict[str, str]] = field(default_factory=list)
     images: int = 0
     resumed: int = 0
@@ -273,6 +276,7 @@ class EvalReport:
             "comparisons": [c.to_dict() for c in self.comparisons],
             "cautions": self.cautions,
             "gate": self.gate,
+            "dice_over_iterations": self.dice_over_iterations,
             "failures": self.failures,
             "resumed": self.resumed,
             "evaluated": self.evaluated,
@@ -361,9 +365,10 @@ def _clean_out(out: Path, *, resume: bool, force: bool, rule: MaskRule = PLAIN) 
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-    for n in (SUMMARY, PLOT, PAIRED):
+    for n in (SUMMARY, PLOT, PAIRED, HTML, ITERATIONS_PLOT):
         with contextlib.suppress(FileNotFoundError):
             (out / n).unlink()
+    shutil.rmtree(out / IMAGES, ignore_errors=True)
     (out / WORK).mkdir(parents=True, exist_ok=True)
     (out / RULE).write_text(json.dumps({"threshold": rule.threshold, "ignore_index": rule.ignore_index}) + "\n")
 
@@ -809,7 +814,6 @@ def _evaluate(
     if dist.rank != 0:
         report.wall_seconds = time.perf_counter() - started
         return report
-    dice: dict[str, list[float]] = {}
     values: dict[str, dict[str, dict[str, float]]] = {}
     for spec in specs:
         rows = rows_by_model[spec.name]
@@ -819,7 +823,6 @@ def _evaluate(
         summary.cuda_max_allocated_bytes = f.get("cuda_max_allocated_bytes")
         report.models.append(summary)
         values[spec.name] = per_image(rows, empty_gt)
-        dice[spec.name] = [v["dice"] for v in values[spec.name].values()]
         report.failures += [
             {"model": spec.name, "stem": r["stem"], "image": r["image"], "error": r.get("error", "")}
             for r in rows
@@ -840,8 +843,12 @@ def _evaluate(
         "metrics": str(out / METRICS),
         "summary": str(out / SUMMARY),
         "plot": str(out / PLOT),
+        "html": str(out / HTML),
         "predictions": str(out / "predictions"),
     }
+    report.dice_over_iterations = iteration_intervals(report.models, values)
+    if report.dice_over_iterations:
+        report.files["iterations_plot"] = str(out / ITERATIONS_PLOT)
     if overlays:
         report.files["overlays"] = str(out / "overlays")
     if any(m.no_seg for m in report.models):
@@ -854,8 +861,11 @@ def _evaluate(
     if len(specs) > 1:
         report.files["paired"] = str(out / PAIRED)
         write_paired(out / PAIRED, baseline, values, PAIRED_METRICS)
-    plot_report(out / PLOT, report.models, dice, report.best)
+    plot_report(out / PLOT, report.models, values, report.comparisons, report.baseline, empty_gt)
+    if report.dice_over_iterations:
+        plot_iterations(out / ITERATIONS_PLOT, report.dice_over_iterations, report.models, report.best, empty_gt)
     report.wall_seconds = time.perf_counter() - started
+    write_html(out, report.to_dict(), rows_by_model, samples, values)  # before summary.json: that comes last
     write_summary(out / SUMMARY, report.to_dict())
     shutil.rmtree(out / WORK, ignore_errors=True)
     return report
