@@ -114,13 +114,16 @@ def _slope(
 
     base, mine = values.get(baseline, {}), values.get(model, {})
     stems = [s for s in base if s in mine]
-    label = len(stems) <= MAX_LABELLED
+    colours = {}
     for s in stems:
         b, m = base[s]["dice"], mine[s]["dice"]
-        colour = WIN if m > b else LOSS if m < b else TIE
-        ax.plot([0, 1], [b, m], color=colour, alpha=0.75, lw=1.2, marker="o", ms=3)
-        if label:
-            ax.annotate(s, (1, m), xytext=(4, 0), textcoords="offset points", fontsize=6, va="center", color=colour)
+        colours[s] = WIN if m > b else LOSS if m < b else TIE
+        ax.plot([0, 1], [b, m], color=colours[s], alpha=0.75, lw=1.2, marker="o", ms=3)
+    if len(stems) <= MAX_LABELLED:
+        for s, y in _spread([(s, mine[s]["dice"]) for s in stems]):
+            ax.annotate(
+                s, (1, mine[s]["dice"]), xytext=(1.06, y), textcoords="data", fontsize=6, va="center", color=colours[s]
+            )
     if stems:
         bm = float(np.mean([base[s]["dice"] for s in stems]))
         mm = float(np.mean([mine[s]["dice"] for s in stems]))
@@ -128,7 +131,7 @@ def _slope(
         if c is not None and c.ci95 is not None:
             lo, hi = c.ci95
             ax.errorbar(
-                [1.42],
+                [1.62],
                 [mm],
                 yerr=[[mm - (bm + lo)], [(bm + hi) - mm]],
                 fmt="D",
@@ -136,7 +139,7 @@ def _slope(
                 capsize=4,
                 zorder=5,
             )
-    ax.set_xlim(-0.25, 1.6)
+    ax.set_xlim(-0.25, 1.75)
     ax.set_ylim(-0.04, 1.04)
     ax.set_xticks([0, 1], [baseline, model], fontsize=8)
     if c is None or c.mean_difference is None:
@@ -147,6 +150,20 @@ def _slope(
             f"{model} - {baseline}: Dice {c.mean_difference:+.3f} {ci}\nwins/ties/losses {c.wins}/{c.ties}/{c.losses}",
             fontsize=8,
         )
+
+
+def _spread(points: list[tuple[str, float]], gap: float = 0.05) -> list[tuple[str, float]]:
+    """Label heights: the points' own, pushed apart downwards to at least ``gap`` from the top one
+    (images with the same Dice, e.g. several at 1.0, would print their stems on top of each other),
+    then lifted together if that ran below the axis."""
+    placed: list[tuple[str, float]] = []
+    for name, y in sorted(points, key=lambda p: -p[1]):
+        if placed and y > placed[-1][1] - gap:
+            y = placed[-1][1] - gap
+        placed.append((name, y))
+    low = min((y for _, y in placed), default=0.0)
+    lift = max(0.0, -0.02 - low)
+    return [(name, y + lift) for name, y in placed]
 
 
 def _intervals(ax: Any, comparisons: list[Comparison]) -> None:
@@ -200,16 +217,24 @@ def plot_report(
         by_model = {c.model: c for c in comparisons if c.metric == "dice"}
         for ax, model in zip(axes[:-1], shown, strict=True):
             _slope(ax, baseline, model, values, by_model.get(model))
-        axes[0].set_ylabel("Dice per image (line: one image; black: the means, diamond: mean ± 95 % interval)")
+        axes[0].set_ylabel("Dice per image")
         _intervals(axes[-1], comparisons)
         n = len(values.get(baseline, {}))
         more = f"; {len(others) - len(shown)} more model(s) in the last panel only" if len(others) > len(shown) else ""
         fig.suptitle(
-            f"paired Dice against the baseline {baseline} ({n} image(s) in the means; "
-            f"{empty_gt_title(empty_gt, summaries)}){more}",
+            f"paired Dice against the baseline {baseline}: {n} image(s) in the means{more}\n"
+            f"{empty_gt_title(empty_gt, summaries)}",
             fontsize=9,
         )
-    fig.tight_layout()
+        fig.text(
+            0.01,
+            0.005,
+            "a line per image (green: the model wins, red: loses, grey: tie); black: the means; "
+            "diamond: the model's mean with the 95 % interval of the mean difference",
+            fontsize=7,
+            color="#555555",
+        )
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     write_atomic(path, _png(fig))
 
 
