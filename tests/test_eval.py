@@ -905,3 +905,205 @@ def test_a_missing_scikit_image_is_one_line_before_any_model_loads(tmp_path, mon
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "scikit-image, which is not installed" in errors[0], r.stderr
     assert "sa2va-convert[eval]" in r.stderr and not (tmp_path / "rep").exists()
+
+
+# ------------------------------------------------------------------ report.html, report.png, checkpoints over training
+
+CHROMIUM = Path("/usr/bin/chromium")
+# needed on a closed network: no sandbox (root in CI), no GPU, no background or QUIC traffic
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars"]
+
+
+class _Page:
+    """report.html parsed with the standard library: the elements with their attributes, in order."""
+
+    def __init__(self, text: str):
+        from html.parser import HTMLParser
+
+        self.elements: list[tuple[str, dict]] = []
+        page = self
+
+        class P(HTMLParser):
+            def handle_starttag(self, tag, attrs):
+                page.elements.append((tag, dict(attrs)))
+
+        P(convert_charrefs=True).feed(text)
+
+    def find(self, tag: str, **attrs) -> list[dict]:
+        return [a for t, a in self.elements if t == tag and all(a.get(k.replace("_", "-")) == v
+                                                                 for k, v in attrs.items())]
+
+
+def _value_cells(text: str, row_marker: str) -> dict[str, object]:
+    """data-key -> JSON value of the cells of the table row starting at ``row_marker``."""
+    row = text[text.index(row_marker):]
+    row = row[: row.index("</tr>")]
+    return {k: json.loads(html_unescape(v)) for k, v in re.findall(r"data-key=\"([^\"]+)\" data-value='([^']*)'", row)}
+
+
+def html_unescape(s: str) -> str:
+    import html
+
+    return html.unescape(s)
+
+
+def worst_first_from_csv(rows: list[dict], baseline: str) -> list[str]:
+    """The page's order recomputed from metrics.csv: the smallest Dice difference of any model to the
+    baseline per image, ascending, ties in data order (the baseline's row order)."""
+    stems = [r["stem"] for r in rows if r["model"] == baseline]
+    dice = {(r["model"], r["stem"]): counts_scores(r)["dice"] for r in rows if r["status"] != "failed"}
+    models = {r["model"] for r in rows} - {baseline}
+    key = {s: min(dice[(m, s)] - dice[(baseline, s)] for m in models) for s in stems}
+    return sorted(stems, key=lambda s: (key[s], stems.index(s)))
+
+
+def test_report_html_shows_the_summary_and_every_image_worst_first(mixed_run):
+    out, report = mixed_run.out, mixed_run.report
+    text = (out / "report.html").read_text(encoding="utf-8")
+    page = _Page(text)
+    assert report["files"]["html"] == str(out / "report.html") and report["dice_over_iterations"] is None
+    assert not (out / "dice_over_iterations.png").exists()  # no iter_N model: nothing over training
+    # on top, summary.json's own numbers: every model's, every comparison's, the rule, the cautions
+    for m in report["models"]:
+        cells = _value_cells(text, f'<tr data-model="{m["model"]}"><td')
+        assert len(cells) >= 14 and all(cells[k] == m[k] for k in cells), m["model"]
+    for c in report["comparisons"]:
+        cells = _value_cells(text, f'<tr data-model="{c["model"]}" data-metric="{c["metric"]}">')
+        assert {k: cells[k] for k in ("mean_difference", "ci95", "wins", "ties", "losses", "n", "p_value")} == {
+            k: c[k] for k in ("mean_difference", "ci95", "wins", "ties", "losses", "n", "p_value")}
+    assert "--empty-gt score</b>: " + html_unescape(report["empty_gt"]["meaning"]) in html_unescape(text)
+    assert all(html_unescape(n) in html_unescape(text) for n in report["notes"])
+    # then each image, worst first by the difference to the baseline (recomputed from metrics.csv)
+    rows = read_rows(out / "metrics.csv")
+    order = [a["data-stem"] for a in page.find("div", **{"class": "row"})]
+    assert order == worst_first_from_csv(rows, "no_lora") and order[0] == "f_empty"  # the one the fine-tune lost
+    figures = [a for a in page.find("figure") if a.get("data-model")]
+    assert len(figures) == 2 * len(order)
+    by_key = {(r["model"], r["stem"]): r for r in rows}
+    stems = iter(s for s in order for _ in range(2))
+    for fig in figures:
+        row = by_key[(fig["data-model"], next(stems))]
+        assert [fig["data-" + k.replace("_", "-")] for k in ("dice", "iou", "cldice", "boundary_f", "hd95")] == [
+            row[k] for k in ("dice", "iou", "cldice", "boundary_f", "hd95")]
+        if fig["data-model"] == "finetune":
+            want = counts_scores(row)["dice"] - counts_scores(by_key[("no_lora", row["stem"])])["dice"]
+            assert float(fig["data-difference"]) == pytest.approx(want, abs=1e-6)
+    # every image a relative path to a real, decodable file inside the report folder, of the image's shape
+    srcs = [a["src"] for a in page.find("img")]
+    assert len(srcs) == 1 + 3 * len(order) and srcs[0] == "report.png"
+    for src in srcs:
+        assert "://" not in src and not src.startswith(("/", "data:")), src
+        path = (out / src).resolve()
+        assert path.is_relative_to(out.resolve()) and path.is_file()
+        with Image.open(path) as im:
+            im.load()
+            if src.endswith("_truth.jpg"):
+                stem = order[srcs.index(src) // 3]
+                w, h = next((p[1], p[2]) for p in PICTURES + [("g_more", 68, 52, 0), ("f_empty", 64, 64, 0)]
+                            if p[0] == stem)
+                assert im.format == "JPEG" and abs(im.size[0] / im.size[1] - w / h) < 0.03
+    assert not list(out.rglob("*.tmp*"))
+
+
+def _chromium(*args: str, user_data: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={user_data}", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _page_requests(netlog: Path) -> list[str]:
+    """URLs the page asked the network for (Chromium's own background requests carry the initiator
+    "not an origin"; a page opened from disk has the opaque initiator "null")."""
+    log = json.loads(netlog.read_text())
+    start = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+    return sorted({e["params"]["url"] for e in log["events"] if e["type"] == start and "url" in e.get("params", {})
+                   and e["params"].get("initiator") != "not an origin"})
+
+
+def _rendered(dom: str) -> tuple[int, int, list[str]]:
+    page = _Page(dom)
+    body = page.find("body")[0]
+    return int(body["data-images-rendered"]), int(body["data-images-total"]), [
+        a.get("data-resolved", "") for a in page.find("img")]
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium package (apt-get install -y chromium)")
+def test_report_html_renders_every_image_in_headless_chromium_with_no_network(mixed_run, tmp_path):
+    out = mixed_run.out
+    n_img = len(_Page((out / "report.html").read_text(encoding="utf-8")).find("img"))
+    net = tmp_path / "net.json"
+    r = _chromium("--virtual-time-budget=10000", f"--log-net-log={net}", "--dump-dom",
+                  (out / "report.html").as_uri(), user_data=tmp_path / "profile")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rendered, total, resolved = _rendered(r.stdout)
+    assert (rendered, total) == (n_img, n_img) and n_img == 22  # report.png + 7 images x (truth + 2 models)
+    assert all(u.startswith(out.as_uri() + "/") for u in resolved), resolved
+    assert _page_requests(net) == []
+    # the same checks see a broken image and a network request: a copy of the page with one of each
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("predictions"))
+    broken = copy / "report.html"
+    broken.write_text(broken.read_text(encoding="utf-8").replace(
+        "<h1>", '<img src="http://127.0.0.1:9/x.png"><img src="report_images/missing.jpg"><h1>', 1), encoding="utf-8")
+    r = _chromium("--virtual-time-budget=10000", f"--log-net-log={net}", "--dump-dom", broken.as_uri(),
+                  user_data=tmp_path / "profile2")
+    rendered, total, _ = _rendered(r.stdout)
+    assert (rendered, total) == (n_img, n_img + 2) and "2 of 24 images did not load" in r.stdout
+    assert _page_requests(net) == ["http://127.0.0.1:9/x.png"]
+    # the screenshot the README shows (written into docs/ when SA2VA_WRITE_DOCS=1)
+    shot = tmp_path / "eval_report_html.png"
+    r = _chromium("--virtual-time-budget=10000", "--window-size=1200,2000", f"--screenshot={shot}",
+                  (out / "report.html").as_uri(), user_data=tmp_path / "profile3")
+    with Image.open(shot) as im:
+        assert im.size == (1200, 2000) and len(im.convert("L").getcolors(1 << 16) or []) > 50  # not blank
+    if os.environ.get("SA2VA_WRITE_DOCS") == "1":
+        docs = Path(__file__).resolve().parent.parent / "docs"
+        shutil.copyfile(shot, docs / "eval_report_html.png")
+        shutil.copyfile(out / "report.png", docs / "eval_report.png")
+
+
+def test_report_html_escapes_every_user_string(tmp_path):
+    """Model names, stems, prompts, answers and errors with markup in them: shown as text, never run."""
+    from sa2va_convert.evaluate.data import Sample
+    from sa2va_convert.evaluate.metrics import per_image, summarise
+    from sa2va_convert.evaluate.report_html import write_html
+    from sa2va_convert.evaluate.run import EvalReport
+
+    evil = '<script>alert("x")</script><img src=x onerror=alert(1)>&amp;'
+    names = ['base<b onmouseover=alert(1)>&"', "tuned'\"<u>"]  # a model name is one path component: no /
+    (tmp_path / "in").mkdir()
+    samples, rows = [], {n: [] for n in names}
+    for k, stem in enumerate(["s<i>1", "s&2"]):
+        image, mask = tmp_path / "in" / f"{k}.png", tmp_path / "in" / f"{k}_m.png"
+        synthetic_picture(40, 30, k).save(image)
+        truth = np.zeros((30, 40), np.uint8)
+        truth[5:20, 10:30] = 255
+        Image.fromarray(truth, "L").save(mask)
+        samples.append(Sample(stem, image, mask, "<image>Please segment the " + evil))
+        for j, name in enumerate(names):
+            pred = tmp_path / "pred" / f"{j}_{k}.png"
+            pred.parent.mkdir(exist_ok=True)
+            p = np.zeros_like(truth)
+            p[5 + j : 20, 10:30] = 255
+            Image.fromarray(p, "L").save(pred)
+            got = counts(p > 0, truth > 0)
+            failed = (j, k) == (1, 1)
+            rows[name].append({"model": name, "stem": stem, "status": "failed" if failed else "ok",
+                               **({} if failed else got), "seg_count": 1, "seconds": 0.1, "image": str(image),
+                               "mask": str(mask), "prompt": samples[-1].prompt, "answer": "[SEG]" + evil,
+                               "prediction_file": "" if failed else str(pred), "error": evil if failed else "",
+                               "cldice": "", "boundary_f": "", "hd95": ""})
+    report = EvalReport(out=str(tmp_path / evil), data=evil, baseline=names[0], images=2)
+    report.models = [summarise(n, "", None, rows[n]) for n in names]
+    report.notes, report.cautions = [evil], [evil]
+    values = {n: per_image(rows[n]) for n in names}
+    path = write_html(tmp_path, report.to_dict(), rows, samples, values)
+    text = path.read_text(encoding="utf-8")
+    page = _Page(text)
+    assert len(page.find("script")) == 1 and "<script>alert" not in text and "<u>" not in text
+    assert not any("onerror" in attrs or "onmouseover" in attrs for _, attrs in page.elements)
+    assert [a["data-stem"] for a in page.find("div", **{"class": "row"})] == ["s<i>1", "s&2"]
+    assert {a["data-model"] for a in page.find("figure") if a.get("data-model")} == set(names)
+    assert html_unescape(text).count(evil) >= 8  # shown as text: prompt, answers, error, names, notes, ...
+    assert len(page.find("img")) == 2 + 3  # two truths, three predictions (the failed one has none)
