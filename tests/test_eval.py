@@ -456,8 +456,9 @@ def test_torchrun_two_ranks_on_cpu_equals_one_process(world, main_run, tmp_path)
     for m in report["models"]:
         for key in ("images", "mean_dice", "giou", "ciou", "no_seg_rate", "failures"):
             assert m[key] == single[same[m["model"]]][key], key
-    with Image.open(out / "report.png") as im:  # a line over the iteration
+    with Image.open(out / "report.png") as im:  # the paired lines of iter_1000 against iter_200
         assert im.format == "PNG"
+    check_dice_over_iterations(report, out)
 
 
 def test_an_interrupted_run_resumes_from_the_streamed_results(world, main_run, tmp_path):
@@ -1061,6 +1062,29 @@ def test_report_html_renders_every_image_in_headless_chromium_with_no_network(mi
         docs = Path(__file__).resolve().parent.parent / "docs"
         shutil.copyfile(shot, docs / "eval_report_html.png")
         shutil.copyfile(out / "report.png", docs / "eval_report.png")
+
+
+def check_dice_over_iterations(report: dict, out: Path) -> None:
+    """Each checkpoint's mean Dice and its bootstrap interval, recomputed from metrics.csv with numpy
+    (its own per-image Dice resampled from the seed), in summary.json, in the plot and on the page."""
+    points = report["dice_over_iterations"]
+    assert [(p["model"], p["iteration"]) for p in points] == [(m["model"], m["iteration"]) for m in report["models"]]
+    rows = read_rows(out / "metrics.csv")
+    text = (out / "report.html").read_text(encoding="utf-8")
+    for p in points:
+        d = np.array([counts_scores(r)["dice"] for r in rows if r["model"] == p["model"] and r["status"] != "failed"])
+        rng = np.random.default_rng(p["seed"])
+        means = d[rng.integers(0, d.size, size=(p["resamples"], d.size))].mean(axis=1)
+        assert p["resamples"] == 10_000 and p["n"] == d.size
+        assert p["mean_dice"] == pytest.approx(d.mean(), abs=1e-12)
+        assert p["ci95"] == pytest.approx(list(np.percentile(means, [2.5, 97.5])), abs=1e-12)
+        shown = text[text.index('<table id="iterations">'):]
+        assert _value_cells(shown, f'<tr data-model="{p["model"]}">') == {
+            "iteration": p["iteration"], "mean_dice": p["mean_dice"], "ci95": p["ci95"], "n": p["n"]}
+    assert points[0]["ci95"][1] < points[1]["ci95"][0]  # the twin's 0 and the fine-tune's ~0.9 do not overlap
+    with Image.open(out / "dice_over_iterations.png") as im:
+        assert im.format == "PNG" and im.size[0] >= 600
+    assert '<img src="dice_over_iterations.png"' in text and report["files"]["iterations_plot"]
 
 
 def test_report_html_escapes_every_user_string(tmp_path):

@@ -58,7 +58,9 @@ def _png(fig: Any) -> bytes:
 def empty_gt_title(rule: str, summaries: Sequence[ModelSummary]) -> str:
     """The empty-ground-truth rule in words, for a plot's title (the reader must not have to guess it)."""
     n_empty = max((m.n_empty_gt for m in summaries), default=0)
-    what = "scored (an empty prediction there is Dice 1)" if rule == "score" else "left out"
+    if not n_empty:
+        return f"empty ground truth: --empty-gt {rule}, no image has an empty ground truth"
+    what = "scored (an empty prediction there is Dice 1)" if rule == "score" else "left out of the means"
     return f"empty ground truth: --empty-gt {rule}, {n_empty} image(s) {what}"
 
 
