@@ -1132,3 +1132,39 @@ def test_report_html_escapes_every_user_string(tmp_path):
     assert {a["data-model"] for a in page.find("figure") if a.get("data-model")} == set(names)
     assert html_unescape(text).count(evil) >= 8  # shown as text: prompt, answers, error, names, notes, ...
     assert len(page.find("img")) == 2 + 3  # two truths, three predictions (the failed one has none)
+
+
+def test_dice_over_iterations_beside_a_base_and_the_one_model_order(tmp_path):
+    """iter_N models beside a base (eval base/ work_dirs/converted/): the base is no point of the curve;
+    each point's interval recomputed with numpy from its seed. One model alone: lowest Dice first."""
+    from sa2va_convert.evaluate.metrics import per_image, summarise
+    from sa2va_convert.evaluate.report_html import worst_first
+    from sa2va_convert.evaluate.report_plots import iteration_intervals, plot_iterations
+
+    rng = np.random.default_rng(3)
+    rows: dict[str, list[dict]] = {}
+    for name in ("base", "iter_500", "iter_100"):
+        rows[name] = []
+        for k in range(9):
+            t = int(rng.integers(50, 100))
+            i = int(rng.integers(0, t))
+            p = int(rng.integers(i, i + 40))
+            rows[name].append({"stem": f"s{k}", "status": "ok", "intersection": i, "union": t + p - i,
+                               "pred_area": p, "true_area": t, "seg_count": 1, "seconds": 0.1})
+    summaries = [summarise(n, "", int(n[5:]) if n.startswith("iter_") else None, rows[n]) for n in rows]
+    values = {n: per_image(rows[n]) for n in rows}
+    points = iteration_intervals(summaries, values, resamples=2000, seed=5)
+    assert [(p["model"], p["iteration"]) for p in points] == [("iter_100", 100), ("iter_500", 500)]
+    for p in points:
+        d = np.array([counts_scores(r)["dice"] for r in rows[p["model"]]])
+        means = d[np.random.default_rng(5).integers(0, d.size, size=(2000, d.size))].mean(axis=1)
+        assert (p["n"], p["resamples"], p["seed"]) == (9, 2000, 5)
+        assert p["mean_dice"] == pytest.approx(d.mean(), abs=1e-12)
+        assert p["ci95"] == pytest.approx(list(np.percentile(means, [2.5, 97.5])), abs=1e-12)
+    assert iteration_intervals(summaries[:2], values) is None  # one checkpoint: no curve
+    plot_iterations(tmp_path / "it.png", points, summaries, "iter_500", "score")
+    with Image.open(tmp_path / "it.png") as im:
+        assert im.format == "PNG" and im.size[0] >= 600
+    only = {"base": values["base"]}
+    dice = {s: counts_scores(r)["dice"] for s, r in zip([r["stem"] for r in rows["base"]], rows["base"])}
+    assert [s for s, _ in worst_first(list(dice), only, None)] == sorted(dice, key=lambda s: dice[s])
