@@ -322,6 +322,9 @@ DEFINITIONS = {
     "(model - baseline, in paired.csv), wins/ties/losses (higher/equal/lower per image), their mean with a 95 % "
     "percentile bootstrap interval (resamples of the images with replacement, numpy.random.default_rng(seed)) "
     "and a two-sided Wilcoxon signed-rank p-value (null, with p_value_note, where the data cannot support one)",
+    "dice_over_iterations": "per iter_N model (two or more), its mean Dice and a 95 % percentile bootstrap interval "
+    "of that mean: its own per-image Dice (the images in the means) resampled with replacement, as the comparisons "
+    "(same seed and resamples); null unless two or more models carry an iteration",
     "best_interval": "the best model's (highest mean Dice) Dice difference to the baseline with its interval; when "
     "the baseline is best, its difference to the runner-up",
 }
