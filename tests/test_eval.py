@@ -965,6 +965,7 @@ def test_report_html_shows_the_summary_and_every_image_worst_first(mixed_run):
     text = (out / "report.html").read_text(encoding="utf-8")
     page = _Page(text)
     assert report["files"]["html"] == str(out / "report.html") and report["dice_over_iterations"] is None
+    assert "bootstrap" in report["definitions"]["dice_over_iterations"]
     assert not (out / "dice_over_iterations.png").exists()  # no iter_N model: nothing over training
     # on top, summary.json's own numbers: every model's, every comparison's, the rule, the cautions
     for m in report["models"]:
