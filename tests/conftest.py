@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix=f"hf-modules-{os.environ['PYTEST_XDIST_WORKER']}-")
     atexit.register(shutil.rmtree, os.environ["HF_MODULES_CACHE"], True)
 
+# A shell without job control starts background commands (`pytest ... &` in a script) with SIGINT
+# ignored, and an ignored signal is inherited across exec: every CLI the tests start would then
+# ignore the Ctrl-C the interruption tests send, and those tests would fail for the way pytest was
+# launched. Python's own handler is reset to the default on exec, so restoring it here is enough.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_configure(config: pytest.Config) -> None:
