@@ -295,9 +295,52 @@ def register_eval(main: click.Group) -> None:
         over the ranks and rank 0 writes the report.
         """
         from .evaluate.run import Dist
+        from .evaluate.video_data import is_video_data
 
         rank0 = Dist.from_env().rank == 0
         progress = make_progress(json_out, quiet or json_out or not rank0)
+        if is_video_data(data):  # frames folders, a clip manifest, meta_expressions.json: cli_eval_video.py
+            from .cli_eval_video import refuse_image_options, run_video_eval
+
+            refuse_image_options(
+                **{
+                    "--prompt-map": prompt_map,
+                    "--overlays": overlays,
+                    "--fail-under": fail_under,
+                    "--require-better": require_better,
+                    "--mask-threshold": mask_threshold is not None,
+                    "--ignore-index": ignore_index is not None,
+                    "--empty-gt skip": empty_gt != "score",
+                }
+            )
+            try:
+                run_video_eval(
+                    json_out=json_out,
+                    rank0=rank0,
+                    on_stage=progress.stage,
+                    models=list(models),
+                    data=data,
+                    out=out,
+                    prompt=prompt,
+                    device=device,
+                    dtype=dtype,
+                    python=python,
+                    limit=limit,
+                    resume=resume,
+                    force=force,
+                    max_new_tokens=max_new_tokens,
+                    timeout_per_item=timeout,
+                    baseline=baseline,
+                    names=list(names) or None,
+                    images=images_dir,
+                )
+            except KeyboardInterrupt:
+                raise Interrupted(
+                    "interrupted; no summary.json was written, the expressions finished so far are kept",
+                    path=out,
+                    hint="run the same command with --resume to continue",
+                ) from None
+            return
         try:
             from .evaluate.run import check_failures, check_gate, evaluate, parse_fail_under
 
