@@ -210,7 +210,7 @@ def _complete(row: dict[str, Any], spec: ModelSpec, s: VideoSample, out: Path) -
 def _fmt(v: Any) -> Any:
     if v is None:
         return ""
-    return f"{v:.6f}" if isinstance(v, float) else v
+    return repr(v) if isinstance(v, float) else v  # full precision: --resume recomputes the means from these
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
