@@ -49,7 +49,7 @@ def render_video_eval(report: dict[str, Any], *, echo: Callable[[str], None]) ->
     for r in [COLUMNS, *rows]:
         echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
     for line in comparison_lines(report):
-        echo(line)
+        echo(line.replace("per image;", "per expression;"))
     for f in report.get("failures", [])[:10]:
         echo(f"failed: {f['model']}/{f['key']}: {f['error']}")
     for note in report.get("notes") or []:

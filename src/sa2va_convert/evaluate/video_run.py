@@ -76,6 +76,8 @@ COLUMNS = (
 )
 STRIP_FRAMES = 6  # frames shown per clip in its strip, evenly spaced
 STRIP_HEIGHT = 96
+TRUTH_COLOUR = (40, 220, 60)  # green: the ground truth's outline in a strip
+PRED_COLOUR = (255, 40, 255)  # magenta: the prediction's (red would vanish on red objects)
 
 DEFINITIONS = {
     "j": "region similarity: per frame |P∩T| / |P∪T| (1 when both are empty), averaged over the clip's frames; "
@@ -324,9 +326,15 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
+def _resized(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255, "L").resize(size, Image.Resampling.NEAREST)) > 0
+
+
 def write_strip(path: Path, samples: list[VideoSample], rows: list[dict[str, Any]]) -> None:
     """One PNG per clip: a row per (expression, model) of up to STRIP_FRAMES evenly spaced frames, the
-    ground truth outlined in green and the prediction in red, the row's J&F written at its left.
+    ground truth outlined in green and the prediction in magenta, the row's J&F written at its left.
     A separate file so that report.html can embed it (``<img src="strips/<clip>.png">``)."""
     from PIL import Image, ImageDraw
 
@@ -345,14 +353,13 @@ def write_strip(path: Path, samples: list[VideoSample], rows: list[dict[str, Any
         jf = "-" if r.get("jf") is None else f"{r['jf']:.3f}"
         draw.text((4, y + 4), f"{r['model']}\nexpr {s.expression}\nJ&F {jf}\n{s.text[:22]}", fill=(0, 0, 0))
         for k, i in enumerate(picks):
+            size = (cw, STRIP_HEIGHT)
             with Image.open(s.frames[i]) as im:
-                rgb = np.asarray(im.convert("RGB")).copy()
-            truth = s.truth(i)
-            rgb[_outline(truth)] = (40, 220, 60)
+                rgb = np.asarray(im.convert("RGB").resize(size, Image.Resampling.BILINEAR)).copy()
+            rgb[_outline(_resized(s.truth(i), size))] = TRUTH_COLOUR
             if r.get("prediction_dir"):
-                rgb[_outline(read_pred(Path(r["prediction_dir"]), s.frames[i]))] = (240, 40, 40)
-            cell = Image.fromarray(rgb).resize((cw, STRIP_HEIGHT), Image.Resampling.NEAREST)
-            canvas.paste(cell, (label_w + k * cw, y))
+                rgb[_outline(_resized(read_pred(Path(r["prediction_dir"]), s.frames[i]), size))] = PRED_COLOUR
+            canvas.paste(Image.fromarray(rgb), (label_w + k * cw, y))
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     write_atomic(path, buf.getvalue())
