@@ -1077,7 +1077,7 @@ class LazyFrames:
 def eval_video_one(m: Loaded, item: dict) -> dict:
     """One expression of one clip: every frame to the model's own predict_forward (as upstream's
     sa2va_eval_ref_vos.py does), and the masks of the answer's FIRST [SEG] saved as one PNG per frame
-    (upstream takes ``prediction_masks[0]``, sa2va_eval_ref_vos.py lines 196-201; an answer without
+    (upstream takes ``prediction_masks[0]``, sa2va_eval_ref_vos.py lines 195-198; an answer without
     [SEG] is all-empty frames). Nothing is scored here."""
     import numpy as np
 
