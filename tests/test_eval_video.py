@@ -347,12 +347,17 @@ def test_frames_folder_every_score_recomputed_compared_and_resumed(vworld, folde
         w.writeheader()
         w.writerows(rows)
     (copy / "summary.json").unlink()
+    # ... with a CI gate the fine-tune's twin cannot pass: the report is written, then exit 11
     r = run_cli("eval", vworld.folders["finetune"], vworld.folders["no_lora"], "--data", vworld.data, "--out", copy,
-                "--device", "cpu", "--resume")
-    assert r.returncode == 0, r.stderr[-3000:]
+                "--device", "cpu", "--resume", "--fail-under", "jf=0.99", "--require-better")
+    assert r.returncode == 11, r.stderr[-3000:]
     again = json.loads((copy / "summary.json").read_text())
     assert again["resumed"] == 8 and "checking" in r.stderr and "loading the model" not in r.stderr
     assert [m["jf"] for m in again["models"]] == [m["jf"] for m in report["models"]]
+    assert again["gate"]["passed"] is False and len(again["gate"]["failed"]) == 2  # jf of no_lora; its interval
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].endswith(
+        f"{copy}: gate failed: {again['gate']['failed'][0]} (and 1 more, listed under gate in summary.json)")
 
 
 def test_mevis_layout_scores_the_rle_truth_and_robustness(vworld, folder_run, tmp_path):
@@ -402,6 +407,9 @@ def test_bad_video_data_is_one_line_before_any_model_loads(vworld, tmp_path):
     r = CliRunner().invoke(cli_main, ["eval", str(vworld.folders["finetune"]), "--data", str(vworld.data), "--out",
                                       str(out), "--overlays"], env=ENV)
     assert r.exit_code == 2 and "--overlays does not apply to a video set" in r.stderr
+    r = CliRunner().invoke(cli_main, ["eval", str(vworld.folders["finetune"]), "--data", str(vworld.data), "--out",
+                                      str(out), "--fail-under", "dice=0.5"], env=ENV)
+    assert r.exit_code == 2 and "--fail-under names 'dice', which is not a video score" in r.stderr
     assert not out.exists()
 
 

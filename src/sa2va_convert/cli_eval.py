@@ -226,12 +226,14 @@ def register_eval(main: click.Group) -> None:
         multiple=True,
         metavar="METRIC=NUMBER",
         help="Exit 11 after the report when a model's METRIC is below NUMBER (every model but the baseline; "
-        "repeatable), e.g. dice=0.80; METRIC: dice, iou, precision, recall or a summary.json name (ciou, ...).",
+        "repeatable), e.g. dice=0.80; METRIC: dice, iou, precision, recall or a summary.json name (ciou, ...); "
+        "on video: j, f, jf or r.",
     )
     @click.option(
         "--require-better",
         is_flag=True,
-        help="Exit 11 after the report unless every model's Dice interval against the baseline lies above 0.",
+        help="Exit 11 after the report unless every model's Dice (video: J&F) interval against the baseline lies "
+        "above 0.",
     )
     @click.option(
         "--name",
@@ -301,13 +303,12 @@ def register_eval(main: click.Group) -> None:
         progress = make_progress(json_out, quiet or json_out or not rank0)
         if is_video_data(data):  # frames folders, a clip manifest, meta_expressions.json: cli_eval_video.py
             from .cli_eval_video import refuse_image_options, run_video_eval
+            from .evaluate.run import parse_fail_under
 
             refuse_image_options(
                 **{
                     "--prompt-map": prompt_map,
                     "--overlays": overlays,
-                    "--fail-under": fail_under,
-                    "--require-better": require_better,
                     "--mask-threshold": mask_threshold is not None,
                     "--ignore-index": ignore_index is not None,
                     "--empty-gt skip": empty_gt != "score",
@@ -333,6 +334,8 @@ def register_eval(main: click.Group) -> None:
                     baseline=baseline,
                     names=list(names) or None,
                     images=images_dir,
+                    fail_under=parse_fail_under(fail_under),
+                    require_better=require_better,
                 )
             except KeyboardInterrupt:
                 raise Interrupted(

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from .cli_common import emit_json
-from .errors import EvalFailuresError, UsageError
+from .errors import EvalFailuresError, EvalGateError, UsageError
 
 COLUMNS = ["model", "expressions", "clips", "J", "F", "J&F", "R", "no [SEG]", "failed", "frames/s"]
 
@@ -50,6 +50,13 @@ def render_video_eval(report: dict[str, Any], *, echo: Callable[[str], None]) ->
         echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
     for line in comparison_lines(report):
         echo(line.replace("per image;", "per expression;"))
+    gate = report.get("gate")
+    if gate:
+        echo("gate: passed" if gate["passed"] else f"gate: {len(gate['failed'])} condition(s) failed")
+        for line in gate["failed"]:
+            echo(f"gate failed: {line}")
+    if report.get("resumed"):
+        echo(f"resumed: {report['resumed']} expression result(s) kept from the earlier run")
     for f in report.get("failures", [])[:10]:
         echo(f"failed: {f['model']}/{f['key']}: {f['error']}")
     for note in report.get("notes") or []:
@@ -67,12 +74,13 @@ def refuse_image_options(**given: Any) -> None:
         if value:
             raise UsageError(
                 f"{name} does not apply to a video set",
-                hint=f"drop {name}: video is scored with DAVIS's J and F (empty frames by DAVIS's rules)",
+                hint=f"drop {name}: video is scored with DAVIS's J and F (empty frames by DAVIS's rules); "
+                "gate with --fail-under jf=0.6 / --require-better",
             )
 
 
 def run_video_eval(*, json_out: bool, rank0: bool, on_stage: Callable[[str], None], **kwargs: Any) -> None:
-    from .evaluate.video_run import check_video_failures, evaluate_video
+    from .evaluate.video_run import check_video_failures, check_video_gate, evaluate_video
 
     report = evaluate_video(on_stage=on_stage, **kwargs)
     if not rank0:
@@ -83,8 +91,9 @@ def run_video_eval(*, json_out: bool, rank0: bool, on_stage: Callable[[str], Non
     else:
         render_video_eval(d, echo=click.echo)
     try:
-        check_video_failures(report)
-    except EvalFailuresError as e:
+        check_video_failures(report)  # failed expressions first: a gate judged on part of the set says little
+        check_video_gate(report)
+    except (EvalFailuresError, EvalGateError) as e:
         click.echo(f"error: {e.one_line()}", err=True)
         sys.exit(e.exit_code)
 

@@ -131,6 +131,7 @@ class VideoEvalReport:
     comparisons: list[Comparison] = field(default_factory=list)
     failures: list[dict[str, str]] = field(default_factory=list)
     strips: list[dict[str, Any]] = field(default_factory=list)
+    gate: dict[str, Any] | None = None
     resumed: int = 0
     world_size: int = 1
     wall_seconds: float = 0.0
@@ -152,6 +153,7 @@ class VideoEvalReport:
             "comparisons": [c.to_dict() for c in self.comparisons],
             "failures": self.failures,
             "strips": self.strips,
+            "gate": self.gate,
             "resumed": self.resumed,
             "world_size": self.world_size,
             "wall_seconds": round(self.wall_seconds, 3),
@@ -484,6 +486,8 @@ def evaluate_video(
     images: str | os.PathLike | None = None,
     mask_dict: str | os.PathLike | None = None,
     strips: bool = True,
+    fail_under: dict[str, float] | None = None,
+    require_better: bool = False,
     on_stage: Callable[[str], None] | None = None,
 ) -> VideoEvalReport:
     """Evaluate every model on the video set ``data`` and write the report into ``out``.
@@ -507,6 +511,7 @@ def evaluate_video(
         raise UsageError(
             f"--baseline {baseline!r} is none of the models", hint="name one of: " + ", ".join(s.name for s in specs)
         )
+    gate = gate_spec(fail_under, require_better, len(specs))
     say(f"checking {data}")
     samples = load_video_dataset(data, prompt, limit=limit, images=images, mask_dict=mask_dict)
     out = Path(out).resolve()
@@ -522,7 +527,7 @@ def evaluate_video(
         return _evaluate(
             specs, samples, out=out, data=str(data), dist=dist, exe=exe, device=device, dtype=dtype,
             max_new_tokens=max_new_tokens, resume=resume, timeout_per_item=timeout_per_item,
-            baseline=baseline or specs[0].name, strips=strips, say=say, started=started,
+            baseline=baseline or specs[0].name, strips=strips, gate=gate, say=say, started=started,
         )  # fmt: skip
     finally:
         dist.close()
@@ -543,6 +548,7 @@ def _evaluate(
     timeout_per_item: float,
     baseline: str,
     strips: bool,
+    gate: dict[str, Any] | None,
     say: Callable[[str], None],
     started: float,
 ) -> VideoEvalReport:
@@ -614,6 +620,9 @@ def _evaluate(
         report.comparisons = compare_models(baseline, values, PAIRED_METRICS)
         _write_paired(out / PAIRED, baseline, values)
         report.files["paired"] = str(out / PAIRED)
+    if gate is not None:
+        report.gate = {**gate, "failed": gate_failures(report, gate)}
+        report.gate["passed"] = not report.gate["failed"]
     if strips:
         report.strips = _write_strips(out, samples, rows_by_model, say)
     report.files.update(metrics=str(out / METRICS), summary=str(out / SUMMARY), predictions=str(out / "predictions"))
@@ -664,6 +673,61 @@ def _write_strips(
     return listed
 
 
+#: what --fail-under may name on video (higher is better for each)
+GATE_METRICS = ("j", "f", "jf", "r")
+
+
+def gate_spec(fail_under: dict[str, float] | None, require_better: bool, n_models: int) -> dict[str, Any] | None:
+    """The gate's conditions, checked before any model loads (a typo must not cost an evaluation)."""
+    if not fail_under and not require_better:
+        return None
+    for name in fail_under or {}:
+        if name not in GATE_METRICS:
+            raise UsageError(
+                f"--fail-under names {name!r}, which is not a video score",
+                hint="on video use j, f, jf or r, e.g. --fail-under jf=0.6",
+            )
+    if require_better and n_models < 2:
+        raise UsageError(
+            "--require-better needs a baseline and at least one model to compare with it",
+            hint="pass the baseline folder and the fine-tune's, e.g. eval base/ finetune/ --require-better",
+        )
+    return {"fail_under": dict(fail_under or {}), "require_better": require_better}
+
+
+def gate_failures(report: VideoEvalReport, gate: dict[str, Any]) -> list[str]:
+    """Every condition that does not hold, one line each; --fail-under judges every model but the baseline
+    (the only model, when there is one), --require-better each model's J&F interval against the baseline."""
+    failed: list[str] = []
+    judged = [m for m in report.models if m.model != report.baseline] or report.models
+    for key, threshold in gate["fail_under"].items():
+        for m in judged:
+            value = getattr(m, key)
+            if value is None or value < threshold:
+                shown = "none (nothing scored)" if value is None else f"{value:.4f}"
+                failed.append(f"--fail-under {key}={threshold:g}: {m.model} has {key} {shown}")
+    if gate["require_better"]:
+        for c in report.comparisons:
+            if c.metric == "jf" and not c.above_zero:
+                diff = "-" if c.mean_difference is None else f"{c.mean_difference:+.4f}"
+                ci = "none" if c.ci95 is None else f"[{c.ci95[0]:+.3f}, {c.ci95[1]:+.3f}]"
+                failed.append(
+                    f"--require-better: {c.model}'s J&F against {c.baseline} is {diff}, interval {ci}, "
+                    "which does not lie above 0"
+                )
+    return failed
+
+
+def check_video_gate(report: VideoEvalReport) -> None:
+    """Exit 11 when a --fail-under / --require-better condition does not hold (the report is written)."""
+    from ..errors import EvalGateError
+
+    if report.gate and report.gate["failed"]:
+        failed = report.gate["failed"]
+        more = f" (and {len(failed) - 1} more, listed under gate in {SUMMARY})" if len(failed) > 1 else ""
+        raise EvalGateError(f"gate failed: {failed[0]}{more}", path=report.out)
+
+
 def check_video_failures(report: VideoEvalReport) -> None:
     """Exit 10 when some expressions failed (the report is written)."""
     from ..errors import EvalFailuresError
@@ -678,4 +742,4 @@ def check_video_failures(report: VideoEvalReport) -> None:
         raise err
 
 
-__all__ = ["evaluate_video", "VideoEvalReport", "check_video_failures", "score_expression"]
+__all__ = ["evaluate_video", "VideoEvalReport", "check_video_failures", "check_video_gate", "score_expression"]
