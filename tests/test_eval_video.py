@@ -235,6 +235,15 @@ def vworld(tmp_path_factory) -> SimpleNamespace:
             rle = coco_mask.encode(np.asfortranarray(ellipse(w, h, 2 * i).astype(np.uint8)))
             fg_rles.append({"size": rle["size"], "counts": rle["counts"].decode()})
         foreground[clip] = {"masks_rle": fg_rles}
+    # a third video whose second frame is cut short: its header reads (the checks pass), its pixels do not
+    (mevis / "JPEGImages" / "broken").mkdir()
+    for n in ("00000", "00001"):
+        shutil.copy(data / "frames" / "clipA" / f"{n}.jpg", mevis / "JPEGImages" / "broken" / f"{n}.jpg")
+    cut = mevis / "JPEGImages" / "broken" / "00001.jpg"
+    cut.write_bytes(cut.read_bytes()[:-300])
+    meta["videos"]["broken"] = {"frames": ["00000", "00001"], "expressions": {"0": {"exp": "the red object",
+                                                                                    "anno_id": ["broken0"]}}}
+    mask_dict["broken0"] = mask_dict["clipA00"][:2]
     (mevis / "meta_expressions.json").write_text(json.dumps(meta))
     (mevis / "mask_dict.json").write_text(json.dumps(mask_dict))
     (mevis / "mask_dict_foreground.json").write_text(json.dumps(foreground))
@@ -367,11 +376,17 @@ def test_mevis_layout_scores_the_rle_truth_and_robustness(vworld, folder_run, tm
     out = tmp_path / "rep"
     r = run_cli("eval", vworld.folders["finetune"], "--data", vworld.mevis / "meta_expressions.json", "--out", out,
                 "--device", "cpu", "--max-new-tokens", 16, "--json")
-    assert r.returncode == 0, r.stderr[-4000:]
+    # the video with a cut frame fails alone (recorded, exit 10 after the report); the others are scored
+    assert r.returncode == 10, r.stderr[-4000:]
     report = json.loads(r.stdout)
-    assert report["world_size"] == 1 and report["expressions"] == 4
+    assert report["world_size"] == 1 and report["expressions"] == 5 and report["ok"] is False
+    assert [(f["key"], f["error"].split(":")[0]) for f in report["failures"]] == [("broken/0", "OSError")]
+    assert "1 expression(s) failed, e.g. finetune/broken/0" in r.stderr
     rows = read_rows(out / "metrics.csv")
+    assert [(r["clip"], r["status"]) for r in rows][-1] == ("broken", "failed")
+    rows = rows[:-1]
     recompute(rows, with_r=True)
+    assert "broken" not in json.loads((out / "predictions" / "finetune" / "results.json").read_text())
     before = {(r["clip"], r["expression"]): r for r in read_rows(folder_run.out / "metrics.csv")
               if r["model"] == "finetune"}
     for row in rows:

@@ -356,11 +356,14 @@ def write_strip(path: Path, samples: list[VideoSample], rows: list[dict[str, Any
         draw.text((4, y + 4), f"{r['model']}\nexpr {s.expression}\nJ&F {jf}\n{s.text[:22]}", fill=(0, 0, 0))
         for k, i in enumerate(picks):
             size = (cw, STRIP_HEIGHT)
-            with Image.open(s.frames[i]) as im:
-                rgb = np.asarray(im.convert("RGB").resize(size, Image.Resampling.BILINEAR)).copy()
-            rgb[_outline(_resized(s.truth(i), size))] = TRUTH_COLOUR
-            if r.get("prediction_dir"):
-                rgb[_outline(_resized(read_pred(Path(r["prediction_dir"]), s.frames[i]), size))] = PRED_COLOUR
+            try:
+                with Image.open(s.frames[i]) as im:
+                    rgb = np.asarray(im.convert("RGB").resize(size, Image.Resampling.BILINEAR)).copy()
+                rgb[_outline(_resized(s.truth(i), size))] = TRUTH_COLOUR
+                if r.get("prediction_dir"):
+                    rgb[_outline(_resized(read_pred(Path(r["prediction_dir"]), s.frames[i]), size))] = PRED_COLOUR
+            except (OSError, ValueError):  # a frame that failed to decode (its expression is a recorded failure)
+                rgb = np.full((STRIP_HEIGHT, cw, 3), 128, dtype=np.uint8)
             canvas.paste(Image.fromarray(rgb), (label_w + k * cw, y))
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
