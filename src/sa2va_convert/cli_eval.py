@@ -158,7 +158,8 @@ def register_eval(main: click.Group) -> None:
         type=click.Path(path_type=Path, readable=False),
         help="A folder with images/ and masks/ (paired by file stem), a .jsonl/.csv manifest "
         "(image, mask, optional prompt; paths relative to it), or a COCO instance .json (one row per image "
-        "and category; the category's name is the prompt).",
+        "and category; the category's name is the prompt). Video (J&F): a folder with frames/<clip>/ and "
+        "masks/<clip>/, a manifest with frames/masks/prompt columns, or MeViS/ReVOS meta_expressions.json.",
     )
     @click.option(
         "--images",
