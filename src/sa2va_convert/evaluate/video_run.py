@@ -38,7 +38,18 @@ from ..runner.process import check_device, resolve_python, run_child
 from ..runner.report import judge_loading, report_from
 from .compare import Comparison, compare_models
 from .report import write_atomic, write_summary
-from .run import DTYPES, Dist, ModelSpec, _eval_hint, _raise_from, _read_jsonl, _Scorer, _throttled, resolve_models
+from .run import (
+    DTYPES,
+    Dist,
+    ModelSpec,
+    _eval_hint,
+    _raise_from,
+    _rank_results,
+    _read_jsonl,
+    _Scorer,
+    _throttled,
+    resolve_models,
+)
 from .video_data import VideoSample, load_video_dataset
 from .video_metrics import BOUND_TH, ExpressionScore, percent
 
@@ -430,10 +441,17 @@ def _run_model(
 
 
 def _finished(out: Path, specs: list[ModelSpec], samples: list[VideoSample]) -> dict[tuple[str, str], dict[str, Any]]:
-    """(model, clip/expression) -> row kept from an earlier run: scored, with every frame's PNG still there."""
+    """(model, clip/expression) -> row kept from an earlier run: scored, with every frame's PNG still there.
+    An interrupted run's rows are in metrics.csv up to its last finished model, and in the streamed
+    results of the model it was running (``.work/<model>.rank<N>.results.jsonl``), scored here again."""
     by_key = {s.key: s for s in samples}
     names = {s.name for s in specs}
     rows = read_rows(out / METRICS) if (out / METRICS).is_file() else []
+    for spec in specs:
+        for path in _rank_results(out / WORK, spec.name):
+            for line in _read_jsonl(path):
+                if line.get("key") in by_key and line.get("status") == "ok":
+                    rows.append(_complete(line, spec, by_key[line["key"]], out))
     done: dict[tuple[str, str], dict[str, Any]] = {}
     for r in rows:
         key = f"{r['clip']}/{r['expression']}"
