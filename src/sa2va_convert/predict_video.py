@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import InputError, UsageError
-from .evaluate.data import IMAGE_EXTS
+from .evaluate.data import IMAGE_EXTS, image_size
 from .evaluate.video_data import natural_key, video_prompt
 from .predict import PredictReport
 from .runner.failure import child_failure, debug_details
@@ -43,6 +43,14 @@ def clip_frames(folder: Path) -> list[Path]:
     )
     if not frames:
         raise InputError("no frames in the folder", path=folder, hint="pass a folder of images (00000.jpg, ...)")
+    first = image_size(frames[0])
+    for f in frames[1:]:  # headers only, before any model loads: the model gets the frames as one video
+        if image_size(f) != first:
+            raise InputError(
+                f"frame {f.name} is {image_size(f)[0]}x{image_size(f)[1]}, the first frame {first[0]}x{first[1]}",
+                path=f,
+                hint="all frames of a clip must have one size",
+            )
     return frames
 
 
