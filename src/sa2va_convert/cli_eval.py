@@ -159,7 +159,8 @@ def register_eval(main: click.Group) -> None:
         type=click.Path(path_type=Path, readable=False),
         help="A folder with images/ and masks/ (paired by file stem), a .jsonl/.csv manifest "
         "(image, mask, optional prompt; paths relative to it), or a COCO instance .json (one row per image "
-        "and category; the category's name is the prompt).",
+        "and category; the category's name is the prompt). Video (J&F): a folder with frames/<clip>/ and "
+        "masks/<clip>/, a manifest with frames/masks/prompt columns, or MeViS/ReVOS meta_expressions.json.",
     )
     @click.option(
         "--images",
@@ -227,12 +228,14 @@ def register_eval(main: click.Group) -> None:
         multiple=True,
         metavar="METRIC=NUMBER",
         help="Exit 11 after the report when a model's METRIC is below NUMBER (every model but the baseline; "
-        "repeatable), e.g. dice=0.80; METRIC: dice, iou, precision, recall or a summary.json name (ciou, ...).",
+        "repeatable), e.g. dice=0.80; METRIC: dice, iou, precision, recall or a summary.json name (ciou, ...); "
+        "on video: j, f, jf or r.",
     )
     @click.option(
         "--require-better",
         is_flag=True,
-        help="Exit 11 after the report unless every model's Dice interval against the baseline lies above 0.",
+        help="Exit 11 after the report unless every model's Dice (video: J&F) interval against the baseline lies "
+        "above 0.",
     )
     @click.option(
         "--name",
@@ -296,9 +299,53 @@ def register_eval(main: click.Group) -> None:
         over the ranks and rank 0 writes the report.
         """
         from .evaluate.run import Dist
+        from .evaluate.video_data import is_video_data
 
         rank0 = Dist.from_env().rank == 0
         progress = make_progress(json_out, quiet or json_out or not rank0)
+        if is_video_data(data):  # frames folders, a clip manifest, meta_expressions.json: cli_eval_video.py
+            from .cli_eval_video import refuse_image_options, run_video_eval
+            from .evaluate.run import parse_fail_under
+
+            refuse_image_options(
+                **{
+                    "--prompt-map": prompt_map,
+                    "--overlays": overlays,
+                    "--mask-threshold": mask_threshold is not None,
+                    "--ignore-index": ignore_index is not None,
+                    "--empty-gt skip": empty_gt != "score",
+                }
+            )
+            try:
+                run_video_eval(
+                    json_out=json_out,
+                    rank0=rank0,
+                    on_stage=progress.stage,
+                    models=list(models),
+                    data=data,
+                    out=out,
+                    prompt=prompt,
+                    device=device,
+                    dtype=dtype,
+                    python=python,
+                    limit=limit,
+                    resume=resume,
+                    force=force,
+                    max_new_tokens=max_new_tokens,
+                    timeout_per_item=timeout,
+                    baseline=baseline,
+                    names=list(names) or None,
+                    images=images_dir,
+                    fail_under=parse_fail_under(fail_under),
+                    require_better=require_better,
+                )
+            except KeyboardInterrupt:
+                raise Interrupted(
+                    "interrupted; no summary.json was written, the expressions finished so far are kept",
+                    path=out,
+                    hint="run the same command with --resume to continue",
+                ) from None
+            return
         try:
             from .evaluate.run import check_failures, check_gate, evaluate, parse_fail_under
 

@@ -137,14 +137,15 @@ def register_verify_commands(main: click.Group) -> None:
         type=click.Path(path_type=Path, readable=False),
         default=Path("mask.png"),
         show_default=True,
-        help="Mask PNG (white on black); more [SEG] give mask_1.png, mask_2.png, ...",
+        help="Mask PNG (white on black); more [SEG] give mask_1.png, mask_2.png, ... For a clip (frames folder or "
+        "video file): a folder of one mask per frame (default masks/).",
     )
     @click.option(
         "--overlay",
         type=click.Path(path_type=Path, readable=False),
         default=Path("overlay.png"),
         show_default=True,
-        help="The image with the masks tinted over it.",
+        help="The image with the masks tinted over it (for a clip: an animated GIF, default overlay.gif).",
     )
     @click.option("--no-save", is_flag=True, help="Write no files; only print the prediction.")
     @click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Cap on generated tokens.")
@@ -169,6 +170,29 @@ def register_verify_commands(main: click.Group) -> None:
         """Segment IMAGE with the converted FOLDER's own predict_forward. PROMPT names the object
         ("red car" becomes "<image>Please segment the red car."); a PROMPT with <image> is used as it is."""
         progress = make_progress(json_out, quiet or json_out, verbose)
+        from .predict_video import is_clip
+
+        if is_clip(image):  # a frames folder or a video file: predict_video.py (masks per frame, a GIF)
+            from .predict_video import predict_video
+
+            run_and_show(
+                lambda: predict_video(
+                    folder,
+                    image,
+                    prompt,
+                    device=device,
+                    python=python,
+                    save_dir=None if no_save else (Path("masks") if save == Path("mask.png") else save),
+                    overlay=None if no_save else (Path("overlay.gif") if overlay == Path("overlay.png") else overlay),
+                    max_new_tokens=max_new_tokens,
+                    timeout=timeout,
+                    on_stage=progress.stage,
+                ),
+                render_predict,
+                json_out=json_out,
+                debug=debug or verbose,
+            )
+            return
         run_and_show(
             lambda: run_predict(
                 folder,

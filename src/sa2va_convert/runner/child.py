@@ -1049,6 +1049,132 @@ def run_eval(args: dict, result: dict) -> None:
 MODES["eval"] = run_eval
 
 
+# ---------------------------------------------------------------- video eval (sa2va-convert eval on clips)
+
+
+class LazyFrames:
+    """A clip's frames as the sequence ``predict_forward(video=...)`` takes (indexing, ``len``,
+    iteration), each frame decoded from its file when the model asks for it and not kept: this
+    process holds no decoded frame of its own, so its memory does not grow with the clip (what the
+    model's code keeps while it runs is the model's)."""
+
+    def __init__(self, paths: list) -> None:
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return LazyFrames(self.paths[index])
+        return load_rgb(self.paths[index])
+
+    def __iter__(self):
+        for p in self.paths:
+            yield load_rgb(p)
+
+
+def eval_video_one(m: Loaded, item: dict) -> dict:
+    """One expression of one clip: every frame to the model's own predict_forward (as upstream's
+    sa2va_eval_ref_vos.py does), and the masks of the answer's FIRST [SEG] saved as one PNG per frame
+    (upstream takes ``prediction_masks[0]``, sa2va_eval_ref_vos.py lines 195-198; an answer without
+    [SEG] is all-empty frames). Nothing is scored here."""
+    import numpy as np
+
+    frames = LazyFrames(item["frames"])
+    run_ = call_predict(m.model, m.tokenizer, m.processor, video=frames, text=item["prompt"])
+    masks = run_.pop("_masks")
+    w, h = run_["input_size"]
+    n = len(frames)
+    first = None
+    if masks:
+        first = as_numpy(masks[0])
+        if first.ndim == 2:
+            first = first[None]
+        if tuple(first.shape) != (n, h, w):
+            raise StageError(f"the model's mask is {list(first.shape)}, the clip is {n} frames of {h}x{w} (H x W)")
+    os.makedirs(item["pred_dir"], exist_ok=True)
+    empty = np.zeros((h, w), dtype=np.uint8)
+    for i, path in enumerate(item["frames"]):
+        frame = empty if first is None else (first[i] > 0).astype(np.uint8) * 255
+        stem = os.path.splitext(os.path.basename(path))[0]
+        save_png_atomic(frame, os.path.join(item["pred_dir"], f"{stem}.png"), "L")
+    return {
+        "seg_count": run_["seg_count"] or 0,
+        "n_masks": len(masks),
+        "prediction": run_["prediction"][:500],
+        "n_frames": n,
+        "height": h,
+        "width": w,
+        "seconds": run_["seconds"],
+    }
+
+
+def run_eval_video(args: dict, result: dict) -> None:
+    """``sa2va-convert eval`` on video: as ``run_eval``, one item (an expression of a clip: key,
+    frames, prompt, pred_dir) per line, one result line per item, flushed."""
+    m = load_model(args, result)
+    with open(args["items"], encoding="utf-8") as f:
+        items = [json.loads(line) for line in f if line.strip()]
+    done = failed = frames = 0
+    started = time.perf_counter()
+    with open(args["results"], "a", encoding="utf-8") as out:
+        for n, item in enumerate(items, 1):
+            stage(result, f"evaluating expression {n}/{len(items)}")
+            row = {"key": item["key"]}
+            try:
+                row.update(eval_video_one(m, item), status="ok")
+                done += 1
+                frames += row["n_frames"]
+            except Exception as e:  # the expression is a recorded failure; the others still run
+                row.update(status="failed", error=f"{type(e).__name__}: {first_line(e) or type(e).__name__}")
+                failed += 1
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+    result["eval"] = {
+        "expressions": done,
+        "failed": failed,
+        "frames": frames,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    stage(result, "done")
+
+
+def run_predict_video(args: dict, result: dict) -> None:
+    """``sa2va-convert predict`` on a clip: ``args["frames"]`` (paths, in order) to predict_forward,
+    one PNG per frame under ``args["mask_dir"]`` (the first [SEG]'s masks) and, with
+    ``args["overlay_path"]``, the masks tinted over the frames as an animated GIF."""
+    import numpy as np
+    from PIL import Image
+
+    m = load_model(args, result)
+    stage(result, "predict")
+    item = {"frames": args["frames"], "prompt": args["prompt"], "pred_dir": args["mask_dir"]}
+    row = eval_video_one(m, item)
+    result["runs"].append({"name": "video", **row})
+    result["timings"]["predict"] = row["seconds"]
+    overlay = args.get("overlay_path")
+    if overlay:
+        stage(result, "overlay")
+        colour = np.array(PALETTE[0], dtype=np.float32)
+        pictures = []
+        for path in args["frames"]:  # a GIF's frames: small (palette) images, kept until the file is written
+            stem = os.path.splitext(os.path.basename(path))[0]
+            rgb = np.asarray(load_rgb(path)).astype(np.float32)
+            with Image.open(os.path.join(args["mask_dir"], f"{stem}.png")) as im:
+                mask = np.asarray(im) > 0
+            rgb[mask] = 0.45 * rgb[mask] + 0.55 * colour
+            pictures.append(Image.fromarray(rgb.clip(0, 255).astype(np.uint8), "RGB").quantize(colors=128))
+        tmp = f"{overlay}.tmp{os.getpid()}"
+        pictures[0].save(tmp, format="GIF", save_all=True, append_images=pictures[1:], duration=100, loop=0)
+        os.replace(tmp, overlay)
+    result["saved"] = {"mask_dir": args["mask_dir"], "overlay": overlay, "n_frames": row["n_frames"]}
+
+
+MODES["eval_video"] = run_eval_video
+MODES["predict_video"] = run_predict_video
+
+
 def run(args: dict, result: dict) -> None:
     mode = MODES.get(args.get("mode", ""))  # a missing mode is an unknown one
     if mode is None:
