@@ -51,7 +51,9 @@ from sa2va_convert.runner.child import cap_generation, cuda_on_cpu  # noqa: E402
 PICTURES = [("a_wide", 80, 60, 0), ("b_tall", 56, 72, -4), ("c_cut", 96, 64, 8), ("d_npy", 64, 48, 3),
             ("e_ones", 72, 56, -6)]
 CUT = "c_cut"  # ground truth with its left third cleared
-PROMPT = "object"  # -> "<image>Please segment the object." (the fine-tune answers [SEG] to any request)
+#: -> "<image>\n Please segment the object in this image." (upstream's template; the fine-tune answers [SEG] to any request)
+PROMPT = "the object"
+WRAPPED = "<image>\n Please segment the object in this image."  # what eval sends the model
 ENV = {"CI": "1", "OMP_NUM_THREADS": "1"}  # plain output; one thread: the same arithmetic in every run
 
 
@@ -121,7 +123,7 @@ def reference_mask(ex, image) -> np.ndarray:
         cap_generation(model, tok, 8)
         _REFERENCE.update(model=model, tok=tok)
     with torch.no_grad(), cuda_on_cpu():
-        out = _REFERENCE["model"].predict_forward(image=image, text="<image>Please segment the object.",
+        out = _REFERENCE["model"].predict_forward(image=image, text=WRAPPED,
                                                   tokenizer=_REFERENCE["tok"])
     assert out["prediction"] == SEG_TOKEN + STOP_TOKEN
     union = np.zeros((image.size[1], image.size[0]), bool)
@@ -627,11 +629,11 @@ def test_manifests_jsonl_and_csv_with_per_row_prompts(world, tmp_path):
         json.dumps({"image": f"{rel}/images/a_wide.png", "mask": f"{rel}/masks/a_wide.png", "prompt": "red car"})
         + "\n\n" + json.dumps({"image": f"{rel}/images/d_npy.png", "mask": f"{rel}/masks/d_npy.npy"}) + "\n")
     samples = load_dataset(tmp_path / "set.jsonl", "vessel")
-    assert [(s.stem, s.prompt) for s in samples] == [("a_wide", "<image>Please segment the red car."),
-                                                      ("d_npy", "<image>Please segment the vessel.")]
+    assert [(s.stem, s.prompt) for s in samples] == [("a_wide", "<image>\n Please segment red car in this image."),
+                                                      ("d_npy", "<image>\n Please segment vessel in this image.")]
     assert samples[1].mask == (world.data / "masks" / "d_npy.npy").resolve()
     (tmp_path / "set.csv").write_text(f"image,mask,prompt\n{rel}/images/b_tall.png,{rel}/masks/b_tall.png,\n")
-    assert load_dataset(tmp_path / "set.csv", "cat")[0].prompt == "<image>Please segment the cat."
+    assert load_dataset(tmp_path / "set.csv", "cat")[0].prompt == "<image>\n Please segment cat in this image."
     (tmp_path / "bad.csv").write_text(f"image,mask\n{rel}/images/nope.png,{rel}/masks/b_tall.png\n")
     with pytest.raises(Exception, match=r"bad.csv:2: image not found"):
         load_dataset(tmp_path / "bad.csv", "cat")

@@ -175,8 +175,8 @@ def register_eval(main: click.Group) -> None:
     )
     @click.option(
         "--prompt",
-        help='What to segment, e.g. "blood vessel" -> "<image>Please segment the blood '
-        "vessel.\" (a manifest row's prompt wins).",
+        help='What to segment, e.g. "the blood vessel" -> "<image>\\n Please segment the blood vessel in this '
+        "image.\" (upstream's template); a prompt with <image> is sent as it is (a manifest row's prompt wins).",
     )
     @click.option(
         "--out",
