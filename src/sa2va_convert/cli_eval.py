@@ -94,11 +94,14 @@ def comparison_lines(report: dict[str, Any]) -> list[str]:
         f"{first['resamples']} resamples, seed {first['seed']}; Wilcoxon signed-rank):"
     ]
     width = max(len(c["model"]) for c in comps)
+    metric_width = max(len(c["metric"]) for c in comps)
     for c in comps:
         p = f"p={c['p_value']:.3g}" if c["p_value"] is not None else f"p=- ({c['p_value_note']})"
+        against = f" vs {c['baseline']}" if c["baseline"] != report.get("baseline") else ""  # NAME[forced] pairs
+        lower = " (lower is better)" if c.get("higher_is_better") is False else ""
         lines.append(
-            f"  {c['model'].ljust(width)}  {c['metric']:<4}  {_signed(c['mean_difference'])} {_interval(c['ci95'])}  "
-            f"wins/ties/losses {c['wins']}/{c['ties']}/{c['losses']} of {c['n']}  {p}"
+            f"  {(c['model'] + against).ljust(width)}  {c['metric']:<{metric_width}}  {_signed(c['mean_difference'])} "
+            f"{_interval(c['ci95'])}  wins/ties/losses {c['wins']}/{c['ties']}/{c['losses']} of {c['n']}  {p}{lower}"
         )
     return lines
 
@@ -226,7 +229,24 @@ def register_eval(main: click.Group) -> None:
         multiple=True,
         metavar="METRIC=NUMBER",
         help="Exit 11 after the report when a model's METRIC is below NUMBER (every model but the baseline; "
-        "repeatable), e.g. dice=0.80; METRIC: dice, iou, precision, recall or a summary.json name (ciou, ...).",
+        "repeatable), e.g. dice=0.80; METRIC: dice, iou, precision, recall, cldice, boundary_f or a summary.json "
+        "name (ciou, ...).",
+    )
+    @click.option(
+        "--fail-above",
+        "fail_above",
+        multiple=True,
+        metavar="METRIC=NUMBER",
+        help="Exit 11 after the report when a model's METRIC, one where lower is better, is above NUMBER "
+        "(every model but the baseline; repeatable): hd95=10 fails a mean HD95 above 10 px, and a mean that "
+        "leaves out images where one mask is empty.",
+    )
+    @click.option(
+        "--force-seg",
+        is_flag=True,
+        help="Also score each model's masks with [SEG] forced, as the pseudo-model NAME[forced] "
+        "(predictions/NAME/forced/): mask quality apart from the [SEG] decision. An image whose answer has "
+        "[SEG] is not run twice.",
     )
     @click.option(
         "--require-better",
@@ -277,6 +297,8 @@ def register_eval(main: click.Group) -> None:
         baseline: str | None,
         empty_gt: str,
         fail_under: tuple[str, ...],
+        fail_above: tuple[str, ...],
+        force_seg: bool,
         require_better: bool,
         names: tuple[str, ...],
         mask_threshold: float | None,
@@ -318,6 +340,8 @@ def register_eval(main: click.Group) -> None:
                 baseline=baseline,
                 empty_gt=empty_gt,
                 fail_under=parse_fail_under(fail_under),
+                fail_above=parse_fail_under(fail_above, "--fail-above"),
+                force_seg=force_seg,
                 require_better=require_better,
                 names=list(names) or None,
                 mask_threshold=mask_threshold,
