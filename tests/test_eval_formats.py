@@ -383,6 +383,7 @@ def test_coco_gives_one_row_per_image_and_category_with_the_union_as_truth(tmp_p
         ("b-c1", "<image>\n Please segment cat in this image.")]
     assert all(s.mask.parent == truth.resolve() and not s.mask.exists() for s in samples)  # nothing decoded yet
     write_truth(samples)
+    assert sorted(p.name for p in truth.iterdir()) == sorted(s.mask.name for s in samples)  # renamed into place
     for s in samples:
         fg, valid = read_truth(s.mask)
         assert valid is None and (fg == expected[s.stem]).all(), s.stem
@@ -468,6 +469,11 @@ def test_class_index_masks_give_one_row_per_image_and_mapped_class(tmp_path):
     assert [s.stem for s in load_dataset(manifest, prompt_map=pmap)] == ["s1-c1", "s1-c2"]
     with pytest.raises(UsageError):
         load_dataset(tmp_path, "organ", prompt_map=pmap)
+    # a class that is also the void value could never score: refused (exit 2) before anything runs
+    with pytest.raises(UsageError) as void:
+        load_dataset(tmp_path, prompt_map=pmap, rule=MaskRule(ignore_index=2))
+    assert void.value.exit_code == 2 and "class 2" in void.value.message and "--ignore-index 2" in void.value.message
+    assert len(load_dataset(tmp_path, prompt_map=pmap, rule=MaskRule(ignore_index=5))) == 4  # 5 is no mapped class
     pmap.write_text(json.dumps({"liver": "liver"}))
     with pytest.raises(InputError) as e:
         load_dataset(tmp_path, prompt_map=pmap)
@@ -524,3 +530,14 @@ def test_end_to_end_class_index_masks_with_a_prompt_map(tiny_model, tmp_path):
         ("scan-c3", "<image>\n Please segment spleen in this image.")]
     assert [int(x["true_area"]) for x in rows] == [int((labels == k).sum()) for k in (1, 2, 3)]
     assert all(x["status"] == "ok" for x in rows) and int(rows[2]["true_area"]) == 0
+    # --resume after the map changed one class's words: that row is asked again, the others are kept
+    kept = {x["stem"]: Path(x["prediction_file"]).stat().st_mtime_ns for x in rows}
+    pmap.write_text(json.dumps({"1": "liver", "2": "left kidney", "3": "spleen"}))
+    again = run_eval(tiny_model, "--data", tmp_path / "data", "--prompt-map", pmap, "--out", out, "--resume", "--json")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (json.loads(again.stdout)["evaluated"], json.loads(again.stdout)["resumed"]) == (1, 2)
+    rows2 = read_rows(out / "metrics.csv")
+    assert [x["prompt"] for x in rows2] == [rows[0]["prompt"], "<image>\n Please segment left kidney in this image.",
+                                            rows[2]["prompt"]]
+    assert {x["stem"]: Path(x["prediction_file"]).stat().st_mtime_ns for x in rows2 if x["stem"] != "scan-c2"} == {
+        k: v for k, v in kept.items() if k != "scan-c2"}
