@@ -495,7 +495,7 @@ def test_force_seg_added_on_resume_scores_forced_masks_apart(mixed_run, tmp_path
     """--force-seg on a copy of the mixed run's report with --resume: the free rows are kept (their
     PNGs untouched), only the forced masks are made. The base, which never says [SEG], is run again
     with [SEG] forced on every image; the fine-tune's answers have [SEG], so its forced masks are its
-    free ones. Forced rows are their own pseudo-models, compared only with each other; a resume
+    free ones, copied without starting its model. Forced rows are their own pseudo-models, compared only with each other; a resume
     without the flag reports none of them."""
     free_pngs = {p.relative_to(mixed_run.out): p.read_bytes() for p in (mixed_run.out / "predictions").rglob("*.png")}
     r, out = rerun(mixed_run, tmp_path, "--force-seg", "--json")
@@ -1007,7 +1007,7 @@ def test_the_scorer_scores_streamed_lines_while_the_child_runs(tmp_path):
 
     def complete(r):
         seen.append(r["stem"])
-        return None if r["stem"] == "not_ours" else {**r, "scored": True}
+        return [] if r["stem"] == "not_ours" else [{**r, "scored": True}]
 
     scorer = _Scorer(results, complete)
     scorer.start()

@@ -47,6 +47,7 @@ from .defaults import DEFAULT_IMAGE_TIMEOUT
 from .metrics import (
     EMPTY_GT_RULES,
     LEADER_METRICS,
+    SHAPE_KEYS,
     ModelSummary,
     best_model,
     leaders,
@@ -98,6 +99,7 @@ GATE_ABOVE_METRICS = ("mean_hd95",)
 GATE_ABOVE_ALIASES = {"hd95": "mean_hd95"}
 #: the report name of a model's masks with [SEG] forced (--force-seg): a pseudo-model of its own
 FORCED_SUFFIX = "[forced]"
+MEASURED = ("intersection", "union", "pred_area", "true_area")  # the pixel counts a row's scores come from
 DTYPES = ("bf16", "fp16", "fp32")
 _ITER = re.compile(r"^iter_(\d+)$")
 
@@ -495,18 +497,26 @@ def _complete(row: dict[str, Any], spec: ModelSpec, sample: Sample, out: Path) -
     mask's (model ``NAME[forced]``). Each gets what the child does not repeat (model, paths) and the
     pixel counts of its saved prediction against the ground truth, which only this process makes."""
     rows: list[dict[str, Any]] = []
+    free: dict[str, Any] | None = None
     if row.get("free_saved", True):
-        rows.append(_scored(dict(row), spec.name, spec, sample, _pred_path(out, spec.name, sample.stem)))
+        free = _scored(dict(row), spec.name, spec, sample, _pred_path(out, spec.name, sample.stem))
+        rows.append(free)
     forced = row.get("forced_row")
     if forced is not None or (row.get("forced_asked") and row.get("status") == "failed"):
         r = {k: v for k, v in row.items() if k != "forced_row"}
         r.update(forced or {})
         path = _pred_path(out, spec.name, sample.stem, forced=True)
-        rows.append(_scored(r, forced_name(spec.name), spec, sample, path))
+        # a reused mask is the free one, pixel for pixel: its scores are taken over, not computed twice
+        same = free if (forced or {}).get("forced") == "reused" and free and free["status"] != "failed" else None
+        rows.append(_scored(r, forced_name(spec.name), spec, sample, path, same))
     return rows
 
 
-def _scored(r: dict[str, Any], model: str, spec: ModelSpec, sample: Sample, path: Path) -> dict[str, Any]:
+def _scored(
+    r: dict[str, Any], model: str, spec: ModelSpec, sample: Sample, path: Path, same: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``r`` completed as a metrics.csv row of ``model``, its mask at ``path`` scored (or its scores
+    copied from ``same``, the row of the identical free mask)."""
     r.update(
         model=model,
         iteration=spec.iteration,
@@ -516,7 +526,9 @@ def _scored(r: dict[str, Any], model: str, spec: ModelSpec, sample: Sample, path
         prompt=r.get("prompt", sample.prompt),  # the question the child was asked (a resumed run checks it)
         answer=r.get("prediction", r.get("answer", "")),
     )
-    if r.get("status") == "ok":
+    if r.get("status") == "ok" and same is not None:
+        r.update({k: same[k] for k in (*MEASURED, *SHAPE_KEYS)})
+    elif r.get("status") == "ok":
         try:
             r.update(measure(path, sample.mask, sample.rule))
         except Exception as e:  # as in the child: this image is a recorded failure, the others are still scored
@@ -833,6 +845,9 @@ def _evaluate(
     force_seg: bool = False,
 ) -> EvalReport:
     done = _finished_rows(out, specs, samples, force_seg) if resume else {}
+    # --force-seg added on --resume: where a kept free answer has [SEG], its mask is the forced one
+    reused = _reuse_free_masks(out, specs, done) if force_seg and dist.rank == 0 else {}
+    done.update(reused)
     # every rank must agree on what is left: rank 0's view of the finished rows decides
     done_keys = dist.broadcast(sorted(done)) if dist.world > 1 else sorted(done)
     done_set = {tuple(k) for k in done_keys}
@@ -905,7 +920,12 @@ def _evaluate(
                 )
             _raise_from(err, verdict.get("details") or "")
     report = EvalReport(
-        out=str(out), data=data, images=len(samples), world_size=dist.world, resumed=len(done), evaluated=evaluated
+        out=str(out),
+        data=data,
+        images=len(samples),
+        world_size=dist.world,
+        resumed=len(done) - len(reused),
+        evaluated=evaluated,
     )
     if dist.rank != 0:
         report.wall_seconds = time.perf_counter() - started
@@ -983,6 +1003,27 @@ def _evaluate(
     write_summary(out / SUMMARY, report.to_dict())
     shutil.rmtree(out / WORK, ignore_errors=True)
     return report
+
+
+def _reuse_free_masks(
+    out: Path, specs: list[ModelSpec], done: dict[tuple[str, str], dict]
+) -> dict[tuple[str, str], dict]:
+    """The forced rows a resumed run needs no model for: a kept free answer with [SEG] (status ok)
+    whose forced row is missing gets its free mask as the forced one, copied (under a temporary
+    name, then renamed) to ``predictions/<model>/forced/``, with the free row's scores. Rank 0 alone."""
+    made: dict[tuple[str, str], dict] = {}
+    for spec in specs:
+        forced = forced_name(spec.name)
+        for (model, stem), row in done.items():
+            if model != spec.name or row.get("status") != "ok" or (forced, stem) in done:
+                continue
+            target = _pred_path(out, spec.name, stem, forced=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+            shutil.copyfile(row["prediction_file"], tmp)
+            os.replace(tmp, target)
+            made[(forced, stem)] = {**row, "model": forced, "forced": "reused", "prediction_file": str(target)}
+    return made
 
 
 def _best_interval(report: EvalReport, values: dict[str, dict[str, dict[str, float | None]]]) -> dict[str, Any] | None:
