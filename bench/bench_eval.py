@@ -182,6 +182,7 @@ def shape_overhead(work: Path, n: int, pairs: int, max_new_tokens: int) -> int:
 
     from sa2va_convert.api import ConvertOptions, convert
     from sa2va_convert.evaluate import metrics
+    from sa2va_convert.evaluate import run as run_module
     from sa2va_convert.evaluate.run import evaluate
     from sa2va_convert.testing import make_tiny_example
 
@@ -198,10 +199,24 @@ def shape_overhead(work: Path, n: int, pairs: int, max_new_tokens: int) -> int:
     def stub(pred, truth, tolerance=metrics.BOUNDARY_TOLERANCE):
         return {"cldice": None, "boundary_f": None, "hd95": None}
 
+    # the scoring left after the model process has exited (what overlapping did not hide): timed
+    # around _Scorer.finish, which scores the lines the thread had not reached yet
+    tails: list[float] = []
+    real_finish = run_module._Scorer.finish
+
+    def timed_finish(self):
+        t = time.perf_counter()
+        try:
+            return real_finish(self)
+        finally:
+            tails.append(time.perf_counter() - t)
+
+    run_module._Scorer.finish = timed_finish  # type: ignore[method-assign]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     summary = {}
     for label, data in sets.items():
         walls: dict[str, list[float]] = {"with": [], "without": []}
+        tail: dict[str, list[float]] = {"with": [], "without": []}
         model_s: list[float] = []
         for i in range(pairs):
             for mode in (("with", "without") if i % 2 == 0 else ("without", "with")):
@@ -212,10 +227,12 @@ def shape_overhead(work: Path, n: int, pairs: int, max_new_tokens: int) -> int:
                 finally:
                     metrics.shape_scores = real
                 walls[mode].append(rep.wall_seconds)
+                tail[mode].append(tails[-1])
                 if mode == "with":
                     model_s.append(rep.models[0].seconds)
                 print(json.dumps({"step": "eval", "set": label, "mode": mode, "pair": i,
-                                  "wall_s": round(rep.wall_seconds, 3), "model_s": rep.models[0].seconds}),
+                                  "wall_s": round(rep.wall_seconds, 3), "model_s": rep.models[0].seconds,
+                                  "scoring_tail_s": round(tails[-1], 4)}),
                       flush=True)
         w_with, w_without = statistics.median(walls["with"]), statistics.median(walls["without"])
         summary[label] = {
@@ -224,6 +241,8 @@ def shape_overhead(work: Path, n: int, pairs: int, max_new_tokens: int) -> int:
             "overhead_share_of_wall": round((w_with - w_without) / w_without, 4),
             "model_s_per_image": round(statistics.median(model_s) / n, 4),
             "overhead_share_of_model_time": round((w_with - w_without) / statistics.median(model_s), 3),
+            "scoring_tail_with_s_median": round(statistics.median(tail["with"]), 4),
+            "scoring_tail_without_s_median": round(statistics.median(tail["without"]), 4),
         }
     print(json.dumps({"step": "shape_overhead", "machine": f"{platform.processor() or platform.machine()}, "
                       f"{os.cpu_count()} cpu(s)", "pairs": pairs, "sets": summary}), flush=True)
