@@ -312,7 +312,8 @@ def register_eval(main: click.Group) -> None:
 
         Each MODEL is a converted folder, or a folder of iter_N folders (convert --all), evaluated
         in iteration order. Every number comes from the model's own predict_forward (an answer
-        without [SEG] is an empty prediction, never forced), and every predicted mask is saved as
+        without [SEG] is an empty prediction, never forced; --force-seg adds each model's masks with
+        [SEG] forced as a separate NAME[forced]), and every predicted mask is saved as
         OUT/predictions/<model>/<stem>.png. Under `torchrun --nproc_per_node N` the images are split
         over the ranks and rank 0 writes the report.
         """
