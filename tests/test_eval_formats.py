@@ -522,9 +522,19 @@ def test_end_to_end_class_index_masks_with_a_prompt_map(tiny_model, tmp_path):
     pmap = tmp_path / "map.json"
     pmap.write_text(json.dumps({"1": "liver", "2": "kidney", "3": "spleen"}))
     out = tmp_path / "r"
-    r = run_eval(tiny_model, "--data", tmp_path / "data", "--prompt-map", pmap, "--out", out)
+    # --force-seg too: the fine-tune answers [SEG], so each forced mask is its free one, saved again by
+    # the model process in the same pass (not predicted twice) and scored by copying the free row
+    r = run_eval(tiny_model, "--data", tmp_path / "data", "--prompt-map", pmap, "--out", out, "--force-seg")
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = read_rows(out / "metrics.csv")
+    every = read_rows(out / "metrics.csv")
+    rows = [x for x in every if x["model"] == "finetune"]
+    forced = [x for x in every if x["model"] == "finetune[forced]"]
+    assert [x["stem"] for x in forced] == [x["stem"] for x in rows] and all(x["forced"] == "reused" for x in forced)
+    for free, f in zip(rows, forced):
+        assert (np.asarray(Image.open(f["prediction_file"])) == np.asarray(Image.open(free["prediction_file"]))).all()
+        assert Path(f["prediction_file"]).parent.name == "forced"
+        keys = ("intersection", "union", "pred_area", "true_area", "dice", "cldice", "boundary_f", "hd95", "seg_count")
+        assert [f[k] for k in keys] == [free[k] for k in keys]
     assert [(x["stem"], x["prompt"]) for x in rows] == [
         ("scan-c1", "<image>\n Please segment liver in this image."), ("scan-c2", "<image>\n Please segment kidney in this image."),
         ("scan-c3", "<image>\n Please segment spleen in this image.")]
