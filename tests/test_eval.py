@@ -501,7 +501,8 @@ def test_force_seg_added_on_resume_scores_forced_masks_apart(mixed_run, tmp_path
     r, out = rerun(mixed_run, tmp_path, "--force-seg", "--json")
     assert r.exit_code == 0, r.stderr[-3000:]
     report = json.loads(r.stdout)
-    assert report["force_seg"] and report["evaluated"] == 0 and report["resumed"] == 14
+    # 14 free rows kept; the model made only the base's 7 forced rows (the fine-tune's were copied)
+    assert report["force_seg"] and report["evaluated"] == 7 and report["resumed"] == 14
     assert {p: (out / p).read_bytes() for p in free_pngs} == free_pngs  # the scored free masks stay as they were
     models = {m["model"]: m for m in report["models"]}
     assert list(models) == ["no_lora", "finetune", "no_lora[forced]", "finetune[forced]"]

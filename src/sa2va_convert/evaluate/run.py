@@ -899,7 +899,7 @@ def _evaluate(
             for p in parts:
                 for r in p["rows"]:
                     rows_by_model[r["model"]].append(r)
-                evaluated += sum(1 for r in p["rows"] if r["model"] == spec.name)
+                evaluated += len(p["rows"])  # rows a model process made in this run (free and forced)
                 if p.get("child"):
                     facts.setdefault(spec.name, {}).update({k: v for k, v in p["child"].items() if v is not None})
             order = {s.stem: i for i, s in enumerate(samples)}
