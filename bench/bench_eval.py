@@ -33,6 +33,13 @@ the masks' box saves nothing there: the worst case per pixel).
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python3 bench/bench_eval.py --metric-cost --images 10 --work /tmp/bm
 
+``--shape-overhead`` answers the question a user has about those scores: how much longer does
+``eval`` take with them? It runs the same ``evaluate()`` on the tiny example with the shape scores
+and with ``metrics.shape_scores`` stubbed out in this process (the baseline; eval has no such mode),
+alternating the order, ``--pairs`` times, on the test suite's small images and on 640x480 ... 1280x720:
+
+    PYTHONPATH=src OMP_NUM_THREADS=1 python3 bench/bench_eval.py --shape-overhead --images 10 --pairs 3 --work /tmp/bm
+
 matplotlib is needed for report.png: on a machine without it (and without a registry), install
 it here with ``pip install --target .evaldeps matplotlib`` for the GPU machine's Python version and
 carry ``.evaldeps`` with ``PYTHONPATH=src:.evaldeps``.
@@ -145,6 +152,103 @@ def metric_cost(work: Path, n: int, repeats: int, max_new_tokens: int) -> int:
     return 0
 
 
+def write_small_images(data: Path, n: int) -> None:
+    """``n`` pictures of the test suite's sizes (56x72 ... 96x64), ellipse masks as ground truth."""
+    import numpy as np
+    from PIL import Image
+
+    from sa2va_convert.testing.finetune import synthetic_picture
+
+    sizes = [(80, 60), (56, 72), (96, 64), (64, 48), (72, 56)]
+    (data / "images").mkdir(parents=True, exist_ok=True)
+    (data / "masks").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        shift = (i * 3) % 9 - 4
+        synthetic_picture(w, h, shift).save(data / "images" / f"img{i:03d}.png")
+        y, x = np.mgrid[0:h, 0:w]
+        inside = ((x - (0.4 * w + shift)) / (0.2 * w)) ** 2 + ((y - 0.5 * h) / (0.25 * h)) ** 2 <= 1
+        Image.fromarray(inside.astype(np.uint8) * 255, "L").save(data / "masks" / f"img{i:03d}.png")
+
+
+def shape_overhead(work: Path, n: int, pairs: int, max_new_tokens: int) -> int:
+    """What clDice, boundary F and HD95 add to ``eval``'s wall clock, measured as a user meets it:
+    the same ``evaluate()`` call (model process, scorer thread overlapping it, report) with the shape
+    scores on, and with ``metrics.shape_scores`` replaced by a stub that computes nothing (this
+    process only: the baseline of the bench, never a mode of eval), interleaved ``pairs`` times on
+    two sets (the test suite's small images, and 640x480 ... 1280x720)."""
+    import platform
+    import statistics
+
+    from sa2va_convert.api import ConvertOptions, convert
+    from sa2va_convert.evaluate import metrics
+    from sa2va_convert.evaluate import run as run_module
+    from sa2va_convert.evaluate.run import evaluate
+    from sa2va_convert.testing import make_tiny_example
+
+    if not (work / "hf" / "config.json").is_file():
+        ex = make_tiny_example(work / "tiny")
+        convert(ex.checkpoint_path, work / "hf", ConvertOptions(base=ex.base_dir, roundtrip=False))
+    sets = {"small 56x72..96x64": work / "data_small", "large 640x480..1280x720": work / "data"}
+    if not (work / "data_small" / "images").is_dir():
+        write_small_images(work / "data_small", n)
+    if not (work / "data" / "images").is_dir():
+        write_images(work / "data", n)
+    real = metrics.shape_scores
+
+    def stub(pred, truth, tolerance=metrics.BOUNDARY_TOLERANCE):
+        return {"cldice": None, "boundary_f": None, "hd95": None}
+
+    # the scoring left after the model process has exited (what overlapping did not hide): timed
+    # around _Scorer.finish, which scores the lines the thread had not reached yet
+    tails: list[float] = []
+    real_finish = run_module._Scorer.finish
+
+    def timed_finish(self):
+        t = time.perf_counter()
+        try:
+            return real_finish(self)
+        finally:
+            tails.append(time.perf_counter() - t)
+
+    run_module._Scorer.finish = timed_finish  # type: ignore[method-assign]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    summary = {}
+    for label, data in sets.items():
+        walls: dict[str, list[float]] = {"with": [], "without": []}
+        tail: dict[str, list[float]] = {"with": [], "without": []}
+        model_s: list[float] = []
+        for i in range(pairs):
+            for mode in (("with", "without") if i % 2 == 0 else ("without", "with")):
+                metrics.shape_scores = real if mode == "with" else stub
+                try:
+                    rep = evaluate([work / "hf"], data, out=work / f"r_{mode}", prompt="the object", device="cpu",
+                                   force=True, max_new_tokens=max_new_tokens)
+                finally:
+                    metrics.shape_scores = real
+                walls[mode].append(rep.wall_seconds)
+                tail[mode].append(tails[-1])
+                if mode == "with":
+                    model_s.append(rep.models[0].seconds)
+                print(json.dumps({"step": "eval", "set": label, "mode": mode, "pair": i,
+                                  "wall_s": round(rep.wall_seconds, 3), "model_s": rep.models[0].seconds,
+                                  "scoring_tail_s": round(tails[-1], 4)}),
+                      flush=True)
+        w_with, w_without = statistics.median(walls["with"]), statistics.median(walls["without"])
+        summary[label] = {
+            "images": n, "wall_with_s_median": round(w_with, 3), "wall_without_s_median": round(w_without, 3),
+            "overhead_s_per_image": round((w_with - w_without) / n, 4),
+            "overhead_share_of_wall": round((w_with - w_without) / w_without, 4),
+            "model_s_per_image": round(statistics.median(model_s) / n, 4),
+            "overhead_share_of_model_time": round((w_with - w_without) / statistics.median(model_s), 3),
+            "scoring_tail_with_s_median": round(statistics.median(tail["with"]), 4),
+            "scoring_tail_without_s_median": round(statistics.median(tail["without"]), 4),
+        }
+    print(json.dumps({"step": "shape_overhead", "machine": f"{platform.processor() or platform.machine()}, "
+                      f"{os.cpu_count()} cpu(s)", "pairs": pairs, "sets": summary}), flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="sa2va-4b")
@@ -157,7 +261,12 @@ def main() -> int:
     ap.add_argument("--metric-cost", action="store_true",
                     help="time scoring (counts, clDice, boundary F, HD95) against the model per image (tiny, CPU)")
     ap.add_argument("--repeats", type=int, default=5, help="--metric-cost: timings per image (median)")
+    ap.add_argument("--shape-overhead", action="store_true",
+                    help="eval's wall clock with and without clDice/boundary F/HD95, interleaved (tiny, CPU)")
+    ap.add_argument("--pairs", type=int, default=3, help="--shape-overhead: with/without pairs per image set")
     args = ap.parse_args()
+    if args.shape_overhead:
+        return shape_overhead(args.work, args.images, args.pairs, min(args.max_new_tokens, 16))
     if args.metric_cost:
         return metric_cost(args.work, args.images, args.repeats, min(args.max_new_tokens, 16))
     work, out, data = args.work, args.work / "out", args.work / "data"

@@ -51,7 +51,9 @@ from sa2va_convert.runner.child import cap_generation, cuda_on_cpu  # noqa: E402
 PICTURES = [("a_wide", 80, 60, 0), ("b_tall", 56, 72, -4), ("c_cut", 96, 64, 8), ("d_npy", 64, 48, 3),
             ("e_ones", 72, 56, -6)]
 CUT = "c_cut"  # ground truth with its left third cleared
-PROMPT = "object"  # -> "<image>Please segment the object." (the fine-tune answers [SEG] to any request)
+#: -> "<image>\n Please segment the object in this image." (upstream's template; the fine-tune answers [SEG] to any request)
+PROMPT = "the object"
+WRAPPED = "<image>\n Please segment the object in this image."  # what eval sends the model
 ENV = {"CI": "1", "OMP_NUM_THREADS": "1"}  # plain output; one thread: the same arithmetic in every run
 
 
@@ -121,7 +123,7 @@ def reference_mask(ex, image) -> np.ndarray:
         cap_generation(model, tok, 8)
         _REFERENCE.update(model=model, tok=tok)
     with torch.no_grad(), cuda_on_cpu():
-        out = _REFERENCE["model"].predict_forward(image=image, text="<image>Please segment the object.",
+        out = _REFERENCE["model"].predict_forward(image=image, text=WRAPPED,
                                                   tokenizer=_REFERENCE["tok"])
     assert out["prediction"] == SEG_TOKEN + STOP_TOKEN
     union = np.zeros((image.size[1], image.size[0]), bool)
@@ -228,31 +230,54 @@ def counts_scores(row: dict) -> dict:
     return {"dice": 2 * i / (p + t) if p + t else 1.0, "iou": i / u if u else 1.0}
 
 
+PAIRED = ("dice", "iou", "cldice", "boundary_f", "hd95")
+
+
+def row_value(row: dict, metric: str) -> float | None:
+    """Dice/IoU from the counts (written out here); the shape values as metrics.csv has them (each
+    checked against a second implementation below), None where empty (HD95 with one mask empty)."""
+    if metric in ("dice", "iou"):
+        return counts_scores(row)[metric]
+    return float(row[metric]) if row[metric] != "" else None
+
+
 def recompute_comparison(rows: list[dict], c: dict, skip_empty: bool = False) -> dict:
-    """A comparison from metrics.csv alone: the pairing, the counting, the bootstrap from its seed."""
+    """A comparison from metrics.csv alone: the pairing (only images where both have the value),
+    the counting (better = lower for HD95), the bootstrap from its seed."""
     def per(model):
         return {r["stem"]: r for r in rows if r["model"] == model and r["status"] != "failed"
                 and not (skip_empty and int(r["true_area"]) == 0)}
     base, mod = per(c["baseline"]), per(c["model"])
-    stems = [s for s in base if s in mod]
-    d = np.array([counts_scores(mod[s])[c["metric"]] - counts_scores(base[s])[c["metric"]] for s in stems])
-    rng = np.random.default_rng(c["seed"])
-    means = d[rng.integers(0, len(d), size=(c["resamples"], len(d)))].mean(axis=1)
-    return {"d": d, "mean": d.mean(), "ci": np.percentile(means, [2.5, 97.5]),
-            "wins": int((d > 0).sum()), "ties": int((d == 0).sum()), "losses": int((d < 0).sum())}
+    metric = c["metric"]
+    stems = [s for s in base if s in mod and row_value(base[s], metric) is not None
+             and row_value(mod[s], metric) is not None]
+    d = np.array([row_value(mod[s], metric) - row_value(base[s], metric) for s in stems])
+    sign = -1 if metric == "hd95" else 1
+    out = {"d": d, "wins": int((sign * d > 0).sum()), "ties": int((d == 0).sum()), "losses": int((sign * d < 0).sum())}
+    if len(d):
+        rng = np.random.default_rng(c["seed"])
+        means = d[rng.integers(0, len(d), size=(c["resamples"], len(d)))].mean(axis=1)
+        out.update(mean=d.mean(), ci=list(np.percentile(means, [2.5, 97.5])))
+    else:
+        out.update(mean=None, ci=None)
+    return out
 
 
 def check_comparisons(report: dict, rows: list[dict], skip_empty: bool = False) -> None:
     from scipy.stats import wilcoxon
 
-    names = [m["model"] for m in report["models"]]
-    assert [(c["model"], c["metric"]) for c in report["comparisons"]] == [
-        (m, k) for m in names if m != report["baseline"] for k in ("dice", "iou")]
+    names = [m["model"] for m in report["models"] if not m.get("forced_of")]
+    assert [(c["model"], c["metric"]) for c in report["comparisons"] if c["baseline"] == report["baseline"]] == [
+        (m, k) for m in names if m != report["baseline"] for k in PAIRED]
     for c in report["comparisons"]:
         mine = recompute_comparison(rows, c, skip_empty)
         assert c["resamples"] >= 1000 and isinstance(c["seed"], int) and c["n"] == len(mine["d"])
+        assert c["higher_is_better"] is (c["metric"] != "hd95")
+        if mine["mean"] is None:
+            assert c["mean_difference"] is None and c["ci95"] is None and c["p_value"] is None
+            continue
         assert c["mean_difference"] == pytest.approx(mine["mean"], abs=1e-12)
-        assert c["ci95"] == pytest.approx(list(mine["ci"]), abs=1e-12)
+        assert c["ci95"] == pytest.approx(mine["ci"], abs=1e-12)
         assert (c["wins"], c["ties"], c["losses"]) == (mine["wins"], mine["ties"], mine["losses"])
         nonzero = int(np.count_nonzero(mine["d"]))
         if nonzero >= 6:
@@ -268,14 +293,24 @@ def test_paired_comparison_against_the_first_model(main_run):
     assert report["baseline"] == "finetune"
     check_comparisons(report, rows)
     # 5 images: a signed-rank test cannot reach p < 0.05 on 5 differences, so it says so
-    assert all(c["p_value"] is None and "fewer than 6" in c["p_value_note"] for c in report["comparisons"])
-    assert all(c["losses"] == 5 and c["ci95"][1] < 0 for c in report["comparisons"])
+    scored = [c for c in report["comparisons"] if c["metric"] != "hd95"]
+    assert all(c["p_value"] is None and "fewer than 6" in c["p_value_note"] for c in scored)
+    assert all(c["losses"] == 5 and c["ci95"][1] < 0 for c in scored)
+    # the twins answer without [SEG]: an empty mask against an object has no HD95, so nothing pairs
+    assert all(c["n"] == 0 and c["p_value_note"] == "no image has a value for both models"
+               for c in report["comparisons"] if c["metric"] == "hd95")
+    paired = read_rows(main_run.out / "paired.csv")
+    assert sorted({(r["model"], r["metric"]) for r in paired}) == sorted(
+        (c["model"], c["metric"]) for c in scored)
     # the baseline is best: named with its lead over the runner-up (the earlier of two tied twins)
     bi = report["best_interval"]
     assert bi["model"] == "finetune" and bi["against"] == "no_lora" and bi["ci95"][0] > 0 and not bi["covers_zero"]
-    assert report["cautions"] == []  # Dice, gIoU and cIoU agree; no interval covers 0
+    # Dice, gIoU and cIoU agree; no interval covers 0; only HD95 has nothing to pair (said, not hidden)
+    assert report["cautions"] == [
+        f"{m} vs finetune: no image has a hd95 value for both, so there is no hd95 comparison (HD95 is undefined "
+        "where one mask is empty)" for m in ("no_lora", "no_head")]
     paired = read_rows(main_run.out / "paired.csv")
-    assert len(paired) == 2 * 2 * len(PICTURES)
+    assert len(paired) == 2 * 4 * len(PICTURES)  # 2 twins x (Dice, IoU, clDice, boundary F); no HD95 pairs
     for r in paired:
         assert float(r["difference"]) == pytest.approx(float(r["model_value"]) - float(r["baseline_value"]), abs=2e-6)
     assert "against the baseline finetune" in main_run.stdout
@@ -299,9 +334,21 @@ def test_bootstrap_and_test_edge_cases():
     nothing = compare("a", "b", "dice", [], [])
     assert nothing.ci95 is None and nothing.mean_difference is None and nothing.p_value is None
     assert _cautions(EvalReport(out="", data="", baseline="a", comparisons=[nothing, c])) == [
-        "b vs a: no image was scored for both, so there is no dice comparison",
-        f"b vs a: the dice difference's interval [{c.ci95[0]:+.3f}, {c.ci95[1]:+.3f}] covers 0: no difference shown "
-        "on these images"]
+        "b vs a: no image has a dice value for both, so there is no dice comparison",
+        f"b vs a: the difference's interval covers 0 for dice [{c.ci95[0]:+.3f}, {c.ci95[1]:+.3f}]: no difference "
+        "shown on these images"]
+    # HD95 is a distance: lower is better, so a negative difference is a win and "shown better" lies below 0
+    h = compare("a", "b", "hd95", [5.0, 5.0, 5.0, 4.0], [1.0, 2.0, 9.0, 4.0])
+    assert (h.wins, h.ties, h.losses, h.higher_is_better) == (2, 1, 1, False)
+    assert compare("a", "b", "hd95", [9.0] * 4, [1.0, 2.0, 3.0, 1.0]).shown_better
+    assert not compare("a", "b", "dice", [0.9] * 4, [0.1, 0.2, 0.3, 0.1]).shown_better
+    # an undefined value (None) pairs with nothing: n counts only the images both sides have
+    from sa2va_convert.evaluate.compare import compare_models
+
+    values = {"a": {"x": {"hd95": 3.0}, "y": {"hd95": None}, "z": {"hd95": 2.0}},
+              "b": {"x": {"hd95": 1.0}, "y": {"hd95": 7.0}, "z": {"hd95": None}}}
+    (only,) = compare_models("a", values, ["hd95"])
+    assert (only.n, only.mean_difference, only.wins) == (1, -2.0, 1)
     # chunked draws are the one-shot draw: the interval is reproducible from (seed, resamples) alone
     d = np.linspace(-1, 1, 257) ** 3
     rng = np.random.default_rng(7)
@@ -390,7 +437,7 @@ def test_empty_gt_skip_leaves_those_images_out(mixed_run, tmp_path):
         assert m["giou"] == pytest.approx(np.mean([x["iou"] for x in mine]), abs=1e-12)
     assert next(m for m in report["models"] if m["model"] == "no_lora")["mean_dice"] == 0
     check_comparisons(report, rows, skip_empty=True)
-    assert all(c["n"] == 6 and c["wins"] == 6 for c in report["comparisons"])
+    assert all(c["n"] == 6 and c["wins"] == 6 for c in report["comparisons"] if c["metric"] in ("dice", "iou"))
     assert any("left out of every mean" in n for n in report["notes"])
 
 
@@ -400,6 +447,11 @@ def test_empty_gt_skip_leaves_those_images_out(mixed_run, tmp_path):
     (["--fail-under", "ciou=0.999"], 11, "--fail-under ciou=0.999: finetune has ciou 0."),
     (["--require-better", "--baseline", "finetune"], 11,
      "--require-better: no_lora's Dice against finetune is -0."),
+    (["--fail-under", "cldice=0.999"], 11, "--fail-under mean_cldice=0.999: finetune has mean_cldice 0."),
+    # the fine-tune paints the empty-truth image: no HD95 there, and a mean without it is not accepted
+    (["--fail-above", "hd95=1000"], 11, "over only 6 of 7 images (HD95 is undefined where one mask is empty)"),
+    (["--fail-above", "hd95=0.001", "--empty-gt", "skip"], 11, "--fail-above mean_hd95=0.001: finetune has "),
+    (["--fail-above", "hd95=1000", "--fail-under", "boundary_f=0.5", "--empty-gt", "skip"], 0, None),
 ])
 def test_the_ci_gate(mixed_run, tmp_path, args, code, says):
     """Judged after the report is written; its own exit code and one line naming the condition."""
@@ -418,6 +470,8 @@ def test_the_ci_gate(mixed_run, tmp_path, args, code, says):
 @pytest.mark.parametrize("args, says", [
     (["--fail-under", "dcie=0.8"], "unknown metric 'dcie'"),
     (["--fail-under", "dice"], "is not METRIC=NUMBER"),
+    (["--fail-under", "hd95=3"], "(--fail-above takes it: lower HD95 is better)"),
+    (["--fail-above", "dice=0.5"], "--fail-above names a metric it does not take 'dice'"),
     (["--baseline", "nope"], "--baseline 'nope' is none of the models"),
 ])
 def test_gate_and_baseline_typos_are_exit_2_before_any_model_loads(mixed_run, tmp_path, args, says):
@@ -425,6 +479,82 @@ def test_gate_and_baseline_typos_are_exit_2_before_any_model_loads(mixed_run, tm
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.exit_code == 2 and len(errors) == 1 and says in errors[0], r.stderr
     assert (out / "summary.json").read_text() == (mixed_run.out / "summary.json").read_text()  # nothing touched
+
+
+# ------------------------------------------------------------------ --force-seg
+
+
+def png_mask(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        arr = np.asarray(im)
+    assert set(np.unique(arr).tolist()) <= {0, 255}
+    return arr == 255
+
+
+def test_force_seg_added_on_resume_scores_forced_masks_apart(mixed_run, tmp_path):
+    """--force-seg on a copy of the mixed run's report with --resume: the free rows are kept (their
+    PNGs untouched), only the forced masks are made. The base, which never says [SEG], is run again
+    with [SEG] forced on every image; the fine-tune's answers have [SEG], so its forced masks are its
+    free ones, copied without starting its model. Forced rows are their own pseudo-models, compared only with each other; a resume
+    without the flag reports none of them."""
+    free_pngs = {p.relative_to(mixed_run.out): p.read_bytes() for p in (mixed_run.out / "predictions").rglob("*.png")}
+    r, out = rerun(mixed_run, tmp_path, "--force-seg", "--json")
+    assert r.exit_code == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    # 14 free rows kept; the model made only the base's 7 forced rows (the fine-tune's were copied)
+    assert report["force_seg"] and report["evaluated"] == 7 and report["resumed"] == 14
+    assert {p: (out / p).read_bytes() for p in free_pngs} == free_pngs  # the scored free masks stay as they were
+    models = {m["model"]: m for m in report["models"]}
+    assert list(models) == ["no_lora", "finetune", "no_lora[forced]", "finetune[forced]"]
+    assert (models["no_lora[forced]"]["forced_of"], models["no_lora[forced]"]["n_forced"]) == ("no_lora", 7)
+    assert (models["finetune[forced]"]["forced_of"], models["finetune[forced]"]["n_forced"]) == ("finetune", 0)
+    assert report["best"] == "finetune"  # never a forced pseudo-model
+    rows = read_rows(out / "metrics.csv")
+    truth = {s: mask for s, mask in mixed_truth(mixed_run).items()}
+    for name in ("no_lora[forced]", "finetune[forced]"):
+        mine = [x for x in rows if x["model"] == name]
+        assert [x["stem"] for x in mine] == sorted(truth)
+        base = name.removesuffix("[forced]")
+        dice = []
+        for x in mine:
+            path = Path(x["prediction_file"])
+            assert path == out / "predictions" / base / "forced" / f"{x['stem']}.png"
+            pred, gt = png_mask(path), truth[x["stem"]]
+            free = png_mask(out / "predictions" / base / f"{x['stem']}.png")
+            if base == "finetune":  # its answer had [SEG]: the same mask, not predicted twice
+                assert x["forced"] == "reused" and (pred == free).all()
+            else:  # no [SEG] in the free answer: run again with [SEG] forced, and it now paints a mask
+                assert x["forced"] == "forced" and not free.any() and pred.any() and int(x["seg_count"]) >= 1
+            i, t = int((pred & gt).sum()), int(pred.sum() + gt.sum())
+            assert (int(x["intersection"]), int(x["pred_area"])) == (i, int(pred.sum()))
+            dice.append(2 * i / t if t else 1.0)
+        assert models[name]["mean_dice"] == pytest.approx(np.mean(dice), abs=1e-12)
+    # forced masks are compared with the baseline's forced masks, free answers with free ones
+    assert {(c["baseline"], c["model"]) for c in report["comparisons"]} == {
+        ("no_lora", "finetune"), ("no_lora[forced]", "finetune[forced]")}
+    check_comparisons(report, rows)
+    paired = read_rows(out / "paired.csv")
+    assert {(x["baseline"], x["model"]) for x in paired} == {
+        ("no_lora", "finetune"), ("no_lora[forced]", "finetune[forced]")}
+    assert any("no_lora 7, finetune 0" in n for n in report["notes"])
+    # resumed again without --force-seg: nothing predicted, and the forced rows are not reported
+    again = CliRunner().invoke(cli_main, ["eval", str(mixed_run.out.parent / "models" / "no_lora"),
+                                          str(mixed_run.out.parent / "models" / "finetune"), "--data",
+                                          str(mixed_run.data), "--prompt", PROMPT, "--out", str(out), "--device",
+                                          "cpu", "--resume", "--json"], env=ENV)
+    assert again.exit_code == 0, again.stderr[-3000:]
+    plain = json.loads(again.stdout)
+    assert [m["model"] for m in plain["models"]] == ["no_lora", "finetune"] and plain["evaluated"] == 0
+    assert not plain["force_seg"] and {x["model"] for x in read_rows(out / "metrics.csv")} == {"no_lora", "finetune"}
+
+
+def mixed_truth(mixed_run) -> dict[str, np.ndarray]:
+    """The mixed set's ground truth, read back from its files (npy or PNG, any non-zero pixel)."""
+    out = {}
+    for f in sorted((mixed_run.data / "masks").iterdir()):
+        arr = np.load(f) if f.suffix == ".npy" else np.asarray(Image.open(f))
+        out[f.stem] = arr != 0
+    return out
 
 
 # ------------------------------------------------------------------ scale: torchrun, resume
@@ -628,11 +758,11 @@ def test_manifests_jsonl_and_csv_with_per_row_prompts(world, tmp_path):
         json.dumps({"image": f"{rel}/images/a_wide.png", "mask": f"{rel}/masks/a_wide.png", "prompt": "red car"})
         + "\n\n" + json.dumps({"image": f"{rel}/images/d_npy.png", "mask": f"{rel}/masks/d_npy.npy"}) + "\n")
     samples = load_dataset(tmp_path / "set.jsonl", "vessel")
-    assert [(s.stem, s.prompt) for s in samples] == [("a_wide", "<image>Please segment the red car."),
-                                                      ("d_npy", "<image>Please segment the vessel.")]
+    assert [(s.stem, s.prompt) for s in samples] == [("a_wide", "<image>\n Please segment red car in this image."),
+                                                      ("d_npy", "<image>\n Please segment vessel in this image.")]
     assert samples[1].mask == (world.data / "masks" / "d_npy.npy").resolve()
     (tmp_path / "set.csv").write_text(f"image,mask,prompt\n{rel}/images/b_tall.png,{rel}/masks/b_tall.png,\n")
-    assert load_dataset(tmp_path / "set.csv", "cat")[0].prompt == "<image>Please segment the cat."
+    assert load_dataset(tmp_path / "set.csv", "cat")[0].prompt == "<image>\n Please segment cat in this image."
     (tmp_path / "bad.csv").write_text(f"image,mask\n{rel}/images/nope.png,{rel}/masks/b_tall.png\n")
     with pytest.raises(Exception, match=r"bad.csv:2: image not found"):
         load_dataset(tmp_path / "bad.csv", "cat")
@@ -664,7 +794,8 @@ def test_model_names_default_unique_or_given(tmp_path):
     assert [(s.name, s.iteration) for s in specs] == [("base", None), ("tuned", None), ("lr-iter_5", 5),
                                                       ("lr-iter_10", 10)]
     for names, says in ((["x"], "1 --name for 2 MODEL(s)"), (["x", "x"], "two models the name 'x'"),
-                        (["x", "a/b"], "cannot name a model"), (["x", ".."], "cannot name a model")):
+                        (["x", "a/b"], "cannot name a model"), (["x", ".."], "cannot name a model"),
+                        (["x", "y[forced]"], "names the --force-seg rows")):
         with pytest.raises(UsageError, match=re.escape(says)):
             resolve_models([a, b], names)
 
@@ -878,7 +1009,7 @@ def test_the_scorer_scores_streamed_lines_while_the_child_runs(tmp_path):
 
     def complete(r):
         seen.append(r["stem"])
-        return None if r["stem"] == "not_ours" else {**r, "scored": True}
+        return [] if r["stem"] == "not_ours" else [{**r, "scored": True}]
 
     scorer = _Scorer(results, complete)
     scorer.start()

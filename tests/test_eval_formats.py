@@ -164,9 +164,9 @@ def test_an_image_on_several_rows_gets_one_key_per_row(tmp_path):
                                            ("images/a.png", "masks/a2.png", "road")])
     samples = load_dataset(m)
     assert [(s.stem, s.mask.name, s.prompt) for s in samples] == [
-        ("a-p1", "a.png", "<image>Please segment the car."),
-        ("b", "b.png", "<image>Please segment the car."),
-        ("a-p2", "a2.png", "<image>Please segment the road."),
+        ("a-p1", "a.png", "<image>\n Please segment car in this image."),
+        ("b", "b.png", "<image>\n Please segment car in this image."),
+        ("a-p2", "a2.png", "<image>\n Please segment road in this image."),
     ]
     # two different images with one stem are still refused (their predictions would share a file)
     (tmp_path / "other").mkdir()
@@ -252,7 +252,7 @@ def test_end_to_end_jpeg_gif_void_and_several_prompts(tiny_model, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_rows(out / "metrics.csv")
     assert [(x["stem"], x["prompt"]) for x in rows] == [
-        (f"pic-p{i + 1}", f"<image>Please segment the {p}.") for i, p in enumerate(prompts)]
+        (f"pic-p{i + 1}", f"<image>\n Please segment {p} in this image.") for i, p in enumerate(prompts)]
     for x in rows:
         assert x["status"] == "ok" and float(x["dice"]) > 0.99, x
         assert int(x["true_area"]) > 0.5 * int(preds[x["stem"][-2:]].sum()), x
@@ -379,10 +379,11 @@ def test_coco_gives_one_row_per_image_and_category_with_the_union_as_truth(tmp_p
     truth = tmp_path / "report" / "truth"
     samples = load_dataset(ann, truth_dir=truth)
     assert [(s.stem, s.prompt) for s in samples] == [
-        ("a-c1", "<image>Please segment the cat."), ("a-c7", "<image>Please segment the dog."),
-        ("b-c1", "<image>Please segment the cat.")]
+        ("a-c1", "<image>\n Please segment cat in this image."), ("a-c7", "<image>\n Please segment dog in this image."),
+        ("b-c1", "<image>\n Please segment cat in this image.")]
     assert all(s.mask.parent == truth.resolve() and not s.mask.exists() for s in samples)  # nothing decoded yet
     write_truth(samples)
+    assert sorted(p.name for p in truth.iterdir()) == sorted(s.mask.name for s in samples)  # renamed into place
     for s in samples:
         fg, valid = read_truth(s.mask)
         assert valid is None and (fg == expected[s.stem]).all(), s.stem
@@ -397,9 +398,9 @@ def test_coco_images_folder_and_prompt_map(tmp_path):
     pmap = tmp_path / "map.json"
     pmap.write_text(json.dumps({"cat": "small cat", "7": "brown dog"}))
     samples = load_dataset(ann, images=tmp_path / "pics", prompt_map=pmap, truth_dir=tmp_path / "t")
-    assert [s.prompt for s in samples] == ["<image>Please segment the small cat.",
-                                           "<image>Please segment the brown dog.",
-                                           "<image>Please segment the small cat."]
+    assert [s.prompt for s in samples] == ["<image>\n Please segment small cat in this image.",
+                                           "<image>\n Please segment brown dog in this image.",
+                                           "<image>\n Please segment small cat in this image."]
     assert samples[0].image == (tmp_path / "pics" / "a.png").resolve()
     pmap.write_text(json.dumps({"horse": "a horse"}))
     with pytest.raises(InputError) as e:
@@ -453,8 +454,8 @@ def test_class_index_masks_give_one_row_per_image_and_mapped_class(tmp_path):
     pmap.write_text(json.dumps({"2": "kidney", "1": "liver"}))
     samples = load_dataset(tmp_path, prompt_map=pmap)
     assert [(s.stem, s.prompt) for s in samples] == [
-        ("s1-c1", "<image>Please segment the liver."), ("s1-c2", "<image>Please segment the kidney."),
-        ("s2-c1", "<image>Please segment the liver."), ("s2-c2", "<image>Please segment the kidney.")]
+        ("s1-c1", "<image>\n Please segment liver in this image."), ("s1-c2", "<image>\n Please segment kidney in this image."),
+        ("s2-c1", "<image>\n Please segment liver in this image."), ("s2-c2", "<image>\n Please segment kidney in this image.")]
     for s in samples:
         fg, _ = read_truth(s.mask, s.rule)
         source = labels if s.stem.startswith("s1") else only_one
@@ -468,6 +469,11 @@ def test_class_index_masks_give_one_row_per_image_and_mapped_class(tmp_path):
     assert [s.stem for s in load_dataset(manifest, prompt_map=pmap)] == ["s1-c1", "s1-c2"]
     with pytest.raises(UsageError):
         load_dataset(tmp_path, "organ", prompt_map=pmap)
+    # a class that is also the void value could never score: refused (exit 2) before anything runs
+    with pytest.raises(UsageError) as void:
+        load_dataset(tmp_path, prompt_map=pmap, rule=MaskRule(ignore_index=2))
+    assert void.value.exit_code == 2 and "class 2" in void.value.message and "--ignore-index 2" in void.value.message
+    assert len(load_dataset(tmp_path, prompt_map=pmap, rule=MaskRule(ignore_index=5))) == 4  # 5 is no mapped class
     pmap.write_text(json.dumps({"liver": "liver"}))
     with pytest.raises(InputError) as e:
         load_dataset(tmp_path, prompt_map=pmap)
@@ -485,8 +491,8 @@ def test_end_to_end_coco_truth_reaches_the_scorer_and_resume_keeps_it(tiny_model
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_rows(out / "metrics.csv")
     assert [(x["stem"], x["prompt"]) for x in rows] == [
-        ("a-c1", "<image>Please segment the cat."), ("a-c7", "<image>Please segment the brown dog."),
-        ("b-c1", "<image>Please segment the cat.")]
+        ("a-c1", "<image>\n Please segment cat in this image."), ("a-c7", "<image>\n Please segment brown dog in this image."),
+        ("b-c1", "<image>\n Please segment cat in this image.")]
     for x in rows:
         assert x["status"] == "ok" and int(x["true_area"]) == int(expected[x["stem"]].sum()), x
         assert Path(x["prediction_file"]).name == f"{x['stem']}.png"
@@ -516,11 +522,30 @@ def test_end_to_end_class_index_masks_with_a_prompt_map(tiny_model, tmp_path):
     pmap = tmp_path / "map.json"
     pmap.write_text(json.dumps({"1": "liver", "2": "kidney", "3": "spleen"}))
     out = tmp_path / "r"
-    r = run_eval(tiny_model, "--data", tmp_path / "data", "--prompt-map", pmap, "--out", out)
+    # --force-seg too: the fine-tune answers [SEG], so each forced mask is its free one, saved again by
+    # the model process in the same pass (not predicted twice) and scored by copying the free row
+    r = run_eval(tiny_model, "--data", tmp_path / "data", "--prompt-map", pmap, "--out", out, "--force-seg")
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = read_rows(out / "metrics.csv")
+    every = read_rows(out / "metrics.csv")
+    rows = [x for x in every if x["model"] == "finetune"]
+    forced = [x for x in every if x["model"] == "finetune[forced]"]
+    assert [x["stem"] for x in forced] == [x["stem"] for x in rows] and all(x["forced"] == "reused" for x in forced)
+    for free, f in zip(rows, forced):
+        assert (np.asarray(Image.open(f["prediction_file"])) == np.asarray(Image.open(free["prediction_file"]))).all()
+        assert Path(f["prediction_file"]).parent.name == "forced"
+        keys = ("intersection", "union", "pred_area", "true_area", "dice", "cldice", "boundary_f", "hd95", "seg_count")
+        assert [f[k] for k in keys] == [free[k] for k in keys]
     assert [(x["stem"], x["prompt"]) for x in rows] == [
-        ("scan-c1", "<image>Please segment the liver."), ("scan-c2", "<image>Please segment the kidney."),
-        ("scan-c3", "<image>Please segment the spleen.")]
+        ("scan-c1", "<image>\n Please segment liver in this image."), ("scan-c2", "<image>\n Please segment kidney in this image."),
+        ("scan-c3", "<image>\n Please segment spleen in this image.")]
     assert [int(x["true_area"]) for x in rows] == [int((labels == k).sum()) for k in (1, 2, 3)]
     assert all(x["status"] == "ok" for x in rows) and int(rows[2]["true_area"]) == 0
+    # --resume after the map changed one class's words: that row is asked again, the others are kept
+    # (what --resume keeps is decided by _finished_rows, read here from the run's real files: no model)
+    from sa2va_convert.evaluate.run import _finished_rows, resolve_models
+
+    pmap.write_text(json.dumps({"1": "liver", "2": "left kidney", "3": "spleen"}))
+    samples = load_dataset(tmp_path / "data", prompt_map=pmap)
+    kept = _finished_rows(out, resolve_models([tiny_model]), samples)
+    assert sorted(kept) == [("finetune", "scan-c1"), ("finetune", "scan-c3")]
+    assert all(kept[k]["prompt"] == next(s.prompt for s in samples if s.stem == k[1]) for k in kept)

@@ -46,8 +46,9 @@ def picture(tmp_path_factory) -> Path:
 
 
 def test_wrap_prompt():
-    assert wrap_prompt("red car") == "<image>Please segment the red car."
-    assert wrap_prompt("the red car.") == "<image>Please segment the red car."
+    # upstream's RES template (projects/sa2va/evaluation/dataset/RES.py line 186), the expression as written
+    assert wrap_prompt("red car") == "<image>\n Please segment red car in this image."
+    assert wrap_prompt(" the red car. ") == "<image>\n Please segment the red car in this image."
     assert wrap_prompt("<image>What is in the picture?") == "<image>What is in the picture?"
     with pytest.raises(InputError):
         wrap_prompt("  ")
@@ -63,7 +64,7 @@ def test_predict_saves_one_png_per_seg_and_an_overlay(qwen_folder, picture, tmp_
     report = predict(qwen_folder, picture, "green box", device="cpu", save=save, overlay=overlay, max_new_tokens=4)
     d = report.to_dict()
     json.dumps(d)
-    assert d["prompt"] == "<image>Please segment the green box."
+    assert d["prompt"] == "<image>\n Please segment green box in this image."
     assert d["prediction"].count("[SEG]") == 2 and d["n_masks"] == 2
     assert d["mask_shapes"] == [[1, IMAGE_H, IMAGE_W]] * 2
     assert d["mask_files"] == [str(p) for p in mask_file_names(save, 2)]

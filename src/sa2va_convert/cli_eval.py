@@ -94,11 +94,14 @@ def comparison_lines(report: dict[str, Any]) -> list[str]:
         f"{first['resamples']} resamples, seed {first['seed']}; Wilcoxon signed-rank):"
     ]
     width = max(len(c["model"]) for c in comps)
+    metric_width = max(len(c["metric"]) for c in comps)
     for c in comps:
         p = f"p={c['p_value']:.3g}" if c["p_value"] is not None else f"p=- ({c['p_value_note']})"
+        against = f" vs {c['baseline']}" if c["baseline"] != report.get("baseline") else ""  # NAME[forced] pairs
+        lower = " (lower is better)" if c.get("higher_is_better") is False else ""
         lines.append(
-            f"  {c['model'].ljust(width)}  {c['metric']:<4}  {_signed(c['mean_difference'])} {_interval(c['ci95'])}  "
-            f"wins/ties/losses {c['wins']}/{c['ties']}/{c['losses']} of {c['n']}  {p}"
+            f"  {(c['model'] + against).ljust(width)}  {c['metric']:<{metric_width}}  {_signed(c['mean_difference'])} "
+            f"{_interval(c['ci95'])}  wins/ties/losses {c['wins']}/{c['ties']}/{c['losses']} of {c['n']}  {p}{lower}"
         )
     return lines
 
@@ -177,8 +180,8 @@ def register_eval(main: click.Group) -> None:
     )
     @click.option(
         "--prompt",
-        help='What to segment, e.g. "blood vessel" -> "<image>Please segment the blood '
-        "vessel.\" (a manifest row's prompt wins).",
+        help='What to segment, e.g. "the blood vessel" -> "<image>\\n Please segment the blood vessel in this '
+        "image.\" (upstream's template); a prompt with <image> is sent as it is (a manifest row's prompt wins).",
     )
     @click.option(
         "--out",
@@ -228,8 +231,24 @@ def register_eval(main: click.Group) -> None:
         multiple=True,
         metavar="METRIC=NUMBER",
         help="Exit 11 after the report when a model's METRIC is below NUMBER (every model but the baseline; "
-        "repeatable), e.g. dice=0.80; METRIC: dice, iou, precision, recall or a summary.json name (ciou, ...); "
-        "on video: j, f, jf or r.",
+        "repeatable), e.g. dice=0.80; METRIC: dice, iou, precision, recall, cldice, boundary_f or a summary.json "
+        "name (ciou, ...); on video: j, f, jf or r.",
+    )
+    @click.option(
+        "--fail-above",
+        "fail_above",
+        multiple=True,
+        metavar="METRIC=NUMBER",
+        help="Exit 11 after the report when a model's METRIC, one where lower is better, is above NUMBER "
+        "(every model but the baseline; repeatable): hd95=10 fails a mean HD95 above 10 px, and a mean that "
+        "leaves out images where one mask is empty.",
+    )
+    @click.option(
+        "--force-seg",
+        is_flag=True,
+        help="Also score each model's masks with [SEG] forced, as the pseudo-model NAME[forced] "
+        "(predictions/NAME/forced/): mask quality apart from the [SEG] decision. An image whose answer has "
+        "[SEG] is not run twice.",
     )
     @click.option(
         "--require-better",
@@ -281,6 +300,8 @@ def register_eval(main: click.Group) -> None:
         baseline: str | None,
         empty_gt: str,
         fail_under: tuple[str, ...],
+        fail_above: tuple[str, ...],
+        force_seg: bool,
         require_better: bool,
         names: tuple[str, ...],
         mask_threshold: float | None,
@@ -294,7 +315,8 @@ def register_eval(main: click.Group) -> None:
 
         Each MODEL is a converted folder, or a folder of iter_N folders (convert --all), evaluated
         in iteration order. Every number comes from the model's own predict_forward (an answer
-        without [SEG] is an empty prediction, never forced), and every predicted mask is saved as
+        without [SEG] is an empty prediction, never forced; --force-seg adds each model's masks with
+        [SEG] forced as a separate NAME[forced]), and every predicted mask is saved as
         OUT/predictions/<model>/<stem>.png. Under `torchrun --nproc_per_node N` the images are split
         over the ranks and rank 0 writes the report.
         """
@@ -366,6 +388,8 @@ def register_eval(main: click.Group) -> None:
                 baseline=baseline,
                 empty_gt=empty_gt,
                 fail_under=parse_fail_under(fail_under),
+                fail_above=parse_fail_under(fail_above, "--fail-above"),
+                force_seg=force_seg,
                 require_better=require_better,
                 names=list(names) or None,
                 mask_threshold=mask_threshold,

@@ -168,7 +168,8 @@ def register_verify_commands(main: click.Group) -> None:
         debug: bool,
     ) -> None:
         """Segment IMAGE with the converted FOLDER's own predict_forward. PROMPT names the object
-        ("red car" becomes "<image>Please segment the red car."); a PROMPT with <image> is used as it is."""
+        ("the red car" becomes "<image>\\n Please segment the red car in this image.", upstream's
+        referring-segmentation template); a PROMPT with <image> is sent as it is."""
         progress = make_progress(json_out, quiet or json_out, verbose)
         from .predict_video import is_clip
 

@@ -177,8 +177,8 @@ EXIT_CODES: dict[int, str] = {
     "usable GPU); the folder itself was not judged",
     EvalFailuresError.exit_code: "eval: at least one image failed (recorded with its error in the report; the "
     "others were scored)",
-    EvalGateError.exit_code: "eval: a --fail-under or --require-better condition does not hold (the report was "
-    "written; the line says which condition failed)",
+    EvalGateError.exit_code: "eval: a --fail-under, --fail-above or --require-better condition does not hold (the "
+    "report was written; the line says which condition failed)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C / SIGTERM); the message says what was left (a half-written folder is never "
     "published)",
 }

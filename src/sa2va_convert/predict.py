@@ -24,17 +24,25 @@ from .runner.report import judge_runs, report_from
 IMAGE_TOKEN = "<image>"
 
 
+#: upstream's referring-segmentation prompt for an image: the shape of the template built in
+#: projects/sa2va/evaluation/dataset/RES.py line 186 (bytedance/Sa2VA 9832e1a), the words the released
+#: models were scored with on RefCOCO; its video counterpart is refVOS.py line 13
+PROMPT_TEMPLATE = IMAGE_TOKEN + "\n Please segment {} in this image."
+
+
 def wrap_prompt(prompt: str) -> str:
-    """``"red car"`` -> ``"<image>Please segment the red car."``; a prompt with ``<image>`` is kept as it is."""
+    """``"the red car"`` -> ``"<image>\\n Please segment the red car in this image."`` (``PROMPT_TEMPLATE``),
+    the referring expression kept as written, as upstream inserts its RefCOCO sentences: a fine-tune
+    evaluated with the words upstream evaluates with is scored on the task it was trained for, and
+    ``predict`` wraps the same way so that what a user sees there is what ``eval`` scores. A prompt
+    that already holds ``<image>`` is the user's whole request, used as it is (the image goes where
+    the token stands)."""
     text = prompt.strip()
     if IMAGE_TOKEN in text:
         return text
     if not text:
         raise InputError("the prompt is empty", hint='say what to segment, e.g. "the red car"')
-    text = text.rstrip(".")
-    if text.lower().startswith("the "):
-        text = text[4:]
-    return f"{IMAGE_TOKEN}Please segment the {text}."
+    return PROMPT_TEMPLATE.format(text.rstrip(". "))
 
 
 def mask_file_names(path: str | os.PathLike, count: int) -> list[Path]:
@@ -146,4 +154,4 @@ def predict(
     )
 
 
-__all__ = ["PredictReport", "predict", "wrap_prompt", "mask_file_names"]
+__all__ = ["PredictReport", "predict", "wrap_prompt", "mask_file_names", "PROMPT_TEMPLATE"]

@@ -254,7 +254,11 @@ def write_truth(samples: list[Sample]) -> None:
         if s.truth is None:
             continue
         s.mask.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(coco_union(s.truth).astype("uint8") * 255, "L").save(s.mask)
+        # under a temporary name, then renamed: a reader (another rank of a torchrun job on a shared
+        # filesystem, a run interrupted mid-write and resumed) sees the old file or the new, never half
+        tmp = s.mask.with_name(f".{s.mask.name}.tmp{os.getpid()}")
+        Image.fromarray(coco_union(s.truth).astype("uint8") * 255, "L").save(tmp, format="PNG")
+        os.replace(tmp, s.mask)
 
 
 def _files(folder: Path, exts: tuple[str, ...]) -> dict[str, Path]:
@@ -569,6 +573,12 @@ def load_dataset(
                 hint="drop --prompt, or drop --prompt-map to segment one thing in every mask",
             )
         classes = _class_map(Path(prompt_map))
+        if rule.ignore_index is not None and rule.ignore_index in classes:
+            raise UsageError(
+                f"--prompt-map names class {rule.ignore_index}, which --ignore-index {rule.ignore_index} makes void: "
+                "its pixels would be left out of every count, so its rows could never score",
+                hint="drop that class from the prompt map, or pass the void value your masks use to --ignore-index",
+            )
         prompt = "_"  # a placeholder: every row's prompt is replaced by its class's
     if rule.threshold is not None and not 0 <= rule.threshold < 255:
         raise UsageError(

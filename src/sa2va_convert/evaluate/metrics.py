@@ -220,6 +220,9 @@ class ModelSummary:
     mean_hd95: float | None = None  # mean of the per-image HD95 (px) where it is defined: lower is better
     n_hd95: int = 0  # images with an HD95 (both masks empty or both not): fewer than n_in_means when one was empty
     boundary_tolerance: float = BOUNDARY_TOLERANCE
+    #: --force-seg: this pseudo-model's rows are the masks of ``forced_of`` with [SEG] forced
+    forced_of: str | None = None
+    n_forced: int = 0  # of those, images predicted again with [SEG] forced (the others reuse the free answer)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -298,29 +301,48 @@ def summarise(
     )
 
 
-def per_image(rows: Iterable[dict[str, Any]], empty_gt: str = "score") -> dict[str, dict[str, float]]:
+def per_image(rows: Iterable[dict[str, Any]], empty_gt: str = "score") -> dict[str, dict[str, float | None]]:
     """stem -> scores of every image in a model's means (not failed; under ``skip`` not empty truth),
-    for pairing by image: a comparison follows the same rule as the means."""
+    the count-based ones and the shape ones (HD95 None where undefined), for pairing by image: a
+    comparison follows the same rule as the means."""
     _check_rule(empty_gt)
-    return {
-        r["stem"]: scores(int(r["intersection"]), int(r["union"]), int(r["pred_area"]), int(r["true_area"]))
-        for r in rows
-        if _in_means(r, empty_gt)
-    }
+    out: dict[str, dict[str, float | None]] = {}
+    for r in rows:
+        if _in_means(r, empty_gt):
+            values: dict[str, float | None] = dict(
+                scores(int(r["intersection"]), int(r["union"]), int(r["pred_area"]), int(r["true_area"]))
+            )
+            values.update({k: shape_value(r, k) for k in SHAPE_KEYS})
+            out[r["stem"]] = values
+    return out
 
 
 #: the per-model numbers that can each name a best model, with the name the output gives them
-LEADER_METRICS = {"mean_dice": "mean Dice", "giou": "gIoU", "ciou": "cIoU"}
+LEADER_METRICS = {
+    "mean_dice": "mean Dice",
+    "giou": "gIoU",
+    "ciou": "cIoU",
+    "mean_cldice": "clDice",
+    "mean_boundary_f": "boundary F",
+    "mean_hd95": "HD95",
+}
+#: summary numbers where the smaller is the better (a distance)
+LOWER_IS_BETTER_SUMMARY = frozenset({"mean_hd95"})
 
 
 def leaders(summaries: list[ModelSummary]) -> dict[str, str]:
     """Which model each of ``LEADER_METRICS`` would call best (the earlier model on a tie), so the
-    output can say when they disagree instead of showing Dice's choice alone."""
+    output can say when they disagree instead of showing Dice's choice alone. HD95 picks the lowest
+    mean, and only among models with an HD95 on every image in their means: a model whose mask is
+    empty where the truth is not has no HD95 there, and a mean over the images it did not miss would
+    reward the miss."""
     out: dict[str, str] = {}
     for key in LEADER_METRICS:
-        scored = [s for s in summaries if getattr(s, key) is not None]
+        lower = key in LOWER_IS_BETTER_SUMMARY
+        scored = [s for s in summaries if getattr(s, key) is not None and not (lower and s.n_hd95 != s.n_in_means)]
         if scored:
-            out[key] = max(scored, key=lambda s: (getattr(s, key), -summaries.index(s))).model
+            sign = -1.0 if lower else 1.0
+            out[key] = max(scored, key=lambda s: (sign * getattr(s, key), -summaries.index(s))).model
     return out
 
 
@@ -346,6 +368,7 @@ __all__ = [
     "per_image",
     "leaders",
     "LEADER_METRICS",
+    "LOWER_IS_BETTER_SUMMARY",
     "EMPTY_GT_RULES",
     "ModelSummary",
 ]

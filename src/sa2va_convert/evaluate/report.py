@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OutputError
+from .compare import paired_values
 from .metrics import SHAPE_KEYS, scores, shape_value
 
 CSV_COLUMNS = (
@@ -41,6 +42,7 @@ CSV_COLUMNS = (
     "true_area",
     "seg_count",
     "n_masks",
+    "forced",
     "height",
     "width",
     "seconds",
@@ -102,23 +104,23 @@ def write_metrics(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 
 
 def write_paired(
-    path: Path, baseline: str, values: dict[str, dict[str, dict[str, float]]], metrics: Iterable[str]
+    path: Path,
+    pairs: Iterable[tuple[str, str]],
+    values: dict[str, dict[str, dict[str, float | None]]],
+    metrics: Iterable[str],
 ) -> None:
-    """Per image, each model's difference to the baseline (model - baseline), over the images both
-    scored: the rows the comparison's interval and test are computed from."""
+    """Per image, each (baseline, model) pair's difference (model - baseline, whatever the metric's
+    better direction), over the images both have a value for (``compare.paired_values``): the rows
+    the comparison's interval and test are computed from."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(PAIRED_COLUMNS)
-    base = values.get(baseline, {})
     metrics = list(metrics)
-    for model, per in values.items():
-        if model == baseline:
-            continue
+    for baseline, model in pairs:
         for metric in metrics:
-            for stem, b in base.items():
-                if stem in per:
-                    x, y = b[metric], per[stem][metric]
-                    w.writerow([baseline, model, metric, stem, f"{x:.6f}", f"{y:.6f}", f"{y - x:.6f}"])
+            stems, base, mine = paired_values(values[baseline], values[model], metric)
+            for stem, x, y in zip(stems, base, mine, strict=True):
+                w.writerow([baseline, model, metric, stem, f"{x:.6f}", f"{y:.6f}", f"{y - x:.6f}"])
     write_atomic(path, buf.getvalue().encode("utf-8"))
 
 

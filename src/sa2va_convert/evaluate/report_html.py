@@ -33,7 +33,7 @@ import html
 import io
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,17 +165,25 @@ def _thumbnails(out: Path, index: int, sample: Sample, models: list[tuple[str, s
 
 
 def worst_first(
-    stems: list[str], values: dict[str, dict[str, dict[str, float]]], baseline: str | None
+    stems: list[str],
+    values: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    baseline: str | None,
+    baseline_of: dict[str, str] | None = None,
 ) -> list[tuple[str, float | None]]:
-    """Stems with their sort key: the smallest Dice difference of any model to the baseline on that
+    """Stems with their sort key: the smallest Dice difference of any model to its baseline on that
     image (one model: its Dice), ascending; images not compared (failed, or left out by the
-    empty-gt rule) after them, in data order."""
-    others = [m for m in values if m != baseline]
+    empty-gt rule) after them, in data order. ``baseline_of`` names another baseline for a model
+    (--force-seg: ``NAME[forced]`` is compared with the baseline's forced masks, never its free ones)."""
+    bases = {m: (baseline_of or {}).get(m, baseline) for m in values}
+    others = [m for m in values if m != bases[m]]
     keyed: list[tuple[str, float | None]] = []
     for s in stems:
         if baseline is not None and others:
-            base = values.get(baseline, {}).get(s)
-            diffs = [values[m][s]["dice"] - base["dice"] for m in others if base is not None and s in values[m]]
+            diffs = [
+                values[m][s]["dice"] - values[b][s]["dice"]
+                for m in others
+                if (b := bases[m] or "") in values and s in values[m] and s in values[b]
+            ]
             keyed.append((s, min(diffs) if diffs else None))
         else:
             only = next(iter(values.values()), {}).get(s)
@@ -378,13 +386,16 @@ def _per_image(
     summary: dict[str, Any],
     rows_by_model: dict[str, list[dict[str, Any]]],
     samples: list[Sample],
-    values: dict[str, dict[str, dict[str, float]]],
+    values: Mapping[str, Mapping[str, Mapping[str, Any]]],
 ) -> list[str]:
     baseline = summary.get("baseline")
     models = [m["model"] for m in summary["models"]]
     by_stem = {s.stem: (i, s) for i, s in enumerate(samples)}
     rows = {m: {r["stem"]: r for r in rows_by_model.get(m, [])} for m in models}
-    order = worst_first([s.stem for s in samples], values, baseline if len(models) > 1 else None)
+    baseline_of = {
+        m["model"]: f"{baseline}{m['model'][len(m['forced_of']) :]}" for m in summary["models"] if m.get("forced_of")
+    }  # NAME[forced] against the baseline's own forced masks (BASE[forced])
+    order = worst_first([s.stem for s in samples], values, baseline if len(models) > 1 else None, baseline_of)
     shown = order[:MAX_IMAGES]
     how = "the smallest Dice difference of any model to the baseline" if len(models) > 1 else "Dice"
     res = [
@@ -400,7 +411,6 @@ def _per_image(
         index, sample = by_stem[stem]
         preds = [(m, (rows[m].get(stem) or {}).get("prediction_file") or None) for m in models]
         thumbs = _thumbnails(out, index, sample, preds)
-        base_val = values.get(baseline or "", {}).get(stem)
         prompt = (rows[models[0]].get(stem) or {}).get("prompt") or sample.prompt
         res.append(
             f'<div class="row" data-stem="{esc(stem)}" data-key="{"" if key is None else f"{key:.6f}"}">'
@@ -418,8 +428,10 @@ def _per_image(
         for m in models:
             row = rows[m].get(stem)
             mine = values.get(m, {}).get(stem)
-            diff = mine["dice"] - base_val["dice"] if (mine and base_val and m != baseline) else None
-            res.append(_figure(m, row, thumbs.models.get(m), diff, m == baseline and len(models) > 1))
+            own_base = baseline_of.get(m, baseline)
+            base_val = values.get(own_base or "", {}).get(stem)
+            diff = mine["dice"] - base_val["dice"] if (mine and base_val and m != own_base) else None
+            res.append(_figure(m, row, thumbs.models.get(m), diff, m == own_base and len(models) > 1))
         res.append("</div></div>")
     return res
 
@@ -429,7 +441,7 @@ def write_html(
     summary: dict[str, Any],
     rows_by_model: dict[str, list[dict[str, Any]]],
     samples: list[Sample],
-    values: dict[str, dict[str, dict[str, float]]],
+    values: Mapping[str, Mapping[str, Mapping[str, Any]]],
 ) -> Path:
     """Thumbnails under ``report_images/`` (replaced whole), then ``report.html``; returns its path."""
     shutil.rmtree(out / IMAGES, ignore_errors=True)

@@ -23,7 +23,7 @@ report is written (README, "Evaluate a fine-tune", says why matplotlib).
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ def empty_gt_title(rule: str, summaries: Sequence[ModelSummary]) -> str:
 
 def iteration_intervals(
     summaries: Sequence[ModelSummary],
-    values: dict[str, dict[str, dict[str, float]]],
+    values: Mapping[str, Mapping[str, Mapping[str, Any]]],
     *,
     resamples: int = RESAMPLES,
     seed: int = SEED,
@@ -74,7 +74,7 @@ def iteration_intervals(
     """Per ``iter_N`` model, its mean Dice with a 95 % bootstrap interval of that mean over its own
     images in the means (``values`` is ``metrics.per_image`` per model, so the empty-gt rule holds);
     None unless at least two models carry an iteration (nothing to plot against)."""
-    its = [m for m in summaries if m.iteration is not None]
+    its = [m for m in summaries if m.iteration is not None and m.forced_of is None]  # free answers only
     if len(its) < 2:
         return None
     out: list[dict[str, Any]] = []
@@ -109,7 +109,7 @@ def _single_model(ax: Any, summary: ModelSummary, dice: list[float]) -> None:
 
 
 def _slope(
-    ax: Any, baseline: str, model: str, values: dict[str, dict[str, dict[str, float]]], c: Comparison | None
+    ax: Any, baseline: str, model: str, values: Mapping[str, Mapping[str, Mapping[str, Any]]], c: Comparison | None
 ) -> None:
     """One model against the baseline: a line per image, the means, the interval of the difference."""
     import numpy as np
@@ -184,7 +184,10 @@ def _intervals(ax: Any, comparisons: list[Comparison]) -> None:
             capsize=4,
         )
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(range(len(dice)), [c.model for c in dice], fontsize=8)
+    first = dice[0].baseline if dice else None  # forced masks have their own baseline (BASE[forced]): say so
+    ax.set_yticks(
+        range(len(dice)), [c.model if c.baseline == first else f"{c.model} vs {c.baseline}" for c in dice], fontsize=8
+    )
     ax.set_ylim(-0.6, len(dice) - 0.4)
     ax.invert_yaxis()
     ax.set_xlim(-1.05, 1.05)
@@ -196,14 +199,16 @@ def _intervals(ax: Any, comparisons: list[Comparison]) -> None:
 def plot_report(
     path: Path,
     summaries: list[ModelSummary],
-    values: dict[str, dict[str, dict[str, float]]],
+    values: Mapping[str, Mapping[str, Mapping[str, Any]]],
     comparisons: list[Comparison],
     baseline: str | None,
     empty_gt: str,
 ) -> None:
     """``report.png``: the paired slope charts and intervals (one model: its per-image Dice)."""
     plt = _pyplot()
-    others = [m.model for m in summaries if m.model != baseline]
+    # the slope charts compare free answers with the free baseline; a --force-seg pseudo-model
+    # (NAME[forced]) is only ever compared with the baseline's forced masks: in the interval panel
+    others = [m.model for m in summaries if m.model != baseline and m.forced_of is None]
     if baseline is None or not others:
         fig, ax = plt.subplots(1, 1, figsize=(5.5, 4.4), dpi=100)
         if summaries:

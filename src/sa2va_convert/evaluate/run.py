@@ -41,12 +41,13 @@ from ..runner.failure import child_failure, debug_details
 from ..runner.memory import check_fits
 from ..runner.process import check_device, resolve_python, run_child
 from ..runner.report import judge_loading, report_from
-from .compare import Comparison, compare, compare_models
+from .compare import Comparison, compare, compare_models, paired_values
 from .data import PLAIN, MaskRule, Sample, load_dataset, write_truth
 from .defaults import DEFAULT_IMAGE_TIMEOUT
 from .metrics import (
     EMPTY_GT_RULES,
     LEADER_METRICS,
+    SHAPE_KEYS,
     ModelSummary,
     best_model,
     leaders,
@@ -73,10 +74,33 @@ RULE = "mask_rule.json"
 #: a COCO file's truth masks, decoded from its polygons and RLE (never written into the user's data folder)
 TRUTH = "truth"
 OURS = (METRICS, SUMMARY, PLOT, PAIRED, HTML, IMAGES, ITERATIONS_PLOT, RULE, "predictions", "overlays", TRUTH, WORK)
-PAIRED_METRICS = ("dice", "iou")  # the per-image scores compared image by image with the baseline
+#: the per-image scores compared image by image with the baseline (HD95: lower is better, see compare.py)
+PAIRED_METRICS = ("dice", "iou", "cldice", "boundary_f", "hd95")
 #: the per-model numbers --fail-under may name (higher is better for each), and the short names it also takes
-GATE_METRICS = ("mean_dice", "giou", "ciou", "mean_precision", "mean_recall", "mean_dice_with_object")
-GATE_ALIASES = {"dice": "mean_dice", "iou": "giou", "precision": "mean_precision", "recall": "mean_recall"}
+GATE_METRICS = (
+    "mean_dice",
+    "giou",
+    "ciou",
+    "mean_precision",
+    "mean_recall",
+    "mean_dice_with_object",
+    "mean_cldice",
+    "mean_boundary_f",
+)
+GATE_ALIASES = {
+    "dice": "mean_dice",
+    "iou": "giou",
+    "precision": "mean_precision",
+    "recall": "mean_recall",
+    "cldice": "mean_cldice",
+    "boundary_f": "mean_boundary_f",
+}
+#: the per-model numbers --fail-above may name (lower is better: a distance), and their short names
+GATE_ABOVE_METRICS = ("mean_hd95",)
+GATE_ABOVE_ALIASES = {"hd95": "mean_hd95"}
+#: the report name of a model's masks with [SEG] forced (--force-seg): a pseudo-model of its own
+FORCED_SUFFIX = "[forced]"
+MEASURED = ("intersection", "union", "pred_area", "true_area")  # the pixel counts a row's scores come from
 DTYPES = ("bf16", "fp16", "fp32")
 _ITER = re.compile(r"^iter_(\d+)$")
 
@@ -95,10 +119,21 @@ def _iteration(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def forced_name(model: str) -> str:
+    """``base`` -> ``base[forced]``: the rows, summary and comparisons of ``base``'s forced masks."""
+    return model + FORCED_SUFFIX
+
+
 def _check_name(name: str) -> str:
-    """A name becomes a folder (``predictions/<name>/``) and a CSV value: one plain path component."""
+    """A name becomes a folder (``predictions/<name>/``) and a CSV value: one plain path component;
+    ``NAME[forced]`` is --force-seg's, never a model's."""
     if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
         raise UsageError(f"--name {name!r} cannot name a model", hint="use a plain name such as base or lr1e-5")
+    if name.endswith(FORCED_SUFFIX):
+        raise UsageError(
+            f"--name {name!r} ends with {FORCED_SUFFIX}, which names the --force-seg rows of a model",
+            hint="choose a name without it",
+        )
     return name
 
 
@@ -244,6 +279,8 @@ class EvalReport:
     best_interval: dict[str, Any] | None = None
     baseline: str | None = None
     empty_gt: str = "score"
+    #: --force-seg: each model's masks with [SEG] forced are also scored, as the pseudo-model NAME[forced]
+    force_seg: bool = False
     comparisons: list[Comparison] = field(default_factory=list)
     #: what the numbers do not show: metrics that disagree on the best model, intervals that cover 0
     cautions: list[str] = field(default_factory=list)
@@ -273,6 +310,7 @@ class EvalReport:
             "best_interval": self.best_interval,
             "baseline": self.baseline,
             "empty_gt": {"rule": self.empty_gt, "meaning": EMPTY_GT_MEANING[self.empty_gt]},
+            "force_seg": self.force_seg,
             "comparisons": [c.to_dict() for c in self.comparisons],
             "cautions": self.cautions,
             "gate": self.gate,
@@ -301,7 +339,14 @@ DEFINITIONS = {
     "mean_dice": "mean of the per-image Dice over the evaluated images (failed images are not scored; see failures)",
     "giou": "mean of the per-image IoU |P∩T| / |P∪T|",
     "ciou": "cumulative IoU: Σ|P∩T| / Σ|P∪T| over all images (upstream's RefCOCO definition; big objects weigh more)",
-    "no_seg_rate": "share of answers without [SEG]: an empty prediction, scored as such, never forced",
+    "no_seg_rate": "share of answers without [SEG]: an empty prediction, scored as such (the free answers are "
+    "never forced; see forced)",
+    "forced": "with --force-seg, NAME[forced] is a pseudo-model of NAME's masks with [SEG] forced, scored like "
+    "any model (rows in metrics.csv, masks under predictions/NAME/forced/): where the free answer has [SEG] its "
+    "mask is the forced one (column forced = reused, not predicted twice); where it has none, the image ran "
+    "again with [SEG] and the end token imposed on generation (forced = forced; n_forced counts them). So "
+    "NAME[forced] measures mask quality, NAME's no_seg_rate the [SEG] decision. Forced pseudo-models are "
+    "compared with the baseline's forced one, never with a free model; best and the gate judge free models",
     "images_per_s": "evaluated images / Σ seconds of predict_forward per image (one device; model loading excluded)",
     "n_empty_gt": "scored images whose ground truth is empty; n_empty_gt_empty_pred of them the model left empty "
     "too; n_in_means the images the means are over (see empty_gt for the rule)",
@@ -318,8 +363,10 @@ DEFINITIONS = {
     "directions pooled (every outline pixel of P to the nearest of T, and of T to P); lower is better; 0.0 when both "
     "masks are empty, null (no number) when only one is; mean_hd95 is its mean over the n_hd95 images where it is "
     "defined, so it leaves out every image where one mask was empty (see mean_dice for those)",
-    "comparisons": "per metric, each model against the baseline over the images both scored: per-image differences "
-    "(model - baseline, in paired.csv), wins/ties/losses (higher/equal/lower per image), their mean with a 95 % "
+    "comparisons": "per metric (dice, iou, cldice, boundary_f, hd95), each model against the baseline over the n "
+    "images both have a value for (hd95 is missing where one mask is empty): per-image differences "
+    "(model - baseline, in paired.csv), wins/ties/losses (better/equal/worse per image: higher, but lower for "
+    "hd95, higher_is_better false), their mean with a 95 % "
     "percentile bootstrap interval (resamples of the images with replacement, numpy.random.default_rng(seed)) "
     "and a two-sided Wilcoxon signed-rank p-value (null, with p_value_note, where the data cannot support one)",
     "dice_over_iterations": "per iter_N model (two or more), its mean Dice and a 95 % percentile bootstrap interval "
@@ -392,18 +439,21 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _finished_rows(out: Path, specs: list[ModelSpec], samples: list[Sample]) -> dict[tuple[str, str], dict]:
+def _finished_rows(
+    out: Path, specs: list[ModelSpec], samples: list[Sample], force_seg: bool = False
+) -> dict[tuple[str, str], dict]:
     """(model, stem) -> row already scored by an earlier run (metrics.csv, then the streamed results
-    of an interrupted one) whose prediction PNG is still there; failed images are tried again."""
+    of an interrupted one) whose prediction PNG is still there; failed images are tried again. The
+    forced rows (``NAME[forced]``) count only with ``force_seg``: a run without it reports none."""
     by_stem = {s.stem: s for s in samples}
-    names = {s.name for s in specs}
+    names = {s.name for s in specs} | ({forced_name(s.name) for s in specs} if force_seg else set())
     done: dict[tuple[str, str], dict] = {}
     rows: list[dict[str, Any]] = read_metrics(out / METRICS) if (out / METRICS).is_file() else []
     for spec in specs:
         for path in _rank_results(out / WORK, spec.name):
             for r in _read_jsonl(path):
                 if r.get("stem") in by_stem:
-                    rows.append(_complete(r, spec, by_stem[r["stem"]], out))
+                    rows.extend(_complete(r, spec, by_stem[r["stem"]], out))
     for r in rows:
         model, stem = r.get("model"), r.get("stem")
         if (
@@ -414,9 +464,18 @@ def _finished_rows(out: Path, specs: list[ModelSpec], samples: list[Sample]) -> 
             and r.get("status") in ("ok", "no_seg")
             and r.get("prediction_file")
             and Path(r["prediction_file"]).is_file()
+            and _same_question(r, by_stem[stem])
         ):
             done[(model, stem)] = r
     return done
+
+
+def _same_question(row: dict[str, Any], sample: Sample) -> bool:
+    """Whether an earlier row answered this run's question: the same prompt (a changed --prompt or
+    --prompt-map, or an older default wording, gives another answer) against the same truth file
+    (another class map points a key at another class). A row that did not is predicted again, never
+    kept beside this run's rows: a report must not mix two questions under one key."""
+    return row.get("prompt") == sample.prompt and row.get("mask") == str(sample.mask)
 
 
 def _rank_results(folder: Path, model: str) -> list[Path]:
@@ -434,32 +493,58 @@ def _rank_results(folder: Path, model: str) -> list[Path]:
     )
 
 
-def _pred_path(out: Path, model: str, stem: str) -> Path:
-    return out / "predictions" / model / f"{stem}.png"
+def _pred_path(out: Path, model: str, stem: str, forced: bool = False) -> Path:
+    """Where a model's mask for ``stem`` lies: ``predictions/<model>/<stem>.png``, and with [SEG]
+    forced ``predictions/<model>/forced/<stem>.png`` (a stem is a file name, so never ``forced/``)."""
+    return out / "predictions" / model / ("forced" if forced else "") / f"{stem}.png"
 
 
-def _complete(row: dict[str, Any], spec: ModelSpec, sample: Sample, out: Path) -> dict[str, Any]:
-    """A child's result line with what the child does not repeat (model, paths, prompt answer) and
-    the pixel counts of its saved prediction against the ground truth, which only this process makes."""
-    r = dict(row)
+def _complete(row: dict[str, Any], spec: ModelSpec, sample: Sample, out: Path) -> list[dict[str, Any]]:
+    """A child's result line as metrics.csv rows: the free answer's (unless the line says it was not
+    saved: a resumed run that only lacked the forced mask) and, when the line has one, the forced
+    mask's (model ``NAME[forced]``). Each gets what the child does not repeat (model, paths) and the
+    pixel counts of its saved prediction against the ground truth, which only this process makes."""
+    rows: list[dict[str, Any]] = []
+    free: dict[str, Any] | None = None
+    if row.get("free_saved", True):
+        free = _scored(dict(row), spec.name, spec, sample, _pred_path(out, spec.name, sample.stem))
+        rows.append(free)
+    forced = row.get("forced_row")
+    if forced is not None or (row.get("forced_asked") and row.get("status") == "failed"):
+        r = {k: v for k, v in row.items() if k != "forced_row"}
+        r.update(forced or {})
+        path = _pred_path(out, spec.name, sample.stem, forced=True)
+        # a reused mask is the free one, pixel for pixel: its scores are taken over, not computed twice
+        same = free if (forced or {}).get("forced") == "reused" and free and free["status"] != "failed" else None
+        rows.append(_scored(r, forced_name(spec.name), spec, sample, path, same))
+    return rows
+
+
+def _scored(
+    r: dict[str, Any], model: str, spec: ModelSpec, sample: Sample, path: Path, same: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``r`` completed as a metrics.csv row of ``model``, its mask at ``path`` scored (or its scores
+    copied from ``same``, the row of the identical free mask)."""
     r.update(
-        model=spec.name,
+        model=model,
         iteration=spec.iteration,
         stem=sample.stem,
         image=str(sample.image),
         mask=str(sample.mask),
-        prompt=sample.prompt,
-        answer=row.get("prediction", row.get("answer", "")),
+        prompt=r.get("prompt", sample.prompt),  # the question the child was asked (a resumed run checks it)
+        answer=r.get("prediction", r.get("answer", "")),
     )
-    if r.get("status") == "ok":
+    if r.get("status") == "ok" and same is not None:
+        r.update({k: same[k] for k in (*MEASURED, *SHAPE_KEYS)})
+    elif r.get("status") == "ok":
         try:
-            r.update(measure(_pred_path(out, spec.name, sample.stem), sample.mask, sample.rule))
+            r.update(measure(path, sample.mask, sample.rule))
         except Exception as e:  # as in the child: this image is a recorded failure, the others are still scored
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             r.update(status="failed", error=f"{type(e).__name__}: {lines[0][:400] if lines else type(e).__name__}")
     if r.get("status") == "ok" and int(r.get("seg_count") or 0) == 0:
         r["status"] = "no_seg"  # an answer without [SEG]: an empty prediction, scored as such
-    r["prediction_file"] = str(_pred_path(out, spec.name, sample.stem)) if r.get("status") != "failed" else ""
+    r["prediction_file"] = str(path) if r.get("status") != "failed" else ""
     return r
 
 
@@ -470,7 +555,7 @@ class _Scorer:
     while this process sits idle waiting for it. The child saves an image's PNG before its line, so a
     complete line's prediction is on disk; only complete lines are read (one cut by a crash is not)."""
 
-    def __init__(self, results: Path, complete: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
+    def __init__(self, results: Path, complete: Callable[[dict[str, Any]], list[dict[str, Any]]]) -> None:
         self._results, self._complete = results, complete
         self._offset = results.stat().st_size  # lines already there were scored by an earlier run
         self._rows: list[dict[str, Any]] = []
@@ -489,9 +574,7 @@ class _Scorer:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            done = self._complete(row)
-            if done is not None:
-                self._rows.append(done)
+            self._rows.extend(self._complete(row))
 
     def _loop(self) -> None:
         try:
@@ -522,6 +605,7 @@ def _run_model(
     spec: ModelSpec,
     share: list[Sample],
     *,
+    need: dict[str, tuple[bool, bool]] | None = None,
     out: Path,
     dist: Dist,
     exe: str,
@@ -532,7 +616,8 @@ def _run_model(
     image_timeout: float,
     on_stage: Callable[[str], None],
 ) -> dict[str, Any]:
-    """This rank's share of one model's images in one child; returns its rows and facts (or its error)."""
+    """This rank's share of one model's images in one child; returns its rows and facts (or its error).
+    ``need``: stem -> (free answer wanted, forced mask wanted); default: the free answer alone."""
     if not share:
         return {"rows": [], "child": None}
     work = out / WORK
@@ -543,19 +628,22 @@ def _run_model(
         (out / "overlays" / spec.name).mkdir(parents=True, exist_ok=True)
     lines = []
     for s in share:
+        free, forced = (need or {}).get(s.stem, (True, False))
         item = {
             **s.to_dict(),
             "pred_path": str(_pred_path(out, spec.name, s.stem)),
             "overlay_path": str(out / "overlays" / spec.name / f"{s.stem}.png") if overlays else None,
+            "save_free": free,
+            "forced_path": str(_pred_path(out, spec.name, s.stem, forced=True)) if forced else None,
         }
         lines.append(json.dumps(item))
+    if any(need.get(s.stem, (True, False))[1] for s in share) if need else False:
+        (out / "predictions" / spec.name / "forced").mkdir(parents=True, exist_ok=True)
     items.write_text("\n".join(lines) + "\n", encoding="utf-8")
     earlier = _read_jsonl(results)  # an interrupted run's lines; a line cut by the crash is dropped here
     results.write_text("".join(json.dumps(r) + "\n" for r in earlier), encoding="utf-8")
     by_stem = {s.stem: s for s in share}
-    scorer = _Scorer(
-        results, lambda r: _complete(r, spec, by_stem[r["stem"]], out) if r.get("stem") in by_stem else None
-    )
+    scorer = _Scorer(results, lambda r: _complete(r, spec, by_stem[r["stem"]], out) if r.get("stem") in by_stem else [])
     check_fits(spec.folder, device, what="evaluation")
     timeout = image_timeout * (len(share) + 1)
     with dist.own_gpu(device) as child_device:
@@ -655,6 +743,8 @@ def evaluate(
     empty_gt: str = "score",
     fail_under: dict[str, float] | None = None,
     require_better: bool = False,
+    fail_above: dict[str, float] | None = None,
+    force_seg: bool = False,
     names: list[str] | None = None,
     mask_threshold: float | None = None,
     ignore_index: int | None = None,
@@ -688,12 +778,19 @@ def evaluate(
                 hint=f"pip install 'sa2va-convert[eval]' (or pip install {package})",
             )
     specs = resolve_models(list(models), names)
+    if force_seg and any(s.name.endswith(FORCED_SUFFIX) for s in specs):
+        clash = next(s for s in specs if s.name.endswith(FORCED_SUFFIX))
+        raise UsageError(
+            f"model {clash.name!r} ends with {FORCED_SUFFIX}, which --force-seg uses for forced masks",
+            path=clash.folder,
+            hint="give it another --name",
+        )
     if baseline is not None and baseline not in {s.name for s in specs}:
         raise UsageError(
             f"--baseline {baseline!r} is none of the models",
             hint="name one of: " + ", ".join(s.name for s in specs),
         )
-    gate = _gate_spec(fail_under, require_better, len(specs))
+    gate = _gate_spec(fail_under, require_better, len(specs), fail_above)
     say(f"checking {data}")
     rule = MaskRule(mask_threshold, ignore_index)
     out = Path(out).resolve()
@@ -725,6 +822,7 @@ def evaluate(
             image_timeout=image_timeout,
             baseline=baseline or specs[0].name,
             empty_gt=empty_gt,
+            force_seg=force_seg,
             gate=gate,
             say=say,
             started=started,
@@ -752,18 +850,32 @@ def _evaluate(
     gate: dict[str, Any] | None,
     say: Callable[[str], None],
     started: float,
+    force_seg: bool = False,
 ) -> EvalReport:
-    done = _finished_rows(out, specs, samples) if resume else {}
+    done = _finished_rows(out, specs, samples, force_seg) if resume else {}
+    # --force-seg added on --resume: where a kept free answer has [SEG], its mask is the forced one
+    reused = _reuse_free_masks(out, specs, done) if force_seg and dist.rank == 0 else {}
+    done.update(reused)
     # every rank must agree on what is left: rank 0's view of the finished rows decides
     done_keys = dist.broadcast(sorted(done)) if dist.world > 1 else sorted(done)
     done_set = {tuple(k) for k in done_keys}
-    rows_by_model: dict[str, list[dict[str, Any]]] = {s.name: [] for s in specs}
+    # report order: every model's free rows, then (--force-seg) every model's forced rows
+    names = [s.name for s in specs] + ([forced_name(s.name) for s in specs] if force_seg else [])
+    rows_by_model: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     for key, row in done.items():
         rows_by_model[key[0]].append(row)
     facts: dict[str, dict[str, Any]] = {}
     evaluated = 0
     for spec in specs:
-        todo = [s for s in samples if (spec.name, s.stem) not in done_set]
+        # per image: is the free answer still to do, and (--force-seg) the forced mask?
+        need = {
+            s.stem: (
+                (spec.name, s.stem) not in done_set,
+                force_seg and (forced_name(spec.name), s.stem) not in done_set,
+            )
+            for s in samples
+        }
+        todo = [s for s in samples if any(need[s.stem])]
         share = todo[dist.rank :: dist.world]
         if todo:
             say(
@@ -775,6 +887,7 @@ def _evaluate(
             part = _run_model(
                 spec,
                 share,
+                need=need,
                 out=out,
                 dist=dist,
                 exe=exe,
@@ -792,13 +905,16 @@ def _evaluate(
         verdict = None
         if dist.rank == 0:
             for p in parts:
-                rows_by_model[spec.name].extend(p["rows"])
-                evaluated += len(p["rows"])
+                for r in p["rows"]:
+                    rows_by_model[r["model"]].append(r)
+                evaluated += len(p["rows"])  # rows a model process made in this run (free and forced)
                 if p.get("child"):
                     facts.setdefault(spec.name, {}).update({k: v for k, v in p["child"].items() if v is not None})
             order = {s.stem: i for i, s in enumerate(samples)}
-            rows_by_model[spec.name].sort(key=lambda r: order[r["stem"]])
-            write_metrics(out / METRICS, [r for s in specs for r in rows_by_model[s.name]])
+            for n in (spec.name, forced_name(spec.name)):
+                if n in rows_by_model:
+                    rows_by_model[n].sort(key=lambda r: order[r["stem"]])
+            write_metrics(out / METRICS, [r for n in names for r in rows_by_model[n]])
             errors = [p for p in parts if p.get("error")]
             verdict = errors[0] if errors else None
         verdict = dist.broadcast(verdict)
@@ -812,31 +928,50 @@ def _evaluate(
                 )
             _raise_from(err, verdict.get("details") or "")
     report = EvalReport(
-        out=str(out), data=data, images=len(samples), world_size=dist.world, resumed=len(done), evaluated=evaluated
+        out=str(out),
+        data=data,
+        images=len(samples),
+        world_size=dist.world,
+        resumed=len(done) - len(reused),
+        evaluated=evaluated,
     )
     if dist.rank != 0:
         report.wall_seconds = time.perf_counter() - started
         return report
-    values: dict[str, dict[str, dict[str, float]]] = {}
-    for spec in specs:
-        rows = rows_by_model[spec.name]
-        summary = summarise(spec.name, str(spec.folder), spec.iteration, rows, empty_gt)
+    values: dict[str, dict[str, dict[str, float | None]]] = {}
+    by_name = {s.name: s for s in specs} | {forced_name(s.name): s for s in specs}
+    for name in names:
+        spec, rows = by_name[name], rows_by_model[name]
+        summary = summarise(name, str(spec.folder), spec.iteration, rows, empty_gt)
         f = facts.get(spec.name, {})
         summary.device, summary.dtype = f.get("device"), f.get("dtype")
         summary.cuda_max_allocated_bytes = f.get("cuda_max_allocated_bytes")
+        if name != spec.name:
+            summary.forced_of = spec.name
+            summary.n_forced = sum(1 for r in rows if r.get("forced") == "forced" and r["status"] != "failed")
         report.models.append(summary)
-        values[spec.name] = per_image(rows, empty_gt)
+        values[name] = per_image(rows, empty_gt)
         report.failures += [
-            {"model": spec.name, "stem": r["stem"], "image": r["image"], "error": r.get("error", "")}
+            {"model": name, "stem": r["stem"], "image": r["image"], "error": r.get("error", "")}
             for r in rows
             if r["status"] == "failed"
         ]
-    best = best_model(report.models)
+    free = [m for m in report.models if m.forced_of is None]
+    best = best_model(free)  # a forced mask answers another question: never "best"
     report.best = best.model if best else None
     report.baseline = baseline
     report.empty_gt = empty_gt
+    report.force_seg = force_seg
+    pairs: list[tuple[str, str]] = []
     if len(specs) > 1:
-        report.comparisons = compare_models(baseline, values, PAIRED_METRICS)
+        # free models against the baseline; forced ones against the baseline's forced masks: never mixed
+        free_names = [s.name for s in specs]
+        report.comparisons = compare_models(baseline, values, PAIRED_METRICS, models=free_names)
+        pairs = [(baseline, n) for n in free_names if n != baseline]
+        if force_seg:
+            forced_names = [forced_name(n) for n in free_names]
+            report.comparisons += compare_models(forced_name(baseline), values, PAIRED_METRICS, models=forced_names)
+            pairs += [(forced_name(baseline), n) for n in forced_names if n != forced_name(baseline)]
         report.best_interval = _best_interval(report, values)
         report.cautions = _cautions(report)
     if gate is not None:
@@ -854,8 +989,17 @@ def _evaluate(
         report.files["iterations_plot"] = str(out / ITERATIONS_PLOT)
     if overlays:
         report.files["overlays"] = str(out / "overlays")
-    if any(m.no_seg for m in report.models):
-        report.notes.append("answers without [SEG] are empty predictions (scored, never forced)")
+    if any(m.no_seg for m in free):
+        report.notes.append(
+            "answers without [SEG] are empty predictions (scored, never forced)"
+            + ("; NAME[forced] scores the masks with [SEG] forced, compared only with each other" if force_seg else "")
+        )
+    if force_seg:
+        forced_counts = ", ".join(f"{m.forced_of} {m.n_forced}" for m in report.models if m.forced_of)
+        report.notes.append(
+            f"--force-seg: images predicted again with [SEG] forced per model: {forced_counts}; on the others the "
+            "free answer had [SEG] and its mask is the forced one"
+        )
     report.notes.append(_empty_gt_note(report))
     rule = samples[0].rule.describe() if samples else ""
     if rule:
@@ -863,7 +1007,7 @@ def _evaluate(
     say("writing the report")
     if len(specs) > 1:
         report.files["paired"] = str(out / PAIRED)
-        write_paired(out / PAIRED, baseline, values, PAIRED_METRICS)
+        write_paired(out / PAIRED, pairs, values, PAIRED_METRICS)
     plot_report(out / PLOT, report.models, values, report.comparisons, report.baseline, empty_gt)
     if report.dice_over_iterations:
         plot_iterations(out / ITERATIONS_PLOT, report.dice_over_iterations, report.models, report.best, empty_gt)
@@ -874,7 +1018,28 @@ def _evaluate(
     return report
 
 
-def _best_interval(report: EvalReport, values: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any] | None:
+def _reuse_free_masks(
+    out: Path, specs: list[ModelSpec], done: dict[tuple[str, str], dict]
+) -> dict[tuple[str, str], dict]:
+    """The forced rows a resumed run needs no model for: a kept free answer with [SEG] (status ok)
+    whose forced row is missing gets its free mask as the forced one, copied (under a temporary
+    name, then renamed) to ``predictions/<model>/forced/``, with the free row's scores. Rank 0 alone."""
+    made: dict[tuple[str, str], dict] = {}
+    for spec in specs:
+        forced = forced_name(spec.name)
+        for (model, stem), row in done.items():
+            if model != spec.name or row.get("status") != "ok" or (forced, stem) in done:
+                continue
+            target = _pred_path(out, spec.name, stem, forced=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+            shutil.copyfile(row["prediction_file"], tmp)
+            os.replace(tmp, target)
+            made[(forced, stem)] = {**row, "model": forced, "forced": "reused", "prediction_file": str(target)}
+    return made
+
+
+def _best_interval(report: EvalReport, values: dict[str, dict[str, dict[str, float | None]]]) -> dict[str, Any] | None:
     """The best model's Dice lead with its interval: against the baseline, or, when the baseline
     itself is best, against the runner-up (a lead over nobody says nothing)."""
     if report.best is None:
@@ -882,12 +1047,11 @@ def _best_interval(report: EvalReport, values: dict[str, dict[str, dict[str, flo
     if report.best != report.baseline:
         c = next(c for c in report.comparisons if c.model == report.best and c.metric == "dice")
     else:
-        runner_up = best_model([m for m in report.models if m.model != report.best])
+        runner_up = best_model([m for m in report.models if m.model != report.best and m.forced_of is None])
         if runner_up is None:
             return None
-        b, r = values[report.best], values[runner_up.model]
-        stems = [s for s in b if s in r]
-        c = compare(runner_up.model, report.best, "dice", [r[s]["dice"] for s in stems], [b[s]["dice"] for s in stems])
+        _, r, b = paired_values(values[runner_up.model], values[report.best], "dice")
+        c = compare(runner_up.model, report.best, "dice", r, b)
     return {
         "model": report.best,
         "against": c.baseline,
@@ -924,7 +1088,7 @@ def _cautions(report: EvalReport) -> list[str]:
     """What a reader of the table could get wrong: metrics naming different best models, and
     differences whose interval covers 0 (not shown to be more than noise on these images)."""
     out: list[str] = []
-    lead = leaders(report.models)
+    lead = leaders([m for m in report.models if m.forced_of is None])
     if len(set(lead.values())) > 1:
         picks = ", ".join(f"{LEADER_METRICS[k]} picks {m}" for k, m in lead.items())
         out.append(f"the metrics disagree on the best model: {picks}")
@@ -934,19 +1098,27 @@ def _cautions(report: EvalReport) -> list[str]:
             f"best: {bi['model']}'s Dice lead over the runner-up {bi['against']} has the interval {_ci(bi['ci95'])}, "
             "which covers 0: not shown to be better on these images"
         )
+    covering: dict[tuple[str, str], list[str]] = {}
     for c in report.comparisons:
         if c.ci95 is None:
-            out.append(f"{c.model} vs {c.baseline}: no image was scored for both, so there is no {c.metric} comparison")
-        elif c.covers_zero:
             out.append(
-                f"{c.model} vs {c.baseline}: the {c.metric} difference's interval {_ci(c.ci95)} covers 0: "
-                "no difference shown on these images"
+                f"{c.model} vs {c.baseline}: no image has a {c.metric} value for both, so there is no {c.metric} "
+                "comparison" + (" (HD95 is undefined where one mask is empty)" if c.metric == "hd95" else "")
             )
+        elif c.covers_zero:
+            covering.setdefault((c.model, c.baseline), []).append(f"{c.metric} {_ci(c.ci95)}")
+    for (model, base), said in covering.items():  # one line per pair of models, every metric on it
+        out.append(
+            f"{model} vs {base}: the difference's interval covers 0 for {', '.join(said)}: "
+            "no difference shown on these images"
+        )
     return out
 
 
-def parse_fail_under(values: list[str] | tuple[str, ...]) -> dict[str, float]:
-    """``["dice=0.80", ...]`` (the command line's form) -> ``{"mean_dice": 0.8, ...}``."""
+def parse_fail_under(values: list[str] | tuple[str, ...], option: str = "--fail-under") -> dict[str, float]:
+    """``["dice=0.80", ...]`` (the command line's form) -> ``{"dice": 0.8, ...}`` (for --fail-under
+    and --fail-above alike; the names are checked by ``_gate_spec``)."""
+    example = "hd95=10" if option == "--fail-above" else "dice=0.80"
     out: dict[str, float] = {}
     for v in values:
         name, sep, raw = v.partition("=")
@@ -955,46 +1127,77 @@ def parse_fail_under(values: list[str] | tuple[str, ...]) -> dict[str, float]:
         except ValueError:
             number = float("nan")
         if not sep or number != number:
-            raise UsageError(f"--fail-under {v!r} is not METRIC=NUMBER", hint="e.g. --fail-under dice=0.80")
+            raise UsageError(f"{option} {v!r} is not METRIC=NUMBER", hint=f"e.g. {option} {example}")
         out[name.strip()] = number
     return out
 
 
-def _gate_spec(fail_under: dict[str, float] | None, require_better: bool, n_models: int) -> dict[str, Any] | None:
-    """The gate's conditions, checked before any model loads (a typo must not cost an evaluation)."""
-    if not fail_under and not require_better:
-        return None
-    known = {*GATE_METRICS, *GATE_ALIASES}
+def _resolve_gate(
+    option: str, given: dict[str, float] | None, metrics: tuple[str, ...], aliases: dict[str, str], example: str
+) -> dict[str, float]:
+    known = {*metrics, *aliases}
     resolved: dict[str, float] = {}
-    for name, threshold in (fail_under or {}).items():
+    for name, threshold in (given or {}).items():
         if name not in known:
+            other = "--fail-above" if option == "--fail-under" else "--fail-under"
+            wrong_way = name in ({*GATE_ABOVE_METRICS, *GATE_ABOVE_ALIASES} | {*GATE_METRICS, *GATE_ALIASES})
             raise UsageError(
-                f"--fail-under names an unknown metric {name!r}",
-                hint="use one of " + ", ".join(sorted(known)) + ", e.g. --fail-under dice=0.80",
+                f"{option} names {'a metric it does not take' if wrong_way else 'an unknown metric'} {name!r}"
+                + (f" ({other} takes it: lower HD95 is better)" if wrong_way else ""),
+                hint="use one of " + ", ".join(sorted(known)) + f", e.g. {option} {example}",
             )
-        resolved[GATE_ALIASES.get(name, name)] = float(threshold)
+        resolved[aliases.get(name, name)] = float(threshold)
+    return resolved
+
+
+def _gate_spec(
+    fail_under: dict[str, float] | None,
+    require_better: bool,
+    n_models: int,
+    fail_above: dict[str, float] | None = None,
+) -> dict[str, Any] | None:
+    """The gate's conditions, checked before any model loads (a typo must not cost an evaluation).
+    ``--fail-under`` takes the metrics where higher is better, ``--fail-above`` the one where lower
+    is (HD95, a distance in pixels), so a threshold can never be read the wrong way round."""
+    if not fail_under and not require_better and not fail_above:
+        return None
+    resolved = _resolve_gate("--fail-under", fail_under, GATE_METRICS, GATE_ALIASES, "dice=0.80")
+    above = _resolve_gate("--fail-above", fail_above, GATE_ABOVE_METRICS, GATE_ABOVE_ALIASES, "hd95=10")
     if require_better and n_models < 2:
         raise UsageError(
             "--require-better needs a baseline and at least one model to compare with it",
             hint="pass the baseline folder and the fine-tune's, e.g. eval base/ finetune/ --require-better",
         )
-    return {"fail_under": resolved, "require_better": require_better}
+    return {"fail_under": resolved, "fail_above": above, "require_better": require_better}
 
 
 def _gate_failures(report: EvalReport, gate: dict[str, Any]) -> list[str]:
     """Every condition that does not hold, one line each. --fail-under judges the models being tested:
     every model but the baseline (the only model, when there is one)."""
     failed: list[str] = []
-    judged = [m for m in report.models if m.model != report.baseline] or report.models
+    free = [m for m in report.models if m.forced_of is None]  # the gate judges the answers, not forced masks
+    judged = [m for m in free if m.model != report.baseline] or free
     for key, threshold in gate["fail_under"].items():
         for m in judged:
             value = getattr(m, key)
             if value is None or value < threshold:
                 shown = "none (no image scored)" if value is None else f"{value:.4f}"
                 failed.append(f"--fail-under {key}={threshold:g}: {m.model} has {key} {shown}")
+    for key, threshold in gate.get("fail_above", {}).items():
+        for m in judged:
+            value = getattr(m, key)
+            if value is None:
+                failed.append(f"--fail-above {key}={threshold:g}: {m.model} has no {key} (no image with both masks)")
+            elif value > threshold:
+                failed.append(f"--fail-above {key}={threshold:g}: {m.model} has {key} {value:.4f}")
+            elif m.n_hd95 < m.n_in_means:  # a mean over the images it did not miss would reward the misses
+                failed.append(
+                    f"--fail-above {key}={threshold:g}: {m.model} has {key} {value:.4f} over only {m.n_hd95} of "
+                    f"{m.n_in_means} images (HD95 is undefined where one mask is empty)"
+                )
     if gate["require_better"]:
         for c in report.comparisons:
-            if c.metric == "dice" and not c.above_zero:
+            if c.metric == "dice" and c.model in {m.model for m in free} and not c.shown_better:
                 diff = "-" if c.mean_difference is None else f"{c.mean_difference:+.4f}"
                 failed.append(
                     f"--require-better: {c.model}'s Dice against {c.baseline} is {diff}, interval {_ci(c.ci95)}, "

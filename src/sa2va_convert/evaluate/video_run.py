@@ -409,7 +409,12 @@ def _run_model(
     earlier = _read_jsonl(results)
     results.write_text("".join(json.dumps(r) + "\n" for r in earlier), encoding="utf-8")
     by_key = {s.key: s for s in share}
-    scorer = _Scorer(results, lambda r: _complete(r, spec, by_key[r["key"]], out) if r.get("key") in by_key else None)
+
+    def complete(r: dict[str, Any]) -> list[dict[str, Any]]:
+        row = _complete(r, spec, by_key[r["key"]], out) if r.get("key") in by_key else None
+        return [row] if row is not None else []
+
+    scorer = _Scorer(results, complete)
     check_fits(spec.folder, device, what="evaluation")
     timeout = timeout_per_item * (len(share) + 1)
     with dist.own_gpu(device) as child_device:

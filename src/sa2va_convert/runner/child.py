@@ -975,36 +975,76 @@ def save_png_atomic(array, path: str, mode: str) -> None:
     os.replace(tmp, path)
 
 
-def eval_one(m: Loaded, item: dict, args: dict) -> dict:
-    """One image: the model's own predict_forward (never a forced [SEG]) and the union of its masks
-    saved as PNG. An answer without [SEG] is an empty prediction: saved as an all-black PNG. Nothing
-    is scored here: the parent counts the saved PNG against the ground truth (``evaluate/metrics.py``),
-    so every score has one rule, and a resumed run scores what lies on disk."""
+def _mask_union(masks: list, h: int, w: int):
+    """The union of an answer's masks as one bool (H, W) frame: what eval scores for an answer."""
     import numpy as np
 
-    image = load_rgb(item["image"])
-    run_ = call_predict(m.model, m.tokenizer, m.processor, image=image, text=item["prompt"])
-    masks = run_.pop("_masks")
-    w, h = image.size
     union = np.zeros((h, w), dtype=bool)
     for i, mask in enumerate(masks):
         frame = mask_frame(mask)
         if frame.shape != (h, w):
             raise StageError(f"mask {i} of the model is {list(frame.shape)}, the image is {h}x{w} (H x W)")
         union |= frame
-    save_png_atomic(union.astype(np.uint8) * 255, item["pred_path"], "L")
-    if item.get("overlay_path"):
+    return union
+
+
+def eval_one(m: Loaded, item: dict, args: dict, forced_ids: list | None = None) -> dict:
+    """One image: the model's own predict_forward and the union of its masks saved as PNG. An
+    answer without [SEG] is an empty prediction: saved as an all-black PNG. Nothing is scored here:
+    the parent counts the saved PNG against the ground truth (``evaluate/metrics.py``), so every
+    score has one rule, and a resumed run scores what lies on disk.
+
+    With ``item["forced_path"]`` (``eval --force-seg``) the image also gets a mask with [SEG]
+    forced, saved there: when the free answer has a [SEG], that answer's mask is the forced one
+    (forcing would make the same choice the model made), so it is saved again and not predicted
+    twice; otherwise the image runs once more with ``forced_ids`` ([SEG], then the end token)
+    imposed on generation, as the round trip forces it (``run_roundtrip``). ``item["save_free"]``
+    false (a resumed run that has the free row already and lacks the forced one) still runs the
+    free answer, to know whether forcing is needed, but does not overwrite the scored free PNG."""
+    import numpy as np
+
+    image = load_rgb(item["image"])
+    run_ = call_predict(m.model, m.tokenizer, m.processor, image=image, text=item["prompt"])
+    masks = run_.pop("_masks")
+    w, h = image.size
+    union = _mask_union(masks, h, w)
+    save_free = item.get("save_free", True)
+    if save_free:
+        save_png_atomic(union.astype(np.uint8) * 255, item["pred_path"], "L")
+    if save_free and item.get("overlay_path"):
         out = np.asarray(image).astype(np.float32)
         out[union] = 0.45 * out[union] + 0.55 * np.array(PALETTE[0], dtype=np.float32)
         save_png_atomic(out.clip(0, 255).astype(np.uint8), item["overlay_path"], "RGB")
-    return {
+    row = {
         "seg_count": run_["seg_count"] or 0,
         "n_masks": len(masks),
         "prediction": run_["prediction"][:500],
         "height": h,
         "width": w,
         "seconds": run_["seconds"],
+        "free_saved": bool(save_free),
     }
+    if item.get("forced_path"):
+        if run_["seg_count"]:
+            forced = {**{k: row[k] for k in ("seg_count", "n_masks", "prediction", "seconds")}, "forced": "reused"}
+            forced_union = union
+        else:
+            if forced_ids is None:
+                raise StageError("the tokenizer has no [SEG] token: cannot force one")
+            with forced_tokens(m.model, forced_ids):
+                f = call_predict(m.model, m.tokenizer, m.processor, image=image, text=item["prompt"])
+            forced_masks = f.pop("_masks")
+            forced_union = _mask_union(forced_masks, h, w)
+            forced = {
+                "seg_count": f["seg_count"] or 0,
+                "n_masks": len(forced_masks),
+                "prediction": f["prediction"][:500],
+                "seconds": f["seconds"],
+                "forced": "forced",
+            }
+        save_png_atomic(forced_union.astype(np.uint8) * 255, item["forced_path"], "L")
+        row["forced_row"] = forced
+    return row
 
 
 def run_eval(args: dict, result: dict) -> None:
@@ -1026,14 +1066,23 @@ def run_eval(args: dict, result: dict) -> None:
         torch.cuda.reset_peak_memory_stats()
     with open(args["items"], encoding="utf-8") as f:
         items = [json.loads(line) for line in f if line.strip()]
+    forced_ids = None
+    if any(item.get("forced_path") for item in items):
+        stage(result, "force_seg")
+        if m.seg_id is None:  # before any image: every forced mask would fail the same way
+            raise StageError("the tokenizer has no [SEG] token: --force-seg cannot force one")
+        stop = result["tokenizer"].get("eos_token_id")
+        forced_ids = [m.seg_id] + ([int(stop)] if stop is not None else [])
     done = failed = 0
     started = time.perf_counter()
     with open(args["results"], "a", encoding="utf-8") as out:
         for n, item in enumerate(items, 1):
             stage(result, f"evaluating image {n}/{len(items)}")
-            row = {"stem": item["stem"]}
+            # the question asked is echoed: a resumed run keeps a line only for the same question
+            row = {"stem": item["stem"], "prompt": item["prompt"], "forced_asked": bool(item.get("forced_path"))}
+            row["free_saved"] = item.get("save_free", True)
             try:
-                row.update(eval_one(m, item, args), status="ok")
+                row.update(eval_one(m, item, args, forced_ids), status="ok")
                 done += 1
             except Exception as e:  # the image is a recorded failure; the others still run
                 row.update(status="failed", error=f"{type(e).__name__}: {first_line(e) or type(e).__name__}")
