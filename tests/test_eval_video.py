@@ -368,6 +368,35 @@ def test_frames_folder_every_score_recomputed_compared_and_resumed(vworld, folde
         f"{copy}: gate failed: {again['gate']['failed'][0]} (and 1 more, listed under gate in summary.json)")
 
 
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def test_report_html_lists_every_clip_worst_first_and_renders_in_headless_chromium(folder_run, tmp_path):
+    """report.html: the models and comparisons of summary.json, then every strip, worst clip first, each
+    a file inside the report folder; opened from disk in a real browser, every image renders."""
+    import re
+
+    out, report = folder_run.out, folder_run.report
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert report["files"]["html"] == str(out / "report.html")
+    assert re.findall(r'data-clip="([^"]+)"', page) == [s["clip"] for s in report["strips"]]
+    srcs = re.findall(r'<img class="strip" src="([^"]+)"', page)
+    assert srcs == [f"strips/{s['clip']}.png" for s in report["strips"]] and all((out / x).is_file() for x in srcs)
+    rows = re.findall(r'<tr data-model="([^"]+)" data-metric="([^"]+)">', page)
+    assert rows == [(c["model"], c["metric"]) for c in report["comparisons"]]
+    for m in report["models"]:  # each model's J&F as summary.json has it, to 4 places
+        assert f"{m['jf']:.4f}" in page
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's chromium package (apt-get install -y chromium) for the browser half")
+    r = subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                        "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
+                        "--dump-dom", (out / "report.html").as_uri()], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rendered = re.search(r'data-images-total="(\d+)" data-images-rendered="(\d+)"', r.stdout)
+    assert rendered and rendered.groups() == (str(len(srcs)), str(len(srcs))), r.stdout[:2000]
+
+
 def test_mevis_layout_under_torchrun_scores_the_rle_truth_and_robustness(vworld, folder_run, tmp_path):
     """meta_expressions.json + mask_dict.json (each truth split over two annotations) + the foreground
     dictionary (ReVOS's R), by 2 ranks (clips split between them, each rank its own model process): the

@@ -263,25 +263,32 @@ def _models_table(summary: dict[str, Any]) -> list[str]:
     return out
 
 
-def _comparisons(summary: dict[str, Any]) -> list[str]:
+def comparisons_table(summary: dict[str, Any], unit: str = "image") -> list[str]:
+    """The comparisons of ``summary.json`` as a table (image and video reports share it); the baseline
+    is a column because --force-seg compares NAME[forced] with BASE[forced], not with BASE."""
     comps = summary.get("comparisons") or []
     if not comps:
         return ["<p>One model: nothing to compare (pass a baseline and a fine-tune).</p>"]
     first = comps[0]
     out = [
-        f"<p>Each model against the baseline <b>{esc(summary.get('baseline'))}</b>, image by image "
+        f"<p>Each model against the baseline <b>{esc(summary.get('baseline'))}</b>, {esc(unit)} by {esc(unit)} "
         f"(model − baseline): {esc(first['method'])}; {esc(first['resamples'])} resamples, seed "
-        f"{esc(first['seed'])}; the per-image differences are in <code>paired.csv</code>.</p>",
-        '<table id="comparisons"><tr><th class="name">model</th><th>metric</th><th>mean difference</th>'
+        f"{esc(first['seed'])}; the per-{esc(unit)} differences are in <code>paired.csv</code>. "
+        "Green: the interval shows the model better, red: worse (for HD95, lower is better).</p>",
+        '<table id="comparisons"><tr><th class="name">model</th><th class="name">baseline</th><th>metric</th>'
+        "<th>mean difference</th>"
         "<th>95 % interval</th><th>wins</th><th>ties</th><th>losses</th><th>n</th><th>p-value</th></tr>",
     ]
     for c in comps:
         covers = c["ci95"] is None or c["ci95"][0] <= 0 <= c["ci95"][1]
-        cls = "" if covers else (' class="win"' if c["ci95"][0] > 0 else ' class="loss"')
+        up = c["ci95"] is not None and c["ci95"][0] > 0
+        better = up if c.get("higher_is_better", True) else not up  # HD95: a positive difference is worse
+        cls = "" if covers else (' class="win"' if better else ' class="loss"')
         p = _num(c["p_value"], 4) if c["p_value"] is not None else f"none: {c.get('p_value_note') or ''}"
         out.append(
             f'<tr data-model="{esc(c["model"])}" data-metric="{esc(c["metric"])}">'
-            f'<td class="name">{esc(c["model"])}</td><td>{esc(c["metric"])}</td>'
+            f'<td class="name">{esc(c["model"])}</td><td class="name">{esc(c["baseline"])}</td>'
+            f"<td>{esc(c['metric'])}</td>"
             f"{_cell(c['mean_difference'], 4, 'mean_difference')}"
             f"<td data-key=\"ci95\" data-value='{esc(json.dumps(c['ci95']))}'{cls}>{esc(_interval(c['ci95']))}</td>"
             f"{_cell(c['wins'], 0, 'wins')}{_cell(c['ties'], 0, 'ties')}{_cell(c['losses'], 0, 'losses')}"
@@ -457,7 +464,7 @@ def write_html(
         *_models_table(summary),
         *_rules(summary),
         "<h2>Comparisons</h2>",
-        *_comparisons(summary),
+        *comparisons_table(summary),
     ]
     if (out / PLOT).is_file():
         parts.append(f'<img src="{PLOT}" alt="paired Dice per image against the baseline, with the intervals">')
@@ -469,4 +476,15 @@ def write_html(
     return path
 
 
-__all__ = ["write_html", "worst_first", "HTML", "IMAGES", "MAX_IMAGES", "THUMB"]
+__all__ = [
+    "write_html",
+    "worst_first",
+    "comparisons_table",
+    "esc",
+    "STYLE",
+    "SCRIPT",
+    "HTML",
+    "IMAGES",
+    "MAX_IMAGES",
+    "THUMB",
+]

@@ -38,6 +38,7 @@ from ..runner.process import check_device, resolve_python, run_child
 from ..runner.report import judge_loading, report_from
 from .compare import Comparison, compare_models
 from .report import write_atomic, write_summary
+from .report_html import HTML
 from .run import (
     DTYPES,
     Dist,
@@ -52,6 +53,7 @@ from .run import (
 )
 from .video_data import VideoSample, load_video_dataset
 from .video_metrics import BOUND_TH, ExpressionScore, percent
+from .video_report_html import write_video_html
 
 METRICS = "metrics.csv"
 SUMMARY = "summary.json"
@@ -59,7 +61,7 @@ PAIRED = "paired.csv"
 RESULTS = "results.json"
 STRIPS = "strips"
 WORK = ".work"
-OURS = (METRICS, SUMMARY, PAIRED, "predictions", STRIPS, WORK)
+OURS = (METRICS, SUMMARY, PAIRED, HTML, "predictions", STRIPS, WORK)
 PAIRED_METRICS = ("jf", "j", "f")
 COLUMNS = (
     "model",
@@ -660,7 +662,9 @@ def _evaluate(
         "each expression got every frame of its clip, in order, as upstream's evaluation feeds them; "
         "which frames the language model sees is the model's own choice"
     )
+    report.files["html"] = str(out / HTML)
     report.wall_seconds = time.perf_counter() - started
+    write_video_html(out, report.to_dict())  # before summary.json: that comes last
     write_summary(out / SUMMARY, report.to_dict())
     shutil.rmtree(out / WORK, ignore_errors=True)
     return report
