@@ -445,7 +445,7 @@ def convert_adapter(
             "format": "adapter",
             "checkpoint": plan.checkpoint,
             "checkpoint_sha256": result.checkpoint_sha256,
-            "keymap": plan.keymap,
+            "keymap": {"name": plan.keymap, "source": plan.keymap_source},
             "family": plan.family,
             "dtype": options.dtype,
             "base": base,

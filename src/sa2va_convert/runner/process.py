@@ -44,6 +44,7 @@ STAGE_WORDS = {
     "config": "building the config",
     "load": "loading the model",
     "dtypes": "checking dtypes",
+    "adapter": "merging the adapter onto the base (PEFT)",
     "tokenizer": "loading the tokenizer",
     "prepare": "calling preparing_for_generation",
     "predict_image": "running predict_forward on an image",

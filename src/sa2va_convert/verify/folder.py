@@ -254,7 +254,8 @@ def _check_adapter_files(folder: Path, report: VerifyReport, *, python: str | No
     base is refused, exit 5), the adapter's tensors readable and all in PEFT's naming, the base's code."""
     found = resolve_adapter(folder)
     assert found is not None
-    report.keymap = str(found.record.get("keymap") or "") or None
+    keymap = found.record.get("keymap")
+    report.keymap = str(keymap.get("name")) if isinstance(keymap, dict) and keymap.get("name") else None
     report.keymap_source = ADAPTER_RECORD
     names = tensor_names(folder / ADAPTER_WEIGHTS)
     stray = [n for n in names if not n.startswith(PEFT_KEY_PREFIX)]
