@@ -23,7 +23,7 @@ pytest.importorskip("transformers")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from sa2va_convert.api import ConvertOptions, convert, convert_all  # noqa: E402
+from sa2va_convert.api import ConvertOptions, convert, convert_all, plan_conversion  # noqa: E402
 from sa2va_convert.errors import InputError, PlanError, UsageError  # noqa: E402
 from sa2va_convert.formats import ADAPTER_CONFIG, ADAPTER_RECORD, ADAPTER_WEIGHTS, weight_files  # noqa: E402
 from sa2va_convert.read.adapter_folder import sha256_file  # noqa: E402
@@ -168,9 +168,16 @@ def test_what_peft_cannot_hold_is_refused_before_writing(base_cache, tmp_path):
     base = base_cache("sa2va-1b")
     grown = write_training_checkpoint(tmp_path / "a" / "iter_1.pth", "sa2va-1b", base_dir=base, extra_tokens=("<x>",))
     out = tmp_path / "out"
+    adapter = ConvertOptions(base=base, roundtrip=False, output_format="adapter")
     with pytest.raises(PlanError, match="adds tokens to the vocabulary") as e:
-        convert(grown.path, out, ConvertOptions(base=base, roundtrip=False, output_format="adapter"))
+        convert(grown.path, out, adapter)
     assert e.value.exit_code == 5 and not out.exists()
+    with pytest.raises(PlanError, match="adds tokens to the vocabulary"):  # --dry-run says so too
+        plan_conversion(grown.path, out, adapter)
+    plain = write_training_checkpoint(tmp_path / "b" / "iter_1.pth", "sa2va-1b", base_dir=base)
+    planned = plan_conversion(plain.path, out, adapter)
+    assert planned.disk_bytes < plan_conversion(plain.path, out, ConvertOptions(base=base)).disk_bytes / 2
+    assert any(w.startswith("--format adapter: ") for w in planned.warnings) and not out.exists()
     with pytest.raises(UsageError, match="--pretrained") as u:
         ConvertOptions(base=base, pretrained=grown.path, output_format="adapter").validate()
     assert u.value.exit_code == 2

@@ -280,6 +280,16 @@ def plan_conversion(checkpoint: str | Path, out: str | Path, options: ConvertOpt
     inputs = open_inputs(resolved, options)
     plan = plan_from_inputs(inputs, out, options)
     check_base_code(inputs, options)
+    if options.output_format == "adapter":  # refused now if PEFT cannot hold it; the estimate is the adapter's
+        from .write.adapter import plan_adapter
+
+        layout = plan_adapter(plan, inputs.base.config)
+        note = (
+            f"--format adapter: {len(layout.targets)} LoRA targets and {len(layout.modules_to_save)} modules to "
+            f"save, {len(layout.tensors)} tensors in adapter_model.safetensors ({layout.nbytes} bytes); the "
+            "tensor list above is the merged model's"
+        )
+        plan = dataclasses.replace(plan, warnings=(*plan.warnings, note), disk_bytes=layout.nbytes)
     return plan
 
 

@@ -7,7 +7,8 @@ standalone script on purpose:
   converter's process, which reads untrusted files and must stay free of their side effects;
 - ``--python`` may name another interpreter (a CUDA environment, an older transformers pinned by
   the upstream code) where ``sa2va_convert`` is not installed, so this file imports only the
-  standard library, torch, transformers, numpy and PIL, and is passed by path.
+  standard library, torch, transformers, numpy and PIL (and peft for an adapter folder, which
+  upstream's remote code imports too), and is passed by path.
 
 It prints exactly ONE JSON line on stdout (the report below); everything libraries print
 (the upstream config class prints debug lines on every build, transformers prints progress
