@@ -2,6 +2,7 @@
 """``--format adapter`` against the merged folder: output size and conversion time, at a real shape.
 
     .venv/bin/python bench/bench_adapter.py --model sa2va-4b --repeats 2 --json bench/results/adapter.json
+    .venv/bin/python bench/bench_adapter.py --model sa2va-1b --checkpoints 3 --repeats 1   # --all over a run
 
 Inputs are ``bench_convert.generate``'s (the project's fixture generator at ``Sizes.real`` shapes,
 ``fill='fast'`` values; the checkpoint has the published LoRA rank and the trained heads). Each run is
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -40,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/sa2va-bench-adapter"))
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--base-dtype", default="bf16")
+    ap.add_argument(
+        "--checkpoints",
+        type=int,
+        default=1,
+        help="N > 1: convert a work_dir of N checkpoints with --all (iter_100 hard-linked as iter_200, ...: "
+        "the same bytes, N outputs), as a training run is kept",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the generated inputs")
     ap.add_argument("--json", type=Path, help="write every measurement here")
     args = ap.parse_args(argv)
@@ -51,6 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     drop = can_drop_caches()
     res: dict = {"machine": machine_info(work), "model": args.model, "inputs": gen, "caches_dropped": drop, "runs": []}
     base, ckpt = gen["base"], gen["checkpoint"]
+    if args.checkpoints > 1:
+        first = Path(ckpt)
+        for k in range(2, args.checkpoints + 1):
+            link = first.with_name(f"iter_{100 * k}.pth")
+            if not link.exists():
+                os.link(first, link)
+        (first.parent / "last_checkpoint").unlink(missing_ok=True)
+        ckpt = str(first.parent)  # the work_dir, converted with --all
+    res["checkpoints"] = args.checkpoints
     try:
         for rep in range(args.repeats):
             for fmt in ("folder", "adapter"):
@@ -58,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(out, ignore_errors=True)
                 prepare_cache(drop, [Path(base), Path(ckpt)])
                 cmd = [*cli_cmd(), ckpt, str(out), "--base", base, "--no-verify", "--format", fmt, "--json"]
+                if args.checkpoints > 1:
+                    cmd.append("--all")
                 m = measure(cmd, log=logs / f"{args.model}.{fmt}.{rep}")
                 m.update(format=fmt, repeat=rep, out_bytes=tree_bytes(out) if out.exists() else None)
-                m["files"] = sorted(p.name for p in out.iterdir()) if out.exists() else []
+                m["files"] = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) if out.exists() else []
                 res["runs"].append(m)
                 print(
                     f"{fmt:8s} rep {rep}: rc {m['rc']}, wall {m['wall_s']} s, CPU {m['user_s'] + m['sys_s']:.1f} s, "
