@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
                     cmd.append("--all")
                 m = measure(cmd, log=logs / f"{args.model}.{fmt}.{rep}")
                 m.update(format=fmt, repeat=rep, out_bytes=tree_bytes(out) if out.exists() else None)
-                m["files"] = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) if out.exists() else []
+                m["files"] = (
+                    sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) if out.exists() else []
+                )
                 res["runs"].append(m)
                 print(
                     f"{fmt:8s} rep {rep}: rc {m['rc']}, wall {m['wall_s']} s, CPU {m['user_s'] + m['sys_s']:.1f} s, "
