@@ -433,7 +433,7 @@ def convert_adapter(
     import json
 
     from .read.adapter_folder import RECORD_SCHEMA, base_weight_digests
-    from .write.adapter import plan_adapter, write_adapter
+    from .write.adapter import lora_config_dict, plan_adapter, write_adapter
 
     layout = plan_adapter(plan, inputs.base.config)  # refuses what PEFT cannot express, before any write
     sources = {"base": inputs.base.weights, "checkpoint": inputs.checkpoint.weights}
@@ -445,6 +445,7 @@ def convert_adapter(
     base_sha = _Background(base_weight_digests, base_path)
     given = str(options.base) if options.base else str(base_path)
     repo_id = given if options.base and not Path(given).expanduser().exists() else None
+    peft_config = _Background(lora_config_dict, layout, given)  # importing PEFT takes seconds: beside the write
 
     def extras() -> dict[str, str]:
         result.checkpoint_sha256 = checkpoint_sha.result()
@@ -480,7 +481,7 @@ def convert_adapter(
             layout,
             sources,
             producer,
-            base_ref=given,
+            adapter_config=peft_config.result,
             extra_files=extras,
             force=options.force,
             replace_foreign=options.replace_foreign,
