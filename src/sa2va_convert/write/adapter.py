@@ -298,6 +298,16 @@ def write_adapter(
                 )
         return factor.contiguous()
 
+    release_planned = getattr(produce, "release_inputs", None)
+
+    def release(e: StreamEntry) -> None:
+        """The tensor is on disk: its inputs' memory (mapped checkpoint pages) may go, as the merged writer does."""
+        t = by_name[e.name]
+        if t.source is not None:
+            sources[t.source[0]].release_rows(t.source[1])
+        elif t.planned is not None and release_planned is not None:
+            release_planned(t.planned)
+
     with atomic.output_lock(out):
         for stale in atomic.clear_stale_partials(out):
             progress.stage(f"note: {stale.describe()}")
@@ -313,7 +323,9 @@ def write_adapter(
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
-                written = write_streamed(tmp / ADAPTER_WEIGHTS, entries, value, metadata={"format": "pt"})
+                written = write_streamed(
+                    tmp / ADAPTER_WEIGHTS, entries, value, metadata={"format": "pt"}, on_tensor=release
+                )
                 text = json.dumps(adapter_config(), indent=2, sort_keys=True, default=_json_default) + "\n"
                 (tmp / "adapter_config.json").write_text(text, encoding="utf-8")
                 for name, body in extra_files().items():
