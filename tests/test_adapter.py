@@ -25,6 +25,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from sa2va_convert.api import ConvertOptions, convert, convert_all, plan_conversion  # noqa: E402
 from sa2va_convert.errors import InputError, PlanError, UsageError  # noqa: E402
+from sa2va_convert.evaluate.run import resolve_models  # noqa: E402
 from sa2va_convert.formats import ADAPTER_CONFIG, ADAPTER_RECORD, ADAPTER_WEIGHTS, weight_files  # noqa: E402
 from sa2va_convert.read.adapter_folder import sha256_file  # noqa: E402
 from sa2va_convert.runner.child import (  # noqa: E402
@@ -144,6 +145,9 @@ def test_all_format_adapter_then_verify_runs_base_plus_adapter_and_refuses_anoth
     assert set(a100) == set(a200) and any(not torch.equal(a100[k], a200[k]) for k in a100)
     again = convert_all(work, out, ConvertOptions(base=base, roundtrip=False, output_format="adapter"))
     assert [i.status for i in again.items] == ["skipped", "skipped"]
+    # eval takes the run's folder of adapters as it takes one of merged folders (each loads base + adapter)
+    specs = [(m.name, m.folder) for m in resolve_models([out])]
+    assert specs == [(it, (out / it).resolve()) for it in ("iter_100", "iter_200")]
 
     rep = verify_folder(out / "iter_200", device="cpu", max_new_tokens=2, video=False).to_dict()
     rt = rep["roundtrip"]
