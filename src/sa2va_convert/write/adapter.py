@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from .. import run_state
 from ..errors import PlanError
 from ..formats import ADAPTER_RECORD, ADAPTER_WEIGHTS
 from ..plan.types import ConversionPlan, PlannedTensor
@@ -308,6 +309,7 @@ def write_adapter(
         elif t.planned is not None and release_planned is not None:
             release_planned(t.planned)
 
+    holding: list[bool] = []
     with atomic.output_lock(out):
         for stale in atomic.clear_stale_partials(out):
             progress.stage(f"note: {stale.describe()}")
@@ -339,10 +341,19 @@ def write_adapter(
             if out.exists():
                 guard.check_out(out, protected)
                 guard.check_replaceable(out, force=force, replace_foreign=replace_foreign)
+            # as write/folder.py: from the rename to the lock's release no interrupt is raised; one that came
+            # meanwhile is raised by release() below, with OUT published and the lock gone
+            run_state.hold()
+            holding.append(True)
             atomic.publish(tmp, out, force or replace_foreign)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            if holding and not run_state.published(out):  # publishing failed: nothing to wait for
+                holding.clear()
+                run_state.release()
             raise
+    if holding:
+        run_state.release()
     files = sorted(p.name for p in out.iterdir() if p.is_file())
     assert ADAPTER_RECORD in files, "the base record is part of every adapter folder"
     return written, files
