@@ -2,9 +2,9 @@
 
 Real files throughout: fixture checkpoints of every family's keymap, the converter writing both the
 merged folder and the adapter, transformers loading the base with our test remote code, PEFT's own
-``PeftModel.from_pretrained`` + ``merge_and_unload`` (the merge users run), and real subprocess runs of
-the CLI for the round trip, ``predict``, ``verify`` and ``--all``. Cheap by design (CI budget): tiny
-models, one model load per family, one child process in the whole module.
+``PeftModel.from_pretrained`` + ``merge_and_unload`` (the merge users run), and the round trip's real
+child process (``verify`` of an adapter folder: base found from the record, base + adapter loaded there).
+Cheap by design (CI budget): tiny models, two model loads per family, one child process in the module.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def _base_copy(base_cache, root: Path) -> Path:
     return copy
 
 
-def test_all_format_adapter_then_verify_runs_base_plus_adapter_and_refuses_another_base(base_cache, tmp_path, cli):
+def test_all_format_adapter_then_verify_runs_base_plus_adapter_and_refuses_another_base(base_cache, tmp_path):
     """``--all --format adapter`` writes one adapter per checkpoint and a rerun skips them; ``verify`` finds
     the base from the record and runs the round trip on base + adapter in the child; a base whose bytes
     changed is refused (exit 5), a missing one is named (exit 3)."""
@@ -136,15 +136,15 @@ def test_all_format_adapter_then_verify_runs_base_plus_adapter_and_refuses_anoth
     for i, it in enumerate((100, 200)):
         write_training_checkpoint(work / f"iter_{it}.pth", "sa2va-1b", base_dir=base, seed=10 + i, iteration=it)
     out = tmp_path / "runs"
-    r = cli(work, out, "--base", base, "--all", "--format", "adapter", "--json")
-    assert r.returncode == 0, r.stderr
-    assert [i["status"] for i in json.loads(r.stdout)["items"]] == ["converted", "converted"]
+    # in this process (the CLI's --format reaching ConvertOptions.output_format is tests/test_cli_conventions.py's):
+    # a CLI process would import torch and PEFT again, ~6 s of CI for nothing the API run does not show
+    options = ConvertOptions(base=base, roundtrip=False, output_format="adapter")
+    assert [i.status for i in convert_all(work, out, options).items] == ["converted", "converted"]
     for it in ("iter_100", "iter_200"):
         assert (out / it / ADAPTER_WEIGHTS).is_file() and not (out / it / "config.json").exists()
     a100, a200 = (load_file(out / it / ADAPTER_WEIGHTS) for it in ("iter_100", "iter_200"))
     assert set(a100) == set(a200) and any(not torch.equal(a100[k], a200[k]) for k in a100)
-    again = convert_all(work, out, ConvertOptions(base=base, roundtrip=False, output_format="adapter"))
-    assert [i.status for i in again.items] == ["skipped", "skipped"]
+    assert [i.status for i in convert_all(work, out, options).items] == ["skipped", "skipped"]
     # eval takes the run's folder of adapters as it takes one of merged folders (each loads base + adapter)
     specs = [(m.name, m.folder) for m in resolve_models([out])]
     assert specs == [(it, (out / it).resolve()) for it in ("iter_100", "iter_200")]
