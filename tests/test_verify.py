@@ -415,7 +415,8 @@ def test_interpreter_without_torch_is_named(converted):
 
 def test_child_script_is_standalone():
     """runner/child.py runs under --python interpreters without sa2va_convert: stdlib + the model's stack only."""
-    allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "numpy", "PIL", "__future__"}
+    # peft: only for an adapter folder (--format adapter); upstream's remote code imports it anyway (FORMATS.md §5)
+    allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "numpy", "PIL", "peft", "__future__"}
     tree = ast.parse(CHILD_SCRIPT.read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

@@ -20,6 +20,7 @@ from typing import Any
 from . import run_state
 from ._version import __version__
 from .errors import InputError, PlanError, VerifyEnvironmentError, VerifyError, api_errors
+from .formats import ADAPTER_RECORD
 from .options import ConvertOptions
 from .plan.base_discovery import discover_base, resolve_base
 from .plan.family import Detection, detect_family, match_family, require_family
@@ -279,6 +280,16 @@ def plan_conversion(checkpoint: str | Path, out: str | Path, options: ConvertOpt
     inputs = open_inputs(resolved, options)
     plan = plan_from_inputs(inputs, out, options)
     check_base_code(inputs, options)
+    if options.output_format == "adapter":  # refused now if PEFT cannot hold it; the estimate is the adapter's
+        from .write.adapter import plan_adapter
+
+        layout = plan_adapter(plan, inputs.base.config)
+        note = (
+            f"--format adapter: {len(layout.targets)} LoRA targets and {len(layout.modules_to_save)} modules to "
+            f"save, {len(layout.tensors)} tensors in adapter_model.safetensors ({layout.nbytes} bytes); the "
+            "tensor list above is the merged model's"
+        )
+        plan = dataclasses.replace(plan, warnings=(*plan.warnings, note), disk_bytes=layout.nbytes)
     return plan
 
 
@@ -344,6 +355,8 @@ def convert(
     progress.stage(f"planning ({inputs.keymap.name}, base {inputs.base.path})")
     plan = plan_from_inputs(inputs, out, options)
     check_base_code(inputs, options, progress)  # after the plan: a raw MLLM base is refused there (exit 5) first
+    if options.output_format == "adapter":
+        return convert_adapter(inputs, plan, options, resolved, protected, progress, started)
     sources = {"base": inputs.base.weights, "checkpoint": inputs.checkpoint.weights}
     if inputs.pretrained is not None:
         sources["pretrained"] = inputs.pretrained.weights
@@ -402,6 +415,84 @@ def convert(
                 "(never trained): those layers equal the base"
             )
     except KeyboardInterrupt:  # what is on disk decides the message: before, while or after publishing
+        raise run_state.interrupted(plan.out, during="while converting") from None
+    return result
+
+
+def convert_adapter(
+    inputs: Inputs,
+    plan: ConversionPlan,
+    options: ConvertOptions,
+    resolved: Path,
+    protected: list[guard.NamedInput],
+    progress: Progress,
+    started: float,
+) -> ConversionResult:
+    """``--format adapter``: the PEFT adapter of ``plan`` (``write/adapter.py``), its base recorded by path,
+    Hub id and the sha256 of every base weight file, then the round trip on base + adapter."""
+    import json
+
+    from .read.adapter_folder import RECORD_SCHEMA, base_weight_digests
+    from .write.adapter import lora_config_dict, plan_adapter, write_adapter
+
+    layout = plan_adapter(plan, inputs.base.config)  # refuses what PEFT cannot express, before any write
+    sources = {"base": inputs.base.weights, "checkpoint": inputs.checkpoint.weights}
+    full = [t.planned.name for t in layout.tensors if t.planned is not None]
+    producer = TensorProducer(sources, merge_device=options.merge_device, plan_order=full)
+    result = ConversionResult(plan=plan, transform=producer.report)
+    checkpoint_sha = _Background(sha256_path, resolved)  # both hashed while the adapter is written
+    base_path = Path(inputs.base.path).resolve()
+    base_sha = _Background(base_weight_digests, base_path)
+    given = str(options.base) if options.base else str(base_path)
+    repo_id = given if options.base and not Path(given).expanduser().exists() else None
+    peft_config = _Background(lora_config_dict, layout, given)  # importing PEFT takes seconds: beside the write
+
+    def extras() -> dict[str, str]:
+        result.checkpoint_sha256 = checkpoint_sha.result()
+        base = {"path": str(base_path), "given": given, "repo_id": repo_id, "weight_files": base_sha.result()}
+        common = {
+            "tool": guard.TOOL_NAME,
+            "tool_version": __version__,
+            "format": "adapter",
+            "checkpoint": plan.checkpoint,
+            "checkpoint_sha256": result.checkpoint_sha256,
+            "keymap": {"name": plan.keymap, "source": plan.keymap_source},
+            "family": plan.family,
+            "dtype": options.dtype,
+            "base": base,
+            "adapter": layout.to_dict(),
+        }
+        recipe = build_recipe(
+            options,
+            checkpoint_sha256=result.checkpoint_sha256,
+            base=inputs.base.path,
+            keymap=keymap_identity(inputs.keymap.name, inputs.keymap.source),
+        )
+        report = {**common, "lora_deltas": producer.report.to_dict(), "recipe": recipe}
+        return {
+            ADAPTER_RECORD: json.dumps({"schema": RECORD_SCHEMA, **common}, indent=2, sort_keys=True) + "\n",
+            guard.REPORT_NAME: json.dumps(report, indent=2, sort_keys=True) + "\n",
+        }
+
+    try:
+        t0 = time.perf_counter()
+        written, files = write_adapter(
+            plan,
+            layout,
+            sources,
+            producer,
+            adapter_config=peft_config.result,
+            extra_files=extras,
+            force=options.force,
+            replace_foreign=options.replace_foreign,
+            protected=protected,
+            progress=progress,
+        )
+        result.write = WriteResult(Path(plan.out), files, written, time.perf_counter() - t0)
+        result.seconds = time.perf_counter() - started
+        if options.roundtrip:
+            run_verify_roundtrip(result, options, progress)
+    except KeyboardInterrupt:
         raise run_state.interrupted(plan.out, during="while converting") from None
     return result
 

@@ -197,6 +197,7 @@ _API_WORDING: dict[str, str] = {
     "--no-roundtrip": "roundtrip=False",
     "--no-read-back": "ConvertOptions(read_back=False)",
     "--max-shard-size": "ConvertOptions.max_shard_bytes",
+    "--format": "ConvertOptions.output_format",
     "--allow-global": "ConvertOptions.allow_globals",
     "--all": "convert_all()",
     "--dry-run": "plan_conversion()",

@@ -19,6 +19,11 @@ from .errors import InputError
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_SHARDS = "model-{index:05d}-of-{count:05d}.safetensors"  # str.format() with index (from 1) and count
+# --format adapter: PEFT's own file names (peft.utils.constants CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME) and our
+# record of the base the adapter belongs to (read/adapter_folder.py).
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_RECORD = "sa2va_adapter.json"
 
 
 def index_weight_map(folder: Path) -> dict[str, str] | None:
@@ -46,4 +51,13 @@ def weight_files(folder: Path) -> list[str]:
     return sorted(set(weight_map.values())) if weight_map is not None else [SAFETENSORS_SINGLE]
 
 
-__all__ = ["SAFETENSORS_INDEX", "SAFETENSORS_SINGLE", "SAFETENSORS_SHARDS", "index_weight_map", "weight_files"]
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_RECORD",
+    "ADAPTER_WEIGHTS",
+    "SAFETENSORS_INDEX",
+    "SAFETENSORS_SINGLE",
+    "SAFETENSORS_SHARDS",
+    "index_weight_map",
+    "weight_files",
+]

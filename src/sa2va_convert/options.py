@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .plan.types import PlanOptions
 
 DTYPES = ("bf16", "fp16", "fp32", "auto")
+OUTPUT_FORMATS = ("folder", "adapter")
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,14 @@ class ConvertOptions:
     )
     dtype: str = _option(
         "bf16", "Output dtype for floating tensors; auto keeps the base's dtype.", choices=DTYPES, show_default=True
+    )
+    output_format: str = _option(
+        "folder",
+        "folder: the merged HF model; adapter: a PEFT LoRA adapter (+ trained modules) on --base, which it "
+        'records and needs at load time (README, "Output formats").',
+        decl="--format",
+        choices=OUTPUT_FORMATS,
+        show_default=True,
     )
     # --help shows the default as typed; the default itself stays bytes, so that a conversion without a
     # typed size never imports transformers for its size parser (1.5 s at every start-up)
@@ -184,6 +193,22 @@ class ConvertOptions:
         if self.dtype not in DTYPES:
             raise UsageError(f"unknown dtype {self.dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
         self.max_shard_bytes = parse_size(self.max_shard_bytes, what=_named("max_shard_bytes", "max shard size"))
+        if self.output_format not in OUTPUT_FORMATS:
+            raise UsageError(
+                f"unknown output format {self.output_format!r}", hint=f"use one of {', '.join(OUTPUT_FORMATS)}"
+            )
+        if self.output_format == "adapter" and (self.pretrained or self.sam2 or self.code_from):
+            given = next(
+                f
+                for f, v in (("--pretrained", self.pretrained), ("--sam2", self.sam2), ("--code-from", self.code_from))
+                if v
+            )
+            raise UsageError(
+                f"--format adapter cannot be combined with {given}: an adapter's base must be one HF folder "
+                "that from_pretrained loads, and these recipes build the base from several files",
+                hint="convert with --format folder, or first convert the base recipe into a folder and pass "
+                "it as --base",
+            )
         if self.lora_alpha is not None:
             try:
                 alpha = float(self.lora_alpha)

@@ -81,8 +81,11 @@ def build_recipe(
     options: Any, *, checkpoint_sha256: str | None, base: str | os.PathLike, keymap: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The recipe of one conversion: ``options`` is a ``ConvertOptions``; ``base`` the base folder used
-    (for the raw-InternVL recipe, the raw folder); ``keymap`` a ``keymap_identity``."""
-    return {
+    (for the raw-InternVL recipe, the raw folder); ``keymap`` a ``keymap_identity``.
+
+    ``format`` is recorded only for an adapter, so folders converted before it existed keep their recipe."""
+    fmt = getattr(options, "output_format", "folder")
+    recipe: dict[str, Any] = {
         "version": RECIPE_VERSION,
         "checkpoint_sha256": checkpoint_sha256,
         "base": folder_identity(base),
@@ -101,6 +104,9 @@ def build_recipe(
             "merge_device": options.merge_device,
         },
     }
+    if fmt != "folder":
+        recipe["options"]["format"] = fmt
+    return recipe
 
 
 def _short(value: Any) -> str:

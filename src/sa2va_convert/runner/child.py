@@ -7,7 +7,8 @@ standalone script on purpose:
   converter's process, which reads untrusted files and must stay free of their side effects;
 - ``--python`` may name another interpreter (a CUDA environment, an older transformers pinned by
   the upstream code) where ``sa2va_convert`` is not installed, so this file imports only the
-  standard library, torch, transformers, numpy and PIL, and is passed by path.
+  standard library, torch, transformers, numpy and PIL (and peft for an adapter folder, which
+  upstream's remote code imports too), and is passed by path.
 
 It prints exactly ONE JSON line on stdout (the report below); everything libraries print
 (the upstream config class prints debug lines on every build, transformers prints progress
@@ -18,7 +19,9 @@ Arguments (a JSON object): ``mode`` ("roundtrip" | "predict" | "eval"), ``folder
 ``weight_files`` (the folder's weight files by name, listed by the parent), ``device``
 ("auto" | "cpu" | "cuda" | "cuda:N"), ``max_new_tokens``, ``prompt``, ``video`` (bool),
 and for predict: ``image`` (path), ``mask_path``, ``overlay_path`` (absolute paths or null); for
-eval: ``items`` and ``results`` (JSONL files, see ``run_eval``).
+eval: ``items`` and ``results`` (JSONL files, see ``run_eval``). With ``adapter`` (a ``--format adapter``
+folder; ``folder`` is then its checked base) and ``adapter_dtype``, the adapter is merged onto the base
+(``apply_adapter``).
 """
 
 from __future__ import annotations
@@ -804,6 +807,8 @@ def load_model(args: dict, result: dict) -> Loaded:
         "mismatch_count": len(mismatches),
     }
     result["parameters"] = int(sum(p.numel() for p in model.parameters()))
+    if args.get("adapter"):
+        model, torch_dtype = apply_adapter(model, args, result, torch_dtype)
 
     stage(result, "tokenizer")
     t = time.perf_counter()
@@ -844,6 +849,35 @@ def load_model(args: dict, result: dict) -> Loaded:
             "generation length is not capped"
         )
     return Loaded(model, tokenizer, processor, device, torch_dtype, seg_id)
+
+
+def apply_adapter(model, args: dict, result: dict, torch_dtype):
+    """``--format adapter``: the base just loaded, plus the adapter, merged by PEFT's own code.
+
+    ``PeftModel.from_pretrained`` then ``merge_and_unload()`` leaves the model class the base loads as,
+    so ``predict_forward`` runs as on a merged folder. The merge runs in the base's dtype and the model
+    is then cast to the conversion's ``--dtype`` (``adapter_dtype``), the cast a merged folder gets; an
+    explicit ``dtype`` argument (eval's --dtype) keeps the dtype it loaded in."""
+    import torch
+
+    stage(result, "adapter")
+    t = time.perf_counter()
+    import peft
+    from peft import PeftModel
+
+    result["versions"]["peft"] = peft.__version__
+    with contextlib.redirect_stdout(io.StringIO()):
+        wrapped = PeftModel.from_pretrained(model, args["adapter"], is_trainable=False)
+        model = wrapped.merge_and_unload()
+    target = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(str(args.get("adapter_dtype")))
+    if target is not None and not args.get("dtype") and target != torch_dtype:
+        model = model.to(target)
+        torch_dtype = target
+        result["dtype"] = args["adapter_dtype"]
+    model.eval()
+    result["adapter"] = {"folder": args["adapter"], "base": args["folder"], "cast_to": result["dtype"]}
+    result["timings"]["adapter"] = round(time.perf_counter() - t, 3)
+    return model, torch_dtype
 
 
 def cap_generation(model, tokenizer, max_new: int, torch_dtype=None) -> str:

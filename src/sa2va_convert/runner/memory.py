@@ -43,7 +43,12 @@ def estimate_load_ram(folder: Path, load_dtype: str | None = None) -> int:
 
 def check_fits(folder: Path, device: str, what: str = "round trip") -> dict[str, Any]:
     """Refuse before loading when the model cannot fit in host RAM (the child loads on the CPU
-    first, then moves to the GPU, unless several GPUs take it with device_map)."""
+    first, then moves to the GPU, unless several GPUs take it with device_map). An adapter folder is
+    sized by its recorded base (the adapter itself is small beside it)."""
+    from ..read.adapter_folder import find_base, is_adapter_folder, read_record
+
+    if is_adapter_folder(folder):
+        folder = find_base(Path(folder), read_record(Path(folder)))
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     dtype = config.get("dtype") or config.get("torch_dtype")
     short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(str(dtype))

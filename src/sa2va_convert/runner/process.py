@@ -29,6 +29,7 @@ from typing import Any
 
 from ..errors import UsageError, VerifyError
 from ..formats import weight_files
+from ..read.adapter_folder import resolve_adapter
 
 CHILD_SCRIPT = Path(__file__).with_name("child.py")
 DEFAULT_TIMEOUT = 1800.0
@@ -43,6 +44,7 @@ STAGE_WORDS = {
     "config": "building the config",
     "load": "loading the model",
     "dtypes": "checking dtypes",
+    "adapter": "merging the adapter onto the base (PEFT)",
     "tokenizer": "loading the tokenizer",
     "prepare": "calling preparing_for_generation",
     "predict_image": "running predict_forward on an image",
@@ -128,6 +130,15 @@ class ChildRun:
     timed_out: bool = False
 
 
+def with_adapter(args: dict[str, Any]) -> dict[str, Any]:
+    """An adapter folder (``--format adapter``) as ``folder``: the child loads its recorded base, checked
+    against the sha256 of every base weight file (a different base is refused, exit 5), then the adapter."""
+    found = resolve_adapter(args["folder"])
+    if found is None:
+        return args
+    return {**args, "folder": str(found.base), "adapter": str(found.adapter), "adapter_dtype": found.dtype}
+
+
 def run_child(
     args: dict[str, Any], *, python: str, timeout: float, on_stage: Callable[[str], None] | None = None
 ) -> ChildRun:
@@ -135,6 +146,7 @@ def run_child(
 
     The child is told which files hold ``args["folder"]``'s weights (``weight_files``): it cannot
     import ``formats``, so the names stay spelled once, here in the package."""
+    args = with_adapter(args)
     args = {**args, "weight_files": weight_files(Path(args["folder"]))}
     started = time.perf_counter()
     tail: deque[str] = deque(maxlen=60)
@@ -231,4 +243,5 @@ __all__ = [
     "child_env",
     "resolve_python",
     "run_child",
+    "with_adapter",
 ]

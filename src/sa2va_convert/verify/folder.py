@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConvertError, InputError, VerifyEnvironmentError, VerifyError
-from ..formats import SAFETENSORS_SINGLE, index_weight_map, weight_files
+from ..formats import ADAPTER_RECORD, ADAPTER_WEIGHTS, SAFETENSORS_SINGLE, index_weight_map, weight_files
 from ..plan.keymap import Keymap, load_all_builtin
+from ..read.adapter_folder import is_adapter_folder, resolve_adapter
 from ..read.remote_code import ImportCheck, check_imports, install_hint, pip_name
 from ..read.safetensors_header import tensor_names
 from ..runner.device_check import check_roundtrip_device
@@ -45,6 +46,7 @@ if TYPE_CHECKING:  # structural imports torch: loaded only when a folder is chec
     from .structural import StructuralReport
 
 _CHUNK = 16 * 1024 * 1024
+PEFT_KEY_PREFIX = "base_model.model."  # every key PEFT saves for a model it wraps (write/adapter.py)
 
 
 @dataclass
@@ -213,29 +215,10 @@ def verify_folder(
         if roundtrip:  # a GPU asked for where the round trip's interpreter sees none: say so before any work
             check_roundtrip_device(device, python, skip="--no-roundtrip to check the files only")
         say("checking files")
-        from .structural import check_folder
-
-        keymap, report.keymap_source = folder_keymap(folder)
-        report.keymap = keymap.name if keymap else None
-        if keymap is None:
-            report.notes.append("config.json architectures match no built-in keymap: vocabulary sizes not checked")
-        report.structural = check_folder(folder, keymap, read_values=read_values)
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        child_python = resolve_python(python) if roundtrip else None
-        code = check_remote_code(folder, config, python=child_python, need_packages=roundtrip)
-        report.code_files = sorted(code.code.files)
-        if code.missing_packages and not roundtrip:
-            report.notes.append(
-                "loading this folder needs "
-                + ", ".join(sorted({pip_name(r.module) for r in code.missing_packages}))
-                + ", not installed here"
-            )
-        report.checksums = check_checksums(folder, weight_files(folder), report.structural.sha256)
-        if report.checksums["status"] == "not recorded":
-            report.notes.append(
-                "no shard checksums recorded: corruption that still decodes as finite numbers "
-                "would go unseen by the file checks"
-            )
+        if is_adapter_folder(folder):
+            _check_adapter_files(folder, report, python=resolve_python(python) if roundtrip else None)
+        else:
+            _check_model_files(folder, report, roundtrip=roundtrip, python=python, read_values=read_values)
         if roundtrip:
             say(
                 f"round trip: running the model's own code from {folder} in a child process "
@@ -264,6 +247,62 @@ def verify_folder(
     report.ok = True
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _check_adapter_files(folder: Path, report: VerifyReport, *, python: str | None) -> None:
+    """A ``--format adapter`` folder: its base found from the record and hashed as recorded (a different
+    base is refused, exit 5), the adapter's tensors readable and all in PEFT's naming, the base's code."""
+    found = resolve_adapter(folder)
+    assert found is not None
+    keymap = found.record.get("keymap")
+    report.keymap = str(keymap.get("name")) if isinstance(keymap, dict) and keymap.get("name") else None
+    report.keymap_source = ADAPTER_RECORD
+    names = tensor_names(folder / ADAPTER_WEIGHTS)
+    stray = [n for n in names if not n.startswith(PEFT_KEY_PREFIX)]
+    if not names or stray:
+        raise VerifyError(
+            f"{ADAPTER_WEIGHTS} holds {len(names)} tensors"
+            + (f", {stray[0]} not in PEFT's naming ({PEFT_KEY_PREFIX}...)" if stray else ""),
+            path=folder / ADAPTER_WEIGHTS,
+            hint="convert again with --format adapter",
+        )
+    config = json.loads((found.base / "config.json").read_text(encoding="utf-8"))
+    code = check_remote_code(found.base, config, python=python, need_packages=python is not None)
+    report.code_files = sorted(code.code.files)
+    report.checksums = {"checked": len(found.record["base"]["weight_files"]), "status": "match", "of": "base"}
+    report.notes.append(
+        f"adapter ({len(names)} tensors) on base {found.base}: its {report.checksums['checked']} weight file(s) "
+        "hash as recorded at conversion"
+    )
+
+
+def _check_model_files(
+    folder: Path, report: VerifyReport, *, roundtrip: bool, python: str | None, read_values: bool
+) -> None:
+    """A merged folder: structure, remote code and the recorded shard checksums."""
+    from .structural import check_folder
+
+    keymap, report.keymap_source = folder_keymap(folder)
+    report.keymap = keymap.name if keymap else None
+    if keymap is None:
+        report.notes.append("config.json architectures match no built-in keymap: vocabulary sizes not checked")
+    report.structural = check_folder(folder, keymap, read_values=read_values)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    child_python = resolve_python(python) if roundtrip else None
+    code = check_remote_code(folder, config, python=child_python, need_packages=roundtrip)
+    report.code_files = sorted(code.code.files)
+    if code.missing_packages and not roundtrip:
+        report.notes.append(
+            "loading this folder needs "
+            + ", ".join(sorted({pip_name(r.module) for r in code.missing_packages}))
+            + ", not installed here"
+        )
+    report.checksums = check_checksums(folder, weight_files(folder), report.structural.sha256)
+    if report.checksums["status"] == "not recorded":
+        report.notes.append(
+            "no shard checksums recorded: corruption that still decodes as finite numbers "
+            "would go unseen by the file checks"
+        )
 
 
 def folder_keymap(folder: Path) -> tuple[Keymap | None, str | None]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VerifyError
+from ..read.adapter_folder import is_adapter_folder
 from ..runner.failure import child_failure, debug_details
 from ..runner.memory import check_fits
 from ..runner.process import DEFAULT_TIMEOUT, check_device, resolve_python, run_child
@@ -44,7 +45,7 @@ def run_roundtrip(
     predict_forward honours its output contract.
     """
     folder = Path(folder).resolve()
-    if not (folder / "config.json").is_file():
+    if not ((folder / "config.json").is_file() or is_adapter_folder(folder)):
         raise VerifyError("not a model folder (no config.json)", path=folder, hint="pass the converted folder")
     exe = resolve_python(python)
     device = check_device(device)

@@ -1,0 +1,187 @@
+"""``--format adapter``: a fine-tune as a PEFT adapter on the released base (issue 28).
+
+Real files throughout: fixture checkpoints of every family's keymap, the converter writing both the
+merged folder and the adapter, transformers loading the base with our test remote code, PEFT's own
+``PeftModel.from_pretrained`` + ``merge_and_unload`` (the merge users run), and the round trip's real
+child process (``verify`` of an adapter folder: base found from the record, base + adapter loaded there).
+Cheap by design (CI budget): tiny models, two model loads per family, one child process in the module.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from packaging.version import Version
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from sa2va_convert.api import ConvertOptions, convert, convert_all, plan_conversion  # noqa: E402
+from sa2va_convert.errors import InputError, PlanError, UsageError  # noqa: E402
+from sa2va_convert.evaluate.run import resolve_models  # noqa: E402
+from sa2va_convert.formats import ADAPTER_CONFIG, ADAPTER_RECORD, ADAPTER_WEIGHTS, weight_files  # noqa: E402
+from sa2va_convert.read.adapter_folder import sha256_file  # noqa: E402
+from sa2va_convert.runner.child import (  # noqa: E402
+    call_predict,
+    cap_generation,
+    cuda_on_cpu,
+    forced_tokens,
+    nested_code_importable,
+)
+from sa2va_convert.testing.finetune import synthetic_picture  # noqa: E402
+from sa2va_convert.testing.fixtures import write_training_checkpoint  # noqa: E402
+from sa2va_convert.verify.folder import verify_folder  # noqa: E402
+
+INTERNLM2_GENERATES = Version(transformers.__version__) < Version("4.50")
+# one preset per built-in keymap (tests/test_families_sam3_llava.py FAMILY)
+KEYMAP_PRESETS = {
+    "sa2va-v1-internvl-qwen2": "sa2va-1b",
+    "sa2va-v1-internvl-internlm2": "sa2va-8b",
+    "sa2va-v2-internvl3": "sa2va-internvl3",
+    "sa2va-v2-qwen-vl": "sa2va-qwen2_5-vl",
+    "sa2va-v2-qwen3vl-sam3": "sa2va-qwen3-vl-sam3",
+    "sa2va-v2-llava": "sa2va-llava-1.5",
+}
+
+
+def _load(folder: Path):
+    from transformers import AutoModel, AutoProcessor, AutoTokenizer
+
+    with nested_code_importable(folder):
+        model = AutoModel.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.bfloat16).eval()
+    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
+    processor = None
+    if (folder / "preprocessor_config.json").is_file():
+        processor = AutoProcessor.from_pretrained(str(folder), trust_remote_code=True)
+    return model, tok, processor
+
+
+def _predict(model, tok, processor) -> dict:
+    """The model's answer with [SEG] forced (as the round trip does), so the mask path runs on random weights."""
+    cap_generation(model, tok, 3)
+    seg = tok.convert_tokens_to_ids("[SEG]")
+    with torch.no_grad(), cuda_on_cpu(), forced_tokens(model, [seg, tok.eos_token_id]):
+        out = call_predict(model, tok, processor, image=synthetic_picture(), text="<image>Please segment it.")
+    assert len(out["_masks"]) == 1
+    return {"prediction": out["prediction"], "masks": [m.tobytes() for m in out["_masks"]]}
+
+
+@pytest.mark.parametrize("keymap", sorted(KEYMAP_PRESETS))
+def test_adapter_on_its_base_is_the_merged_folder(keymap, base_cache, tmp_path):
+    """PEFT's own merge of base + adapter gives every tensor of the merged folder, bit for bit after
+    the same cast, and the same predict_forward answer and masks."""
+    from peft import PeftModel
+
+    preset = KEYMAP_PRESETS[keymap]
+    base = base_cache(preset)
+    ck = write_training_checkpoint(tmp_path / "work" / "iter_1.pth", preset, base_dir=base)
+    merged, adapter = tmp_path / "merged", tmp_path / "adapter"
+    convert(ck.path, merged, ConvertOptions(base=base, roundtrip=False))
+    res = convert(ck.path, adapter, ConvertOptions(base=base, roundtrip=False, output_format="adapter"))
+    assert res.plan.keymap == keymap
+    assert sorted(p.name for p in adapter.iterdir()) == sorted(
+        [ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_RECORD, "conversion_report.json"]
+    )
+    record = json.loads((adapter / ADAPTER_RECORD).read_text())
+    assert record["base"]["path"] == str(base.resolve())
+    assert record["base"]["weight_files"] == {f: sha256_file(base / f) for f in weight_files(base)}
+    cfg = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == ck.lora_r and cfg["lora_alpha"] == ck.lora_alpha
+    # the trained heads go whole as modules to save; the LoRA targets are named as the HF model names them
+    assert any(m.endswith("sam_mask_decoder") for m in cfg["modules_to_save"]) and "text_hidden_fcs" in cfg[
+        "modules_to_save"
+    ]
+    want = {f: load_file(merged / f) for f in weight_files(merged)}
+    want_sd = {k: v for shard in want.values() for k, v in shard.items()}
+    assert all(t + ".weight" in want_sd for t in cfg["target_modules"])
+    assert adapter.joinpath(ADAPTER_WEIGHTS).stat().st_size < sum((merged / f).stat().st_size for f in want) / 2
+
+    model, tok, processor = _load(base)
+    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    got = model.state_dict()
+    assert set(got) == set(want_sd)
+    differ = [k for k, v in want_sd.items() if not torch.equal(got[k].to(v.dtype), v)]
+    assert differ == []
+    merged_model, merged_tok, merged_proc = _load(merged)
+    if preset == "sa2va-8b" and not INTERNLM2_GENERATES:
+        # upstream's InternLM2 code cannot generate under transformers >= 4.50 (FORMATS.md §9), on any
+        # folder: the language model's logits on the prompt are compared instead
+        ids = tok("<image>Please segment it.", return_tensors="pt").input_ids
+        with torch.no_grad():
+            assert torch.equal(model.language_model(ids).logits, merged_model.language_model(ids).logits)
+    else:
+        assert _predict(model, tok, processor) == _predict(merged_model, merged_tok, merged_proc)
+
+
+def _base_copy(base_cache, root: Path) -> Path:
+    """A private copy of the session's sa2va-1b base, which these tests may change (a few hundred KiB)."""
+    copy = root / "base"
+    shutil.copytree(base_cache("sa2va-1b"), copy)
+    return copy
+
+
+def test_all_format_adapter_then_verify_runs_base_plus_adapter_and_refuses_another_base(base_cache, tmp_path):
+    """``--all --format adapter`` writes one adapter per checkpoint and a rerun skips them; ``verify`` finds
+    the base from the record and runs the round trip on base + adapter in the child; a base whose bytes
+    changed is refused (exit 5), a missing one is named (exit 3)."""
+    base = _base_copy(base_cache, tmp_path)
+    work = tmp_path / "work_dirs" / "exp"
+    for i, it in enumerate((100, 200)):
+        write_training_checkpoint(work / f"iter_{it}.pth", "sa2va-1b", base_dir=base, seed=10 + i, iteration=it)
+    out = tmp_path / "runs"
+    # in this process (the CLI's --format reaching ConvertOptions.output_format is tests/test_cli_conventions.py's):
+    # a CLI process would import torch and PEFT again, ~6 s of CI for nothing the API run does not show
+    options = ConvertOptions(base=base, roundtrip=False, output_format="adapter")
+    assert [i.status for i in convert_all(work, out, options).items] == ["converted", "converted"]
+    for it in ("iter_100", "iter_200"):
+        assert (out / it / ADAPTER_WEIGHTS).is_file() and not (out / it / "config.json").exists()
+    a100, a200 = (load_file(out / it / ADAPTER_WEIGHTS) for it in ("iter_100", "iter_200"))
+    assert set(a100) == set(a200) and any(not torch.equal(a100[k], a200[k]) for k in a100)
+    assert [i.status for i in convert_all(work, out, options).items] == ["skipped", "skipped"]
+    # eval takes the run's folder of adapters as it takes one of merged folders (each loads base + adapter)
+    specs = [(m.name, m.folder) for m in resolve_models([out])]
+    assert specs == [(it, (out / it).resolve()) for it in ("iter_100", "iter_200")]
+
+    rep = verify_folder(out / "iter_200", device="cpu", max_new_tokens=2, video=False).to_dict()
+    rt = rep["roundtrip"]
+    assert rep["ok"] and rep["keymap"] == "sa2va-v1-internvl-qwen2" and rep["checksums"]["of"] == "base"
+    assert rt["loading_info"]["missing_keys"] == [] and rt["dtype"] == "bf16"
+    forced = [run for run in rt["runs"] if run.get("forced") or run.get("seg_count")]
+    assert forced and forced[0]["n_masks"] == 1 and forced[0]["masks"][0]["shape"] == [1, 60, 80]
+
+    shard = sorted(base.glob("model-*.safetensors"))[0]
+    other = base_cache("sa2va-1b", seed=5)
+    shard.write_bytes((other / shard.name).read_bytes())  # same names and shapes, another base's values
+    with pytest.raises(PlanError, match="not the one this adapter was made for") as e:
+        verify_folder(out / "iter_100", roundtrip=False)
+    assert e.value.exit_code == 5 and Path(e.value.path) == shard
+    shutil.rmtree(base)
+    with pytest.raises(InputError, match="is not here") as missing:
+        verify_folder(out / "iter_100", roundtrip=False)
+    assert missing.value.exit_code == 3
+
+
+def test_what_peft_cannot_hold_is_refused_before_writing(base_cache, tmp_path):
+    base = base_cache("sa2va-1b")
+    grown = write_training_checkpoint(tmp_path / "a" / "iter_1.pth", "sa2va-1b", base_dir=base, extra_tokens=("<x>",))
+    out = tmp_path / "out"
+    adapter = ConvertOptions(base=base, roundtrip=False, output_format="adapter")
+    with pytest.raises(PlanError, match="adds tokens to the vocabulary") as e:
+        convert(grown.path, out, adapter)
+    assert e.value.exit_code == 5 and not out.exists()
+    with pytest.raises(PlanError, match="adds tokens to the vocabulary"):  # --dry-run says so too
+        plan_conversion(grown.path, out, adapter)
+    plain = write_training_checkpoint(tmp_path / "b" / "iter_1.pth", "sa2va-1b", base_dir=base)
+    planned = plan_conversion(plain.path, out, adapter)
+    assert planned.disk_bytes < plan_conversion(plain.path, out, ConvertOptions(base=base)).disk_bytes / 2
+    assert any(w.startswith("--format adapter: ") for w in planned.warnings) and not out.exists()
+    with pytest.raises(UsageError, match="--pretrained") as u:
+        ConvertOptions(base=base, pretrained=grown.path, output_format="adapter").validate()
+    assert u.value.exit_code == 2
