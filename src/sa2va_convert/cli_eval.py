@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from .cli_common import EXIT_HELP, emit_json, handle_errors, verbosity_options
+from .cli_compare import comparison_lines, interval, signed
 from .errors import ConvertError, EvalFailuresError, EvalGateError, Interrupted
 from .evaluate.defaults import DEFAULT_IMAGE_TIMEOUT  # not .evaluate.run: registering `eval` imports no numpy
 
@@ -75,37 +76,6 @@ def _hd95(m: dict[str, Any]) -> str:
     return value if n == of else f"{value} ({n}/{of})"
 
 
-def _signed(x: float | None) -> str:
-    return "-" if x is None else f"{x:+.3f}"
-
-
-def _interval(ci: list[float] | None) -> str:
-    return "[-]" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
-
-
-def comparison_lines(report: dict[str, Any]) -> list[str]:
-    """One line per model and metric against the baseline: mean difference, 95 % interval, W/T/L, p."""
-    comps = report.get("comparisons") or []
-    if not comps:
-        return []
-    first = comps[0]
-    lines = [
-        f"against the baseline {report.get('baseline')} (model - baseline per image; 95 % paired bootstrap, "
-        f"{first['resamples']} resamples, seed {first['seed']}; Wilcoxon signed-rank):"
-    ]
-    width = max(len(c["model"]) for c in comps)
-    metric_width = max(len(c["metric"]) for c in comps)
-    for c in comps:
-        p = f"p={c['p_value']:.3g}" if c["p_value"] is not None else f"p=- ({c['p_value_note']})"
-        against = f" vs {c['baseline']}" if c["baseline"] != report.get("baseline") else ""  # NAME[forced] pairs
-        lower = " (lower is better)" if c.get("higher_is_better") is False else ""
-        lines.append(
-            f"  {(c['model'] + against).ljust(width)}  {c['metric']:<{metric_width}}  {_signed(c['mean_difference'])} "
-            f"{_interval(c['ci95'])}  wins/ties/losses {c['wins']}/{c['ties']}/{c['losses']} of {c['n']}  {p}{lower}"
-        )
-    return lines
-
-
 def render_eval(report: dict[str, Any], *, rich: bool, echo: Callable[[str], None]) -> None:
     """A comparison table (rich at a terminal, aligned plain text in a pipe), the best model, the files."""
     rows = table_rows(report)
@@ -125,7 +95,7 @@ def render_eval(report: dict[str, Any], *, rich: bool, echo: Callable[[str], Non
         best = next(m for m in report["models"] if m["model"] == report["best"])
         echo(
             f"best: {report['best']} (mean Dice {_f(best['mean_dice'])}, cIoU {_f(best['ciou'])}; Dice "
-            f"{_signed(bi['mean_difference'])} {_interval(bi['ci95'])} against {bi['against']}"
+            f"{signed(bi['mean_difference'])} {interval(bi['ci95'])} against {bi['against']}"
             + (", interval covers 0)" if bi["covers_zero"] else ")")
         )
     for caution in report.get("cautions") or []:

@@ -41,7 +41,7 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
 
 
 def render_video_eval(report: dict[str, Any], *, echo: Callable[[str], None]) -> None:
-    from .cli_eval import comparison_lines
+    from .cli_compare import comparison_lines
 
     rows = table_rows(report)
     echo(f"eval on {report['expressions']} expression(s) of {report['clips']} clip(s) of {report['data']}")
