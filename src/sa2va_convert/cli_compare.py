@@ -20,8 +20,9 @@ def comparison_lines(report: dict[str, Any]) -> list[str]:
     if not comps:
         return []
     first = comps[0]
+    unit = "expression" if report.get("kind") == "video" else "image"
     lines = [
-        f"against the baseline {report.get('baseline')} (model - baseline per image; 95 % paired bootstrap, "
+        f"against the baseline {report.get('baseline')} (model - baseline per {unit}; 95 % paired bootstrap, "
         f"{first['resamples']} resamples, seed {first['seed']}; Wilcoxon signed-rank):"
     ]
     width = max(len(c["model"]) for c in comps)
