@@ -38,7 +38,15 @@ def _exit(code: int) -> None:
 
 
 def _interrupted(when: str) -> None:
-    sys.stderr.write(f"error: interrupted {when}; nothing was read or written\n")
+    """The one line of every interrupt (``error: WHERE: what (fix: ...)``); before the command has
+    parsed its arguments there is no file to name yet, so the line names the program, and since
+    nothing was read or written, running the same command again is the whole fix."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "sa2va-convert"
+    if prog in ("__main__.py", "-c", "cli.py"):
+        prog = "sa2va-convert"
+    sys.stderr.write(
+        f"error: {prog}: interrupted {when}; nothing was read or written (fix: run the same command again)\n"
+    )
     sys.exit(EXIT_INTERRUPTED)
 
 

@@ -145,3 +145,19 @@ def test_an_interrupt_inside_a_finalizer_is_not_lost(tmp_path):
         "    print('interrupted')\n")
     p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert p.stdout.strip() == "interrupted" and "Exception ignored" not in p.stderr, (p.stdout, p.stderr)
+
+
+def test_an_interrupt_before_the_arguments_are_parsed_is_the_one_line_form_too():
+    """The earliest interrupt (while click parses, before OUT is known) still prints ``error: WHERE:
+    what (fix: ...)``: the sweep's 0 ms point lands there only on some machines, so it is also forced
+    here, through the same function the entry point calls."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.argv = ['/usr/bin/sa2va-convert']\n"
+            "from sa2va_convert._entry import _interrupted\n_interrupted('before the command started')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=cli_env(None))
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert p.returncode == EXIT_INTERRUPTED and len(lines) == 1 and ERROR_LINE.match(lines[0]), p.stderr
+    assert lines[0] == ("error: sa2va-convert: interrupted before the command started; nothing was read or written "
+                        "(fix: run the same command again)")
