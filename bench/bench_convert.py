@@ -468,6 +468,13 @@ def run_model(model: str, args, work: Path, drops: list[bool], logs: Path, res: 
                         variants.append((shown.replace("(a) sa2va-convert", f"(a) sa2va-convert at {args.also_rev}"),
                                          [*cmd, *cli_extra], out_a,
                                          {"merge_device": dev, "rev": args.also_rev, "_pythonpath": str(src)}))
+                    if args.also_src:  # ... or with the sources in a folder (a machine without git: the device)
+                        name = args.also_label or "other"
+                        variants.append((shown.replace("(a) sa2va-convert", f"(a) sa2va-convert at {name}"),
+                                         [*cmd, *cli_extra], out_a,
+                                         {"merge_device": dev, "rev": name,
+                                          "_pythonpath": os.pathsep.join([str(args.also_src.resolve()),
+                                                                          *os.environ.get("PYTHONPATH", "").split(os.pathsep)[1:]])}))
                     if args.read_back_too:
                         variants.append((shown.replace("(a) sa2va-convert", "(a) sa2va-convert --read-back"),
                                          [*cmd, *cli_extra, "--read-back"], out_a,
@@ -609,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
                          "which needs the whole model in memory by design)")
     ap.add_argument("--also-rev", metavar="COMMIT",
                     help="also time (a) with the code of this commit (git archive; PYTHONPATH), same command")
+    ap.add_argument("--also-src", type=Path, metavar="SRC",
+                    help="also time (a) with the package in this src/ folder (PYTHONPATH; its other entries kept)")
+    ap.add_argument("--also-label", help="how the --also-src runs are labelled (e.g. main)")
     ap.add_argument("--read-back-too", action="store_true",
                     help="also time (a) with --read-back (every written byte read back from disk)")
     ap.add_argument("--no-read-back-too", action="store_true",

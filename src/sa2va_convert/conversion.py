@@ -35,7 +35,7 @@ from .read.layered import RenamedSource, UnionSource, open_sam2_checkpoint
 from .read.remote_code import ImportCheck, check_imports, install_hint, pip_name, require_self_contained
 from .read.work_dir import checkpoint_note, resolve_checkpoint
 from .recipe import build_recipe, keymap_identity
-from .transform.produce import TensorProducer, TransformReport
+from .transform.produce import TensorProducer, TransformReport, warm_up
 from .verify.structural import READ_BACK_CHUNK_BYTES, StructuralReport, check_against_plan
 from .write import guard
 from .write.folder import OUTPUT_FORMAT, WriteResult, write_folder
@@ -328,6 +328,7 @@ def convert(
         return dry_run(checkpoint, out, options)
     progress = progress or Silent()
     started = time.perf_counter()
+    warm_up(options.merge_device)  # a GPU merge's CUDA start-up overlaps reading and planning
     given = Path(checkpoint)
     resolved = resolve_checkpoint(given)
     protected = checkpoint_inputs(given, resolved) + options.named_inputs()

@@ -14,6 +14,7 @@ import math
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -219,6 +220,32 @@ def merge_workers(merge_device: str = "cpu") -> tuple[int, int]:
     return workers, threads
 
 
+MAX_BLOCK_THREADS = 16  # threads that share the row blocks of one CPU merge
+
+
+def block_threads(merge_device: str = "cpu") -> int:
+    """Threads that merge the row blocks of one tensor at once (CPU merges; 1 = in the worker itself).
+
+    Why more than the merge workers: the pipeline's memory budget holds only one or two of a big
+    model's largest tensors at a time (an 8B MLP projection is 136 MB of output plus as much input),
+    so with one thread per tensor the merge of the tensor the writer waits for ran on one core while
+    the other workers had nothing admitted to work on (H100, 8B: the writer waited 15.9 s for
+    tensors, the workers 213 s for reads). Splitting that tensor's rows over the cores finishes it
+    ``cores`` times sooner. Each block's operations are those of the sequential loop, and the norm
+    sums are added in block order, so bytes and report are identical. On two cores or fewer there is
+    no idle core (the reader and the writer take them), so 1. ``SA2VA_BLOCK_THREADS`` overrides.
+    """
+    if not str(merge_device).startswith("cpu"):
+        return 1
+    cores = usable_cores()
+    return env_count("SA2VA_BLOCK_THREADS") or (1 if cores <= 2 else min(cores, MAX_BLOCK_THREADS))
+
+
+def block_thread_bytes(block_elems: int = _BLOCK_ELEMS) -> int:
+    """What one block thread holds between tensors: its two fp32 working blocks (``_scratch_rows``)."""
+    return 2 * block_elems * 4
+
+
 def merge_threads(merge_device: str = "cpu") -> int:
     """All torch threads of the merge (workers x threads each): what the memory estimate counts."""
     workers, threads = merge_workers(merge_device)
@@ -230,6 +257,33 @@ def resolve_merge_device(name: str) -> str:
     if str(name).strip().lower() == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return str(name)
+
+
+def warm_up(merge_device: str) -> threading.Thread | None:
+    """Start the GPU's context and cuBLAS in a daemon thread, for a GPU merge; None for a CPU merge.
+
+    Why: creating the CUDA context and the first cuBLAS handle costs ~1-2 s, which the first GPU
+    merge paid on the critical path (H100 run 1: ``--merge-device auto`` no faster than the CPU
+    merge at 4B for this fixed cost). Started before the inputs are opened and planned, it overlaps
+    that work; torch's lazy initialisation is locked, so a merge that comes first simply waits.
+    Errors are left to the merge itself, which reports them where they matter.
+    """
+    device = resolve_merge_device(merge_device)
+    if device.startswith("cpu"):
+        return None
+
+    def start() -> None:
+        try:
+            dev = torch.device(device)
+            x = torch.ones((8, 8), device=dev)
+            torch.mm(x, x)  # the cuBLAS handle and its workspace
+            torch.cuda.synchronize(dev)
+        except Exception:  # noqa: BLE001, S110 - a warm-up only: the merge raises the real error
+            pass
+
+    thread = threading.Thread(target=start, name="sa2va-cuda-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def streamable(pt: PlannedTensor, merge_device: str = "cpu") -> bool:
@@ -244,6 +298,18 @@ def streamable(pt: PlannedTensor, merge_device: str = "cpu") -> bool:
     if pt.lora is None:
         return True
     return tuple(pt.lora.b.shape[:1]) == pt.shape[:1] and tuple(pt.lora.a.shape[-1:]) == pt.shape[1:]
+
+
+@dataclass(frozen=True)
+class _Factors:
+    """One merge's LoRA factors on the merge device, and what every block of it needs to know."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    zero_b: bool
+    path: str
+    check_out: bool  # check the cast output (bf16/fp32) rather than the fp32 sum (fp16)
 
 
 @dataclass
@@ -292,6 +358,10 @@ class TensorProducer:
         # the same whatever order the writer asks for tensors in (shards side by side) or workers finish in
         self._order: dict[str, int] = {name: i for i, name in enumerate(plan_order)}
         self._order_lock = threading.Lock()
+        self._block_threads = block_threads(self.merge_device.type)
+        self._block_pool: ThreadPoolExecutor | None = None  # started at the first parallel merge
+        self._block_pool_lock = threading.Lock()
+        self._scratch = threading.local()  # each block thread's fp32 working rows
 
     def parallelism(self) -> tuple[int, int]:
         """(merge workers, torch threads each) for this merge device: :func:`merge_workers`.
@@ -314,6 +384,21 @@ class TensorProducer:
 
     def disable_pool(self) -> None:
         self._pool = None
+        with self._block_pool_lock:
+            pool, self._block_pool = self._block_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def _blocks_executor(self) -> ThreadPoolExecutor:
+        with self._block_pool_lock:
+            if self._block_pool is None:
+                self._block_pool = ThreadPoolExecutor(
+                    self._block_threads,
+                    thread_name_prefix="sa2va-block",
+                    initializer=torch.set_num_threads,  # one torch thread each (thread-local setting)
+                    initargs=(1,),
+                )
+            return self._block_pool
 
     def recycle(self, t: torch.Tensor) -> None:
         """``t`` (an output of this producer) is written and dropped by the caller: reuse its memory."""
@@ -423,6 +508,9 @@ class TensorProducer:
         if dev.type == "cpu":
             step = max(1, min(rows, self.block_elems // max(cols, 1)))
             out = self._empty((rows, cols), target)
+            if self._block_threads > 1 and rows > step:
+                self._merge_parallel(pt, src2d, a_in, b_in, out, step)
+                return out.reshape(pt.shape)
         else:  # one block: the device has the memory, and fewer launches and syncs
             step = max(rows, 1)
             src2d = src2d.to(dev)
@@ -434,6 +522,123 @@ class TensorProducer:
             host.copy_(out)
             out = host
         return out.reshape(pt.shape)
+
+    def _factors(self, pt: PlannedTensor, a_in: torch.Tensor, b_in: torch.Tensor) -> _Factors:
+        """A and B in fp32 on the merge device, checked, with a power-of-two scale folded into B."""
+        assert pt.lora is not None
+        path = str(self.sources[pt.lora.a.layer].path)
+        dev = self.merge_device
+        a = a_in.to(dev, torch.float32)
+        b = b_in.to(dev, torch.float32)
+        b_lo = b_hi = 0.0
+        if b.numel():
+            b_lo, b_hi = _finite_minmax(b)
+        if self.check_finite:
+            _check_finite(a, f"LoRA tensor {pt.lora.a.key}", path)
+            if not (math.isfinite(b_lo) and math.isfinite(b_hi)):
+                _check_finite(b, f"LoRA tensor {pt.lora.b.key}", path)
+        zero_b = b_lo == 0.0 and b_hi == 0.0  # min = max = 0 <=> every element is (+-)0
+        scale = float(pt.lora.scale)
+        if scale != 1.0 and math.frexp(scale)[0] == 0.5 and b.numel():
+            # a power of two: scale*(B@A) == (scale*B)@A exactly (every product and partial sum is
+            # scaled by 2^k, no rounding changes), so fold it into the small factor
+            b = b * scale
+            scale = 1.0
+        target = dtypes.to_torch(pt.dtype)
+        # bf16/fp32 outputs are checked after the cast (a cast keeps NaN/Inf, and an fp32 sum too
+        # large for bf16 becomes Inf, so it is caught too); fp16 needs the fp32 sum for its range test
+        check_out = target in (torch.bfloat16, torch.float32) and pt.dtype != "fp16"
+        return _Factors(a, b, scale, zero_b, path, check_out)
+
+    def _merge_rows(
+        self,
+        pt: PlannedTensor,
+        f: _Factors,
+        src_rows: torch.Tensor,
+        start: int,
+        w: torch.Tensor,
+        d: torch.Tensor,
+        o: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [start, start + len(w)) of the merge into ``o``: (their ||W||^2, their ||delta||^2) in fp64.
+
+        The one place the merge's arithmetic is written, for the sequential loop, the parallel blocks
+        and the streamed tensors alike, so their bytes are the same operation for operation."""
+        stop = start + w.shape[0]
+        w.copy_(src_rows)  # exact upcast
+        base_sq = torch.linalg.vector_norm(w).double().square()
+        torch.mm(f.b[start:stop], f.a, out=d)
+        if f.scale != 1.0:
+            d.mul_(f.scale)
+        delta_sq = torch.linalg.vector_norm(d).double().square()
+        w.add_(d)
+        if not f.check_out and (self.check_finite or pt.dtype == "fp16"):
+            self._check_block(w, pt, f.path, start)
+        o.copy_(w)  # the one rounding to the output dtype
+        if f.check_out and self.check_finite:
+            self._check_block(o, pt, f.path, start)
+        return base_sq, delta_sq
+
+    def _record(self, pt: PlannedTensor, f: _Factors, base_sq: torch.Tensor, delta_sq: torch.Tensor) -> None:
+        assert pt.lora is not None
+        self.report.add(
+            self._order.get(pt.name, len(self._order)),
+            DeltaStats(
+                pt.name,
+                module_group(pt.name),
+                pt.lora.rank,
+                math.sqrt(float(base_sq)),
+                math.sqrt(float(delta_sq)),
+                f.zero_b,
+            ),
+        )
+
+    def _scratch_rows(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This block thread's two fp32 (rows, cols) working buffers, reused from tensor to tensor."""
+        need = rows * cols
+        have = getattr(self._scratch, "buf", None)
+        if have is None or have.numel() < 2 * need:
+            have = torch.empty(2 * max(need, self.block_elems), dtype=torch.float32)
+            self._scratch.buf = have
+        return have[:need].view(rows, cols), have[need : 2 * need].view(rows, cols)
+
+    def _merge_parallel(
+        self,
+        pt: PlannedTensor,
+        src2d: torch.Tensor,
+        a_in: torch.Tensor,
+        b_in: torch.Tensor,
+        out: torch.Tensor,
+        step: int,
+    ) -> None:
+        """A CPU merge whose row blocks run on the block threads (``block_threads``); see ``_merge_rows``.
+
+        The norm sums are added in block order and the first failing block (in row order) is the one
+        raised, so the output, the report and the error are those of the sequential loop."""
+        f = self._factors(pt, a_in, b_in)
+        rows, cols = out.shape
+
+        def job(start: int) -> tuple[torch.Tensor, torch.Tensor]:
+            stop = min(rows, start + step)
+            w, d = self._scratch_rows(stop - start, cols)
+            return self._merge_rows(pt, f, src2d[start:stop], start, w, d, out[start:stop])
+
+        pool = self._blocks_executor()
+        futures: list[Future] = [pool.submit(job, s) for s in range(0, rows, step)]
+        base_sq = torch.zeros((), dtype=torch.float64)
+        delta_sq = torch.zeros((), dtype=torch.float64)
+        try:
+            for fut in futures:
+                b_part, d_part = fut.result()
+                base_sq += b_part
+                delta_sq += d_part
+        finally:
+            for fut in futures:  # after an error: no block still writes into ``out`` once we return
+                fut.cancel()
+            for fut in futures:
+                if not fut.cancelled():
+                    fut.exception()
+        self._record(pt, f, base_sq, delta_sq)
 
     def _merge_blocks(
         self,
@@ -451,65 +656,26 @@ class TensorProducer:
         merges and streamed ones share this loop, so their arithmetic is the
         same operation for operation.
         """
-        assert pt.lora is not None
-        ckpt = self.sources[pt.lora.a.layer]
-        path = str(ckpt.path)
+        f = self._factors(pt, a_in, b_in)
         dev = self.merge_device
-        target = dtypes.to_torch(pt.dtype)
-        a = a_in.to(dev, torch.float32)
-        b = b_in.to(dev, torch.float32)
-        b_lo = b_hi = 0.0
-        if b.numel():
-            b_lo, b_hi = _finite_minmax(b)
-        if self.check_finite:
-            _check_finite(a, f"LoRA tensor {pt.lora.a.key}", path)
-            if not (math.isfinite(b_lo) and math.isfinite(b_hi)):
-                _check_finite(b, f"LoRA tensor {pt.lora.b.key}", path)
-        zero_b = b_lo == 0.0 and b_hi == 0.0  # min = max = 0 <=> every element is (+-)0
-        rows, cols = b.shape[0], a.shape[1]
-        scale = float(pt.lora.scale)
-        if scale != 1.0 and math.frexp(scale)[0] == 0.5 and b.numel():
-            # a power of two: scale*(B@A) == (scale*B)@A exactly (every product and partial sum is
-            # scaled by 2^k, no rounding changes), so fold it into the small factor
-            b = b * scale
-            scale = 1.0
+        rows, cols = f.b.shape[0], f.a.shape[1]
         # plain fp32 ops only: torch's mixed-dtype kernels (bf16 + fp32 -> bf16) are not vectorised
         # on CPU and run 20-100x slower than upcast + add_ + downcast, which are
         w_buf = torch.empty((step, cols), dtype=torch.float32, device=dev)
         d_buf = torch.empty((step, cols), dtype=torch.float32, device=dev)
         base_sq = torch.zeros((), dtype=torch.float64, device=dev)
         delta_sq = torch.zeros((), dtype=torch.float64, device=dev)
-        # bf16/fp32 outputs are checked after the cast (a cast keeps NaN/Inf, and an fp32 sum too
-        # large for bf16 becomes Inf, so it is caught too); fp16 needs the fp32 sum for its range test
-        check_out = target in (torch.bfloat16, torch.float32) and pt.dtype != "fp16"
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            w, d, o = w_buf[: stop - start], d_buf[: stop - start], out_rows(start, stop)
-            w.copy_(rows_of(start, stop))  # exact upcast
-            base_sq += torch.linalg.vector_norm(w).double().square()
-            torch.mm(b[start:stop], a, out=d)
-            if scale != 1.0:
-                d.mul_(scale)
-            delta_sq += torch.linalg.vector_norm(d).double().square()
-            w.add_(d)
-            if not check_out and (self.check_finite or pt.dtype == "fp16"):
-                self._check_block(w, pt, path, start)
-            o.copy_(w)  # the one rounding to the output dtype
-            if check_out and self.check_finite:
-                self._check_block(o, pt, path, start)
+            n = stop - start
+            b_part, d_part = self._merge_rows(
+                pt, f, rows_of(start, stop), start, w_buf[:n], d_buf[:n], out_rows(start, stop)
+            )
+            base_sq += b_part
+            delta_sq += d_part
             yield start, stop
-        del d_buf, w_buf, a, b
-        self.report.add(
-            self._order.get(pt.name, len(self._order)),
-            DeltaStats(
-                pt.name,
-                module_group(pt.name),
-                pt.lora.rank,
-                math.sqrt(float(base_sq)),
-                math.sqrt(float(delta_sq)),
-                zero_b,
-            ),
-        )
+        del d_buf, w_buf
+        self._record(pt, f, base_sq, delta_sq)
 
     # ------------------------------------------------------------- row-block streaming (huge tensors)
 

@@ -237,6 +237,7 @@ class TensorPipeline:
         self._results: dict[int, Any] = {}
         self._results_cond = threading.Condition()
         self._handed: dict[str, Any] = {}
+        self._handed_lock = threading.Lock()
         self._next = 0
         self._by_name = {pt.name: pt for pt in self._tensors}
         produce.enable_pool(self._budget)  # free buffers kept; in flight + free stays ~ the budget in steady state
@@ -336,7 +337,7 @@ class TensorPipeline:
             raise RuntimeError(f"writer asked for {name}, the pipeline's next tensor is {expected}")
         seq = self._next
         with self.times.span("write.wait_tensor"), self._results_cond:
-            while seq not in self._results and self._running > 0:
+            while seq not in self._results and self._running > 0 and not self._stop.is_set():
                 self._results_cond.wait()
             item = self._results.pop(seq, _END)
         if isinstance(item, _Failed):
@@ -346,12 +347,25 @@ class TensorPipeline:
             raise RuntimeError(f"pipeline ended before {name}")
         self._next += 1
         if isinstance(item, torch.Tensor):
-            self._handed[name] = item
+            with self._handed_lock:
+                self._handed[name] = item
         return item
 
+    def abort(self, _reason: BaseException | None = None) -> None:
+        """Stop reading and merging, and wake a ``get`` that waits (a shard's writer failed: the
+        tensors handed to it will never be ``done``, so the budget would never free up)."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        with self._results_cond:
+            self._results_cond.notify_all()
+
     def done(self, name: str) -> None:
-        """The writer has written ``name`` and holds it no more: its memory may be reused."""
-        t = self._handed.pop(name, None)
+        """The writer has written ``name`` and holds it no more: its memory may be reused.
+
+        Called from the shard writers' threads (``write.shard_lanes``), several at once."""
+        with self._handed_lock:
+            t = self._handed.pop(name, None)
         if t is not None:
             self._produce.recycle(t)
             del t
@@ -376,7 +390,8 @@ class TensorPipeline:
                 break
         with self._results_cond:
             self._results.clear()
-        self._handed.clear()
+        with self._handed_lock:
+            self._handed.clear()
         self._produce.disable_pool()
 
     def __enter__(self) -> TensorPipeline:  # noqa: PYI034
