@@ -382,6 +382,7 @@ def compare_outputs(a: Path, b: Path) -> dict:
     if set(ia) != set(ib):
         return {"equal": False, "why": f"names differ: {sorted(set(ia) ^ set(ib))[:5]}"}
     diff = []
+    elems = max_ulp = 0
     by_shard: dict[str, list[str]] = {}
     for n, s in ia.items():
         by_shard.setdefault(s, []).append(n)
@@ -393,7 +394,17 @@ def compare_outputs(a: Path, b: Path) -> dict:
                     tb = fb.get_tensor(n)
                 if ta.dtype != tb.dtype or not torch.equal(ta, tb):
                     diff.append(n)
-    return {"equal": not diff, "tensors": len(ia), "different": diff[:10], "n_different": len(diff)}
+                    if ta.dtype == tb.dtype and ta.is_floating_point() and ta.shape == tb.shape:
+                        # how far apart, in units in the last place of the output dtype (issue 26: a GPU
+                        # merge's sums may round to a neighbouring value): neighbours in the integer view
+                        # of the bits are one ulp apart (same sign; a sign change counts as far)
+                        ints = {2: torch.int16, 4: torch.int32}.get(ta.element_size())
+                        if ints is not None:
+                            da = ta.view(ints).to(torch.int64) - tb.view(ints).to(torch.int64)
+                            elems += int((da != 0).sum())
+                            max_ulp = max(max_ulp, int(da.abs().max()))
+    return {"equal": not diff, "tensors": len(ia), "different": diff[:10], "n_different": len(diff),
+            "elements_different": elems, "max_ulp": max_ulp}
 
 
 # ----------------------------------------------------------------------------- main
@@ -468,7 +479,8 @@ def run_model(model: str, args, work: Path, drops: list[bool], logs: Path, res: 
                         variants.append((shown.replace("(a) sa2va-convert", f"(a) sa2va-convert at {args.also_rev}"),
                                          [*cmd, *cli_extra], out_a,
                                          {"merge_device": dev, "rev": args.also_rev, "_pythonpath": str(src)}))
-                    if args.also_src:  # ... or with the sources in a folder (a machine without git: the device)
+                    if args.also_src and dev == args.merge_devices.split(",")[0]:  # ... or the sources in a folder
+                        # (a machine without git: the device), for the first merge device only
                         name = args.also_label or "other"
                         variants.append((shown.replace("(a) sa2va-convert", f"(a) sa2va-convert at {name}"),
                                          [*cmd, *cli_extra], out_a,
@@ -577,7 +589,9 @@ def summarize(model_res: dict) -> list[str]:
         est = ""
         eq = r.get("equal_to_baseline")
         label = r["label"] + ("" if eq is None else (" [output == (b), bit for bit]" if eq.get("equal")
-                                                      else f" [differs from (b) in {eq.get('n_different')} tensors]"))
+                                                      else f" [differs from (b) in {eq.get('n_different')} tensors, "
+                                                            f"{eq.get('elements_different')} elements, at most "
+                                                            f"{eq.get('max_ulp')} ulp]"))
         if r["kind"] == "a":
             dry = r.get("estimate") or model_res["dry_run"]
             est = (f"RAM {fmt_gib(dry['peak_ram_bytes'])} ({dry['peak_ram_bytes'] / r['maxrss_bytes'] - 1:+.0%}), "
