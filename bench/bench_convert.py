@@ -531,10 +531,16 @@ def run_model(model: str, args, work: Path, drops: list[bool], logs: Path, res: 
                                                   *(["--read-back"] if extra.get("read_back") else [])])
                 if kind == "a" and m["rc"] == 0:  # the tool's own account of its threads (--json: stage_seconds)
                     try:
-                        m["stage_seconds"] = json.loads(
-                            (logs / f"{slug}.out").read_text()).get("stage_seconds")
+                        tool = json.loads((logs / f"{slug}.out").read_text())
+                        m["stage_seconds"] = tool.get("stage_seconds")
+                        m["phase_seconds"] = tool.get("phase_seconds")  # outside the write stage (issue 26)
+                        m["tool_seconds"] = tool.get("seconds")
                     except (OSError, ValueError):
                         m["stage_seconds"] = None
+                    if m.get("phase_seconds"):
+                        print("      phases: " + ", ".join(f"{k} {v:.2f}" for k, v in m["phase_seconds"].items())
+                              + f"; exit after {m['wall_s'] - sum(m['phase_seconds'].values()):.2f} s",
+                              file=sys.stderr, flush=True)
                     if m["stage_seconds"]:
                         from sa2va_convert.write.stage_times import summarize  # stdlib only: no torch here
 

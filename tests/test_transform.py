@@ -17,7 +17,7 @@ import torch
 from sa2va_convert.errors import PlanError
 from sa2va_convert.plan.types import LoraRef, PlannedTensor, SourceRef
 from sa2va_convert.read.tensor_source import StateDictSource
-from sa2va_convert.transform.produce import TensorProducer, module_group
+from sa2va_convert.transform.produce import Prepared, TensorProducer, module_group
 
 NAME = "language_model.model.layers.0.self_attn.q_proj.weight"
 ROWS, COLS, RANK = 48, 32, 4
@@ -108,9 +108,14 @@ def test_row_blocks_merged_on_several_threads_are_the_sequential_merge(monkeypat
     monkeypatch.setenv("SA2VA_BLOCK_THREADS", "4")
     four = TensorProducer(sources, block_elems=COLS * 5)
     assert (one._block_threads, four._block_threads) == (1, 4)
-    assert torch.equal(one(pt), four(pt))
-    [d1], [d4] = one.report.deltas, four.report.deltas
-    assert (d1.base_norm, d1.delta_norm) == (d4.base_norm, d4.delta_norm) and d1.delta_norm > 0
+    assert not one.reads_in_merge(pt) and four.reads_in_merge(pt)  # the block threads read the rows
+    expected = one(pt)
+    assert torch.equal(expected, four(pt))
+    w0, a0, b0 = (sources[layer].load(key) for layer, key in (("base", NAME), ("checkpoint", "a"), ("checkpoint", "b")))
+    assert torch.equal(expected, four.finish(Prepared(pt, w0.clone(), a0, b0)))  # rows from memory, in parallel
+    [d1], [d4, d4b] = one.report.deltas, four.report.deltas
+    assert (d1.base_norm, d1.delta_norm) == (d4.base_norm, d4.delta_norm) == (d4b.base_norm, d4b.delta_norm)
+    assert d1.delta_norm > 0
     assert four._block_pool is not None  # the parallel path ran
     four.disable_pool()
     assert four._block_pool is None

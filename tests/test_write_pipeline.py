@@ -281,14 +281,20 @@ def test_estimate_counts_merge_threads_and_the_cuda_runtime(monkeypatch):
 
 
 def test_parallel_merge_workers_write_what_one_worker_writes(make_family, tmp_path):
-    """Issue 14: merges run in several workers; files, checksums and the delta report stay those of one."""
+    """Issue 14: merges run in several workers; files, checksums and the delta report stay those of one.
+    Issue 26: and a merge's row blocks on several threads, reading their own rows, change nothing either."""
     from _cli import run_cli
 
     fam = make_family("sa2va-1b")
     outs = {}
+    # issue 26: the "4" run also splits each merge's row blocks over 3 threads, which read the base rows
+    # themselves (reads_in_merge; blocks of 64 elements, so that the small fixture has many)
+    # (the same block size in both runs: the delta norms are summed block by block)
     for workers in ("1", "4"):
         out = tmp_path / f"w{workers}"
-        r = run_cli(fam.ckpt.path, out, "--base", fam.base, "--json", env={"SA2VA_MERGE_WORKERS": workers})
+        env = {"SA2VA_MERGE_WORKERS": workers, "SA2VA_BLOCK_THREADS": "3" if workers == "4" else "1",
+               "SA2VA_MERGE_BLOCK_ELEMS": "64"}
+        r = run_cli(fam.ckpt.path, out, "--base", fam.base, "--json", env=env)
         assert r.returncode == 0, r.stderr
         outs[workers] = (out, json.loads(r.stdout))
     (one, one_res), (four, four_res) = outs["1"], outs["4"]

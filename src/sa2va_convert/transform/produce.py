@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -320,6 +321,7 @@ class Prepared:
     value: torch.Tensor | None
     a: torch.Tensor | None = None
     b: torch.Tensor | None = None
+    rows_in_merge: bool = False  # value not read: the block threads read its rows (``reads_in_merge``)
 
 
 class TensorProducer:
@@ -345,13 +347,14 @@ class TensorProducer:
         *,
         merge_device: str = "cpu",
         check_finite: bool = True,
-        block_elems: int = _BLOCK_ELEMS,
+        block_elems: int | None = None,
         plan_order: Sequence[str] = (),
     ):
         self.sources = dict(sources)
         self.merge_device = torch.device(resolve_merge_device(merge_device))
         self.check_finite = check_finite
-        self.block_elems = max(1, int(block_elems))
+        # ``SA2VA_MERGE_BLOCK_ELEMS``: smaller blocks, so that tests on small fixtures take the block paths
+        self.block_elems = max(1, int(block_elems or env_count("SA2VA_MERGE_BLOCK_ELEMS") or _BLOCK_ELEMS))
         self.report = TransformReport()
         self._pool: _BufferPool | None = None
         # each tensor's place in the report: its plan position when known (``plan_order``), so the report is
@@ -441,9 +444,37 @@ class TensorProducer:
                 return cast(BufferedLoad, src).load(key, out=buf)
         return src.load(key)
 
+    def _step(self, cols: int, rows: int) -> int:
+        """Rows per CPU merge block: about ``block_elems`` elements (one row at least)."""
+        return max(1, min(rows, self.block_elems // max(cols, 1)))
+
+    def reads_in_merge(self, pt: PlannedTensor) -> bool:
+        """Whether ``finish`` reads ``pt``'s value itself, each block thread its own rows from the file.
+
+        Why: the reader thread read every merged tensor's value whole before its merge, so the memory
+        budget held input and output of each (an 8B MLP projection: 136 MB of each; 512 MiB then admits
+        one merge beside one tensor being written, and the shards written side by side starve; H100,
+        8B: the writer waited for tensors 19-28 s of a 19-28 s write stage, the reader for room 8-13 s).
+        Read block by block by the threads that merge them, the value costs no budget and is read by
+        up to ``block_threads`` threads at once. Only base tensors (the checkpoint's are checked whole
+        before a merge) of sources that read row ranges, for a CPU merge on several block threads.
+        """
+        if self._block_threads <= 1 or self.merge_device.type != "cpu" or pt.lora is None:
+            return False
+        if os.environ.get("SA2VA_READS_IN_MERGE", "").strip() == "0":  # benchmarking: the reader reads them
+            return False
+        if pt.value.layer != "base" or not self.sources[pt.value.layer].abilities.reads_rows:
+            return False
+        return streamable(pt, "cpu") and pt.shape[0] > self._step(pt.shape[1], pt.shape[0])
+
     def prepare(self, pt: PlannedTensor) -> Prepared:
         """Read the inputs of ``pt`` (value, and LoRA factors if any); no arithmetic."""
         self._note_order(pt.name)
+        if self.reads_in_merge(pt):
+            assert pt.lora is not None
+            a = self._load(pt.lora.a.layer, pt.lora.a.key)
+            b = self._load(pt.lora.b.layer, pt.lora.b.key)
+            return Prepared(pt, None, a, b, rows_in_merge=True)
         value = self._load_pooled(pt.value.layer, pt.value.key, TensorInfo(pt.value.shape, pt.value.dtype).nbytes)
         if pt.lora is None:
             return Prepared(pt, value)
@@ -454,6 +485,17 @@ class TensorProducer:
     def finish(self, prep: Prepared) -> torch.Tensor:
         """The exact tensor to store for ``prep.pt``: checks, overlay or merge, one cast."""
         pt, value = prep.pt, prep.value
+        if prep.rows_in_merge:  # the block threads read the rows (reads_in_merge)
+            assert pt.lora is not None and prep.a is not None and prep.b is not None
+            rows, cols = pt.shape
+            out = self._empty((rows, cols), dtypes.to_torch(pt.dtype))
+            src_rows = self.sources[pt.value.layer]
+            key = pt.value.key
+            self._merge_parallel(
+                pt, lambda s, e: src_rows.load_rows(key, s, e), prep.a, prep.b, out, self._step(cols, rows)
+            )
+            prep.a = prep.b = None
+            return out
         assert value is not None, "finish() called twice on one Prepared"
         src = self.sources[pt.value.layer]
         if self.check_finite and pt.value.layer != "base":
@@ -506,10 +548,10 @@ class TensorProducer:
         dev = self.merge_device
         src2d = value.reshape(rows, cols)
         if dev.type == "cpu":
-            step = max(1, min(rows, self.block_elems // max(cols, 1)))
+            step = self._step(cols, rows)
             out = self._empty((rows, cols), target)
             if self._block_threads > 1 and rows > step:
-                self._merge_parallel(pt, src2d, a_in, b_in, out, step)
+                self._merge_parallel(pt, lambda s, e: src2d[s:e], a_in, b_in, out, step)
                 return out.reshape(pt.shape)
         else:  # one block: the device has the memory, and fewer launches and syncs
             step = max(rows, 1)
@@ -605,7 +647,7 @@ class TensorProducer:
     def _merge_parallel(
         self,
         pt: PlannedTensor,
-        src2d: torch.Tensor,
+        rows_of: Callable[[int, int], torch.Tensor],
         a_in: torch.Tensor,
         b_in: torch.Tensor,
         out: torch.Tensor,
@@ -621,7 +663,7 @@ class TensorProducer:
         def job(start: int) -> tuple[torch.Tensor, torch.Tensor]:
             stop = min(rows, start + step)
             w, d = self._scratch_rows(stop - start, cols)
-            return self._merge_rows(pt, f, src2d[start:stop], start, w, d, out[start:stop])
+            return self._merge_rows(pt, f, rows_of(start, stop), start, w, d, out[start:stop])
 
         pool = self._blocks_executor()
         futures: list[Future] = [pool.submit(job, s) for s in range(0, rows, step)]
