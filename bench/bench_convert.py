@@ -422,7 +422,9 @@ def rev_tree(rev: str, work: Path) -> Path:
 
 
 def cli_cmd() -> list[str]:
-    return [sys.executable, "-m", "sa2va_convert.cli"]
+    # the console script's entry (``sa2va-convert`` = ``_entry:main``), as users run it: ``-m sa2va_convert.cli``
+    # skipped its exit path (os._exit after a finished command, no torch teardown: ~0.5-1 s)
+    return [sys.executable, "-m", "sa2va_convert"]
 
 
 def dry_run(gen: dict, out: Path, extra: list[str]) -> dict:

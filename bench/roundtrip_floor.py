@@ -74,7 +74,7 @@ def main() -> int:
     gen = bench_convert.generate(args.model, args.work, "bf16", logs / f"{args.model}.generate")
     base, ckpt = gen["base"], gen["checkpoint"]
     out_c, out_a = args.work / args.model / "rt_floor", args.work / args.model / "rt_tool"
-    cli = [sys.executable, "-m", "sa2va_convert.cli"]
+    cli = bench_convert.cli_cmd()
     rows = []
     for rep in range(args.repeat):
         shutil.rmtree(out_c, ignore_errors=True)

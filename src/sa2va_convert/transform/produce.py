@@ -202,6 +202,7 @@ class _BufferPool:
 
 
 MAX_MERGE_WORKERS = 8  # beyond this the budget, not the workers, bounds how many tensors are in flight
+MAX_MERGE_WORKERS_WITH_BLOCKS = 4  # when each merge's row blocks run on block threads (see merge_workers)
 
 
 def merge_workers(merge_device: str = "cpu") -> tuple[int, int]:
@@ -216,7 +217,11 @@ def merge_workers(merge_device: str = "cpu") -> tuple[int, int]:
     """
     cores = usable_cores()
     on_gpu = not str(merge_device).startswith("cpu")
-    workers = env_count("SA2VA_MERGE_WORKERS") or (2 if on_gpu else min(cores, MAX_MERGE_WORKERS))
+    # with block threads (many cores) a worker only hands a merge's blocks out and waits: 4 keep them
+    # busy (H100, 8B: 8 workers waited for reads 132-207 s of a 19-28 s write), and each worker fewer
+    # is one allocator arena fewer in the peak RSS (PER_MERGE_THREAD_BYTES in write.peak_ram)
+    most = MAX_MERGE_WORKERS if block_threads(merge_device) <= 1 else MAX_MERGE_WORKERS_WITH_BLOCKS
+    workers = env_count("SA2VA_MERGE_WORKERS") or (2 if on_gpu else min(cores, most))
     threads = env_count("SA2VA_MERGE_THREADS") or 1
     return workers, threads
 
