@@ -27,20 +27,26 @@ if [ "${1:-}" = issue26-final ]; then
   export PYTHONPATH=$PWD/src:$PWD/../.devdeps
   log="$out/log"
   { nproc; free -g | head -2; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; } 2>&1 | tee -a "$log"
-  # 8B dropped then warm, (c) and (a) x {cpu, auto}; (b) and the 8B bit-for-bit check are in run 1
-  bench --models sa2va-8b --merge-devices cpu,auto --runs c,a --cache drop,warm --keep \
-    --json "$out/8b.json" 2>&1 | tee -a "$log"
-  # 4B dropped then warm, (c), (b) and (a) x {cpu, auto}, each (a) compared with (b) element by element
-  bench --models sa2va-4b --merge-devices cpu,auto --runs c,b,a --check-equal --cache drop,warm --keep \
-    --json "$out/4b.json" 2>&1 | tee -a "$log"
+  # 8B dropped, (c), (b) and (a) x {cpu, auto}, each (a) compared with (b) element by element; then warm
+  bench --models sa2va-8b --merge-devices cpu,auto --runs c,b,a --check-equal --cache drop --keep \
+    --json "$out/8b_drop.json" 2>&1 | tee -a "$log"
+  bench --models sa2va-8b --merge-devices cpu,auto --runs c,a --cache warm --keep \
+    --json "$out/8b_warm.json" 2>&1 | tee -a "$log"
+  mv /tmp/sb/sa2va-8b /tmp/sb8  # kept for the A/B at the end, out of the way of the 4B runs
+  # 4B dropped, (c), (b) and (a) x {cpu, auto} compared with (b); then warm, (c) and (a)
+  bench --models sa2va-4b --merge-devices cpu,auto --runs c,b,a --check-equal --cache drop --keep \
+    --json "$out/4b_drop.json" 2>&1 | tee -a "$log"
+  bench --models sa2va-4b --merge-devices cpu,auto --runs c,a --cache warm --keep \
+    --json "$out/4b_warm.json" 2>&1 | tee -a "$log"
   python3 bench/roundtrip_floor.py --model sa2va-4b --work /tmp/sb --json "$out/rt_4b.json" 2>&1 | tail -8 \
     | tee -a "$log"
   rm -rf /tmp/sb/sa2va-4b
-  bench --models sa2va-1b --merge-devices cpu,auto --runs c,b,a --check-equal --cache drop \
+  bench --models sa2va-1b --merge-devices cpu --runs c,b,a --check-equal --cache drop \
     --json "$out/1b.json" 2>&1 | tee -a "$log"
-  # A/B: the 8B cpu merge with the reader reading every merged value whole (before reads_in_merge)
+  # A/B: the 8B cpu merge with the reader reading every merged value whole (before reads_in_merge), warm
+  mv /tmp/sb8 /tmp/sb/sa2va-8b
   SA2VA_READS_IN_MERGE=0 bench --models sa2va-8b --merge-devices cpu --runs a --cache warm \
-    --json "$out/8b_ab.json" 2>&1 | tee -a "$log"
+    2>&1 | tee -a "$log"
   exit 0
 fi
 if [ "${1:-}" = issue26-8b ]; then
