@@ -20,33 +20,25 @@ fi
 # there, with main's own src/ (../src) timed beside it as "before". Two calls of <= 10 min each:
 #   cd .devwt && bash bench/device_convert.sh issue26-8b   # 8B dropped (c, b, a x3, bit-for-bit) and warm
 #   cd .devwt && bash bench/device_convert.sh issue26-4b   # 4B dropped and warm, the round-trip floor, 1B
-# The final run of issue 26 in one call (~8-9 min; the figures of BENCHMARKS.md's issue-26 table), in
+# The final run of issue 26 in one call (~8 min; the figures of BENCHMARKS.md's issue-26 table), in
 # order of importance so that a cut-off run still returns the first parts (everything is tee'd to $OUT):
 #   cd .devwt && bash bench/device_convert.sh issue26-final
 if [ "${1:-}" = issue26-final ]; then
   export PYTHONPATH=$PWD/src:$PWD/../.devdeps
   log="$out/log"
   { nproc; free -g | head -2; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; } 2>&1 | tee -a "$log"
-  # 8B dropped, (c), (b) and (a) x {cpu, auto}, each (a) compared with (b) element by element; then warm
-  bench --models sa2va-8b --merge-devices cpu,auto --runs c,b,a --check-equal --cache drop --keep \
-    --json "$out/8b_drop.json" 2>&1 | tee -a "$log"
-  bench --models sa2va-8b --merge-devices cpu,auto --runs c,a --cache warm --keep \
-    --json "$out/8b_warm.json" 2>&1 | tee -a "$log"
-  mv /tmp/sb/sa2va-8b /tmp/sb8  # kept for the A/B at the end, out of the way of the 4B runs
-  # 4B dropped, (c), (b) and (a) x {cpu, auto} compared with (b); then warm, (c) and (a)
+  # 8B dropped then warm, (c) and (a) x {cpu, auto}; (b) at 8B and its element check are in run 1
+  bench --models sa2va-8b --merge-devices cpu,auto --runs c,a --cache drop,warm \
+    --json "$out/8b.json" 2>&1 | tee -a "$log"
+  # 4B dropped, (c), (b) and (a) x {cpu, auto}, each (a) compared with (b) element by element
   bench --models sa2va-4b --merge-devices cpu,auto --runs c,b,a --check-equal --cache drop --keep \
     --json "$out/4b_drop.json" 2>&1 | tee -a "$log"
-  bench --models sa2va-4b --merge-devices cpu,auto --runs c,a --cache warm --keep \
+  python3 bench/roundtrip_floor.py --model sa2va-4b --work /tmp/sb --skip-no-verify --json "$out/rt_4b.json" \
+    2>&1 | tail -8 | tee -a "$log"
+  bench --models sa2va-4b --merge-devices cpu,auto --runs c,a --cache warm \
     --json "$out/4b_warm.json" 2>&1 | tee -a "$log"
-  python3 bench/roundtrip_floor.py --model sa2va-4b --work /tmp/sb --json "$out/rt_4b.json" 2>&1 | tail -8 \
-    | tee -a "$log"
-  rm -rf /tmp/sb/sa2va-4b
   bench --models sa2va-1b --merge-devices cpu --runs c,b,a --check-equal --cache drop \
     --json "$out/1b.json" 2>&1 | tee -a "$log"
-  # A/B: the 8B cpu merge with the reader reading every merged value whole (before reads_in_merge), warm
-  mv /tmp/sb8 /tmp/sb/sa2va-8b
-  SA2VA_READS_IN_MERGE=0 bench --models sa2va-8b --merge-devices cpu --runs a --cache warm \
-    2>&1 | tee -a "$log"
   exit 0
 fi
 if [ "${1:-}" = issue26-8b ]; then
