@@ -382,6 +382,7 @@ def compare_outputs(a: Path, b: Path) -> dict:
     if set(ia) != set(ib):
         return {"equal": False, "why": f"names differ: {sorted(set(ia) ^ set(ib))[:5]}"}
     diff = []
+    elems = max_ulp = 0
     by_shard: dict[str, list[str]] = {}
     for n, s in ia.items():
         by_shard.setdefault(s, []).append(n)
@@ -393,7 +394,17 @@ def compare_outputs(a: Path, b: Path) -> dict:
                     tb = fb.get_tensor(n)
                 if ta.dtype != tb.dtype or not torch.equal(ta, tb):
                     diff.append(n)
-    return {"equal": not diff, "tensors": len(ia), "different": diff[:10], "n_different": len(diff)}
+                    if ta.dtype == tb.dtype and ta.is_floating_point() and ta.shape == tb.shape:
+                        # how far apart, in units in the last place of the output dtype (issue 26: a GPU
+                        # merge's sums may round to a neighbouring value): neighbours in the integer view
+                        # of the bits are one ulp apart (same sign; a sign change counts as far)
+                        ints = {2: torch.int16, 4: torch.int32}.get(ta.element_size())
+                        if ints is not None:
+                            da = ta.view(ints).to(torch.int64) - tb.view(ints).to(torch.int64)
+                            elems += int((da != 0).sum())
+                            max_ulp = max(max_ulp, int(da.abs().max()))
+    return {"equal": not diff, "tensors": len(ia), "different": diff[:10], "n_different": len(diff),
+            "elements_different": elems, "max_ulp": max_ulp}
 
 
 # ----------------------------------------------------------------------------- main
@@ -411,7 +422,9 @@ def rev_tree(rev: str, work: Path) -> Path:
 
 
 def cli_cmd() -> list[str]:
-    return [sys.executable, "-m", "sa2va_convert.cli"]
+    # the console script's entry (``sa2va-convert`` = ``_entry:main``), as users run it: ``-m sa2va_convert.cli``
+    # skipped its exit path (os._exit after a finished command, no torch teardown: ~0.5-1 s)
+    return [sys.executable, "-m", "sa2va_convert"]
 
 
 def dry_run(gen: dict, out: Path, extra: list[str]) -> dict:
@@ -468,6 +481,14 @@ def run_model(model: str, args, work: Path, drops: list[bool], logs: Path, res: 
                         variants.append((shown.replace("(a) sa2va-convert", f"(a) sa2va-convert at {args.also_rev}"),
                                          [*cmd, *cli_extra], out_a,
                                          {"merge_device": dev, "rev": args.also_rev, "_pythonpath": str(src)}))
+                    if args.also_src and dev == args.merge_devices.split(",")[0]:  # ... or the sources in a folder
+                        # (a machine without git: the device), for the first merge device only
+                        name = args.also_label or "other"
+                        variants.append((shown.replace("(a) sa2va-convert", f"(a) sa2va-convert at {name}"),
+                                         [*cmd, *cli_extra], out_a,
+                                         {"merge_device": dev, "rev": name,
+                                          "_pythonpath": os.pathsep.join([str(args.also_src.resolve()),
+                                                                          *os.environ.get("PYTHONPATH", "").split(os.pathsep)[1:]])}))
                     if args.read_back_too:
                         variants.append((shown.replace("(a) sa2va-convert", "(a) sa2va-convert --read-back"),
                                          [*cmd, *cli_extra, "--read-back"], out_a,
@@ -512,10 +533,16 @@ def run_model(model: str, args, work: Path, drops: list[bool], logs: Path, res: 
                                                   *(["--read-back"] if extra.get("read_back") else [])])
                 if kind == "a" and m["rc"] == 0:  # the tool's own account of its threads (--json: stage_seconds)
                     try:
-                        m["stage_seconds"] = json.loads(
-                            (logs / f"{slug}.out").read_text()).get("stage_seconds")
+                        tool = json.loads((logs / f"{slug}.out").read_text())
+                        m["stage_seconds"] = tool.get("stage_seconds")
+                        m["phase_seconds"] = tool.get("phase_seconds")  # outside the write stage (issue 26)
+                        m["tool_seconds"] = tool.get("seconds")
                     except (OSError, ValueError):
                         m["stage_seconds"] = None
+                    if m.get("phase_seconds"):
+                        print("      phases: " + ", ".join(f"{k} {v:.2f}" for k, v in m["phase_seconds"].items())
+                              + f"; exit after {m['wall_s'] - sum(m['phase_seconds'].values()):.2f} s",
+                              file=sys.stderr, flush=True)
                     if m["stage_seconds"]:
                         from sa2va_convert.write.stage_times import summarize  # stdlib only: no torch here
 
@@ -570,7 +597,9 @@ def summarize(model_res: dict) -> list[str]:
         est = ""
         eq = r.get("equal_to_baseline")
         label = r["label"] + ("" if eq is None else (" [output == (b), bit for bit]" if eq.get("equal")
-                                                      else f" [differs from (b) in {eq.get('n_different')} tensors]"))
+                                                      else f" [differs from (b) in {eq.get('n_different')} tensors, "
+                                                            f"{eq.get('elements_different')} elements, at most "
+                                                            f"{eq.get('max_ulp')} ulp]"))
         if r["kind"] == "a":
             dry = r.get("estimate") or model_res["dry_run"]
             est = (f"RAM {fmt_gib(dry['peak_ram_bytes'])} ({dry['peak_ram_bytes'] / r['maxrss_bytes'] - 1:+.0%}), "
@@ -609,6 +638,9 @@ def main(argv: list[str] | None = None) -> int:
                          "which needs the whole model in memory by design)")
     ap.add_argument("--also-rev", metavar="COMMIT",
                     help="also time (a) with the code of this commit (git archive; PYTHONPATH), same command")
+    ap.add_argument("--also-src", type=Path, metavar="SRC",
+                    help="also time (a) with the package in this src/ folder (PYTHONPATH; its other entries kept)")
+    ap.add_argument("--also-label", help="how the --also-src runs are labelled (e.g. main)")
     ap.add_argument("--read-back-too", action="store_true",
                     help="also time (a) with --read-back (every written byte read back from disk)")
     ap.add_argument("--no-read-back-too", action="store_true",

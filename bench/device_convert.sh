@@ -7,13 +7,60 @@
 #   then: bench_merge_ops.py (the merge per block) and estimate_sparse.py (the 26B --dry-run estimate)
 #   `bench/device_convert.sh short`: only 4B, warm then dropped, (c) and (a) x {cpu, auto}
 set -uo pipefail
-export PYTHONPATH=$PWD/src:$PWD/.devdeps PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD/src:$PWD/.devdeps PYTHONUNBUFFERED=1  # (issue26-*: ../.devdeps, see below)
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 bench() { python3 bench/bench_convert.py --work /tmp/sb "$@" 2>&1 | grep -v "^{"; }
 if [ "${1:-}" = short ]; then  # what fits a few minutes: 4B warm then dropped, (c) and (a) x {cpu, auto}
   nproc; nvidia-smi --query-gpu=name --format=csv,noheader
   bench --models sa2va-4b --merge-devices cpu,auto --runs c,a --cache warm,drop \
     --json "$out/4b_short.json" --md "$out/4b_short.md" | tee "$out/log_4b_short"
+  exit 0
+fi
+# issue 26: this branch packed into .devwt/ of main's checkout (the device copies main's tree), run from
+# there, with main's own src/ (../src) timed beside it as "before". Two calls of <= 10 min each:
+#   cd .devwt && bash bench/device_convert.sh issue26-8b   # 8B dropped (c, b, a x3, bit-for-bit) and warm
+#   cd .devwt && bash bench/device_convert.sh issue26-4b   # 4B dropped and warm, the round-trip floor, 1B
+# The final run of issue 26 in one call (~8 min; the figures of BENCHMARKS.md's issue-26 table), in
+# order of importance so that a cut-off run still returns the first parts (everything is tee'd to $OUT):
+#   cd .devwt && bash bench/device_convert.sh issue26-final
+if [ "${1:-}" = issue26-final ]; then
+  export PYTHONPATH=$PWD/src:$PWD/../.devdeps
+  log="$out/log"
+  { nproc; free -g | head -2; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; } 2>&1 | tee -a "$log"
+  # 8B dropped then warm, (c) and (a) x {cpu, auto}; (b) at 8B and its element check are in run 1
+  bench --models sa2va-8b --merge-devices cpu,auto --runs c,a --cache drop,warm \
+    --json "$out/8b.json" 2>&1 | tee -a "$log"
+  # 4B dropped, (c), (b) and (a) x {cpu, auto}, each (a) compared with (b) element by element
+  bench --models sa2va-4b --merge-devices cpu,auto --runs c,b,a --check-equal --cache drop --keep \
+    --json "$out/4b_drop.json" 2>&1 | tee -a "$log"
+  python3 bench/roundtrip_floor.py --model sa2va-4b --work /tmp/sb --skip-no-verify --json "$out/rt_4b.json" \
+    2>&1 | tail -8 | tee -a "$log"
+  bench --models sa2va-4b --merge-devices cpu,auto --runs c,a --cache warm \
+    --json "$out/4b_warm.json" 2>&1 | tee -a "$log"
+  bench --models sa2va-1b --merge-devices cpu --runs c,b,a --check-equal --cache drop \
+    --json "$out/1b.json" 2>&1 | tee -a "$log"
+  exit 0
+fi
+if [ "${1:-}" = issue26-8b ]; then
+  export PYTHONPATH=$PWD/src:$PWD/../.devdeps
+  nproc; free -g | head -2; df -h /tmp | tail -1; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  bench --models sa2va-8b --merge-devices cpu,auto --runs c,b,a --check-equal --cache drop --keep \
+    --also-src ../src --also-label main \
+    --json "$out/8b_drop.json" --md "$out/8b_drop.md" | tee "$out/log_8b_drop"
+  bench --models sa2va-8b --merge-devices cpu,auto --runs c,a --cache warm \
+    --json "$out/8b_warm.json" --md "$out/8b_warm.md" | tee "$out/log_8b_warm"
+  exit 0
+fi
+if [ "${1:-}" = issue26-4b ]; then
+  export PYTHONPATH=$PWD/src:$PWD/../.devdeps
+  bench --models sa2va-4b --merge-devices cpu,auto --runs c,b,a --check-equal --cache drop,warm --keep \
+    --also-src ../src --also-label main \
+    --json "$out/4b.json" --md "$out/4b.md" | tee "$out/log_4b"
+  python3 bench/roundtrip_floor.py --model sa2va-4b --work /tmp/sb --json "$out/rt_4b.json" 2>&1 | tail -8 \
+    | tee "$out/log_rt"
+  rm -rf /tmp/sb/sa2va-4b
+  bench --models sa2va-1b --merge-devices cpu,auto --runs c,b,a --check-equal --cache drop \
+    --json "$out/1b.json" --md "$out/1b.md" | tee "$out/log_1b"
   exit 0
 fi
 nproc; free -g | head -2; df -h /tmp | tail -1; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

@@ -17,7 +17,7 @@ import torch
 from sa2va_convert.errors import PlanError
 from sa2va_convert.plan.types import LoraRef, PlannedTensor, SourceRef
 from sa2va_convert.read.tensor_source import StateDictSource
-from sa2va_convert.transform.produce import TensorProducer, module_group
+from sa2va_convert.transform.produce import Prepared, TensorProducer, module_group
 
 NAME = "language_model.model.layers.0.self_attn.q_proj.weight"
 ROWS, COLS, RANK = 48, 32, 4
@@ -98,3 +98,35 @@ def test_a_merge_beyond_fp16_is_refused():
 ])
 def test_module_group_names_the_kind_of_module(name, group):
     assert module_group(name) == group
+
+
+def test_row_blocks_merged_on_several_threads_are_the_sequential_merge(monkeypatch):
+    """Issue 26: one tensor's row blocks run on several threads (block_threads); bytes, delta norms and
+    the error raised for NaN rows are exactly those of the one-thread loop."""
+    sources, pt, _ = _lora_case(scale=0.3)  # not a power of two: the delta is scaled block by block
+    one = TensorProducer(sources, block_elems=COLS * 5)
+    monkeypatch.setenv("SA2VA_BLOCK_THREADS", "4")
+    four = TensorProducer(sources, block_elems=COLS * 5)
+    assert (one._block_threads, four._block_threads) == (1, 4)
+    assert not one.reads_in_merge(pt) and four.reads_in_merge(pt)  # the block threads read the rows
+    expected = one(pt)
+    assert torch.equal(expected, four(pt))
+    w0, a0, b0 = (sources[layer].load(key) for layer, key in (("base", NAME), ("checkpoint", "a"), ("checkpoint", "b")))
+    assert torch.equal(expected, four.finish(Prepared(pt, w0.clone(), a0, b0)))  # rows from memory, in parallel
+    [d1], [d4, d4b] = one.report.deltas, four.report.deltas
+    assert (d1.base_norm, d1.delta_norm) == (d4.base_norm, d4.delta_norm) == (d4b.base_norm, d4b.delta_norm)
+    assert d1.delta_norm > 0
+    assert four._block_pool is not None  # the parallel path ran
+    four.disable_pool()
+    assert four._block_pool is None
+    w = sources["base"].load(NAME).clone()
+    w[7, 1] = float("inf")  # rows 5-9 and 35-39 hold Inf: the first block in row order is named
+    w[36, 2] = float("inf")
+    bad = _sources(base={NAME: w}, checkpoint={"a": sources["checkpoint"].load("a"), "b": sources["checkpoint"].load("b")})
+    errors = []
+    for threads in ("1", "4"):
+        monkeypatch.setenv("SA2VA_BLOCK_THREADS", threads)
+        with pytest.raises(PlanError) as e:
+            TensorProducer(bad, block_elems=COLS * 5)(pt)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and "rows 5-9" in errors[0]

@@ -21,6 +21,7 @@ from . import run_state
 from ._version import __version__
 from .errors import InputError, PlanError, VerifyEnvironmentError, VerifyError, api_errors
 from .formats import ADAPTER_RECORD
+from .machine import process_age
 from .options import ConvertOptions
 from .plan.base_discovery import discover_base, resolve_base
 from .plan.family import Detection, detect_family, match_family, require_family
@@ -36,7 +37,7 @@ from .read.layered import RenamedSource, UnionSource, open_sam2_checkpoint
 from .read.remote_code import ImportCheck, check_imports, install_hint, pip_name, require_self_contained
 from .read.work_dir import checkpoint_note, resolve_checkpoint
 from .recipe import build_recipe, keymap_identity
-from .transform.produce import TensorProducer, TransformReport
+from .transform.produce import TensorProducer, TransformReport, warm_up
 from .verify.structural import READ_BACK_CHUNK_BYTES, StructuralReport, check_against_plan
 from .write import guard
 from .write.folder import OUTPUT_FORMAT, WriteResult, write_folder
@@ -72,6 +73,9 @@ class ConversionResult:
     seconds: float = 0.0
     roundtrip: dict[str, Any] | None = None
     checkpoint_sha256: str | None = None
+    # where the wall time went outside the write stage (issue 26): process start + imports, opening the
+    # inputs, planning, the remote-code check, writing (shards, then the rest: index, files, check, publish)
+    phase_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -85,6 +89,7 @@ class ConversionResult:
             "bytes_written": self.write.bytes_written if self.write else 0,
             "seconds": round(self.seconds, 3),
             "stage_seconds": self.write.stage_seconds if self.write else None,
+            "phase_seconds": {k: round(v, 3) for k, v in self.phase_seconds.items()} or None,
             "checkpoint_sha256": self.checkpoint_sha256,
             "tool_version": __version__,
         }
@@ -339,6 +344,11 @@ def convert(
         return dry_run(checkpoint, out, options)
     progress = progress or Silent()
     started = time.perf_counter()
+    phases: dict[str, float] = {}
+    age = process_age()
+    if age is not None:
+        phases["start_and_imports"] = age
+    warm_up(options.merge_device)  # a GPU merge's CUDA start-up overlaps reading and planning
     given = Path(checkpoint)
     resolved = resolve_checkpoint(given)
     protected = checkpoint_inputs(given, resolved) + options.named_inputs()
@@ -350,10 +360,12 @@ def convert(
         progress.stage(f"note: {note}")
     progress.stage(f"reading {resolved}")
     inputs = open_inputs(resolved, options, base_folder=base_folder)
+    phases["open_inputs"] = time.perf_counter() - started
     protected.append(guard.NamedInput("base folder", Path(inputs.base.path)))
     guard.check_out(out, protected)  # the base may have been discovered from the training config
     progress.stage(f"planning ({inputs.keymap.name}, base {inputs.base.path})")
     plan = plan_from_inputs(inputs, out, options)
+    phases["plan"] = time.perf_counter() - started - phases["open_inputs"]
     check_base_code(inputs, options, progress)  # after the plan: a raw MLLM base is refused there (exit 5) first
     if options.output_format == "adapter":
         return convert_adapter(inputs, plan, options, resolved, protected, progress, started)
@@ -361,7 +373,8 @@ def convert(
     if inputs.pretrained is not None:
         sources["pretrained"] = inputs.pretrained.weights
     producer = TensorProducer(sources, merge_device=options.merge_device, plan_order=[t.name for t in plan.tensors])
-    result = ConversionResult(plan=plan, transform=producer.report)
+    result = ConversionResult(plan=plan, transform=producer.report, phase_seconds=phases)
+    phases["code_check"] = time.perf_counter() - started - phases["open_inputs"] - phases["plan"]
     # the checkpoint's sha256 (for the card and the report, needed only once the shards are written) is
     # taken in a helper thread while the shards are written: ~1 s per GB of hashing off the critical path
     # (hashlib and file reads release the GIL); it used to run first, serially, before any shard was written
@@ -407,8 +420,12 @@ def convert(
             check=check,
         )
         result.seconds = time.perf_counter() - started
+        shards = result.write.stage_seconds.get("total", 0.0)
+        phases.update(write_shards=shards, write_rest=max(0.0, result.write.seconds - shards))
         if options.roundtrip:
+            rt_started = time.perf_counter()
             run_verify_roundtrip(result, options, progress)
+            phases["roundtrip"] = time.perf_counter() - rt_started
         if producer.report.zero_b:
             progress.stage(
                 f"warning: {len(producer.report.zero_b)} LoRA adapter(s) have an all-zero B "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 RAM_LIMIT_ENV = "SA2VA_CONVERT_RAM_LIMIT"
@@ -32,6 +33,18 @@ def process_rss() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (``/proc/self/stat``), or None where that cannot be read:
+    how long the interpreter's start and the imports took, when asked as the work begins."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time, in ticks after boot
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def available_ram() -> tuple[int | None, str]:
@@ -64,4 +77,4 @@ def available_ram() -> tuple[int | None, str]:
     return min(figures)
 
 
-__all__ = ["RAM_LIMIT_ENV", "available_ram", "env_count", "process_rss", "usable_cores"]
+__all__ = ["RAM_LIMIT_ENV", "available_ram", "env_count", "process_age", "process_rss", "usable_cores"]

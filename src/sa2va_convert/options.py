@@ -130,7 +130,10 @@ class ConvertOptions:
         "Print the plan (tensors, bytes, peak RAM, disk) and write nothing (with --all: for every checkpoint).",
     )
     merge_device: str = _option(
-        "cpu", "Device for LoRA merges (cpu, cuda, cuda:1, auto = cuda if available).", show_default=True
+        "auto",
+        "Device for LoRA merges (auto = cuda where torch sees a GPU, else cpu; cpu, cuda, cuda:1). "
+        "The GPU merge is the faster one there; --merge-device cpu gives bytes that never depend on the GPU.",
+        show_default=True,
     )
     read_back: bool = _option(
         False,

@@ -101,12 +101,20 @@ def build_recipe(
             "override_lora_config": bool(options.override_lora_config),
             "allow_unused": list(options.allow_unused),
             "template": options.template,
-            "merge_device": options.merge_device,
+            # as resolved (``auto``, the default, is cuda where torch sees a GPU): the device, not the
+            # spelling, decides the merge's arithmetic, and CPU-only runs record "cpu" as before
+            "merge_device": _resolved_merge_device(options.merge_device),
         },
     }
     if fmt != "folder":
         recipe["options"]["format"] = fmt
     return recipe
+
+
+def _resolved_merge_device(name: str) -> str:
+    from .transform.produce import resolve_merge_device  # torch: only when a recipe is built
+
+    return resolve_merge_device(name)
 
 
 def _short(value: Any) -> str:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -200,6 +202,7 @@ class _BufferPool:
 
 
 MAX_MERGE_WORKERS = 8  # beyond this the budget, not the workers, bounds how many tensors are in flight
+MAX_MERGE_WORKERS_WITH_BLOCKS = 4  # when each merge's row blocks run on block threads (see merge_workers)
 
 
 def merge_workers(merge_device: str = "cpu") -> tuple[int, int]:
@@ -214,9 +217,39 @@ def merge_workers(merge_device: str = "cpu") -> tuple[int, int]:
     """
     cores = usable_cores()
     on_gpu = not str(merge_device).startswith("cpu")
-    workers = env_count("SA2VA_MERGE_WORKERS") or (2 if on_gpu else min(cores, MAX_MERGE_WORKERS))
+    # with block threads (many cores) a worker only hands a merge's blocks out and waits: 4 keep them
+    # busy (H100, 8B: 8 workers waited for reads 132-207 s of a 19-28 s write), and each worker fewer
+    # is one allocator arena fewer in the peak RSS (PER_MERGE_THREAD_BYTES in write.peak_ram)
+    most = MAX_MERGE_WORKERS if block_threads(merge_device) <= 1 else MAX_MERGE_WORKERS_WITH_BLOCKS
+    workers = env_count("SA2VA_MERGE_WORKERS") or (2 if on_gpu else min(cores, most))
     threads = env_count("SA2VA_MERGE_THREADS") or 1
     return workers, threads
+
+
+MAX_BLOCK_THREADS = 16  # threads that share the row blocks of one CPU merge
+
+
+def block_threads(merge_device: str = "cpu") -> int:
+    """Threads that merge the row blocks of one tensor at once (CPU merges; 1 = in the worker itself).
+
+    Why more than the merge workers: the pipeline's memory budget holds only one or two of a big
+    model's largest tensors at a time (an 8B MLP projection is 136 MB of output plus as much input),
+    so with one thread per tensor the merge of the tensor the writer waits for ran on one core while
+    the other workers had nothing admitted to work on (H100, 8B: the writer waited 15.9 s for
+    tensors, the workers 213 s for reads). Splitting that tensor's rows over the cores finishes it
+    ``cores`` times sooner. Each block's operations are those of the sequential loop, and the norm
+    sums are added in block order, so bytes and report are identical. On two cores or fewer there is
+    no idle core (the reader and the writer take them), so 1. ``SA2VA_BLOCK_THREADS`` overrides.
+    """
+    if not str(merge_device).startswith("cpu"):
+        return 1
+    cores = usable_cores()
+    return env_count("SA2VA_BLOCK_THREADS") or (1 if cores <= 2 else min(cores, MAX_BLOCK_THREADS))
+
+
+def block_thread_bytes(block_elems: int = _BLOCK_ELEMS) -> int:
+    """What one block thread holds between tensors: its two fp32 working blocks (``_scratch_rows``)."""
+    return 2 * block_elems * 4
 
 
 def merge_threads(merge_device: str = "cpu") -> int:
@@ -230,6 +263,33 @@ def resolve_merge_device(name: str) -> str:
     if str(name).strip().lower() == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return str(name)
+
+
+def warm_up(merge_device: str) -> threading.Thread | None:
+    """Start the GPU's context and cuBLAS in a daemon thread, for a GPU merge; None for a CPU merge.
+
+    Why: creating the CUDA context and the first cuBLAS handle costs ~1-2 s, which the first GPU
+    merge paid on the critical path (H100 run 1: ``--merge-device auto`` no faster than the CPU
+    merge at 4B for this fixed cost). Started before the inputs are opened and planned, it overlaps
+    that work; torch's lazy initialisation is locked, so a merge that comes first simply waits.
+    Errors are left to the merge itself, which reports them where they matter.
+    """
+    device = resolve_merge_device(merge_device)
+    if device.startswith("cpu"):
+        return None
+
+    def start() -> None:
+        try:
+            dev = torch.device(device)
+            x = torch.ones((8, 8), device=dev)
+            torch.mm(x, x)  # the cuBLAS handle and its workspace
+            torch.cuda.synchronize(dev)
+        except Exception:  # noqa: BLE001, S110 - a warm-up only: the merge raises the real error
+            pass
+
+    thread = threading.Thread(target=start, name="sa2va-cuda-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def streamable(pt: PlannedTensor, merge_device: str = "cpu") -> bool:
@@ -246,6 +306,18 @@ def streamable(pt: PlannedTensor, merge_device: str = "cpu") -> bool:
     return tuple(pt.lora.b.shape[:1]) == pt.shape[:1] and tuple(pt.lora.a.shape[-1:]) == pt.shape[1:]
 
 
+@dataclass(frozen=True)
+class _Factors:
+    """One merge's LoRA factors on the merge device, and what every block of it needs to know."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    zero_b: bool
+    path: str
+    check_out: bool  # check the cast output (bf16/fp32) rather than the fp32 sum (fp16)
+
+
 @dataclass
 class Prepared:
     """The inputs of one output tensor, read and ready for :meth:`TensorProducer.finish`."""
@@ -254,6 +326,7 @@ class Prepared:
     value: torch.Tensor | None
     a: torch.Tensor | None = None
     b: torch.Tensor | None = None
+    rows_in_merge: bool = False  # value not read: the block threads read its rows (``reads_in_merge``)
 
 
 class TensorProducer:
@@ -279,19 +352,24 @@ class TensorProducer:
         *,
         merge_device: str = "cpu",
         check_finite: bool = True,
-        block_elems: int = _BLOCK_ELEMS,
+        block_elems: int | None = None,
         plan_order: Sequence[str] = (),
     ):
         self.sources = dict(sources)
         self.merge_device = torch.device(resolve_merge_device(merge_device))
         self.check_finite = check_finite
-        self.block_elems = max(1, int(block_elems))
+        # ``SA2VA_MERGE_BLOCK_ELEMS``: smaller blocks, so that tests on small fixtures take the block paths
+        self.block_elems = max(1, int(block_elems or env_count("SA2VA_MERGE_BLOCK_ELEMS") or _BLOCK_ELEMS))
         self.report = TransformReport()
         self._pool: _BufferPool | None = None
         # each tensor's place in the report: its plan position when known (``plan_order``), so the report is
         # the same whatever order the writer asks for tensors in (shards side by side) or workers finish in
         self._order: dict[str, int] = {name: i for i, name in enumerate(plan_order)}
         self._order_lock = threading.Lock()
+        self._block_threads = block_threads(self.merge_device.type)
+        self._block_pool: ThreadPoolExecutor | None = None  # started at the first parallel merge
+        self._block_pool_lock = threading.Lock()
+        self._scratch = threading.local()  # each block thread's fp32 working rows
 
     def parallelism(self) -> tuple[int, int]:
         """(merge workers, torch threads each) for this merge device: :func:`merge_workers`.
@@ -314,6 +392,21 @@ class TensorProducer:
 
     def disable_pool(self) -> None:
         self._pool = None
+        with self._block_pool_lock:
+            pool, self._block_pool = self._block_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def _blocks_executor(self) -> ThreadPoolExecutor:
+        with self._block_pool_lock:
+            if self._block_pool is None:
+                self._block_pool = ThreadPoolExecutor(
+                    self._block_threads,
+                    thread_name_prefix="sa2va-block",
+                    initializer=torch.set_num_threads,  # one torch thread each (thread-local setting)
+                    initargs=(1,),
+                )
+            return self._block_pool
 
     def recycle(self, t: torch.Tensor) -> None:
         """``t`` (an output of this producer) is written and dropped by the caller: reuse its memory."""
@@ -356,9 +449,37 @@ class TensorProducer:
                 return cast(BufferedLoad, src).load(key, out=buf)
         return src.load(key)
 
+    def _step(self, cols: int, rows: int) -> int:
+        """Rows per CPU merge block: about ``block_elems`` elements (one row at least)."""
+        return max(1, min(rows, self.block_elems // max(cols, 1)))
+
+    def reads_in_merge(self, pt: PlannedTensor) -> bool:
+        """Whether ``finish`` reads ``pt``'s value itself, each block thread its own rows from the file.
+
+        Why: the reader thread read every merged tensor's value whole before its merge, so the memory
+        budget held input and output of each (an 8B MLP projection: 136 MB of each; 512 MiB then admits
+        one merge beside one tensor being written, and the shards written side by side starve; H100,
+        8B: the writer waited for tensors 19-28 s of a 19-28 s write stage, the reader for room 8-13 s).
+        Read block by block by the threads that merge them, the value costs no budget and is read by
+        up to ``block_threads`` threads at once. Only base tensors (the checkpoint's are checked whole
+        before a merge) of sources that read row ranges, for a CPU merge on several block threads.
+        """
+        if self._block_threads <= 1 or self.merge_device.type != "cpu" or pt.lora is None:
+            return False
+        if os.environ.get("SA2VA_READS_IN_MERGE", "").strip() == "0":  # benchmarking: the reader reads them
+            return False
+        if pt.value.layer != "base" or not self.sources[pt.value.layer].abilities.reads_rows:
+            return False
+        return streamable(pt, "cpu") and pt.shape[0] > self._step(pt.shape[1], pt.shape[0])
+
     def prepare(self, pt: PlannedTensor) -> Prepared:
         """Read the inputs of ``pt`` (value, and LoRA factors if any); no arithmetic."""
         self._note_order(pt.name)
+        if self.reads_in_merge(pt):
+            assert pt.lora is not None
+            a = self._load(pt.lora.a.layer, pt.lora.a.key)
+            b = self._load(pt.lora.b.layer, pt.lora.b.key)
+            return Prepared(pt, None, a, b, rows_in_merge=True)
         value = self._load_pooled(pt.value.layer, pt.value.key, TensorInfo(pt.value.shape, pt.value.dtype).nbytes)
         if pt.lora is None:
             return Prepared(pt, value)
@@ -369,6 +490,17 @@ class TensorProducer:
     def finish(self, prep: Prepared) -> torch.Tensor:
         """The exact tensor to store for ``prep.pt``: checks, overlay or merge, one cast."""
         pt, value = prep.pt, prep.value
+        if prep.rows_in_merge:  # the block threads read the rows (reads_in_merge)
+            assert pt.lora is not None and prep.a is not None and prep.b is not None
+            rows, cols = pt.shape
+            out = self._empty((rows, cols), dtypes.to_torch(pt.dtype))
+            src_rows = self.sources[pt.value.layer]
+            key = pt.value.key
+            self._merge_parallel(
+                pt, lambda s, e: src_rows.load_rows(key, s, e), prep.a, prep.b, out, self._step(cols, rows)
+            )
+            prep.a = prep.b = None
+            return out
         assert value is not None, "finish() called twice on one Prepared"
         src = self.sources[pt.value.layer]
         if self.check_finite and pt.value.layer != "base":
@@ -421,8 +553,11 @@ class TensorProducer:
         dev = self.merge_device
         src2d = value.reshape(rows, cols)
         if dev.type == "cpu":
-            step = max(1, min(rows, self.block_elems // max(cols, 1)))
+            step = self._step(cols, rows)
             out = self._empty((rows, cols), target)
+            if self._block_threads > 1 and rows > step:
+                self._merge_parallel(pt, lambda s, e: src2d[s:e], a_in, b_in, out, step)
+                return out.reshape(pt.shape)
         else:  # one block: the device has the memory, and fewer launches and syncs
             step = max(rows, 1)
             src2d = src2d.to(dev)
@@ -434,6 +569,123 @@ class TensorProducer:
             host.copy_(out)
             out = host
         return out.reshape(pt.shape)
+
+    def _factors(self, pt: PlannedTensor, a_in: torch.Tensor, b_in: torch.Tensor) -> _Factors:
+        """A and B in fp32 on the merge device, checked, with a power-of-two scale folded into B."""
+        assert pt.lora is not None
+        path = str(self.sources[pt.lora.a.layer].path)
+        dev = self.merge_device
+        a = a_in.to(dev, torch.float32)
+        b = b_in.to(dev, torch.float32)
+        b_lo = b_hi = 0.0
+        if b.numel():
+            b_lo, b_hi = _finite_minmax(b)
+        if self.check_finite:
+            _check_finite(a, f"LoRA tensor {pt.lora.a.key}", path)
+            if not (math.isfinite(b_lo) and math.isfinite(b_hi)):
+                _check_finite(b, f"LoRA tensor {pt.lora.b.key}", path)
+        zero_b = b_lo == 0.0 and b_hi == 0.0  # min = max = 0 <=> every element is (+-)0
+        scale = float(pt.lora.scale)
+        if scale != 1.0 and math.frexp(scale)[0] == 0.5 and b.numel():
+            # a power of two: scale*(B@A) == (scale*B)@A exactly (every product and partial sum is
+            # scaled by 2^k, no rounding changes), so fold it into the small factor
+            b = b * scale
+            scale = 1.0
+        target = dtypes.to_torch(pt.dtype)
+        # bf16/fp32 outputs are checked after the cast (a cast keeps NaN/Inf, and an fp32 sum too
+        # large for bf16 becomes Inf, so it is caught too); fp16 needs the fp32 sum for its range test
+        check_out = target in (torch.bfloat16, torch.float32) and pt.dtype != "fp16"
+        return _Factors(a, b, scale, zero_b, path, check_out)
+
+    def _merge_rows(
+        self,
+        pt: PlannedTensor,
+        f: _Factors,
+        src_rows: torch.Tensor,
+        start: int,
+        w: torch.Tensor,
+        d: torch.Tensor,
+        o: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [start, start + len(w)) of the merge into ``o``: (their ||W||^2, their ||delta||^2) in fp64.
+
+        The one place the merge's arithmetic is written, for the sequential loop, the parallel blocks
+        and the streamed tensors alike, so their bytes are the same operation for operation."""
+        stop = start + w.shape[0]
+        w.copy_(src_rows)  # exact upcast
+        base_sq = torch.linalg.vector_norm(w).double().square()
+        torch.mm(f.b[start:stop], f.a, out=d)
+        if f.scale != 1.0:
+            d.mul_(f.scale)
+        delta_sq = torch.linalg.vector_norm(d).double().square()
+        w.add_(d)
+        if not f.check_out and (self.check_finite or pt.dtype == "fp16"):
+            self._check_block(w, pt, f.path, start)
+        o.copy_(w)  # the one rounding to the output dtype
+        if f.check_out and self.check_finite:
+            self._check_block(o, pt, f.path, start)
+        return base_sq, delta_sq
+
+    def _record(self, pt: PlannedTensor, f: _Factors, base_sq: torch.Tensor, delta_sq: torch.Tensor) -> None:
+        assert pt.lora is not None
+        self.report.add(
+            self._order.get(pt.name, len(self._order)),
+            DeltaStats(
+                pt.name,
+                module_group(pt.name),
+                pt.lora.rank,
+                math.sqrt(float(base_sq)),
+                math.sqrt(float(delta_sq)),
+                f.zero_b,
+            ),
+        )
+
+    def _scratch_rows(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This block thread's two fp32 (rows, cols) working buffers, reused from tensor to tensor."""
+        need = rows * cols
+        have = getattr(self._scratch, "buf", None)
+        if have is None or have.numel() < 2 * need:
+            have = torch.empty(2 * max(need, self.block_elems), dtype=torch.float32)
+            self._scratch.buf = have
+        return have[:need].view(rows, cols), have[need : 2 * need].view(rows, cols)
+
+    def _merge_parallel(
+        self,
+        pt: PlannedTensor,
+        rows_of: Callable[[int, int], torch.Tensor],
+        a_in: torch.Tensor,
+        b_in: torch.Tensor,
+        out: torch.Tensor,
+        step: int,
+    ) -> None:
+        """A CPU merge whose row blocks run on the block threads (``block_threads``); see ``_merge_rows``.
+
+        The norm sums are added in block order and the first failing block (in row order) is the one
+        raised, so the output, the report and the error are those of the sequential loop."""
+        f = self._factors(pt, a_in, b_in)
+        rows, cols = out.shape
+
+        def job(start: int) -> tuple[torch.Tensor, torch.Tensor]:
+            stop = min(rows, start + step)
+            w, d = self._scratch_rows(stop - start, cols)
+            return self._merge_rows(pt, f, rows_of(start, stop), start, w, d, out[start:stop])
+
+        pool = self._blocks_executor()
+        futures: list[Future] = [pool.submit(job, s) for s in range(0, rows, step)]
+        base_sq = torch.zeros((), dtype=torch.float64)
+        delta_sq = torch.zeros((), dtype=torch.float64)
+        try:
+            for fut in futures:
+                b_part, d_part = fut.result()
+                base_sq += b_part
+                delta_sq += d_part
+        finally:
+            for fut in futures:  # after an error: no block still writes into ``out`` once we return
+                fut.cancel()
+            for fut in futures:
+                if not fut.cancelled():
+                    fut.exception()
+        self._record(pt, f, base_sq, delta_sq)
 
     def _merge_blocks(
         self,
@@ -451,65 +703,26 @@ class TensorProducer:
         merges and streamed ones share this loop, so their arithmetic is the
         same operation for operation.
         """
-        assert pt.lora is not None
-        ckpt = self.sources[pt.lora.a.layer]
-        path = str(ckpt.path)
+        f = self._factors(pt, a_in, b_in)
         dev = self.merge_device
-        target = dtypes.to_torch(pt.dtype)
-        a = a_in.to(dev, torch.float32)
-        b = b_in.to(dev, torch.float32)
-        b_lo = b_hi = 0.0
-        if b.numel():
-            b_lo, b_hi = _finite_minmax(b)
-        if self.check_finite:
-            _check_finite(a, f"LoRA tensor {pt.lora.a.key}", path)
-            if not (math.isfinite(b_lo) and math.isfinite(b_hi)):
-                _check_finite(b, f"LoRA tensor {pt.lora.b.key}", path)
-        zero_b = b_lo == 0.0 and b_hi == 0.0  # min = max = 0 <=> every element is (+-)0
-        rows, cols = b.shape[0], a.shape[1]
-        scale = float(pt.lora.scale)
-        if scale != 1.0 and math.frexp(scale)[0] == 0.5 and b.numel():
-            # a power of two: scale*(B@A) == (scale*B)@A exactly (every product and partial sum is
-            # scaled by 2^k, no rounding changes), so fold it into the small factor
-            b = b * scale
-            scale = 1.0
+        rows, cols = f.b.shape[0], f.a.shape[1]
         # plain fp32 ops only: torch's mixed-dtype kernels (bf16 + fp32 -> bf16) are not vectorised
         # on CPU and run 20-100x slower than upcast + add_ + downcast, which are
         w_buf = torch.empty((step, cols), dtype=torch.float32, device=dev)
         d_buf = torch.empty((step, cols), dtype=torch.float32, device=dev)
         base_sq = torch.zeros((), dtype=torch.float64, device=dev)
         delta_sq = torch.zeros((), dtype=torch.float64, device=dev)
-        # bf16/fp32 outputs are checked after the cast (a cast keeps NaN/Inf, and an fp32 sum too
-        # large for bf16 becomes Inf, so it is caught too); fp16 needs the fp32 sum for its range test
-        check_out = target in (torch.bfloat16, torch.float32) and pt.dtype != "fp16"
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            w, d, o = w_buf[: stop - start], d_buf[: stop - start], out_rows(start, stop)
-            w.copy_(rows_of(start, stop))  # exact upcast
-            base_sq += torch.linalg.vector_norm(w).double().square()
-            torch.mm(b[start:stop], a, out=d)
-            if scale != 1.0:
-                d.mul_(scale)
-            delta_sq += torch.linalg.vector_norm(d).double().square()
-            w.add_(d)
-            if not check_out and (self.check_finite or pt.dtype == "fp16"):
-                self._check_block(w, pt, path, start)
-            o.copy_(w)  # the one rounding to the output dtype
-            if check_out and self.check_finite:
-                self._check_block(o, pt, path, start)
+            n = stop - start
+            b_part, d_part = self._merge_rows(
+                pt, f, rows_of(start, stop), start, w_buf[:n], d_buf[:n], out_rows(start, stop)
+            )
+            base_sq += b_part
+            delta_sq += d_part
             yield start, stop
-        del d_buf, w_buf, a, b
-        self.report.add(
-            self._order.get(pt.name, len(self._order)),
-            DeltaStats(
-                pt.name,
-                module_group(pt.name),
-                pt.lora.rank,
-                math.sqrt(float(base_sq)),
-                math.sqrt(float(delta_sq)),
-                zero_b,
-            ),
-        )
+        del d_buf, w_buf
+        self._record(pt, f, base_sq, delta_sq)
 
     # ------------------------------------------------------------- row-block streaming (huge tensors)
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,8 @@ from ..progress import Progress, Silent
 from . import atomic, guard
 from .pipeline import DEFAULT_BUDGET_BYTES, Producer, TensorPipeline, parallel_shards
 from .safetensors_writer import SAFETENSORS
-from .shard_writer import ShardSink, ShardWriter
+from .shard_lanes import ShardLane, first_error
+from .shard_writer import ShardWriter
 from .stage_times import StageTimes
 from .tokenizer import apply_additions
 
@@ -94,33 +96,60 @@ def write_shards(
     started = time.perf_counter()
     total = 0
     order = [by_name[name] for steps in schedule for _, name in steps]
-    # reading, merging and writing overlap in threads, in this order, memory-bounded (see pipeline)
+    progress_lock = threading.Lock()
+    # reading, merging and writing overlap in threads, in this order, memory-bounded (see pipeline); each
+    # open shard is written by its own lane thread, so their checksums and disk writes run in parallel
     with TensorPipeline(produce, order, budget_bytes=PIPELINE_BUDGET_BYTES, times=times) as pipe:
+
+        def written(name: str) -> None:
+            pipe.done(name)
+            with progress_lock:
+                progress.advance(name, by_name[name].info.nbytes)
+
         for group, steps in zip(groups, schedule, strict=True):
             digests = {s.filename: hashlib.sha256() for s in group} if checksums is not None else {}
-            sinks: dict[str, ShardSink] = {}
+            lanes: dict[str, ShardLane] = {}
             try:
                 for s in group:
-                    sinks[s.filename] = writer.open_shard(
+                    sink = writer.open_shard(
                         folder / s.filename,
                         [(n, by_name[n].info) for n in s.tensors],
                         digest=digests.get(s.filename),
                         times=times,
                     )
+                    try:
+                        lanes[s.filename] = ShardLane(s.filename, sink, written, pipe.abort)
+                    except BaseException:
+                        sink.abort()
+                        raise
                 left = {s.filename: len(s.tensors) for s in group}
+                for filename, n in left.items():
+                    if not n:  # a shard planned with no tensors
+                        lanes[filename].finish()
                 for shard, name in steps:
-                    sinks[shard.filename].write(name, pipe.get(name))
-                    pipe.done(name)
-                    progress.advance(name, by_name[name].info.nbytes)
+                    try:
+                        item = pipe.get(name)
+                    except BaseException:
+                        err = first_error(lanes.values())  # the pipeline stopped because a lane failed
+                        if err is not None:
+                            raise err from None
+                        raise
+                    lanes[shard.filename].put(name, item)
+                    del item
                     left[shard.filename] -= 1
                     if not left[shard.filename]:
-                        total += sinks.pop(shard.filename).close()
-                for filename, sink in list(sinks.items()):  # shards planned with no tensors
-                    total += sink.close()
-                    del sinks[filename]
+                        lanes[shard.filename].finish()
+                for lane in lanes.values():
+                    lane.join()
+                    lane.raise_error()
+                    total += lane.bytes
             finally:
-                for sink in sinks.values():
-                    sink.abort()
+                for lane in lanes.values():
+                    lane.cancel()
+                for lane in lanes.values():
+                    lane.join()
+                    if not lane.closed:
+                        lane.sink.abort()
             if checksums is not None:  # digests is empty otherwise
                 for filename, digest in digests.items():
                     checksums[filename] = digest.hexdigest()

@@ -15,7 +15,15 @@ from .. import dtypes
 from ..machine import process_rss
 from ..plan.types import PlannedTensor, ShardPlan
 from ..read.tensor_source import TensorInfo, TensorSource
-from ..transform.produce import DEVICE_BLOCK_ELEMS, STREAM_BLOCK_BYTES, merge_threads, resolve_merge_device, streamable
+from ..transform.produce import (
+    DEVICE_BLOCK_ELEMS,
+    STREAM_BLOCK_BYTES,
+    block_thread_bytes,
+    block_threads,
+    merge_threads,
+    resolve_merge_device,
+    streamable,
+)
 from . import pipeline
 
 # Bytes the converter holds before any tensor is touched: interpreter, torch, tokenizers, the plan
@@ -71,7 +79,8 @@ def estimate_peak_ram(
       written (a DeepSpeed partition set), whose pages, once read, stay in RSS;
       + ~40 MiB per merge thread beyond the first (allocator arenas, MKL buffers:
       0 on 2 cores, ~0.55 GiB with 15 threads) + the CUDA runtime's host memory
-      for a GPU merge (``auto`` resolved as the conversion will) + 32 MiB of staging buffers per
+      for a GPU merge (``auto`` resolved as the conversion will) + each block thread's two fp32
+      blocks (``transform.produce.block_threads``) + 32 MiB of staging buffers per
       shard written beside the first (``pipeline.parallel_shards``);
     * reading back (``read_back_bytes``, the buffers of ``verify.structural``'s read-back,
       ``READ_BACK_CHUNK_BYTES``; None without ``--read-back``): interpreter + those pages + that
@@ -109,9 +118,11 @@ def estimate_peak_ram(
     # each torch thread of the merge adds its own allocator arena and MKL packing buffers: on the 16-core H100
     # machine (15 merge threads) the same 4B/8B runs peaked 0.37-0.64 GiB above this 2-core VM's
     threads = PER_MERGE_THREAD_BYTES * max(0, merge_threads(merge_device) - 1)
+    # threads that share one tensor's row blocks (transform.produce.block_threads): two fp32 blocks each
+    blocks = block_thread_bytes() * block_threads(merge_device) if block_threads(merge_device) > 1 else 0
     # every shard open beside the first has its own staging buffers (write.folder writes shards side by side)
     open_shards = pipeline.SHARD_STAGE_BYTES * max(0, pipeline.parallel_shards(len(shards)) - 1)
-    writing = baseline_bytes + mapped + window + threads + open_shards + (CUDA_CONTEXT_BYTES if on_gpu else 0)
+    writing = baseline_bytes + mapped + window + threads + blocks + open_shards + (CUDA_CONTEXT_BYTES if on_gpu else 0)
     if read_back_bytes is None or not shards:
         return writing
     checking = baseline_bytes + mapped + read_back_bytes + (CUDA_CONTEXT_BYTES if on_gpu else 0)

@@ -12,7 +12,8 @@ and the next one is read. Two rules keep this safe:
 * **memory**: a tensor is admitted only while the bytes of everything in flight
   (inputs read, outputs not yet written) stay under the budget:
   ``min(budget_bytes, AHEAD x the largest tensor's inputs + output)``; a tensor
-  larger than the budget runs alone. The pipeline's memory is therefore about
+  larger than the budget is streamed in row blocks (and counts those), or, where it cannot
+  be, runs alone. The pipeline's memory is therefore about
   ``max(budget, largest tensor's inputs + output)`` plus up to one budget of
   free recycled buffers, whatever the model size (512 MiB budget: ~1 GiB).
 
@@ -47,6 +48,7 @@ from ..plan.types import PlannedTensor
 from .stage_times import StageTimes
 
 DEFAULT_BUDGET_BYTES = 512 << 20  # cap on the bytes of tensors in flight (inputs + outputs)
+STREAMED_BYTES = 3 * (16 << 20)  # what a streamed tensor holds at a time (transform.produce.STREAM_BLOCK_BYTES)
 AHEAD = 4  # ... and at most about this many of the model's largest tensors
 _JOIN_SECONDS = 60.0
 
@@ -58,13 +60,14 @@ def _ref_bytes(ref) -> int:
     return n * dtypes.itemsize(ref.dtype)
 
 
-def inflight_bytes(pt: PlannedTensor) -> tuple[int, int]:
+def inflight_bytes(pt: PlannedTensor, *, value_read_in_merge: bool = False) -> tuple[int, int]:
     """(inputs, new output) bytes of one tensor; inputs are freed once merged, the output once written.
 
     A tensor stored as read (no merge, no cast) has no new output: its input is
-    what the writer writes, so it is held until then.
+    what the writer writes, so it is held until then. A merge that reads its value's rows itself
+    (``Producer.reads_in_merge``) holds only the LoRA factors as inputs.
     """
-    inputs = _ref_bytes(pt.value)
+    inputs = 0 if value_read_in_merge and pt.lora is not None else _ref_bytes(pt.value)
     if pt.lora is not None:
         return inputs + _ref_bytes(pt.lora.a) + _ref_bytes(pt.lora.b), pt.nbytes
     if pt.value.dtype != pt.dtype:
@@ -131,6 +134,11 @@ class Producer(Protocol):
         then be safe to call from that many threads at once, on different tensors."""
         ...
 
+    def reads_in_merge(self, pt: PlannedTensor) -> bool:
+        """Whether ``finish`` reads ``pt``'s value itself (``prepare`` then reads only the LoRA factors):
+        the value's bytes are then no input held in the budget."""
+        ...
+
     def enable_pool(self, max_bytes: int) -> None:
         """Reuse output buffers handed back with ``recycle`` (up to ``max_bytes`` kept free)."""
         ...
@@ -167,6 +175,9 @@ class FunctionProducer:
 
     def parallelism(self) -> tuple[int, int]:
         return 1, max(1, torch.get_num_threads())  # one worker: the function need not be thread-safe
+
+    def reads_in_merge(self, pt: PlannedTensor) -> bool:
+        return False
 
     def enable_pool(self, max_bytes: int) -> None:
         return None
@@ -217,18 +228,22 @@ class TensorPipeline:
         self._workers, self._worker_threads = workers if workers is not None else produce.parallelism()
         self._produce = produce
         self._tensors = list(tensors)
-        self._cost = {pt.name: inflight_bytes(pt) for pt in self._tensors}
+        self._cost = {
+            pt.name: inflight_bytes(pt, value_read_in_merge=produce.reads_in_merge(pt)) for pt in self._tensors
+        }
         largest = max((i + o for i, o in self._cost.values()), default=0)
         # a small model gets a small window: memory stays ~ a few tensors, never the model
         self._budget = min(max(0, int(budget_bytes)), AHEAD * largest)
-        # a tensor that cannot fit the window with its inputs is streamed in row blocks by the writer,
-        # alone: it holds the whole budget (+1) while written, so nothing is read or merged beside it
-        # and reports stay in plan order
+        # a tensor that cannot fit the window with its inputs is streamed in row blocks by its shard's
+        # writer, and costs what it holds at a time (a few blocks, STREAMED_BYTES). It used to hold the
+        # whole budget, so that nothing was read, merged or written beside it: on the H100 the 8B
+        # embedding and head then took 3-4 s of a 16-19 s write stage on one core (issue 26). Reports
+        # stay in plan order (the producer orders them by plan position), files in each file's order.
         self._streamed: set[str] = set()
         for pt in self._tensors:
             if sum(self._cost[pt.name]) > self._budget and produce.can_stream(pt):
                 self._streamed.add(pt.name)
-                self._cost[pt.name] = (self._budget + 1, 0)
+                self._cost[pt.name] = (min(self._budget, STREAMED_BYTES), 0)
         self._inflight = 0
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -237,6 +252,7 @@ class TensorPipeline:
         self._results: dict[int, Any] = {}
         self._results_cond = threading.Condition()
         self._handed: dict[str, Any] = {}
+        self._handed_lock = threading.Lock()
         self._next = 0
         self._by_name = {pt.name: pt for pt in self._tensors}
         produce.enable_pool(self._budget)  # free buffers kept; in flight + free stays ~ the budget in steady state
@@ -336,7 +352,7 @@ class TensorPipeline:
             raise RuntimeError(f"writer asked for {name}, the pipeline's next tensor is {expected}")
         seq = self._next
         with self.times.span("write.wait_tensor"), self._results_cond:
-            while seq not in self._results and self._running > 0:
+            while seq not in self._results and self._running > 0 and not self._stop.is_set():
                 self._results_cond.wait()
             item = self._results.pop(seq, _END)
         if isinstance(item, _Failed):
@@ -346,12 +362,25 @@ class TensorPipeline:
             raise RuntimeError(f"pipeline ended before {name}")
         self._next += 1
         if isinstance(item, torch.Tensor):
-            self._handed[name] = item
+            with self._handed_lock:
+                self._handed[name] = item
         return item
 
+    def abort(self, _reason: BaseException | None = None) -> None:
+        """Stop reading and merging, and wake a ``get`` that waits (a shard's writer failed: the
+        tensors handed to it will never be ``done``, so the budget would never free up)."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        with self._results_cond:
+            self._results_cond.notify_all()
+
     def done(self, name: str) -> None:
-        """The writer has written ``name`` and holds it no more: its memory may be reused."""
-        t = self._handed.pop(name, None)
+        """The writer has written ``name`` and holds it no more: its memory may be reused.
+
+        Called from the shard writers' threads (``write.shard_lanes``), several at once."""
+        with self._handed_lock:
+            t = self._handed.pop(name, None)
         if t is not None:
             self._produce.recycle(t)
             del t
@@ -376,7 +405,8 @@ class TensorPipeline:
                 break
         with self._results_cond:
             self._results.clear()
-        self._handed.clear()
+        with self._handed_lock:
+            self._handed.clear()
         self._produce.disable_pool()
 
     def __enter__(self) -> TensorPipeline:  # noqa: PYI034

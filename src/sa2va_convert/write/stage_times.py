@@ -1,7 +1,8 @@
 """Where the write stage's wall time went: seconds each of its threads spent working or waiting.
 
-The write stage runs five threads (reader, merger, writer, disk IO, sha256; see ``pipeline`` and
-``safetensors_stream``), so a profile of one thread says little about the wall time. Each thread
+The write stage runs several kinds of thread (reader, merge workers and block threads, a
+dispatcher, per open shard a writer, a disk-IO and a sha256 thread; see ``pipeline``,
+``shard_lanes`` and ``safetensors_stream``), so a profile of one thread says little about the wall time. Each thread
 adds up its own busy and waiting seconds here; the thread that never waits is the one that bounds
 the run (e.g. ``write.wait_tensor`` near zero and ``io.write`` near the wall: the disk). The figures
 go into ``--json`` (``stage_seconds``) and the ``-v`` output, so a user on any machine can see
@@ -22,11 +23,11 @@ STAGE_KEYS: dict[str, str] = {
     "read.wait_budget": "reader thread: waiting for room in the in-flight memory budget (downstream is slower)",
     "merge.busy": "merge workers (summed): LoRA merges, casts and NaN/Inf checks",
     "merge.wait_input": "merge workers (summed): waiting for the reader",
-    "write.wait_tensor": "writer thread: waiting for the next tensor (upstream is slower)",
-    "write.stream": "writer thread: producing row blocks of tensors too big for the window (read + merge)",
-    "write.copy": "writer thread: copying bytes into the direct-IO staging buffers",
-    "write.wait_io": "writer thread: waiting for the disk or the checksum to free a staging buffer",
-    "write.fsync": "writer thread: fsync at the end of each shard",
+    "write.wait_tensor": "dispatching thread: waiting for the next tensor (upstream is slower)",
+    "write.stream": "shard writers (summed): producing row blocks of tensors too big for the window (read + merge)",
+    "write.copy": "shard writers (summed): copying bytes into the direct-IO staging buffers",
+    "write.wait_io": "shard writers (summed): waiting for the disk or the checksum to free a staging buffer",
+    "write.fsync": "shard writers (summed): fsync at the end of each shard",
     "io.write": "IO threads (summed over shards written side by side): os.write of staged chunks (the disk)",
     "sha256.busy": "hash threads (summed over shards written side by side): sha256 of the bytes written",
     "total": "the whole write of the shards (wall)",
