@@ -182,13 +182,29 @@ def _is_finalizer(code: Any) -> bool:
     return code.co_name == "__del__" or code.co_filename.endswith(("weakref.py", "_weakrefset.py"))
 
 
+_TORCH_DIR = f"{os.sep}torch{os.sep}"
+
+
+def _is_torch_import(code: Any) -> bool:
+    """A torch module's top level running, i.e. torch being imported. Some of those modules are imported
+    from torch's C++ start-up through pybind11; a KeyboardInterrupt raised there crosses C++ and ends the
+    process with ``terminate called ... pybind11::error_already_set`` and SIGABRT (exit -6) instead of our
+    one line (the CI's Ctrl-C-while-starting test hit it at 0.6 s)."""
+    return code.co_name == "<module>" and _TORCH_DIR in code.co_filename
+
+
+def _is_importlib(code: Any) -> bool:
+    return code.co_filename.startswith("<frozen importlib")
+
+
 def _no_trace(frame: Any, event: str, arg: Any) -> None:  # noqa: ARG001 - trace function signature
     return None
 
 
 def _interrupt_after_finalizer(frame: Any) -> bool:
-    """If ``frame`` is a finalizer (``__del__``, a weakref callback) or runs inside one, arrange for
-    KeyboardInterrupt at the next line of the code the finalizer interrupted, and return True.
+    """If ``frame`` is a finalizer (``__del__``, a weakref callback) or runs inside one, or inside an import
+    of torch (:func:`_is_torch_import`), arrange for KeyboardInterrupt at the next line of the code the
+    finalizer interrupted (the code that imported torch, once the import has finished), and return True.
 
     Python prints an exception raised inside a finalizer as "Exception ignored in ..." with a traceback
     and carries on: the interrupt would be lost, the run would go on to exit 0 with a traceback on stderr
@@ -199,9 +215,11 @@ def _interrupt_after_finalizer(frame: Any) -> bool:
     target = None
     f = frame
     while f is not None:
-        if _is_finalizer(f.f_code):
+        if _is_finalizer(f.f_code) or _is_torch_import(f.f_code):
             target = f.f_back
         f = f.f_back
+    while target is not None and _is_importlib(target.f_code):  # the import machinery: the importer's frame
+        target = target.f_back
     if target is None:
         return False
     if sys.gettrace() is not None:

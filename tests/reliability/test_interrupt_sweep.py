@@ -20,6 +20,7 @@ pre-warmed launcher (each child a fork: ~0.5 s a conversion), so the sweep stays
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -145,6 +146,40 @@ def test_an_interrupt_inside_a_finalizer_is_not_lost(tmp_path):
         "    print('interrupted')\n")
     p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert p.stdout.strip() == "interrupted" and "Exception ignored" not in p.stderr, (p.stdout, p.stderr)
+
+
+def test_an_interrupt_during_an_import_of_torch_waits_for_the_import(tmp_path):
+    """A signal handled while a torch module's top level runs: some of those are imported from torch's C++
+    start-up through pybind11, where a raised KeyboardInterrupt aborts the process (SIGABRT, seen in CI at
+    0.6 s into a command). The interrupt must land in the importing code once the import has finished.
+    A stand-in module under a ``torch/`` folder plays the part (the rule looks at the path only)."""
+    import subprocess
+    import sys
+
+    pkg = tmp_path / "site" / "standin" / "torch"
+    pkg.mkdir(parents=True)
+    (pkg.parent / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "mod.py").write_text(
+        "import os, signal\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "for _ in range(1000):\n"
+        "    pass\n"
+        "finished = True\n")
+    script = tmp_path / "importer.py"
+    script.write_text(
+        "import sys\n"
+        "from sa2va_convert import run_state\n"
+        "run_state.install_handlers()\n"
+        "try:\n"
+        "    import standin.torch.mod\n"
+        "    print('lost')\n"
+        "except KeyboardInterrupt:\n"
+        "    m = sys.modules.get('standin.torch.mod')\n"
+        "    print('interrupted after the import' if getattr(m, 'finished', False) else 'interrupted inside it')\n")
+    env = {**cli_env(None), "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), *sys.path])}
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert p.stdout.strip() == "interrupted after the import", (p.stdout, p.stderr)
 
 
 def test_an_interrupt_before_the_arguments_are_parsed_is_the_one_line_form_too():
