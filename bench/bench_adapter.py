@@ -130,14 +130,32 @@ def _eval_inputs(args, work: Path, logs: Path) -> tuple[Path, Path, dict]:
     base = write_base_folder(root / "base", preset, sizes, dtype=args.base_dtype, seed=0, fill="fast")
     for k in range(1, args.eval + 1):  # K different fine-tunes of one base
         write_training_checkpoint(
-            root / "work_dir" / f"iter_{100 * k}.pth", preset, sizes, seed=10 + k, dtype=args.base_dtype,
-            fill="fast", base_dir=base, iteration=100 * k,
+            root / "work_dir" / f"iter_{100 * k}.pth",
+            preset,
+            sizes,
+            seed=10 + k,
+            dtype=args.base_dtype,
+            fill="fast",
+            base_dir=base,
+            iteration=100 * k,
         )
     runs = root / "runs"
     runs.mkdir()
     conv = subprocess.run(
-        [*cli_cmd(), str(root / "work_dir"), str(runs), "--all", "--base", str(base), "--format", "adapter",
-         "--no-verify", "--json"], capture_output=True, text=True,
+        [
+            *cli_cmd(),
+            str(root / "work_dir"),
+            str(runs),
+            "--all",
+            "--base",
+            str(base),
+            "--format",
+            "adapter",
+            "--no-verify",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
     )
     if conv.returncode != 0:
         raise SystemExit(f"convert --all --format adapter failed: {conv.stderr[-2000:]}")
@@ -155,29 +173,59 @@ def _eval_inputs(args, work: Path, logs: Path) -> tuple[Path, Path, dict]:
 
 def eval_main(args, work: Path, logs: Path) -> int:
     runs, data, inputs = _eval_inputs(args, work, logs)
-    res: dict = {"machine": machine_info(work), "model": args.model, "sizes": args.sizes, "adapters": args.eval,
-                 "images": args.images, "inputs": inputs, "runs": []}
+    res: dict = {
+        "machine": machine_info(work),
+        "model": args.model,
+        "sizes": args.sizes,
+        "adapters": args.eval,
+        "images": args.images,
+        "inputs": inputs,
+        "runs": [],
+    }
     first: dict[str, bytes] = {}
     try:
         for rep in range(args.repeats):
             for how in ("shared", "per-adapter"):
                 out = work / f"eval-out-{how}"
                 shutil.rmtree(out, ignore_errors=True)
-                cmd = [*cli_cmd(), "eval", str(runs), "--data", str(data), "--prompt", "the object", "--out", str(out),
-                       "--device", "cpu", "--max-new-tokens", "4", "--force-seg", "--json"]
+                cmd = [
+                    *cli_cmd(),
+                    "eval",
+                    str(runs),
+                    "--data",
+                    str(data),
+                    "--prompt",
+                    "the object",
+                    "--out",
+                    str(out),
+                    "--device",
+                    "cpu",
+                    "--max-new-tokens",
+                    "4",
+                    "--force-seg",
+                    "--json",
+                ]
                 if how == "per-adapter":
                     cmd.append("--process-per-adapter")
                 m = measure(cmd, log=logs / f"eval.{how}.{rep}")
                 masks = {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "predictions").rglob("*.png"))}
                 first = first or masks
                 summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
-                m.update(how=how, repeat=rep, masks=len(masks), masks_equal_first_run=masks == first,
-                         notes=[n for n in summary.get("notes", []) if "base loaded" in n or "one process" in n],
-                         mean_dice={x["model"]: x["mean_dice"] for x in summary.get("models", [])})
+                m.update(
+                    how=how,
+                    repeat=rep,
+                    masks=len(masks),
+                    masks_equal_first_run=masks == first,
+                    notes=[n for n in summary.get("notes", []) if "base loaded" in n or "one process" in n],
+                    mean_dice={x["model"]: x["mean_dice"] for x in summary.get("models", [])},
+                )
                 res["runs"].append(m)
-                print(f"{how:11s} rep {rep}: rc {m['rc']}, wall {m['wall_s']} s, CPU {m['user_s'] + m['sys_s']:.1f} s, "
-                      f"peak RSS {m['maxrss_bytes'] / GIB:.2f} GiB, {len(masks)} masks, same as first run: "
-                      f"{masks == first}, {m['notes']}", flush=True)
+                print(
+                    f"{how:11s} rep {rep}: rc {m['rc']}, wall {m['wall_s']} s, CPU {m['user_s'] + m['sys_s']:.1f} s, "
+                    f"peak RSS {m['maxrss_bytes'] / GIB:.2f} GiB, {len(masks)} masks, same as first run: "
+                    f"{masks == first}, {m['notes']}",
+                    flush=True,
+                )
                 shutil.rmtree(out, ignore_errors=True)
     finally:
         if args.json:

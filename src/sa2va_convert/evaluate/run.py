@@ -788,7 +788,7 @@ def _run_swapped(
                 seconds=float((own_report.get("timings") or {}).get("total") or 0.0),
             )
             parts[spec.name] = _model_part(own_run, spec, rows, exe=exe, device=device, timeout=timeout)
-            parts[spec.name]["base_loads"] = {"process_models": len(group), "base_loads": 1}
+            parts[spec.name]["base_loads"] = {"kept_bytes": int(own_report.get("kept_bytes") or 0)}
         elif crashed:  # the adapter the child was on (or the base's load): the child's own failure
             parts[spec.name] = _model_part(run, spec, rows, exe=exe, device=device, timeout=timeout)
             break
@@ -1041,9 +1041,11 @@ def _evaluate(
                 swapped = {spec.name: {"rows": [], "error": e.to_dict(), "details": ""}}
             loaded_for = [n for n, p in swapped.items() if p.get("base_loads")]
             if loaded_for:
+                kept = max(swapped[n]["base_loads"]["kept_bytes"] for n in loaded_for)
                 swap_notes.append(
                     f"base loaded once for {len(loaded_for)} adapters ({', '.join(loaded_for)}): one model process "
-                    "merged each adapter, evaluated it and restored the base exactly"
+                    "merged each adapter, evaluated it and restored the base exactly from CPU copies of the "
+                    f"tensors the adapters change ({kept / 2**20:.1f} MiB)"
                     + (f" (on each of {dist.world} ranks)" if dist.world > 1 else "")
                 )
             left = [m.name for m in group if m.name not in swapped]
