@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", choices=("real", "tiny"), default="real", help="the generator's shapes (--eval)")
     ap.add_argument("--eval", type=int, default=0, metavar="K", help="time eval over K adapters instead (see above)")
     ap.add_argument("--images", type=int, default=4, help="pictures per eval run (--eval)")
+    ap.add_argument("--force-seg", action="store_true", help="eval --force-seg (a mask from every adapter's decoder)")
     ap.add_argument("--keep", action="store_true", help="keep the generated inputs")
     ap.add_argument("--json", type=Path, help="write every measurement here")
     args = ap.parse_args(argv)
@@ -119,7 +120,6 @@ def _eval_inputs(args, work: Path, logs: Path) -> tuple[Path, Path, dict]:
     from PIL import Image
 
     from sa2va_convert.testing.finetune import synthetic_picture
-
     from sa2va_convert.testing.fixtures import write_base_folder, write_training_checkpoint
     from sa2va_convert.testing.layouts import Sizes, get_preset
 
@@ -202,9 +202,10 @@ def eval_main(args, work: Path, logs: Path) -> int:
                     "cpu",
                     "--max-new-tokens",
                     "4",
-                    "--force-seg",
                     "--json",
                 ]
+                if args.force_seg:
+                    cmd.append("--force-seg")
                 if how == "per-adapter":
                     cmd.append("--process-per-adapter")
                 m = measure(cmd, log=logs / f"eval.{how}.{rep}")

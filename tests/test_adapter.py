@@ -25,6 +25,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from sa2va_convert.api import ConvertOptions, convert, convert_all, plan_conversion  # noqa: E402
 from sa2va_convert.errors import InputError, PlanError, UsageError  # noqa: E402
+from sa2va_convert.evaluate.adapter_swap import plan_swaps  # noqa: E402
 from sa2va_convert.evaluate.run import resolve_models  # noqa: E402
 from sa2va_convert.formats import ADAPTER_CONFIG, ADAPTER_RECORD, ADAPTER_WEIGHTS, weight_files  # noqa: E402
 from sa2va_convert.read.adapter_folder import sha256_file  # noqa: E402
@@ -212,11 +213,22 @@ def _eval_swapped_equals_one_process_each(runs: Path, tmp_path: Path) -> None:
     assert rows(tmp_path / "shared") == rows(tmp_path / "alone") and len(rows(tmp_path / "alone")) == 2 * 2 * 2
     pngs = sorted(p.relative_to(tmp_path / "alone") for p in (tmp_path / "alone" / "predictions").rglob("*.png"))
     assert len(pngs) == 2 * 2 * 2  # 2 adapters x 2 images, free and forced
-    assert [(tmp_path / "shared" / p).read_bytes() for p in pngs] == [(tmp_path / "alone" / p).read_bytes() for p in pngs]
+    for p in pngs:
+        assert (tmp_path / "shared" / p).read_bytes() == (tmp_path / "alone" / p).read_bytes(), p
     forced = {p.parts[1]: (tmp_path / "alone" / p).read_bytes() for p in pngs if "forced" in p.parts}
     assert forced["iter_100"] != forced["iter_200"]  # the two adapters' masks differ: the comparison can fail
     for key in ("mean_dice", "giou", "no_seg_rate"):
         assert [m[key] for m in shared["models"]] == [m[key] for m in alone["models"]]
+    # an adapter whose merge casts the whole model keeps a process of its own, and the plan says why
+    cast = tmp_path / "cast" / "iter_300"
+    shutil.copytree(runs / "iter_200", cast)
+    record = json.loads((cast / ADAPTER_RECORD).read_text())
+    (cast / ADAPTER_RECORD).write_text(json.dumps({**record, "dtype": "fp32"}))
+    models = resolve_models([runs / "iter_100", runs / "iter_200", cast])
+    plan = plan_swaps(models, None)
+    assert [[m.name for m in g] for g in plan.groups] == [["iter_100", "iter_200"]]
+    assert "iter_300 (bf16 -> fp32)" in plan.notes[0]
+    assert [[m.name for m in g] for g in plan_swaps(models, "bf16").groups] == [["iter_100", "iter_200", "iter_300"]]
 
 
 def test_what_peft_cannot_hold_is_refused_before_writing(base_cache, tmp_path):
