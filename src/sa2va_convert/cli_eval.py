@@ -224,7 +224,8 @@ def register_eval(main: click.Group) -> None:
         "--process-per-adapter",
         is_flag=True,
         help="Evaluate each adapter folder (convert --format adapter) in a model process of its own, loading its "
-        "base each time. By default adapters on the same base share one process that loads the base once.",
+        "base each time. By default adapters on the same base share one process that loads the base once (image sets; "
+        "a video set gives each model its own process either way).",
     )
     @click.option(
         "--require-better",
