@@ -25,6 +25,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from sa2va_convert.api import ConvertOptions, convert, convert_all, plan_conversion  # noqa: E402
 from sa2va_convert.errors import InputError, PlanError, UsageError  # noqa: E402
+from sa2va_convert.evaluate.adapter_swap import plan_swaps  # noqa: E402
 from sa2va_convert.evaluate.run import resolve_models  # noqa: E402
 from sa2va_convert.formats import ADAPTER_CONFIG, ADAPTER_RECORD, ADAPTER_WEIGHTS, weight_files  # noqa: E402
 from sa2va_convert.read.adapter_folder import sha256_file  # noqa: E402
@@ -156,6 +157,8 @@ def test_all_format_adapter_then_verify_runs_base_plus_adapter_and_refuses_anoth
     forced = [run for run in rt["runs"] if run.get("forced") or run.get("seg_count")]
     assert forced and forced[0]["n_masks"] == 1 and forced[0]["masks"][0]["shape"] == [1, 60, 80]
 
+    _eval_swapped_equals_one_process_each(out, tmp_path)
+
     shard = sorted(base.glob("model-*.safetensors"))[0]
     other = base_cache("sa2va-1b", seed=5)
     shard.write_bytes((other / shard.name).read_bytes())  # same names and shapes, another base's values
@@ -166,6 +169,66 @@ def test_all_format_adapter_then_verify_runs_base_plus_adapter_and_refuses_anoth
     with pytest.raises(InputError, match="is not here") as missing:
         verify_folder(out / "iter_100", roundtrip=False)
     assert missing.value.exit_code == 3
+
+
+def _eval_data(root: Path) -> Path:
+    """Two small pictures (not square, both orientations) with a rectangle as their ground truth."""
+    import numpy as np
+    from PIL import Image
+
+    for stem, (w, h, shift) in {"a_wide": (80, 60, 0), "b_tall": (56, 72, -4)}.items():
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "masks").mkdir(exist_ok=True)
+        synthetic_picture(w, h, shift).save(root / "images" / f"{stem}.png")
+        truth = np.zeros((h, w), np.uint8)
+        truth[h // 4 : h // 2, w // 5 : w // 2] = 255
+        Image.fromarray(truth, "L").save(root / "masks" / f"{stem}.png")
+    return root
+
+
+def _eval_swapped_equals_one_process_each(runs: Path, tmp_path: Path) -> None:
+    """``eval`` over a run's adapters: one model process loads the base once, merges, evaluates and
+    restores per adapter, and gives every mask PNG byte for byte and every metrics.csv value that one
+    process per adapter gives (iter_200 after iter_100 in the shared process: a base not restored
+    exactly would show in iter_200's answers and masks). With --force-seg every image has a mask from
+    each adapter's own decoder (the fixture's random weights rarely answer [SEG] themselves)."""
+    import csv
+
+    from sa2va_convert.evaluate.run import evaluate
+
+    data = _eval_data(tmp_path / "data")
+    said: list[str] = []
+    kw = dict(prompt="the object", device="cpu", max_new_tokens=3, force_seg=True)
+    shared = evaluate([runs], data, out=tmp_path / "shared", on_stage=said.append, **kw).to_dict()
+    alone = evaluate([runs], data, out=tmp_path / "alone", share_base=False, **kw).to_dict()
+    assert "base loaded once for 2 adapters (iter_100, iter_200)" in " ".join(shared["notes"])
+    assert not any("base loaded once" in n for n in alone["notes"])
+    assert sum("in one model process" in m for m in said) == 1 and not any("iter_100: loading" in m for m in said)
+    assert shared["ok"] and alone["ok"] and not shared["failures"]
+
+    def rows(out: Path) -> list[dict]:
+        with open(out / "metrics.csv", newline="") as f:
+            return [{k: v for k, v in r.items() if k not in ("seconds", "prediction_file")} for r in csv.DictReader(f)]
+
+    assert rows(tmp_path / "shared") == rows(tmp_path / "alone") and len(rows(tmp_path / "alone")) == 2 * 2 * 2
+    pngs = sorted(p.relative_to(tmp_path / "alone") for p in (tmp_path / "alone" / "predictions").rglob("*.png"))
+    assert len(pngs) == 2 * 2 * 2  # 2 adapters x 2 images, free and forced
+    for p in pngs:
+        assert (tmp_path / "shared" / p).read_bytes() == (tmp_path / "alone" / p).read_bytes(), p
+    forced = {p.parts[1]: (tmp_path / "alone" / p).read_bytes() for p in pngs if "forced" in p.parts}
+    assert forced["iter_100"] != forced["iter_200"]  # the two adapters' masks differ: the comparison can fail
+    for key in ("mean_dice", "giou", "no_seg_rate"):
+        assert [m[key] for m in shared["models"]] == [m[key] for m in alone["models"]]
+    # an adapter whose merge casts the whole model keeps a process of its own, and the plan says why
+    cast = tmp_path / "cast" / "iter_300"
+    shutil.copytree(runs / "iter_200", cast)
+    record = json.loads((cast / ADAPTER_RECORD).read_text())
+    (cast / ADAPTER_RECORD).write_text(json.dumps({**record, "dtype": "fp32"}))
+    models = resolve_models([runs / "iter_100", runs / "iter_200", cast])
+    plan = plan_swaps(models, None)
+    assert [[m.name for m in g] for g in plan.groups] == [["iter_100", "iter_200"]]
+    assert "iter_300 (bf16 -> fp32)" in plan.notes[0]
+    assert [[m.name for m in g] for g in plan_swaps(models, "bf16").groups] == [["iter_100", "iter_200", "iter_300"]]
 
 
 def test_what_peft_cannot_hold_is_refused_before_writing(base_cache, tmp_path):

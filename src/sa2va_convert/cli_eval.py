@@ -221,6 +221,13 @@ def register_eval(main: click.Group) -> None:
         "[SEG] is not run twice.",
     )
     @click.option(
+        "--process-per-adapter",
+        is_flag=True,
+        help="Evaluate each adapter folder (convert --format adapter) in a model process of its own, loading its "
+        "base each time. By default adapters on the same base share one process that loads the base once (image sets; "
+        "a video set gives each model its own process either way).",
+    )
+    @click.option(
         "--require-better",
         is_flag=True,
         help="Exit 11 after the report unless every model's Dice (video: J&F) interval against the baseline lies "
@@ -272,6 +279,7 @@ def register_eval(main: click.Group) -> None:
         fail_under: tuple[str, ...],
         fail_above: tuple[str, ...],
         force_seg: bool,
+        process_per_adapter: bool,
         require_better: bool,
         names: tuple[str, ...],
         mask_threshold: float | None,
@@ -366,6 +374,7 @@ def register_eval(main: click.Group) -> None:
                 ignore_index=ignore_index,
                 images=images_dir,
                 prompt_map=prompt_map,
+                share_base=not process_per_adapter,
                 on_stage=progress.stage,
             )
         except ConvertError as e:

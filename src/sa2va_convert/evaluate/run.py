@@ -37,11 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConvertError, EvalFailuresError, EvalGateError, InputError, OutputError, UsageError
-from ..read.adapter_folder import is_adapter_folder
+from ..read.adapter_folder import is_adapter_folder, resolve_adapter
 from ..runner.failure import child_failure, debug_details
 from ..runner.memory import check_fits
-from ..runner.process import check_device, resolve_python, run_child
+from ..runner.process import ChildRun, check_device, resolve_python, run_child
 from ..runner.report import judge_loading, report_from
+from .adapter_swap import SwapPlan, plan_swaps
 from .compare import Comparison, compare, compare_models, paired_values
 from .data import PLAIN, MaskRule, Sample, load_dataset, write_truth
 from .defaults import DEFAULT_IMAGE_TIMEOUT
@@ -602,25 +603,24 @@ class _Scorer:
         return self._rows
 
 
-def _run_model(
+@dataclass
+class _ModelFiles:
+    """One model's item list, streamed results and their scorer, for this rank's share."""
+
+    items: Path
+    results: Path
+    scorer: _Scorer
+
+
+def _model_files(
     spec: ModelSpec,
     share: list[Sample],
-    *,
-    need: dict[str, tuple[bool, bool]] | None = None,
+    need: dict[str, tuple[bool, bool]] | None,
     out: Path,
     dist: Dist,
-    exe: str,
-    device: str,
-    dtype: str | None,
-    max_new_tokens: int,
     overlays: bool,
-    image_timeout: float,
-    on_stage: Callable[[str], None],
-) -> dict[str, Any]:
-    """This rank's share of one model's images in one child; returns its rows and facts (or its error).
-    ``need``: stem -> (free answer wanted, forced mask wanted); default: the free answer alone."""
-    if not share:
-        return {"rows": [], "child": None}
+) -> _ModelFiles:
+    """Write ``spec``'s item list for the child and keep an interrupted run's result lines."""
     work = out / WORK
     tag = f"{spec.name}.rank{dist.rank}"
     items, results = work / f"{tag}.items.jsonl", work / f"{tag}.results.jsonl"
@@ -645,25 +645,14 @@ def _run_model(
     results.write_text("".join(json.dumps(r) + "\n" for r in earlier), encoding="utf-8")
     by_stem = {s.stem: s for s in share}
     scorer = _Scorer(results, lambda r: _complete(r, spec, by_stem[r["stem"]], out) if r.get("stem") in by_stem else [])
-    check_fits(spec.folder, device, what="evaluation")
-    timeout = image_timeout * (len(share) + 1)
-    with dist.own_gpu(device) as child_device:
-        args = {
-            "mode": "eval",
-            "folder": str(spec.folder),
-            "device": child_device,
-            "dtype": dtype,
-            "max_new_tokens": int(max_new_tokens),
-            "items": str(items),
-            "results": str(results),
-        }
-        scorer.start()
-        try:
-            run = run_child(args, python=exe, timeout=timeout, on_stage=_throttled(spec.name, on_stage))
-        finally:
-            scorer.stop()
+    return _ModelFiles(items, results, scorer)
+
+
+def _model_part(
+    run: ChildRun, spec: ModelSpec, rows: list[dict[str, Any]], *, exe: str, device: str, timeout: float
+) -> dict[str, Any]:
+    """A model's rows with the facts of the process that made them, or the error it failed with."""
     report = report_from(run, spec.folder, exe)
-    rows = scorer.finish()
     if run.timed_out or not report.ok:
         err = child_failure(run, folder=spec.folder, python=exe, device=device, timeout=timeout, what="evaluation")
         err.hint = _eval_hint(err.hint)
@@ -682,6 +671,138 @@ def _run_model(
             "warnings": report.warnings,
         },
     }
+
+
+def _run_model(
+    spec: ModelSpec,
+    share: list[Sample],
+    *,
+    need: dict[str, tuple[bool, bool]] | None = None,
+    out: Path,
+    dist: Dist,
+    exe: str,
+    device: str,
+    dtype: str | None,
+    max_new_tokens: int,
+    overlays: bool,
+    image_timeout: float,
+    on_stage: Callable[[str], None],
+) -> dict[str, Any]:
+    """This rank's share of one model's images in one child; returns its rows and facts (or its error).
+    ``need``: stem -> (free answer wanted, forced mask wanted); default: the free answer alone."""
+    if not share:
+        return {"rows": [], "child": None}
+    files = _model_files(spec, share, need, out, dist, overlays)
+    check_fits(spec.folder, device, what="evaluation")
+    timeout = image_timeout * (len(share) + 1)
+    with dist.own_gpu(device) as child_device:
+        args = {
+            "mode": "eval",
+            "folder": str(spec.folder),
+            "device": child_device,
+            "dtype": dtype,
+            "max_new_tokens": int(max_new_tokens),
+            "items": str(files.items),
+            "results": str(files.results),
+        }
+        files.scorer.start()
+        try:
+            run = run_child(args, python=exe, timeout=timeout, on_stage=_throttled(spec.name, on_stage))
+        finally:
+            files.scorer.stop()
+    rows = files.scorer.finish()
+    return _model_part(run, spec, rows, exe=exe, device=device, timeout=timeout)
+
+
+def _run_swapped(
+    group: list[ModelSpec],
+    shares: dict[str, list[Sample]],
+    needs: dict[str, dict[str, tuple[bool, bool]]],
+    *,
+    out: Path,
+    dist: Dist,
+    exe: str,
+    device: str,
+    dtype: str | None,
+    max_new_tokens: int,
+    overlays: bool,
+    image_timeout: float,
+    on_stage: Callable[[str], None],
+) -> dict[str, dict[str, Any]]:
+    """This rank's shares of several adapters on one base in ONE child (``adapter_swap.py``): the base
+    loaded once, each adapter merged, evaluated and taken off again. Returns each model's part as
+    ``_run_model`` would (its own rows from its own results file; its error from its own report in the
+    child's words); a model the child did not reach (a crash or a base it could not restore) has no
+    part, and is then evaluated in a process of its own."""
+    found = resolve_adapter(group[0].folder)
+    assert found is not None  # plan_swaps grouped adapter folders only
+    files = {spec.name: _model_files(spec, shares[spec.name], needs[spec.name], out, dist, overlays) for spec in group}
+    reports = {spec.name: out / WORK / f"{spec.name}.rank{dist.rank}.adapter.json" for spec in group}
+    for path in reports.values():
+        path.unlink(missing_ok=True)
+    check_fits(group[0].folder, device, what="evaluation")
+    timeout = image_timeout * (sum(len(shares[s.name]) + 1 for s in group))
+    adapters = []
+    for spec in group:
+        own = resolve_adapter(spec.folder)
+        assert own is not None
+        adapters.append(
+            {
+                "name": spec.name,
+                "adapter": str(own.adapter),
+                "adapter_dtype": own.dtype,
+                "items": str(files[spec.name].items),
+                "results": str(files[spec.name].results),
+                "report": str(reports[spec.name]),
+            }
+        )
+    label = f"{len(group)} adapters on one base"
+    on_stage(f"{label}: {', '.join(s.name for s in group)} in one model process (the base loaded once)")
+    with dist.own_gpu(device) as child_device:
+        args = {
+            "mode": "eval_adapters",
+            "folder": str(found.base),
+            "device": child_device,
+            "dtype": dtype,
+            "max_new_tokens": int(max_new_tokens),
+            "adapters": adapters,
+        }
+        for f in files.values():
+            f.scorer.start()
+        try:
+            run = run_child(args, python=exe, timeout=timeout, on_stage=_throttled(label, on_stage))
+        finally:
+            for f in files.values():
+                f.scorer.stop()
+    parts: dict[str, dict[str, Any]] = {}
+    crashed = run.timed_out or not (run.result or {}).get("ok")
+    for spec in group:
+        rows = files[spec.name].scorer.finish()
+        own_report = _read_json(reports[spec.name])
+        if own_report is not None:
+            own_run = ChildRun(
+                result=own_report,
+                returncode=0 if own_report.get("ok") else 1,
+                stderr_tail=run.stderr_tail,
+                last_stage=str(own_report.get("stage") or ""),
+                seconds=float((own_report.get("timings") or {}).get("total") or 0.0),
+            )
+            parts[spec.name] = _model_part(own_run, spec, rows, exe=exe, device=device, timeout=timeout)
+            parts[spec.name]["base_loads"] = {"kept_bytes": int(own_report.get("kept_bytes") or 0)}
+        elif crashed:  # the adapter the child was on (or the base's load): the child's own failure
+            parts[spec.name] = _model_part(run, spec, rows, exe=exe, device=device, timeout=timeout)
+            break
+        else:  # not reached (the base could not be restored): a process of its own
+            break
+    return parts
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _eval_hint(hint: str | None) -> str | None:
@@ -751,9 +872,13 @@ def evaluate(
     ignore_index: int | None = None,
     images: str | os.PathLike | None = None,
     prompt_map: str | os.PathLike | None = None,
+    share_base: bool = True,
     on_stage: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """Evaluate every model on ``data`` and write the report into ``out``.
+
+    ``share_base`` (default): adapter folders on one base are evaluated in one model process that loads
+    the base once (``adapter_swap.py``); False gives each its own process, as a merged folder gets.
 
     Raises InputError (exit 3) for bad data or a folder that is not a model, before any model
     loads; VerifyError/VerifyEnvironmentError (7/9) when a model cannot run; EvalFailuresError
@@ -827,6 +952,7 @@ def evaluate(
             gate=gate,
             say=say,
             started=started,
+            share_base=share_base,
         )
     finally:
         dist.close()
@@ -852,6 +978,7 @@ def _evaluate(
     say: Callable[[str], None],
     started: float,
     force_seg: bool = False,
+    share_base: bool = True,
 ) -> EvalReport:
     done = _finished_rows(out, specs, samples, force_seg) if resume else {}
     # --force-seg added on --resume: where a kept free answer has [SEG], its mask is the forced one
@@ -867,37 +994,81 @@ def _evaluate(
         rows_by_model[key[0]].append(row)
     facts: dict[str, dict[str, Any]] = {}
     evaluated = 0
-    for spec in specs:
-        # per image: is the free answer still to do, and (--force-seg) the forced mask?
-        need = {
+    # per model and image: is the free answer still to do, and (--force-seg) the forced mask?
+    needs = {
+        spec.name: {
             s.stem: (
                 (spec.name, s.stem) not in done_set,
                 force_seg and (forced_name(spec.name), s.stem) not in done_set,
             )
             for s in samples
         }
-        todo = [s for s in samples if any(need[s.stem])]
-        share = todo[dist.rank :: dist.world]
+        for spec in specs
+    }
+    todos = {spec.name: [s for s in samples if any(needs[spec.name][s.stem])] for spec in specs}
+    shares = {name: todo[dist.rank :: dist.world] for name, todo in todos.items()}
+    # adapters on one base: one model process each group, the base loaded once (adapter_swap.py)
+    swaps = plan_swaps([s for s in specs if shares[s.name]], dtype) if share_base else SwapPlan()
+    swapped: dict[str, dict[str, Any]] = {}
+    swap_notes = list(swaps.notes)
+    for spec in specs:
+        need, todo, share = needs[spec.name], todos[spec.name], shares[spec.name]
         if todo:
             say(
                 f"{spec.name}: {len(todo)} image(s)"
                 + (f" over {dist.world} ranks" if dist.world > 1 else "")
                 + (f" ({len(samples) - len(todo)} done earlier)" if len(todo) < len(samples) else "")
             )
+        group = swaps.group_of(spec.name)
+        if group is not None and group[0].name == spec.name:
+            try:
+                swapped = _run_swapped(
+                    group,
+                    shares,
+                    needs,
+                    out=out,
+                    dist=dist,
+                    exe=exe,
+                    device=device,
+                    dtype=dtype,
+                    max_new_tokens=max_new_tokens,
+                    overlays=overlays,
+                    image_timeout=image_timeout,
+                    on_stage=say,
+                )
+            except ConvertError as e:  # e.g. not enough RAM: reported for the group's first model, as alone
+                e.hint = _eval_hint(e.hint)
+                swapped = {spec.name: {"rows": [], "error": e.to_dict(), "details": ""}}
+            loaded_for = [n for n, p in swapped.items() if p.get("base_loads")]
+            if loaded_for:
+                kept = max(swapped[n]["base_loads"]["kept_bytes"] for n in loaded_for)
+                swap_notes.append(
+                    f"base loaded once for {len(loaded_for)} adapters ({', '.join(loaded_for)}): one model process "
+                    "merged each adapter, evaluated it and restored the base exactly from CPU copies of the "
+                    f"tensors the adapters change ({kept / 2**20:.1f} MiB)"
+                    + (f" (on each of {dist.world} ranks)" if dist.world > 1 else "")
+                )
+            left = [m.name for m in group if m.name not in swapped]
+            if left:
+                swap_notes.append(f"evaluated one process each after the shared process stopped: {', '.join(left)}")
         try:
-            part = _run_model(
-                spec,
-                share,
-                need=need,
-                out=out,
-                dist=dist,
-                exe=exe,
-                device=device,
-                dtype=dtype,
-                max_new_tokens=max_new_tokens,
-                overlays=overlays,
-                image_timeout=image_timeout,
-                on_stage=say,
+            part = (
+                swapped.pop(spec.name)
+                if spec.name in swapped
+                else _run_model(
+                    spec,
+                    share,
+                    need=need,
+                    out=out,
+                    dist=dist,
+                    exe=exe,
+                    device=device,
+                    dtype=dtype,
+                    max_new_tokens=max_new_tokens,
+                    overlays=overlays,
+                    image_timeout=image_timeout,
+                    on_stage=say,
+                )
             )
         except ConvertError as e:  # e.g. not enough RAM: the other ranks must hear of it too
             e.hint = _eval_hint(e.hint)
@@ -935,6 +1106,7 @@ def _evaluate(
         world_size=dist.world,
         resumed=len(done) - len(reused),
         evaluated=evaluated,
+        notes=swap_notes,
     )
     if dist.rank != 0:
         report.wall_seconds = time.perf_counter() - started

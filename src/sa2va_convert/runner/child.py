@@ -1081,24 +1081,34 @@ def eval_one(m: Loaded, item: dict, args: dict, forced_ids: list | None = None) 
     return row
 
 
-def run_eval(args: dict, result: dict) -> None:
-    """``sa2va-convert eval``: the model loaded once, then every item of ``args["items"]`` (a JSONL
-    file: stem, image, prompt, pred_path, overlay_path), one JSON line per image appended
-    to ``args["results"]`` and flushed, so an interrupted run keeps what it finished. A failing
-    image is a line with its error; the loop goes on."""
+def _select_device(args: dict) -> None:
+    """``cuda:N``: the model's own ``.cuda()`` calls go to that GPU."""
     device = args.get("device") or "auto"
     if device.startswith("cuda:"):
         import torch
 
         if torch.cuda.is_available() and int(device.split(":", 1)[1]) < torch.cuda.device_count():
-            torch.cuda.set_device(int(device.split(":", 1)[1]))  # the model's own .cuda() goes to this GPU
+            torch.cuda.set_device(int(device.split(":", 1)[1]))
+
+
+def run_eval(args: dict, result: dict) -> None:
+    """``sa2va-convert eval``: the model loaded once, then every item of ``args["items"]`` (a JSONL
+    file: stem, image, prompt, pred_path, overlay_path), one JSON line per image appended
+    to ``args["results"]`` and flushed, so an interrupted run keeps what it finished. A failing
+    image is a line with its error; the loop goes on."""
+    _select_device(args)
     m = load_model(args, result)
+    eval_items(m, args["items"], args["results"], result)
+
+
+def eval_items(m: Loaded, items_path: str, results_path: str, result: dict) -> None:
+    """The per-image loop of ``run_eval`` (and of each adapter of ``run_eval_adapters``)."""
     import torch
 
     on_cuda = str(m.device).startswith("cuda")
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
-    with open(args["items"], encoding="utf-8") as f:
+    with open(items_path, encoding="utf-8") as f:
         items = [json.loads(line) for line in f if line.strip()]
     forced_ids = None
     if any(item.get("forced_path") for item in items):
@@ -1109,14 +1119,14 @@ def run_eval(args: dict, result: dict) -> None:
         forced_ids = [m.seg_id] + ([int(stop)] if stop is not None else [])
     done = failed = 0
     started = time.perf_counter()
-    with open(args["results"], "a", encoding="utf-8") as out:
+    with open(results_path, "a", encoding="utf-8") as out:
         for n, item in enumerate(items, 1):
             stage(result, f"evaluating image {n}/{len(items)}")
             # the question asked is echoed: a resumed run keeps a line only for the same question
             row = {"stem": item["stem"], "prompt": item["prompt"], "forced_asked": bool(item.get("forced_path"))}
             row["free_saved"] = item.get("save_free", True)
             try:
-                row.update(eval_one(m, item, args, forced_ids), status="ok")
+                row.update(eval_one(m, item, {}, forced_ids), status="ok")
                 done += 1
             except Exception as e:  # the image is a recorded failure; the others still run
                 row.update(status="failed", error=f"{type(e).__name__}: {first_line(e) or type(e).__name__}")
@@ -1127,6 +1137,172 @@ def run_eval(args: dict, result: dict) -> None:
     if on_cuda:
         result["cuda_memory"] = {"max_allocated_bytes": int(torch.cuda.max_memory_allocated())}
     stage(result, "done")
+
+
+# ---------------------------------------------------------------- eval over adapters: the base loaded once
+
+
+class BaseKeeper:
+    """CPU copies of the base tensors the adapters change, to put the base back exactly between adapters.
+
+    A tensor is copied the first time an adapter's PEFT wrapping reaches its module (a LoRA layer's base
+    layer, a saved module's original), after ``PeftModel.from_pretrained`` has wrapped the model and
+    before ``merge_and_unload`` changes any value: at that moment it still holds the base's own bytes
+    (an earlier adapter either never touched it or had it restored). The copies are taken in the
+    tensors' own dtype, and restoring copies them back by name, so the base is bit-exact again; PEFT's
+    ``unmerge`` (subtracting the delta again) is not used, as it does not give the same bits back in
+    bf16. Only PEFT's LoRA layers and ``modules_to_save`` wrappers are known; anything else PEFT wraps
+    makes the base unrestorable (StageError), and the parent evaluates the rest one process each."""
+
+    def __init__(self) -> None:
+        self.saved: dict[str, Any] = {}
+        self.broken = False
+
+    def keep_touched(self, wrapped, names: dict) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+
+        for module in wrapped.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                base = module.original_module
+            elif isinstance(module, BaseTunerLayer):
+                base = module.get_base_layer()
+            elif isinstance(module, AuxiliaryTrainingWrapper):
+                raise StageError(f"PEFT wraps a module as {type(module).__name__}: the base cannot be restored")
+            else:
+                continue
+            name = names.get(id(base))
+            if name is None:
+                raise StageError("an adapter changes a module the base model does not name: cannot restore it")
+            for key, tensor in base.state_dict().items():
+                full = f"{name}.{key}" if name else key
+                if full not in self.saved:
+                    self.saved[full] = tensor.detach().to("cpu", copy=True)
+
+    def restore(self, model) -> None:
+        import torch
+
+        if self.broken:
+            raise StageError("PEFT failed part way through wrapping the base")
+        current = model.state_dict()
+        with torch.no_grad():
+            for name, kept in self.saved.items():
+                target = current.get(name)
+                if target is None or target.shape != kept.shape or target.dtype != kept.dtype:
+                    raise StageError(f"{name} is not the base's tensor any more: cannot restore the base")
+                target.copy_(kept)
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(t.numel() * t.element_size() for t in self.saved.values()))
+
+
+def swap_adapter(m: Loaded, spec: dict, args: dict, result: dict, keeper: BaseKeeper) -> None:
+    """``apply_adapter`` on the already loaded base, the base's changed tensors kept first. The merge and
+    the model it leaves are PEFT's ``merge_and_unload``, as in ``apply_adapter``; its cast is refused here
+    (the parent groups only adapters whose cast keeps the loaded dtype: a whole-model cast cannot be
+    undone bit for bit without a second copy of the model)."""
+    import torch
+
+    stage(result, "adapter")
+    t = time.perf_counter()
+    import peft
+    from peft import PeftModel
+
+    result["versions"]["peft"] = peft.__version__
+    target = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(str(spec.get("adapter_dtype")))
+    if target is not None and not args.get("dtype") and target != m.torch_dtype:
+        raise StageError("the adapter's cast changes the model's dtype: it needs a process of its own")
+    read_adapter_files(spec["adapter"])  # a broken adapter fails here, before PEFT touches the base
+    names = {id(module): name for name, module in m.model.named_modules()}
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            wrapped = PeftModel.from_pretrained(m.model, spec["adapter"], is_trainable=False)
+            keeper.keep_touched(wrapped, names)
+            m.model = wrapped.merge_and_unload()
+    except BaseException:
+        keeper.broken = True  # PEFT may have wrapped part of the base: it is not the base any more
+        raise
+    m.model.eval()
+    result["adapter"] = {"folder": spec["adapter"], "base": args["folder"], "cast_to": result["dtype"]}
+    result["timings"]["adapter"] = round(time.perf_counter() - t, 3)
+
+
+def read_adapter_files(folder: str) -> None:
+    """PEFT's two files, read whole (config as JSON, every tensor of the weights): what PEFT would
+    fail on after it has started to wrap the base."""
+    from safetensors import safe_open
+
+    read_json(os.path.join(folder, "adapter_config.json"))
+    with safe_open(os.path.join(folder, "adapter_model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            f.get_tensor(key)
+
+
+def run_eval_adapters(args: dict, result: dict) -> None:
+    """``sa2va-convert eval`` over adapters of one base: the base loaded once, then per adapter
+    (``args["adapters"]``: adapter, adapter_dtype, items, results, report) the adapter merged as
+    ``apply_adapter`` merges it, that adapter's images evaluated as ``run_eval`` does, and the base put
+    back exactly (``BaseKeeper``). Each adapter's own report (this process's report with that adapter's
+    stage, timings and error) is written to its ``report`` file when it is done, so a failing adapter fails
+    alone and a crash loses only the adapter it was on. After a failure the base may not be the base any
+    more (PEFT may have wrapped part of it): the remaining adapters are then left to the parent."""
+    _select_device(args)
+    m = load_model(args, result)
+    result["base_loads"] = 1
+    loaded = json.loads(json.dumps(result, default=str))  # the base's loading facts, shared by every adapter
+    keeper = BaseKeeper()
+    restorable = True
+    done = []
+    for k, spec in enumerate(args["adapters"], 1):
+        if not restorable:
+            break
+        own = json.loads(json.dumps(loaded))
+        own.update(ok=False, error=None, adapter_index=k, adapters_in_process=len(args["adapters"]))
+        own["timings"] = {k_: v for k_, v in loaded["timings"].items() if k_ != "total"}
+        started = time.perf_counter()
+        try:
+            swap_adapter(m, spec, args, own, keeper)
+            stage(own, "prepare")
+            cap_generation(m.model, m.tokenizer, int(args.get("max_new_tokens") or 32), m.torch_dtype)
+            eval_items(m, spec["items"], spec["results"], own)
+            own["ok"] = True
+        except Exception as e:  # this adapter's failure, reported as its own process would report it
+            own["error"] = error_record(e, own)
+        try:
+            keeper.restore(m.model)
+        except Exception as e:  # noqa: BLE001 - the base is not the base: nothing more runs on it
+            restorable = False
+            own["warnings"].append(f"the base could not be restored after this adapter ({first_line(e)})")
+        own["timings"]["total"] = round(time.perf_counter() - started, 3)
+        own["kept_bytes"] = keeper.nbytes
+        write_json_atomic(spec["report"], own)
+        done.append(k)
+    result["adapters_done"] = done
+    result["kept_bytes"] = keeper.nbytes
+    stage(result, "done")
+
+
+def error_record(e: BaseException, result: dict) -> dict:
+    """The ``error`` field of a report, as ``main`` writes it."""
+    return {
+        "stage": result["stage"],
+        "type": type(e).__name__,
+        "message": first_line(e) or type(e).__name__,
+        "own": isinstance(e, StageError),
+        "traceback": traceback.format_exc()[-6000:],
+        "chain": error_chain(e),
+    }
+
+
+def write_json_atomic(path: str, value: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(value, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+MODES["eval_adapters"] = run_eval_adapters
 
 
 MODES["eval"] = run_eval
@@ -1289,15 +1465,7 @@ def main(argv: list) -> int:
         run(args, result)
         result["ok"] = True
     except BaseException as e:  # report everything, KeyboardInterrupt included, as data
-        tb = traceback.format_exc()
-        result["error"] = {
-            "stage": result["stage"],
-            "type": type(e).__name__,
-            "message": first_line(e) or type(e).__name__,
-            "own": isinstance(e, StageError),
-            "traceback": tb[-6000:],
-            "chain": error_chain(e),
-        }
+        result["error"] = error_record(e, result)
     result["timings"]["total"] = round(time.perf_counter() - started, 3)
     sys.stdout.flush()
     out.write(json.dumps(result, default=str) + "\n")
