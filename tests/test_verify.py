@@ -415,8 +415,10 @@ def test_interpreter_without_torch_is_named(converted):
 
 def test_child_script_is_standalone():
     """runner/child.py runs under --python interpreters without sa2va_convert: stdlib + the model's stack only."""
-    # peft: only for an adapter folder (--format adapter); upstream's remote code imports it anyway (FORMATS.md §5)
-    allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "numpy", "PIL", "peft", "__future__"}
+    # peft: only for an adapter folder (--format adapter); upstream's remote code imports it anyway (FORMATS.md §5).
+    # safetensors: a requirement of transformers itself, so every interpreter that can load a model has it.
+    allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "numpy", "PIL", "peft", "safetensors",
+                                              "__future__"}
     tree = ast.parse(CHILD_SCRIPT.read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
