@@ -38,4 +38,19 @@ def comparison_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["comparison_lines", "interval", "signed"]
+def outcome_lines(report: dict[str, Any], *, unit: str, key: str) -> list[str]:
+    """The lines after the table, the same for images and video: the gate, what --resume kept, the
+    failures (the first 10; ``key`` names an item: ``stem`` or ``key``) and the notes."""
+    lines = []
+    gate = report.get("gate")
+    if gate:
+        lines.append("gate: passed" if gate["passed"] else f"gate: {len(gate['failed'])} condition(s) failed")
+        lines += [f"gate failed: {line}" for line in gate["failed"]]
+    if report.get("resumed"):
+        lines.append(f"resumed: {report['resumed']} {unit} result(s) kept from the earlier run")
+    lines += [f"failed: {f['model']}/{f[key]}: {f['error']}" for f in (report.get("failures") or [])[:10]]
+    lines += [f"note: {note}" for note in report.get("notes") or []]
+    return lines
+
+
+__all__ = ["comparison_lines", "interval", "outcome_lines", "signed"]

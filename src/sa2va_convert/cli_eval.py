@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from .cli_common import EXIT_HELP, emit_json, handle_errors, verbosity_options
-from .cli_compare import comparison_lines, interval, signed
+from .cli_compare import comparison_lines, interval, outcome_lines, signed
 from .errors import ConvertError, EvalFailuresError, EvalGateError, Interrupted
 from .evaluate.defaults import DEFAULT_IMAGE_TIMEOUT  # not .evaluate.run: registering `eval` imports no numpy
 
@@ -100,17 +100,8 @@ def render_eval(report: dict[str, Any], *, rich: bool, echo: Callable[[str], Non
         )
     for caution in report.get("cautions") or []:
         echo(f"caution: {caution}")
-    gate = report.get("gate")
-    if gate:
-        echo("gate: passed" if gate["passed"] else f"gate: {len(gate['failed'])} condition(s) failed")
-        for line in gate["failed"]:
-            echo(f"gate failed: {line}")
-    if report.get("resumed"):
-        echo(f"resumed: {report['resumed']} image result(s) kept from the earlier run")
-    for f in report.get("failures", [])[:10]:
-        echo(f"failed: {f['model']}/{f['stem']}: {f['error']}")
-    for note in report.get("notes") or []:
-        echo(f"note: {note}")
+    for line in outcome_lines(report, unit="image", key="stem"):
+        echo(line)
     files = report.get("files") or {}
     if files:
         echo(

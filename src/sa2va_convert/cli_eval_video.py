@@ -41,29 +41,18 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
 
 
 def render_video_eval(report: dict[str, Any], *, echo: Callable[[str], None]) -> None:
-    from .cli_compare import comparison_lines
+    from .cli_compare import comparison_lines, outcome_lines
 
     rows = table_rows(report)
     echo(f"eval on {report['expressions']} expression(s) of {report['clips']} clip(s) of {report['data']}")
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
     for r in [COLUMNS, *rows]:
         echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
-    for line in comparison_lines(report):
-        echo(line.replace("per image;", "per expression;"))
-    gate = report.get("gate")
-    if gate:
-        echo("gate: passed" if gate["passed"] else f"gate: {len(gate['failed'])} condition(s) failed")
-        for line in gate["failed"]:
-            echo(f"gate failed: {line}")
-    if report.get("resumed"):
-        echo(f"resumed: {report['resumed']} expression result(s) kept from the earlier run")
-    for f in report.get("failures", [])[:10]:
-        echo(f"failed: {f['model']}/{f['key']}: {f['error']}")
-    for note in report.get("notes") or []:
-        echo(f"note: {note}")
+    for line in [*comparison_lines(report), *outcome_lines(report, unit="expression", key="key")]:
+        echo(line)
     files = report.get("files") or {}
     echo(
-        f"report: {files.get('summary')}, {files.get('metrics')}; "
+        f"report: {files.get('html')}, {files.get('summary')}, {files.get('metrics')}; "
         f"masks and results.json under {files.get('predictions')}"
     )
 
