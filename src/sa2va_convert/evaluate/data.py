@@ -327,8 +327,13 @@ def _wrapped(prompt: str | None, *, where: Path | str, row: str | None = None) -
         ) from None
 
 
-def _manifest_rows(path: Path) -> list[tuple[str, dict]]:
-    """(where, row) for each row: ``file:line`` so an error points at the line."""
+def manifest_rows(
+    path: Path, required: tuple[str, ...] = ("image", "mask"), optional: tuple[str, ...] = ("prompt",)
+) -> list[tuple[str, dict]]:
+    """(where, row) for each row of a JSONL or CSV manifest: ``file:line`` so an error points at the
+    line. ``required`` columns are checked in a CSV's header (a JSONL row is checked by its reader);
+    the image and the video manifest share this reader."""
+    example = "{" + ", ".join(f'"{c}": ...' for c in (*required, *optional)) + "}"
     rows: list[tuple[str, dict]] = []
     try:
         if path.suffix.lower() == ".jsonl":
@@ -342,27 +347,25 @@ def _manifest_rows(path: Path) -> list[tuple[str, dict]]:
                         raise InputError(
                             f"line {n} is not JSON ({e.msg})",
                             path=f"{path}:{n}",
-                            hint='one object per line: {"image": ..., "mask": ..., "prompt": ...}',
+                            hint=f"one object per line: {example}",
                         ) from None
                     if not isinstance(row, dict):
                         raise InputError(
-                            f"line {n} is not a JSON object",
-                            path=f"{path}:{n}",
-                            hint='one object per line: {"image": ..., "mask": ..., "prompt": ...}',
+                            f"line {n} is not a JSON object", path=f"{path}:{n}", hint=f"one object per line: {example}"
                         )
                     rows.append((f"{path}:{n}", row))
         else:
             with open(path, encoding="utf-8", newline="") as f:
                 reader = csv.DictReader(f)
-                missing = {"image", "mask"} - set(reader.fieldnames or [])
+                missing = set(required) - set(reader.fieldnames or [])
                 if missing:
                     raise InputError(
                         f"the CSV header lacks {', '.join(sorted(missing))}",
                         path=path,
-                        hint="first line: image,mask,prompt (prompt optional)",
+                        hint=f"first line: {','.join((*required, *optional))} ({', '.join(optional)} optional)",
                     )
                 for n, row in enumerate(reader, 2):
-                    rows.append((f"{path}:{n}", row))
+                    rows.append((f"{path}:{n}", dict(row)))
     except UnicodeDecodeError:
         raise InputError("the manifest is not UTF-8 text", path=path, hint="save it as UTF-8 JSONL or CSV") from None
     except OSError as e:
@@ -376,7 +379,7 @@ def _from_manifest(path: Path, prompt: str | None) -> list[Sample]:
     in row order), so its prediction PNG, its metrics.csv row, ``--resume`` and the paired comparison
     stay per image and prompt; an image on one row keeps its plain stem."""
     rows: list[tuple[str, Path, Path, str]] = []
-    for where, row in _manifest_rows(path):
+    for where, row in manifest_rows(path):
         for key in ("image", "mask"):
             if not str(row.get(key) or "").strip():
                 raise InputError(f"row has no {key!r}", path=where, hint="every row needs image and mask paths")

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, UsageError
-from .data import IMAGE_EXTS, MANIFEST_EXTS, image_size, mask_size, read_mask
+from .data import IMAGE_EXTS, MANIFEST_EXTS, image_size, manifest_rows, mask_size, read_mask
 
 VIDEO_MASK_EXTS = (".png", ".gif", ".npy")
 #: upstream's video prompts (bytedance/Sa2VA projects/sa2va/evaluation/dataset/refVOS.py lines 13-14):
@@ -290,28 +290,7 @@ def _from_folder(root: Path, prompt: str | None) -> list[VideoSample]:
 
 
 def _manifest_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    rows: list[tuple[str, dict[str, Any]]] = []
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            if path.suffix.lower() == ".csv":
-                rows = [(f"{path}:{n}", dict(r)) for n, r in enumerate(csv.DictReader(f), 2)]
-            else:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise InputError(
-                            f"line {n} is not JSON ({e.msg})", path=f"{path}:{n}", hint="one object per line"
-                        ) from None
-                    if not isinstance(row, dict):
-                        raise InputError(
-                            f"line {n} is not a JSON object", path=f"{path}:{n}", hint="one object per line"
-                        )
-                    rows.append((f"{path}:{n}", row))
-    except UnicodeDecodeError:
-        raise InputError("the manifest is not UTF-8 text", path=path, hint="save it as UTF-8 JSONL or CSV") from None
+    rows = manifest_rows(path, required=("frames", "masks"), optional=("prompt", "clip", "expression"))
     if not rows:
         raise InputError(
             "the manifest has no rows", path=path, hint="one row per clip and expression: frames, masks, prompt"
