@@ -846,6 +846,25 @@ def _raise_from(d: dict[str, Any], details: str = "") -> None:
     raise err
 
 
+def require_modules(needed: tuple[tuple[str, str], ...], what: str) -> None:
+    """Each (module, package) importable, or one line naming the package and the extra, before any work."""
+    for module, package in needed:
+        if importlib.util.find_spec(module) is None:
+            raise UsageError(
+                f"{what} {package}, which is not installed",
+                hint=f"pip install 'sa2va-convert[eval]' (or pip install {package})",
+            )
+
+
+def check_baseline(baseline: str | None, specs: list[ModelSpec]) -> None:
+    """A misspelt --baseline is a usage error before any model loads (image and video eval)."""
+    if baseline is not None and baseline not in {s.name for s in specs}:
+        raise UsageError(
+            f"--baseline {baseline!r} is none of the models",
+            hint="name one of: " + ", ".join(s.name for s in specs),
+        )
+
+
 def evaluate(
     models: list[str | os.PathLike],
     data: str | os.PathLike,
@@ -897,12 +916,10 @@ def evaluate(
     if empty_gt not in EMPTY_GT_RULES:
         raise UsageError(f"unknown empty-ground-truth rule {empty_gt!r}", hint="use --empty-gt score or skip")
     # found now, not after every model ran: every saved mask is scored with both (clDice, boundary F, HD95)
-    for module, package in (("scipy", "scipy"), ("skimage", "scikit-image")):
-        if importlib.util.find_spec(module) is None:
-            raise UsageError(
-                f"eval scores the masks' shape (clDice, boundary F, HD95) with {package}, which is not installed",
-                hint=f"pip install 'sa2va-convert[eval]' (or pip install {package})",
-            )
+    require_modules(
+        (("scipy", "scipy"), ("skimage", "scikit-image")),
+        "eval scores the masks' shape (clDice, boundary F, HD95) with",
+    )
     specs = resolve_models(list(models), names)
     if force_seg and any(s.name.endswith(FORCED_SUFFIX) for s in specs):
         clash = next(s for s in specs if s.name.endswith(FORCED_SUFFIX))
@@ -911,11 +928,7 @@ def evaluate(
             path=clash.folder,
             hint="give it another --name",
         )
-    if baseline is not None and baseline not in {s.name for s in specs}:
-        raise UsageError(
-            f"--baseline {baseline!r} is none of the models",
-            hint="name one of: " + ", ".join(s.name for s in specs),
-        )
+    check_baseline(baseline, specs)
     gate = _gate_spec(fail_under, require_better, len(specs), fail_above)
     say(f"checking {data}")
     rule = MaskRule(mask_threshold, ignore_index)

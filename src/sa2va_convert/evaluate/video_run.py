@@ -49,6 +49,8 @@ from .run import (
     _read_jsonl,
     _Scorer,
     _throttled,
+    check_baseline,
+    require_modules,
     resolve_models,
 )
 from .video_data import VideoSample, load_video_dataset
@@ -526,19 +528,9 @@ def evaluate_video(
     dist = Dist.from_env()
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}", hint="use --dtype bf16, fp16 or fp32 (default: the folder's)")
-    for module, package in (("scipy", "scipy"), ("pycocotools", "pycocotools")):
-        import importlib.util
-
-        if importlib.util.find_spec(module) is None:
-            raise UsageError(
-                f"video eval needs {package}, which is not installed",
-                hint=f"pip install 'sa2va-convert[eval]' (or pip install {package})",
-            )
+    require_modules((("scipy", "scipy"), ("pycocotools", "pycocotools")), "video eval needs")
     specs = resolve_models(list(models), names)
-    if baseline is not None and baseline not in {s.name for s in specs}:
-        raise UsageError(
-            f"--baseline {baseline!r} is none of the models", hint="name one of: " + ", ".join(s.name for s in specs)
-        )
+    check_baseline(baseline, specs)
     gate = gate_spec(fail_under, require_better, len(specs))
     say(f"checking {data}")
     samples = load_video_dataset(data, prompt, limit=limit, images=images, mask_dict=mask_dict)
