@@ -19,6 +19,7 @@ from typing import Any
 
 from . import run_state
 from ._version import __version__
+from .checksums import sha256_file
 from .errors import InputError, PlanError, VerifyEnvironmentError, VerifyError, api_errors
 from .formats import ADAPTER_RECORD
 from .machine import process_age
@@ -93,17 +94,6 @@ class ConversionResult:
             "checkpoint_sha256": self.checkpoint_sha256,
             "tool_version": __version__,
         }
-
-
-def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 def sha256_path(path: Path) -> str:

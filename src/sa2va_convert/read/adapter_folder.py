@@ -14,19 +14,18 @@ they are given, and ``runner/process.py`` uses it to hand the child the base and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..checksums import sha256_file
 from ..errors import InputError, PlanError
 from ..formats import ADAPTER_CONFIG, ADAPTER_RECORD, ADAPTER_WEIGHTS, weight_files
 
 RECORD_SCHEMA = 1
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-_CHUNK = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -43,14 +42,6 @@ def is_adapter_folder(folder: str | Path) -> bool:
     """A folder this tool wrote with ``--format adapter`` (it has our record beside PEFT's config)."""
     p = Path(folder)
     return (p / ADAPTER_RECORD).is_file() and (p / ADAPTER_CONFIG).is_file()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def base_weight_digests(base: Path) -> dict[str, str]:
@@ -191,5 +182,4 @@ __all__ = [
     "is_adapter_folder",
     "read_record",
     "resolve_adapter",
-    "sha256_file",
 ]

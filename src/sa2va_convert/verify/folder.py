@@ -16,7 +16,6 @@ Plain data only: the ``verify`` command (``cli_verify.py``) renders the report f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..checksums import sha256_file
 from ..errors import ConvertError, InputError, VerifyEnvironmentError, VerifyError
 from ..formats import ADAPTER_RECORD, ADAPTER_WEIGHTS, SAFETENSORS_SINGLE, index_weight_map, weight_files
 from ..plan.keymap import Keymap, load_all_builtin
@@ -45,7 +45,6 @@ from .roundtrip import DEFAULT_PROMPT, run_roundtrip
 if TYPE_CHECKING:  # structural imports torch: loaded only when a folder is checked, so `--help` stays fast
     from .structural import StructuralReport
 
-_CHUNK = 16 * 1024 * 1024
 PEFT_KEY_PREFIX = "base_model.model."  # every key PEFT saves for a model it wraps (write/adapter.py)
 
 
@@ -125,17 +124,9 @@ def check_remote_code(
 # ---------------------------------------------------------------- checksums
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
 def shard_checksums(folder: str | Path, files: Iterable[str]) -> dict[str, str]:
     """{shard file: sha256}: what the writer should record in conversion_report.json under ``shard_sha256``."""
-    return {f: sha256_of(Path(folder) / f) for f in sorted(files)}
+    return {f: sha256_file(Path(folder) / f) for f in sorted(files)}
 
 
 def check_checksums(
@@ -168,7 +159,7 @@ def check_checksums(
             hint="the folder was changed after conversion; re-run the conversion",
         )
     for f in files:
-        got = computed[f] if computed and f in computed else sha256_of(folder / f)
+        got = computed[f] if computed and f in computed else sha256_file(folder / f)
         if got != recorded[f]:
             raise VerifyError(
                 f"shard content differs from the checksum recorded at conversion "
