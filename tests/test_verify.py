@@ -293,6 +293,62 @@ def test_roundtrip_on_cpu(steered):
     json.dumps(report.to_dict())
 
 
+def test_a_child_started_before_its_folder_reports_what_a_child_started_then_reports(steered):
+    """The conversion starts the round trip's child as the write begins (StartedChild: imports only, then it
+    waits on stdin); given the folder, its answers, masks and checks are those of a child started afterwards."""
+    from sa2va_convert.runner.process import StartedChild
+
+    later = rt.run_roundtrip(steered, device="cpu", max_new_tokens=2).to_dict()
+    early = StartedChild.maybe_start(None, device="cpu")
+    assert early is not None
+    try:
+        ahead = rt.run_roundtrip(steered, device="cpu", max_new_tokens=2, started=early).to_dict()
+    finally:
+        early.cancel()
+    assert ahead["started_early"]["waited_s"] >= 0 and later["started_early"] is None
+    assert "prewarm" in ahead["timings"] and "prewarm" not in later["timings"]
+    for key in ("ok", "device", "dtype", "loading_info", "dtypes", "tokenizer", "model_class"):
+        assert ahead[key] == later[key], key
+    strip = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in strip} for r in ahead["runs"]] == [
+        {k: v for k, v in r.items() if k not in strip} for r in later["runs"]
+    ]
+    assert ahead["runs"][0]["prediction"].startswith("[SEG]")
+
+
+@pytest.mark.parametrize("how", ["cancel", "parent closes stdin"])
+def test_a_started_child_that_never_gets_its_folder_ends(how):
+    """A conversion that fails or is interrupted cancels its waiting child; a parent that dies closes its
+    stdin: either way the child ends, prints no report, and its temporary folder goes."""
+    import subprocess as sp
+
+    from sa2va_convert.runner.process import StartedChild
+
+    early = StartedChild.maybe_start(None, device="cpu")
+    assert early is not None
+    child = early._child
+    assert child is not None
+    tmp = Path(child.tmp.name)
+    assert tmp.is_dir() and child.proc.poll() is None
+    if how == "cancel":
+        early.cancel()
+        assert child.proc.poll() is not None and not tmp.exists()
+    else:
+        assert child.proc.stdin is not None
+        child.proc.stdin.close()
+        try:
+            child.proc.wait(timeout=120)  # after its imports, it reads EOF and exits
+        except sp.TimeoutExpired:
+            early.cancel()
+            raise
+        assert child.proc.returncode == 0
+        for r in child.readers:
+            r.join(timeout=10)
+        assert "".join(child.out_chunks).strip() == ""
+        early.cancel()
+        assert not tmp.exists()
+
+
 def test_missing_tensor_passes_the_file_checks_but_not_the_roundtrip(converted, tmp_path):
     """from_pretrained would leave it uninitialised; only loading for real shows it."""
     folder = copy_of(converted, tmp_path)
@@ -443,6 +499,8 @@ def test_convert_runs_the_round_trip_by_default(tmp_path, cli):
     assert rt["ok"] and rt["loading_info"]["missing_keys"] == [] and rt["device"] == "cpu"
     assert [run["name"] for run in rt["runs"]] == ["image", "video"]
     assert all(run["n_masks"] == 1 for run in rt["runs"])
+    # its child was started as the write began, and had imported before it was given the folder
+    assert rt["started_early"]["waited_s"] >= 0 and rt["timings"]["prewarm"] > 0
     # the test model calls .cuda() like upstream; on this CPU-only machine that was mapped, and said
     if not torch.cuda.is_available():
         assert rt["cuda_mapped"]["tensor.cuda"] >= 2 and "CUDA calls mapped to CPU" in rt["summary"]

@@ -38,6 +38,7 @@ from .read.layered import RenamedSource, UnionSource, open_sam2_checkpoint
 from .read.remote_code import ImportCheck, check_imports, install_hint, pip_name, require_self_contained
 from .read.work_dir import checkpoint_note, resolve_checkpoint
 from .recipe import build_recipe, keymap_identity
+from .runner.process import StartedChild
 from .transform.produce import TensorProducer, TransformReport, warm_up
 from .verify.structural import READ_BACK_CHUNK_BYTES, StructuralReport, check_against_plan
 from .write import guard
@@ -397,6 +398,9 @@ def convert(
             ),
         }
 
+    # the round trip's child imports torch and transformers (and starts the GPU) while the shards are
+    # written; it touches the folder only once it is published (runner.process.StartedChild)
+    early = StartedChild.maybe_start(options.verify_python, device=options.verify_device) if options.roundtrip else None
     try:
         result.write = write_folder(
             plan,
@@ -414,7 +418,7 @@ def convert(
         phases.update(write_shards=shards, write_rest=max(0.0, result.write.seconds - shards))
         if options.roundtrip:
             rt_started = time.perf_counter()
-            run_verify_roundtrip(result, options, progress)
+            run_verify_roundtrip(result, options, progress, started=early)
             phases["roundtrip"] = time.perf_counter() - rt_started
         if producer.report.zero_b:
             progress.stage(
@@ -423,6 +427,9 @@ def convert(
             )
     except KeyboardInterrupt:  # what is on disk decides the message: before, while or after publishing
         raise run_state.interrupted(plan.out, during="while converting") from None
+    finally:
+        if early is not None:  # never given its folder (a failure, an interrupt): it ends here
+            early.cancel()
     return result
 
 
@@ -504,7 +511,9 @@ def convert_adapter(
     return result
 
 
-def run_verify_roundtrip(result: ConversionResult, options: ConvertOptions, progress: Progress) -> None:
+def run_verify_roundtrip(
+    result: ConversionResult, options: ConvertOptions, progress: Progress, *, started: StartedChild | None = None
+) -> None:
     """Load the written folder in a child process and segment a synthetic image; VerifyError on failure.
 
     The folder stays in place either way: it is complete and structurally checked. The outcome
@@ -528,6 +537,7 @@ def run_verify_roundtrip(result: ConversionResult, options: ConvertOptions, prog
             max_new_tokens=16,
             expect_mask=options.expect_mask,
             on_stage=progress.stage,
+            started=started,
         )
     except VerifyError as e:
         run_state.set_roundtrip(out, "failed")

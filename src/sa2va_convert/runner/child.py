@@ -1,6 +1,8 @@
 """Load a converted Sa2VA folder with transformers and run ``predict_forward``, in its own process.
 
-Run by ``sa2va_convert.runner.process`` as ``PYTHON child.py '<json args>'``. It is a
+Run by ``sa2va_convert.runner.process`` as ``PYTHON child.py '<json args>'``, or, started while
+the conversion still writes the folder (``StartedChild``), as ``PYTHON child.py - '{"device": ...}'``:
+it then imports (``prewarm``) and reads the same JSON arguments as one line on stdin. It is a
 standalone script on purpose:
 
 - the folder's remote code (``trust_remote_code=True``) runs here and never inside the
@@ -1434,6 +1436,30 @@ MODES["eval_video"] = run_eval_video
 MODES["predict_video"] = run_predict_video
 
 
+def prewarm(warm: dict, result: dict) -> None:
+    """What a child started before its folder exists does while it waits: import torch, transformers,
+    numpy and PIL (and the Auto classes' modules), and start the GPU unless the device is ``cpu``.
+
+    Only what ``load_model`` would do first anyway, with no folder and no remote code involved, so
+    the run that follows behaves exactly as in a child started then; a failure here is ignored and
+    met again, at its own stage and with its own message, in ``load_model``.
+    """
+    t0 = time.perf_counter()
+    try:
+        import numpy  # noqa: F401
+        import PIL  # noqa: F401
+        import torch
+        import transformers  # noqa: F401
+        from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: F401  (lazy: their modules now)
+
+        device = str(warm.get("device") or "auto")
+        if device != "cpu" and torch.cuda.is_available():
+            torch.zeros(1, device=device if device.startswith("cuda:") else "cuda")
+    except Exception:  # noqa: BLE001, S110 - met again in load_model, where it is reported
+        pass
+    result["timings"]["prewarm"] = round(time.perf_counter() - t0, 3)
+
+
 def run(args: dict, result: dict) -> None:
     mode = MODES.get(args.get("mode", ""))  # a missing mode is an unknown one
     if mode is None:
@@ -1460,7 +1486,15 @@ def main(argv: list) -> int:
     started = time.perf_counter()
     try:
         result["packages"] = package_versions()
-        args = json.loads(argv[1])
+        if argv[1:2] == ["-"]:  # started before its folder was written (runner.process.StartedChild)
+            prewarm(json.loads(argv[2]) if len(argv) > 2 else {}, result)
+            line = sys.stdin.readline()
+            if not line.strip():  # stdin closed with no folder: the conversion failed or was stopped
+                return 0
+            started = time.perf_counter()  # the run's own time counts from here, as for a child started now
+            args = json.loads(line)
+        else:
+            args = json.loads(argv[1])
         result["mode"] = args.get("mode")
         run(args, result)
         result["ok"] = True

@@ -128,6 +128,7 @@ class ChildRun:
     last_stage: str
     seconds: float
     timed_out: bool = False
+    waited: float | None = None  # a StartedChild: seconds it waited, imports done, for its folder
 
 
 def with_adapter(args: dict[str, Any]) -> dict[str, Any]:
@@ -146,79 +147,174 @@ def run_child(
 
     The child is told which files hold ``args["folder"]``'s weights (``weight_files``): it cannot
     import ``formats``, so the names stay spelled once, here in the package."""
-    args = with_adapter(args)
-    args = {**args, "weight_files": weight_files(Path(args["folder"]))}
-    started = time.perf_counter()
-    tail: deque[str] = deque(maxlen=60)
-    state = {"stage": "start"}
-    out_chunks: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="sa2va-verify-") as tmp:
-        cmd = [python, str(CHILD_SCRIPT), json.dumps(args)]
+    args = _full_args(args)
+    child = _Child(python, [json.dumps(args)], stdin=subprocess.DEVNULL)
+    return child.wait(timeout=timeout, on_stage=on_stage)
+
+
+class StartedChild:
+    """A model process started before its folder exists, to take its imports off the round trip.
+
+    Why: the round trip's child spends its first seconds importing torch and transformers and
+    starting the GPU (4.4 s of a 23 s round trip at 8B on the H100 machine, before the folder is
+    even read), while the conversion that precedes it is busy with the disk. Started as the write
+    begins, the child does only that (``child.py -``: imports, and a CUDA context unless the device
+    is ``cpu``) and then waits on stdin; :meth:`run` hands it the written folder's arguments, and
+    from there it runs exactly as a child started by :func:`run_child`. Nothing of the folder, and
+    no remote code, is touched before :meth:`run`. :meth:`cancel` (always called, in a ``finally``)
+    ends a child that was never given its folder: closing stdin makes it exit, and its process group
+    is killed if it has not. ``SA2VA_EARLY_CHILD=0`` turns this off (benchmarking).
+    """
+
+    def __init__(self, python: str, *, device: str = "auto"):
+        self._child: _Child | None = _Child(python, ["-", json.dumps({"device": device})], stdin=subprocess.PIPE)
+        self._used = False
+
+    @classmethod
+    def maybe_start(cls, python: str | None, *, device: str = "auto") -> StartedChild | None:
+        """A started child, or None where early start is off or the interpreter does not start (the
+        round trip then starts its child as usual, and reports that failure in its own words)."""
+        if os.environ.get("SA2VA_EARLY_CHILD", "").strip() == "0":
+            return None
         try:
-            proc = subprocess.Popen(
-                cmd,
+            return cls(python or sys.executable, device=device)
+        except (OSError, VerifyError):
+            return None
+
+    def run(self, args: dict[str, Any], *, timeout: float, on_stage: Callable[[str], None] | None = None) -> ChildRun:
+        """Give the waiting child its arguments and wait for its report, as :func:`run_child` does."""
+        child = self._child
+        if child is None or self._used:
+            raise RuntimeError("StartedChild.run called twice or after cancel")
+        self._used = True
+        child.send(json.dumps(_full_args(args)))
+        return child.wait(timeout=timeout, on_stage=on_stage)
+
+    def cancel(self) -> None:
+        """End the child if it was never run (or is still running); idempotent."""
+        child, self._child = self._child, None
+        if child is not None:
+            child.close()
+
+
+def _full_args(args: dict[str, Any]) -> dict[str, Any]:
+    args = with_adapter(args)
+    return {**args, "weight_files": weight_files(Path(args["folder"]))}
+
+
+class _Child:
+    """One ``child.py`` process: started, its stderr (stage lines) and stdout read in threads, waited for."""
+
+    def __init__(self, python: str, argv: list[str], *, stdin: int):
+        self.spawned = time.perf_counter()
+        self.sent: float | None = None
+        self.tail: deque[str] = deque(maxlen=60)
+        self.stage = "start"
+        self.on_stage: Callable[[str], None] | None = None
+        self.out_chunks: list[str] = []
+        self.tmp = tempfile.TemporaryDirectory(prefix="sa2va-verify-")
+        try:
+            self.proc = subprocess.Popen(
+                [python, str(CHILD_SCRIPT), *argv],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                stdin=subprocess.DEVNULL,
-                cwd=tmp,
-                env=child_env(os.path.join(tmp, "modules")),
+                stdin=stdin,
+                cwd=self.tmp.name,
+                env=child_env(os.path.join(self.tmp.name, "modules")),
                 text=True,
                 encoding="utf-8",
                 errors="replace",
                 start_new_session=True,
             )
         except OSError as e:
+            self.tmp.cleanup()
             raise VerifyError(
                 f"cannot start {python} ({e.strerror or e})",
                 path=python,
                 hint="pass --python with a working interpreter",
             ) from None
-
-        stderr, stdout = proc.stderr, proc.stdout
-        assert stderr is not None and stdout is not None  # both are PIPEs
-
-        def read_err() -> None:
-            for line in stderr:
-                if line.startswith(STAGE_PREFIX):
-                    state["stage"] = line[len(STAGE_PREFIX) :].strip()
-                    if on_stage:
-                        on_stage(STAGE_WORDS.get(state["stage"], state["stage"]))
-                else:
-                    tail.append(line.rstrip("\n"))
-
-        def read_out() -> None:
-            out_chunks.append(stdout.read())
-
-        readers = [threading.Thread(target=read_err, daemon=True), threading.Thread(target=read_out, daemon=True)]
-        for r in readers:
+        self.readers = [
+            threading.Thread(target=self._read_err, daemon=True),
+            threading.Thread(target=self._read_out, daemon=True),
+        ]
+        for r in self.readers:
             r.start()
+
+    def _read_err(self) -> None:
+        stderr = self.proc.stderr
+        assert stderr is not None  # a PIPE
+        for line in stderr:
+            if line.startswith(STAGE_PREFIX):
+                self.stage = line[len(STAGE_PREFIX) :].strip()
+                if self.on_stage:
+                    self.on_stage(STAGE_WORDS.get(self.stage, self.stage))
+            else:
+                self.tail.append(line.rstrip("\n"))
+
+    def _read_out(self) -> None:
+        stdout = self.proc.stdout
+        assert stdout is not None  # a PIPE
+        self.out_chunks.append(stdout.read())
+
+    def send(self, line: str) -> None:
+        """The arguments, as one line on the waiting child's stdin (then EOF). A child that already
+        died is not an error here: :meth:`wait` reports what it said."""
+        self.sent = time.perf_counter()
+        stdin = self.proc.stdin
+        assert stdin is not None  # a PIPE
+        try:
+            stdin.write(line + "\n")
+            stdin.close()
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+
+    def wait(self, *, timeout: float, on_stage: Callable[[str], None] | None) -> ChildRun:
+        self.on_stage = on_stage
+        started = self.sent if self.sent is not None else self.spawned
         timed_out = False
         try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill(proc)
-        except BaseException:  # Ctrl-C / SIGTERM: take the child down with us
-            _kill(proc)
-            raise
-        for r in readers:
-            r.join(timeout=10)
-    result = None
-    for line in reversed("".join(out_chunks).splitlines()):
-        if line.strip().startswith("{"):
             try:
-                result = json.loads(line)
-                break
-            except json.JSONDecodeError:
-                continue
-    return ChildRun(
-        result=result,
-        returncode=proc.returncode,
-        stderr_tail="\n".join(tail),
-        last_stage=(result or {}).get("stage") or state["stage"],
-        seconds=time.perf_counter() - started,
-        timed_out=timed_out,
-    )
+                self.proc.wait(timeout=max(0.0, timeout - (time.perf_counter() - started)))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _kill(self.proc)
+            except BaseException:  # Ctrl-C / SIGTERM: take the child down with us
+                _kill(self.proc)
+                raise
+            for r in self.readers:
+                r.join(timeout=10)
+        finally:
+            self.tmp.cleanup()
+        result = None
+        for line in reversed("".join(self.out_chunks).splitlines()):
+            if line.strip().startswith("{"):
+                try:
+                    result = json.loads(line)
+                    break
+                except json.JSONDecodeError:
+                    continue
+        return ChildRun(
+            result=result,
+            returncode=self.proc.returncode,
+            stderr_tail="\n".join(self.tail),
+            last_stage=(result or {}).get("stage") or self.stage,
+            seconds=time.perf_counter() - started,
+            timed_out=timed_out,
+            waited=round(self.sent - self.spawned, 3) if self.sent is not None else None,
+        )
+
+    def close(self) -> None:
+        """End the process (EOF on its stdin, then its group killed if still alive) and remove its folder."""
+        if self.proc.poll() is None:
+            if self.proc.stdin is not None and not self.proc.stdin.closed:
+                try:
+                    self.proc.stdin.close()
+                except OSError:
+                    pass
+            _kill(self.proc)
+        for r in self.readers:
+            r.join(timeout=10)
+        self.tmp.cleanup()
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -239,6 +335,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "DEVICES",
     "STAGE_WORDS",
+    "StartedChild",
     "check_device",
     "child_env",
     "resolve_python",

@@ -56,6 +56,7 @@ class ChildReport:
         d["loaded_as"] = self.raw.get("loaded_as")
         d["packages"] = self.raw.get("packages")
         d["memory"] = self.raw.get("memory")
+        d["started_early"] = self.raw.get("started_early")  # a child that imported while the folder was written
         if d["error"]:
             d["error"] = {k: v for k, v in d["error"].items() if k != "traceback"}
         return d

@@ -19,7 +19,7 @@ from ..errors import VerifyError
 from ..read.adapter_folder import is_adapter_folder
 from ..runner.failure import child_failure, debug_details
 from ..runner.memory import check_fits
-from ..runner.process import DEFAULT_TIMEOUT, check_device, resolve_python, run_child
+from ..runner.process import DEFAULT_TIMEOUT, StartedChild, check_device, resolve_python, run_child
 from ..runner.report import ChildReport, judge_loading, judge_runs, report_from
 
 DEFAULT_PROMPT = "<image>Please segment the object."
@@ -37,8 +37,12 @@ def run_roundtrip(
     expect_mask: bool = False,
     force_seg: bool = True,
     on_stage: Callable[[str], None] | None = None,
+    started: StartedChild | None = None,
 ) -> ChildReport:
     """Load ``folder`` in a child process and run predict_forward on a synthetic image (and video).
+
+    ``started``: a child already started (and importing) while the folder was written, by the
+    conversion (``StartedChild``); it must have been started with the same ``python`` and ``device``.
 
     Raises VerifyError on any failure (the report is attached as ``error.report``); returns the
     report when the folder loads with no missing/unexpected keys, in the dtype written, and
@@ -59,9 +63,14 @@ def run_roundtrip(
         "video": bool(video),
         "force_seg": bool(force_seg),
     }
-    run = run_child(args, python=exe, timeout=timeout, on_stage=on_stage)
+    if started is not None:
+        run = started.run(args, timeout=timeout, on_stage=on_stage)
+    else:
+        run = run_child(args, python=exe, timeout=timeout, on_stage=on_stage)
     report = report_from(run, folder, exe)
     report.raw["memory"] = memory
+    if run.waited is not None:  # started during the conversion: its imports were done while it waited
+        report.raw["started_early"] = {"waited_s": run.waited}
     if run.timed_out or not report.ok:
         err = child_failure(run, folder=folder, python=exe, device=device, timeout=timeout)
         err.report = report
