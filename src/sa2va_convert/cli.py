@@ -186,10 +186,28 @@ def _convert(
     verbose: bool,
     json_out: bool,
 ) -> None:
+    prefetcher = None
     if not options.dry_run and not all_checkpoints:  # the disk reads the inputs while torch is imported
-        from .read.prefetch import input_files, prefetch, prefetch_budget
+        from .read.prefetch import Prefetcher, input_files, prefetch_budget
 
-        prefetch(input_files(checkpoint, options.base), prefetch_budget())
+        prefetcher = Prefetcher(input_files(checkpoint, options.base), prefetch_budget())
+    try:
+        _run_convert(checkpoint, out, options, show_tensors, all_checkpoints, quiet, verbose, json_out)
+    finally:
+        if prefetcher is not None:
+            prefetcher.stop()
+
+
+def _run_convert(
+    checkpoint: Path,
+    out: Path,
+    options: ConvertOptions,
+    show_tensors: bool,
+    all_checkpoints: bool,
+    quiet: bool,
+    verbose: bool,
+    json_out: bool,
+) -> None:
     from . import api, batch
     from .cli_render import make_progress, render_batch, render_plan, render_result
 
