@@ -123,6 +123,7 @@ def test_dry_run_writes_nothing_and_reports_the_plan(make_family, tmp_path, cli)
     names = {t["name"] for t in plan["tensors"]}
     assert "language_model.model.layers.0.self_attn.q_proj.weight" in names
     assert plan["estimates"]["peak_ram_bytes"] > 0 and plan["estimates"]["disk_bytes"] > 0
+    assert (128 << 20) <= plan["estimates"]["window_bytes"] <= (512 << 20)  # issue 26: sized with the estimate
 
 
 def test_cli_convert_json_report(make_family, tmp_path, cli):

@@ -277,6 +277,40 @@ def test_estimate_counts_merge_threads_and_the_cuda_runtime(monkeypatch):
     assert estimate_peak_ram([], [], merge_device="auto") == one
 
 
+def test_the_window_is_what_the_peak_target_leaves(monkeypatch):
+    """Issue 26: a fixed 512 MiB window took a GPU merge's 8B conversion to 2.07 GiB; the window is now the
+    largest (up to 512 MiB) whose estimate stays under 95 % of the 2 GiB target, and 128 MiB at least."""
+    import functools
+
+    from sa2va_convert.write.peak_ram import (
+        MIN_WINDOW_BYTES,
+        PEAK_RAM_TARGET_BYTES,
+        choose_window,
+        estimate_peak_ram,
+    )
+    from sa2va_convert.write.pipeline import DEFAULT_BUDGET_BYTES
+
+    monkeypatch.delenv("SA2VA_WINDOW_MIB", raising=False)
+    big = _planned(40, rows=1 << 20)  # 128 MiB each: the window, not the largest tensor, bounds what is in flight
+    limit = int(0.95 * PEAK_RAM_TARGET_BYTES)
+    seen = []
+    for baseline in (300 << 20, 900 << 20, 1200 << 20, 1900 << 20):
+        est = functools.partial(estimate_peak_ram, big, [], baseline_bytes=baseline)
+        w = choose_window(est)
+        seen.append(w)
+        assert MIN_WINDOW_BYTES <= w <= DEFAULT_BUDGET_BYTES and w % (1 << 20) == 0
+        if w == DEFAULT_BUDGET_BYTES:
+            assert est(window_bytes=w) <= limit
+        elif w > MIN_WINDOW_BYTES:  # the largest that fits: one MiB more would not
+            assert est(window_bytes=w) <= limit < est(window_bytes=w + (1 << 20))
+        else:
+            assert est(window_bytes=w) > limit  # nothing fits: the floor, and the memory check decides
+    assert seen[0] == DEFAULT_BUDGET_BYTES and seen[-1] == MIN_WINDOW_BYTES
+    assert seen == sorted(seen, reverse=True) and len(set(seen)) >= 3
+    monkeypatch.setenv("SA2VA_WINDOW_MIB", "384")  # the benchmark's A/B
+    assert choose_window(functools.partial(estimate_peak_ram, big, [])) == 384 << 20
+
+
 # ------------------------------------------------------------------------------------ end to end
 
 

@@ -252,7 +252,8 @@ def render_plan(plan: dict, *, tensors: list[dict] | None = None) -> None:
         )
     )
     est = plan["estimates"]
-    c.print(f"estimated peak RAM: {human_bytes(est['peak_ram_bytes'])}  disk: {human_bytes(est['disk_bytes'])}")
+    window = f"  (writer window {human_bytes(est['window_bytes'])})" if est.get("window_bytes") else ""
+    c.print(f"estimated peak RAM: {human_bytes(est['peak_ram_bytes'])}{window}  disk: {human_bytes(est['disk_bytes'])}")
     if plan["tokenizer_additions"]:
         c.print("tokens to add: " + ", ".join(f"{t['token']}={t['id']}" for t in plan["tokenizer_additions"]))
     for w in plan["warnings"]:

@@ -9,6 +9,7 @@ dataclasses with ``to_dict()`` for JSON; failures raise ``ConvertError`` subclas
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import threading
 import time
@@ -44,7 +45,7 @@ from .verify.structural import READ_BACK_CHUNK_BYTES, StructuralReport, check_ag
 from .write import guard
 from .write.folder import OUTPUT_FORMAT, WriteResult, write_folder
 from .write.model_card import conversion_report, model_card
-from .write.peak_ram import estimate_peak_ram, process_baseline, resident_layers
+from .write.peak_ram import choose_window, estimate_peak_ram, process_baseline, resident_layers
 
 
 def checkpoint_inputs(given: Path, resolved: Path) -> list[guard.NamedInput]:
@@ -256,7 +257,9 @@ def plan_from_inputs(inputs: Inputs, out: str | Path, options: ConvertOptions) -
     if inputs.code_keys is not None:
         check_key_families(plan, inputs.code_keys, str(options.code_from))
     # the write stage estimates the memory the plan will take to write (and, with --read-back, to check)
-    peak = estimate_peak_ram(
+    # and sizes the writer's window with it: the largest (up to the default) that keeps it under the target
+    estimate = functools.partial(
+        estimate_peak_ram,
         plan.tensors,
         plan.shards,
         merge_device=options.merge_device,
@@ -264,7 +267,8 @@ def plan_from_inputs(inputs: Inputs, out: str | Path, options: ConvertOptions) -
         read_back_bytes=READ_BACK_CHUNK_BYTES if options.read_back else None,
         resident_layers=resident_layers(ckpt.weights, inputs.pretrained.weights if inputs.pretrained else None),
     )
-    return dataclasses.replace(plan, peak_ram_bytes=peak)
+    window = choose_window(estimate)
+    return dataclasses.replace(plan, peak_ram_bytes=estimate(window_bytes=window), window_bytes=window)
 
 
 @api_errors

@@ -150,6 +150,7 @@ class ConversionPlan:
     peak_ram_bytes: int  # filled in by the write stage's estimate (write.peak_ram), 0 until then
     disk_bytes: int
     tool_version: str = __version__
+    window_bytes: int = 0  # the writer's in-flight window, chosen with the estimate (write.peak_ram); 0: default
     checkpoint_meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -188,7 +189,11 @@ class ConversionPlan:
             "dropped": list(self.dropped),
             "allowed_unused": list(self.allowed_unused),
             "warnings": list(self.warnings),
-            "estimates": {"peak_ram_bytes": self.peak_ram_bytes, "disk_bytes": self.disk_bytes},
+            "estimates": {
+                "peak_ram_bytes": self.peak_ram_bytes,
+                "disk_bytes": self.disk_bytes,
+                "window_bytes": self.window_bytes,
+            },
             "tool_version": self.tool_version,
         }
         if tensors:

@@ -99,7 +99,8 @@ def write_shards(
     progress_lock = threading.Lock()
     # reading, merging and writing overlap in threads, in this order, memory-bounded (see pipeline); each
     # open shard is written by its own lane thread, so their checksums and disk writes run in parallel
-    with TensorPipeline(produce, order, budget_bytes=PIPELINE_BUDGET_BYTES, times=times) as pipe:
+    window = plan.window_bytes or PIPELINE_BUDGET_BYTES  # chosen with the peak-RAM estimate (write.peak_ram)
+    with TensorPipeline(produce, order, budget_bytes=window, times=times) as pipe:
 
         def written(name: str) -> None:
             pipe.done(name)

@@ -9,10 +9,10 @@ them; the conversion fills the estimate in once the plan is built.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .. import dtypes
-from ..machine import process_rss
+from ..machine import env_count, process_rss
 from ..plan.types import PlannedTensor, ShardPlan
 from ..read.tensor_source import TensorInfo, TensorSource
 from ..transform.produce import (
@@ -29,11 +29,22 @@ from . import pipeline
 # Bytes the converter holds before any tensor is touched: interpreter, torch, tokenizers, the plan
 # (measured: ~290 MiB after imports, ~330 MiB once the tokenizer and plan are loaded).
 INTERPRETER_BASELINE_BYTES = 330 * 1024 * 1024
-CUDA_CONTEXT_BYTES = 330 * 1024 * 1024  # host RSS of torch's CUDA runtime + cuBLAS once a GPU merge ran
+# host RSS of torch's CUDA runtime + cuBLAS once a GPU merge ran: their mapped library pages count in
+# ru_maxrss (0.59 GiB of file pages at the sampled peak, H100 machine, 8B warm; the old 330 MiB left that
+# run's estimate 0.32 GiB under the measured 2.07 GiB)
+CUDA_CONTEXT_BYTES = 650 * 1024 * 1024
+# The peak this tool aims to stay under (README, "Performance"); the writer's window is sized so that the
+# estimate keeps 5 % below it (choose_window), never smaller than MIN_WINDOW_BYTES.
+PEAK_RAM_TARGET_BYTES = 2 << 30
+TARGET_SHARE = 0.95
+MIN_WINDOW_BYTES = 128 << 20
 PER_MERGE_THREAD_BYTES = 40 * 1024 * 1024  # per torch thread of the merge beyond the first (see estimate_peak_ram)
 
 __all__ = [
+    "choose_window",
     "estimate_peak_ram",
+    "MIN_WINDOW_BYTES",
+    "PEAK_RAM_TARGET_BYTES",
     "process_baseline",
     "resident_layers",
     "INTERPRETER_BASELINE_BYTES",
@@ -62,8 +73,11 @@ def estimate_peak_ram(
     resident_layers: frozenset[str] = frozenset(),
     merge_device: str = "cpu",
     baseline_bytes: int = INTERPRETER_BASELINE_BYTES,
+    window_bytes: int = pipeline.DEFAULT_BUDGET_BYTES,
 ) -> int:
     """Peak RSS of a conversion (what ``ru_maxrss``/``top`` show, mapped file pages included).
+
+    ``window_bytes``: the writer pipeline's budget of bytes in flight (``choose_window`` picks it).
 
     ``baseline_bytes``: what the process holds before any tensor is touched; a conversion passes
     :func:`process_baseline` (this process's own RSS, measured), because it differs by machine: a
@@ -98,7 +112,7 @@ def estimate_peak_ram(
                 resident[(r.layer, r.key)] = TensorInfo(r.shape, r.dtype).nbytes
         costs.append((t, sum(pipeline.inflight_bytes(t))))
     largest_item = max((c for _, c in costs), default=0)
-    budget = min(pipeline.DEFAULT_BUDGET_BYTES, pipeline.AHEAD * largest_item)
+    budget = min(window_bytes, pipeline.AHEAD * largest_item)
     held = max((c for t, c in costs if c <= budget or not streamable(t, merge_device)), default=0)
     streams = any(c > budget and streamable(t, merge_device) for t, c in costs)
     stream_block = STREAM_BLOCK_BYTES
@@ -127,3 +141,31 @@ def estimate_peak_ram(
         return writing
     checking = baseline_bytes + mapped + read_back_bytes + (CUDA_CONTEXT_BYTES if on_gpu else 0)
     return max(writing, checking)
+
+
+def choose_window(estimate: Callable[..., int], target: int = PEAK_RAM_TARGET_BYTES) -> int:
+    """The writer's window: the default (512 MiB), or the largest smaller one (in MiB) whose estimate
+    stays under 95 % of the target, never below ``MIN_WINDOW_BYTES``.
+
+    Why: the window was a fixed 512 MiB, and where the rest of the process is larger (a GPU merge
+    maps CUDA's libraries: 2.07 GiB peak at 8B on the H100 machine, warm) that went over the 2 GiB
+    target. ``estimate(window_bytes=W)`` is the peak estimate with window ``W`` (it grows with W: the
+    window and its pool of free buffers). Below ``MIN_WINDOW_BYTES`` the writer would starve; a
+    machine that cannot spare that much is the memory check's to refuse, not this to slow to a crawl.
+    ``SA2VA_WINDOW_MIB`` sets the window (benchmarking).
+    """
+    forced = env_count("SA2VA_WINDOW_MIB")
+    if forced:
+        return forced << 20
+    limit = int(target * TARGET_SHARE)
+    default = pipeline.DEFAULT_BUDGET_BYTES
+    if estimate(window_bytes=default) <= limit:
+        return default
+    lo, hi = MIN_WINDOW_BYTES >> 20, (default >> 20) - 1  # the answer lies in [lo, hi] MiB, or is lo
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if estimate(window_bytes=mid << 20) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo << 20
