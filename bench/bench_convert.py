@@ -489,6 +489,13 @@ def run_model(model: str, args, work: Path, drops: list[bool], logs: Path, res: 
                                          {"merge_device": dev, "rev": name,
                                           "_pythonpath": os.pathsep.join([str(args.also_src.resolve()),
                                                                           *os.environ.get("PYTHONPATH", "").split(os.pathsep)[1:]])}))
+                    for spec in (args.also_env or []) if dev == args.merge_devices.split(",")[0] else []:
+                        # the same command and code with environment settings (an A/B of a knob, one run)
+                        name, _, assigns = spec.partition(":")
+                        setting = dict(a.split("=", 1) for a in assigns.split(",") if "=" in a)
+                        variants.append((shown.replace("(a) sa2va-convert", f"(a) sa2va-convert [{name}]"),
+                                         [*cmd, *cli_extra], out_a,
+                                         {"merge_device": dev, "rev": name, "_env": setting}))
                     if args.read_back_too:
                         variants.append((shown.replace("(a) sa2va-convert", "(a) sa2va-convert --read-back"),
                                          [*cmd, *cli_extra, "--read-back"], out_a,
@@ -524,6 +531,10 @@ def run_model(model: str, args, work: Path, drops: list[bool], logs: Path, res: 
                         f"{'.rb' if extra.get('read_back') else ''}{'.defaults' if extra.get('defaults') else ''}")
                 extra = dict(extra)
                 run_env = dict(env, PYTHONPATH=extra.pop("_pythonpath")) if "_pythonpath" in extra else env
+                if "_env" in extra:
+                    setting = extra.pop("_env")
+                    run_env = {**run_env, **setting}
+                    extra["env"] = setting
                 if extra.get("rev"):
                     slug += f".{extra['rev']}"
                 m = measure(cmd, log=logs / slug, env=run_env, cwd=REPO)
@@ -641,6 +652,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--also-src", type=Path, metavar="SRC",
                     help="also time (a) with the package in this src/ folder (PYTHONPATH; its other entries kept)")
     ap.add_argument("--also-label", help="how the --also-src runs are labelled (e.g. main)")
+    ap.add_argument("--also-env", action="append", metavar="LABEL:VAR=VAL[,VAR=VAL]",
+                    help="also time (a) with these environment settings (first merge device); repeatable")
     ap.add_argument("--read-back-too", action="store_true",
                     help="also time (a) with --read-back (every written byte read back from disk)")
     ap.add_argument("--no-read-back-too", action="store_true",

@@ -16,6 +16,47 @@ if [ "${1:-}" = short ]; then  # what fits a few minutes: 4B warm then dropped, 
     --json "$out/4b_short.json" --md "$out/4b_short.md" | tee "$out/log_4b_short"
   exit 0
 fi
+# issue 26, fourth session: two calls (<= 10 min each) from main's own checkout, carrying .devdeps (mmengine-lite),
+# .whl (transformers 4.57.6, huggingface_hub 0.36.2, tokenizers 0.22.2: the device's own transformers 5 cannot
+# load remote code that never calls post_init(), upstream's included) and .devwt/old (src/ and keymaps/ of
+# 6bc4667, the previous final code, timed beside this one as "before"):
+#   git archive 6bc4667 src keymaps | tar -x -C .devwt/old
+#   bash bench/device_convert.sh s4-a   # 4B dropped (c, b, a x variants, bit-for-bit), round trip vs floor, 4B warm, 1B
+#   bash bench/device_convert.sh s4-b   # 8B dropped (c, b, a x variants) and warm; the 26B estimate
+if [ "${1:-}" = s4-a ] || [ "${1:-}" = s4-b ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=$PWD/src:/tmp/site:$PWD/.devdeps
+  log="$out/log"
+  { nproc; free -g | head -2; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+    git log -1 --format=%h 2>/dev/null; } 2>&1 | tee -a "$log"
+  old=(--also-src .devwt/old/src --also-label 6bc4667)
+  if [ "$1" = s4-a ]; then
+    sync; echo 3 > /proc/sys/vm/drop_caches
+    /usr/bin/time -f "import torch, cache dropped: %e s" python3 -c "import torch" 2>&1 | tee -a "$log"
+    /usr/bin/time -f "import torch, warm: %e s" python3 -c "import torch" 2>&1 | tee -a "$log"
+    bench --models sa2va-4b --merge-devices auto,cpu --runs c,b,a --check-equal --cache drop --keep "${old[@]}" \
+      --also-env "prefetch capped at 2 GiB:SA2VA_PREFETCH=2" --also-env "no prefetch:SA2VA_PREFETCH=0" \
+      --json "$out/4b_drop.json" 2>&1 | tee -a "$log"
+    python3 bench/roundtrip_floor.py --model sa2va-4b --work /tmp/sb --skip-no-verify --early-child-ab \
+      --json "$out/rt_4b.json" 2>&1 | tail -12 | tee -a "$log"
+    bench --models sa2va-4b --merge-devices auto,cpu --runs c,a --cache warm "${old[@]}" \
+      --json "$out/4b_warm.json" 2>&1 | tee -a "$log"
+    rm -rf /tmp/sb/sa2va-4b
+    bench --models sa2va-1b --merge-devices auto,cpu --runs c,b,a --check-equal --cache drop,warm \
+      --json "$out/1b.json" 2>&1 | tee -a "$log"
+  else
+    bench --models sa2va-8b --merge-devices auto,cpu --runs c,b,a --cache drop --keep "${old[@]}" \
+      --also-env "window 512 MiB:SA2VA_WINDOW_MIB=512" --json "$out/8b_drop.json" 2>&1 | tee -a "$log"
+    bench --models sa2va-8b --merge-devices auto,cpu --runs c,a --cache warm "${old[@]}" \
+      --also-env "window 512 MiB:SA2VA_WINDOW_MIB=512" --json "$out/8b_warm.json" 2>&1 | tee -a "$log"
+    rm -rf /tmp/sb/sa2va-8b
+    python3 bench/estimate_sparse.py --models sa2va-8b,sa2va-26b --work /tmp/sparse > "$out/estimate_26b.log" 2>&1
+    grep "^sa2va" "$out/estimate_26b.log" | tee -a "$log"
+  fi
+  exit 0
+fi
 # issue 26: this branch packed into .devwt/ of main's checkout (the device copies main's tree), run from
 # there, with main's own src/ (../src) timed beside it as "before". Two calls of <= 10 min each:
 #   cd .devwt && bash bench/device_convert.sh issue26-8b   # 8B dropped (c, b, a x3, bit-for-bit) and warm

@@ -69,6 +69,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--skip-no-verify", action="store_true", help="time only the default command (round trip)")
+    ap.add_argument("--early-child-ab", action="store_true",
+                    help="also time the round trip with its child started after the write (SA2VA_EARLY_CHILD=0)")
     args = ap.parse_args()
     logs = args.work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -89,14 +91,24 @@ def main() -> int:
         floor = t_cp + t_bare
         row = {"repeat": rep, "cp_s": round(t_cp, 2), "bare_process_s": round(t_bare, 2), "bare": bare,
                "floor_s": round(floor, 2)}
-        runs = [("tool, round trip (default)", [])] + ([] if args.skip_no_verify else [("tool, --no-verify", ["--no-verify"])])
-        for label, extra in runs:
+        runs = [("tool, round trip (default)", [], {})]
+        if args.early_child_ab:  # the same command with the round trip's child started only after the write
+            runs.append(("tool, round trip, child started after the write (SA2VA_EARLY_CHILD=0)", [],
+                         {"SA2VA_EARLY_CHILD": "0"}))
+        if not args.skip_no_verify:
+            runs.append(("tool, --no-verify", ["--no-verify"], {}))
+        for label, extra, env in runs:
             shutil.rmtree(out_a, ignore_errors=True)
-            t_tool, p = timed([*cli, ckpt, str(out_a), "--base", base, "--json", "-q", "--force", *extra])
+            t_tool, p = timed([*cli, ckpt, str(out_a), "--base", base, "--json", "-q", "--force", *extra],
+                              env={**os.environ, **env})
             rep_json = json.loads(p.stdout) if p.returncode == 0 else {"rc": p.returncode, "stderr": p.stderr[-2000:]}
             rt = rep_json.get("roundtrip") or rep_json.get("verify") or {}
             row[label] = {"wall_s": round(t_tool, 2), "x_floor": round(t_tool / floor, 2), "rc": p.returncode,
-                          "roundtrip": {k: rt.get(k) for k in ("ok", "seconds", "timings", "device") if k in rt}}
+                          "phase_seconds": rep_json.get("phase_seconds"),
+                          "roundtrip": {k: rt.get(k) for k in ("ok", "seconds", "timings", "device", "started_early",
+                                                               "versions", "summary") if k in rt}}
+            if p.returncode:
+                print(f"{label}: rc {p.returncode}: {p.stderr[-1500:]}", file=sys.stderr, flush=True)
         rows.append(row)
         print(json.dumps(row), flush=True)
     res = {"model": args.model, "inputs": gen, "machine": bench_convert.machine_info(args.work), "rows": rows}
@@ -106,9 +118,9 @@ def main() -> int:
     for row in rows:
         print(f"| floor: cp -r && sync ({row['cp_s']} s) + bare load ({row['bare']['load_s']} s) + one predict_forward "
               f"({row['bare']['predict_s']} s), fresh process {row['bare_process_s']} s | {row['floor_s']} | 1.00 |")
-        for label in ("tool, round trip (default)", "tool, --no-verify"):
-            if label in row:
-                print(f"| {label} | {row[label]['wall_s']} | {row[label]['x_floor']} |")
+        for label in [k for k in row if k.startswith("tool")]:
+            print(f"| {label} | {row[label]['wall_s']} | {row[label]['x_floor']} |")
+            print(f"|   phases {row[label].get('phase_seconds')} | child {row[label]['roundtrip'].get('timings')} |")
     shutil.rmtree(out_a, ignore_errors=True)
     shutil.rmtree(out_c, ignore_errors=True)
     return 0
