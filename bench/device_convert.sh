@@ -32,19 +32,18 @@ if [ "${1:-}" = s4-a ] || [ "${1:-}" = s4-b ]; then
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
     git log -1 --format=%h 2>/dev/null; } 2>&1 | tee -a "$log"
   old=(--also-src .devwt/old/src --also-label 6bc4667)
-  if [ "${2:-}" = second ]; then  # the second call: round trip vs floor, 4B warm, 8B window A/B, 8B dropped
-    timeout 260 python3 bench/roundtrip_floor.py --model sa2va-4b --work /tmp/sb --skip-no-verify --early-child-ab \
+  if [ "${2:-}" = second ]; then  # the second call: round trip vs floor, 4B prefetch A/B, 4B warm, 8B window A/B
+    timeout 230 python3 bench/roundtrip_floor.py --model sa2va-4b --work /tmp/sb --skip-no-verify --early-child-ab \
       --json "$out/rt_4b.json" 2>&1 | tail -12 | tee -a "$log"
-    timeout 90 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-4b --merge-devices auto --runs c,a \
+    timeout 120 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-4b --merge-devices auto --runs c,a \
+      --cache drop --keep --also-env "prefetch every input:SA2VA_PREFETCH=64" \
+      --also-env "no prefetch:SA2VA_PREFETCH=0" --json "$out/4b_drop.json" 2>&1 | grep -v "^{" | tee -a "$log"
+    timeout 80 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-4b --merge-devices auto --runs c,a \
       --cache warm --keep "${old[@]}" --json "$out/4b_warm.json" 2>&1 | grep -v "^{" | tee -a "$log"
     rm -rf /tmp/sb/sa2va-4b
-    w=(--also-env "window 512 MiB:SA2VA_WINDOW_MIB=512" --also-env "window 384 MiB:SA2VA_WINDOW_MIB=384"
-       --also-env "window 256 MiB:SA2VA_WINDOW_MIB=256")
-    timeout 200 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-8b --merge-devices auto --runs c,a \
-      --cache warm --keep "${w[@]}" --json "$out/8b_warm.json" 2>&1 | grep -v "^{" | tee -a "$log"
     timeout 150 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-8b --merge-devices auto --runs c,a \
-      --cache drop --also-env "window 512 MiB:SA2VA_WINDOW_MIB=512" --json "$out/8b_drop.json" 2>&1 \
-      | grep -v "^{" | tee -a "$log"
+      --cache warm --also-env "window 512 MiB:SA2VA_WINDOW_MIB=512" --also-env "window 384 MiB:SA2VA_WINDOW_MIB=384" \
+      --json "$out/8b_warm.json" 2>&1 | grep -v "^{" | tee -a "$log"
     exit 0
   fi
   if [ "$1" = s4-a ]; then

@@ -8,10 +8,12 @@ nothing is held in our memory, errors are ignored, and nothing is opened for wri
 files the user named are advised (the checkpoint file, then the base folder's safetensors shards in
 name order, the order the writer reads them).
 
-Why a thread, in 64 MiB steps: one ``posix_fadvise`` over gigabytes does not return until the
-kernel has queued all of it, which stalls whoever calls it behind the disk; in a daemon thread
-(the call releases the GIL) it keeps the disk busy while the main thread imports, and :meth:`stop`
-ends it between two steps.
+Why a thread, one call per file: the call releases the GIL, so a daemon thread advises while the
+main thread imports, whatever the kernel does with the call (queue it and return, or wait for the
+disk), and :meth:`stop` ends it between two files. Not in small steps: each step needs the GIL back,
+and the import holds it for long stretches (``dlopen`` of torch's libraries): 64 MiB steps advising
+every input left a 4B write stage no faster than no hint at all (12.8 against 12.1 s, H200 machine).
+``SA2VA_PREFETCH_STEP_MIB`` sets a step (benchmarking).
 
 Why at most 2 GiB: advising every input (up to a quarter of the RAM) was tried and was slower, not
 faster: Sa2VA-4B with the page cache dropped (H200 machine, one run each, in one call) took 25.1 s
@@ -29,9 +31,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..machine import available_ram
+from ..machine import available_ram, env_count
 
-STEP_BYTES = 64 << 20
 MAX_PREFETCH_BYTES = 2 << 30
 
 
@@ -60,11 +61,12 @@ def input_files(checkpoint: Path, base: str | os.PathLike | None) -> list[Path]:
 
 
 def prefetch(files: Sequence[Path], budget: int, stop: threading.Event | None = None) -> int:
-    """Advise ``files`` front to back, in ``STEP_BYTES`` steps, until ``budget`` bytes or ``stop``;
-    returns the bytes advised. A no-op where ``posix_fadvise`` does not exist."""
+    """Advise ``files`` front to back, a file per call, until ``budget`` bytes or ``stop``; returns the
+    bytes advised. A no-op where ``posix_fadvise`` does not exist."""
     advise = getattr(os, "posix_fadvise", None)
     if advise is None or budget <= 0 or not files:
         return 0
+    step = (env_count("SA2VA_PREFETCH_STEP_MIB") or 0) << 20 or budget
     advised = 0
     for path in files:
         try:
@@ -77,7 +79,7 @@ def prefetch(files: Sequence[Path], budget: int, stop: threading.Event | None = 
             while offset < size and advised < budget:
                 if stop is not None and stop.is_set():
                     return advised
-                n = min(STEP_BYTES, size - offset, budget - advised)
+                n = min(step, size - offset, budget - advised)
                 advise(fd, offset, n, os.POSIX_FADV_WILLNEED)
                 offset += n
                 advised += n
