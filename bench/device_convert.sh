@@ -32,6 +32,15 @@ if [ "${1:-}" = s4-a ] || [ "${1:-}" = s4-b ]; then
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
     git log -1 --format=%h 2>/dev/null; } 2>&1 | tee -a "$log"
   old=(--also-src .devwt/old/src --also-label 6bc4667)
+  if [ "${2:-}" = last ]; then  # what ~5 min of device time allows: round trip vs floor (4B), 8B warm window A/B
+    timeout 150 python3 bench/roundtrip_floor.py --model sa2va-4b --work /tmp/sb --skip-no-verify --early-child-ab \
+      --json "$out/rt_4b.json" 2>&1 | tail -12 | tee -a "$log"
+    rm -rf /tmp/sb/sa2va-4b
+    timeout 115 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-8b --merge-devices auto --runs c,a \
+      --cache warm --also-env "window 512 MiB:SA2VA_WINDOW_MIB=512" --json "$out/8b_warm.json" 2>&1 \
+      | grep -v "^{" | tee -a "$log"
+    exit 0
+  fi
   if [ "${2:-}" = second ]; then  # the second call: round trip vs floor, 4B prefetch A/B, 4B warm, 8B window A/B
     timeout 230 python3 bench/roundtrip_floor.py --model sa2va-4b --work /tmp/sb --skip-no-verify --early-child-ab \
       --json "$out/rt_4b.json" 2>&1 | tail -12 | tee -a "$log"
