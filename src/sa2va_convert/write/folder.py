@@ -99,7 +99,8 @@ def write_shards(
     progress_lock = threading.Lock()
     # reading, merging and writing overlap in threads, in this order, memory-bounded (see pipeline); each
     # open shard is written by its own lane thread, so their checksums and disk writes run in parallel
-    window = plan.window_bytes or PIPELINE_BUDGET_BYTES  # chosen with the peak-RAM estimate (write.peak_ram)
+    # chosen with the peak-RAM estimate (write.peak_ram), never above this module's cap
+    window = min(plan.window_bytes or PIPELINE_BUDGET_BYTES, PIPELINE_BUDGET_BYTES)
     with TensorPipeline(produce, order, budget_bytes=window, times=times) as pipe:
 
         def written(name: str) -> None:
