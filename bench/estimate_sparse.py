@@ -40,12 +40,38 @@ def write_sparse_shard(path: Path, entries, produce, *, metadata=None, **_ignore
     return size
 
 
+AS_DEVICE = r"""
+import json, sys
+from pathlib import Path
+from sa2va_convert.conversion import open_inputs, plan_from_inputs
+from sa2va_convert.options import ConvertOptions
+
+ckpt, base, out, device = sys.argv[1:5]
+options = ConvertOptions(base=base, merge_device=device, roundtrip=False)  # not validated: no GPU here
+plan = plan_from_inputs(open_inputs(Path(ckpt), options), Path(out), options)
+print(json.dumps({f"{device}_peak_ram_gib": plan.peak_ram_bytes / 2**30, f"{device}_window_mib": plan.window_bytes >> 20}))
+"""
+
+
+def as_merge_device(ckpt: Path, base: Path, out: Path, device: str, env: dict) -> dict:
+    """The plan's peak estimate and writer window as a conversion merging on ``device`` would choose them
+    (``conversion.plan_from_inputs``), in a fresh process as the CLI's (its RSS is the estimate's baseline)."""
+    r = subprocess.run([sys.executable, "-c", AS_DEVICE, str(ckpt), str(base), str(out), device],
+                       capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        sys.exit(f"estimate as {device} failed: {r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="sa2va-8b,sa2va-26b")
     ap.add_argument("--work", default="/tmp/sa2va-sparse")
     ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for the CLI's environment")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--as-merge-device", metavar="DEVICE",
+                    help="also the estimate and window for this merge device (e.g. cuda), computed in-process: "
+                         "the CLI refuses a GPU merge where torch sees none")
     args = ap.parse_args()
     overrides = dict(kv.split("=", 1) for kv in args.env)
     env = dict(os.environ, **overrides)
@@ -67,6 +93,8 @@ def main() -> None:
         est = {"peak_ram_gib": plan["estimates"]["peak_ram_bytes"] / 2**30,
                "disk_gib": plan["estimates"]["disk_bytes"] / 2**30, "shards": len(plan["shards"]),
                "lora_pairs": plan["lora"]["pairs"], "tensor_count": plan["tensor_count"]}
+        if args.as_merge_device:  # a GPU merge's estimate and window, on a machine without one (in-process)
+            est.update(as_merge_device(ckpt.path, base, work / "out", args.as_merge_device, env))
         rows.append({"model": model, "base_disk_bytes_used": disk, "estimate": est})
         print(f"{model}: peak RAM {est['peak_ram_gib']:.2f} GiB, disk {est['disk_gib']:.2f} GiB, "
               f"{est['shards']} shards, {est['lora_pairs']} LoRA pairs (sparse base: {disk / 2**20:.1f} MiB "

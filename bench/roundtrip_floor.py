@@ -36,9 +36,14 @@ from transformers import AutoModel, AutoTokenizer
 t_import = time.perf_counter() - t0
 folder = sys.argv[1]
 device = "cuda" if torch.cuda.is_available() else "cpu"
+if device == "cpu":  # the model's code calls .cuda() (as upstream's does): on a CPU-only machine, keep it on the CPU
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.nn.Module.cuda = lambda self, *a, **k: self
 t = time.perf_counter()
 model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16).to(device).eval()
 tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+if hasattr(model, "preparing_for_generation"):  # the same answer length as the tool's round trip (16 new tokens);
+    model.preparing_for_generation(tok, max_new_tokens=16)  # predict_forward's own default is 2048
 t_load = time.perf_counter() - t
 kwargs = {"image": Image.new("RGB", (448, 448), (110, 90, 60)), "text": "<image>Please segment the object.",
           "tokenizer": tok}
