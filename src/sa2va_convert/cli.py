@@ -168,8 +168,11 @@ def convert(
     options = ConvertOptions(**fields)
     if show_tensors and not options.dry_run:
         raise click.UsageError("--show-tensors lists the plan of a dry run: add --dry-run (nothing is written then)")
-    try:
-        _convert(checkpoint, out, options, show_tensors, all_checkpoints, quiet, verbose, json_out)
+    from .read.prefetch import inputs_prefetched
+
+    try:  # the disk reads the inputs while torch is imported (a thread, stopped when the command ends)
+        with inputs_prefetched(checkpoint, options.base, enabled=not options.dry_run and not all_checkpoints):
+            _convert(checkpoint, out, options, show_tensors, all_checkpoints, quiet, verbose, json_out)
     except KeyboardInterrupt:  # what is on disk decides the message, also after publishing
         raise run_state.interrupted(
             None if all_checkpoints or options.dry_run else out, otherwise="nothing was written"
@@ -177,28 +180,6 @@ def convert(
 
 
 def _convert(
-    checkpoint: Path,
-    out: Path,
-    options: ConvertOptions,
-    show_tensors: bool,
-    all_checkpoints: bool,
-    quiet: bool,
-    verbose: bool,
-    json_out: bool,
-) -> None:
-    prefetcher = None
-    if not options.dry_run and not all_checkpoints:  # the disk reads the inputs while torch is imported
-        from .read.prefetch import Prefetcher, input_files, prefetch_budget
-
-        prefetcher = Prefetcher(input_files(checkpoint, options.base), prefetch_budget())
-    try:
-        _run_convert(checkpoint, out, options, show_tensors, all_checkpoints, quiet, verbose, json_out)
-    finally:
-        if prefetcher is not None:
-            prefetcher.stop()
-
-
-def _run_convert(
     checkpoint: Path,
     out: Path,
     options: ConvertOptions,

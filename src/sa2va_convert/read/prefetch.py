@@ -26,9 +26,10 @@ then have to read again.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..machine import available_ram, env_count
@@ -116,4 +117,15 @@ class Prefetcher:
             self._thread.join(timeout)
 
 
-__all__ = ["Prefetcher", "input_files", "prefetch", "prefetch_budget"]
+@contextlib.contextmanager
+def inputs_prefetched(checkpoint: Path, base: str | os.PathLike | None, *, enabled: bool = True) -> Iterator[None]:
+    """A :class:`Prefetcher` of a conversion's inputs (``input_files``) for the length of the block."""
+    prefetcher = Prefetcher(input_files(checkpoint, base), prefetch_budget()) if enabled else None
+    try:
+        yield
+    finally:
+        if prefetcher is not None:
+            prefetcher.stop()
+
+
+__all__ = ["Prefetcher", "input_files", "inputs_prefetched", "prefetch", "prefetch_budget"]
