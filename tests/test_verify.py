@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -42,8 +43,11 @@ from sa2va_convert.verify.folder import (  # noqa: E402
 )
 from sa2va_convert.verify.roundtrip import summary_line  # noqa: E402
 
-EMBED_NAMES = ("language_model.model.embed_tokens.weight", "model.model.language_model.embed_tokens.weight",
-               "language_model.model.tok_embeddings.weight")
+EMBED_NAMES = (
+    "language_model.model.embed_tokens.weight",
+    "model.model.language_model.embed_tokens.weight",
+    "language_model.model.tok_embeddings.weight",
+)
 HEAD_NAMES = ("language_model.lm_head.weight", "model.lm_head.weight", "language_model.output.weight")
 SYNTH_W, SYNTH_H = 80, 60  # the child's synthetic picture
 
@@ -217,7 +221,7 @@ def test_bytes_flipped_to_nan_are_caught_without_checksums(converted, tmp_path):
     shard = folder / shard_files(folder)[0]
     data = bytearray(shard.read_bytes())
     start = _data_start(shard) + 64
-    data[start:start + 16] = b"\xff" * 16  # 0xFFFF is NaN in bf16
+    data[start : start + 16] = b"\xff" * 16  # 0xFFFF is NaN in bf16
     shard.write_bytes(bytes(data))
     with pytest.raises(VerifyError) as e:
         verify_folder(folder, device="cpu")
@@ -248,14 +252,18 @@ def test_missing_remote_code_file(converted, tmp_path, victim):
 
 
 def test_remote_code_closure_follows_imports_inside_try_blocks(tmp_path):
-    (tmp_path / "modeling_x.py").write_text("try:\n    from .flash_attention import F\nexcept ImportError:\n"
-                                            "    F = None\nfrom .helpers.sub import y\n")
+    (tmp_path / "modeling_x.py").write_text(
+        "try:\n    from .flash_attention import F\nexcept ImportError:\n    F = None\nfrom .helpers.sub import y\n"
+    )
     (tmp_path / "flash_attention.py").write_text("F = 1\n")
     (tmp_path / "helpers").mkdir()
     (tmp_path / "helpers" / "sub.py").write_text("y = 2\n")
     cfg = {"auto_map": {"AutoModel": "modeling_x.M"}}
-    assert sorted(check_remote_code(tmp_path, cfg).code.files) == ["flash_attention.py", "helpers/sub.py",
-                                                                   "modeling_x.py"]
+    assert sorted(check_remote_code(tmp_path, cfg).code.files) == [
+        "flash_attention.py",
+        "helpers/sub.py",
+        "modeling_x.py",
+    ]
     (tmp_path / "flash_attention.py").unlink()
     with pytest.raises(VerifyError, match=r"flash_attention\.py is missing \(needed by modeling_x\.py\)"):
         check_remote_code(tmp_path, cfg)
@@ -349,6 +357,49 @@ def test_a_started_child_that_never_gets_its_folder_ends(how):
         assert not tmp.exists()
 
 
+def test_a_conversion_refused_while_writing_ends_its_early_child(tmp_path, monkeypatch):
+    """The round trip's child is started as the write begins; a merge that overflows to Inf is refused in
+    the write (exit 5), and the child, never given a folder, is ended with it: no process, no folder left."""
+    from sa2va_convert.runner.process import StartedChild
+
+    ex = make_tiny_example(tmp_path / "ex")
+    obj = torch.load(ex.checkpoint.path, weights_only=False)  # our own fixture, edited the ordinary way
+    lora = [k for k in obj["state_dict"] if k.endswith("q_proj.lora_A.default.weight")][0]
+    obj["state_dict"][lora].fill_(1e30)
+    obj["state_dict"][lora.replace("lora_A", "lora_B")].fill_(1e30)
+    torch.save(obj, ex.checkpoint.path)
+    started: list[StartedChild] = []
+    real = StartedChild.maybe_start.__func__  # type: ignore[attr-defined]
+
+    def spy(cls, *a, **k):
+        child = real(cls, *a, **k)
+        started.append(child)
+        return child
+
+    monkeypatch.setattr(StartedChild, "maybe_start", classmethod(spy))
+    with pytest.raises(Exception) as err:
+        convert(ex.checkpoint.path, tmp_path / "out", ConvertOptions(base=ex.base_dir, verify_device="cpu"))
+    assert getattr(err.value, "exit_code", None) == 5 and "NaN/Inf" in str(err.value)
+    assert len(started) == 1 and started[0] is not None
+    assert started[0]._child is None  # cancelled
+    assert not (tmp_path / "out").exists()
+    ours = [
+        pid
+        for pid in os.listdir("/proc")
+        if pid.isdigit()
+        and _parent(pid) == os.getpid()
+        and "child.py" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    ]
+    assert ours == []
+
+
+def _parent(pid: str) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def test_missing_tensor_passes_the_file_checks_but_not_the_roundtrip(converted, tmp_path):
     """from_pretrained would leave it uninitialised; only loading for real shows it."""
     folder = copy_of(converted, tmp_path)
@@ -369,8 +420,9 @@ def test_code_that_needs_a_gpu_is_reported_with_the_fix(converted, tmp_path):
     src = modeling.read_text()
     anchor = "        if mask_prompts is not None:"
     assert anchor in src
-    modeling.write_text(src.replace(anchor, "        torch.cuda.synchronize()  # torch.cuda itself: not mapped\n"
-                                    + anchor, 1))
+    modeling.write_text(
+        src.replace(anchor, "        torch.cuda.synchronize()  # torch.cuda itself: not mapped\n" + anchor, 1)
+    )
     with pytest.raises(VerifyError) as e:
         verify_folder(folder, device="auto", max_new_tokens=1, video=False)
     text = assert_one_line(e.value, exit_code=9)  # the environment, not the folder
@@ -394,8 +446,9 @@ def test_cuda_calls_are_mapped_to_cpu_and_reported(steered):
 @pytest.fixture(scope="module")
 def no_seg(converted, tmp_path_factory) -> Path:
     """A folder whose model always answers "<p>": never [SEG], like an undertrained model."""
-    return steer_folder(Path(shutil.copytree(converted, tmp_path_factory.mktemp("noseg") / "out")),
-                        default="<p>", chain={})
+    return steer_folder(
+        Path(shutil.copytree(converted, tmp_path_factory.mktemp("noseg") / "out")), default="<p>", chain={}
+    )
 
 
 def test_answer_without_seg_is_forced_through_the_mask_path(no_seg):
@@ -473,8 +526,15 @@ def test_child_script_is_standalone():
     """runner/child.py runs under --python interpreters without sa2va_convert: stdlib + the model's stack only."""
     # peft: only for an adapter folder (--format adapter); upstream's remote code imports it anyway (FORMATS.md §5).
     # safetensors: a requirement of transformers itself, so every interpreter that can load a model has it.
-    allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "numpy", "PIL", "peft", "safetensors",
-                                              "__future__"}
+    allowed = set(sys.stdlib_module_names) | {
+        "torch",
+        "transformers",
+        "numpy",
+        "PIL",
+        "peft",
+        "safetensors",
+        "__future__",
+    }
     tree = ast.parse(CHILD_SCRIPT.read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
