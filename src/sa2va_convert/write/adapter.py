@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +41,6 @@ from typing import Any
 
 import torch
 
-from .. import run_state
 from ..errors import PlanError
 from ..formats import ADAPTER_RECORD, ADAPTER_WEIGHTS
 from ..plan.types import ConversionPlan, PlannedTensor
@@ -309,51 +307,32 @@ def write_adapter(
         elif t.planned is not None and release_planned is not None:
             release_planned(t.planned)
 
-    holding: list[bool] = []
-    with atomic.output_lock(out):
-        for stale in atomic.clear_stale_partials(out):
-            progress.stage(f"note: {stale.describe()}")
-        tmp = atomic.make_partial(out)
+    with atomic.staged_output(out, progress.stage) as staging:
+        tmp = staging.tmp
+        progress.stage(
+            f"writing the adapter to {out}: {len(layout.targets)} LoRA targets, "
+            f"{len(layout.modules_to_save)} modules to save"
+        )
+        # one torch thread: the tensors are small (LoRA factors) or plain copies, and the base and
+        # checkpoint are hashed (and PEFT imported) in threads beside this one; with two OpenMP threads
+        # spinning against them on a 2-core machine, Sa2VA-1B's adapter took 26 s instead of 17 s
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         try:
-            progress.stage(
-                f"writing the adapter to {out}: {len(layout.targets)} LoRA targets, "
-                f"{len(layout.modules_to_save)} modules to save"
+            written = write_streamed(
+                tmp / ADAPTER_WEIGHTS, entries, value, metadata={"format": "pt"}, on_tensor=release
             )
-            # one torch thread: the tensors are small (LoRA factors) or plain copies, and the base and
-            # checkpoint are hashed (and PEFT imported) in threads beside this one; with two OpenMP threads
-            # spinning against them on a 2-core machine, Sa2VA-1B's adapter took 26 s instead of 17 s
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                written = write_streamed(
-                    tmp / ADAPTER_WEIGHTS, entries, value, metadata={"format": "pt"}, on_tensor=release
-                )
-                text = json.dumps(adapter_config(), indent=2, sort_keys=True, default=_json_default) + "\n"
-                (tmp / "adapter_config.json").write_text(text, encoding="utf-8")
-                for name, body in extra_files().items():
-                    (tmp / name).write_text(body, encoding="utf-8")
-                for f in tmp.iterdir():
-                    os.chmod(f, 0o644)
-            except OSError as e:
-                raise atomic.describe_os_error(e, out) from None
-            finally:
-                torch.set_num_threads(threads)
-            if out.exists():
-                guard.check_out(out, protected)
-                guard.check_replaceable(out, force=force, replace_foreign=replace_foreign)
-            # as write/folder.py: from the rename to the lock's release no interrupt is raised; one that came
-            # meanwhile is raised by release() below, with OUT published and the lock gone
-            run_state.hold()
-            holding.append(True)
-            atomic.publish(tmp, out, force or replace_foreign)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if holding and not run_state.published(out):  # publishing failed: nothing to wait for
-                holding.clear()
-                run_state.release()
-            raise
-    if holding:
-        run_state.release()
+            text = json.dumps(adapter_config(), indent=2, sort_keys=True, default=_json_default) + "\n"
+            (tmp / "adapter_config.json").write_text(text, encoding="utf-8")
+            for name, body in extra_files().items():
+                (tmp / name).write_text(body, encoding="utf-8")
+            for f in tmp.iterdir():
+                os.chmod(f, 0o644)
+        except OSError as e:
+            raise atomic.describe_os_error(e, out) from None
+        finally:
+            torch.set_num_threads(threads)
+        staging.publish(force=force, replace_foreign=replace_foreign, protected=protected)
     files = sorted(p.name for p in out.iterdir() if p.is_file())
     assert ADAPTER_RECORD in files, "the base record is part of every adapter folder"
     return written, files

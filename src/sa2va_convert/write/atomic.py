@@ -16,13 +16,14 @@ import fcntl
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import run_state
 from ..errors import OutputError
+from . import guard
 
 
 def _lock_path(out: Path) -> Path:
@@ -252,6 +253,55 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
         except BaseException:  # an interrupt mid-removal: finish it, the new OUT is in place
             shutil.rmtree(old, ignore_errors=True)
             raise
+
+
+class Staging:
+    """One write's partial folder under OUT's lock (``staged_output``), and its publishing."""
+
+    def __init__(self, out: Path, tmp: Path):
+        self.out = out
+        self.tmp = tmp
+        self.holding = False  # interrupts held since publish(): released when the staged block ends
+
+    def publish(self, *, force: bool, replace_foreign: bool, protected: Sequence[guard.NamedInput]) -> None:
+        """Re-check an OUT that appeared or changed while writing, then move the partial folder into place.
+
+        From here to the lock's release no interrupt is raised (``run_state.hold``): one that comes meanwhile
+        is raised when the staged block ends, with OUT published, the lock file and any old folder gone, so
+        the message it ends in says what is on disk."""
+        if self.out.exists():
+            guard.check_out(self.out, protected)
+            guard.check_replaceable(self.out, force=force, replace_foreign=replace_foreign)
+        run_state.hold()
+        self.holding = True
+        publish(self.tmp, self.out, force or replace_foreign)
+
+
+@contextmanager
+def staged_output(out: Path, note: Callable[[str], None]) -> Iterator[Staging]:
+    """OUT's lock, stale partial folders cleared (each ``note``d), and a fresh partial folder to write into.
+
+    The block writes into ``staging.tmp`` and ends with ``staging.publish(...)``. Any failure removes the
+    partial folder (an unpublished OUT is never left half-written); interrupts held by ``publish`` are
+    released once the lock is, or at once where publishing itself failed. The merged folder and the adapter
+    are both written through this, so their publishing cannot drift apart."""
+    staging: Staging | None = None
+    try:
+        with output_lock(out):
+            for stale in clear_stale_partials(out):  # a kill -9 leaves one; say what went, not silently
+                note(f"note: {stale.describe()}")
+            staging = Staging(out, make_partial(out))
+            try:
+                yield staging
+            except BaseException:
+                shutil.rmtree(staging.tmp, ignore_errors=True)
+                if staging.holding and not run_state.published(out):  # publishing failed: nothing to wait for
+                    staging.holding = False
+                    run_state.release()
+                raise
+    finally:
+        if staging is not None and staging.holding:  # OUT published, lock released: a held interrupt lands now
+            run_state.release()
 
 
 _AT_FDCWD = -100

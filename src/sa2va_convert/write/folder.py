@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import run_state
 from ..plan.types import ConversionPlan
 from ..progress import Progress, Silent
 from . import atomic, guard
@@ -195,26 +194,20 @@ def write_folder(
     atomic.check_destination(out, force or replace_foreign)
     started = time.perf_counter()
     times = StageTimes()
-    holding: list[bool] = []  # set by _write_locked when it holds interrupts for publishing
-    try:
-        written, checksums = _write_locked(
-            plan,
-            produce,
-            out,
-            base_dir=base_dir,
-            force=force,
-            progress=progress,
-            extra_files=extra_files,
-            check=check,
-            replace_foreign=replace_foreign,
-            protected=protected,
-            writer=writer,
-            times=times,
-            holding=holding,
-        )
-    finally:
-        if holding:  # OUT is published and the lock released: an interrupt that waited is raised now
-            run_state.release()
+    written, checksums = _write_locked(
+        plan,
+        produce,
+        out,
+        base_dir=base_dir,
+        force=force,
+        progress=progress,
+        extra_files=extra_files,
+        check=check,
+        replace_foreign=replace_foreign,
+        protected=protected,
+        writer=writer,
+        times=times,
+    )
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     return WriteResult(out, files, written, time.perf_counter() - started, checksums, times.to_dict())
 
@@ -233,45 +226,27 @@ def _write_locked(
     protected: Sequence[guard.NamedInput],
     writer: ShardWriter,
     times: StageTimes,
-    holding: list[bool],
 ) -> tuple[int, dict[str, str]]:
-    """Everything under OUT's lock: (bytes written, {shard: sha256}). Right before publishing it calls
-    ``run_state.hold()`` and appends to ``holding``: from the rename to the lock's release no interrupt is
-    raised (the lock file and any old folder are removed first), so the caller's ``release()`` raises it
-    with OUT and its siblings settled, and the message then says OUT is published."""
-    with atomic.output_lock(out):
-        for stale in atomic.clear_stale_partials(out):  # a kill -9 leaves one; say what went, not silently
-            progress.stage(f"note: {stale.describe()}")
-        tmp = atomic.make_partial(out)
+    """Everything under OUT's lock (``atomic.staged_output``): (bytes written, {shard: sha256}), published."""
+    with atomic.staged_output(out, progress.stage) as staging:
+        tmp = staging.tmp
+        progress.stage(f"writing {len(plan.shards)} shard(s) to {out}")
+        progress.start(plan.tensor_bytes, len(plan.tensors))
         try:
-            progress.stage(f"writing {len(plan.shards)} shard(s) to {out}")
-            progress.start(plan.tensor_bytes, len(plan.tensors))
-            try:
-                checksums: dict[str, str] = {}
-                written = write_shards(plan, produce, tmp, progress, checksums, writer, times)
-                progress.finish()
-                dump_json(tmp / writer.naming.index_file, writer.index_document(plan.shards, plan.tensor_bytes))
-                dump_json(tmp / "config.json", plan.config)
-                copy_base_files(plan, base_dir, tmp)
-                apply_additions(base_dir, tmp, plan.tokenizer_additions)
-                if extra_files is not None:
-                    for name, text in extra_files(tmp, checksums).items():
-                        (tmp / name).write_text(text, encoding="utf-8")
-            except OSError as e:
-                raise atomic.describe_os_error(e, out) from None
-            if check is not None:
-                progress.stage("checking the written files")
-                check(tmp)
-            if out.exists():  # it may have appeared, or changed, while we were writing
-                guard.check_out(out, protected)
-                guard.check_replaceable(out, force=force, replace_foreign=replace_foreign)
-            run_state.hold()
-            holding.append(True)
-            atomic.publish(tmp, out, force or replace_foreign)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if holding and not run_state.published(out):  # publishing failed: nothing to wait for
-                holding.clear()
-                run_state.release()
-            raise
+            checksums: dict[str, str] = {}
+            written = write_shards(plan, produce, tmp, progress, checksums, writer, times)
+            progress.finish()
+            dump_json(tmp / writer.naming.index_file, writer.index_document(plan.shards, plan.tensor_bytes))
+            dump_json(tmp / "config.json", plan.config)
+            copy_base_files(plan, base_dir, tmp)
+            apply_additions(base_dir, tmp, plan.tokenizer_additions)
+            if extra_files is not None:
+                for name, text in extra_files(tmp, checksums).items():
+                    (tmp / name).write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise atomic.describe_os_error(e, out) from None
+        if check is not None:
+            progress.stage("checking the written files")
+            check(tmp)
+        staging.publish(force=force, replace_foreign=replace_foreign, protected=protected)
     return written, checksums
