@@ -30,7 +30,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -695,21 +695,17 @@ def _run_model(
     files = _model_files(spec, share, need, out, dist, overlays)
     check_fits(spec.folder, device, what="evaluation")
     timeout = image_timeout * (len(share) + 1)
-    with dist.own_gpu(device) as child_device:
-        args = {
-            "mode": "eval",
-            "folder": str(spec.folder),
-            "device": child_device,
-            "dtype": dtype,
-            "max_new_tokens": int(max_new_tokens),
-            "items": str(files.items),
-            "results": str(files.results),
-        }
-        files.scorer.start()
-        try:
-            run = run_child(args, python=exe, timeout=timeout, on_stage=_throttled(spec.name, on_stage))
-        finally:
-            files.scorer.stop()
+    args = {
+        "mode": "eval",
+        "folder": str(spec.folder),
+        "dtype": dtype,
+        "max_new_tokens": int(max_new_tokens),
+        "items": str(files.items),
+        "results": str(files.results),
+    }
+    run = run_scoring_child(
+        args, [files.scorer], dist=dist, exe=exe, device=device, timeout=timeout, label=spec.name, on_stage=on_stage
+    )
     rows = files.scorer.finish()
     return _model_part(run, spec, rows, exe=exe, device=device, timeout=timeout)
 
@@ -758,22 +754,17 @@ def _run_swapped(
         )
     label = f"{len(group)} adapters on one base"
     on_stage(f"{label}: {', '.join(s.name for s in group)} in one model process (the base loaded once)")
-    with dist.own_gpu(device) as child_device:
-        args = {
-            "mode": "eval_adapters",
-            "folder": str(found.base),
-            "device": child_device,
-            "dtype": dtype,
-            "max_new_tokens": int(max_new_tokens),
-            "adapters": adapters,
-        }
-        for f in files.values():
-            f.scorer.start()
-        try:
-            run = run_child(args, python=exe, timeout=timeout, on_stage=_throttled(label, on_stage))
-        finally:
-            for f in files.values():
-                f.scorer.stop()
+    args = {
+        "mode": "eval_adapters",
+        "folder": str(found.base),
+        "dtype": dtype,
+        "max_new_tokens": int(max_new_tokens),
+        "adapters": adapters,
+    }
+    scorers = [f.scorer for f in files.values()]
+    run = run_scoring_child(
+        args, scorers, dist=dist, exe=exe, device=device, timeout=timeout, label=label, on_stage=on_stage
+    )
     parts: dict[str, dict[str, Any]] = {}
     crashed = run.timed_out or not (run.result or {}).get("ok")
     for spec in group:
@@ -816,6 +807,31 @@ def _eval_hint(hint: str | None) -> str | None:
 
 
 _PROGRESS = re.compile(r"^evaluating image (\d+)/(\d+)$")
+
+
+def run_scoring_child(
+    args: dict[str, Any],
+    scorers: Sequence[_Scorer],
+    *,
+    dist: Dist,
+    exe: str,
+    device: str,
+    timeout: float,
+    label: str,
+    on_stage: Callable[[str], None],
+) -> ChildRun:
+    """One model process for ``args`` (image, adapter and video eval alike), on this rank's own GPU (its
+    ``device`` filled in here), with ``scorers`` scoring the results files as the child appends to them."""
+    with dist.own_gpu(device) as child_device:
+        for scorer in scorers:
+            scorer.start()
+        try:
+            return run_child(
+                {**args, "device": child_device}, python=exe, timeout=timeout, on_stage=_throttled(label, on_stage)
+            )
+        finally:
+            for scorer in scorers:
+                scorer.stop()
 
 
 def _throttled(name: str, on_stage: Callable[[str], None]) -> Callable[[str], None]:

@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import ConvertError, OutputError, UsageError
 from ..runner.failure import child_failure, debug_details
 from ..runner.memory import check_fits
-from ..runner.process import check_device, resolve_python, run_child
+from ..runner.process import check_device, resolve_python
 from ..runner.report import judge_loading, report_from
 from .compare import Comparison, compare_models
 from .report import write_atomic, write_summary
@@ -48,10 +48,10 @@ from .run import (
     _rank_results,
     _read_jsonl,
     _Scorer,
-    _throttled,
     check_baseline,
     require_modules,
     resolve_models,
+    run_scoring_child,
 )
 from .video_data import VideoSample, load_video_dataset
 from .video_metrics import BOUND_TH, ExpressionScore, percent
@@ -421,21 +421,17 @@ def _run_model(
     scorer = _Scorer(results, complete)
     check_fits(spec.folder, device, what="evaluation")
     timeout = timeout_per_item * (len(share) + 1)
-    with dist.own_gpu(device) as child_device:
-        args = {
-            "mode": "eval_video",
-            "folder": str(spec.folder),
-            "device": child_device,
-            "dtype": dtype,
-            "max_new_tokens": int(max_new_tokens),
-            "items": str(items),
-            "results": str(results),
-        }
-        scorer.start()
-        try:
-            run = run_child(args, python=exe, timeout=timeout, on_stage=_throttled(spec.name, on_stage))
-        finally:
-            scorer.stop()
+    args = {
+        "mode": "eval_video",
+        "folder": str(spec.folder),
+        "dtype": dtype,
+        "max_new_tokens": int(max_new_tokens),
+        "items": str(items),
+        "results": str(results),
+    }
+    run = run_scoring_child(
+        args, [scorer], dist=dist, exe=exe, device=device, timeout=timeout, label=spec.name, on_stage=on_stage
+    )
     report = report_from(run, spec.folder, exe)
     rows = scorer.finish()
     if run.timed_out or not report.ok:
