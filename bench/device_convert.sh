@@ -32,6 +32,27 @@ if [ "${1:-}" = s4-a ] || [ "${1:-}" = s4-b ]; then
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
     git log -1 --format=%h 2>/dev/null; } 2>&1 | tee -a "$log"
   old=(--also-src .devwt/old/src --also-label 6bc4667)
+  if [ "${2:-}" = s5 ]; then  # fifth session, call 1: round trip vs floor (4B), 4B warm, 8B warm window A/B, 1B
+    timeout 220 python3 bench/roundtrip_floor.py --model sa2va-4b --work /tmp/sb --skip-no-verify --early-child-ab \
+      --json "$out/rt_4b.json" 2>&1 | tail -14 | tee -a "$log"
+    timeout 100 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-4b --merge-devices auto,cpu --runs c,a \
+      --cache warm --keep --json "$out/4b_warm.json" 2>&1 | grep -v "^{" | tee -a "$log"
+    rm -rf /tmp/sb/sa2va-4b
+    timeout 190 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-8b --merge-devices auto --runs c,a \
+      --cache warm --keep --also-env "window 384 MiB:SA2VA_WINDOW_MIB=384" \
+      --also-env "window 256 MiB:SA2VA_WINDOW_MIB=256" --json "$out/8b_warm.json" 2>&1 | grep -v "^{" | tee -a "$log"
+    timeout 75 python3 bench/bench_convert.py --work /tmp/sb1 --models sa2va-1b --merge-devices auto,cpu \
+      --runs c,b,a --check-equal --cache drop,warm --json "$out/1b.json" 2>&1 | grep -v "^{" | tee -a "$log"
+    exit 0
+  fi
+  if [ "${2:-}" = s5-final ]; then  # fifth session, call 2: the final table, 8B then 4B, dropped, (c) (b) (a)
+    timeout 330 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-8b --merge-devices auto,cpu \
+      --runs c,b,a --check-equal --cache drop,warm --json "$out/8b.json" 2>&1 | grep -v "^{" | tee -a "$log"
+    rm -rf /tmp/sb/sa2va-8b
+    timeout 230 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-4b --merge-devices auto,cpu \
+      --runs c,b,a --check-equal --cache drop --json "$out/4b_drop.json" 2>&1 | grep -v "^{" | tee -a "$log"
+    exit 0
+  fi
   if [ "${2:-}" = last ]; then  # what ~5 min of device time allows: round trip vs floor (4B), 8B warm window A/B
     timeout 150 python3 bench/roundtrip_floor.py --model sa2va-4b --work /tmp/sb --skip-no-verify --early-child-ab \
       --json "$out/rt_4b.json" 2>&1 | tail -12 | tee -a "$log"
