@@ -548,8 +548,12 @@ def run_model(model: str, args, work: Path, drops: list[bool], logs: Path, res: 
                         m["stage_seconds"] = tool.get("stage_seconds")
                         m["phase_seconds"] = tool.get("phase_seconds")  # outside the write stage (issue 26)
                         m["tool_seconds"] = tool.get("seconds")
+                        m["window_bytes"] = (tool.get("plan") or {}).get("estimates", {}).get("window_bytes")
                     except (OSError, ValueError):
                         m["stage_seconds"] = None
+                    if m.get("window_bytes"):
+                        print(f"      writer window {m['window_bytes'] / 2**20:.0f} MiB (chosen in this run)",
+                              file=sys.stderr, flush=True)
                     if m.get("phase_seconds"):
                         print("      phases: " + ", ".join(f"{k} {v:.2f}" for k, v in m["phase_seconds"].items())
                               + f"; exit after {m['wall_s'] - sum(m['phase_seconds'].values()):.2f} s",

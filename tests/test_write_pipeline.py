@@ -403,3 +403,24 @@ def test_shards_written_side_by_side_are_the_files_written_one_at_a_time(make_fa
     assert one_res["lora_deltas"] == three_res["lora_deltas"]
     for name in shards:  # each checksum taken while its shard was written beside others is the file's own
         assert report(three)["shard_sha256"][name] == hashlib.sha256((three / name).read_bytes()).hexdigest()
+
+
+def test_the_estimate_starts_from_the_baseline_it_is_given(make_family, tmp_path, monkeypatch):
+    """Issue 26 (fifth session): a conversion measures its RSS for the estimate *before* the GPU warm-up
+    starts, and hands it to ``plan_from_inputs``; measured after, a half-started CUDA context was counted
+    on top of the estimate's own ``CUDA_CONTEXT_BYTES`` and shrank the window. The plan must use exactly
+    the baseline it is given: its peak moves by the baseline's difference, and a large one shrinks the window."""
+    from sa2va_convert.conversion import ConvertOptions, open_inputs, plan_from_inputs
+    from sa2va_convert.read.work_dir import resolve_checkpoint
+    from sa2va_convert.write.pipeline import DEFAULT_BUDGET_BYTES
+
+    monkeypatch.delenv("SA2VA_WINDOW_MIB", raising=False)
+    fam = make_family("sa2va-1b")
+    options = ConvertOptions(base=str(fam.base)).validate()
+    inputs = open_inputs(resolve_checkpoint(Path(fam.ckpt.path)), options)
+    low = plan_from_inputs(inputs, tmp_path / "out", options, baseline_bytes=400 << 20)
+    higher = plan_from_inputs(inputs, tmp_path / "out", options, baseline_bytes=656 << 20)
+    crowded = plan_from_inputs(inputs, tmp_path / "out", options, baseline_bytes=1900 << 20)  # over 90 % of 2 GiB alone
+    assert low.window_bytes == higher.window_bytes
+    assert higher.peak_ram_bytes - low.peak_ram_bytes == 256 << 20
+    assert crowded.window_bytes < low.window_bytes <= DEFAULT_BUDGET_BYTES

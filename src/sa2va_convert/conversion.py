@@ -237,7 +237,17 @@ def check_base_code(inputs: Inputs, options: ConvertOptions, progress: Progress 
     return check
 
 
-def plan_from_inputs(inputs: Inputs, out: str | Path, options: ConvertOptions) -> ConversionPlan:
+def plan_from_inputs(
+    inputs: Inputs, out: str | Path, options: ConvertOptions, *, baseline_bytes: int | None = None
+) -> ConversionPlan:
+    """The plan, its peak-RAM estimate and the writer's window chosen with it.
+
+    ``baseline_bytes``: the process's RSS the estimate starts from (default: measured now). A conversion
+    measures it before its GPU warm-up starts: the estimate adds CUDA's host cost itself
+    (``CUDA_CONTEXT_BYTES``), so an RSS taken while the warm-up thread is part-way through starting CUDA
+    counted that cost twice, by however far the thread had got, and shrank the window by as much (the
+    dry run, which starts no GPU, chose 512 MiB where the same conversion could choose less).
+    """
     ckpt = inputs.checkpoint
     plan = build_plan(
         checkpoint=ckpt.weights,
@@ -263,7 +273,7 @@ def plan_from_inputs(inputs: Inputs, out: str | Path, options: ConvertOptions) -
         plan.tensors,
         plan.shards,
         merge_device=options.merge_device,
-        baseline_bytes=process_baseline(),
+        baseline_bytes=process_baseline() if baseline_bytes is None else baseline_bytes,
         read_back_bytes=READ_BACK_CHUNK_BYTES if options.read_back else None,
         resident_layers=resident_layers(ckpt.weights, inputs.pretrained.weights if inputs.pretrained else None),
     )
@@ -275,10 +285,11 @@ def plan_from_inputs(inputs: Inputs, out: str | Path, options: ConvertOptions) -
 def plan_conversion(checkpoint: str | Path, out: str | Path, options: ConvertOptions | None = None) -> ConversionPlan:
     """The plan only (what --dry-run prints); reads headers, not tensor bytes, writes nothing."""
     options = (options or ConvertOptions()).validate()
+    baseline = process_baseline()  # where the conversion takes it, so that both choose the same window
     resolved = resolve_checkpoint(Path(checkpoint))
     guard.check_out(out, checkpoint_inputs(Path(checkpoint), resolved) + options.named_inputs())
     inputs = open_inputs(resolved, options)
-    plan = plan_from_inputs(inputs, out, options)
+    plan = plan_from_inputs(inputs, out, options, baseline_bytes=baseline)
     check_base_code(inputs, options)
     if options.output_format == "adapter":  # refused now if PEFT cannot hold it; the estimate is the adapter's
         from .write.adapter import plan_adapter
@@ -343,6 +354,7 @@ def convert(
     age = process_age()
     if age is not None:
         phases["start_and_imports"] = age
+    baseline = process_baseline()  # before the warm-up: the estimate adds CUDA's share itself (plan_from_inputs)
     warm_up(options.merge_device)  # a GPU merge's CUDA start-up overlaps reading and planning
     given = Path(checkpoint)
     resolved = resolve_checkpoint(given)
@@ -359,7 +371,7 @@ def convert(
     protected.append(guard.NamedInput("base folder", Path(inputs.base.path)))
     guard.check_out(out, protected)  # the base may have been discovered from the training config
     progress.stage(f"planning ({inputs.keymap.name}, base {inputs.base.path})")
-    plan = plan_from_inputs(inputs, out, options)
+    plan = plan_from_inputs(inputs, out, options, baseline_bytes=baseline)
     phases["plan"] = time.perf_counter() - started - phases["open_inputs"]
     check_base_code(inputs, options, progress)  # after the plan: a raw MLLM base is refused there (exit 5) first
     if options.output_format == "adapter":
