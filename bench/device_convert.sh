@@ -45,11 +45,12 @@ if [ "${1:-}" = s4-a ] || [ "${1:-}" = s4-b ]; then
       --runs c,b,a --check-equal --cache drop,warm --json "$out/1b.json" 2>&1 | grep -v "^{" | tee -a "$log"
     exit 0
   fi
-  if [ "${2:-}" = s5-final ]; then  # fifth session, call 2: 8B dropped (c, b, a x2, bit for bit), 8B warm cpu, 4B and 1B
+  if [ "${2:-}" = s5-final ]; then  # fifth session, call 2: 8B dropped (c, b, a x2, bit for bit), 8B warm window A/B, 4B and 1B
     timeout 270 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-8b --merge-devices auto,cpu \
       --runs c,b,a --check-equal --cache drop --keep --json "$out/8b_drop.json" 2>&1 | grep -v "^{" | tee -a "$log"
-    timeout 70 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-8b --merge-devices cpu --runs c,a \
-      --cache warm --json "$out/8b_warm_cpu.json" 2>&1 | grep -v "^{" | tee -a "$log"
+    timeout 90 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-8b --merge-devices auto --runs c,a \
+      --cache warm --also-env "window 384 MiB:SA2VA_WINDOW_MIB=384" --json "$out/8b_warm.json" 2>&1 \
+      | grep -v "^{" | tee -a "$log"
     rm -rf /tmp/sb/sa2va-8b
     timeout 110 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-4b --merge-devices auto --runs c,b,a \
       --check-equal --cache drop --json "$out/4b_drop.json" 2>&1 | grep -v "^{" | tee -a "$log"
