@@ -189,10 +189,14 @@ def _convert(
     verbose: bool,
     json_out: bool,
 ) -> None:
+    options.validate()  # options, then OUT against the inputs: refused before torch is imported
+    if not all_checkpoints and not options.dry_run:
+        from .preflight import check_before_work
+
+        check_before_work(checkpoint, out, options)
     from . import api, batch
     from .cli_render import make_progress, render_batch, render_plan, render_result
 
-    options.validate()
     progress = make_progress(json_out, quiet, verbose)
     if all_checkpoints:
         try:

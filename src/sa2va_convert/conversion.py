@@ -32,6 +32,7 @@ from .plan.planner import build_plan, check_raw_base
 from .plan.raw_recipe import check_key_families, merge_raw_config, read_code_folder
 from .plan.types import ConversionPlan
 from .plan.vocab import read_tokenizer_state
+from .preflight import check_before_work, checkpoint_inputs
 from .progress import Progress, Silent
 from .read.checkpoint import TrainingCheckpoint, open_checkpoint
 from .read.hf_folder import HFFolder, open_hf_folder
@@ -46,13 +47,6 @@ from .write import guard
 from .write.folder import OUTPUT_FORMAT, WriteResult, write_folder
 from .write.model_card import conversion_report, model_card
 from .write.peak_ram import choose_window, estimate_peak_ram, process_baseline, resident_layers
-
-
-def checkpoint_inputs(given: Path, resolved: Path) -> list[guard.NamedInput]:
-    inputs = [guard.NamedInput("checkpoint", resolved)]
-    if Path(given) != Path(resolved):
-        inputs.append(guard.NamedInput("work_dir", Path(given)))
-    return inputs
 
 
 @dataclass
@@ -357,10 +351,7 @@ def convert(
     baseline = process_baseline()  # before the warm-up: the estimate adds CUDA's share itself (plan_from_inputs)
     warm_up(options.merge_device)  # a GPU merge's CUDA start-up overlaps reading and planning
     given = Path(checkpoint)
-    resolved = resolve_checkpoint(given)
-    protected = checkpoint_inputs(given, resolved) + options.named_inputs()
-    guard.check_out(out, protected)
-    guard.check_replaceable(Path(out).absolute(), force=options.force, replace_foreign=options.replace_foreign)
+    resolved, protected = check_before_work(given, out, options)
     run_state.note_target(Path(out).absolute(), Path(out).exists(), roundtrip=options.roundtrip)
     note = checkpoint_note(given)
     if note:  # a copied work_dir's last_checkpoint names the original run's file: say which one is converted

@@ -24,13 +24,11 @@ from pathlib import Path
 
 from ..errors import InputError
 from .checkpoint_file import TrainingCheckpoint, checkpoint_from_loaded
+from .checkpoint_kind import is_deepspeed_dir
 from .deepspeed import open_deepspeed_dir
 from .safe_pickle import safe_torch_load
 
 __all__ = ["TrainingCheckpoint", "open_checkpoint", "is_deepspeed_dir"]
-
-_DS_MODEL_STATES = ("mp_rank_00_model_states.pt",)
-_DS_ZERO3_GLOB = "*zero_pp_rank_*_model_states.pt"
 
 
 def open_checkpoint(path: str | Path, *, allow_globals: Sequence[str] = ()) -> TrainingCheckpoint:
@@ -44,16 +42,6 @@ def open_checkpoint(path: str | Path, *, allow_globals: Sequence[str] = ()) -> T
         return _open_directory(path, allow_globals)
     loaded = safe_torch_load(path, allow_globals=allow_globals)
     return checkpoint_from_loaded(path, loaded)
-
-
-def is_deepspeed_dir(path: Path) -> bool:
-    """A DeepSpeed ``save_checkpoint`` tag folder (ZeRO-1/2 or ZeRO-3 model-states files).
-
-    The one test for it: ``work_dir`` lists such folders as checkpoints with it too."""
-    path = Path(path)
-    return path.is_dir() and (
-        any((path / name).is_file() for name in _DS_MODEL_STATES) or any(path.glob(_DS_ZERO3_GLOB))
-    )
 
 
 def _open_directory(path: Path, allow_globals: Sequence[str]) -> TrainingCheckpoint:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from .checkpoint import is_deepspeed_dir
+from .checkpoint_kind import is_deepspeed_dir
 
 _ITER = re.compile(r"^iter_(\d+)\.pth$")
 
