@@ -265,6 +265,35 @@ def test_bad_options_are_usage_errors_before_any_work(run, tmp_path, extra, word
     assert not out.exists() and "reading" not in r.stderr  # nothing was read, nothing written
 
 
+def _imported_torch(stderr: str) -> bool:
+    """Whether ``PYTHONPROFILEIMPORTTIME``'s lines on stderr show torch imported (``... |   torch``)."""
+    return any(line.startswith("import time:") and line.rsplit("|", 1)[-1].strip() == "torch"
+               for line in stderr.splitlines())
+
+
+def test_a_wrong_out_or_option_is_refused_before_torch_is_imported(run, tmp_path):
+    """A refused OUT (an input itself, a folder not ours under --force) and a bad option cost no torch
+    import (1.5-4 s): the CLI checks them first (preflight.check_before_work, which the conversion runs too)."""
+    fam, _ = run
+    foreign = tmp_path / "someone-elses"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    profile = {"PYTHONPROFILEIMPORTTIME": "1"}
+    cases = [
+        ((fam.base,), 6, "--base folder itself"),
+        ((fam.ckpt.path,), 6, "the checkpoint itself"),
+        ((foreign, "--force"), 6, "not written by sa2va-convert"),
+        ((tmp_path / "new", "--allow-unused", "("), 2, "regular expression"),
+    ]
+    for (out, *extra), code, words in cases:
+        r = run_cli(fam.ckpt.path, out, "--base", fam.base, *extra, env=profile)
+        assert r.returncode == code and len(r.error_lines) == 1 and words in r.error_lines[0], r.stderr[-2000:]
+        assert "import time:" in r.stderr and not _imported_torch(r.stderr), words
+    assert (foreign / "notes.txt").read_text() == "keep me" and not (tmp_path / "new").exists()
+    ok = run_cli(fam.ckpt.path, tmp_path / "fine", "--base", fam.base, "--dry-run", env=profile)
+    assert ok.returncode == 0 and _imported_torch(ok.stderr)  # the check can tell: real work imports torch
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_merge_device_cuda_without_a_gpu_is_a_usage_error(run, tmp_path):
     fam, _ = run
