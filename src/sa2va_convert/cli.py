@@ -170,7 +170,12 @@ def convert(
         raise click.UsageError("--show-tensors lists the plan of a dry run: add --dry-run (nothing is written then)")
     from .read.prefetch import inputs_prefetched
 
-    try:  # the disk reads the inputs while torch is imported (a thread, stopped when the command ends)
+    try:
+        if not all_checkpoints and not options.dry_run:  # OUT against the inputs, before reading ahead or torch
+            from .preflight import check_before_work
+
+            check_before_work(checkpoint, out, options)
+        # the disk reads the inputs while torch is imported (a thread, stopped when the command ends)
         with inputs_prefetched(checkpoint, options.base, enabled=not options.dry_run and not all_checkpoints):
             _convert(checkpoint, out, options, show_tensors, all_checkpoints, quiet, verbose, json_out)
     except KeyboardInterrupt:  # what is on disk decides the message, also after publishing
@@ -189,11 +194,7 @@ def _convert(
     verbose: bool,
     json_out: bool,
 ) -> None:
-    options.validate()  # options, then OUT against the inputs: refused before torch is imported
-    if not all_checkpoints and not options.dry_run:
-        from .preflight import check_before_work
-
-        check_before_work(checkpoint, out, options)
+    options.validate()  # before torch is imported, unless an option needs it (--merge-device cuda)
     from . import api, batch
     from .cli_render import make_progress, render_batch, render_plan, render_result
 
