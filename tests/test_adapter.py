@@ -250,3 +250,27 @@ def test_what_peft_cannot_hold_is_refused_before_writing(base_cache, tmp_path):
     with pytest.raises(UsageError, match="--pretrained") as u:
         ConvertOptions(base=base, pretrained=grown.path, output_format="adapter").validate()
     assert u.value.exit_code == 2
+
+
+def test_predict_on_a_clip_takes_an_adapter_folder_and_gives_the_merged_folders_masks(base_cache, tmp_path):
+    """``predict ADAPTER CLIP`` (frames or a video file) loads base + adapter as ``predict ADAPTER IMAGE`` does;
+    it used to refuse the folder ("no config.json"). Same answer and per-frame mask files as the merged folder."""
+    from sa2va_convert.predict_video import predict_video
+
+    base = base_cache("sa2va-1b")
+    ckpt = tmp_path / "work_dirs" / "exp" / "iter_100.pth"
+    write_training_checkpoint(ckpt, "sa2va-1b", base_dir=base, seed=4, iteration=100)
+    convert(ckpt, tmp_path / "merged", ConvertOptions(base=base, roundtrip=False))
+    convert(ckpt, tmp_path / "adapter", ConvertOptions(base=base, roundtrip=False, output_format="adapter"))
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(2):
+        synthetic_picture(80, 60, 2 * i).save(frames / f"{i:05d}.png")
+    reports, masks = {}, {}
+    for kind in ("merged", "adapter"):
+        reports[kind] = predict_video(tmp_path / kind, frames, "the red object", device="cpu", max_new_tokens=8,
+                                      save_dir=tmp_path / f"masks-{kind}")
+        masks[kind] = {p.name: p.read_bytes() for p in sorted((tmp_path / f"masks-{kind}").iterdir())}
+    assert reports["adapter"].prediction == reports["merged"].prediction
+    assert reports["adapter"].mask_shapes == reports["merged"].mask_shapes
+    assert list(masks["adapter"]) == ["00000.png", "00001.png"] and masks["adapter"] == masks["merged"]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, OutputError
-from .read.adapter_folder import is_adapter_folder
+from .read.adapter_folder import is_model_folder
 from .runner.failure import child_failure, debug_details
 from .runner.process import DEFAULT_TIMEOUT, check_device, resolve_python, run_child
 from .runner.report import judge_runs, report_from
@@ -94,7 +94,7 @@ def predict(
     """
     folder = Path(folder).resolve()
     image = Path(image_path).resolve()
-    if not ((folder / "config.json").is_file() or is_adapter_folder(folder)):
+    if not is_model_folder(folder):
         raise InputError("not a model folder (no config.json)", path=folder, hint="pass the converted folder")
     if not image.is_file():
         raise InputError("image not found", path=image, hint="pass the path of a PNG or JPEG file")

@@ -23,6 +23,7 @@ from .errors import InputError, UsageError
 from .evaluate.data import IMAGE_EXTS, image_size
 from .evaluate.video_data import natural_key, video_prompt
 from .predict import PredictReport
+from .read.adapter_folder import is_model_folder
 from .runner.failure import child_failure, debug_details
 from .runner.process import DEFAULT_TIMEOUT, check_device, resolve_python, run_child
 from .runner.report import report_from
@@ -101,7 +102,7 @@ def predict_video(
     ``save_dir`` (named after the frame), the overlay GIF at ``overlay``."""
     folder = Path(folder).resolve()
     source = Path(clip).resolve()
-    if not (folder / "config.json").is_file():
+    if not is_model_folder(folder):  # an adapter folder too, as predict takes it
         raise InputError("not a model folder (no config.json)", path=folder, hint="pass the converted folder")
     if not source.exists():
         raise InputError("clip not found", path=source, hint="pass a folder of frames or a video file")

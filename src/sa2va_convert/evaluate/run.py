@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConvertError, EvalFailuresError, EvalGateError, InputError, OutputError, UsageError
-from ..read.adapter_folder import is_adapter_folder, resolve_adapter
+from ..read.adapter_folder import is_model_folder, resolve_adapter
 from ..runner.failure import child_failure, debug_details
 from ..runner.memory import check_fits
 from ..runner.process import ChildRun, check_device, resolve_python, run_child
@@ -153,7 +153,7 @@ def resolve_models(paths: list[str | os.PathLike], names: list[str] | None = Non
     for i, raw in enumerate(paths):
         p = Path(raw)
         given = _check_name(names[i]) if names is not None else None
-        if (p / "config.json").is_file() or is_adapter_folder(p):
+        if is_model_folder(p):
             name = p.resolve().name if p.name in ("", ".", "..") else p.name
             found.append((p.resolve(), given or name, _iteration(name)))
             continue
@@ -166,7 +166,7 @@ def resolve_models(paths: list[str | os.PathLike], names: list[str] | None = Non
         iters = sorted(
             (int(m.group(1)), c)
             for c in p.iterdir()
-            if c.is_dir() and (m := _ITER.match(c.name)) and ((c / "config.json").is_file() or is_adapter_folder(c))
+            if c.is_dir() and (m := _ITER.match(c.name)) and is_model_folder(c)
         )
         if not iters:
             raise InputError(

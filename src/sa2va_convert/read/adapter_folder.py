@@ -44,6 +44,12 @@ def is_adapter_folder(folder: str | Path) -> bool:
     return (p / ADAPTER_RECORD).is_file() and (p / ADAPTER_CONFIG).is_file()
 
 
+def is_model_folder(folder: str | Path) -> bool:
+    """What ``verify``, ``predict`` (image and video) and ``eval`` take as a model: a folder with a
+    ``config.json``, or an adapter folder (its base found from the record when it is loaded)."""
+    return (Path(folder) / "config.json").is_file() or is_adapter_folder(folder)
+
+
 def base_weight_digests(base: Path) -> dict[str, str]:
     """{weight file: sha256} of a base folder: what an adapter records and what loading it compares.
 
@@ -182,4 +188,5 @@ __all__ = [
     "is_adapter_folder",
     "read_record",
     "resolve_adapter",
+    "is_model_folder",
 ]

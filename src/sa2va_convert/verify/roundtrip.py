@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VerifyError
-from ..read.adapter_folder import is_adapter_folder
+from ..read.adapter_folder import is_model_folder
 from ..runner.failure import child_failure, debug_details
 from ..runner.memory import check_fits
 from ..runner.process import DEFAULT_TIMEOUT, StartedChild, check_device, resolve_python, run_child
@@ -49,7 +49,7 @@ def run_roundtrip(
     predict_forward honours its output contract.
     """
     folder = Path(folder).resolve()
-    if not ((folder / "config.json").is_file() or is_adapter_folder(folder)):
+    if not is_model_folder(folder):
         raise VerifyError("not a model folder (no config.json)", path=folder, hint="pass the converted folder")
     exe = resolve_python(python)
     device = check_device(device)
