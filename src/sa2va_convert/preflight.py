@@ -22,7 +22,9 @@ def checkpoint_inputs(given: Path, resolved: Path) -> list[guard.NamedInput]:
     return inputs
 
 
-def check_before_work(checkpoint: str | Path, out: str | Path, options: ConvertOptions) -> tuple[Path, list]:
+def check_before_work(
+    checkpoint: str | Path, out: str | Path, options: ConvertOptions
+) -> tuple[Path, list[guard.NamedInput]]:
     """The checkpoint PATH means (a work_dir's newest), and the inputs OUT must not touch; raises the
     one-line error (exit 3 or 6) if OUT is, contains or lies inside an input, or exists and may not be
     replaced (``force`` replaces only a folder this tool wrote; ``replace_foreign`` anything else)."""
