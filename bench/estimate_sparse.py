@@ -45,10 +45,12 @@ import json, sys
 from pathlib import Path
 from sa2va_convert.conversion import open_inputs, plan_from_inputs
 from sa2va_convert.options import ConvertOptions
+from sa2va_convert.write.peak_ram import process_baseline
 
 ckpt, base, out, device = sys.argv[1:5]
 options = ConvertOptions(base=base, merge_device=device, roundtrip=False)  # not validated: no GPU here
-plan = plan_from_inputs(open_inputs(Path(ckpt), options), Path(out), options)
+baseline = process_baseline()  # before the inputs are opened, where the conversion and the dry run take it
+plan = plan_from_inputs(open_inputs(Path(ckpt), options), Path(out), options, baseline_bytes=baseline)
 print(json.dumps({f"{device}_peak_ram_gib": plan.peak_ram_bytes / 2**30, f"{device}_window_mib": plan.window_bytes >> 20}))
 """
 

@@ -66,8 +66,10 @@ def _compile_our_sources() -> None:
     import compileall
     import sys
 
+    import sa2va_convert  # the copy every process imports (the editable src/, or an installed one)
+
     if sys.dont_write_bytecode:
-        compileall.compile_dir(str(Path(__file__).resolve().parents[1] / "src" / "sa2va_convert"), quiet=1)
+        compileall.compile_dir(str(Path(sa2va_convert.__file__).parent), quiet=1)
 
 
 from sa2va_convert.testing.fixtures import FixtureCheckpoint, write_base_folder, write_training_checkpoint

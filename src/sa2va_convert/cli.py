@@ -170,13 +170,14 @@ def convert(
         raise click.UsageError("--show-tensors lists the plan of a dry run: add --dry-run (nothing is written then)")
     from .read.prefetch import inputs_prefetched
 
+    one_write = not all_checkpoints and not options.dry_run
     try:
-        if not all_checkpoints and not options.dry_run:  # OUT against the inputs, before reading ahead or torch
+        if one_write:  # OUT against the inputs, before reading ahead or importing torch
             from .preflight import check_before_work
 
             check_before_work(checkpoint, out, options)
         # the disk reads the inputs while torch is imported (a thread, stopped when the command ends)
-        with inputs_prefetched(checkpoint, options.base, enabled=not options.dry_run and not all_checkpoints):
+        with inputs_prefetched(checkpoint, options.base, enabled=one_write):
             _convert(checkpoint, out, options, show_tensors, all_checkpoints, quiet, verbose, json_out)
     except KeyboardInterrupt:  # what is on disk decides the message, also after publishing
         raise run_state.interrupted(

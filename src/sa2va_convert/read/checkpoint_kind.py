@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DS_MODEL_STATES = ("mp_rank_00_model_states.pt",)
-DS_ZERO3_GLOB = "*zero_pp_rank_*_model_states.pt"
+_DS_MODEL_STATES = ("mp_rank_00_model_states.pt",)
+_DS_ZERO3_GLOB = "*zero_pp_rank_*_model_states.pt"
 
 
 def is_deepspeed_dir(path: Path) -> bool:
@@ -17,7 +17,9 @@ def is_deepspeed_dir(path: Path) -> bool:
 
     The one test for it: ``work_dir`` lists such folders as checkpoints with it too."""
     path = Path(path)
-    return path.is_dir() and (any((path / name).is_file() for name in DS_MODEL_STATES) or any(path.glob(DS_ZERO3_GLOB)))
+    if not path.is_dir():
+        return False
+    return any((path / name).is_file() for name in _DS_MODEL_STATES) or any(path.glob(_DS_ZERO3_GLOB))
 
 
-__all__ = ["DS_MODEL_STATES", "DS_ZERO3_GLOB", "is_deepspeed_dir"]
+__all__ = ["is_deepspeed_dir"]
