@@ -21,7 +21,9 @@ Wall time always includes a final ``sync`` (the tool fsyncs its shards; ``cp`` a
 ``save_file`` do not), so every run pays for writing its bytes. Peak RSS is
 ``ru_maxrss`` of the child (exact, from ``wait4``; it counts touched file-backed
 mapped pages too), plus the peaks of ``RssAnon`` / ``RssFile`` summed over the
-child's process tree, sampled from ``/proc`` every 10 ms. The ``--dry-run --json``
+child's process tree, sampled from ``/proc`` every 10 ms (a vfork'd child shares the parent's memory
+until it execs, so a tree sampled then counts the parent twice: the other processes seen are listed,
+``sampled_other_processes``, with the root's own ``VmHWM``). The ``--dry-run --json``
 estimates (peak RAM, disk) are compared with the measured peak RSS and output size.
 
 Results: a markdown table on stdout (and ``--md FILE``), everything in ``--json FILE``.
@@ -176,15 +178,23 @@ def _tree(root: int) -> list[int]:
 
 def _status(pid: int) -> tuple[int, int, int]:
     """(VmRSS, RssAnon, RssFile + RssShmem) in bytes; zeros for a process that is gone."""
-    rss = anon = file = 0
+    rss, anon, file, _ = _status_hwm(pid)
+    return rss, anon, file
+
+
+def _status_hwm(pid: int) -> tuple[int, int, int, int]:
+    """(VmRSS, RssAnon, RssFile + RssShmem, VmHWM) in bytes; zeros for a process that is gone."""
+    rss = anon = file = hwm = 0
     for line in _read(f"/proc/{pid}/status").splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith("VmHWM:"):
+            hwm = int(line.split()[1]) * 1024
+        elif line.startswith("VmRSS:"):
             rss = int(line.split()[1]) * 1024
         elif line.startswith("RssAnon:"):
             anon = int(line.split()[1]) * 1024
         elif line.startswith(("RssFile:", "RssShmem:")):
             file += int(line.split()[1]) * 1024
-    return rss, anon, file
+    return rss, anon, file, hwm
 
 
 class TreeSampler(threading.Thread):
@@ -195,16 +205,31 @@ class TreeSampler(threading.Thread):
         self.peak_rss = self.peak_anon = self.peak_file = 0
         self.anon_at_peak = self.file_at_peak = 0
         self.samples = 0
+        # the process count of the tree at its peak and the most seen, and the root's own VmHWM (the
+        # kernel's high-water mark, what ru_maxrss reports at exit) at that sample and at its most: a
+        # tree peak above ru_maxrss is either another process or a high-water mark the kernel missed
+        self.procs_at_peak = self.max_procs = 0
+        self.root_hwm_at_peak = self.root_hwm = 0
+        self.others: dict[int, str] = {}  # pid -> command line of every other process seen in the tree
 
     def run(self) -> None:
         while not self.stop.is_set():
             rss = anon = file = 0
-            for p in _tree(self.pid):
-                r, a, f = _status(p)
+            tree = _tree(self.pid)
+            hwm = 0
+            for p in tree:
+                r, a, f, h = _status_hwm(p)
                 rss, anon, file = rss + r, anon + a, file + f
+                if p == self.pid:
+                    hwm = h
+                elif p not in self.others:
+                    self.others[p] = _read(f"/proc/{p}/cmdline").replace("\0", " ").strip()[:300]
             self.samples += 1
+            self.max_procs = max(self.max_procs, len(tree))
+            self.root_hwm = max(self.root_hwm, hwm)
             if rss > self.peak_rss:
                 self.peak_rss, self.anon_at_peak, self.file_at_peak = rss, anon, file
+                self.procs_at_peak, self.root_hwm_at_peak = len(tree), hwm
             self.peak_anon = max(self.peak_anon, anon)
             self.peak_file = max(self.peak_file, file)
             self.stop.wait(self.interval)
@@ -242,6 +267,11 @@ def measure(cmd: list[str], *, log: Path, env: dict | None = None, cwd: Path | N
         "sampled_peak_anon_bytes": sampler.peak_anon,
         "sampled_peak_file_bytes": sampler.peak_file,
         "samples": sampler.samples,
+        "sampled_procs_at_peak": sampler.procs_at_peak,
+        "sampled_max_procs": sampler.max_procs,
+        "sampled_root_hwm_at_peak_bytes": sampler.root_hwm_at_peak,
+        "sampled_root_hwm_bytes": sampler.root_hwm,
+        "sampled_other_processes": sorted(set(sampler.others.values())),
         "load1_before": load,
         "log": str(log),
     }
@@ -574,6 +604,8 @@ def run_model(model: str, args, work: Path, drops: list[bool], logs: Path, res: 
                                                   else {"equal": None, "why": cmp.stderr[-500:]})
                 print(f"      rc {m['rc']} wall {m['wall_s']} s, maxrss {fmt_gib(m['maxrss_bytes'])} GiB "
                       f"(anon {fmt_gib(m['sampled_anon_at_peak_bytes'])}, file {fmt_gib(m['sampled_file_at_peak_bytes'])})"
+                      + (f"; other processes in its tree: {m['sampled_other_processes']} (sampled tree peak "
+                         f"{fmt_gib(m['sampled_peak_rss_bytes'])} GiB)" if m.get("sampled_other_processes") else "")
                       + (f"\n{m.get('stderr_tail', '')}" if m["rc"] else ""), file=sys.stderr, flush=True)
                 res["runs"].append(m)
                 save()

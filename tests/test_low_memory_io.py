@@ -177,3 +177,48 @@ def test_release_during_a_real_conversion_changes_no_output_byte(tmp_path, monke
     assert shards
     for name in shards:
         assert (tmp_path / "released" / name).read_bytes() == (tmp_path / "kept" / name).read_bytes(), name
+
+
+_AUDIT_CHILD = """
+import runpy, sys, traceback
+def hook(event, args):
+    if event in ("subprocess.Popen", "os.posix_spawn", "os.exec", "os.fork", "os.system"):
+        stack = traceback.extract_stack()
+        ours = [i for i, f in enumerate(stack) if "sa2va_convert" in f.filename]
+        # a library's own import (torch's looks for libdl the same way) is not ours to change
+        importing = ours and any("importlib" in f.filename for f in stack[ours[-1]:])
+        if ours and not importing:  # printed at once: the CLI may leave through os._exit
+            where = stack[ours[-1]]
+            print("STARTED", event, str(args[0]), f"{where.filename}:{where.lineno}", file=sys.stderr, flush=True)
+sys.addaudithook(hook)
+print("HOOKED", file=sys.stderr, flush=True)
+sys.argv = ["sa2va-convert"] + sys.argv[1:]
+runpy.run_module("sa2va_convert", run_name="__main__")
+"""
+
+
+def test_a_conversion_without_the_round_trip_starts_no_process_of_its_own(tmp_path):
+    """The page release looked libc up with ``ctypes.util.find_library``, which runs ``/sbin/ldconfig -p``:
+    a child in the middle of the write (and, vfork'd, a second copy of the converter to anyone summing
+    the process tree). Only the round trip may start a process."""
+    import subprocess
+    import sys
+
+    from sa2va_convert.testing.fixtures import write_base_folder, write_training_checkpoint
+    from sa2va_convert.testing.layouts import Sizes
+
+    sizes = Sizes.tiny().with_(hidden=256, intermediate=1024, vocab=1000, lora_r=16, lora_alpha=32)
+    base = write_base_folder(tmp_path / "base", "sa2va-1b", sizes, dtype="bf16", fill="fast")
+    ckpt = write_training_checkpoint(tmp_path / "iter_1.pth", "sa2va-1b", sizes, base_dir=base, fill="fast")
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "-c", _AUDIT_CHILD, str(ckpt.path), str(out), "--base", str(base), "--no-verify", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert sorted(out.glob("*.safetensors"))  # a real write, with pages released (the test above)
+    assert "HOOKED" in run.stderr.splitlines()
+    started = [s for s in run.stderr.splitlines() if s.startswith("STARTED ")]
+    assert started == [], started

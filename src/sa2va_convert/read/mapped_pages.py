@@ -19,7 +19,7 @@ ordinary memory) the release does nothing, which is always safe.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import mmap
 import os
 import sys
@@ -30,11 +30,19 @@ import torch
 _MADV_DONTNEED = 4  # Linux
 
 
+@functools.cache
 def _madvise():
+    """libc's ``madvise``, looked up once, from the symbols already loaded in this process.
+
+    Not ``ctypes.util.find_library("c")``: on Linux that runs ``/sbin/ldconfig -p`` in a child, here
+    in the middle of a write (the first tensor released), on the writer's path; with the page cache
+    dropped the child took long enough that benchmark samplers summing the process tree counted the
+    vfork'd child (which shares our memory until it execs) as a second copy of the converter.
+    """
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # dlopen(NULL): the process's own symbols, libc's included
         fn = libc.madvise
     except (OSError, AttributeError):
         return None
