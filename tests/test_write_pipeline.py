@@ -424,3 +424,45 @@ def test_the_estimate_starts_from_the_baseline_it_is_given(make_family, tmp_path
     assert low.window_bytes == higher.window_bytes
     assert higher.peak_ram_bytes - low.peak_ram_bytes == 256 << 20
     assert crowded.window_bytes < low.window_bytes <= DEFAULT_BUDGET_BYTES
+
+
+def test_the_free_buffers_kept_are_what_the_estimate_counts(tmp_path, monkeypatch):
+    """Issue 26 (sixth session): the pool of recycled buffers was capped at the whole window while the
+    peak estimate counted half of it; at 8B (few, large tensor sizes) it filled beside a full window and
+    the GPU merge peaked at 2.07 GiB against an estimate of 1.69. In a real conversion the pool now keeps
+    at most ``pool_bytes(budget)``, the figure ``estimate_peak_ram`` adds, and it is really used."""
+    from sa2va_convert.api import ConvertOptions, convert
+    from sa2va_convert.testing.fixtures import write_base_folder, write_training_checkpoint
+    from sa2va_convert.testing.layouts import Sizes
+    from sa2va_convert.transform import produce
+    from sa2va_convert.write import pipeline
+
+    pools: list = []
+    peaks: dict[int, int] = {}
+    real_init, real_give = produce._BufferPool.__init__, produce._BufferPool.give
+
+    def init(self, max_bytes):
+        real_init(self, max_bytes)
+        pools.append(self)
+
+    def give(self, t):
+        real_give(self, t)
+        peaks[id(self)] = max(peaks.get(id(self), 0), self._free_bytes)
+
+    monkeypatch.setattr(produce._BufferPool, "__init__", init)
+    monkeypatch.setattr(produce._BufferPool, "give", give)
+    monkeypatch.setenv("SA2VA_WINDOW_MIB", "12")  # 2 MiB tensors: a window of six, a pool of three
+    monkeypatch.delenv("SA2VA_POOL_MIB", raising=False)
+    sizes = Sizes.tiny().with_(hidden=512, intermediate=2048, vocab=1000, lora_r=16, lora_alpha=32)
+    base = write_base_folder(tmp_path / "base", "sa2va-1b", sizes, dtype="bf16", fill="fast")
+    ckpt = write_training_checkpoint(tmp_path / "iter_1.pth", "sa2va-1b", sizes, base_dir=base, fill="fast")
+    convert(ckpt.path, tmp_path / "out", ConvertOptions(base=base, roundtrip=False))
+    assert pools, "the writer kept no pool"
+    for pool in pools:
+        assert pool.max_bytes == pipeline.pool_bytes(12 << 20) == 6 << 20
+        assert 0 < peaks.get(id(pool), 0) <= pool.max_bytes  # used, and never above its cap
+    # the old cap (the whole window) really did keep more than the estimate's half window here
+    pools.clear()
+    monkeypatch.setenv("SA2VA_POOL_MIB", "12")
+    convert(ckpt.path, tmp_path / "old_cap", ConvertOptions(base=base, roundtrip=False))
+    assert max(peaks.get(id(pool), 0) for pool in pools) > 6 << 20

@@ -130,7 +130,7 @@ def estimate_peak_ram(
                 if c > budget and streamable(t, merge_device)
             ),
         )
-    window = max(budget, held, stream_block if streams else 0) + budget // 2  # + free pooled buffers
+    window = max(budget, held, stream_block if streams else 0) + pipeline.pool_bytes(budget)  # + free pooled buffers
     mapped = sum(resident.values())
     # a GPU merge maps the CUDA runtime and cuBLAS into the process: +0.32 GiB at 4B on the H100 machine
     # (2.03 against 1.71 GiB, measured)

@@ -14,8 +14,8 @@ and the next one is read. Two rules keep this safe:
   ``min(budget_bytes, AHEAD x the largest tensor's inputs + output)``; a tensor
   larger than the budget is streamed in row blocks (and counts those), or, where it cannot
   be, runs alone. The pipeline's memory is therefore about
-  ``max(budget, largest tensor's inputs + output)`` plus up to one budget of
-  free recycled buffers, whatever the model size (512 MiB budget: ~1 GiB).
+  ``max(budget, largest tensor's inputs + output)`` plus up to half a budget of
+  free recycled buffers (:func:`pool_bytes`), whatever the model size (512 MiB budget: ~0.75 GiB).
 
 Merging runs in several worker threads (``Producer.parallelism``: for the transform stage's
 producer, ``transform.produce.merge_workers``), each on its own tensors with
@@ -73,6 +73,22 @@ def inflight_bytes(pt: PlannedTensor, *, value_read_in_merge: bool = False) -> t
     if pt.value.dtype != pt.dtype:
         return inputs, pt.nbytes
     return inputs, 0
+
+
+def pool_bytes(budget: int) -> int:
+    """The free recycled buffers the pipeline keeps (the producer's pool cap): half its budget.
+
+    Why half: the pool was capped at the whole budget while the peak estimate counted half of it
+    (in flight and free together stay near the budget in steady state). Where a model's tensors
+    come in few large sizes the pool does fill beside a full window: Sa2VA-8B, GPU merge, warm, on
+    the H100 machine peaked at 2.07 GiB with a 512 MiB window against an estimate of 1.69 GiB, and
+    0.31 GiB fell per 128 MiB of window (1.76 GiB at 384 MiB), 2.5 bytes per byte where the
+    estimate assumed 1.5. Half a budget keeps the reuse (a buffer of a size seen again comes back
+    from the pool) and makes the estimate's figure the real cap. ``SA2VA_POOL_MIB`` sets it
+    (benchmarking).
+    """
+    forced = env_count("SA2VA_POOL_MIB")
+    return forced << 20 if forced else max(0, budget) // 2
 
 
 MAX_PARALLEL_SHARDS = 4  # shards written side by side at most (each: two 16 MiB stages, an IO and a hash thread)
@@ -255,7 +271,7 @@ class TensorPipeline:
         self._handed_lock = threading.Lock()
         self._next = 0
         self._by_name = {pt.name: pt for pt in self._tensors}
-        produce.enable_pool(self._budget)  # free buffers kept; in flight + free stays ~ the budget in steady state
+        produce.enable_pool(pool_bytes(self._budget))  # free buffers beside the window (write.peak_ram counts them)
         self._threads = [threading.Thread(target=self._read_loop, name="sa2va-read", daemon=True)]
         self._threads += [
             threading.Thread(target=self._merge_loop, name=f"sa2va-merge-{i}", daemon=True)
