@@ -61,6 +61,19 @@ if [ "${1:-}" = s4-a ] || [ "${1:-}" = s4-b ]; then
       --cache warm --json "$out/1b_warm.json" 2>&1 | grep -v "^{" | tee -a "$log"
     exit 0
   fi
+  if [ "${2:-}" = s6 ]; then  # sixth session: the pool cap (dd88f93) A/B at 8B and 4B warm, 4B dropped, 1B warm
+    timeout 170 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-8b --merge-devices auto --runs c,a \
+      --cache warm --also-env "pool 512 MiB (the old cap):SA2VA_POOL_MIB=512" \
+      --json "$out/8b_warm.json" 2>&1 | grep -v "^{" | tee -a "$log"
+    rm -rf /tmp/sb/sa2va-8b
+    timeout 150 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-4b --merge-devices auto --runs c,a \
+      --cache drop,warm --also-env "pool 512 MiB (the old cap):SA2VA_POOL_MIB=512" \
+      --json "$out/4b.json" 2>&1 | grep -v "^{" | tee -a "$log"
+    rm -rf /tmp/sb/sa2va-4b
+    timeout 60 python3 bench/bench_convert.py --work /tmp/sb1 --models sa2va-1b --merge-devices auto --runs c,b,a \
+      --cache warm --json "$out/1b_warm.json" 2>&1 | grep -v "^{" | tee -a "$log"
+    exit 0
+  fi
   if [ "${2:-}" = last ]; then  # what ~5 min of device time allows: round trip vs floor (4B), 8B warm window A/B
     timeout 150 python3 bench/roundtrip_floor.py --model sa2va-4b --work /tmp/sb --skip-no-verify --early-child-ab \
       --json "$out/rt_4b.json" 2>&1 | tail -12 | tee -a "$log"
