@@ -12,7 +12,10 @@ deterministic edit of those files, by the write stage (``write/tokenizer.py``).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,9 +113,48 @@ def _sentencepiece_piece_count(path: Path) -> int:
     return count
 
 
+_PARSED: dict[bytes, TokenizerState] = {}  # content digest -> state (a few entries: the base's, the output's)
+_PARSED_LOCK = threading.Lock()
+_PARSED_MAX = 8
+
+
+def _content_digest(folder: Path, files: tuple[str, ...]) -> bytes | None:
+    """sha256 over the names and bytes of the tokenizer files present, or None where one cannot be read."""
+    h = hashlib.sha256()
+    try:
+        for name in files:
+            data = (folder / name).read_bytes()
+            h.update(f"{name}\0{len(data)}\0".encode())
+            h.update(data)
+    except OSError:
+        return None
+    return h.digest()
+
+
 def read_tokenizer_state(folder: Path) -> TokenizerState:
+    """The tokenizer's length and visible added tokens, from the files in ``folder``.
+
+    Parsed once per content: a conversion reads the base's tokenizer to plan and the written one to
+    check it, and where the write copied the files unchanged those are the same bytes (parsing an
+    InternVL/Qwen ``tokenizer.json`` costs ~0.2 s on the VM). Files with other bytes are parsed anew,
+    so the check still reads what was written.
+    """
     folder = Path(folder)
     files = tuple(f for f in TOKENIZER_FILES if (folder / f).is_file())
+    digest = _content_digest(folder, files)
+    with _PARSED_LOCK:
+        known = _PARSED.get(digest) if digest is not None else None
+    if known is None:
+        known = _parse_tokenizer_state(folder, files)
+        if digest is not None:
+            with _PARSED_LOCK:
+                if len(_PARSED) >= _PARSED_MAX:
+                    _PARSED.pop(next(iter(_PARSED)))
+                _PARSED[digest] = known
+    return dataclasses.replace(known, tokens=dict(known.tokens))  # the caller's own dict
+
+
+def _parse_tokenizer_state(folder: Path, files: tuple[str, ...]) -> TokenizerState:
     tokens: dict[str, int] = {}
     cfg_path = folder / "tokenizer_config.json"
     if cfg_path.is_file():
@@ -129,7 +171,8 @@ def read_tokenizer_state(folder: Path) -> TokenizerState:
         from tokenizers import Tokenizer  # pure data, no code from the folder
 
         try:
-            tok = Tokenizer.from_file(str(tj))
+            text = tj.read_text(encoding="utf-8")
+            tok = Tokenizer.from_str(text)
         except Exception as e:  # tokenizers raises its own exception type
             raise InputError(
                 f"cannot parse tokenizer.json ({e})",
@@ -140,7 +183,7 @@ def read_tokenizer_state(folder: Path) -> TokenizerState:
         for content in list(tokens):
             if content not in vocab:
                 tokens.pop(content)
-        for entry in json.loads(tj.read_text(encoding="utf-8")).get("added_tokens", []):
+        for entry in json.loads(text).get("added_tokens", []):
             tokens[entry["content"]] = int(entry["id"])
         length = max(len(vocab), max(vocab.values(), default=-1) + 1)
         return TokenizerState(length, tokens, files, "tokenizer.json")
