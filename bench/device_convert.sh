@@ -61,6 +61,12 @@ if [ "${1:-}" = s4-a ] || [ "${1:-}" = s4-b ]; then
       --cache warm --json "$out/1b_warm.json" 2>&1 | grep -v "^{" | tee -a "$log"
     exit 0
   fi
+  if [ "${2:-}" = s6-4b ]; then  # what ~2 min allows: the pool cap's A/B at 4B, warm, GPU merge
+    timeout 100 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-4b --merge-devices auto --runs c,a \
+      --cache warm --also-env "pool 512 MiB (the old cap):SA2VA_POOL_MIB=512" \
+      --json "$out/4b_warm.json" 2>&1 | grep -v "^{" | tee -a "$log"
+    exit 0
+  fi
   if [ "${2:-}" = s6-min ]; then  # what ~5 min allows: the pool cap's A/B at 8B then 4B, warm, GPU merge
     timeout 170 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-8b --merge-devices auto --runs c,a \
       --cache warm --also-env "pool 512 MiB (the old cap):SA2VA_POOL_MIB=512" \
