@@ -18,9 +18,9 @@ def parses(monkeypatch):
     seen: list[str] = []
     real = vocab._parse_tokenizer_state
 
-    def counting(folder, files):
+    def counting(folder, files, *already_read):
         seen.append(str(folder))
-        return real(folder, files)
+        return real(folder, files, *already_read)
 
     monkeypatch.setattr(vocab, "_parse_tokenizer_state", counting)
     monkeypatch.setattr(vocab, "_PARSED", {})

@@ -118,16 +118,20 @@ _PARSED_LOCK = threading.Lock()
 _PARSED_MAX = 8
 
 
-def _content_digest(folder: Path, files: tuple[str, ...]) -> bytes | None:
-    """sha256 over the names and bytes of the tokenizer files present, or None where one cannot be read."""
-    h = hashlib.sha256()
+def _read_files(folder: Path, files: tuple[str, ...]) -> dict[str, bytes] | None:
+    """The bytes of the tokenizer files present, or None where one cannot be read (the parse says why)."""
     try:
-        for name in files:
-            data = (folder / name).read_bytes()
-            h.update(f"{name}\0{len(data)}\0".encode())
-            h.update(data)
+        return {name: (folder / name).read_bytes() for name in files}
     except OSError:
         return None
+
+
+def _content_digest(contents: dict[str, bytes]) -> bytes:
+    """sha256 over the names and bytes of the tokenizer files."""
+    h = hashlib.sha256()
+    for name, data in contents.items():
+        h.update(f"{name}\0{len(data)}\0".encode())
+        h.update(data)
     return h.digest()
 
 
@@ -141,11 +145,12 @@ def read_tokenizer_state(folder: Path) -> TokenizerState:
     """
     folder = Path(folder)
     files = tuple(f for f in TOKENIZER_FILES if (folder / f).is_file())
-    digest = _content_digest(folder, files)
+    contents = _read_files(folder, files)
+    digest = _content_digest(contents) if contents is not None else None
     with _PARSED_LOCK:
         known = _PARSED.get(digest) if digest is not None else None
     if known is None:
-        known = _parse_tokenizer_state(folder, files)
+        known = _parse_tokenizer_state(folder, files, (contents or {}).get("tokenizer.json"))
         if digest is not None:
             with _PARSED_LOCK:
                 if len(_PARSED) >= _PARSED_MAX:
@@ -154,7 +159,8 @@ def read_tokenizer_state(folder: Path) -> TokenizerState:
     return dataclasses.replace(known, tokens=dict(known.tokens))  # the caller's own dict
 
 
-def _parse_tokenizer_state(folder: Path, files: tuple[str, ...]) -> TokenizerState:
+def _parse_tokenizer_state(folder: Path, files: tuple[str, ...], tokenizer_json: bytes | None = None) -> TokenizerState:
+    """``tokenizer_json``: that file's bytes where the caller has read them already (read here otherwise)."""
     tokens: dict[str, int] = {}
     cfg_path = folder / "tokenizer_config.json"
     if cfg_path.is_file():
@@ -171,7 +177,7 @@ def _parse_tokenizer_state(folder: Path, files: tuple[str, ...]) -> TokenizerSta
         from tokenizers import Tokenizer  # pure data, no code from the folder
 
         try:
-            text = tj.read_text(encoding="utf-8")
+            text = (tokenizer_json if tokenizer_json is not None else tj.read_bytes()).decode("utf-8")
             tok = Tokenizer.from_str(text)
         except Exception as e:  # tokenizers raises its own exception type
             raise InputError(
