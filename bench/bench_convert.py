@@ -176,12 +176,6 @@ def _tree(root: int) -> list[int]:
     return pids
 
 
-def _status(pid: int) -> tuple[int, int, int]:
-    """(VmRSS, RssAnon, RssFile + RssShmem) in bytes; zeros for a process that is gone."""
-    rss, anon, file, _ = _status_hwm(pid)
-    return rss, anon, file
-
-
 def _status_hwm(pid: int) -> tuple[int, int, int, int]:
     """(VmRSS, RssAnon, RssFile + RssShmem, VmHWM) in bytes; zeros for a process that is gone."""
     rss = anon = file = hwm = 0
