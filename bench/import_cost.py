@@ -1,0 +1,89 @@
+"""What a conversion pays before its first byte of work: Python, our CLI, torch, in fresh processes.
+
+Issue 26's remaining gaps (4B against ``cp``, 1B against the full-load baseline) are the fixed cost of
+starting: the tool's own ``phase_seconds.start_and_imports``. This splits that cost, each step timed
+in a fresh interpreter so that nothing is imported twice:
+
+* ``python``: the interpreter alone (``-c pass``);
+* ``cli``: what the console script imports before a command runs (``sa2va_convert.cli``, no torch);
+* ``torch``: ``import torch`` alone;
+* ``tool``: everything a conversion imports before it starts (``sa2va_convert.conversion``: torch,
+  safetensors, our readers and writers);
+* ``baseline``: what the full-load baseline (``bench_convert.py _baseline``) imports: torch and
+  ``safetensors.torch``.
+
+With ``--cache drop`` (root only) the page cache is dropped before every run, as the conversion bench
+does for its ``dropped`` rows; ``warm`` runs each once first, untimed. Each figure is the process's
+whole wall time, start to exit, as ``time`` would report it.
+
+    python3 bench/import_cost.py --cache warm,drop --repeat 3 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STEPS = {
+    "python": "pass",
+    "cli": "import sa2va_convert.cli",
+    "torch": "import torch",
+    "tool": "import sa2va_convert.conversion",
+    "baseline": "import torch, safetensors.torch",
+}
+
+
+def drop_caches() -> None:
+    """The page cache dropped, as bench_convert.py does (``sync; echo 3 > drop_caches``)."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def timed(code: str) -> float:
+    """Wall seconds of a fresh ``python -c code``, start to exit."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", default="warm", help="warm, drop or both (comma-separated)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--steps", default=",".join(STEPS), help=f"any of {', '.join(STEPS)}")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args(argv)
+    caches = [c.strip() for c in a.cache.split(",") if c.strip()]
+    steps = [s.strip() for s in a.steps.split(",") if s.strip()]
+    result: dict = {"python": sys.version.split()[0], "executable": sys.executable, "runs": {}}
+    try:
+        import torch
+
+        result["torch"] = torch.__version__
+    except ImportError:
+        pass
+    for cache in caches:
+        for step in steps:
+            code = STEPS[step]
+            if cache == "warm":
+                timed(code)
+            walls = []
+            for _ in range(a.repeat):
+                if cache == "drop":
+                    drop_caches()
+                walls.append(round(timed(code), 3))
+            result["runs"][f"{step}.{cache}"] = {"code": code, "wall_s": walls, "median_s": statistics.median(walls)}
+            print(f"{cache:5s} {step:9s} {' '.join(f'{w:6.2f}' for w in walls)} s  ({code})", flush=True)
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
