@@ -67,29 +67,32 @@ if [ "${1:-}" = s4-a ] || [ "${1:-}" = s4-b ]; then
       --json "$out/4b_warm.json" 2>&1 | grep -v "^{" | tee -a "$log"
     exit 0
   fi
-  # seventh session: the final table with the final code, in two calls (~9 min each), plus what starting costs
-  #   bash bench/device_convert.sh s4-a s7-a   # import costs; 8B dropped (c, b, a x {auto, cpu}, bit for bit), 8B warm pool A/B
-  #   bash bench/device_convert.sh s4-a s7-b   # 4B dropped (bit for bit) and warm (pool A/B), 1B dropped and warm, round trip
+  # seventh session: the final table with the final code, in two calls (~9 min each), plus what starting costs;
+  # the first holds what no earlier call measured (the pool cap on a GPU, 1B warm, the import split)
+  #   bash bench/device_convert.sh s4-a s7-a   # import costs; 8B warm pool A/B; 4B warm; 1B dropped and warm
+  #   bash bench/device_convert.sh s4-a s7-b   # 8B and 4B dropped (c, b, a x {auto, cpu}, bit for bit); round trip
   if [ "${2:-}" = s7-a ]; then
     timeout 40 python3 bench/import_cost.py --cache warm --repeat 2 --steps python,cli,torch,tool,baseline \
       --json "$out/import_warm.json" 2>&1 | tee -a "$log"
     timeout 40 python3 bench/import_cost.py --cache drop --repeat 2 --steps torch,tool \
       --json "$out/import_drop.json" 2>&1 | tee -a "$log"
-    timeout 270 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-8b --merge-devices auto,cpu \
-      --runs c,b,a --check-equal --cache drop --keep --json "$out/8b_drop.json" 2>&1 | grep -v "^{" | tee -a "$log"
     timeout 170 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-8b --merge-devices auto --runs c,a \
       --cache warm --also-env "pool 512 MiB (the old cap):SA2VA_POOL_MIB=512" \
       --json "$out/8b_warm.json" 2>&1 | grep -v "^{" | tee -a "$log"
+    rm -rf /tmp/sb/sa2va-8b
+    timeout 100 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-4b --merge-devices auto,cpu --runs c,a \
+      --cache warm --json "$out/4b_warm.json" 2>&1 | grep -v "^{" | tee -a "$log"
+    rm -rf /tmp/sb/sa2va-4b
+    timeout 100 python3 bench/bench_convert.py --work /tmp/sb1 --models sa2va-1b --merge-devices auto --runs c,b,a \
+      --cache drop,warm --json "$out/1b.json" 2>&1 | grep -v "^{" | tee -a "$log"
     exit 0
   fi
   if [ "${2:-}" = s7-b ]; then
-    timeout 150 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-4b --merge-devices auto,cpu \
+    timeout 270 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-8b --merge-devices auto,cpu \
+      --runs c,b,a --check-equal --cache drop --json "$out/8b_drop.json" 2>&1 | grep -v "^{" | tee -a "$log"
+    rm -rf /tmp/sb/sa2va-8b
+    timeout 140 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-4b --merge-devices auto,cpu \
       --runs c,b,a --check-equal --cache drop --keep --json "$out/4b_drop.json" 2>&1 | grep -v "^{" | tee -a "$log"
-    timeout 110 python3 bench/bench_convert.py --work /tmp/sb --models sa2va-4b --merge-devices auto,cpu --runs c,a \
-      --cache warm --keep --also-env "pool 512 MiB (the old cap):SA2VA_POOL_MIB=512" \
-      --json "$out/4b_warm.json" 2>&1 | grep -v "^{" | tee -a "$log"
-    timeout 90 python3 bench/bench_convert.py --work /tmp/sb1 --models sa2va-1b --merge-devices auto --runs c,b,a \
-      --cache drop,warm --json "$out/1b.json" 2>&1 | grep -v "^{" | tee -a "$log"
     timeout 150 python3 bench/roundtrip_floor.py --model sa2va-4b --work /tmp/sb --skip-no-verify \
       --json "$out/rt_4b.json" 2>&1 | tail -12 | tee -a "$log"
     exit 0
