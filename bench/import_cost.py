@@ -13,8 +13,10 @@ in a fresh interpreter so that nothing is imported twice:
   ``safetensors.torch``.
 
 With ``--cache drop`` (root only) the page cache is dropped before every run, as the conversion bench
-does for its ``dropped`` rows; ``warm`` runs each once first, untimed. Each figure is the process's
-whole wall time, start to exit, as ``time`` would report it.
+does for its ``dropped`` rows; ``warm`` runs each once first, untimed. Two figures per run: the
+process's whole wall time, start to exit, as ``time`` reports it (with the interpreter's teardown of
+torch, 0.5-1 s, which the console script skips), and the import alone, timed inside the process. The
+JSON is rewritten after every step, so a run cut by a timeout keeps what it measured.
 
     python3 bench/import_cost.py --cache warm,drop --repeat 3 --json out.json
 """
@@ -45,11 +47,12 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def timed(code: str) -> float:
-    """Wall seconds of a fresh ``python -c code``, start to exit."""
+def timed(code: str) -> tuple[float, float]:
+    """Wall seconds of a fresh ``python -c code`` (start to exit), and of ``code`` alone inside it."""
+    probe = f"import time as _t; _s = _t.perf_counter(); {code}; print(_t.perf_counter() - _s)"
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True)
-    return time.perf_counter() - started
+    done = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True)
+    return time.perf_counter() - started, float(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,15 +76,26 @@ def main(argv: list[str] | None = None) -> int:
             code = STEPS[step]
             if cache == "warm":
                 timed(code)
-            walls = []
+            walls, inside = [], []
             for _ in range(a.repeat):
                 if cache == "drop":
                     drop_caches()
-                walls.append(round(timed(code), 3))
-            result["runs"][f"{step}.{cache}"] = {"code": code, "wall_s": walls, "median_s": statistics.median(walls)}
-            print(f"{cache:5s} {step:9s} {' '.join(f'{w:6.2f}' for w in walls)} s  ({code})", flush=True)
-    if a.json:
-        a.json.write_text(json.dumps(result, indent=2) + "\n")
+                wall, imported = timed(code)
+                walls.append(round(wall, 3))
+                inside.append(round(imported, 3))
+            result["runs"][f"{step}.{cache}"] = {
+                "code": code,
+                "wall_s": walls,
+                "median_s": statistics.median(walls),
+                "import_s": inside,
+            }
+            print(
+                f"{cache:5s} {step:9s} process {' '.join(f'{w:6.2f}' for w in walls)} s, "
+                f"import {' '.join(f'{w:6.2f}' for w in inside)} s  ({code})",
+                flush=True,
+            )
+            if a.json:
+                a.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 
