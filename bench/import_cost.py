@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     caches = [c.strip() for c in a.cache.split(",") if c.strip()]
     steps = [s.strip() for s in a.steps.split(",") if s.strip()]
+    unknown = [s for s in steps if s not in STEPS] + [c for c in caches if c not in ("warm", "drop")]
+    if unknown:
+        ap.error(f"unknown: {', '.join(unknown)} (steps: {', '.join(STEPS)}; caches: warm, drop)")
     result: dict = {"python": sys.version.split()[0], "executable": sys.executable, "runs": {}}
     try:
         import torch
