@@ -18,9 +18,9 @@ def parses(monkeypatch):
     seen: list[str] = []
     real = vocab._parse_tokenizer_state
 
-    def counting(folder, files, *already_read):
+    def counting(folder, contents):
         seen.append(str(folder))
-        return real(folder, files, *already_read)
+        return real(folder, contents)
 
     monkeypatch.setattr(vocab, "_parse_tokenizer_state", counting)
     monkeypatch.setattr(vocab, "_PARSED", {})

@@ -55,10 +55,11 @@ class TokenAddition:
         return [{"token": t, "id": i} for t, i in self.tokens]
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, raw: bytes) -> dict:
+    """``raw``, the bytes read from ``path``, as a JSON object (``path`` names the file in errors)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(
             f"cannot read tokenizer file ({e})", path=path, hint="restore the tokenizer files from the original model"
         ) from None
@@ -69,9 +70,9 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _sentencepiece_piece_count(path: Path) -> int:
-    """Count ``pieces`` (field 1) of a SentencePiece ModelProto without the sentencepiece package."""
-    data = path.read_bytes()
+def _sentencepiece_piece_count(path: Path, data: bytes) -> int:
+    """Count ``pieces`` (field 1) of a SentencePiece ModelProto (``data``, read from ``path``) without the
+    sentencepiece package."""
     pos, count = 0, 0
 
     def varint() -> int:
@@ -118,12 +119,19 @@ _PARSED_LOCK = threading.Lock()
 _PARSED_MAX = 8
 
 
-def _read_files(folder: Path, files: tuple[str, ...]) -> dict[str, bytes] | None:
-    """The bytes of the tokenizer files present, or None where one cannot be read (the parse says why)."""
-    try:
-        return {name: (folder / name).read_bytes() for name in files}
-    except OSError:
-        return None
+def _read_files(folder: Path, files: tuple[str, ...]) -> dict[str, bytes]:
+    """The bytes of the tokenizer files present, each read once: the digest and the parse both use them."""
+    contents = {}
+    for name in files:
+        try:
+            contents[name] = (folder / name).read_bytes()
+        except OSError as e:
+            raise InputError(
+                f"cannot read tokenizer file ({e.strerror or e})",
+                path=folder / name,
+                hint="restore the tokenizer files from the original model",
+            ) from None
+    return contents
 
 
 def _content_digest(contents: dict[str, bytes]) -> bytes:
@@ -146,38 +154,39 @@ def read_tokenizer_state(folder: Path) -> TokenizerState:
     folder = Path(folder)
     files = tuple(f for f in TOKENIZER_FILES if (folder / f).is_file())
     contents = _read_files(folder, files)
-    digest = _content_digest(contents) if contents is not None else None
+    digest = _content_digest(contents)
     with _PARSED_LOCK:
-        known = _PARSED.get(digest) if digest is not None else None
+        known = _PARSED.get(digest)
     if known is None:
-        known = _parse_tokenizer_state(folder, files, (contents or {}).get("tokenizer.json"))
-        if digest is not None:
-            with _PARSED_LOCK:
-                if len(_PARSED) >= _PARSED_MAX:
-                    _PARSED.pop(next(iter(_PARSED)))
-                _PARSED[digest] = known
+        known = _parse_tokenizer_state(folder, contents)
+        with _PARSED_LOCK:
+            if len(_PARSED) >= _PARSED_MAX:
+                _PARSED.pop(next(iter(_PARSED)))
+            _PARSED[digest] = known
     return dataclasses.replace(known, tokens=dict(known.tokens))  # the caller's own dict
 
 
-def _parse_tokenizer_state(folder: Path, files: tuple[str, ...], tokenizer_json: bytes | None = None) -> TokenizerState:
-    """``tokenizer_json``: that file's bytes where the caller has read them already (read here otherwise)."""
+def _parse_tokenizer_state(folder: Path, contents: dict[str, bytes]) -> TokenizerState:
+    """The state of the tokenizer files ``contents`` ({name: bytes}, read from ``folder``), so that what is
+    parsed is exactly what the digest covers."""
+    files = tuple(contents)
     tokens: dict[str, int] = {}
     cfg_path = folder / "tokenizer_config.json"
-    if cfg_path.is_file():
-        decoder = _read_json(cfg_path).get("added_tokens_decoder") or {}
+    if "tokenizer_config.json" in contents:
+        decoder = _read_json(cfg_path, contents["tokenizer_config.json"]).get("added_tokens_decoder") or {}
         for tid, entry in decoder.items():
             if isinstance(entry, dict) and "content" in entry:
                 tokens[entry["content"]] = int(tid)
     added_path = folder / "added_tokens.json"
-    if added_path.is_file():
-        tokens.update({k: int(v) for k, v in _read_json(added_path).items()})
+    if "added_tokens.json" in contents:
+        tokens.update({k: int(v) for k, v in _read_json(added_path, contents["added_tokens.json"]).items()})
 
     tj = folder / "tokenizer.json"
-    if tj.is_file():
+    if "tokenizer.json" in contents:
         from tokenizers import Tokenizer  # pure data, no code from the folder
 
         try:
-            text = (tokenizer_json if tokenizer_json is not None else tj.read_bytes()).decode("utf-8")
+            text = contents["tokenizer.json"].decode("utf-8")
             tok = Tokenizer.from_str(text)
         except Exception as e:  # tokenizers raises its own exception type
             raise InputError(
@@ -194,14 +203,14 @@ def _parse_tokenizer_state(folder: Path, files: tuple[str, ...], tokenizer_json:
         length = max(len(vocab), max(vocab.values(), default=-1) + 1)
         return TokenizerState(length, tokens, files, "tokenizer.json")
     sp = folder / "tokenizer.model"
-    if sp.is_file():
-        base = _sentencepiece_piece_count(sp)
+    if "tokenizer.model" in contents:
+        base = _sentencepiece_piece_count(sp, contents["tokenizer.model"])
         extra = sum(1 for tid in tokens.values() if tid >= base)
         length = max(base + extra, max(tokens.values(), default=-1) + 1)
         return TokenizerState(length, tokens, files, "tokenizer.model + added tokens")
     vj = folder / "vocab.json"
-    if vj.is_file():
-        vocab = _read_json(vj)
+    if "vocab.json" in contents:
+        vocab = _read_json(vj, contents["vocab.json"])
         ids = set(vocab.values()) | set(tokens.values())
         return TokenizerState(max(ids, default=-1) + 1, tokens, files, "vocab.json + added tokens")
     raise InputError(
